@@ -1,0 +1,493 @@
+//! The app: a broker with its middleware, actors and results backend.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::actor::{Actor, DynActor, Erased, encode_args};
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::message::{Message, duration_ms};
+use crate::middleware::{CurrentMessage, Middleware, Results, default_middleware};
+use crate::queue::{q_name, validate_queue_name};
+use crate::results::{ResultBackend, unwrap_result};
+use crate::state::StateBackend;
+
+/// Actor options every actor has, whatever the middleware.
+const CORE_ACTOR_OPTIONS: &[&str] = &["queue_name", "priority", "name"];
+
+/// A broker together with its middleware, registered actors and optional results and state
+/// backends. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    broker: Arc<dyn Broker>,
+    middleware: Vec<Arc<dyn Middleware>>,
+    actors: HashMap<String, Arc<dyn DynActor>>,
+    results: Option<Arc<dyn ResultBackend>>,
+    state: Option<Arc<dyn StateBackend>>,
+    declared: Mutex<HashSet<String>>,
+}
+
+impl fmt::Debug for App {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut actors: Vec<&String> = self.inner.actors.keys().collect();
+        actors.sort();
+        f.debug_struct("App")
+            .field("broker", &self.inner.broker)
+            .field("middleware", &self.inner.middleware)
+            .field("actors", &actors)
+            .field("results", &self.inner.results)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Starts building an app on `broker`, with Dramatiq's default middleware.
+    #[must_use]
+    pub fn builder(broker: Arc<dyn Broker>) -> AppBuilder {
+        AppBuilder {
+            broker,
+            middleware: default_middleware(),
+            actors: Vec::new(),
+            results: None,
+            state: None,
+            current_message: true,
+            results_middleware: false,
+        }
+    }
+
+    /// The broker.
+    #[must_use]
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// The middleware, outermost first.
+    #[must_use]
+    pub fn middleware(&self) -> &[Arc<dyn Middleware>] {
+        &self.inner.middleware
+    }
+
+    /// The results backend, if any.
+    #[must_use]
+    pub fn results(&self) -> Option<&Arc<dyn ResultBackend>> {
+        self.inner.results.as_ref()
+    }
+
+    /// The state backend, if any.
+    #[must_use]
+    pub fn state(&self) -> Option<&Arc<dyn StateBackend>> {
+        self.inner.state.as_ref()
+    }
+
+    /// The actor registered under `name`.
+    #[must_use]
+    pub fn actor(&self, name: &str) -> Option<&Arc<dyn DynActor>> {
+        self.inner.actors.get(name)
+    }
+
+    /// Every registered actor.
+    pub fn actors(&self) -> impl Iterator<Item = &Arc<dyn DynActor>> {
+        self.inner.actors.values()
+    }
+
+    /// The queues of the registered actors, sorted.
+    #[must_use]
+    pub fn queues(&self) -> Vec<String> {
+        let mut queues: Vec<String> = self
+            .inner
+            .actors
+            .values()
+            .map(|a| a.options().queue_name.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        queues.sort();
+        queues
+    }
+
+    /// Declares `queue` on the broker once per app.
+    ///
+    /// # Errors
+    /// An invalid name or a broker error.
+    pub async fn declare_queue(&self, queue: &str) -> Result<()> {
+        let queue = q_name(queue);
+        let known = self.inner.declared.lock().map(|d| d.contains(queue)).unwrap_or(false);
+        if !known {
+            validate_queue_name(queue)?;
+            self.inner.broker.declare_queue(queue).await?;
+            if let Ok(mut declared) = self.inner.declared.lock() {
+                declared.insert(queue.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Enqueues a message through the middleware (`before_enqueue`, the broker,
+    /// `after_enqueue`). Returns the message as enqueued.
+    ///
+    /// # Errors
+    /// An invalid queue name, a middleware refusal, an oversized message or a broker error.
+    pub async fn enqueue(&self, mut message: Message, delay: Option<Duration>) -> Result<Message> {
+        self.declare_queue(&message.queue_name).await?;
+        for m in &self.inner.middleware {
+            m.before_enqueue(self, &mut message, delay).await?;
+        }
+        let span = tracing::info_span!(
+            "troupe.enqueue",
+            actor = %message.actor_name,
+            queue = %message.queue_name,
+            message_id = %message.message_id,
+            retries = message.retries(),
+            delay_ms = delay.map(duration_ms),
+        );
+        let enqueued = tracing::Instrument::instrument(self.inner.broker.enqueue(message, delay), span).await?;
+        for m in self.inner.middleware.iter().rev() {
+            m.after_enqueue(self, &enqueued, delay).await;
+        }
+        Ok(enqueued)
+    }
+
+    /// Builds the message calling `actor` with `args`.
+    ///
+    /// # Errors
+    /// [`Error::Encode`] when the arguments cannot be serialised.
+    pub fn message<A: Actor>(actor: &A, args: &A::Args) -> Result<Message> {
+        let options = actor.options();
+        let message = Message::new(options.queue_name, actor.name(), encode_args(args)?, Map::new());
+        Ok(message)
+    }
+
+    /// Sends a message to `actor`.
+    ///
+    /// # Errors
+    /// As [`App::enqueue`].
+    pub async fn send<A: Actor>(&self, actor: &A, args: A::Args) -> Result<Sent<A::Output>> {
+        self.send_with_options(actor, args, SendOptions::default()).await
+    }
+
+    /// Sends a message to `actor` with per-message options (delay, priority, any option).
+    ///
+    /// # Errors
+    /// As [`App::enqueue`].
+    pub async fn send_with_options<A: Actor>(
+        &self,
+        actor: &A,
+        args: A::Args,
+        options: SendOptions,
+    ) -> Result<Sent<A::Output>> {
+        let mut message = Self::message(actor, &args)?;
+        let delay = options.apply(&mut message);
+        let message = self.enqueue(message, delay).await?;
+        Ok(Sent::new(message))
+    }
+
+    /// Sends positional `args` to the actor named `actor_name` (its queue from the registry, or
+    /// `"default"` when it is not registered here), as a callback would.
+    ///
+    /// # Errors
+    /// As [`App::enqueue`].
+    pub async fn send_to(&self, actor_name: &str, args: Vec<Value>) -> Result<Message> {
+        let queue = self.actor(actor_name).map_or_else(
+            || crate::actor::DEFAULT_QUEUE.to_owned(),
+            |a| a.options().queue_name.clone(),
+        );
+        self.enqueue(Message::new(queue, actor_name, args, Map::new()), None)
+            .await
+    }
+
+    /// The stored result of `message` (a stored failure is [`Error::ResultFailure`]). With
+    /// `timeout`, waits up to that long for it.
+    ///
+    /// # Errors
+    /// [`Error::NoResultBackend`], [`Error::ResultMissing`], [`Error::ResultTimeout`],
+    /// [`Error::ResultFailure`], or a backend error.
+    pub async fn get_result(&self, message: &Message, timeout: Option<Duration>) -> Result<Value> {
+        let backend = self.results().ok_or(Error::NoResultBackend)?;
+        unwrap_result(backend.get(message, timeout).await?)
+    }
+}
+
+/// Builds an [`App`].
+#[must_use]
+pub struct AppBuilder {
+    broker: Arc<dyn Broker>,
+    middleware: Vec<Arc<dyn Middleware>>,
+    actors: Vec<Arc<dyn DynActor>>,
+    results: Option<Arc<dyn ResultBackend>>,
+    state: Option<Arc<dyn StateBackend>>,
+    current_message: bool,
+    results_middleware: bool,
+}
+
+impl fmt::Debug for AppBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppBuilder")
+            .field("broker", &self.broker)
+            .field("middleware", &self.middleware)
+            .field("actors", &self.actors.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppBuilder {
+    /// Registers an actor, so workers of this app run it.
+    pub fn actor<A: Actor>(mut self, actor: A) -> Self {
+        self.actors.push(Arc::new(Erased::new(actor)));
+        self
+    }
+
+    /// Appends a middleware (it runs inside the ones before it).
+    pub fn middleware(mut self, middleware: impl Middleware) -> Self {
+        self.middleware.push(Arc::new(middleware));
+        self
+    }
+
+    /// Appends an already shared middleware.
+    pub fn middleware_arc(mut self, middleware: Arc<dyn Middleware>) -> Self {
+        self.middleware.push(middleware);
+        self
+    }
+
+    /// Replaces the whole middleware list (the defaults included).
+    pub fn middleware_list(mut self, middleware: Vec<Arc<dyn Middleware>>) -> Self {
+        self.middleware = middleware;
+        self
+    }
+
+    /// Stores results in `backend` (adds the [`Results`] middleware).
+    pub fn results(mut self, backend: Arc<dyn ResultBackend>) -> Self {
+        self.results = Some(backend);
+        self
+    }
+
+    /// Stores results with a configured [`Results`] middleware (other defaults or TTL).
+    pub fn results_middleware(mut self, results: Results) -> Self {
+        self.results = Some(Arc::clone(&results.backend));
+        self.middleware.push(Arc::new(results));
+        self.results_middleware = true;
+        self
+    }
+
+    /// Uses `backend` for rate limiters, barriers and task states.
+    pub fn state(mut self, backend: Arc<dyn StateBackend>) -> Self {
+        self.state = Some(backend);
+        self
+    }
+
+    /// Whether to add the [`CurrentMessage`] middleware (on by default).
+    pub fn current_message(mut self, on: bool) -> Self {
+        self.current_message = on;
+        self
+    }
+
+    /// Checks the actors and builds the app.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for two actors with one name, an invalid queue name, or an actor option
+    /// that no middleware declares.
+    pub fn build(mut self) -> Result<App> {
+        if let Some(backend) = &self.results {
+            if !self.results_middleware {
+                self.middleware.push(Arc::new(Results::new(Arc::clone(backend))));
+            }
+        }
+        if self.current_message {
+            self.middleware.push(Arc::new(CurrentMessage));
+        }
+        let known: HashSet<&str> = self
+            .middleware
+            .iter()
+            .flat_map(|m| m.actor_options().iter().copied())
+            .chain(CORE_ACTOR_OPTIONS.iter().copied())
+            .collect();
+        let mut actors = HashMap::new();
+        for actor in self.actors {
+            let name = actor.name().to_owned();
+            let options = actor.options();
+            validate_queue_name(&options.queue_name).map_err(|e| Error::Config(format!("actor {name:?}: {e}")))?;
+            let mut used: Vec<&str> = Vec::new();
+            for (key, set) in [
+                ("max_retries", options.max_retries.is_some()),
+                ("min_backoff", options.min_backoff.is_some()),
+                ("max_backoff", options.max_backoff.is_some()),
+                ("retry_when", options.retry_when.is_some()),
+                ("throws", options.throws.is_some()),
+                ("on_retry_exhausted", options.on_retry_exhausted.is_some()),
+                ("time_limit", options.time_limit.is_some()),
+                ("max_age", options.max_age.is_some()),
+                ("store_results", options.store_results.is_some()),
+                ("result_ttl", options.result_ttl.is_some()),
+                ("on_success", options.on_success.is_some()),
+                ("on_failure", options.on_failure.is_some()),
+                ("pipe_ignore", options.pipe_ignore),
+                ("notify_shutdown", options.notify_shutdown),
+            ] {
+                if set {
+                    used.push(key);
+                }
+            }
+            used.extend(options.extra.keys().map(String::as_str));
+            if let Some(unknown) = used.iter().find(|k| !known.contains(**k)) {
+                let mut valid: Vec<&str> = known.iter().copied().collect();
+                valid.sort_unstable();
+                return Err(Error::Config(format!(
+                    "actor {name:?} has option {unknown:?}, which no middleware of this app reads; valid options: {}",
+                    valid.join(", ")
+                )));
+            }
+            if actors.insert(name.clone(), actor).is_some() {
+                return Err(Error::Config(format!(
+                    "two actors are named {name:?}; actor names must be unique"
+                )));
+            }
+        }
+        Ok(App {
+            inner: Arc::new(Inner {
+                broker: self.broker,
+                middleware: self.middleware,
+                actors,
+                results: self.results,
+                state: self.state,
+                declared: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+}
+
+/// Per-message options for `send_with_options`.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct SendOptions {
+    /// Enqueue after this delay.
+    pub delay: Option<Duration>,
+    /// Options to set on the message (any key; Dramatiq's keys have their meaning).
+    pub options: Map<String, Value>,
+}
+
+impl SendOptions {
+    /// No options.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Delays the message.
+    #[must_use]
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// RabbitMQ's per-message priority (`broker_priority`; higher is more urgent; needs a queue
+    /// declared with `max_priority`).
+    #[must_use]
+    pub fn broker_priority(self, priority: u8) -> Self {
+        self.option("broker_priority", priority)
+    }
+
+    /// Per-message priority for brokers that order by it (PostgreSQL, SQLite): lower first.
+    #[must_use]
+    pub fn priority(self, priority: i32) -> Self {
+        self.option("troupe_priority", priority)
+    }
+
+    /// Sets `max_retries` for this message.
+    #[must_use]
+    pub fn max_retries(self, max_retries: u64) -> Self {
+        self.option("max_retries", max_retries)
+    }
+
+    /// Sets any message option.
+    #[must_use]
+    pub fn option(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.options.insert(key.into(), value.into());
+        self
+    }
+
+    /// Applies the options to `message`, returning the delay.
+    pub(crate) fn apply(self, message: &mut Message) -> Option<Duration> {
+        for (k, v) in self.options {
+            message.options.insert(k, v);
+        }
+        self.delay
+    }
+}
+
+/// A sent message, typed by its actor's output so its result can be fetched.
+pub struct Sent<O> {
+    message: Message,
+    _output: PhantomData<fn() -> O>,
+}
+
+impl<O> Clone for Sent<O> {
+    fn clone(&self) -> Self {
+        Self::new(self.message.clone())
+    }
+}
+
+impl<O> fmt::Debug for Sent<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Sent").field(&self.message).finish()
+    }
+}
+
+impl<O> Sent<O> {
+    /// Wraps an enqueued message.
+    #[must_use]
+    pub fn new(message: Message) -> Self {
+        Self {
+            message,
+            _output: PhantomData,
+        }
+    }
+
+    /// The message as enqueued.
+    #[must_use]
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Its id.
+    #[must_use]
+    pub fn message_id(&self) -> &str {
+        &self.message.message_id
+    }
+
+    /// The message, untyped.
+    #[must_use]
+    pub fn into_message(self) -> Message {
+        self.message
+    }
+}
+
+impl<O: DeserializeOwned> Sent<O> {
+    /// The result, if stored yet ([`Error::ResultMissing`] if not).
+    ///
+    /// # Errors
+    /// See [`App::get_result`]; also [`Error::Decode`] when the stored value is not an `O`.
+    pub async fn get_result(&self, app: &App) -> Result<O> {
+        decode_result(app.get_result(&self.message, None).await?)
+    }
+
+    /// Waits up to `timeout` for the result.
+    ///
+    /// # Errors
+    /// See [`App::get_result`]; also [`Error::Decode`] when the stored value is not an `O`.
+    pub async fn wait_result(&self, app: &App, timeout: Duration) -> Result<O> {
+        decode_result(app.get_result(&self.message, Some(timeout)).await?)
+    }
+}
+
+fn decode_result<O: DeserializeOwned>(value: Value) -> Result<O> {
+    serde_json::from_value(value).map_err(|e| Error::Decode(format!("stored result has another type: {e}")))
+}

@@ -1,0 +1,310 @@
+//! The broker: the transport every backend implements.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::encoder::Encoder;
+use crate::error::{Error, Result};
+use crate::message::{Message, duration_ms, now_ms};
+use crate::queue;
+
+/// The default limit on an encoded message's size (1 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
+/// What a broker does natively, so the worker knows what it must do itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Delayed messages stay invisible until due on the server (SQL brokers). When false the
+    /// broker uses Dramatiq's delay queues (`q.DQ` with `eta`) and the worker holds delayed
+    /// messages until due.
+    pub native_delays: bool,
+}
+
+impl Capabilities {
+    /// Capabilities of a broker that uses delay queues.
+    #[must_use]
+    pub fn delay_queues() -> Self {
+        Self { native_delays: false }
+    }
+
+    /// Capabilities of a broker that delays messages server-side.
+    #[must_use]
+    pub fn native_delays() -> Self {
+        Self { native_delays: true }
+    }
+}
+
+/// Message counts of one queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Ready to be consumed.
+    pub ready: u64,
+    /// Waiting for their eta.
+    pub delayed: u64,
+    /// Delivered to a consumer and not yet acked.
+    pub in_flight: u64,
+    /// In the dead letters.
+    pub dead: u64,
+}
+
+impl QueueStats {
+    /// Counts from their parts.
+    #[must_use]
+    pub fn new(ready: u64, delayed: u64, in_flight: u64, dead: u64) -> Self {
+        Self {
+            ready,
+            delayed,
+            in_flight,
+            dead,
+        }
+    }
+
+    /// Messages not yet finished: ready, delayed and in flight.
+    #[must_use]
+    pub fn pending(&self) -> u64 {
+        self.ready + self.delayed + self.in_flight
+    }
+}
+
+/// A dead-lettered message with why it died.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The id to requeue it by: the message id when the body decoded, else a broker id.
+    pub id: String,
+    /// The message, or why its bytes did not decode.
+    pub message: std::result::Result<Message, String>,
+    /// The reason it was dead-lettered.
+    pub reason: String,
+    /// When, in ms since the epoch.
+    pub failed_at: u64,
+}
+
+impl DeadLetter {
+    /// A dead letter from its parts.
+    #[must_use]
+    pub fn new(id: String, message: std::result::Result<Message, String>, reason: String, failed_at: u64) -> Self {
+        Self {
+            id,
+            message,
+            reason,
+            failed_at,
+        }
+    }
+}
+
+/// Options for [`Broker::consume`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ConsumerOptions {
+    /// At most this many deliveries unacked at once (the worker also enforces it).
+    pub prefetch: usize,
+}
+
+impl ConsumerOptions {
+    /// Options with the given prefetch.
+    #[must_use]
+    pub fn new(prefetch: usize) -> Self {
+        Self { prefetch }
+    }
+}
+
+/// How a delivery is acknowledged; each broker implements it for its deliveries.
+#[async_trait]
+pub trait AckHandle: Send + Sync + fmt::Debug {
+    /// The message was processed: remove it.
+    async fn ack(&self) -> Result<()>;
+    /// The message failed: move it to the dead letters with `reason`. `message` is the message
+    /// as the worker last saw it (with `retries` and `traceback` set), when it decoded.
+    async fn nack(&self, message: Option<&Message>, reason: &str) -> Result<()>;
+    /// Return the message to its queue unprocessed (not a retry).
+    async fn requeue(&self) -> Result<()>;
+}
+
+/// One message handed to a consumer.
+#[derive(Debug)]
+pub struct Delivery {
+    queue: String,
+    message: std::result::Result<Message, String>,
+    redelivered: bool,
+    handle: Box<dyn AckHandle>,
+}
+
+impl Delivery {
+    /// A delivery from the queue it came from, its decoded message (or why decoding failed),
+    /// whether it was delivered before, and its ack handle.
+    #[must_use]
+    pub fn new(
+        queue: impl Into<String>,
+        message: std::result::Result<Message, String>,
+        redelivered: bool,
+        handle: Box<dyn AckHandle>,
+    ) -> Self {
+        Self {
+            queue: queue.into(),
+            message,
+            redelivered,
+            handle,
+        }
+    }
+
+    /// The queue it was consumed from (`q` or `q.DQ`).
+    #[must_use]
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The message, or why its bytes could not be decoded.
+    #[must_use]
+    pub fn message(&self) -> std::result::Result<&Message, &str> {
+        self.message.as_ref().map_err(String::as_str)
+    }
+
+    /// Takes the message out (or the decode failure).
+    #[must_use]
+    pub fn take_message(&mut self) -> std::result::Result<Message, String> {
+        std::mem::replace(&mut self.message, Err("message already taken".into()))
+    }
+
+    /// Whether the broker delivered it before (after a crash or a requeue).
+    #[must_use]
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// Acknowledges it.
+    ///
+    /// # Errors
+    /// A broker error; transient ones may be retried.
+    pub async fn ack(&self) -> Result<()> {
+        self.handle.ack().await
+    }
+
+    /// Dead-letters it with `reason`.
+    ///
+    /// # Errors
+    /// A broker error; transient ones may be retried.
+    pub async fn nack(&self, message: Option<&Message>, reason: &str) -> Result<()> {
+        self.handle.nack(message, reason).await
+    }
+
+    /// Returns it to its queue unprocessed.
+    ///
+    /// # Errors
+    /// A broker error.
+    pub async fn requeue(&self) -> Result<()> {
+        self.handle.requeue().await
+    }
+}
+
+/// A stream of deliveries from one queue.
+///
+/// Closing (or dropping) a consumer returns every delivery it handed out and that was neither
+/// acked nor nacked to the queue, as RabbitMQ does when a channel closes.
+#[async_trait]
+pub trait Consumer: Send + fmt::Debug {
+    /// Waits up to `timeout` for deliveries and returns at most `max` of them (none on time-out).
+    async fn fetch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>>;
+    /// Closes the consumer, returning unacknowledged deliveries to the queue.
+    async fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// A message broker.
+///
+/// Object-safe: applications hold it as `Arc<dyn Broker>`. Middleware hooks are not the broker's
+/// job; the [`App`](crate::App) runs them around [`Broker::enqueue`].
+#[async_trait]
+pub trait Broker: Send + Sync + fmt::Debug + 'static {
+    /// The backend's name ("memory", "redis", ...).
+    fn backend(&self) -> &'static str;
+
+    /// What the broker does natively.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The encoder it writes messages with.
+    fn encoder(&self) -> Arc<dyn Encoder>;
+
+    /// Creates `queue` (and its delay and dead-letter queues) if needed. Idempotent.
+    async fn declare_queue(&self, queue: &str) -> Result<()>;
+
+    /// Enqueues `message`, after `delay` if given. Returns the message as enqueued (a delay-queue
+    /// broker sets `queue_name` to `q.DQ` and `options.eta`).
+    async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message>;
+
+    /// Starts consuming `queue` (a canonical queue or its `.DQ`).
+    async fn consume(&self, queue: &str, options: ConsumerOptions) -> Result<Box<dyn Consumer>>;
+
+    /// Removes every message of `queue`, its delay queue and its dead letters.
+    async fn purge(&self, queue: &str) -> Result<()>;
+
+    /// Counts of `queue` (canonical name).
+    async fn stats(&self, queue: &str) -> Result<QueueStats>;
+
+    /// Up to `limit` dead letters of `queue`, oldest first.
+    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>>;
+
+    /// Puts the dead letters with these ids (all of them when `ids` is empty) back on `queue`,
+    /// with `retries` reset. Returns how many moved.
+    async fn requeue_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64>;
+
+    /// Deletes the dead letters of `queue`. Returns how many.
+    async fn purge_dead_letters(&self, queue: &str) -> Result<u64>;
+
+    /// Closes connections. Further calls fail.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Prepares a message for a delay-queue broker: `queue_name` becomes `q.DQ` and `options.eta`
+/// is now + `delay` in ms. Without a delay the message goes to its canonical queue and any
+/// stale `eta` is removed.
+#[must_use]
+pub fn prepare_for_delay_queue(mut message: Message, delay: Option<Duration>) -> Message {
+    match delay {
+        Some(delay) => {
+            message.queue_name = queue::dq_name(&message.queue_name);
+            message
+                .options
+                .insert("eta".into(), (now_ms().saturating_add(duration_ms(delay))).into());
+        }
+        None => {
+            message.queue_name = queue::q_name(&message.queue_name).to_owned();
+            message.options.shift_remove("eta");
+        }
+    }
+    message
+}
+
+/// Decodes delivered bytes the same way in every broker: size limit first, then the encoder.
+///
+/// # Errors
+/// The reason, for the dead letters.
+pub fn decode_delivery(encoder: &dyn Encoder, bytes: &[u8], max_size: usize) -> std::result::Result<Message, String> {
+    if bytes.len() > max_size {
+        return Err(Error::MessageTooLarge {
+            size: bytes.len(),
+            limit: max_size,
+        }
+        .to_string());
+    }
+    encoder.decode(bytes).map_err(|e| e.to_string())
+}
+
+/// Encodes a message and checks it against the size limit.
+///
+/// # Errors
+/// [`Error::Encode`] or [`Error::MessageTooLarge`].
+pub fn encode_checked(encoder: &dyn Encoder, message: &Message, max_size: usize) -> Result<Vec<u8>> {
+    let bytes = encoder.encode(message)?;
+    if bytes.len() > max_size {
+        return Err(Error::MessageTooLarge {
+            size: bytes.len(),
+            limit: max_size,
+        });
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,509 @@
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::broker::{
+    AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DEFAULT_MAX_MESSAGE_SIZE, DeadLetter, Delivery,
+    QueueStats, decode_delivery, encode_checked, prepare_for_delay_queue,
+};
+use crate::encoder::{Encoder, JsonEncoder};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Message, now_ms};
+use crate::queue::{dq_name, q_name, validate_queue_name};
+
+const BACKEND: &str = "memory";
+
+/// An in-memory broker with Dramatiq's `StubBroker` semantics: queues and their `.DQ` delay
+/// queues, dead letters with reasons, and [`join`](MemoryBroker::join), which waits until a
+/// queue is drained and re-raises the first failure.
+///
+/// Messages are stored encoded, so what a worker sees went through the same encoder as on a
+/// real broker.
+#[derive(Clone, Debug)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    encoder: Arc<dyn Encoder>,
+    max_message_size: usize,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queues: HashMap<String, QueueState>,
+    dead: HashMap<String, Vec<DeadLetter>>,
+    next_id: u64,
+    consumers: u64,
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    ready: VecDeque<Entry>,
+    unacked: HashMap<u64, (Entry, u64)>,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    id: u64,
+    bytes: Arc<[u8]>,
+    redelivered: bool,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBroker {
+    /// A broker with the JSON encoder and the 1 MiB message limit.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_encoder(Arc::new(JsonEncoder))
+    }
+
+    /// A broker with another encoder.
+    #[must_use]
+    pub fn with_encoder(encoder: Arc<dyn Encoder>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                encoder,
+                max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// A broker with another message size limit.
+    #[must_use]
+    pub fn with_max_message_size(self, limit: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                encoder: Arc::clone(&self.inner.encoder),
+                max_message_size: limit,
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// This broker as a shared trait object.
+    #[must_use]
+    pub fn into_dyn(self) -> Arc<dyn Broker> {
+        Arc::new(self)
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        self.inner.lock()
+    }
+
+    /// Puts raw bytes on a queue, bypassing the encoder (to test what workers do with bad input).
+    ///
+    /// # Errors
+    /// [`Error::QueueNotFound`] when the queue was not declared.
+    pub fn enqueue_raw(&self, queue: &str, bytes: Vec<u8>) -> Result<()> {
+        let mut state = self.lock()?;
+        state.push(queue, bytes.into())?;
+        drop(state);
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Waits until `queue` and its delay queue hold no unfinished message (in-flight ones
+    /// included), then fails with the first dead letter of the queue, if any (Dramatiq's
+    /// `join(fail_fast=True)`).
+    ///
+    /// # Errors
+    /// [`Error::QueueNotFound`], [`Error::QueueJoinTimeout`], or [`Error::MessageFailed`].
+    pub async fn join(&self, queue: &str, timeout: Duration) -> Result<()> {
+        self.join_with(queue, timeout, true).await
+    }
+
+    /// [`join`](Self::join), choosing whether dead letters are an error.
+    ///
+    /// # Errors
+    /// As [`join`](Self::join).
+    pub async fn join_with(&self, queue: &str, timeout: Duration, fail_fast: bool) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let canonical = q_name(queue).to_owned();
+        let delay = dq_name(queue);
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.lock()?;
+                let pending = |name: &str| -> Result<usize> {
+                    let q = state
+                        .queues
+                        .get(name)
+                        .ok_or_else(|| Error::QueueNotFound(name.to_owned()))?;
+                    Ok(q.ready.len() + q.unacked.len())
+                };
+                if pending(&canonical)? + pending(&delay)? == 0 {
+                    if fail_fast {
+                        if let Some(dead) = state.dead.get(&canonical).and_then(|d| d.first()) {
+                            let (message_id, actor_name) = match &dead.message {
+                                Ok(m) => (m.message_id.clone(), m.actor_name.clone()),
+                                Err(_) => (dead.id.clone(), String::from("<undecodable>")),
+                            };
+                            return Err(Error::MessageFailed {
+                                message_id,
+                                actor_name,
+                                reason: dead.reason.clone(),
+                            });
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Error::QueueJoinTimeout(canonical));
+            }
+        }
+    }
+
+    /// The dead letters of `queue` (canonical name), oldest first.
+    #[must_use]
+    pub fn dead_letters_of(&self, queue: &str) -> Vec<DeadLetter> {
+        self.lock()
+            .map(|s| s.dead.get(q_name(queue)).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Drops every queued message and every dead letter; queues stay declared.
+    pub fn flush_all(&self) {
+        if let Ok(mut state) = self.lock() {
+            for q in state.queues.values_mut() {
+                q.ready.clear();
+                q.unacked.clear();
+            }
+            for d in state.dead.values_mut() {
+                d.clear();
+            }
+        }
+        self.inner.changed.notify_waiters();
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let state = self.state.lock().map_err(|_| {
+            Error::backend(
+                BACKEND,
+                ErrorKind::Other,
+                "the broker's state lock was poisoned by a panic",
+            )
+        })?;
+        if state.closed {
+            return Err(Error::backend(BACKEND, ErrorKind::Connection, "the broker was closed"));
+        }
+        Ok(state)
+    }
+}
+
+impl State {
+    fn queue(&mut self, name: &str) -> Result<&mut QueueState> {
+        self.queues
+            .get_mut(name)
+            .ok_or_else(|| Error::QueueNotFound(name.to_owned()))
+    }
+
+    fn push(&mut self, queue: &str, bytes: Arc<[u8]>) -> Result<()> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.queue(queue)?.ready.push_back(Entry {
+            id,
+            bytes,
+            redelivered: false,
+        });
+        Ok(())
+    }
+
+    fn return_unacked(&mut self, queue: &str, id: u64) -> bool {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return false;
+        };
+        match q.unacked.remove(&id) {
+            Some((mut entry, _)) => {
+                entry.redelivered = true;
+                q.ready.push_front(entry);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::delay_queues()
+    }
+
+    fn encoder(&self) -> Arc<dyn Encoder> {
+        Arc::clone(&self.inner.encoder)
+    }
+
+    async fn declare_queue(&self, queue: &str) -> Result<()> {
+        let canonical = q_name(queue);
+        validate_queue_name(canonical)?;
+        let mut state = self.lock()?;
+        state.queues.entry(canonical.to_owned()).or_default();
+        state.queues.entry(dq_name(canonical)).or_default();
+        state.dead.entry(canonical.to_owned()).or_default();
+        Ok(())
+    }
+
+    async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
+        let message = prepare_for_delay_queue(message, delay);
+        let bytes = encode_checked(self.inner.encoder.as_ref(), &message, self.inner.max_message_size)?;
+        self.lock()?.push(&message.queue_name, bytes.into())?;
+        self.inner.changed.notify_waiters();
+        Ok(message)
+    }
+
+    async fn consume(&self, queue: &str, _options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
+        let mut state = self.lock()?;
+        state.queue(queue)?;
+        state.consumers += 1;
+        let id = state.consumers;
+        Ok(Box::new(MemoryConsumer {
+            broker: self.clone(),
+            queue: queue.to_owned(),
+            id,
+            delivered: Arc::new(Mutex::new(HashSet::new())),
+        }))
+    }
+
+    async fn purge(&self, queue: &str) -> Result<()> {
+        let canonical = q_name(queue);
+        let mut state = self.lock()?;
+        for name in [canonical.to_owned(), dq_name(canonical)] {
+            if let Some(q) = state.queues.get_mut(&name) {
+                q.ready.clear();
+            }
+        }
+        if let Some(d) = state.dead.get_mut(canonical) {
+            d.clear();
+        }
+        drop(state);
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn stats(&self, queue: &str) -> Result<QueueStats> {
+        let canonical = q_name(queue);
+        let state = self.lock()?;
+        let count = |name: &str| {
+            state
+                .queues
+                .get(name)
+                .map_or((0, 0), |q| (q.ready.len() as u64, q.unacked.len() as u64))
+        };
+        let (ready, in_flight) = count(canonical);
+        let (delayed, delayed_in_flight) = count(&dq_name(canonical));
+        let dead = state.dead.get(canonical).map_or(0, |d| d.len() as u64);
+        Ok(QueueStats::new(ready, delayed + delayed_in_flight, in_flight, dead))
+    }
+
+    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        let state = self.lock()?;
+        Ok(state
+            .dead
+            .get(q_name(queue))
+            .map(|d| d.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn requeue_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        let canonical = q_name(queue).to_owned();
+        let taken: Vec<DeadLetter> = {
+            let mut state = self.lock()?;
+            let Some(dead) = state.dead.get_mut(&canonical) else {
+                return Ok(0);
+            };
+            let (take, keep): (Vec<_>, Vec<_>) = dead.drain(..).partition(|d| ids.is_empty() || ids.contains(&d.id));
+            *dead = keep;
+            take
+        };
+        let mut moved = 0;
+        for letter in taken {
+            if let Ok(mut message) = letter.message {
+                message.options.insert("retries".into(), 0.into());
+                message.options.shift_remove("eta");
+                message.queue_name.clone_from(&canonical);
+                self.enqueue(message, None).await?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
+        let mut state = self.lock()?;
+        Ok(state
+            .dead
+            .get_mut(q_name(queue))
+            .map_or(0, |d| d.drain(..).count() as u64))
+    }
+
+    async fn close(&self) -> Result<()> {
+        if let Ok(mut state) = self.inner.state.lock() {
+            state.closed = true;
+        }
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct MemoryConsumer {
+    broker: MemoryBroker,
+    queue: String,
+    id: u64,
+    delivered: Arc<Mutex<HashSet<u64>>>,
+}
+
+#[async_trait]
+impl Consumer for MemoryConsumer {
+    async fn fetch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.broker.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let entries: Vec<Entry> = {
+                let mut state = self.broker.lock()?;
+                let consumer = self.id;
+                let q = state.queue(&self.queue)?;
+                let n = max.min(q.ready.len());
+                let entries: Vec<Entry> = q.ready.drain(..n).collect();
+                for e in &entries {
+                    q.unacked.insert(e.id, (e.clone(), consumer));
+                }
+                entries
+            };
+            if !entries.is_empty() {
+                if let Ok(mut delivered) = self.delivered.lock() {
+                    delivered.extend(entries.iter().map(|e| e.id));
+                }
+                let encoder = self.broker.inner.encoder.as_ref();
+                let limit = self.broker.inner.max_message_size;
+                return Ok(entries
+                    .into_iter()
+                    .map(|e| {
+                        let message = decode_delivery(encoder, &e.bytes, limit);
+                        let handle = MemoryAck {
+                            broker: self.broker.clone(),
+                            queue: self.queue.clone(),
+                            id: e.id,
+                            bytes: Arc::clone(&e.bytes),
+                            delivered: Arc::clone(&self.delivered),
+                        };
+                        Delivery::new(self.queue.clone(), message, e.redelivered, Box::new(handle))
+                    })
+                    .collect());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for MemoryConsumer {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self
+            .delivered
+            .lock()
+            .map(|mut d| d.drain().collect())
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return;
+        }
+        if let Ok(mut state) = self.broker.inner.state.lock() {
+            let mut ids = ids;
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+            for id in ids {
+                state.return_unacked(&self.queue, id);
+            }
+        }
+        self.broker.inner.changed.notify_waiters();
+    }
+}
+
+#[derive(Debug)]
+struct MemoryAck {
+    broker: MemoryBroker,
+    queue: String,
+    id: u64,
+    bytes: Arc<[u8]>,
+    delivered: Arc<Mutex<HashSet<u64>>>,
+}
+
+impl MemoryAck {
+    fn finish(&self) -> Result<bool> {
+        if let Ok(mut delivered) = self.delivered.lock() {
+            delivered.remove(&self.id);
+        }
+        let mut state = self.broker.lock()?;
+        Ok(state.queue(&self.queue)?.unacked.remove(&self.id).is_some())
+    }
+}
+
+#[async_trait]
+impl AckHandle for MemoryAck {
+    async fn ack(&self) -> Result<()> {
+        self.finish()?;
+        self.broker.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn nack(&self, message: Option<&Message>, reason: &str) -> Result<()> {
+        if self.finish()? {
+            let encoder = self.broker.inner.encoder.as_ref();
+            let message = match message {
+                Some(m) => Ok(m.clone()),
+                None => decode_delivery(encoder, &self.bytes, usize::MAX),
+            };
+            let id = message
+                .as_ref()
+                .map_or_else(|_| format!("raw-{}", self.id), |m| m.message_id.clone());
+            let mut state = self.broker.lock()?;
+            state
+                .dead
+                .entry(q_name(&self.queue).to_owned())
+                .or_default()
+                .push(DeadLetter::new(id, message, reason.to_owned(), now_ms()));
+        }
+        self.broker.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn requeue(&self) -> Result<()> {
+        if let Ok(mut delivered) = self.delivered.lock() {
+            delivered.remove(&self.id);
+        }
+        self.broker.lock()?.return_unacked(&self.queue, self.id);
+        self.broker.inner.changed.notify_waiters();
+        Ok(())
+    }
+}

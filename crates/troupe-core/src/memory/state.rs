@@ -1,0 +1,161 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::state::StateBackend;
+
+/// In-memory [`StateBackend`].
+#[derive(Clone, Debug, Default)]
+pub struct MemoryState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    counters: Mutex<HashMap<String, (i64, Instant)>>,
+    events: Mutex<HashMap<String, Instant>>,
+    notify: Notify,
+}
+
+impl MemoryState {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn counters(&self) -> Result<MutexGuard<'_, HashMap<String, (i64, Instant)>>> {
+        let mut map = self
+            .inner
+            .counters
+            .lock()
+            .map_err(|_| Error::backend("memory", ErrorKind::Other, "state lock poisoned"))?;
+        let now = Instant::now();
+        map.retain(|_, (_, expires)| *expires > now);
+        Ok(map)
+    }
+
+    fn event_set(&self, key: &str) -> bool {
+        self.inner
+            .events
+            .lock()
+            .map(|e| e.get(key).is_some_and(|exp| *exp > Instant::now()))
+            .unwrap_or(false)
+    }
+}
+
+#[async_trait]
+impl StateBackend for MemoryState {
+    async fn add(&self, key: &str, value: i64, ttl: Duration) -> Result<bool> {
+        let mut map = self.counters()?;
+        if map.contains_key(key) {
+            return Ok(false);
+        }
+        map.insert(key.to_owned(), (value, Instant::now() + ttl));
+        Ok(true)
+    }
+
+    async fn incr(&self, key: &str, amount: i64, maximum: i64, ttl: Duration) -> Result<bool> {
+        let mut map = self.counters()?;
+        let current = map.get(key).map_or(0, |(v, _)| *v);
+        let next = current.saturating_add(amount);
+        if next > maximum {
+            return Ok(false);
+        }
+        map.insert(key.to_owned(), (next, Instant::now() + ttl));
+        Ok(true)
+    }
+
+    async fn decr(&self, key: &str, amount: i64, minimum: i64, ttl: Duration) -> Result<bool> {
+        let mut map = self.counters()?;
+        let current = map.get(key).map_or(0, |(v, _)| *v);
+        let next = current.saturating_sub(amount);
+        if next < minimum {
+            return Ok(false);
+        }
+        map.insert(key.to_owned(), (next, Instant::now() + ttl));
+        Ok(true)
+    }
+
+    async fn incr_and_sum(&self, key: &str, keys: &[String], amount: i64, maximum: i64, ttl: Duration) -> Result<bool> {
+        let mut map = self.counters()?;
+        let sum: i64 = keys.iter().filter_map(|k| map.get(k).map(|(v, _)| *v)).sum();
+        if sum.saturating_add(amount) > maximum {
+            return Ok(false);
+        }
+        let current = map.get(key).map_or(0, |(v, _)| *v);
+        map.insert(key.to_owned(), (current + amount, Instant::now() + ttl));
+        Ok(true)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<i64>> {
+        Ok(self.counters()?.get(key).map(|(v, _)| *v))
+    }
+
+    async fn wait(&self, key: &str, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.inner.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.event_set(key) {
+                return Ok(true);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(self.event_set(key));
+            }
+        }
+    }
+
+    async fn notify(&self, key: &str, ttl: Duration) -> Result<()> {
+        self.inner
+            .events
+            .lock()
+            .map_err(|_| Error::backend("memory", ErrorKind::Other, "state lock poisoned"))?
+            .insert(key.to_owned(), Instant::now() + ttl);
+        self.inner.notify.notify_waiters();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn counters_respect_bounds_and_ttl() {
+        let s = MemoryState::new();
+        let ttl = Duration::from_secs(60);
+        assert!(s.add("k", 1, ttl).await.unwrap());
+        assert!(!s.add("k", 5, ttl).await.unwrap());
+        assert!(s.incr("k", 1, 2, ttl).await.unwrap());
+        assert!(!s.incr("k", 1, 2, ttl).await.unwrap());
+        assert_eq!(s.get("k").await.unwrap(), Some(2));
+        assert!(s.decr("k", 2, 0, ttl).await.unwrap());
+        assert!(!s.decr("k", 1, 0, ttl).await.unwrap());
+        assert!(s.add("short", 1, Duration::from_millis(20)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(s.get("short").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn sums_windows_and_notifies() {
+        let s = MemoryState::new();
+        let ttl = Duration::from_secs(60);
+        let keys = vec!["w1".to_owned(), "w2".to_owned()];
+        assert!(s.incr("w2", 2, 10, ttl).await.unwrap());
+        assert!(s.incr_and_sum("w1", &keys, 1, 3, ttl).await.unwrap());
+        assert!(!s.incr_and_sum("w1", &keys, 1, 3, ttl).await.unwrap());
+        assert!(!s.wait("e", Duration::from_millis(20)).await.unwrap());
+        let s2 = s.clone();
+        let waiter = tokio::spawn(async move { s2.wait("e", Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        s.notify("e", ttl).await.unwrap();
+        assert!(waiter.await.unwrap().unwrap());
+    }
+}

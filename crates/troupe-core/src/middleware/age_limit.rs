@@ -1,0 +1,45 @@
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Middleware, Next, Outcome, ProcessContext, option_ms};
+use crate::message::now_ms;
+
+/// Dead-letters messages older than their `max_age` instead of running them.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct AgeLimit {
+    /// The default maximum age (none: no limit).
+    pub max_age: Option<Duration>,
+}
+
+impl AgeLimit {
+    /// An age limit with a default maximum age for every actor.
+    #[must_use]
+    pub fn new(max_age: Option<Duration>) -> Self {
+        Self { max_age }
+    }
+}
+
+#[async_trait]
+impl Middleware for AgeLimit {
+    fn actor_options(&self) -> &[&'static str] {
+        &["max_age"]
+    }
+
+    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
+        let actor_max = cx.actor().and_then(|a| a.options().max_age);
+        if let Some(max_age) = option_ms(cx, "max_age", actor_max).or(self.max_age) {
+            let age = now_ms().saturating_sub(cx.message().message_timestamp);
+            if u128::from(age) >= max_age.as_millis() {
+                tracing::warn!(message_id = %cx.message().message_id, age_ms = age, "message age limit exceeded; dead-lettering it");
+                cx.fail(format!(
+                    "SkipMessage: message age limit exceeded ({age} ms >= {} ms)",
+                    max_age.as_millis()
+                ));
+                return Outcome::Skipped;
+            }
+        }
+        next.run(cx).await
+    }
+}

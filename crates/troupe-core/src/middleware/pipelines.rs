@@ -1,0 +1,49 @@
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Middleware, Next, Outcome, ProcessContext};
+use crate::message::Message;
+
+/// Enqueues a pipeline's next stage (`options.pipe_target`) after a success, with the result
+/// appended to its arguments unless `pipe_ignore` is set.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pipelines;
+
+#[async_trait]
+impl Middleware for Pipelines {
+    fn actor_options(&self) -> &[&'static str] {
+        &["pipe_ignore"]
+    }
+
+    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
+        let outcome = next.run(cx).await;
+        let Outcome::Success(result) = &outcome else {
+            return outcome;
+        };
+        if cx.is_failed() {
+            return outcome;
+        }
+        let Some(target) = cx.message().options.get("pipe_target").cloned() else {
+            return outcome;
+        };
+        match Message::from_value(target) {
+            Ok(mut next_message) => {
+                let ignore = next_message.option_bool("pipe_ignore").unwrap_or(false)
+                    || cx.actor().is_some_and(|a| a.options().pipe_ignore);
+                if !ignore {
+                    next_message.args.push(result.clone());
+                }
+                let delay = next_message
+                    .option_u64("delay")
+                    .filter(|d| *d > 0)
+                    .map(Duration::from_millis);
+                if let Err(e) = cx.app().enqueue(next_message, delay).await {
+                    tracing::error!(error = %e, "could not enqueue the next pipeline stage");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "options.pipe_target is not a message"),
+        }
+        outcome
+    }
+}

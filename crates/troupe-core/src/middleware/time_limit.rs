@@ -1,0 +1,47 @@
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Middleware, Next, Outcome, ProcessContext, option_ms};
+
+/// Cancels actors that run longer than their time limit (default 10 minutes). The actor then
+/// fails with `TimeLimitExceeded`, which the Retries middleware retries like any failure.
+///
+/// Async actors are cancelled at their next `.await`; a sync actor cannot be interrupted, so
+/// its thread is abandoned (it runs on, its result discarded) and its worker slot freed.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct TimeLimit {
+    /// The default limit.
+    pub time_limit: Duration,
+}
+
+impl Default for TimeLimit {
+    fn default() -> Self {
+        Self {
+            time_limit: Duration::from_secs(600),
+        }
+    }
+}
+
+impl TimeLimit {
+    /// A time limit with another default.
+    #[must_use]
+    pub fn new(time_limit: Duration) -> Self {
+        Self { time_limit }
+    }
+}
+
+#[async_trait]
+impl Middleware for TimeLimit {
+    fn actor_options(&self) -> &[&'static str] {
+        &["time_limit"]
+    }
+
+    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
+        let actor_limit = cx.actor().and_then(|a| a.options().time_limit);
+        let limit = option_ms(cx, "time_limit", actor_limit).unwrap_or(self.time_limit);
+        cx.limit_time(limit);
+        next.run(cx).await
+    }
+}

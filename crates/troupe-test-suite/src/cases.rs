@@ -1,0 +1,857 @@
+//! The conformance cases. Each takes a fresh [`TestBroker`] and panics on a violation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+use troupe_core::middleware::{AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit};
+use troupe_core::{
+    Actor, ActorError, ActorOptions, App, ConsumerOptions, Encoder, Error, JsonEncoder, MemoryResults, Message,
+    Middleware, SendOptions, pipeline,
+};
+use troupe_worker::{Worker, WorkerHandle};
+
+use crate::TestBroker;
+use crate::support::{TestActor, eventually, unique_queue};
+
+const WAIT: Duration = Duration::from_secs(10);
+const FETCH: Duration = Duration::from_millis(200);
+
+fn message(queue: &str, actor: &str, args: Vec<Value>) -> Message {
+    Message::new(queue, actor, args, Map::new())
+}
+
+/// Default middleware with quick retries, for cases that retry.
+fn fast_retries() -> Vec<Arc<dyn Middleware>> {
+    vec![
+        Arc::new(AgeLimit::default()),
+        Arc::new(TimeLimit::default()),
+        Arc::new(ShutdownNotifications::default()),
+        Arc::new(Callbacks),
+        Arc::new(Pipelines),
+        Arc::new(
+            Retries::default()
+                .min_backoff(Duration::from_millis(50))
+                .max_backoff(Duration::from_millis(400)),
+        ),
+    ]
+}
+
+async fn start(app: &App, concurrency: usize) -> WorkerHandle {
+    Worker::builder(app.clone())
+        .concurrency(concurrency)
+        .fetch_timeout(FETCH)
+        .shutdown_timeout(Duration::from_secs(5))
+        .start()
+        .await
+        .expect("worker starts")
+}
+
+async fn fetch_one(tb: &TestBroker, queue: &str) -> (Box<dyn troupe_core::Consumer>, troupe_core::Delivery) {
+    let mut consumer = tb
+        .broker
+        .consume(queue, ConsumerOptions::new(10))
+        .await
+        .expect("consume");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut got = consumer.fetch(1, FETCH).await.expect("fetch");
+        if let Some(d) = got.pop() {
+            return (consumer, d);
+        }
+        assert!(Instant::now() < deadline, "no message arrived on {queue}");
+    }
+}
+
+async fn wait_dead(tb: &TestBroker, queue: &str, n: usize) -> Vec<troupe_core::DeadLetter> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let dead = tb.broker.dead_letters(queue, 100).await.expect("dead letters");
+        if dead.len() >= n {
+            return dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} dead letters on {queue}, found {}",
+            dead.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A message enqueued is consumed intact and is gone once acked.
+pub async fn enqueue_consume_ack(tb: &TestBroker) {
+    let q = unique_queue("ack");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let mut sent = message(&q, "echo", vec![json!(1), json!("two"), json!({"three": [3]})]);
+    sent.kwargs.insert("k".into(), json!(null));
+    sent.options.insert("custom_key".into(), json!({"kept": true}));
+    let enqueued = tb.broker.enqueue(sent.clone(), None).await.expect("enqueue");
+    assert_eq!(enqueued.message_id, sent.message_id);
+    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.is_empty() && Instant::now() < deadline {
+        got = consumer.fetch(10, FETCH).await.expect("fetch");
+    }
+    assert_eq!(got.len(), 1, "exactly one delivery");
+    let m = got[0].message().expect("decodes").clone();
+    assert_eq!(m.message_id, sent.message_id);
+    assert_eq!(m.args, sent.args);
+    assert_eq!(m.kwargs, sent.kwargs);
+    assert_eq!(
+        m.options.get("custom_key"),
+        Some(&json!({"kept": true})),
+        "unknown options round-trip"
+    );
+    assert_eq!(m.message_timestamp, sent.message_timestamp);
+    assert_eq!(tb.broker.stats(&q).await.expect("stats").in_flight, 1);
+    got[0].ack().await.expect("ack");
+    assert!(
+        consumer
+            .fetch(10, Duration::from_millis(100))
+            .await
+            .expect("fetch")
+            .is_empty()
+    );
+    let stats = tb.broker.stats(&q).await.expect("stats");
+    assert_eq!(stats.pending(), 0, "{stats:?}");
+    consumer.close().await.expect("close");
+}
+
+/// Messages of one queue come out in the order they went in.
+pub async fn fifo_within_a_queue(tb: &TestBroker) {
+    let q = unique_queue("fifo");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let m = tb
+                .broker
+                .enqueue(message(&q, "a", vec![json!(i)]), None)
+                .await
+                .expect("enqueue");
+            ids.push(m.message_id);
+        }
+        ids
+    };
+    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(20)).await.expect("consume");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 20 && Instant::now() < deadline {
+        for d in consumer.fetch(5, FETCH).await.expect("fetch") {
+            seen.push(d.message().expect("decodes").message_id.clone());
+            d.ack().await.expect("ack");
+        }
+    }
+    assert_eq!(seen, ids);
+    consumer.close().await.expect("close");
+}
+
+/// A nacked message lands in the dead letters with its reason.
+pub async fn nack_dead_letters_with_reason(tb: &TestBroker) {
+    let q = unique_queue("nack");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let sent = tb
+        .broker
+        .enqueue(message(&q, "a", vec![json!(1)]), None)
+        .await
+        .expect("enqueue");
+    let (consumer, d) = fetch_one(tb, &q).await;
+    let mut m = d.message().expect("decodes").clone();
+    m.options.insert("retries".into(), json!(3));
+    d.nack(Some(&m), "ValueError: boom").await.expect("nack");
+    consumer.close().await.expect("close");
+    let dead = wait_dead(tb, &q, 1).await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.contains("ValueError: boom"),
+        "reason kept: {:?}",
+        dead[0].reason
+    );
+    let dm = dead[0].message.as_ref().expect("dead message decodes");
+    assert_eq!(dm.message_id, sent.message_id);
+    let stats = tb.broker.stats(&q).await.expect("stats");
+    assert_eq!((stats.pending(), stats.dead), (0, 1), "{stats:?}");
+}
+
+/// Dead letters can be requeued (retries reset) and purged.
+pub async fn dead_letters_requeue_and_purge(tb: &TestBroker) {
+    let q = unique_queue("dlq");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    for i in 0..3 {
+        tb.broker
+            .enqueue(message(&q, "a", vec![json!(i)]), None)
+            .await
+            .expect("enqueue");
+    }
+    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
+    let mut n = 0;
+    let deadline = Instant::now() + WAIT;
+    while n < 3 && Instant::now() < deadline {
+        for d in consumer.fetch(3, FETCH).await.expect("fetch") {
+            let mut m = d.message().expect("decodes").clone();
+            m.options.insert("retries".into(), json!(5));
+            d.nack(Some(&m), "failed").await.expect("nack");
+            n += 1;
+        }
+    }
+    let dead = wait_dead(tb, &q, 3).await;
+    let first = dead[0].id.clone();
+    assert_eq!(tb.broker.requeue_dead_letters(&q, &[first]).await.expect("requeue"), 1);
+    let d = {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while got.is_empty() && Instant::now() < deadline {
+            got = consumer.fetch(1, FETCH).await.expect("fetch");
+        }
+        got.pop().expect("requeued message delivered")
+    };
+    assert_eq!(d.message().expect("decodes").retries(), 0, "requeue resets retries");
+    d.ack().await.expect("ack");
+    assert_eq!(tb.broker.dead_letters(&q, 100).await.expect("dead").len(), 2);
+    assert_eq!(tb.broker.purge_dead_letters(&q).await.expect("purge"), 2);
+    assert!(tb.broker.dead_letters(&q, 100).await.expect("dead").is_empty());
+    consumer.close().await.expect("close");
+}
+
+/// `requeue` returns a delivery to its queue without counting a retry.
+pub async fn requeue_returns_without_retry(tb: &TestBroker) {
+    let q = unique_queue("requeue");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let sent = tb
+        .broker
+        .enqueue(message(&q, "a", vec![]), None)
+        .await
+        .expect("enqueue");
+    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.is_empty() && Instant::now() < deadline {
+        got = consumer.fetch(1, FETCH).await.expect("fetch");
+    }
+    got[0].requeue().await.expect("requeue");
+    let mut again = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while again.is_empty() && Instant::now() < deadline {
+        again = consumer.fetch(1, FETCH).await.expect("fetch");
+    }
+    let m = again[0].message().expect("decodes");
+    assert_eq!(m.message_id, sent.message_id);
+    assert_eq!(m.retries(), 0);
+    again[0].ack().await.expect("ack");
+    consumer.close().await.expect("close");
+}
+
+/// A consumer that dies without acking: its messages come back within the redelivery bound,
+/// with their retry count untouched.
+pub async fn unacked_messages_are_redelivered(tb: &TestBroker) {
+    let q = unique_queue("redeliver");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let sent = tb
+        .broker
+        .enqueue(message(&q, "a", vec![json!(7)]), None)
+        .await
+        .expect("enqueue");
+    {
+        let mut dying = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
+        let mut got = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while got.is_empty() && Instant::now() < deadline {
+            got = dying.fetch(1, FETCH).await.expect("fetch");
+        }
+        assert_eq!(got.len(), 1);
+        // The consumer and its delivery are dropped without ack, nack or close: a crash.
+        drop(got);
+        drop(dying);
+    }
+    let mut survivor = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
+    let deadline = Instant::now() + tb.redelivery_timeout + WAIT;
+    let mut got = Vec::new();
+    while got.is_empty() && Instant::now() < deadline {
+        got = survivor.fetch(1, FETCH).await.expect("fetch");
+    }
+    assert_eq!(got.len(), 1, "the message came back");
+    let m = got[0].message().expect("decodes");
+    assert_eq!(m.message_id, sent.message_id);
+    assert_eq!(m.retries(), 0, "redelivery is not a retry");
+    got[0].ack().await.expect("ack");
+    survivor.close().await.expect("close");
+}
+
+/// Stats count ready, delayed and dead messages; purge empties the queue.
+pub async fn stats_and_purge(tb: &TestBroker) {
+    let q = unique_queue("stats");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    for i in 0..3 {
+        tb.broker
+            .enqueue(message(&q, "a", vec![json!(i)]), None)
+            .await
+            .expect("enqueue");
+    }
+    tb.broker
+        .enqueue(message(&q, "a", vec![]), Some(Duration::from_secs(3600)))
+        .await
+        .expect("enqueue delayed");
+    let stats = tb.broker.stats(&q).await.expect("stats");
+    assert_eq!(
+        (stats.ready, stats.delayed, stats.in_flight, stats.dead),
+        (3, 1, 0, 0),
+        "{stats:?}"
+    );
+    tb.broker.purge(&q).await.expect("purge");
+    let stats = tb.broker.stats(&q).await.expect("stats");
+    assert_eq!(stats.pending(), 0, "{stats:?}");
+}
+
+/// A message over the size limit is refused at enqueue with a clear error.
+pub async fn oversized_message_rejected_on_enqueue(tb: &TestBroker) {
+    let q = unique_queue("big");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let big = "x".repeat(tb.max_message_size + 1);
+    let err = tb
+        .broker
+        .enqueue(message(&q, "a", vec![json!(big)]), None)
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, Error::MessageTooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("limit"), "{err}");
+}
+
+/// A worker runs the actor with the message's arguments and acks it.
+pub async fn worker_runs_actor_and_acks(tb: &TestBroker) {
+    let q = unique_queue("run");
+    let actor = TestActor::new("echo", &q);
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 4).await;
+    for i in 0..10 {
+        app.send(&actor, vec![json!(i), json!("x")]).await.expect("send");
+    }
+    assert!(
+        eventually(WAIT, || actor.count() == 10).await,
+        "10 calls, got {}",
+        actor.count()
+    );
+    let mut args: Vec<i64> = actor.calls().iter().filter_map(|c| c.args[0].as_i64()).collect();
+    args.sort_unstable();
+    assert_eq!(args, (0..10).collect::<Vec<_>>());
+    assert!(eventually(WAIT, || true).await);
+    let broker = Arc::clone(&tb.broker);
+    let q2 = q.clone();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = broker.stats(&q2).await.expect("stats");
+        if stats.pending() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "messages not acked: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.stop().await;
+    assert_eq!(actor.count(), 10, "each message ran once");
+}
+
+/// Keyword arguments bind to parameters by name, as a Python caller sends them.
+pub async fn kwargs_bind_by_name(tb: &TestBroker) {
+    #[derive(Clone)]
+    struct Sub(Arc<std::sync::Mutex<Vec<i64>>>, String);
+    impl Actor for Sub {
+        type Args = (i64, i64);
+        type Output = i64;
+        fn name(&self) -> &str {
+            "sub"
+        }
+        fn arg_names(&self) -> &[&str] {
+            &["x", "y"]
+        }
+        fn options(&self) -> ActorOptions {
+            ActorOptions::new().queue_name(self.1.clone())
+        }
+        async fn call(&self, (x, y): (i64, i64)) -> Result<i64, ActorError> {
+            if let Ok(mut seen) = self.0.lock() {
+                seen.push(x - y);
+            }
+            Ok(x - y)
+        }
+    }
+    let q = unique_queue("kwargs");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(Sub(Arc::clone(&seen), q.clone()))
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    let mut kw = Map::new();
+    kw.insert("y".into(), json!(2));
+    kw.insert("x".into(), json!(10));
+    app.enqueue(Message::new(&q, "sub", vec![], kw), None)
+        .await
+        .expect("enqueue");
+    let mut kw = Map::new();
+    kw.insert("y".into(), json!(5));
+    app.enqueue(Message::new(&q, "sub", vec![json!(7)], kw), None)
+        .await
+        .expect("enqueue");
+    assert!(eventually(WAIT, || seen.lock().map(|s| s.len()).unwrap_or(0) == 2).await);
+    worker.stop().await;
+    let mut got = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    got.sort_unstable();
+    assert_eq!(got, vec![2, 8]);
+}
+
+/// A delayed message never starts before its eta.
+pub async fn delayed_message_not_started_before_eta(tb: &TestBroker) {
+    let q = unique_queue("delay");
+    let actor = TestActor::new("later", &q);
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    let delay = Duration::from_millis(800);
+    let sent_at = Instant::now();
+    app.send_with_options(&actor, vec![], SendOptions::new().delay(delay))
+        .await
+        .expect("send");
+    assert!(eventually(WAIT, || actor.count() == 1).await, "delayed message ran");
+    let started = actor.calls()[0].at;
+    assert!(
+        started.duration_since(sent_at) >= delay,
+        "started after {:?}",
+        started.duration_since(sent_at)
+    );
+    worker.stop().await;
+}
+
+/// Delayed messages do not hold up ready ones, and stay delayed.
+pub async fn delayed_messages_do_not_block_ready_ones(tb: &TestBroker) {
+    let q = unique_queue("noblock");
+    let actor = TestActor::new("mixed", &q);
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    for _ in 0..5 {
+        app.send_with_options(
+            &actor,
+            vec![json!("late")],
+            SendOptions::new().delay(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("send delayed");
+    }
+    for _ in 0..5 {
+        app.send(&actor, vec![json!("now")]).await.expect("send");
+    }
+    assert!(
+        eventually(WAIT, || actor.count() == 5).await,
+        "ready ones ran: {}",
+        actor.count()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(actor.calls().iter().all(|c| c.args[0] == json!("now")));
+    worker.stop().await;
+    let stats = tb.broker.stats(&q).await.expect("stats");
+    assert_eq!(
+        stats.delayed, 5,
+        "delayed ones are back on the broker after shutdown: {stats:?}"
+    );
+    assert_eq!(stats.ready + stats.in_flight, 0, "{stats:?}");
+}
+
+/// A failure is retried: same message id, `retries` + 1, after a backoff within bounds.
+pub async fn retries_reenqueue_with_backoff(tb: &TestBroker) {
+    let q = unique_queue("retry");
+    let actor = TestActor::new("flaky", &q).behaviour(|i, _| async move {
+        if i < 2 {
+            Err(ActorError::msg("not yet"))
+        } else {
+            Ok(Value::Null)
+        }
+    });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .middleware_list(fast_retries())
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    let sent = app.send(&actor, vec![]).await.expect("send");
+    assert!(
+        eventually(WAIT, || actor.count() == 3).await,
+        "three attempts, got {}",
+        actor.count()
+    );
+    let calls = actor.calls();
+    worker.stop().await;
+    let ids: Vec<&str> = calls
+        .iter()
+        .filter_map(|c| c.message.as_ref().map(|m| m.message_id.as_str()))
+        .collect();
+    assert_eq!(ids, vec![sent.message_id(); 3], "retries keep the message id");
+    let retries: Vec<u64> = calls
+        .iter()
+        .filter_map(|c| c.message.as_ref().map(Message::retries))
+        .collect();
+    assert_eq!(retries, vec![0, 1, 2]);
+    let first_gap = calls[1].at.duration_since(calls[0].at);
+    let second_gap = calls[2].at.duration_since(calls[1].at);
+    // min_backoff 50 ms: the first retry waits 50..100 ms, the second 100..200 ms (plus latency).
+    assert!(first_gap >= Duration::from_millis(50), "first gap {first_gap:?}");
+    assert!(second_gap >= Duration::from_millis(100), "second gap {second_gap:?}");
+    assert!(
+        first_gap < Duration::from_secs(3) && second_gap < Duration::from_secs(3),
+        "{first_gap:?} {second_gap:?}"
+    );
+    let tb_message = calls[2].message.as_ref().expect("message");
+    assert!(
+        tb_message
+            .option_str("traceback")
+            .is_some_and(|t| t.contains("not yet"))
+    );
+}
+
+/// After `max_retries` retries the message goes to the dead letters with its traceback.
+pub async fn retries_exhausted_go_to_dead_letters(tb: &TestBroker) {
+    let q = unique_queue("exhaust");
+    let actor = TestActor::new("always_fails", &q)
+        .options(|o| o.max_retries(2))
+        .behaviour(|_, _| async { Err(ActorError::new("ValueError", "always")) });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .middleware_list(fast_retries())
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    let sent = app.send(&actor, vec![]).await.expect("send");
+    let dead = wait_dead(tb, &q, 1).await;
+    worker.stop().await;
+    assert_eq!(actor.count(), 3, "max_retries=2 means three attempts");
+    assert!(dead[0].reason.contains("ValueError: always"), "{:?}", dead[0].reason);
+    let m = dead[0].message.as_ref().expect("decodes");
+    assert_eq!(m.message_id, sent.message_id());
+}
+
+/// `fail_permanently` dead-letters at once.
+pub async fn fail_permanently_skips_retries(tb: &TestBroker) {
+    let q = unique_queue("perm");
+    let actor = TestActor::new("refuses", &q)
+        .behaviour(|_, _| async { Err(ActorError::fail_permanently(ActorError::new("Invalid", "bad input"))) });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .middleware_list(fast_retries())
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    app.send(&actor, vec![]).await.expect("send");
+    let dead = wait_dead(tb, &q, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.stop().await;
+    assert_eq!(actor.count(), 1);
+    assert!(dead[0].reason.contains("Invalid: bad input"), "{:?}", dead[0].reason);
+}
+
+/// Undecodable bytes, an unknown actor, wrong argument types, missing and surplus arguments,
+/// and an oversized payload all go to the dead letters with a reason; the worker keeps running.
+pub async fn bad_input_goes_to_dead_letters(tb: &TestBroker) {
+    #[derive(Clone)]
+    struct Typed(String, Arc<std::sync::atomic::AtomicUsize>);
+    impl Actor for Typed {
+        type Args = (i64, String);
+        type Output = ();
+        fn name(&self) -> &str {
+            "typed"
+        }
+        fn arg_names(&self) -> &[&str] {
+            &["n", "s"]
+        }
+        fn options(&self) -> ActorOptions {
+            ActorOptions::new().queue_name(self.0.clone())
+        }
+        async fn call(&self, _: (i64, String)) -> Result<(), ActorError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let q = unique_queue("bad");
+    let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = App::builder(Arc::clone(&tb.broker))
+        .middleware_list(fast_retries())
+        .actor(Typed(q.clone(), Arc::clone(&ran)))
+        .build()
+        .expect("app");
+    app.declare_queue(&q).await.expect("declare");
+    let worker = start(&app, 2).await;
+    (tb.raw)(q.clone(), b"\xff\xfe not a message".to_vec())
+        .await
+        .expect("raw");
+    (tb.raw)(
+        q.clone(),
+        br#"{"queue_name":"x","actor_name":"typed","args":[],"kwargs":{},"options":{},"extra":1}"#.to_vec(),
+    )
+    .await
+    .expect("raw");
+    let mut oversized = JsonEncoder
+        .encode(&message(&q, "typed", vec![json!(1), json!("s")]))
+        .expect("encode");
+    oversized.truncate(oversized.len() - 1);
+    oversized.extend_from_slice(&vec![b' '; tb.max_message_size]);
+    oversized.push(b'}');
+    (tb.raw)(q.clone(), oversized).await.expect("raw");
+    app.enqueue(message(&q, "nobody", vec![]), None)
+        .await
+        .expect("unknown actor");
+    app.enqueue(message(&q, "typed", vec![json!("not a number"), json!("s")]), None)
+        .await
+        .expect("wrong type");
+    app.enqueue(message(&q, "typed", vec![json!(1)]), None)
+        .await
+        .expect("missing");
+    app.enqueue(message(&q, "typed", vec![json!(1), json!("s"), json!(3)]), None)
+        .await
+        .expect("surplus");
+    let mut kw = Map::new();
+    kw.insert("zzz".into(), json!(1));
+    app.enqueue(Message::new(&q, "typed", vec![json!(1), json!("s")], kw), None)
+        .await
+        .expect("unknown kwarg");
+    let dead = wait_dead(tb, &q, 8).await;
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
+    assert!(has("undecodable"), "{reasons:#?}");
+    assert!(has("unknown field `extra`"), "{reasons:#?}");
+    assert!(has("limit"), "{reasons:#?}");
+    assert!(has("ActorNotFound"), "{reasons:#?}");
+    assert!(has("invalid type: string \"not a number\""), "{reasons:#?}");
+    assert!(has("missing"), "{reasons:#?}");
+    assert!(has("positional argument"), "{reasons:#?}");
+    assert!(has("\"zzz\""), "{reasons:#?}");
+    // Still alive: a good message runs.
+    app.enqueue(message(&q, "typed", vec![json!(1), json!("ok")]), None)
+        .await
+        .expect("good");
+    assert!(
+        eventually(WAIT, || ran.load(std::sync::atomic::Ordering::SeqCst) == 1).await,
+        "worker still runs"
+    );
+    worker.stop().await;
+    assert_eq!(
+        ran.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "no bad message reached the actor"
+    );
+}
+
+/// Among prefetched messages, lower actor priority runs first.
+pub async fn actor_priority_orders_prefetched_work(tb: &TestBroker) {
+    let q = unique_queue("prio");
+    let pause = Duration::from_millis(30);
+    let low = TestActor::new("low", &q)
+        .options(|o| o.priority(10))
+        .behaviour(move |_, _| async move {
+            tokio::time::sleep(pause).await;
+            Ok(Value::Null)
+        });
+    let high = TestActor::new("high", &q).behaviour(move |_, _| async move {
+        tokio::time::sleep(pause).await;
+        Ok(Value::Null)
+    });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(low.clone())
+        .actor(high.clone())
+        .build()
+        .expect("app");
+    for _ in 0..5 {
+        app.send(&low, vec![]).await.expect("send");
+    }
+    for _ in 0..5 {
+        app.send(&high, vec![]).await.expect("send");
+    }
+    let worker = Worker::builder(app.clone())
+        .concurrency(1)
+        .prefetch(20)
+        .fetch_timeout(FETCH)
+        .start()
+        .await
+        .expect("worker");
+    assert!(eventually(WAIT, || low.count() + high.count() == 10).await);
+    worker.stop().await;
+    let mut all: Vec<(Instant, &str)> = low.calls().iter().map(|c| (c.at, "low")).collect();
+    all.extend(high.calls().iter().map(|c| (c.at, "high")));
+    all.sort();
+    let last_high = all.iter().rposition(|(_, n)| *n == "high").unwrap_or(0);
+    let lows_before = all[..last_high].iter().filter(|(_, n)| *n == "low").count();
+    assert!(
+        lows_before <= 1,
+        "high-priority work should run first: {:?}",
+        all.iter().map(|(_, n)| *n).collect::<Vec<_>>()
+    );
+}
+
+/// A graceful shutdown lets running actors finish and returns prefetched and delayed messages;
+/// a new worker then processes everything: nothing lost.
+pub async fn graceful_shutdown_returns_prefetched_and_delayed(tb: &TestBroker) {
+    let q = unique_queue("shutdown");
+    let actor = TestActor::new("slow", &q).behaviour(|_, _| async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(Value::Null)
+    });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    for i in 0..6 {
+        app.send(&actor, vec![json!(i)]).await.expect("send");
+    }
+    app.send_with_options(
+        &actor,
+        vec![json!("delayed")],
+        SendOptions::new().delay(Duration::from_millis(1500)),
+    )
+    .await
+    .expect("send delayed");
+    let worker = Worker::builder(app.clone())
+        .concurrency(1)
+        .prefetch(10)
+        .fetch_timeout(FETCH)
+        .start()
+        .await
+        .expect("worker");
+    assert!(eventually(WAIT, || actor.count() >= 1).await);
+    worker.stop_with_timeout(Duration::from_secs(5)).await;
+    let ran = actor.count();
+    assert!(ran < 6, "the shutdown came before the queue drained ({ran} ran)");
+    let deadline = Instant::now() + tb.redelivery_timeout + WAIT;
+    loop {
+        let stats = tb.broker.stats(&q).await.expect("stats");
+        if stats.in_flight == 0 && stats.ready + stats.delayed == (7 - ran) as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "messages not returned after shutdown ({ran} ran): {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let worker = start(&app, 4).await;
+    assert!(
+        eventually(WAIT, || actor.count() >= 7).await,
+        "every message ran: {}",
+        actor.count()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.stop().await;
+    let mut args: Vec<String> = actor.calls().iter().map(|c| c.args[0].to_string()).collect();
+    args.sort();
+    args.dedup();
+    assert_eq!(args.len(), 7, "all seven distinct messages ran: {args:?}");
+}
+
+/// An actor over its time limit fails with `TimeLimitExceeded` and is retried.
+pub async fn time_limit_fails_and_retries(tb: &TestBroker) {
+    let q = unique_queue("limit");
+    let actor = TestActor::new("sleepy", &q)
+        .options(|o| o.time_limit(Duration::from_millis(100)).max_retries(1))
+        .behaviour(|_, _| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(Value::Null)
+        });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .middleware_list(fast_retries())
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    let started = Instant::now();
+    app.send(&actor, vec![]).await.expect("send");
+    let dead = wait_dead(tb, &q, 1).await;
+    worker.stop().await;
+    assert_eq!(actor.count(), 2, "one attempt and one retry");
+    assert!(dead[0].reason.contains("TimeLimitExceeded"), "{:?}", dead[0].reason);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// A panicking actor is a failure like an error; the worker survives.
+pub async fn panics_are_failures(tb: &TestBroker) {
+    let q = unique_queue("panic");
+    let actor = TestActor::new("panicky", &q)
+        .options(|o| o.max_retries(0))
+        .behaviour(|i, _| async move {
+            if i == 0 {
+                panic!("kaboom");
+            }
+            Ok(Value::Null)
+        });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .middleware_list(fast_retries())
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 1).await;
+    app.send(&actor, vec![]).await.expect("send");
+    let dead = wait_dead(tb, &q, 1).await;
+    assert!(dead[0].reason.contains("kaboom"), "{:?}", dead[0].reason);
+    app.send(&actor, vec![]).await.expect("send");
+    assert!(
+        eventually(WAIT, || actor.count() == 2).await,
+        "worker survived the panic"
+    );
+    worker.stop().await;
+}
+
+/// Results are stored for actors with `store_results`, failures too.
+pub async fn results_are_stored(tb: &TestBroker) {
+    let q = unique_queue("results");
+    let ok = TestActor::new("ok", &q).options(|o| o.store_results(true));
+    let bad = TestActor::new("bad", &q)
+        .options(|o| o.store_results(true).max_retries(0))
+        .behaviour(|_, _| async { Err(ActorError::new("ValueError", "nope")) });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .middleware_list(fast_retries())
+        .results(MemoryResults::new().into_dyn())
+        .actor(ok.clone())
+        .actor(bad.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    let sent = app.send(&ok, vec![json!({"a": [1, 2]})]).await.expect("send");
+    let failed = app.send(&bad, vec![]).await.expect("send");
+    let value = app.get_result(sent.message(), Some(WAIT)).await.expect("result");
+    assert_eq!(value, json!({"a": [1, 2]}));
+    match app.get_result(failed.message(), Some(WAIT)).await {
+        Err(Error::ResultFailure { error_type, message }) => {
+            assert_eq!((error_type.as_str(), message.as_str()), ("ValueError", "nope"));
+        }
+        other => panic!("expected a stored failure, got {other:?}"),
+    }
+    worker.stop().await;
+}
+
+/// A pipeline runs its stages in order, each getting the previous result.
+pub async fn pipelines_pass_results_on(tb: &TestBroker) {
+    let q = unique_queue("pipe");
+    let add = TestActor::new("p_add", &q)
+        .behaviour(|_, args| async move { Ok(json!(args.iter().filter_map(Value::as_i64).sum::<i64>())) });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .results(MemoryResults::new().into_dyn())
+        .actor(add.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    let stages = vec![
+        App::message(&add, &vec![json!(1), json!(2)]).expect("message"),
+        App::message(&add, &vec![json!(10)]).expect("message"),
+        App::message(&add, &vec![json!(100)])
+            .expect("message")
+            .with_option("store_results", true),
+    ];
+    let pipe = pipeline(stages).expect("pipeline");
+    pipe.run(&app, None).await.expect("run");
+    let result = pipe.get_result(&app, Some(WAIT)).await.expect("result");
+    worker.stop().await;
+    assert_eq!(result, json!(113));
+    assert_eq!(add.count(), 3);
+}

@@ -1,0 +1,141 @@
+//! The broker conformance suite: the behaviour every Troupe broker shares (design §4), written
+//! once and run against every backend.
+//!
+//! A backend crate instantiates it in a test file with a [`Harness`]:
+//!
+//! ```ignore
+//! troupe_test_suite::broker_conformance!(my_backend::testing::Harness::from_env());
+//! ```
+//!
+//! Each case is a plain `async fn` in [`cases`], so a failure can be debugged like any test.
+//! Cases use queue names of their own, so one broker may serve them all.
+
+pub mod cases;
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use troupe_core::{Broker, Result};
+
+pub use support::{Call, TestActor, eventually, unique_queue};
+
+/// Puts raw bytes on a queue, bypassing the encoder (to test bad input).
+pub type RawEnqueue = Arc<dyn Fn(String, Vec<u8>) -> BoxFuture<'static, Result<()>> + Send + Sync>;
+
+/// A broker under test, with what the cases need to know about it.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct TestBroker {
+    /// The broker.
+    pub broker: Arc<dyn Broker>,
+    /// Raw enqueue, bypassing the encoder.
+    pub raw: RawEnqueue,
+    /// The longest time the broker takes to redeliver the messages of a consumer that died
+    /// without acking them.
+    pub redelivery_timeout: Duration,
+    /// The message size limit the broker was configured with.
+    pub max_message_size: usize,
+}
+
+impl std::fmt::Debug for TestBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestBroker")
+            .field("broker", &self.broker)
+            .field("redelivery_timeout", &self.redelivery_timeout)
+            .field("max_message_size", &self.max_message_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestBroker {
+    /// A test broker from its parts.
+    #[must_use]
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        raw: RawEnqueue,
+        redelivery_timeout: Duration,
+        max_message_size: usize,
+    ) -> Self {
+        Self {
+            broker,
+            raw,
+            redelivery_timeout,
+            max_message_size,
+        }
+    }
+}
+
+/// Connects the suite to a backend.
+pub trait Harness: Send + Sync + 'static {
+    /// A broker to run one case against. It must fail (panic), not skip, when the server is
+    /// missing.
+    fn setup(&self) -> BoxFuture<'_, TestBroker>;
+}
+
+/// The in-memory broker's harness.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryHarness;
+
+impl Harness for MemoryHarness {
+    fn setup(&self) -> BoxFuture<'_, TestBroker> {
+        Box::pin(async {
+            let limit = 64 * 1024;
+            let broker = troupe_core::MemoryBroker::new().with_max_message_size(limit);
+            let raw_broker = broker.clone();
+            let raw: RawEnqueue = Arc::new(move |queue, bytes| {
+                let b = raw_broker.clone();
+                Box::pin(async move { b.enqueue_raw(&queue, bytes) })
+            });
+            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(100), limit)
+        })
+    }
+}
+
+/// Stamps one `#[tokio::test]` per conformance case, each calling [`cases`] with a broker from
+/// `$harness`. The calling crate needs `tokio` (with `macros` and `rt-multi-thread`).
+#[macro_export]
+macro_rules! broker_conformance {
+    ($harness:expr) => {
+        $crate::__conformance_cases!(
+            $harness;
+            enqueue_consume_ack,
+            fifo_within_a_queue,
+            nack_dead_letters_with_reason,
+            dead_letters_requeue_and_purge,
+            requeue_returns_without_retry,
+            unacked_messages_are_redelivered,
+            stats_and_purge,
+            oversized_message_rejected_on_enqueue,
+            worker_runs_actor_and_acks,
+            kwargs_bind_by_name,
+            delayed_message_not_started_before_eta,
+            delayed_messages_do_not_block_ready_ones,
+            retries_reenqueue_with_backoff,
+            retries_exhausted_go_to_dead_letters,
+            fail_permanently_skips_retries,
+            bad_input_goes_to_dead_letters,
+            actor_priority_orders_prefetched_work,
+            graceful_shutdown_returns_prefetched_and_delayed,
+            time_limit_fails_and_retries,
+            panics_are_failures,
+            results_are_stored,
+            pipelines_pass_results_on
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($harness:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let broker = $crate::Harness::setup(&$harness).await;
+                $crate::cases::$case(&broker).await;
+            }
+        )*
+    };
+}

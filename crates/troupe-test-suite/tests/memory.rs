@@ -1,0 +1,3 @@
+//! The conformance suite against the in-memory broker.
+
+troupe_test_suite::broker_conformance!(troupe_test_suite::MemoryHarness);

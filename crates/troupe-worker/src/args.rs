@@ -1,0 +1,89 @@
+//! Command-line flags for worker binaries, as Dramatiq's CLI has them.
+
+use std::time::Duration;
+
+use crate::WorkerBuilder;
+
+/// Dramatiq's exit codes.
+pub mod exit_code {
+    /// Clean shutdown.
+    pub const OK: u8 = 0;
+    /// Killed by a second signal.
+    pub const KILLED: u8 = 1;
+    /// Bad arguments or configuration.
+    pub const BAD_ARGUMENTS: u8 = 2;
+    /// The broker could not be reached at start.
+    pub const BROKER_UNREACHABLE: u8 = 3;
+}
+
+/// Flags for a worker's `main`, Dramatiq style. Flatten it into your own clap parser, or
+/// parse it alone with `WorkerArgs::parse()`.
+///
+/// ```
+/// use clap::Parser;
+/// use troupe_worker::WorkerArgs;
+///
+/// let args = WorkerArgs::parse_from(["worker", "--concurrency", "4", "--queues", "emails", "--queues", "ocr"]);
+/// assert_eq!(args.concurrency, Some(4));
+/// assert_eq!(args.queues, vec!["emails", "ocr"]);
+/// ```
+#[derive(Clone, Debug, clap::Parser)]
+#[command(about = "Run a Troupe worker")]
+#[non_exhaustive]
+pub struct WorkerArgs {
+    /// Broker URL (memory://, sqlite://PATH, redis://HOST, amqp://HOST, postgres://HOST).
+    #[arg(long, env = "TROUPE_BROKER_URL")]
+    pub broker_url: Option<String>,
+
+    /// Messages processed at once (default 8 per core).
+    #[arg(short = 'c', long, visible_alias = "threads")]
+    pub concurrency: Option<usize>,
+
+    /// Only consume these queues (repeat the flag, or separate with commas).
+    #[arg(short = 'Q', long, value_delimiter = ',')]
+    pub queues: Vec<String>,
+
+    /// Messages held per queue, running ones included (default 2 × concurrency).
+    #[arg(long)]
+    pub prefetch: Option<usize>,
+
+    /// How long a graceful shutdown waits for running actors ("30s", "10m").
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub shutdown_timeout: Duration,
+
+    /// More logging: -v for debug, -vv for trace.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl WorkerArgs {
+    /// Applies the flags to a worker builder.
+    pub fn apply(&self, mut builder: WorkerBuilder) -> WorkerBuilder {
+        if let Some(n) = self.concurrency {
+            builder = builder.concurrency(n);
+        }
+        if !self.queues.is_empty() {
+            builder = builder.queues(self.queues.clone());
+        }
+        if let Some(n) = self.prefetch {
+            builder = builder.prefetch(n);
+        }
+        builder.shutdown_timeout(self.shutdown_timeout)
+    }
+}
+
+/// Sets up logging to stderr: info by default, debug with `verbose` 1, trace with 2;
+/// `RUST_LOG` overrides. Does nothing if a subscriber is already set.
+pub fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,120 @@
+//! Delayed messages held in memory until their eta, then moved to their canonical queue.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+use troupe_core::{App, Delivery, Message, now_ms, queue::q_name};
+
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) delivery: Delivery,
+    pub(crate) message: Message,
+    pub(crate) permit: OwnedSemaphorePermit,
+}
+
+/// Deliveries waiting for their eta, soonest first.
+#[derive(Debug, Default)]
+pub(crate) struct DelayHolder {
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    order: BTreeMap<(u64, u64), ()>,
+    items: HashMap<u64, Held>,
+    seq: u64,
+}
+
+impl DelayHolder {
+    pub(crate) fn hold(&self, eta: u64, held: Held) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.seq += 1;
+            let seq = inner.seq;
+            inner.order.insert((eta, seq), ());
+            inner.items.insert(seq, held);
+        }
+        self.changed.notify_one();
+    }
+
+    fn next_eta(&self) -> Option<u64> {
+        self.inner.lock().ok()?.order.keys().next().map(|(eta, _)| *eta)
+    }
+
+    fn take_due(&self, now: u64) -> Vec<(u64, Held)> {
+        let Ok(mut inner) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let due: Vec<(u64, u64)> = inner.order.range(..=(now, u64::MAX)).map(|(k, ())| *k).collect();
+        due.into_iter()
+            .filter_map(|key| {
+                inner.order.remove(&key);
+                inner.items.remove(&key.1).map(|h| (key.0, h))
+            })
+            .collect()
+    }
+
+    pub(crate) fn drain(&self) -> Vec<Held> {
+        self.inner
+            .lock()
+            .map(|mut inner| {
+                inner.order.clear();
+                inner.items.drain().map(|(_, h)| h).collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.inner.lock().map(|i| i.items.len()).unwrap_or(0)
+    }
+
+    /// Moves due messages to their canonical queue (then acks the held delivery) until `stop`.
+    pub(crate) async fn run_mover(&self, app: &App, stop: &CancellationToken) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = now_ms();
+            for (eta, held) in self.take_due(now) {
+                let Held {
+                    delivery,
+                    mut message,
+                    permit,
+                } = held;
+                message.queue_name = q_name(&message.queue_name).to_owned();
+                message.options.shift_remove("eta");
+                match app.enqueue(message.clone(), None).await {
+                    Ok(_) => {
+                        if let Err(e) = delivery.ack().await {
+                            tracing::warn!(message_id = %message.message_id, error = %e, "could not ack a delayed message after moving it; it may run twice");
+                        }
+                        drop(permit);
+                    }
+                    Err(e) => {
+                        tracing::warn!(message_id = %message.message_id, error = %e, "could not move a due delayed message to its queue; trying again in 1 s");
+                        let retry_at = now_ms().saturating_add(1000).max(eta);
+                        self.hold(
+                            retry_at,
+                            Held {
+                                delivery,
+                                message,
+                                permit,
+                            },
+                        );
+                    }
+                }
+            }
+            let wait = self.next_eta().map_or(Duration::from_secs(3600), |eta| {
+                Duration::from_millis(eta.saturating_sub(now_ms()))
+            });
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = &mut notified => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The Troupe worker runtime.
+//!
+//! A [`Worker`] consumes the queues of an [`App`](troupe_core::App)'s actors and runs their
+//! messages through the middleware: `concurrency` messages at a time, a prefetch window per
+//! queue, lower actor priority first, delayed messages held until their eta, time limits,
+//! and a graceful shutdown that returns prefetched and delayed messages to the broker.
+//!
+//! [`WorkerArgs`] gives an application's `main` Dramatiq-like command-line flags.
+
+mod args;
+mod delay;
+mod process;
+mod work;
+mod worker;
+
+pub use args::{WorkerArgs, exit_code, init_logging};
+pub use worker::{Worker, WorkerBuilder, WorkerHandle};

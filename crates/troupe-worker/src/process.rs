@@ -1,0 +1,107 @@
+//! Processing one message: the middleware chain, then ack or nack.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use troupe_core::middleware::{Next, Outcome, ProcessContext};
+use troupe_core::{ActorError, App, Delivery, ErrorAction, Result};
+
+/// Processes one delivery to the end: runs it, then acks, nacks or requeues it.
+pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &CancellationToken) {
+    let message = match delivery.take_message() {
+        Ok(message) => message,
+        Err(reason) => {
+            tracing::error!(queue = %delivery.queue(), %reason, "undecodable message; dead-lettering it");
+            let reason = format!("undecodable message: {reason}");
+            settle(hard_stop, "nack", || delivery.nack(None, &reason)).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "troupe.process",
+        actor = %message.actor_name,
+        queue = %message.queue_name,
+        message_id = %message.message_id,
+        retries = message.retries(),
+    );
+    async {
+        let actor = app.actor(&message.actor_name).cloned();
+        let mut cx = ProcessContext::new(app.clone(), message, actor);
+        let started = std::time::Instant::now();
+        let outcome = match AssertUnwindSafe(Next::new(app.middleware()).run(&mut cx))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let error = ActorError::new("MiddlewarePanic", "a middleware panicked while processing the message");
+                cx.fail(error.traceback());
+                Outcome::Failure(error)
+            }
+        };
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match &outcome {
+            Outcome::Success(_) => tracing::debug!(elapsed_ms, "message processed"),
+            Outcome::Failure(e) => {
+                if !matches!(e.action(), ErrorAction::Retry(_)) {
+                    tracing::error!(elapsed_ms, error = %e.traceback(), "actor failed");
+                }
+                if e.action() == ErrorAction::FailPermanently && !cx.is_failed() {
+                    cx.fail(e.traceback());
+                }
+            }
+            _ => tracing::debug!(elapsed_ms, "message skipped"),
+        }
+        if matches!(outcome, Outcome::Skipped) {
+            for m in app.middleware().iter().rev() {
+                m.after_skip(&cx).await;
+            }
+        }
+        if cx.wants_requeue() {
+            settle(hard_stop, "requeue", || delivery.requeue()).await;
+        } else if let Some(reason) = cx.failure_reason().map(str::to_owned) {
+            settle(hard_stop, "nack", || delivery.nack(Some(cx.message()), &reason)).await;
+            for m in app.middleware().iter().rev() {
+                m.after_nack(&cx, &outcome).await;
+            }
+        } else {
+            settle(hard_stop, "ack", || delivery.ack()).await;
+            for m in app.middleware().iter().rev() {
+                m.after_ack(&cx, &outcome).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Runs an ack/nack/requeue, retrying transient broker errors with backoff (capped at 5 s,
+/// as Dramatiq retries them) until the worker is stopped hard.
+async fn settle<'a, F, Fut>(hard_stop: &CancellationToken, what: &str, op: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<()>> + 'a,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(()) => return,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "could not {what} the message; retrying in {backoff:?}");
+                tokio::select! {
+                    () = hard_stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not {what} the message; the broker will redeliver it");
+                return;
+            }
+        }
+    }
+}

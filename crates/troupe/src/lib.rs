@@ -1,0 +1,91 @@
+//! # Troupe
+//!
+//! Background task processing for Rust in the model of Python's
+//! [Dramatiq](https://dramatiq.io), and wire-compatible with it.
+//!
+//! Define actors, send them messages through a broker, and run workers that process them with
+//! retries, delays, time limits, results, pipelines and middleware.
+//!
+//! ```
+//! use std::time::Duration;
+//! use troupe::prelude::*;
+//!
+//! #[troupe::actor(queue_name = "math", store_results = true, max_retries = 3)]
+//! async fn add(x: i64, y: i64) -> i64 {
+//!     x + y
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = MemoryBroker::new();
+//! let app = App::builder(broker.clone().into_dyn())
+//!     .results(MemoryResults::new().into_dyn())
+//!     .actor(Add)
+//!     .build()?;
+//!
+//! // Send a message: this is all a producer does.
+//! let sent = Add.send(&app, 1, 2).await?;
+//!
+//! // Run a worker until the queue is drained.
+//! let worker = Worker::builder(app.clone()).concurrency(2).start().await?;
+//! broker.join("math", Duration::from_secs(5)).await?;
+//! worker.stop().await;
+//!
+//! assert_eq!(sent.get_result(&app).await?, 3);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Features
+//! | feature | default | what |
+//! |---|---|---|
+//! | `macros` | yes | the `#[actor]` attribute |
+//! | `worker` | yes | the worker runtime ([`worker`]) |
+//!
+//! Backends (`broker-sqlite`, `broker-redis`, `broker-rabbitmq`, `broker-postgres`, and their
+//! `results-*` companions) come with their crates; the in-memory broker is always available.
+
+pub use troupe_core::{
+    Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter,
+    Delivery, Encoder, Error, ErrorAction, ErrorKind, JsonEncoder, MemoryBroker, MemoryResults, MemoryState, Message,
+    Middleware, MsgPackEncoder, Next, Outcome, Pipeline, ProcessContext, QueueStats, Result, ResultBackend,
+    SendOptions, Sent, StateBackend, async_trait, current_message, pipeline,
+};
+pub use troupe_core::{memory, middleware, queue};
+
+/// The `#[actor]` attribute: turns a function into an actor.
+///
+/// See the crate docs for an example.
+#[cfg(feature = "macros")]
+pub use troupe_macros::actor;
+
+/// The worker runtime.
+#[cfg(feature = "worker")]
+pub mod worker {
+    pub use troupe_worker::*;
+}
+
+#[cfg(feature = "worker")]
+pub use troupe_worker::Worker;
+
+mod connect;
+pub use connect::connect;
+
+/// The names most applications need.
+pub mod prelude {
+    #[cfg(feature = "worker")]
+    pub use crate::Worker;
+    #[cfg(feature = "macros")]
+    pub use crate::actor;
+    pub use crate::{
+        Actor, ActorError, ActorOptions, App, Broker, MemoryBroker, MemoryResults, Message, Middleware, SendOptions,
+        Sent,
+    };
+}
+
+/// Items the `#[actor]` macro's output uses. Not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use troupe_core::__private::*;
+    pub use troupe_core::{Actor, ActorError, ActorOptions, App, Message, Result, SendOptions, Sent};
+}
