@@ -57,6 +57,12 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
+    /// Parses the process's arguments; on a bad flag prints the usage and exits with code 2.
+    #[must_use]
+    pub fn from_env() -> Self {
+        <Self as clap::Parser>::parse()
+    }
+
     /// Applies the flags to a worker builder.
     pub fn apply(&self, mut builder: WorkerBuilder) -> WorkerBuilder {
         if let Some(n) = self.concurrency {

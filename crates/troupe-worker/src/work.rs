@@ -65,6 +65,10 @@ impl WorkQueue {
         }
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.items.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
     pub(crate) fn drain(&self) -> Vec<WorkItem> {
         self.items
             .lock()

@@ -244,7 +244,7 @@ impl WorkerHandle {
     /// Messages prefetched and waiting for an executor, and delayed messages held.
     #[must_use]
     pub fn held(&self) -> (usize, usize) {
-        (self.shared.work.drain_len(), self.shared.delays.len())
+        (self.shared.work.len(), self.shared.delays.len())
     }
 
     /// Shuts down gracefully with the configured timeout.
@@ -302,17 +302,6 @@ impl WorkerHandle {
             }
         }
         tracing::info!(returned, "worker stopped");
-    }
-}
-
-impl WorkQueue {
-    fn drain_len(&self) -> usize {
-        let items = self.drain();
-        let n = items.len();
-        for item in items {
-            self.push(item);
-        }
-        n
     }
 }
 

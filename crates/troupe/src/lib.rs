@@ -49,7 +49,8 @@ pub use troupe_core::{
     Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter,
     Delivery, Encoder, Error, ErrorAction, ErrorKind, JsonEncoder, MemoryBroker, MemoryResults, MemoryState, Message,
     Middleware, MsgPackEncoder, Next, Outcome, Pipeline, ProcessContext, QueueStats, Result, ResultBackend,
-    SendOptions, Sent, StateBackend, async_trait, current_message, pipeline,
+    SendOptions, Sent, StateBackend, async_trait, current_message, now_ms, pipeline, redact_url, result_key,
+    unwrap_result, wrap_failure,
 };
 pub use troupe_core::{memory, middleware, queue};
 
@@ -67,6 +68,11 @@ pub mod worker {
 
 #[cfg(feature = "worker")]
 pub use troupe_worker::Worker;
+
+#[cfg(feature = "worker")]
+mod cli;
+#[cfg(feature = "worker")]
+pub use cli::{DEFAULT_BROKER_URL, run_worker};
 
 mod connect;
 pub use connect::connect;

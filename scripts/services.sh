@@ -1,0 +1,54 @@
+# Sourced by scripts/test and .ci/run: make sure the local servers the suite needs answer.
+# Each `ensure_*` checks the port, starts the server with the machine's own command when it is
+# not answering, and waits for it. Under CI=true a server that does not come up is an error.
+
+wait_port() { # host port seconds
+  local host=$1 port=$2 secs=$3 i
+  for ((i = 0; i < secs * 10; i++)); do
+    if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  return 1
+}
+
+service_failed() { # name how-to-fix
+  if [ "${CI:-}" = "true" ]; then
+    echo "scripts/test: $1 is not answering and could not be started: $2" >&2
+    exit 1
+  fi
+  echo "scripts/test: warning: $1 is not answering ($2); its tests will fail" >&2
+}
+
+ensure_redis() {
+  wait_port 127.0.0.1 6379 1 && return 0
+  echo "scripts/test: starting Redis" >&2
+  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log >/dev/null 2>&1 || true
+  wait_port 127.0.0.1 6379 15 || service_failed Redis "install redis-server or start it on 127.0.0.1:6379"
+}
+
+ensure_postgres() {
+  wait_port 127.0.0.1 5432 1 && return 0
+  echo "scripts/test: starting PostgreSQL" >&2
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start >/dev/null 2>&1 || true
+  fi
+  wait_port 127.0.0.1 5432 30 || service_failed PostgreSQL "install postgresql or start it on 127.0.0.1:5432"
+}
+
+ensure_rabbitmq() {
+  wait_port 127.0.0.1 5672 1 && return 0
+  echo "scripts/test: starting RabbitMQ" >&2
+  if command -v rabbitmq-server >/dev/null 2>&1; then
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+  fi
+  wait_port 127.0.0.1 5672 60 || service_failed RabbitMQ "install rabbitmq-server or start it on 127.0.0.1:5672"
+}
+
+# The servers the current test suite uses. Issue by issue, backends add theirs here.
+ensure_services() {
+  : # the memory broker needs no server yet
+}
