@@ -1,0 +1,4 @@
+#[troupe::actor]
+struct NotAFunction;
+
+fn main() {}
