@@ -52,7 +52,6 @@ impl fmt::Debug for App {
 
 impl App {
     /// Starts building an app on `broker`, with Dramatiq's default middleware.
-    #[must_use]
     pub fn builder(broker: Arc<dyn Broker>) -> AppBuilder {
         AppBuilder {
             broker,
@@ -296,10 +295,8 @@ impl AppBuilder {
     /// [`Error::Config`] for two actors with one name, an invalid queue name, or an actor option
     /// that no middleware declares.
     pub fn build(mut self) -> Result<App> {
-        if let Some(backend) = &self.results {
-            if !self.results_middleware {
-                self.middleware.push(Arc::new(Results::new(Arc::clone(backend))));
-            }
+        if let Some(backend) = self.results.as_ref().filter(|_| !self.results_middleware) {
+            self.middleware.push(Arc::new(Results::new(Arc::clone(backend))));
         }
         if self.current_message {
             self.middleware.push(Arc::new(CurrentMessage));

@@ -160,13 +160,11 @@ impl Delivery {
     }
 
     /// The message, or why its bytes could not be decoded.
-    #[must_use]
     pub fn message(&self) -> std::result::Result<&Message, &str> {
         self.message.as_ref().map_err(String::as_str)
     }
 
     /// Takes the message out (or the decode failure).
-    #[must_use]
     pub fn take_message(&mut self) -> std::result::Result<Message, String> {
         std::mem::replace(&mut self.message, Err("message already taken".into()))
     }

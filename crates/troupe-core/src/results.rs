@@ -62,20 +62,20 @@ pub fn wrap_failure(error_type: &str, message: &str) -> Value {
 /// # Errors
 /// [`Error::ResultFailure`] for a stored failure.
 pub fn unwrap_result(value: Value) -> Result<Value> {
-    if let Value::Object(map) = &value {
-        if map.get("__t").and_then(Value::as_str) == Some(FAILURE_CANARY) {
-            let exn = map.get("exn");
-            let field = |k: &str| {
-                exn.and_then(|e| e.get(k))
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            return Err(Error::ResultFailure {
-                error_type: field("type"),
-                message: field("msg"),
-            });
-        }
+    if let Value::Object(map) = &value
+        && map.get("__t").and_then(Value::as_str) == Some(FAILURE_CANARY)
+    {
+        let exn = map.get("exn");
+        let field = |k: &str| {
+            exn.and_then(|e| e.get(k))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        return Err(Error::ResultFailure {
+            error_type: field("type"),
+            message: field("msg"),
+        });
     }
     Ok(value)
 }

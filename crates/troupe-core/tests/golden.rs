@@ -3,6 +3,8 @@
 //! `scripts/gen_golden_fixtures.py`). Each must decode to the message Python built, and our
 //! encoding of that message must be byte-identical.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use serde_json::{Map, Value, json};
 use troupe_core::{Encoder, JsonEncoder, Message, MsgPackEncoder};
 
@@ -38,17 +40,49 @@ fn cases() -> Vec<(&'static str, Message)> {
     );
     pipeline_target.actor_name = "multiply".into();
     vec![
-        ("simple", msg("default", json!([1, 2]), json!({}), json!({}), "0b6f3c1e-2d4a-4f8b-9c1d-3e5f7a9b1c2d", 1_700_000_000_000)),
-        ("empty_args", msg("default", json!([]), json!({}), json!({}), "1c7a4d2f-3e5b-4a9c-8d2e-4f6a8b0c2d3e", 1_700_000_000_001)),
+        (
+            "simple",
+            msg(
+                "default",
+                json!([1, 2]),
+                json!({}),
+                json!({}),
+                "0b6f3c1e-2d4a-4f8b-9c1d-3e5f7a9b1c2d",
+                1_700_000_000_000,
+            ),
+        ),
+        (
+            "empty_args",
+            msg(
+                "default",
+                json!([]),
+                json!({}),
+                json!({}),
+                "1c7a4d2f-3e5b-4a9c-8d2e-4f6a8b0c2d3e",
+                1_700_000_000_001,
+            ),
+        ),
         (
             "kwargs",
-            msg("default", json!([]), json!({"x": 1, "y": "two", "z": null}), json!({}), "2d8b5e3a-4f6c-4b0d-9e3f-5a7b9c1d3e4f", 1_700_000_000_002),
+            msg(
+                "default",
+                json!([]),
+                json!({"x": 1, "y": "two", "z": null}),
+                json!({}),
+                "2d8b5e3a-4f6c-4b0d-9e3f-5a7b9c1d3e4f",
+                1_700_000_000_002,
+            ),
         ),
         (
             "unicode",
             msg(
                 "default",
-                json!(["héllo", "日本語", "emoji 😀 and 𝄞", "quote \" backslash \\ newline \n tab \t nul \u{0} del \u{7f}"]),
+                json!([
+                    "héllo",
+                    "日本語",
+                    "emoji 😀 and 𝄞",
+                    "quote \" backslash \\ newline \n tab \t nul \u{0} del \u{7f}"
+                ]),
                 json!({"ключ": "значение"}),
                 json!({}),
                 "3e9c6f4b-5a7d-4c1e-af4a-6b8c0d2e4f5a",
@@ -81,7 +115,22 @@ fn cases() -> Vec<(&'static str, Message)> {
             "floats",
             msg(
                 "default",
-                json!([0.0, -0.0, 1.5, 0.1, 1e16, 1.5e16, 1e-5, 0.0001, 123_456_789.123, 1e300, 5e-324, 100.0, 1e15, -2.5e-7]),
+                json!([
+                    0.0,
+                    -0.0,
+                    1.5,
+                    0.1,
+                    1e16,
+                    1.5e16,
+                    1e-5,
+                    0.0001,
+                    123_456_789.123,
+                    1e300,
+                    5e-324,
+                    100.0,
+                    1e15,
+                    -2.5e-7
+                ]),
                 json!({}),
                 json!({}),
                 "6bcf9c7e-8dae-4f4b-927d-9ebf3a5b7c8d",
@@ -116,7 +165,14 @@ fn cases() -> Vec<(&'static str, Message)> {
         ),
         (
             "delayed",
-            msg("default.DQ", json!([1, 2]), json!({}), json!({"eta": 1_700_000_009_000_u64}), "9ef2cfab-b0d1-427e-85a0-c1e26d8eafb0", 1_700_000_000_009),
+            msg(
+                "default.DQ",
+                json!([1, 2]),
+                json!({}),
+                json!({"eta": 1_700_000_009_000_u64}),
+                "9ef2cfab-b0d1-427e-85a0-c1e26d8eafb0",
+                1_700_000_000_009,
+            ),
         ),
         (
             "pipeline",
@@ -135,7 +191,9 @@ fn cases() -> Vec<(&'static str, Message)> {
 #[test]
 fn python_bytes_decode_to_the_expected_message() {
     for (name, expected) in cases() {
-        let decoded = JsonEncoder.decode(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let decoded = JsonEncoder
+            .decode(&fixture(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(decoded, expected, "{name}");
         // Order-preserving: options keep Python's insertion order.
         let keys: Vec<&String> = decoded.options.keys().collect();
@@ -149,7 +207,11 @@ fn our_encoding_is_byte_identical_to_pythons() {
     for (name, message) in cases() {
         let ours = JsonEncoder.encode(&message).expect("encode");
         let theirs = fixture(name);
-        assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs), "{name}");
+        assert_eq!(
+            String::from_utf8_lossy(&ours),
+            String::from_utf8_lossy(&theirs),
+            "{name}"
+        );
         assert_eq!(ours, theirs, "{name}");
     }
 }
@@ -178,7 +240,10 @@ fn missing_id_and_timestamp_default_as_in_dramatiq() {
     for missing in ["queue_name", "actor_name", "args", "kwargs", "options"] {
         let mut v = json!({"queue_name":"q","actor_name":"a","args":[],"kwargs":{},"options":{}});
         v.as_object_mut().expect("object").remove(missing);
-        let err = JsonEncoder.decode(&serde_json::to_vec(&v).expect("json")).expect_err(missing).to_string();
+        let err = JsonEncoder
+            .decode(&serde_json::to_vec(&v).expect("json"))
+            .expect_err(missing)
+            .to_string();
         assert!(err.contains(missing), "{err}");
     }
 }
@@ -200,6 +265,9 @@ fn msgpack_round_trips_every_case() {
         let bytes = MsgPackEncoder.encode(&message).expect("encode");
         let back = MsgPackEncoder.decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(back, message, "{name}");
-        assert!(bytes.len() <= JsonEncoder.encode(&message).expect("json").len(), "{name}: msgpack is not larger");
+        assert!(
+            bytes.len() <= JsonEncoder.encode(&message).expect("json").len(),
+            "{name}: msgpack is not larger"
+        );
     }
 }

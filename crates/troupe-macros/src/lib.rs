@@ -16,7 +16,7 @@ use proc_macro::TokenStream;
 /// * `Handle.send_with_options(&app, args..., options)` does so with per-message options;
 /// * `Handle.message(args...)` builds the message without sending it (for pipelines).
 ///
-/// ```ignore
+/// ```text
 /// #[troupe::actor(queue_name = "math", max_retries = 3, time_limit = "30s")]
 /// async fn add(x: i64, y: i64) -> i64 {
 ///     x + y

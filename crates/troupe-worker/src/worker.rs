@@ -21,7 +21,6 @@ pub struct Worker;
 
 impl Worker {
     /// Starts configuring a worker for `app`'s actors.
-    #[must_use]
     pub fn builder(app: App) -> WorkerBuilder {
         WorkerBuilder {
             app,

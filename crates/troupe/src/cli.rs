@@ -29,35 +29,43 @@ pub async fn run_worker<F>(args: WorkerArgs, build: F) -> ExitCode
 where
     F: FnOnce(Arc<dyn Broker>) -> Result<App>,
 {
+    ExitCode::from(run_worker_status(args, build).await)
+}
+
+/// [`run_worker`], returning the exit code as a number (see [`worker::exit_code`](crate::worker::exit_code)).
+pub async fn run_worker_status<F>(args: WorkerArgs, build: F) -> u8
+where
+    F: FnOnce(Arc<dyn Broker>) -> Result<App>,
+{
     init_logging(args.verbose);
     let url = args.broker_url.clone().unwrap_or_else(|| DEFAULT_BROKER_URL.to_owned());
     let broker = match crate::connect(&url).await {
         Ok(broker) => broker,
         Err(e) if e.kind() == ErrorKind::Config => {
             eprintln!("error: {e}");
-            return ExitCode::from(exit_code::BAD_ARGUMENTS);
+            return exit_code::BAD_ARGUMENTS;
         }
         Err(e) => {
             eprintln!("error: cannot reach the broker at {}: {e}", redact_url(&url));
-            return ExitCode::from(exit_code::BROKER_UNREACHABLE);
+            return exit_code::BROKER_UNREACHABLE;
         }
     };
     let app = match build(broker) {
         Ok(app) => app,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(exit_code::BAD_ARGUMENTS);
+            return exit_code::BAD_ARGUMENTS;
         }
     };
     match args.apply(Worker::builder(app)).run().await {
-        Ok(()) => ExitCode::from(exit_code::OK),
+        Ok(()) => exit_code::OK,
         Err(e) if e.kind() == ErrorKind::Config => {
             eprintln!("error: {e}");
-            ExitCode::from(exit_code::BAD_ARGUMENTS)
+            exit_code::BAD_ARGUMENTS
         }
         Err(e) => {
             eprintln!("error: cannot start the worker: {e}");
-            ExitCode::from(exit_code::BROKER_UNREACHABLE)
+            exit_code::BROKER_UNREACHABLE
         }
     }
 }

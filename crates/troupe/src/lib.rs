@@ -72,7 +72,7 @@ pub use troupe_worker::Worker;
 #[cfg(feature = "worker")]
 mod cli;
 #[cfg(feature = "worker")]
-pub use cli::{DEFAULT_BROKER_URL, run_worker};
+pub use cli::{DEFAULT_BROKER_URL, run_worker, run_worker_status};
 
 mod connect;
 pub use connect::connect;

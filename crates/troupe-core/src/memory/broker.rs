@@ -150,18 +150,16 @@ impl MemoryBroker {
                     Ok(q.ready.len() + q.unacked.len())
                 };
                 if pending(&canonical)? + pending(&delay)? == 0 {
-                    if fail_fast {
-                        if let Some(dead) = state.dead.get(&canonical).and_then(|d| d.first()) {
-                            let (message_id, actor_name) = match &dead.message {
-                                Ok(m) => (m.message_id.clone(), m.actor_name.clone()),
-                                Err(_) => (dead.id.clone(), String::from("<undecodable>")),
-                            };
-                            return Err(Error::MessageFailed {
-                                message_id,
-                                actor_name,
-                                reason: dead.reason.clone(),
-                            });
-                        }
+                    if let Some(dead) = state.dead.get(&canonical).and_then(|d| d.first()).filter(|_| fail_fast) {
+                        let (message_id, actor_name) = match &dead.message {
+                            Ok(m) => (m.message_id.clone(), m.actor_name.clone()),
+                            Err(_) => (dead.id.clone(), String::from("<undecodable>")),
+                        };
+                        return Err(Error::MessageFailed {
+                            message_id,
+                            actor_name,
+                            reason: dead.reason.clone(),
+                        });
                     }
                     return Ok(());
                 }

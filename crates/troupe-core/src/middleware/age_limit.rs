@@ -32,11 +32,10 @@ impl Middleware for AgeLimit {
         if let Some(max_age) = option_ms(cx, "max_age", actor_max).or(self.max_age) {
             let age = now_ms().saturating_sub(cx.message().message_timestamp);
             if u128::from(age) >= max_age.as_millis() {
-                tracing::warn!(message_id = %cx.message().message_id, age_ms = age, "message age limit exceeded; dead-lettering it");
-                cx.fail(format!(
-                    "SkipMessage: message age limit exceeded ({age} ms >= {} ms)",
-                    max_age.as_millis()
-                ));
+                let max_ms = max_age.as_millis();
+                tracing::warn!(message_id = %cx.message().message_id, age_ms = age, max_age_ms = max_ms, "message age limit exceeded; dead-lettering it");
+                // Dramatiq's exact text: Python clients read it back from the results backend.
+                cx.fail("SkipMessage: Message age limit exceeded");
                 return Outcome::Skipped;
             }
         }

@@ -227,10 +227,7 @@ async fn invoke_actor(cx: &mut ProcessContext) -> Outcome {
     let call = AssertUnwindSafe(actor.invoke(&cx.message.args, &cx.message.kwargs)).catch_unwind();
     let limited = async {
         match cx.time_limit {
-            Some(limit) => match tokio::time::timeout(limit, call).await {
-                Ok(r) => Some(r),
-                Err(_) => None,
-            },
+            Some(limit) => tokio::time::timeout(limit, call).await.ok(),
             None => Some(call.await),
         }
     };

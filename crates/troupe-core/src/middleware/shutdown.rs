@@ -36,10 +36,10 @@ impl Middleware for ShutdownNotifications {
     }
 
     async fn on_worker_boot(&self, _app: &App) {
-        if let Ok(mut token) = self.token.lock() {
-            if token.is_cancelled() {
-                *token = CancellationToken::new();
-            }
+        if let Ok(mut token) = self.token.lock()
+            && token.is_cancelled()
+        {
+            *token = CancellationToken::new();
         }
     }
 
