@@ -9,8 +9,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use troupe::prelude::*;
 use troupe::SendOptions;
+use troupe::prelude::*;
 
 /// Adds two numbers; its result is stored.
 #[troupe::actor(queue_name = "math", store_results = true)]
@@ -52,7 +52,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sums: Vec<_> = futures_join(&app).await?;
     Flaky.send(&app, "report".into()).await?;
     Greet
-        .send_with_options(&app, "delayed world".into(), SendOptions::new().delay(Duration::from_millis(300)))
+        .send_with_options(
+            &app,
+            "delayed world".into(),
+            SendOptions::new().delay(Duration::from_millis(300)),
+        )
         .await?;
 
     println!("running a worker until the queues drain…");
@@ -67,10 +71,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (i, sent) in sums.iter().enumerate() {
         println!("  add({i}, {}) = {}", i * 10, sent.get_result(&app).await?);
     }
-    println!("  flaky ran {} times (2 failures, then success)", ATTEMPTS.load(Ordering::SeqCst));
+    println!(
+        "  flaky ran {} times (2 failures, then success)",
+        ATTEMPTS.load(Ordering::SeqCst)
+    );
     for queue in ["math", "flaky", "default"] {
         let stats = app.broker().stats(queue).await?;
-        println!("  {queue:8} ready={} delayed={} in_flight={} dead={}", stats.ready, stats.delayed, stats.in_flight, stats.dead);
+        println!(
+            "  {queue:8} ready={} delayed={} in_flight={} dead={}",
+            stats.ready, stats.delayed, stats.in_flight, stats.dead
+        );
     }
     println!("done in {:?}", started.elapsed());
     Ok(())
