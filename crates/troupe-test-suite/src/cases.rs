@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 use troupe_core::middleware::{AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit};
 use troupe_core::{
-    Actor, ActorError, ActorOptions, App, ConsumerOptions, Encoder, Error, JsonEncoder, MemoryResults, Message,
-    Middleware, SendOptions, pipeline,
+    Actor, ActorError, ActorOptions, App, ConsumerOptions, Encoder, Error, JsonEncoder, Message, Middleware,
+    SendOptions, pipeline,
 };
 use troupe_worker::{Worker, WorkerHandle};
 
@@ -811,7 +811,7 @@ pub async fn results_are_stored(tb: &TestBroker) {
         .behaviour(|_, _| async { Err(ActorError::new("ValueError", "nope")) });
     let app = App::builder(Arc::clone(&tb.broker))
         .middleware_list(fast_retries())
-        .results(MemoryResults::new().into_dyn())
+        .results(Arc::clone(&tb.results))
         .actor(ok.clone())
         .actor(bad.clone())
         .build()
@@ -836,7 +836,7 @@ pub async fn pipelines_pass_results_on(tb: &TestBroker) {
     let add = TestActor::new("p_add", &q)
         .behaviour(|_, args| async move { Ok(json!(args.iter().filter_map(Value::as_i64).sum::<i64>())) });
     let app = App::builder(Arc::clone(&tb.broker))
-        .results(MemoryResults::new().into_dyn())
+        .results(Arc::clone(&tb.results))
         .actor(add.clone())
         .build()
         .expect("app");

@@ -13,6 +13,7 @@
 // The suite's job is to panic on a violation.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod backends;
 pub mod cases;
 mod support;
 
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use troupe_core::{Broker, Result};
+use troupe_core::{Broker, MemoryResults, Result, ResultBackend};
 
 pub use support::{Call, TestActor, eventually, unique_queue};
 
@@ -40,6 +41,9 @@ pub struct TestBroker {
     pub redelivery_timeout: Duration,
     /// The message size limit the broker was configured with.
     pub max_message_size: usize,
+    /// The results backend the cases that store results use (the backend's own when it has
+    /// one; memory otherwise).
+    pub results: Arc<dyn ResultBackend>,
 }
 
 impl std::fmt::Debug for TestBroker {
@@ -66,7 +70,15 @@ impl TestBroker {
             raw,
             redelivery_timeout,
             max_message_size,
+            results: MemoryResults::new().into_dyn(),
         }
+    }
+
+    /// Uses `results` in the cases that store results.
+    #[must_use]
+    pub fn with_results(mut self, results: Arc<dyn ResultBackend>) -> Self {
+        self.results = results;
+        self
     }
 }
 
@@ -126,6 +138,51 @@ macro_rules! broker_conformance {
             results_are_stored,
             pipelines_pass_results_on
         );
+    };
+}
+
+/// Stamps one `#[tokio::test]` per results-backend case; `$setup` is an async expression
+/// giving an `Arc<dyn ResultBackend>`.
+#[macro_export]
+macro_rules! results_conformance {
+    ($setup:expr) => {
+        $crate::__backend_cases!(
+            $setup, backends;
+            results_store_and_get,
+            results_failures_round_trip,
+            results_block_until_stored_or_timeout,
+            results_expire
+        );
+    };
+}
+
+/// Stamps one `#[tokio::test]` per state-backend case; `$setup` is an async expression giving
+/// an `Arc<dyn StateBackend>`.
+#[macro_export]
+macro_rules! state_conformance {
+    ($setup:expr) => {
+        $crate::__backend_cases!(
+            $setup, backends;
+            state_counters_respect_bounds,
+            state_keys_expire,
+            state_window_sums,
+            state_concurrent_increments_are_atomic,
+            state_wait_and_notify
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __backend_cases {
+    ($setup:expr, $module:ident; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let backend = $setup.await;
+                $crate::$module::$case(backend).await;
+            }
+        )*
     };
 }
 
