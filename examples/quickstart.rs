@@ -1,95 +1,177 @@
-//! The quick start: actors, messages, a worker, retries, a delay and a result.
+//! The quick start: actors, messages, a worker, retries, a delay, results, dead letters, all on
+//! the embedded SQLite broker, so no server is needed.
 //!
 //! ```text
-//! cargo run --example quickstart
+//! cargo run --example quickstart                      # uses ./troupe-quickstart.db
+//! cargo run --example quickstart -- --db /tmp/q.db    # another file
 //! ```
 //!
-//! It runs on the in-memory broker, so it needs no server.
+//! Run it twice: the run counter, the stored results and the dead letters live in the database
+//! file, so the second run shows what the first left behind.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use troupe::SendOptions;
 use troupe::prelude::*;
+use troupe::sqlite::{SqliteBroker, SqliteResults, SqliteState};
+use troupe::{SendOptions, StateBackend, current_message};
 
-/// Adds two numbers; its result is stored.
+/// Adds two numbers; its result is stored in the database.
 #[troupe::actor(queue_name = "math", store_results = true)]
 async fn add(x: i64, y: i64) -> i64 {
     x + y
 }
 
-static ATTEMPTS: AtomicU32 = AtomicU32::new(0);
-
-/// Fails twice, then succeeds: the Retries middleware re-enqueues it with backoff.
-#[troupe::actor(queue_name = "flaky", max_retries = 5, min_backoff = "100ms", max_backoff = "1s")]
-async fn flaky(job: String) -> Result<String, ActorError> {
-    let attempt = ATTEMPTS.fetch_add(1, Ordering::SeqCst) + 1;
+/// Fails on its first two attempts, then succeeds: the Retries middleware re-enqueues it with
+/// backoff each time.
+#[troupe::actor(
+    queue_name = "reports",
+    max_retries = 5,
+    min_backoff = "100ms",
+    max_backoff = "1s",
+    store_results = true
+)]
+async fn build_report(name: String) -> Result<String, ActorError> {
+    let attempt = current_message().map_or(0, |m| m.retries()) + 1;
     if attempt < 3 {
-        return Err(ActorError::msg(format!("attempt {attempt} of {job} failed")));
+        return Err(ActorError::new(
+            "TemporaryError",
+            format!("attempt {attempt} of {name} failed"),
+        ));
     }
-    Ok(format!("{job} done on attempt {attempt}"))
+    Ok(format!("{name} built on attempt {attempt}"))
 }
 
-/// A plain (sync) function runs on the blocking pool.
+/// Always fails: after one retry it lands in the dead letters, where it stays (7 days).
+#[troupe::actor(queue_name = "reports", max_retries = 1, min_backoff = "50ms")]
+async fn doomed(reason: String) -> Result<(), ActorError> {
+    Err(ActorError::new("ValueError", reason))
+}
+
+/// A plain (sync) function runs on the blocking pool; this one is sent with a delay.
 #[troupe::actor(queue_name = "default")]
 fn greet(name: String) {
-    println!("  hello, {name}!");
+    println!("\n  greet: hello, {name}!");
 }
+
+const QUEUES: [&str; 3] = ["math", "reports", "default"];
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    troupe::worker::init_logging(0);
+    let mut args = std::env::args().skip(1);
+    let mut db = String::from("troupe-quickstart.db");
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--db" => db = args.next().ok_or("--db needs a path")?,
+            other => return Err(format!("unknown argument {other:?}; usage: quickstart [--db PATH]").into()),
+        }
+    }
     let started = Instant::now();
-    let broker = MemoryBroker::new();
-    let app = App::builder(broker.clone().into_dyn())
-        .results(MemoryResults::new().into_dyn())
+
+    // One file holds the queues, the results and the state.
+    let broker = SqliteBroker::connect(&format!("sqlite://{db}")).await?;
+    let results = SqliteResults::from_pool(broker.pool().clone());
+    let state = SqliteState::from_pool(broker.pool().clone());
+    let run = bump_run_counter(&state).await?;
+    println!(
+        "database {db}: run #{run}{}",
+        if run > 1 {
+            " (state from earlier runs is still there)"
+        } else {
+            ""
+        }
+    );
+
+    let app = App::builder(Arc::new(broker.clone()))
+        .results(results.into_dyn())
+        .state(state.into_dyn())
         .actor(Add)
-        .actor(Flaky)
+        .actor(BuildReport)
+        .actor(Doomed)
         .actor(Greet)
         .build()?;
 
-    println!("sending messages…");
-    let sums: Vec<_> = futures_join(&app).await?;
-    Flaky.send(&app, "report".into()).await?;
+    // Producer side: send a batch.
+    let mut sums = Vec::new();
+    for i in 0..20_i64 {
+        sums.push(Add.send(&app, i, i * 10).await?);
+    }
+    let report = BuildReport.send(&app, format!("report-{run}")).await?;
+    Doomed.send(&app, format!("bad input in run {run}")).await?;
     Greet
         .send_with_options(
             &app,
-            "delayed world".into(),
-            SendOptions::new().delay(Duration::from_millis(300)),
+            format!("run {run}"),
+            SendOptions::new().delay(Duration::from_millis(500)),
         )
         .await?;
+    println!("sent 23 messages (20 additions, a report that fails twice, a doomed job, a greeting delayed 500 ms)");
 
-    println!("running a worker until the queues drain…");
-    let worker = Worker::builder(app.clone()).concurrency(4).start().await?;
-    for queue in ["math", "flaky", "default"] {
-        broker.join(queue, Duration::from_secs(30)).await?;
-        println!("  queue {queue:?} drained");
-    }
+    // Worker side: run until the batch is done, showing progress.
+    let worker = Worker::builder(app.clone()).concurrency(8).start().await?;
+    wait_until_drained(&app).await?;
     worker.stop().await;
 
-    println!("results:");
-    for (i, sent) in sums.iter().enumerate() {
-        println!("  add({i}, {}) = {}", i * 10, sent.get_result(&app).await?);
-    }
+    println!("\nresults (read back from the database):");
+    let total: i64 = futures_sum(&app, &sums).await?;
+    println!("  20 additions stored, sum of results = {total}");
+    println!("  {}", report.wait_result(&app, Duration::from_secs(5)).await?);
+
+    println!("\nper-queue summary:");
     println!(
-        "  flaky ran {} times (2 failures, then success)",
-        ATTEMPTS.load(Ordering::SeqCst)
+        "  {:<8} {:>5} {:>7} {:>9} {:>5}",
+        "queue", "ready", "delayed", "in-flight", "dead"
     );
-    for queue in ["math", "flaky", "default"] {
-        let stats = app.broker().stats(queue).await?;
+    for queue in QUEUES {
+        let s = app.broker().stats(queue).await?;
         println!(
-            "  {queue:8} ready={} delayed={} in_flight={} dead={}",
-            stats.ready, stats.delayed, stats.in_flight, stats.dead
+            "  {queue:<8} {:>5} {:>7} {:>9} {:>5}",
+            s.ready, s.delayed, s.in_flight, s.dead
         );
     }
-    println!("done in {:?}", started.elapsed());
+    let dead = app.broker().dead_letters("reports", 100).await?;
+    println!("\ndead letters in \"reports\" ({}, one per run so far):", dead.len());
+    for letter in dead.iter().rev().take(3) {
+        println!("  {} - {}", letter.id, letter.reason.lines().next().unwrap_or(""));
+    }
+    println!(
+        "\ndone in {:.1?}; run it again to see the state survive",
+        started.elapsed()
+    );
     Ok(())
 }
 
-async fn futures_join(app: &App) -> troupe::Result<Vec<Sent<i64>>> {
-    let mut sent = Vec::new();
-    for i in 0..5_i64 {
-        sent.push(Add.send(app, i, i * 10).await?);
+async fn bump_run_counter(state: &SqliteState) -> troupe::Result<i64> {
+    let ttl = Duration::from_secs(30 * 24 * 3600);
+    state.incr("quickstart:runs", 1, i64::MAX, ttl).await?;
+    Ok(state.get("quickstart:runs").await?.unwrap_or(1))
+}
+
+async fn wait_until_drained(app: &App) -> troupe::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut pending = 0;
+        for queue in QUEUES {
+            pending += app.broker().stats(queue).await?.pending();
+        }
+        print!("\r  progress: {pending:>3} messages pending ");
+        let _ = std::io::stdout().flush();
+        if pending == 0 {
+            println!("- batch done");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(troupe::Error::QueueJoinTimeout("quickstart".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(sent)
+}
+
+async fn futures_sum(app: &App, sums: &[Sent<i64>]) -> troupe::Result<i64> {
+    let mut total = 0;
+    for sent in sums {
+        total += sent.wait_result(app, Duration::from_secs(5)).await?;
+    }
+    Ok(total)
 }

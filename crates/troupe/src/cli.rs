@@ -6,7 +6,12 @@ use std::sync::Arc;
 use troupe_core::{App, Broker, ErrorKind, Result, redact_url};
 use troupe_worker::{Worker, WorkerArgs, exit_code, init_logging};
 
+/// The broker URL used when neither `--broker-url` nor `TROUPE_BROKER_URL` is given: the
+/// embedded SQLite file `troupe.db` in the working directory.
+#[cfg(feature = "broker-sqlite")]
+pub const DEFAULT_BROKER_URL: &str = "sqlite://troupe.db";
 /// The broker URL used when neither `--broker-url` nor `TROUPE_BROKER_URL` is given.
+#[cfg(not(feature = "broker-sqlite"))]
 pub const DEFAULT_BROKER_URL: &str = "memory://";
 
 /// Runs a worker from command-line flags until SIGINT/SIGTERM: connects to `--broker-url`,

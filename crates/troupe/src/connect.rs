@@ -1,16 +1,52 @@
-//! `connect(url)`: a broker from a URL.
+//! `connect(url)` and `connect_results(url)`: backends from URLs.
 
 use std::sync::Arc;
 
-use troupe_core::{Broker, Error, MemoryBroker, Result, redact_url as redact};
+use troupe_core::{Broker, Error, MemoryBroker, MemoryResults, Result, ResultBackend, redact_url};
 
-/// The backends a URL scheme names, with the cargo feature that compiles each in.
-const SCHEMES: &[(&[&str], &str, &str)] = &[
-    (&["sqlite"], "SQLite", "broker-sqlite"),
-    (&["redis", "rediss"], "Redis", "broker-redis"),
-    (&["amqp", "amqps"], "RabbitMQ", "broker-rabbitmq"),
-    (&["postgres", "postgresql"], "PostgreSQL", "broker-postgres"),
+const SCHEME_HELP: &str = "use memory://, sqlite://PATH, redis://HOST, amqp://HOST or postgres://HOST";
+
+/// Each scheme: its name, the broker feature and the results feature (None: no results backend).
+const SCHEMES: &[(&[&str], &str, &str, Option<&str>)] = &[
+    (&["sqlite"], "SQLite", "broker-sqlite", Some("results-sqlite")),
+    (&["redis", "rediss"], "Redis", "broker-redis", Some("results-redis")),
+    (&["amqp", "amqps"], "RabbitMQ", "broker-rabbitmq", None),
+    (
+        &["postgres", "postgresql"],
+        "PostgreSQL",
+        "broker-postgres",
+        Some("results-postgres"),
+    ),
 ];
+
+fn scheme_of(url: &str) -> Result<String> {
+    url.split_once(':')
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Error::Config(format!("URL {:?} has no scheme; {SCHEME_HELP}", redact_url(url))))
+}
+
+fn not_compiled_in(url: &str, scheme: &str, results: bool) -> Error {
+    for (schemes, name, broker_feature, results_feature) in SCHEMES {
+        if schemes.contains(&scheme) {
+            return match (results, results_feature) {
+                (false, _) => Error::Config(format!(
+                    "{scheme}:// URLs need the {name} broker, which is not compiled in; enable the `{broker_feature}` feature of the troupe crate"
+                )),
+                (true, Some(feature)) => Error::Config(format!(
+                    "{scheme}:// results need the {name} results backend, which is not compiled in; enable the `{feature}` feature of the troupe crate"
+                )),
+                (true, None) => Error::Config(format!(
+                    "{name} has no results backend; store results in Redis, PostgreSQL or SQLite"
+                )),
+            };
+        }
+    }
+    Error::Config(format!(
+        "unknown URL scheme {scheme:?} in {:?}; {SCHEME_HELP}",
+        redact_url(url)
+    ))
+}
 
 /// Connects to the broker a URL names, picking the backend from the scheme: `memory:`,
 /// `sqlite:`, `redis:`/`rediss:`, `amqp:`/`amqps:`, `postgres:`/`postgresql:`.
@@ -19,26 +55,28 @@ const SCHEMES: &[(&[&str], &str, &str)] = &[
 /// [`Error::Config`] for an unknown scheme, or one whose backend is not compiled in (the
 /// message names the cargo feature to enable); a backend error when the broker is unreachable.
 pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
-    let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).ok_or_else(|| {
-        Error::Config(format!(
-            "broker URL {:?} has no scheme; use memory://, sqlite://PATH, redis://HOST, amqp://HOST or postgres://HOST",
-            redact(url)
-        ))
-    })?;
-    if scheme == "memory" {
-        return Ok(Arc::new(MemoryBroker::new()));
+    let scheme = scheme_of(url)?;
+    match scheme.as_str() {
+        "memory" => Ok(Arc::new(MemoryBroker::new())),
+        #[cfg(feature = "broker-sqlite")]
+        "sqlite" => Ok(Arc::new(troupe_sqlite::SqliteBroker::connect(url).await?)),
+        other => Err(not_compiled_in(url, other, false)),
     }
-    for (schemes, name, feature) in SCHEMES {
-        if schemes.contains(&scheme.as_str()) {
-            return Err(Error::Config(format!(
-                "{scheme}:// URLs need the {name} broker, which is not compiled in; enable the `{feature}` feature of the troupe crate"
-            )));
-        }
+}
+
+/// Connects to the results backend a URL names (`memory:`, `sqlite:`; more with their
+/// backends).
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_results(url: &str) -> Result<Arc<dyn ResultBackend>> {
+    let scheme = scheme_of(url)?;
+    match scheme.as_str() {
+        "memory" => Ok(MemoryResults::new().into_dyn()),
+        #[cfg(feature = "results-sqlite")]
+        "sqlite" => Ok(troupe_sqlite::SqliteResults::connect(url).await?.into_dyn()),
+        other => Err(not_compiled_in(url, other, true)),
     }
-    Err(Error::Config(format!(
-        "unknown broker URL scheme {scheme:?} in {:?}; use memory://, sqlite://, redis://, amqp:// or postgres://",
-        redact(url)
-    )))
 }
 
 #[cfg(test)]
@@ -50,11 +88,23 @@ mod tests {
         assert_eq!(connect("memory://").await.unwrap().backend(), "memory");
         let err = connect("redis://localhost").await.unwrap_err().to_string();
         assert!(err.contains("broker-redis"), "{err}");
+        let err = connect_results("amqp://localhost").await.unwrap_err().to_string();
+        assert!(err.contains("no results backend"), "{err}");
         let err = connect("ftp://u:secret@host/x").await.unwrap_err().to_string();
-        assert!(
-            err.contains("unknown broker URL scheme") && !err.contains("secret"),
-            "{err}"
-        );
+        assert!(err.contains("unknown URL scheme") && !err.contains("secret"), "{err}");
         assert!(connect("nonsense").await.unwrap_err().to_string().contains("no scheme"));
+    }
+
+    #[cfg(feature = "broker-sqlite")]
+    #[tokio::test]
+    async fn sqlite_urls() {
+        let dir = std::env::temp_dir().join(format!("troupe-connect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}/t.db", dir.display());
+        assert_eq!(connect(&url).await.unwrap().backend(), "sqlite");
+        assert!(connect_results(&url).await.is_ok());
+        let err = connect("sqlite:///no/such/dir/t.db").await.unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

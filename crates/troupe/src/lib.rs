@@ -41,8 +41,10 @@
 //! |---|---|---|
 //! | `macros` | yes | the `#[actor]` attribute |
 //! | `worker` | yes | the worker runtime ([`worker`]) |
+//! | `broker-sqlite` | yes | the embedded SQLite broker (`sqlite://PATH`) |
+//! | `results-sqlite` | yes | SQLite results and state backends |
 //!
-//! Backends (`broker-sqlite`, `broker-redis`, `broker-rabbitmq`, `broker-postgres`, and their
+//! Network backends (`broker-redis`, `broker-rabbitmq`, `broker-postgres`, and their
 //! `results-*` companions) come with their crates; the in-memory broker is always available.
 
 pub use troupe_core::{
@@ -69,13 +71,19 @@ pub mod worker {
 #[cfg(feature = "worker")]
 pub use troupe_worker::Worker;
 
+/// The embedded SQLite backend (`sqlite://PATH`).
+#[cfg(any(feature = "broker-sqlite", feature = "results-sqlite"))]
+pub mod sqlite {
+    pub use troupe_sqlite::*;
+}
+
 #[cfg(feature = "worker")]
 mod cli;
 #[cfg(feature = "worker")]
 pub use cli::{DEFAULT_BROKER_URL, run_worker, run_worker_status};
 
 mod connect;
-pub use connect::connect;
+pub use connect::{connect, connect_results};
 
 /// The names most applications need.
 pub mod prelude {
