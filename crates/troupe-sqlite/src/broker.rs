@@ -272,23 +272,45 @@ fn clone_error(e: &Error) -> Error {
 }
 
 async fn write_batch(pool: &SqlitePool, batch: &[Write]) -> Result<()> {
+    // Acks and requeues go in one statement each (a JSON array of [id, attempt] pairs): one
+    // round trip to SQLite's thread for the whole batch. Nacks, rare, go one by one.
+    let mut acks = Vec::new();
+    let mut requeues = Vec::new();
+    for w in batch {
+        match w.op {
+            Op::Ack => acks.push([w.id, w.attempt]),
+            Op::Requeue => requeues.push([w.id, w.attempt]),
+            Op::Nack { .. } => {}
+        }
+    }
     let mut tx = pool
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(|e| db_error("begin a write", e))?;
+    if !acks.is_empty() {
+        sqlx::query(
+            "DELETE FROM troupe_jobs WHERE state = 1 AND (id, attempt) IN
+             (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
+        )
+        .bind(serde_json::to_string(&acks).map_err(|e| Error::Encode(e.to_string()))?)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("ack messages", e))?;
+    }
+    if !requeues.is_empty() {
+        sqlx::query(
+            "UPDATE troupe_jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+             WHERE state = 1 AND (id, attempt) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
+        )
+        .bind(serde_json::to_string(&requeues).map_err(|e| Error::Encode(e.to_string()))?)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("requeue messages", e))?;
+    }
     let t = now();
     for w in batch {
-        let q = match &w.op {
-            Op::Ack => sqlx::query("DELETE FROM troupe_jobs WHERE id = ?1 AND attempt = ?2 AND state = 1")
-                .bind(w.id)
-                .bind(w.attempt),
-            Op::Requeue => sqlx::query(
-                "UPDATE troupe_jobs SET state = 0, lease_owner = NULL, lease_until = NULL
-                 WHERE id = ?1 AND attempt = ?2 AND state = 1",
-            )
-            .bind(w.id)
-            .bind(w.attempt),
-            Op::Nack { body, reason } => sqlx::query(
+        if let Op::Nack { body, reason } = &w.op {
+            sqlx::query(
                 "UPDATE troupe_jobs SET state = 2, lease_owner = NULL, lease_until = NULL,
                  reason = ?3, failed_at = ?4, body = COALESCE(?5, body)
                  WHERE id = ?1 AND attempt = ?2 AND state = 1",
@@ -297,9 +319,11 @@ async fn write_batch(pool: &SqlitePool, batch: &[Write]) -> Result<()> {
             .bind(w.attempt)
             .bind(reason.as_str())
             .bind(t)
-            .bind(body.as_deref()),
-        };
-        q.execute(&mut *tx).await.map_err(|e| db_error("settle a message", e))?;
+            .bind(body.as_deref())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("dead-letter a message", e))?;
+        }
     }
     tx.commit().await.map_err(|e| db_error("commit settled messages", e))
 }
@@ -386,6 +410,8 @@ impl Broker for SqliteBroker {
             broker: self.clone(),
             queue: queue.to_owned(),
             owner,
+            busy: false,
+            last_promote: None,
         }))
     }
 
@@ -529,33 +555,44 @@ struct SqliteConsumer {
     broker: SqliteBroker,
     queue: String,
     owner: String,
+    /// The last claim filled its batch: claim again without checking first.
+    busy: bool,
+    last_promote: Option<std::time::Instant>,
 }
 
 impl SqliteConsumer {
-    async fn claim(&self, max: usize) -> Result<Vec<Delivery>> {
+    async fn claim(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let inner = &self.broker.inner;
         let t = now();
-        let row = sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM troupe_jobs WHERE state = 0 AND queue = ?1),
-                    EXISTS (SELECT 1 FROM troupe_jobs WHERE state = 3 AND queue = ?1 AND available_at <= ?2)",
-        )
-        .bind(&self.queue)
-        .bind(t)
-        .fetch_one(&inner.pool)
-        .await
-        .map_err(|e| db_error("look for messages", e))?;
-        let ready: bool = row.try_get(0).map_err(|e| db_error("look for messages", e))?;
-        let due: bool = row.try_get(1).map_err(|e| db_error("look for messages", e))?;
-        if due {
-            sqlx::query("UPDATE troupe_jobs SET state = 0 WHERE state = 3 AND queue = ?1 AND available_at <= ?2")
-                .bind(&self.queue)
-                .bind(t)
-                .execute(&inner.pool)
-                .await
-                .map_err(|e| db_error("release due delayed messages", e))?;
-        }
-        if !ready && !due {
-            return Ok(Vec::new());
+        let promote = self
+            .last_promote
+            .is_none_or(|at| at.elapsed() >= inner.options.poll_interval);
+        if promote || !self.busy {
+            // A read first, so idle consumers do not take the write lock for nothing.
+            let row = sqlx::query(
+                "SELECT EXISTS (SELECT 1 FROM troupe_jobs WHERE state = 0 AND queue = ?1),
+                        EXISTS (SELECT 1 FROM troupe_jobs WHERE state = 3 AND queue = ?1 AND available_at <= ?2)",
+            )
+            .bind(&self.queue)
+            .bind(t)
+            .fetch_one(&inner.pool)
+            .await
+            .map_err(|e| db_error("look for messages", e))?;
+            let ready: bool = row.try_get(0).map_err(|e| db_error("look for messages", e))?;
+            let due: bool = row.try_get(1).map_err(|e| db_error("look for messages", e))?;
+            self.last_promote = Some(std::time::Instant::now());
+            if due {
+                sqlx::query("UPDATE troupe_jobs SET state = 0 WHERE state = 3 AND queue = ?1 AND available_at <= ?2")
+                    .bind(&self.queue)
+                    .bind(t)
+                    .execute(&inner.pool)
+                    .await
+                    .map_err(|e| db_error("release due delayed messages", e))?;
+            }
+            if !ready && !due {
+                self.busy = false;
+                return Ok(Vec::new());
+            }
         }
         let rows = sqlx::query(
             "UPDATE troupe_jobs SET state = 1, attempt = attempt + 1, lease_owner = ?1, lease_until = ?2
@@ -582,6 +619,7 @@ impl SqliteConsumer {
             .collect::<std::result::Result<_, sqlx::Error>>()
             .map_err(|e| db_error("read claimed messages", e))?;
         claimed.sort_by_key(|(priority, id, _, _)| (*priority, *id));
+        self.busy = claimed.len() == max;
         Ok(claimed
             .into_iter()
             .map(|(_, id, attempt, body)| {
@@ -603,8 +641,9 @@ impl Consumer for SqliteConsumer {
     async fn fetch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
         self.broker.check_open()?;
         let deadline = tokio::time::Instant::now() + timeout;
+        let inner = Arc::clone(&self.broker.inner);
         loop {
-            let notified = self.broker.inner.wake.notified();
+            let notified = inner.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let got = self.claim(max.max(1)).await?;
@@ -615,7 +654,7 @@ impl Consumer for SqliteConsumer {
             if now >= deadline {
                 return Ok(Vec::new());
             }
-            let nap = self.broker.inner.options.poll_interval.min(deadline - now);
+            let nap = inner.options.poll_interval.min(deadline - now);
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep(nap) => {}

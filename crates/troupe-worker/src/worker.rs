@@ -331,14 +331,23 @@ async fn consume_loop(
     let mut backoff = Duration::from_millis(100);
     let delay_queue = is_delay_queue(&queue);
     loop {
-        let first = tokio::select! {
+        // While executors still have prefetched work, wait until half the window is free, so
+        // each fetch is one round trip for a batch rather than one per message.
+        let want = if shared.work.len() > 0 { (window / 2).max(1) } else { 1 };
+        let mut first = tokio::select! {
             () = shared.stop_fetch.cancelled() => return consumer,
-            permit = Arc::clone(&slots).acquire_owned() => match permit {
+            permit = Arc::clone(&slots).acquire_many_owned(u32::try_from(want).unwrap_or(1)) => match permit {
                 Ok(p) => p,
                 Err(_) => return consumer,
             },
         };
-        let mut permits = vec![first];
+        let mut permits = Vec::with_capacity(window);
+        while first.num_permits() > 1 {
+            if let Some(one) = first.split(1) {
+                permits.push(one);
+            }
+        }
+        permits.push(first);
         while permits.len() < window {
             match Arc::clone(&slots).try_acquire_owned() {
                 Ok(p) => permits.push(p),
