@@ -1,0 +1,475 @@
+//! Master task, subtasks and dedicated workers, after a team generating images with Dramatiq:
+//! a `master` actor (queue `master`) takes a generation request and fans it out into subtasks,
+//! standard-model ones on queue `subtask` and Lumina ones on queue `subtask_ops`. Each queue has
+//! its own worker, as the team ran one worker process per queue.
+//!
+//! A `CatchExceptions` middleware reports failures to a webhook (the team's Feishu bot): every
+//! failed attempt, and every message that ends in the dead letters, is POSTed as a small JSON
+//! document. Some subtasks time out once and succeed on the retry; some are rejected by
+//! moderation and fail permanently (`ActorError::fail_permanently`).
+//!
+//! ```text
+//! cargo run --example master_subtasks                          # all-in-one: three workers, one process
+//! cargo run --example master_subtasks -- run --subtasks 20 --webhook http://127.0.0.1:8080/hook
+//!
+//! # dedicated worker processes, one per queue, on a shared database:
+//! cargo run --example master_subtasks -- worker --queues subtask --broker-url sqlite://shared.db
+//! cargo run --example master_subtasks -- worker --queues subtask_ops --broker-url sqlite://shared.db
+//! cargo run --example master_subtasks -- run --worker-queues master --broker-url sqlite://shared.db
+//! ```
+//!
+//! The webhook is plain `http://` (a minimal HTTP/1.1 POST over a TCP stream, no TLS); without
+//! `--webhook` the documents are printed instead.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use troupe::prelude::*;
+use troupe::worker::WorkerArgs;
+use troupe::{Broker, Next, Outcome, ProcessContext, current_message, redact_url};
+
+/// The error type of `run`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The three queues, each with its dedicated worker.
+pub const QUEUES: [&str; 3] = ["master", "subtask", "subtask_ops"];
+
+/// The broker used when no `--broker-url` is given.
+pub const DEFAULT_BROKER_URL: &str = "sqlite://troupe-master-subtasks.db";
+
+/// Command line: `run` (the default) or `worker`.
+#[derive(Debug, clap::Parser)]
+#[command(
+    about = "Master task fanning out subtasks to dedicated per-queue workers",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to do; `run` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The flags of `run`, when no subcommand is given.
+    #[command(flatten)]
+    pub run: Args,
+}
+
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Send master tasks and process everything with one worker per queue in this process.
+    Run(Args),
+    /// Run a worker until Ctrl-C (`--queues subtask` makes it a dedicated one).
+    Worker(WorkerCommand),
+}
+
+/// Flags of `run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// Broker URL (sqlite://PATH, memory://, ...).
+    #[arg(long, env = "TROUPE_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
+    pub broker_url: String,
+    /// Where to POST failure reports (http:// only); printed when not given.
+    #[arg(long)]
+    pub webhook: Option<String>,
+    /// Master tasks to send.
+    #[arg(long, default_value_t = 1)]
+    pub tasks: u32,
+    /// Subtasks per master task.
+    #[arg(long, default_value_t = 10)]
+    pub subtasks: u32,
+    /// Queues to start a worker for in this process; leave out those that dedicated `worker`
+    /// processes consume.
+    #[arg(long, value_delimiter = ',', default_values_t = QUEUES.map(String::from))]
+    pub worker_queues: Vec<String>,
+}
+
+/// Flags of `worker`: the standard worker flags and the webhook.
+#[derive(Debug, clap::Args)]
+pub struct WorkerCommand {
+    /// The standard worker flags (`--queues`, `--concurrency`, `--broker-url`, ...).
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    /// Where to POST failure reports (http:// only); printed to stderr when not given.
+    #[arg(long)]
+    pub webhook: Option<String>,
+}
+
+// The seed team's default was MAX_RETRIES=0 with polling intervals of seconds; two quick retries
+// (100 ms backoff) here show both a failure that recovers and one that does not.
+
+/// Takes a generation request and creates its subtasks: even ones on the standard model
+/// (queue `subtask`), odd ones on Lumina (queue `subtask_ops`). Returns how many it created.
+#[troupe::actor(queue_name = "master", max_retries = 0)]
+async fn master(task_id: String, prompt: String, subtasks: u32) -> Result<u32, ActorError> {
+    let app = current_app()?;
+    for index in 0..subtasks {
+        let variant = format!("{prompt}, variant {index}");
+        if index % 2 == 0 {
+            RunSubtask.send(&app, task_id.clone(), index, variant).await?;
+        } else {
+            RunSubtaskOps.send(&app, task_id.clone(), index, variant).await?;
+        }
+    }
+    Ok(subtasks)
+}
+
+/// Generates one image on the standard model.
+#[troupe::actor(queue_name = "subtask", max_retries = 2, min_backoff = "100ms", max_backoff = "1s")]
+async fn run_subtask(task_id: String, index: u32, prompt: String) -> Result<String, ActorError> {
+    generate("standard", &task_id, index, &prompt).await
+}
+
+/// Generates one image on the Lumina model.
+#[troupe::actor(
+    queue_name = "subtask_ops",
+    max_retries = 2,
+    min_backoff = "100ms",
+    max_backoff = "1s"
+)]
+async fn run_subtask_ops(task_id: String, index: u32, prompt: String) -> Result<String, ActorError> {
+    generate("lumina", &task_id, index, &prompt).await
+}
+
+/// The pretend image API: subtask 4 of every 5 is rejected by moderation (permanently), subtask
+/// 2 of every 5 times out on its first attempt.
+async fn generate(model: &str, task_id: &str, index: u32, prompt: &str) -> Result<String, ActorError> {
+    let attempt = current_message().map_or(0, |m| m.retries()) + 1;
+    tokio::time::sleep(Duration::from_millis(20)).await; // submitting and polling the job
+    match index % 5 {
+        4 => Err(ActorError::fail_permanently(ActorError::new(
+            "ContentRejected",
+            format!("subtask {index} of {task_id}: prompt {prompt:?} rejected by {model} moderation"),
+        ))),
+        2 if attempt == 1 => Err(ActorError::new(
+            "ApiTimeout",
+            format!("subtask {index} of {task_id}: {model} job still running after the last poll"),
+        )),
+        _ => Ok(format!("https://images.example/{task_id}/{index}.png")),
+    }
+}
+
+tokio::task_local! {
+    static APP: App;
+}
+
+/// The app of the worker running the current actor (set by [`ProvideApp`]).
+fn current_app() -> Result<App, ActorError> {
+    APP.try_with(Clone::clone).map_err(|_| {
+        ActorError::new(
+            "NoApp",
+            "actor called outside of a worker with the ProvideApp middleware",
+        )
+    })
+}
+
+/// Makes the app available to actors through [`current_app`] while they run, so `master` can
+/// send subtasks.
+#[derive(Debug)]
+pub struct ProvideApp;
+
+#[troupe::async_trait]
+impl Middleware for ProvideApp {
+    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
+        let app = cx.app().clone();
+        APP.scope(app, next.run(cx)).await
+    }
+}
+
+#[derive(Debug, Default)]
+struct Reports {
+    /// Every report, posted or not.
+    documents: Vec<Value>,
+    /// One line per report: where it went.
+    lines: Vec<String>,
+    delivered: usize,
+    /// Per queue: attempts that succeeded and that failed.
+    by_queue: BTreeMap<String, (u64, u64)>,
+}
+
+/// The seed's exception-catching middleware: every failed attempt (`"event": "failure"`) and
+/// every dead-lettered message (`"event": "dead_lettered"`, from `after_nack`) is POSTed to the
+/// webhook as `{event, actor, queue, message_id, error_type, error, retries}`. `retries` is the
+/// message's retry count when the attempt started. A webhook that is down never fails a message.
+#[derive(Clone, Debug)]
+pub struct CatchExceptions {
+    webhook: Option<String>,
+    echo: bool,
+    reports: Arc<Mutex<Reports>>,
+}
+
+impl CatchExceptions {
+    /// Reports to `webhook`; with `echo`, also prints each report on stderr (for `worker`).
+    #[must_use]
+    pub fn new(webhook: Option<String>, echo: bool) -> Self {
+        Self {
+            webhook,
+            echo,
+            reports: Arc::default(),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Reports) -> R) -> R {
+        f(&mut self.reports.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    async fn report(&self, event: &str, cx: &ProcessContext, error: &ActorError) {
+        let message = cx.message();
+        let document = json!({
+            "event": event,
+            "actor": message.actor_name,
+            "queue": message.queue_name,
+            "message_id": message.message_id,
+            "error_type": error.type_name(),
+            "error": error.message(),
+            "retries": message.retries(),
+        });
+        let line = match &self.webhook {
+            Some(url) => match post_json(url, &document.to_string()).await {
+                Ok(status) => {
+                    self.with(|r| r.delivered += 1);
+                    format!("POST {event} {} -> HTTP {status}", message.actor_name)
+                }
+                Err(e) => format!("POST {event} {} failed: {e}", message.actor_name),
+            },
+            None => format!("(no --webhook) {document}"),
+        };
+        if self.echo {
+            eprintln!("[catch_exceptions] {line}");
+        }
+        self.with(|r| {
+            r.documents.push(document);
+            r.lines.push(line);
+        });
+    }
+}
+
+#[troupe::async_trait]
+impl Middleware for CatchExceptions {
+    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
+        let outcome = next.run(cx).await;
+        let queue = cx.message().queue_name.clone();
+        self.with(|r| {
+            let counts = r.by_queue.entry(queue).or_default();
+            if outcome.is_success() {
+                counts.0 += 1;
+            } else if outcome.error().is_some() {
+                counts.1 += 1;
+            }
+        });
+        if let Outcome::Failure(error) = &outcome {
+            self.report("failure", cx, error).await;
+        }
+        outcome
+    }
+
+    async fn after_nack(&self, cx: &ProcessContext, outcome: &Outcome) {
+        if let Some(error) = outcome.error() {
+            self.report("dead_lettered", cx, error).await;
+        }
+    }
+}
+
+/// POSTs `body` as JSON with a minimal HTTP/1.1 client; returns the status code (2xx only).
+async fn post_json(url: &str, body: &str) -> Result<u16, BoxError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// webhook URLs are supported by this example (no TLS)")?;
+    let (authority, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
+    let address = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let exchange = async {
+        let mut stream = TcpStream::connect(&address).await?;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !response.windows(2).any(|w| w == b"\r\n") {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            response.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(3), exchange)
+        .await
+        .map_err(|_| format!("no answer from {address} within 3 s"))??;
+    let status_line = String::from_utf8_lossy(&response);
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| format!("not an HTTP response from {address}"))?;
+    if (200..300).contains(&status) {
+        Ok(status)
+    } else {
+        Err(format!("HTTP {status} from {address}").into())
+    }
+}
+
+/// Builds the app, with the reporting middleware it uses.
+fn build_app(broker: Arc<dyn Broker>, reports: CatchExceptions) -> troupe::Result<App> {
+    App::builder(broker)
+        .middleware(reports)
+        .middleware(ProvideApp)
+        .actor(Master)
+        .actor(RunSubtask)
+        .actor(RunSubtaskOps)
+        .build()
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// Master tasks sent.
+    pub tasks: u32,
+    /// Subtasks they created.
+    pub subtasks: u32,
+    /// Per queue: attempts that succeeded and that failed, in this process.
+    pub by_queue: BTreeMap<String, (u64, u64)>,
+    /// Every failure report, in the order they were made.
+    pub reports: Vec<Value>,
+    /// Reports the webhook accepted.
+    pub delivered: usize,
+}
+
+/// Sends the master tasks, runs one worker per queue of `--worker-queues` until everything is
+/// processed, and prints the failure reports and per-queue counts to `out`.
+///
+/// # Errors
+/// A broker that cannot be reached, or processing that does not finish within 60 s.
+pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
+    let started = Instant::now();
+    let broker = troupe::connect(&args.broker_url).await?;
+    let reports = CatchExceptions::new(args.webhook.clone(), false);
+    let app = build_app(broker, reports.clone())?;
+    writeln!(out, "broker: {}", redact_url(&args.broker_url))?;
+    match &args.webhook {
+        Some(url) => writeln!(out, "failure reports go to {url}")?,
+        None => writeln!(out, "no --webhook: failure reports are printed")?,
+    }
+
+    // One dedicated worker per queue, as the team ran one process per queue.
+    let mut workers = Vec::new();
+    for queue in &args.worker_queues {
+        let concurrency = if queue == "master" { 1 } else { 4 };
+        let worker = Worker::builder(app.clone())
+            .queues([queue.as_str()])
+            .concurrency(concurrency)
+            .start()
+            .await?;
+        writeln!(out, "worker for queue {queue:<11} concurrency {concurrency}")?;
+        workers.push(worker);
+    }
+    let external: Vec<&str> = QUEUES
+        .into_iter()
+        .filter(|q| !args.worker_queues.iter().any(|w| w == q))
+        .collect();
+    if !external.is_empty() {
+        writeln!(out, "expecting dedicated worker processes for {external:?}")?;
+    }
+
+    for n in 1..=args.tasks {
+        let task_id = format!("task-{n}");
+        Master
+            .send(&app, task_id, format!("a lighthouse at dusk #{n}"), args.subtasks)
+            .await?;
+    }
+    writeln!(
+        out,
+        "sent {} master task(s) of {} subtasks each\n",
+        args.tasks, args.subtasks
+    )?;
+
+    let drained = wait_until_drained(&app, Duration::from_secs(60)).await;
+    for worker in workers {
+        worker.stop().await;
+    }
+    drained?;
+
+    let (lines, documents, delivered, by_queue) = reports.with(|r| {
+        (
+            std::mem::take(&mut r.lines),
+            r.documents.clone(),
+            r.delivered,
+            r.by_queue.clone(),
+        )
+    });
+    writeln!(out, "failure reports ({}):", lines.len())?;
+    for line in &lines {
+        writeln!(out, "  {line}")?;
+    }
+    writeln!(out, "\nattempts per queue (this process):")?;
+    writeln!(out, "  {:<12} {:>4} {:>7}", "queue", "ok", "failed")?;
+    for (queue, (ok, failed)) in &by_queue {
+        writeln!(out, "  {queue:<12} {ok:>4} {failed:>7}")?;
+    }
+    writeln!(out, "\ndone in {:.1?}", started.elapsed())?;
+    Ok(Summary {
+        tasks: args.tasks,
+        subtasks: args.tasks * args.subtasks,
+        by_queue,
+        reports: documents,
+        delivered,
+    })
+}
+
+/// Waits until no message of [`QUEUES`] is ready, delayed or in flight.
+async fn wait_until_drained(app: &App, timeout: Duration) -> Result<(), BoxError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut pending = 0;
+        for queue in QUEUES {
+            pending += app.broker().stats(queue).await?.pending();
+        }
+        if pending == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{pending} messages still pending after {timeout:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<ExitCode, BoxError> {
+    let cli = <Cli as clap::Parser>::parse();
+    match cli.command {
+        Some(Command::Worker(WorkerCommand { mut worker, webhook })) => {
+            worker.broker_url.get_or_insert_with(|| DEFAULT_BROKER_URL.to_owned());
+            let reports = CatchExceptions::new(webhook, true);
+            Ok(troupe::run_worker(worker, |broker| build_app(broker, reports)).await)
+        }
+        Some(Command::Run(args)) => run_and_check(args).await,
+        None => run_and_check(cli.run).await,
+    }
+}
+
+async fn run_and_check(args: Args) -> Result<ExitCode, BoxError> {
+    let webhook = args.webhook.is_some();
+    let summary = run(args, &mut std::io::stdout()).await?;
+    if webhook && summary.delivered < summary.reports.len() {
+        eprintln!(
+            "warning: the webhook accepted {} of {} reports",
+            summary.delivered,
+            summary.reports.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

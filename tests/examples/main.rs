@@ -1,0 +1,302 @@
+//! The examples, run end to end on a temporary SQLite file: each test calls the example's `run`
+//! and checks what it did, not only that it finished.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../examples/email_pipeline.rs"]
+mod email_pipeline;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../examples/master_subtasks.rs"]
+mod master_subtasks;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../examples/publish_priorities.rs"]
+mod publish_priorities;
+
+/// A temporary directory and the `sqlite://` URL of a file in it.
+fn temp_db() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("example.db").display());
+    (dir, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_pipeline_fans_out_ocr_and_monitors_every_attempt() {
+    let (_dir, url) = temp_db();
+    let mut out = Vec::new();
+    let args = email_pipeline::Args {
+        broker_url: url,
+        concurrency: 4,
+    };
+    let summary = tokio::time::timeout(Duration::from_secs(20), email_pipeline::run(args, &mut out))
+        .await
+        .expect("the example finishes")
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+
+    assert_eq!(summary.emails, 5);
+    assert_eq!(summary.attachments, 7);
+    let email = &summary.actors["process_email"];
+    assert_eq!(email.queue, "email");
+    assert_eq!((email.started, email.succeeded, email.failed), (5, 5, 0), "{text}");
+    // Three scans fail once each, then succeed on their retry.
+    let ocr = &summary.actors["ocr_attachment"];
+    assert_eq!(ocr.queue, "ocr");
+    assert_eq!((ocr.started, ocr.succeeded, ocr.failed), (10, 7, 3), "{text}");
+    assert!(ocr.max > Duration::ZERO && ocr.total >= ocr.max);
+
+    // One start and one finish line per attempt, all printed.
+    assert_eq!(summary.log_lines, 2 * 15);
+    let lines = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(lines("[monitor] start"), 15, "{text}");
+    assert_eq!(lines("[monitor] finish"), 15, "{text}");
+    assert_eq!(lines("failed: OcrEngineBusy"), 3, "{text}");
+    let retried = text
+        .lines()
+        .filter(|l| l.contains("ocr_attachment") && l.contains("retries=1"))
+        .count();
+    assert_eq!(retried, 6, "{text}");
+    assert!(text.contains("per-actor summary"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("ocr_attachment  ocr"))
+        .expect("an ocr_attachment summary row");
+    let numbers: Vec<&str> = row.split_whitespace().skip(2).take(3).collect();
+    assert_eq!(numbers, ["10", "7", "3"], "{row}");
+}
+
+/// A webhook receiver: answers every POST with 204 and keeps the JSON bodies.
+async fn webhook_server() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/failures", listener.local_addr().unwrap());
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let bodies = Arc::clone(&received);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let bodies = Arc::clone(&bodies);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 1024];
+                let (head_end, length) = loop {
+                    let n = stream.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "connection closed before the headers ended");
+                    request.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+                        assert!(head.starts_with("post /hooks/failures http/1.1"), "{head}");
+                        assert!(head.contains("content-type: application/json"), "{head}");
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                            .expect("a Content-Length header");
+                        break (end + 4, length);
+                    }
+                };
+                while request.len() < head_end + length {
+                    let n = stream.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "connection closed before the body ended");
+                    request.extend_from_slice(&chunk[..n]);
+                }
+                let body: Value = serde_json::from_slice(&request[head_end..head_end + length]).unwrap();
+                bodies.lock().unwrap().push(body);
+                stream
+                    .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (url, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_subtasks_reports_failures_to_the_webhook() {
+    let (_dir, url) = temp_db();
+    let (webhook, received) = webhook_server().await;
+    let mut out = Vec::new();
+    let args = master_subtasks::Args {
+        broker_url: url,
+        webhook: Some(webhook),
+        tasks: 2,
+        subtasks: 10,
+        worker_queues: master_subtasks::QUEUES.map(String::from).to_vec(),
+    };
+    let summary = tokio::time::timeout(Duration::from_secs(20), master_subtasks::run(args, &mut out))
+        .await
+        .expect("the example finishes")
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+
+    // Per task: subtasks 0-9, even ones standard, odd ones Lumina; 2 and 7 time out once, 4 and
+    // 9 are rejected for good.
+    assert_eq!(summary.subtasks, 20);
+    let counts: BTreeMap<&str, (u64, u64)> = summary.by_queue.iter().map(|(q, c)| (q.as_str(), *c)).collect();
+    assert_eq!(
+        counts,
+        BTreeMap::from([("master", (2, 0)), ("subtask", (8, 4)), ("subtask_ops", (8, 4))]),
+        "{text}"
+    );
+
+    let received = received.lock().unwrap().clone();
+    assert_eq!(summary.delivered, 12, "{text}");
+    assert_eq!(received.len(), 12, "{received:#?}");
+    let sorted = |docs: &[Value]| {
+        let mut docs: Vec<String> = docs.iter().map(Value::to_string).collect();
+        docs.sort();
+        docs
+    };
+    assert_eq!(
+        sorted(&received),
+        sorted(&summary.reports),
+        "the webhook got exactly the reports made"
+    );
+    let mut kinds: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+    for report in &received {
+        let field = |k: &str| report[k].as_str().unwrap().to_owned();
+        assert_eq!(report["retries"], 0, "{report}");
+        assert_eq!(
+            report["queue"].as_str(),
+            Some(if field("actor") == "run_subtask" {
+                "subtask"
+            } else {
+                "subtask_ops"
+            })
+        );
+        *kinds
+            .entry((field("event"), field("actor"), field("error_type")))
+            .or_default() += 1;
+    }
+    let expected = |event: &str, actor: &str, error: &str, n: usize| ((event.into(), actor.into(), error.into()), n);
+    assert_eq!(
+        kinds,
+        BTreeMap::from([
+            expected("failure", "run_subtask", "ApiTimeout", 2),
+            expected("failure", "run_subtask", "ContentRejected", 2),
+            expected("failure", "run_subtask_ops", "ApiTimeout", 2),
+            expected("failure", "run_subtask_ops", "ContentRejected", 2),
+            expected("dead_lettered", "run_subtask", "ContentRejected", 2),
+            expected("dead_lettered", "run_subtask_ops", "ContentRejected", 2),
+        ]),
+        "{received:#?}"
+    );
+    // Each dead-lettered message had a failure report first, and names its subtask.
+    for dead in received.iter().filter(|r| r["event"] == "dead_lettered") {
+        let id = &dead["message_id"];
+        assert!(
+            received
+                .iter()
+                .any(|r| r["event"] == "failure" && &r["message_id"] == id)
+        );
+        let error = dead["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("subtask 4 of") || error.starts_with("subtask 9 of"),
+            "{error}"
+        );
+    }
+    assert_eq!(text.lines().filter(|l| l.contains("-> HTTP 204")).count(), 12, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_priorities_orders_by_priority_and_files_failures_for_review() {
+    let (_dir, url) = temp_db();
+    let mut out = Vec::new();
+    let args = publish_priorities::Args { broker_url: url };
+    let summary = tokio::time::timeout(Duration::from_secs(20), publish_priorities::run(args, &mut out))
+        .await
+        .expect("the example finishes")
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+
+    // First attempts ran in priority order, not in the order they were sent.
+    let first: Vec<(&str, i64)> = summary
+        .order
+        .iter()
+        .filter(|r| r.attempt == 1)
+        .map(|r| (r.task_id.as_str(), r.priority))
+        .collect();
+    assert_eq!(
+        first,
+        [
+            ("t-02", 0),
+            ("t-04", 1),
+            ("b-01", 2),
+            ("t-05", 3),
+            ("t-01", 5),
+            ("b-02", 7),
+            ("t-03", 9)
+        ],
+        "{text}"
+    );
+    let mut retried: Vec<(&str, bool)> = summary
+        .order
+        .iter()
+        .filter(|r| r.attempt == 2)
+        .map(|r| (r.task_id.as_str(), r.error.is_none()))
+        .collect();
+    retried.sort_unstable();
+    assert_eq!(
+        retried,
+        [("b-02", false), ("t-01", true), ("t-04", false), ("t-05", true)],
+        "{text}"
+    );
+    assert_eq!(summary.order.len(), 11);
+
+    // The task-state table: one row per task, final states, timestamps in order.
+    let states = summary.states.as_ref().expect("SQLite keeps the state table");
+    let by_task: BTreeMap<&str, (&str, i64)> = states
+        .iter()
+        .map(|s| (s.task_id.as_str(), (s.status.as_str(), s.retries)))
+        .collect();
+    assert_eq!(
+        by_task,
+        BTreeMap::from([
+            ("b-01", ("success", 0)),
+            ("b-02", ("failed", 1)),
+            ("t-01", ("success", 1)),
+            ("t-02", ("success", 0)),
+            ("t-03", ("success", 0)),
+            ("t-04", ("failed", 1)),
+            ("t-05", ("success", 1)),
+        ]),
+        "{text}"
+    );
+    for s in states {
+        let started = s.started_at.expect("started");
+        let finished = s.finished_at.expect("finished");
+        assert!(s.created_at <= started && started <= finished, "{s:?}");
+        assert_eq!(s.error.is_some(), s.retries > 0, "{s:?}");
+    }
+
+    // The manual-review table: the two tasks whose retries ran out.
+    let mut reviews: Vec<(&str, &str, u64, Option<u64>)> = summary
+        .reviews
+        .iter()
+        .map(|r| (r.task_id.as_str(), r.actor.as_str(), r.retries, r.max_retries))
+        .collect();
+    reviews.sort_unstable();
+    assert_eq!(
+        reviews,
+        [
+            ("b-02", "publish_batch", 1, Some(1)),
+            ("t-04", "publish_single", 1, Some(1))
+        ],
+        "{text}"
+    );
+    assert!(summary.reviews.iter().all(|r| r.error.starts_with("LoginExpired: ")));
+    assert!(text.contains("manual review (2 rows)"), "{text}");
+}
