@@ -32,7 +32,7 @@ pub use encoder::{Encoder, JsonEncoder, MsgPackEncoder, python_float_repr};
 pub use error::{BoxError, Error, ErrorKind, Result, redact_url};
 pub use memory::{MemoryBroker, MemoryResults, MemoryState};
 pub use message::{Message, Options, duration_ms, new_message_id, now_ms};
-pub use middleware::{Middleware, Next, Outcome, ProcessContext, current_message};
+pub use middleware::{Middleware, Next, Outcome, ProcessContext, current_app, current_message};
 pub use results::{
     DEFAULT_RESULT_TTL, FAILURE_CANARY, RESULTS_NAMESPACE, ResultBackend, result_key, unwrap_result, wrap_failure,
 };
@@ -76,7 +76,8 @@ pub mod __private {
         T: Send + 'static,
     {
         let current = crate::middleware::current_message();
-        match tokio::task::spawn_blocking(move || with_current_message(current, f)).await {
+        let app = crate::middleware::current_app();
+        match tokio::task::spawn_blocking(move || with_current_message(current, app, f)).await {
             Ok(result) => result,
             Err(e) if e.is_panic() => {
                 let panic = e.into_panic();

@@ -30,6 +30,9 @@ pub use results::SqliteResults;
 #[cfg(feature = "results")]
 pub use state::SqliteState;
 
+/// The sqlx this crate is built on, so applications can query the same database (their own
+/// tables next to Troupe's) without matching versions by hand.
+pub use sqlx;
 /// Re-exported so callers can share one pool between the broker and the backends.
 pub use sqlx::SqlitePool;
 

@@ -419,10 +419,18 @@ async fn route(
 ) {
     let (priority, eta) = match delivery.message() {
         Ok(message) => (
-            shared
-                .app
-                .actor(&message.actor_name)
-                .map_or(0, |a| a.options().priority),
+            // A per-message priority (`troupe_priority`) wins over the actor's.
+            message
+                .options
+                .get("troupe_priority")
+                .and_then(serde_json::Value::as_i64)
+                .and_then(|p| i32::try_from(p).ok())
+                .unwrap_or_else(|| {
+                    shared
+                        .app
+                        .actor(&message.actor_name)
+                        .map_or(0, |a| a.options().priority)
+                }),
             message.eta(),
         ),
         Err(_) => (0, None),

@@ -3,11 +3,15 @@ use async_trait::async_trait;
 use super::{Middleware, Next, Outcome, ProcessContext};
 use crate::message::Message;
 
+use crate::app::App;
+
 tokio::task_local! {
     static CURRENT: Message;
+    static APP: App;
 }
 
-/// Makes the message being processed available to the actor through [`current_message`].
+/// Makes the message being processed, and the app processing it, available to the actor
+/// through [`current_message`] and [`current_app`] (so an actor can send further messages).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CurrentMessage;
 
@@ -17,13 +21,22 @@ pub fn current_message() -> Option<Message> {
     CURRENT.try_with(Clone::clone).ok()
 }
 
+/// The app whose worker runs the calling actor, when the [`CurrentMessage`] middleware is on:
+/// actors use it to send further messages (fan-out) or read results.
+#[must_use]
+pub fn current_app() -> Option<App> {
+    APP.try_with(Clone::clone).ok()
+}
+
 /// Runs a blocking closure with `message` as the current message (for sync actors run on the
 /// blocking pool, where task-locals do not follow).
 #[doc(hidden)]
-pub fn with_current_message<R>(message: Option<Message>, f: impl FnOnce() -> R) -> R {
-    match message {
-        Some(m) => CURRENT.sync_scope(m, f),
-        None => f(),
+pub fn with_current_message<R>(message: Option<Message>, app: Option<App>, f: impl FnOnce() -> R) -> R {
+    match (message, app) {
+        (Some(m), Some(a)) => CURRENT.sync_scope(m, || APP.sync_scope(a, f)),
+        (Some(m), None) => CURRENT.sync_scope(m, f),
+        (None, Some(a)) => APP.sync_scope(a, f),
+        (None, None) => f(),
     }
 }
 
@@ -31,6 +44,7 @@ pub fn with_current_message<R>(message: Option<Message>, f: impl FnOnce() -> R) 
 impl Middleware for CurrentMessage {
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let message = cx.message().clone();
-        CURRENT.scope(message, next.run(cx)).await
+        let app = cx.app().clone();
+        CURRENT.scope(message, APP.scope(app, next.run(cx))).await
     }
 }

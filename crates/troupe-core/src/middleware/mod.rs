@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use age_limit::AgeLimit;
 pub use callbacks::Callbacks;
-pub use current_message::{CurrentMessage, current_message};
+pub use current_message::{CurrentMessage, current_app, current_message};
 pub use pipelines::Pipelines;
 pub use results::Results;
 pub use retries::{MAX_BACKOFF_CAP, Retries, compute_backoff};
