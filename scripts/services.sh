@@ -50,5 +50,5 @@ ensure_rabbitmq() {
 
 # The servers the current test suite uses. Issue by issue, backends add theirs here.
 ensure_services() {
-  : # the memory broker needs no server yet
+  ensure_redis
 }

@@ -43,9 +43,11 @@
 //! | `worker` | yes | the worker runtime ([`worker`]) |
 //! | `broker-sqlite` | yes | the embedded SQLite broker (`sqlite://PATH`) |
 //! | `results-sqlite` | yes | SQLite results and state backends |
+//! | `broker-redis` | no | the Redis broker (`redis://`, `rediss://`), Dramatiq's layout |
+//! | `results-redis` | no | Redis results and state backends, Dramatiq's keys |
+//! | `full` | no | everything above |
 //!
-//! Network backends (`broker-redis`, `broker-rabbitmq`, `broker-postgres`, and their
-//! `results-*` companions) come with their crates; the in-memory broker is always available.
+//! RabbitMQ and PostgreSQL come with their crates; the in-memory broker is always available.
 
 pub use troupe_core::{
     Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter,
@@ -70,6 +72,12 @@ pub mod worker {
 
 #[cfg(feature = "worker")]
 pub use troupe_worker::Worker;
+
+/// The Redis backend (`redis://HOST`), compatible with Python Dramatiq's.
+#[cfg(any(feature = "broker-redis", feature = "results-redis"))]
+pub mod redis {
+    pub use troupe_redis::*;
+}
 
 /// The embedded SQLite backend (`sqlite://PATH`).
 #[cfg(any(feature = "broker-sqlite", feature = "results-sqlite"))]

@@ -1,0 +1,720 @@
+//! The Redis broker.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use tokio::sync::{Notify, mpsc, oneshot};
+use troupe_core::queue::{dq_name, q_name, validate_queue_name, xq_name};
+use troupe_core::{
+    AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind,
+    JsonEncoder, Message, QueueStats, Result, decode_delivery, encode_checked, prepare_for_delay_queue,
+};
+
+use crate::conn::{BACKEND, RedisOptions, ms, now, redis_error};
+
+/// Most rids settled in one script call.
+const SETTLE_BATCH: usize = 500;
+/// Dead letters expired per step of maintenance.
+const CHUNK: usize = 1000;
+
+static DISPATCH: OnceLock<redis::Script> = OnceLock::new();
+
+fn dispatch() -> &'static redis::Script {
+    DISPATCH.get_or_init(|| redis::Script::new(include_str!("dispatch.lua")))
+}
+
+/// A broker on Redis with Python Dramatiq's key layout: a Dramatiq worker and a Troupe worker
+/// can share its queues, in both directions. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    options: RedisOptions,
+    conn: ConnectionManager,
+    encoder: Arc<dyn Encoder>,
+    process_id: String,
+    consumers: AtomicU64,
+    /// Consumers alive in this process: (worker id, queue). Their heartbeats and maintenance.
+    live: Mutex<HashSet<(String, String)>>,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    settle: mpsc::UnboundedSender<Settle>,
+    background: OnceLock<()>,
+    closed: AtomicBool,
+}
+
+#[derive(Debug)]
+enum Op {
+    Ack,
+    Nack(Vec<u8>),
+    Requeue,
+}
+
+#[derive(Debug)]
+struct Settle {
+    worker: String,
+    queue: String,
+    rid: String,
+    op: Op,
+    done: oneshot::Sender<Result<()>>,
+}
+
+impl RedisBroker {
+    /// Connects to the server a `redis://` URL names (see [`RedisOptions::from_url`]).
+    ///
+    /// # Errors
+    /// A bad URL, or an unreachable server (one line, password redacted).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::open(RedisOptions::from_url(url)?).await
+    }
+
+    /// Connects with these options.
+    ///
+    /// # Errors
+    /// An unreachable server.
+    pub async fn open(options: RedisOptions) -> Result<Self> {
+        let mut conn = options.manager().await?;
+        dispatch()
+            .load_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("load the dispatch script", e))?;
+        let (settle, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            options,
+            conn,
+            encoder: Arc::new(JsonEncoder),
+            process_id: uuid::Uuid::new_v4().to_string(),
+            consumers: AtomicU64::new(0),
+            live: Mutex::new(HashSet::new()),
+            wakers: Mutex::new(HashMap::new()),
+            settle,
+            background: OnceLock::new(),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(settle_loop(Arc::downgrade(&inner), rx));
+        Ok(Self { inner })
+    }
+
+    /// The options it was opened with.
+    #[must_use]
+    pub fn options(&self) -> &RedisOptions {
+        &self.inner.options
+    }
+
+    /// A shared connection (multiplexed, reconnecting).
+    #[must_use]
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.inner.options.namespace)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(Error::backend(BACKEND, ErrorKind::Connection, "the broker was closed"));
+        }
+        Ok(())
+    }
+
+    /// Writes raw bytes as a ready message of `queue`, bypassing the encoder (to test what
+    /// workers do with bad input).
+    ///
+    /// # Errors
+    /// A Redis error.
+    pub async fn enqueue_raw(&self, queue: &str, bytes: Vec<u8>) -> Result<()> {
+        let rid = uuid::Uuid::new_v4().to_string();
+        call::<i64>(&self.inner, "enqueue", queue, "", |inv| {
+            inv.arg(rid.as_str()).arg(bytes.as_slice());
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Runs maintenance now on `queue` (and its delay queue): requeues the unacked messages of
+    /// consumers whose heartbeat is older than the timeout, and expires old dead letters.
+    /// Returns how many messages came back.
+    ///
+    /// # Errors
+    /// A Redis error.
+    pub async fn maintain(&self, queue: &str) -> Result<u64> {
+        let mut back = 0;
+        for q in [q_name(queue).to_owned(), dq_name(queue)] {
+            back += maintain(&self.inner, &q).await?;
+        }
+        Ok(back)
+    }
+
+    fn waker(&self, queue: &str) -> Arc<Notify> {
+        waker(&self.inner, queue)
+    }
+
+    fn start_background(&self) {
+        if self.inner.background.set(()).is_err() {
+            return;
+        }
+        tokio::spawn(heartbeat_loop(Arc::downgrade(&self.inner)));
+        tokio::spawn(wake_loop(Arc::downgrade(&self.inner)));
+    }
+}
+
+fn waker(inner: &Inner, queue: &str) -> Arc<Notify> {
+    inner
+        .wakers
+        .lock()
+        .map(|mut w| Arc::clone(w.entry(queue.to_owned()).or_default()))
+        .unwrap_or_default()
+}
+
+/// Calls the dispatch script: `command` on `queue` as `worker`, with extra arguments.
+async fn call<T: redis::FromRedisValue>(
+    inner: &Inner,
+    command: &str,
+    queue: &str,
+    worker: &str,
+    args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+) -> Result<T> {
+    let mut invocation = dispatch().prepare_invoke();
+    invocation
+        .key(inner.options.namespace.as_str())
+        .arg(command)
+        .arg(now())
+        .arg(queue)
+        .arg(worker);
+    args(&mut invocation);
+    let mut conn = inner.conn.clone();
+    invocation
+        .invoke_async(&mut conn)
+        .await
+        .map_err(|e| redis_error(&format!("{command} on {queue}"), e))
+}
+
+async fn maintain(inner: &Inner, queue: &str) -> Result<u64> {
+    let back: u64 = call(inner, "maintenance", queue, "", |inv| {
+        inv.arg(ms(inner.options.heartbeat_timeout))
+            .arg(ms(inner.options.dead_message_ttl))
+            .arg(CHUNK);
+    })
+    .await?;
+    if back > 0 {
+        tracing::warn!(
+            queue,
+            messages = back,
+            "requeued the unacked messages of dead consumers"
+        );
+    }
+    Ok(back)
+}
+
+/// Heartbeats for this process's consumers, and maintenance of the queues they consume.
+async fn heartbeat_loop(weak: Weak<Inner>) {
+    let mut last_maintenance = std::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let beat = (inner.options.heartbeat_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let live: Vec<(String, String)> = inner
+            .live
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default();
+        for (worker, queue) in &live {
+            if let Err(e) = call::<i64>(&inner, "heartbeat", queue, worker, |_| {}).await {
+                tracing::warn!(error = %e, "Redis heartbeat failed; retrying");
+                break;
+            }
+        }
+        if last_maintenance.elapsed() >= inner.options.maintenance_interval {
+            last_maintenance = std::time::Instant::now();
+            let queues: HashSet<&String> = live.iter().map(|(_, q)| q).collect();
+            for queue in queues {
+                if let Err(e) = maintain(&inner, queue).await {
+                    tracing::warn!(%queue, error = %e, "Redis maintenance failed; retrying at the next interval");
+                }
+            }
+        }
+        let nap = beat.min(inner.options.maintenance_interval);
+        drop(inner);
+        tokio::time::sleep(nap).await;
+    }
+}
+
+/// Listens for wake-ups published on enqueue, so idle consumers start at once.
+async fn wake_loop(weak: Weak<Inner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (client, pattern) = {
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            (
+                inner.options.client(),
+                format!("{}:__troupe_wake__:*", inner.options.namespace),
+            )
+        };
+        let subscribed = async {
+            let client = client?;
+            let mut pubsub = client
+                .get_async_pubsub()
+                .await
+                .map_err(|e| redis_error("subscribe", e))?;
+            pubsub
+                .psubscribe(&pattern)
+                .await
+                .map_err(|e| redis_error("subscribe", e))?;
+            Ok::<_, Error>(pubsub)
+        }
+        .await;
+        match subscribed {
+            Ok(pubsub) => {
+                backoff = Duration::from_millis(100);
+                let prefix_len = pattern.len() - 1;
+                let mut messages = pubsub.into_on_message();
+                while let Some(msg) = messages.next().await {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let channel = msg.get_channel_name();
+                    if let Some(queue) = channel.get(prefix_len..) {
+                        let notify = inner.wakers.lock().ok().and_then(|w| w.get(queue).cloned());
+                        if let Some(n) = notify {
+                            n.notify_waiters();
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "wake-up subscription failed; consumers poll meanwhile"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn settle_loop(weak: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Settle>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < SETTLE_BATCH {
+            match rx.try_recv() {
+                Ok(s) => batch.push(s),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = weak.upgrade() else {
+            for s in batch {
+                let _ = s.done.send(Err(Error::backend(
+                    BACKEND,
+                    ErrorKind::Connection,
+                    "the broker was dropped",
+                )));
+            }
+            return;
+        };
+        // One script call per (worker, queue, kind), pipelined together.
+        let mut groups: HashMap<(String, String, &'static str), Vec<Settle>> = HashMap::new();
+        for s in batch {
+            let kind = match s.op {
+                Op::Ack => "ack",
+                Op::Nack(_) => "nack",
+                Op::Requeue => "requeue",
+            };
+            groups
+                .entry((s.worker.clone(), s.queue.clone(), kind))
+                .or_default()
+                .push(s);
+        }
+        let mut pipe = redis::pipe();
+        let mut order = Vec::new();
+        for ((worker, queue, kind), items) in groups {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(dispatch().get_hash())
+                .arg(1)
+                .arg(inner.options.namespace.as_str())
+                .arg(kind)
+                .arg(now())
+                .arg(queue.as_str())
+                .arg(worker.as_str());
+            for s in &items {
+                cmd.arg(s.rid.as_str());
+                if let Op::Nack(body) = &s.op {
+                    cmd.arg(body.as_slice());
+                }
+            }
+            pipe.add_command(cmd).ignore();
+            order.push(items);
+        }
+        let mut conn = inner.conn.clone();
+        let mut result: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+        if let Err(e) = &result
+            && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        {
+            let _ = dispatch().load_async(&mut conn).await;
+            result = pipe.query_async(&mut conn).await;
+        }
+        for s in order.into_iter().flatten() {
+            let _ = s.done.send(
+                result
+                    .as_ref()
+                    .copied()
+                    .map_err(|e| redis_error("settle messages", e.clone())),
+            );
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::delay_queues()
+    }
+
+    fn encoder(&self) -> Arc<dyn Encoder> {
+        Arc::clone(&self.inner.encoder)
+    }
+
+    async fn declare_queue(&self, queue: &str) -> Result<()> {
+        self.check_open()?;
+        // Queues exist implicitly in Redis, as in Dramatiq.
+        validate_queue_name(q_name(queue))
+    }
+
+    async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
+        self.check_open()?;
+        let mut message = prepare_for_delay_queue(message, delay);
+        // A fresh redis_message_id on every enqueue (retries and delayed moves too), as Dramatiq.
+        let rid = uuid::Uuid::new_v4().to_string();
+        message.options.insert("redis_message_id".into(), rid.clone().into());
+        let body = encode_checked(
+            self.inner.encoder.as_ref(),
+            &message,
+            self.inner.options.max_message_size,
+        )?;
+        call::<i64>(&self.inner, "enqueue", &message.queue_name, "", |inv| {
+            inv.arg(rid.as_str()).arg(body.as_slice());
+        })
+        .await?;
+        Ok(message)
+    }
+
+    async fn consume(&self, queue: &str, _options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
+        self.check_open()?;
+        validate_queue_name(q_name(queue))?;
+        let n = self.inner.consumers.fetch_add(1, Ordering::Relaxed);
+        let worker = format!("{}-{n}", self.inner.process_id);
+        if let Ok(mut live) = self.inner.live.lock() {
+            live.insert((worker.clone(), queue.to_owned()));
+        }
+        call::<i64>(&self.inner, "heartbeat", queue, &worker, |_| {}).await?;
+        self.start_background();
+        Ok(Box::new(RedisConsumer {
+            broker: self.clone(),
+            queue: queue.to_owned(),
+            worker,
+            waker: self.waker(queue),
+            idle_polls: 0,
+        }))
+    }
+
+    async fn purge(&self, queue: &str) -> Result<()> {
+        self.check_open()?;
+        call::<i64>(&self.inner, "purge", q_name(queue), "", |_| {})
+            .await
+            .map(|_| ())
+    }
+
+    async fn stats(&self, queue: &str) -> Result<QueueStats> {
+        self.check_open()?;
+        let q = self.key(q_name(queue));
+        let dq = self.key(&dq_name(queue));
+        let xq = self.key(&xq_name(queue));
+        let mut conn = self.inner.conn.clone();
+        let (ready, queued, delayed, dead): (u64, u64, u64, u64) = redis::pipe()
+            .llen(&q)
+            .hlen(format!("{q}.msgs"))
+            .hlen(format!("{dq}.msgs"))
+            .zcard(&xq)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("count messages", e))?;
+        Ok(QueueStats::new(ready, delayed, queued.saturating_sub(ready), dead))
+    }
+
+    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        self.check_open()?;
+        Ok(read_dead(self, queue, limit)
+            .await?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect())
+    }
+
+    async fn requeue_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        self.check_open()?;
+        let xq = self.key(&xq_name(queue));
+        let mut moved = 0;
+        for (rid, letter) in read_dead(self, queue, usize::MAX).await? {
+            if !ids.is_empty() && !ids.contains(&letter.id) {
+                continue;
+            }
+            let Ok(mut message) = letter.message else { continue };
+            message.options.insert("retries".into(), 0.into());
+            message.queue_name = q_name(queue).to_owned();
+            self.enqueue(message, None).await?;
+            let mut conn = self.inner.conn.clone();
+            let _: () = redis::pipe()
+                .zrem(&xq, &rid)
+                .hdel(format!("{xq}.msgs"), &rid)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("remove a requeued dead letter", e))?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
+    async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
+        self.check_open()?;
+        let xq = self.key(&xq_name(queue));
+        let mut conn = self.inner.conn.clone();
+        let (count, (), ()): (u64, (), ()) = redis::pipe()
+            .atomic()
+            .zcard(&xq)
+            .del(&xq)
+            .del(format!("{xq}.msgs"))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("purge dead letters", e))?;
+        Ok(count)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Relaxed);
+        for w in self
+            .inner
+            .wakers
+            .lock()
+            .map(|w| w.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            w.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+async fn read_dead(broker: &RedisBroker, queue: &str, limit: usize) -> Result<Vec<(String, DeadLetter)>> {
+    let xq = broker.key(&xq_name(queue));
+    let mut conn = broker.inner.conn.clone();
+    let stop = isize::try_from(limit).unwrap_or(isize::MAX).saturating_sub(1);
+    let entries: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(&xq)
+        .arg(0)
+        .arg(stop)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| redis_error("list dead letters", e))?;
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rids: Vec<&String> = entries.iter().map(|(r, _)| r).collect();
+    let bodies: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+        .arg(format!("{xq}.msgs"))
+        .arg(&rids)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| redis_error("read dead letters", e))?;
+    Ok(entries
+        .iter()
+        .zip(bodies)
+        .map(|((rid, score), body)| {
+            let message = match body {
+                // Decoded as a worker would, so an oversized or undecodable body shows why it died.
+                Some(b) => decode_delivery(broker.inner.encoder.as_ref(), &b, broker.inner.options.max_message_size),
+                None => Err("the message body is missing".to_owned()),
+            };
+            let reason = match &message {
+                Ok(m) => m.option_str("traceback").unwrap_or("dead-lettered").to_owned(),
+                Err(e) => format!("undecodable message: {e}"),
+            };
+            let id = message.as_ref().map_or_else(|_| rid.clone(), |m| m.message_id.clone());
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let failed_at = *score as u64;
+            (rid.clone(), DeadLetter::new(id, message, reason, failed_at))
+        })
+        .collect())
+}
+
+fn parse_error(what: &str, e: &dyn std::fmt::Display) -> Error {
+    Error::backend(BACKEND, ErrorKind::Protocol, format!("{what}: {e}"))
+}
+
+#[derive(Debug)]
+struct RedisConsumer {
+    broker: RedisBroker,
+    queue: String,
+    worker: String,
+    waker: Arc<Notify>,
+    idle_polls: u32,
+}
+
+#[async_trait]
+impl Consumer for RedisConsumer {
+    async fn fetch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        self.broker.check_open()?;
+        let inner = Arc::clone(&self.broker.inner);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let pairs: Vec<redis::Value> = call(&inner, "fetch", &self.queue, &self.worker, |inv| {
+                inv.arg(max.max(1));
+            })
+            .await?;
+            let deliveries = self.deliveries(&inner, pairs).await?;
+            if !deliveries.is_empty() {
+                self.idle_polls = 0;
+                return Ok(deliveries);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            // Woken at once by Troupe producers; polls with backoff (5 ms doubling to
+            // max_poll_interval) for producers that do not publish, such as Python Dramatiq.
+            self.idle_polls = self.idle_polls.saturating_add(1);
+            let backoff = Duration::from_millis(5)
+                .saturating_mul(1 << self.idle_polls.min(10))
+                .min(inner.options.max_poll_interval);
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(backoff.min(deadline - now)) => {}
+            }
+        }
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        let inner = &self.broker.inner;
+        if let Ok(mut live) = inner.live.lock() {
+            live.remove(&(self.worker.clone(), self.queue.clone()));
+        }
+        if inner.closed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        call::<i64>(inner, "requeue", &self.queue, &self.worker, |_| {}).await?;
+        call::<i64>(inner, "forget", &self.queue, &self.worker, |_| {}).await?;
+        Ok(())
+    }
+}
+
+impl RedisConsumer {
+    async fn deliveries(&self, inner: &Arc<Inner>, values: Vec<redis::Value>) -> Result<Vec<Delivery>> {
+        let mut out = Vec::with_capacity(values.len() / 2);
+        let mut missing = Vec::new();
+        let mut it = values.into_iter();
+        while let (Some(rid), Some(body)) = (it.next(), it.next()) {
+            let rid: String = redis::from_redis_value(rid).map_err(|e| parse_error("read a fetched id", &e))?;
+            let body: Option<Vec<u8>> =
+                redis::from_redis_value(body).map_err(|e| parse_error("read a fetched message", &e))?;
+            let Some(body) = body else {
+                // An id whose body is gone (Dramatiq #266): drop it from our ack set.
+                missing.push(rid);
+                continue;
+            };
+            let message = decode_delivery(inner.encoder.as_ref(), &body, inner.options.max_message_size);
+            let handle = RedisAck {
+                settle: inner.settle.clone(),
+                worker: self.worker.clone(),
+                queue: self.queue.clone(),
+                rid,
+                encoder: Arc::clone(&inner.encoder),
+            };
+            out.push(Delivery::new(self.queue.clone(), message, false, Box::new(handle)));
+        }
+        if !missing.is_empty() {
+            call::<i64>(inner, "ack", &self.queue, &self.worker, |inv| {
+                for rid in &missing {
+                    inv.arg(rid.as_str());
+                }
+            })
+            .await?;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for RedisConsumer {
+    fn drop(&mut self) {
+        // Stop heartbeating for this consumer: what it holds comes back after the heartbeat
+        // timeout, as if its process had died.
+        if let Ok(mut live) = self.broker.inner.live.lock() {
+            live.remove(&(self.worker.clone(), self.queue.clone()));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RedisAck {
+    settle: mpsc::UnboundedSender<Settle>,
+    worker: String,
+    queue: String,
+    rid: String,
+    encoder: Arc<dyn Encoder>,
+}
+
+impl RedisAck {
+    async fn send(&self, op: Op) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.settle
+            .send(Settle {
+                worker: self.worker.clone(),
+                queue: self.queue.clone(),
+                rid: self.rid.clone(),
+                op,
+                done,
+            })
+            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker was dropped"))?;
+        wait.await
+            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker's settle task stopped"))?
+    }
+}
+
+#[async_trait]
+impl AckHandle for RedisAck {
+    async fn ack(&self) -> Result<()> {
+        self.send(Op::Ack).await
+    }
+
+    async fn nack(&self, message: Option<&Message>, reason: &str) -> Result<()> {
+        // The dead letter keeps the message as the worker last saw it, with the reason as its
+        // traceback (what Dramatiq's dashboard shows). Undecodable bytes stay as they were.
+        let body = match message {
+            Some(m) => {
+                let mut m = m.clone();
+                if m.option_str("traceback") != Some(reason) {
+                    m.options.insert("traceback".into(), reason.into());
+                }
+                self.encoder.encode(&m)?
+            }
+            None => Vec::new(),
+        };
+        self.send(Op::Nack(body)).await
+    }
+
+    async fn requeue(&self) -> Result<()> {
+        self.send(Op::Requeue).await
+    }
+}

@@ -1,0 +1,223 @@
+//! URL parsing, connections and error mapping shared by the broker and the backends.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use troupe_core::{Error, ErrorKind, redact_url};
+
+pub(crate) const BACKEND: &str = "redis";
+
+/// Settings of a Redis connection used by Troupe.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// The server URL, without Troupe's own query settings.
+    pub url: String,
+    /// Key prefix, as Dramatiq's `namespace` (default `dramatiq`).
+    pub namespace: String,
+    /// A consumer silent for this long is dead; its unacked messages go back to their queue
+    /// (default 60 s, as Dramatiq).
+    pub heartbeat_timeout: Duration,
+    /// How long dead letters are kept (default 7 days).
+    pub dead_message_ttl: Duration,
+    /// How often workers run maintenance on the queues they consume (default 5 s).
+    pub maintenance_interval: Duration,
+    /// The longest an idle consumer waits between checks for messages enqueued by producers
+    /// that do not publish wake-ups (Python Dramatiq); Troupe producers wake consumers at once
+    /// (default 100 ms).
+    pub max_poll_interval: Duration,
+    /// Largest accepted message (default 1 MiB).
+    pub max_message_size: usize,
+    /// How long connecting may take before the broker counts as unreachable (default 5 s).
+    pub connect_timeout: Duration,
+}
+
+impl RedisOptions {
+    /// Defaults for `url`.
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            namespace: "dramatiq".into(),
+            heartbeat_timeout: Duration::from_secs(60),
+            dead_message_ttl: Duration::from_secs(7 * 24 * 3600),
+            maintenance_interval: Duration::from_secs(5),
+            max_poll_interval: Duration::from_millis(100),
+            max_message_size: troupe_core::DEFAULT_MAX_MESSAGE_SIZE,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Parses `redis://[:password@]host[:port][/db]` or `rediss://…` with optional Troupe
+    /// settings in the query: `namespace`, `heartbeat_timeout`, `dead_message_ttl`,
+    /// `maintenance_interval`, `max_poll_interval`, `connect_timeout` (durations such as `30s`)
+    /// and `max_message_size` (bytes). Other query settings go to the redis client.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad part (passwords redacted).
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let lower = url.to_ascii_lowercase();
+        if !lower.starts_with("redis://") && !lower.starts_with("rediss://") && !lower.starts_with("redis+unix://") {
+            return Err(Error::Config(format!(
+                "{:?} is not a Redis URL; use redis://HOST[:PORT][/DB] or rediss:// for TLS",
+                redact_url(url)
+            )));
+        }
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut options = Self::new(base);
+        let mut passthrough = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let duration = || {
+                humantime::parse_duration(value)
+                    .map_err(|e| Error::Config(format!("bad value {value:?} for `{key}` in the Redis URL: {e}")))
+            };
+            match key {
+                "namespace" => {
+                    if value.is_empty() {
+                        return Err(Error::Config("`namespace` in the Redis URL is empty".into()));
+                    }
+                    options.namespace = value.to_owned();
+                }
+                "heartbeat_timeout" => options.heartbeat_timeout = duration()?,
+                "dead_message_ttl" => options.dead_message_ttl = duration()?,
+                "maintenance_interval" => options.maintenance_interval = duration()?,
+                "max_poll_interval" => options.max_poll_interval = duration()?,
+                "connect_timeout" => options.connect_timeout = duration()?,
+                "max_message_size" => {
+                    options.max_message_size = value.parse().map_err(|e| {
+                        Error::Config(format!(
+                            "bad value {value:?} for `max_message_size` in the Redis URL: {e}"
+                        ))
+                    })?;
+                }
+                _ => passthrough.push(pair),
+            }
+        }
+        if !passthrough.is_empty() {
+            options.url = format!("{base}?{}", passthrough.join("&"));
+        }
+        redis::Client::open(options.url.as_str())
+            .map_err(|e| Error::Config(format!("bad Redis URL {:?}: {e}", redact_url(&options.url))))?;
+        Ok(options)
+    }
+
+    /// Sets the namespace.
+    #[must_use]
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Sets the heartbeat timeout.
+    #[must_use]
+    pub fn heartbeat_timeout(mut self, d: Duration) -> Self {
+        self.heartbeat_timeout = d;
+        self
+    }
+
+    /// Sets the maintenance interval.
+    #[must_use]
+    pub fn maintenance_interval(mut self, d: Duration) -> Self {
+        self.maintenance_interval = d;
+        self
+    }
+
+    /// Sets the dead-letter TTL.
+    #[must_use]
+    pub fn dead_message_ttl(mut self, d: Duration) -> Self {
+        self.dead_message_ttl = d;
+        self
+    }
+
+    /// Sets the message size limit.
+    #[must_use]
+    pub fn max_message_size(mut self, limit: usize) -> Self {
+        self.max_message_size = limit;
+        self
+    }
+
+    pub(crate) fn client(&self) -> Result<redis::Client, Error> {
+        redis::Client::open(self.url.as_str())
+            .map_err(|e| Error::Config(format!("bad Redis URL {:?}: {e}", redact_url(&self.url))))
+    }
+
+    /// A connection manager: multiplexed, reconnecting on its own after a failure.
+    pub(crate) async fn manager(&self) -> Result<ConnectionManager, Error> {
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_max_delay(Duration::from_secs(2));
+        ConnectionManager::new_with_config(self.client()?, config)
+            .await
+            .map_err(|e| self.connect_error(e))
+    }
+
+    /// A dedicated connection for blocking commands (no response time-out).
+    pub(crate) async fn blocking_connection(&self) -> Result<MultiplexedConnection, Error> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(None);
+        self.client()?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| self.connect_error(e))
+    }
+
+    pub(crate) fn connect_error(&self, e: redis::RedisError) -> Error {
+        let kind = kind_of(&e);
+        Error::backend_with_source(
+            BACKEND,
+            kind,
+            format!(
+                "cannot connect to Redis at {}: {e}; check that the server runs and the URL is right",
+                redact_url(&self.url)
+            ),
+            e,
+        )
+    }
+}
+
+pub(crate) fn kind_of(e: &redis::RedisError) -> ErrorKind {
+    if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+        ErrorKind::Connection
+    } else {
+        ErrorKind::Protocol
+    }
+}
+
+/// Maps a redis error to a Troupe error with `what` as context.
+pub(crate) fn redis_error(what: &str, e: redis::RedisError) -> Error {
+    Error::backend_with_source(BACKEND, kind_of(&e), format!("{what}: {e}"), e)
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn now() -> u64 {
+    troupe_core::now_ms()
+}
+
+pub(crate) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let o = RedisOptions::from_url("redis://:secret@localhost:6379/2?namespace=app&heartbeat_timeout=2s").unwrap();
+        assert_eq!(o.namespace, "app");
+        assert_eq!(o.heartbeat_timeout, Duration::from_secs(2));
+        assert_eq!(o.url, "redis://:secret@localhost:6379/2");
+        let e = RedisOptions::from_url("redis://h?heartbeat_timeout=later")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("heartbeat_timeout"), "{e}");
+        let e = RedisOptions::from_url("http://u:pw@h").unwrap_err().to_string();
+        assert!(e.contains("not a Redis URL") && !e.contains("pw"), "{e}");
+    }
+}

@@ -1,0 +1,124 @@
+//! Redis results backend: Dramatiq's keys (md5 of `dramatiq-results:<q>:<actor>:<id>`) and
+//! value layout (a one-element list with a TTL), so Python's `message.get_result()` reads a
+//! Troupe actor's result and the reverse.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use serde_json::Value;
+use troupe_core::{Encoder, Error, JsonEncoder, Message, Result, ResultBackend, result_key};
+
+use crate::conn::{RedisOptions, ms, redis_error};
+
+/// Results in Redis, as Dramatiq's `RedisBackend` stores them.
+#[derive(Clone, Debug)]
+pub struct RedisResults {
+    options: RedisOptions,
+    conn: ConnectionManager,
+    encoder: Arc<dyn Encoder>,
+    blocking: Arc<Mutex<Vec<MultiplexedConnection>>>,
+}
+
+impl RedisResults {
+    /// Connects to the server a `redis://` URL names.
+    ///
+    /// # Errors
+    /// A bad URL or an unreachable server.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::open(RedisOptions::from_url(url)?).await
+    }
+
+    /// Connects with these options.
+    ///
+    /// # Errors
+    /// An unreachable server.
+    pub async fn open(options: RedisOptions) -> Result<Self> {
+        let conn = options.manager().await?;
+        Ok(Self {
+            options,
+            conn,
+            encoder: Arc::new(JsonEncoder),
+            blocking: Arc::default(),
+        })
+    }
+
+    /// This backend as a shared trait object.
+    #[must_use]
+    pub fn into_dyn(self) -> Arc<dyn ResultBackend> {
+        Arc::new(self)
+    }
+
+    async fn blocking_connection(&self) -> Result<MultiplexedConnection> {
+        if let Some(c) = self.blocking.lock().ok().and_then(|mut b| b.pop()) {
+            return Ok(c);
+        }
+        self.options.blocking_connection().await
+    }
+
+    fn give_back(&self, conn: MultiplexedConnection) {
+        if let Ok(mut b) = self.blocking.lock()
+            && b.len() < 8
+        {
+            b.push(conn);
+        }
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RedisResults {
+    async fn store(&self, message: &Message, value: Value, ttl: Duration) -> Result<()> {
+        let key = result_key(message);
+        let bytes = self.encoder.encode_value(&value)?;
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .del(&key)
+            .ignore()
+            .lpush(&key, bytes)
+            .ignore()
+            .pexpire(&key, i64::try_from(ms(ttl)).unwrap_or(i64::MAX))
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| redis_error("store a result", e))
+    }
+
+    async fn get(&self, message: &Message, timeout: Option<Duration>) -> Result<Value> {
+        let key = result_key(message);
+        let bytes: Option<Vec<u8>> = match timeout {
+            None => {
+                let mut conn = self.conn.clone();
+                redis::cmd("LINDEX")
+                    .arg(&key)
+                    .arg(0)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| redis_error("read a result", e))?
+            }
+            Some(timeout) => {
+                // BLMOVE k k RIGHT LEFT is Dramatiq's BRPOPLPUSH k k: it waits for the value
+                // and leaves it in place. Fractional timeouts are honoured (Redis >= 6).
+                let mut conn = self.blocking_connection().await?;
+                let secs = timeout.as_secs_f64().max(0.001);
+                let got = redis::cmd("BLMOVE")
+                    .arg(&key)
+                    .arg(&key)
+                    .arg("RIGHT")
+                    .arg("LEFT")
+                    .arg(secs)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| redis_error("wait for a result", e))?;
+                self.give_back(conn);
+                got
+            }
+        };
+        match bytes {
+            Some(b) => self.encoder.decode_value(&b),
+            None if timeout.is_some() => Err(Error::ResultTimeout(message.message_id.clone())),
+            None => Err(Error::ResultMissing(message.message_id.clone())),
+        }
+    }
+}
