@@ -35,7 +35,6 @@ pub struct RedisBroker {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     options: RedisOptions,
     conn: ConnectionManager,
@@ -48,6 +47,16 @@ struct Inner {
     settle: mpsc::UnboundedSender<Settle>,
     background: OnceLock<()>,
     closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No connection internals: they could carry credentials.
+        f.debug_struct("RedisBroker")
+            .field("options", &self.options)
+            .field("process_id", &self.process_id)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]

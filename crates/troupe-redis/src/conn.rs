@@ -7,8 +7,8 @@ use troupe_core::{Error, ErrorKind, redact_url};
 
 pub(crate) const BACKEND: &str = "redis";
 
-/// Settings of a Redis connection used by Troupe.
-#[derive(Clone, Debug)]
+/// Settings of a Redis connection used by Troupe. Its `Debug` output redacts the password.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisOptions {
     /// The server URL, without Troupe's own query settings.
@@ -30,6 +30,21 @@ pub struct RedisOptions {
     pub max_message_size: usize,
     /// How long connecting may take before the broker counts as unreachable (default 5 s).
     pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &redact_url(&self.url))
+            .field("namespace", &self.namespace)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("dead_message_ttl", &self.dead_message_ttl)
+            .field("maintenance_interval", &self.maintenance_interval)
+            .field("max_poll_interval", &self.max_poll_interval)
+            .field("max_message_size", &self.max_message_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 impl RedisOptions {

@@ -13,12 +13,20 @@ use troupe_core::{Encoder, Error, JsonEncoder, Message, Result, ResultBackend, r
 use crate::conn::{RedisOptions, ms, redis_error};
 
 /// Results in Redis, as Dramatiq's `RedisBackend` stores them.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisResults {
     options: RedisOptions,
     conn: ConnectionManager,
     encoder: Arc<dyn Encoder>,
     blocking: Arc<Mutex<Vec<MultiplexedConnection>>>,
+}
+
+impl std::fmt::Debug for RedisResults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisResults")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisResults {

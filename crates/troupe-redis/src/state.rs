@@ -40,11 +40,19 @@ fn sum_script() -> &'static redis::Script {
 }
 
 /// Atomic counters and events in Redis.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisState {
     options: RedisOptions,
     conn: ConnectionManager,
     blocking: Arc<Mutex<Vec<MultiplexedConnection>>>,
+}
+
+impl std::fmt::Debug for RedisState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisState")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisState {
