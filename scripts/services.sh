@@ -48,7 +48,41 @@ ensure_rabbitmq() {
   wait_port 127.0.0.1 5672 60 || service_failed RabbitMQ "install rabbitmq-server or start it on 127.0.0.1:5672"
 }
 
+# The real Python peer for the interoperability tests (tests/interop): a venv with Dramatiq
+# 2.2.1 and its Redis and RabbitMQ clients, made once and kept under ~/.cache. Exports
+# TROUPE_DRAMATIQ_PYTHON, which the tests use.
+DRAMATIQ_VERSION=2.2.1
+ensure_dramatiq_venv() {
+  local venv="${TROUPE_VENV:-$HOME/.cache/troupe/venv-dramatiq}"
+  local python="$venv/bin/python"
+  local check="import sys, dramatiq, redis, pika; sys.exit(dramatiq.__version__ != '$DRAMATIQ_VERSION')"
+  if ! { [ -x "$python" ] && "$python" -c "$check" >/dev/null 2>&1; }; then
+    echo "scripts/test: creating the Dramatiq $DRAMATIQ_VERSION venv at $venv" >&2
+    local log
+    log="$(mktemp)"
+    if ! { mkdir -p "$(dirname "$venv")" && python3 -m venv --clear "$venv" >"$log" 2>&1; }; then
+      venv_failed "python3 -m venv $venv failed: $(tail -n1 "$log")"
+    elif ! "$python" -m pip install --quiet --disable-pip-version-check \
+      "dramatiq[redis,rabbitmq]==$DRAMATIQ_VERSION" >"$log" 2>&1; then
+      venv_failed "pip install 'dramatiq[redis,rabbitmq]==$DRAMATIQ_VERSION' into $venv failed: $(grep -i error "$log" | tail -n1)"
+    elif ! "$python" -c "$check" >"$log" 2>&1; then
+      venv_failed "the venv at $venv does not import dramatiq $DRAMATIQ_VERSION, redis and pika: $(tail -n1 "$log")"
+    fi
+    rm -f "$log"
+  fi
+  export TROUPE_DRAMATIQ_PYTHON="$python"
+}
+
+venv_failed() { # what failed
+  if [ "${CI:-}" = "true" ]; then
+    echo "scripts/test: $1" >&2
+    exit 1
+  fi
+  echo "scripts/test: warning: $1; the interop tests will fail" >&2
+}
+
 # The servers the current test suite uses. Issue by issue, backends add theirs here.
 ensure_services() {
   ensure_redis
+  ensure_dramatiq_venv
 }

@@ -29,6 +29,10 @@ struct Args {
     /// Worker concurrency.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Idle pick-up latency samples (send one message to an idle worker, time until its actor
+    /// starts), taken after the burn-down.
+    #[arg(long, default_value_t = 200)]
+    latency_samples: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -36,6 +40,17 @@ struct Args {
 
 static SEEN: Mutex<Option<HashSet<u64>>> = Mutex::new(None);
 static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static STARTED: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Instant>>> = Mutex::new(None);
+
+/// Reports when it starts, for the latency samples.
+#[troupe::actor(queue_name = "bench_latency")]
+async fn ping() {
+    if let Ok(tx) = STARTED.lock()
+        && let Some(tx) = tx.as_ref()
+    {
+        let _ = tx.send(Instant::now());
+    }
+}
 
 /// Does nothing but count.
 #[troupe::actor(queue_name = "bench")]
@@ -85,8 +100,9 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         *seen = Some(HashSet::new());
     }
     let broker = troupe::connect(&args.broker_url).await?;
-    let app = App::builder(Arc::clone(&broker)).actor(Noop).build()?;
+    let app = App::builder(Arc::clone(&broker)).actor(Noop).actor(Ping).build()?;
     app.declare_queue("bench").await?;
+    app.declare_queue("bench_latency").await?;
 
     let started = Instant::now();
     for n in 0..args.messages {
@@ -108,7 +124,32 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drain_secs = started.elapsed().as_secs_f64();
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    if let Ok(mut started) = STARTED.lock() {
+        *started = Some(tx);
+    }
+    let mut latencies = Vec::with_capacity(args.latency_samples);
+    for _ in 0..args.latency_samples {
+        // Let the worker go idle first.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sent = Instant::now();
+        Ping.send(&app).await?;
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(at)) => latencies.push(at.duration_since(sent).as_secs_f64() * 1000.0),
+            _ => return Err("a latency probe was not picked up within 10 s".into()),
+        }
+    }
     worker.stop().await;
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+        let i = ((latencies.len() - 1) as f64 * p).round() as usize;
+        (latencies[i] * 100.0).round() / 100.0
+    };
 
     let runs = RUNS.load(std::sync::atomic::Ordering::Relaxed);
     let distinct = SEEN.lock().ok().and_then(|s| s.as_ref().map(HashSet::len)).unwrap_or(0) as u64;
@@ -119,6 +160,9 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         "concurrency": args.concurrency,
         "enqueue_per_sec": (n / enqueue_secs).round(),
         "process_per_sec": (n / drain_secs).round(),
+        "idle_pickup_ms_p50": pct(0.5),
+        "idle_pickup_ms_p99": pct(0.99),
+        "idle_pickup_ms_max": pct(1.0),
         "lost": args.messages.saturating_sub(distinct),
         "duplicates": runs.saturating_sub(distinct),
     }))
