@@ -81,8 +81,23 @@ venv_failed() { # what failed
   echo "scripts/test: warning: $1; the interop tests will fail" >&2
 }
 
+# Tests leave namespaces and schemas of their own behind (one per case); drop old ones so the
+# servers do not fill up across runs.
+cleanup_test_data() {
+  if command -v redis-cli >/dev/null 2>&1; then
+    redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'troupe-test-*' 2>/dev/null | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null 2>&1 || true
+    redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'troupe-crash-*' 2>/dev/null | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null 2>&1 || true
+  fi
+  if command -v psql >/dev/null 2>&1; then
+    psql -h 127.0.0.1 -U postgres -d test -qAt -c "SELECT 'DROP SCHEMA ' || nspname || ' CASCADE;' FROM pg_namespace WHERE nspname LIKE 'troupe\_t\_%'" 2>/dev/null \
+      | psql -h 127.0.0.1 -U postgres -d test -q >/dev/null 2>&1 || true
+  fi
+}
+
 # The servers the current test suite uses. Issue by issue, backends add theirs here.
 ensure_services() {
+  ensure_postgres
   ensure_redis
   ensure_dramatiq_venv
+  cleanup_test_data
 }

@@ -62,6 +62,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
         "sqlite" => Ok(Arc::new(troupe_sqlite::SqliteBroker::connect(url).await?)),
         #[cfg(feature = "broker-redis")]
         "redis" | "rediss" | "redis+unix" => Ok(Arc::new(troupe_redis::RedisBroker::connect(url).await?)),
+        #[cfg(feature = "broker-postgres")]
+        "postgres" | "postgresql" => Ok(Arc::new(troupe_postgres::PostgresBroker::connect(url).await?)),
         other => Err(not_compiled_in(url, other, false)),
     }
 }
@@ -79,6 +81,8 @@ pub async fn connect_results(url: &str) -> Result<Arc<dyn ResultBackend>> {
         "sqlite" => Ok(troupe_sqlite::SqliteResults::connect(url).await?.into_dyn()),
         #[cfg(feature = "results-redis")]
         "redis" | "rediss" | "redis+unix" => Ok(troupe_redis::RedisResults::connect(url).await?.into_dyn()),
+        #[cfg(feature = "results-postgres")]
+        "postgres" | "postgresql" => Ok(troupe_postgres::PostgresResults::connect(url).await?.into_dyn()),
         other => Err(not_compiled_in(url, other, true)),
     }
 }
@@ -90,8 +94,8 @@ mod tests {
     #[tokio::test]
     async fn schemes() {
         assert_eq!(connect("memory://").await.unwrap().backend(), "memory");
-        let err = connect("postgres://localhost").await.unwrap_err().to_string();
-        assert!(err.contains("broker-postgres"), "{err}");
+        let err = connect("amqp://localhost").await.unwrap_err().to_string();
+        assert!(err.contains("broker-rabbitmq"), "{err}");
         let err = connect_results("amqp://localhost").await.unwrap_err().to_string();
         assert!(err.contains("no results backend"), "{err}");
         let err = connect("ftp://u:secret@host/x").await.unwrap_err().to_string();

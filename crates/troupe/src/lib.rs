@@ -45,9 +45,11 @@
 //! | `results-sqlite` | yes | SQLite results and state backends |
 //! | `broker-redis` | no | the Redis broker (`redis://`, `rediss://`), Dramatiq's layout |
 //! | `results-redis` | no | Redis results and state backends, Dramatiq's keys |
+//! | `broker-postgres` | no | the PostgreSQL broker (`postgres://`), transactional enqueue |
+//! | `results-postgres` | no | PostgreSQL results and state backends |
 //! | `full` | no | everything above |
 //!
-//! RabbitMQ and PostgreSQL come with their crates; the in-memory broker is always available.
+//! RabbitMQ comes with its crate; the in-memory broker is always available.
 
 pub use troupe_core::{
     Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter,
@@ -77,6 +79,12 @@ pub use troupe_worker::Worker;
 #[cfg(any(feature = "broker-redis", feature = "results-redis"))]
 pub mod redis {
     pub use troupe_redis::*;
+}
+
+/// The PostgreSQL backend (`postgres://`), with transactional enqueue.
+#[cfg(any(feature = "broker-postgres", feature = "results-postgres"))]
+pub mod postgres {
+    pub use troupe_postgres::*;
 }
 
 /// The embedded SQLite backend (`sqlite://PATH`).

@@ -1,0 +1,798 @@
+//! The PostgreSQL broker.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+use tokio::sync::{Notify, mpsc, oneshot};
+use troupe_core::queue::{is_delay_queue, q_name, validate_queue_name};
+use troupe_core::{
+    AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind,
+    JsonEncoder, Message, QueueStats, Result, decode_delivery, encode_checked,
+};
+
+use crate::db::{self, BACKEND, PostgresOptions, db_error, ms};
+
+const READY: i16 = 0;
+const IN_FLIGHT: i16 = 1;
+const DEAD: i16 = 2;
+const DELAYED: i16 = 3;
+
+/// Most acks, nacks and requeues written in one transaction.
+const WRITE_BATCH: usize = 1000;
+
+/// A broker on PostgreSQL: one jobs table, claims with `FOR UPDATE SKIP LOCKED`, leases, and
+/// LISTEN/NOTIFY wake-ups. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PostgresBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresBroker")
+            .field("options", &self.inner.options)
+            .field("broker_id", &self.inner.broker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    pool: PgPool,
+    options: PostgresOptions,
+    encoder: Arc<dyn Encoder>,
+    broker_id: String,
+    consumers: AtomicU64,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    writer: mpsc::UnboundedSender<Write>,
+    owners: Mutex<HashSet<String>>,
+    background: OnceLock<()>,
+    closed: AtomicBool,
+}
+
+#[derive(Debug)]
+enum Op {
+    Ack,
+    Nack { body: Option<Vec<u8>>, reason: String },
+    Requeue,
+}
+
+#[derive(Debug)]
+struct Write {
+    id: i64,
+    attempt: i32,
+    op: Op,
+    done: oneshot::Sender<Result<()>>,
+}
+
+impl PostgresBroker {
+    /// Connects to the database a `postgres://` URL names and migrates Troupe's schema.
+    ///
+    /// # Errors
+    /// A bad URL, an unreachable server, a missing database or missing privileges (one line).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::open(PostgresOptions::from_url(url)?).await
+    }
+
+    /// Connects with these options.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn open(options: PostgresOptions) -> Result<Self> {
+        let pool = db::open(&options).await?;
+        let (writer, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(pool.clone(), rx));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                options,
+                encoder: Arc::new(JsonEncoder),
+                broker_id: uuid::Uuid::new_v4().simple().to_string(),
+                consumers: AtomicU64::new(0),
+                wakers: Mutex::new(HashMap::new()),
+                writer,
+                owners: Mutex::new(HashSet::new()),
+                background: OnceLock::new(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The connection pool (its `search_path` is Troupe's schema).
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The options it was opened with.
+    #[must_use]
+    pub fn options(&self) -> &PostgresOptions {
+        &self.inner.options
+    }
+
+    /// Enqueues `message` inside the caller's transaction (or on any connection): the message
+    /// exists if and only if the transaction commits, so a business write and the task it
+    /// triggers stand or fall together. Workers are woken on commit.
+    ///
+    /// ```no_run
+    /// # async fn f(broker: troupe_postgres::PostgresBroker, pool: sqlx::PgPool, message: troupe_core::Message) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = pool.begin().await?;
+    /// sqlx::query("INSERT INTO emails (address) VALUES ($1)").bind("a@example.com").execute(&mut *tx).await?;
+    /// broker.enqueue_in(&mut tx, message, None).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// App middleware `before_enqueue`/`after_enqueue` hooks do not run on this path.
+    ///
+    /// # Errors
+    /// An invalid queue name, an oversized message, or a database error.
+    pub async fn enqueue_in(&self, conn: &mut PgConnection, message: Message, delay: Option<Duration>) -> Result<Message> {
+        let schema = self.inner.options.schema.as_str();
+        self.insert(conn, &format!("{schema}.jobs"), message, delay).await
+    }
+
+    async fn insert(&self, conn: &mut PgConnection, table: &str, mut message: Message, delay: Option<Duration>) -> Result<Message> {
+        self.check_open()?;
+        message.queue_name = q_name(&message.queue_name).to_owned();
+        validate_queue_name(&message.queue_name)?;
+        message.options.shift_remove("eta");
+        let body = encode_checked(self.inner.encoder.as_ref(), &message, self.inner.options.max_message_size)?;
+        let priority = message
+            .options
+            .get("troupe_priority")
+            .and_then(serde_json::Value::as_i64)
+            .and_then(|p| i32::try_from(p).ok())
+            .unwrap_or(0);
+        let delay_ms = delay.map_or(0, ms);
+        let state = if delay_ms > 0 { DELAYED } else { READY };
+        sqlx::query(AssertSqlSafe(format!(
+            "WITH job AS (
+                INSERT INTO {table} (queue, message_id, priority, state, available_at, body)
+                VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond', $6) RETURNING state
+             )
+             SELECT pg_notify($7, $1) FROM job WHERE state = 0"
+        )))
+        .bind(&message.queue_name)
+        .bind(&message.message_id)
+        .bind(priority)
+        .bind(state)
+        .bind(delay_ms)
+        .bind(body)
+        .bind(self.inner.options.channel())
+        .execute(conn)
+        .await
+        .map_err(|e| db_error("enqueue a message", e))?;
+        Ok(message)
+    }
+
+    /// Writes raw bytes as a ready message of `queue`, bypassing the encoder (to test what
+    /// workers do with bad input).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn enqueue_raw(&self, queue: &str, bytes: Vec<u8>) -> Result<()> {
+        sqlx::query("INSERT INTO jobs (queue, message_id, state, body) VALUES ($1, $2, 0, $3)")
+            .bind(q_name(queue))
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(bytes)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("enqueue raw bytes", e))?;
+        waker(&self.inner, q_name(queue)).notify_waiters();
+        Ok(())
+    }
+
+    /// Runs one maintenance pass now: renews this process's leases, returns expired leases to
+    /// their queues, deletes old dead letters and expired results in batches. Returns how many
+    /// messages came back.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn maintain(&self) -> Result<u64> {
+        maintain(&self.inner, true).await
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(Error::backend(BACKEND, ErrorKind::Connection, "the broker was closed"));
+        }
+        Ok(())
+    }
+
+    fn start_background(&self) {
+        if self.inner.background.set(()).is_err() {
+            return;
+        }
+        let every = (self.inner.options.lease / 3).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        tokio::spawn(maintenance_loop(Arc::downgrade(&self.inner), every));
+        tokio::spawn(listen_loop(Arc::downgrade(&self.inner)));
+    }
+}
+
+fn waker(inner: &Inner, queue: &str) -> Arc<Notify> {
+    inner
+        .wakers
+        .lock()
+        .map(|mut w| Arc::clone(w.entry(queue.to_owned()).or_default()))
+        .unwrap_or_default()
+}
+
+/// LISTEN for enqueue notifications and wake the consumers of that queue. Notifications are
+/// hints only: consumers also poll.
+async fn listen_loop(weak: Weak<Inner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (options, channel) = {
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            (inner.options.clone(), inner.options.channel())
+        };
+        let listener = async {
+            let connect = options.connect_options()?;
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(connect)
+                .await
+                .map_err(|e| db_error("connect the listener", e))?;
+            let mut listener = PgListener::connect_with(&pool).await.map_err(|e| db_error("listen", e))?;
+            listener.listen(&channel).await.map_err(|e| db_error("listen", e))?;
+            Ok::<_, Error>(listener)
+        }
+        .await;
+        match listener {
+            Ok(mut listener) => {
+                backoff = Duration::from_millis(100);
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(n)) => {
+                            let Some(inner) = weak.upgrade() else { return };
+                            let notify = inner.wakers.lock().ok().and_then(|w| w.get(n.payload()).cloned());
+                            if let Some(n) = notify {
+                                n.notify_waiters();
+                            }
+                        }
+                        // Connection lost: sqlx reconnects on the next call; LISTEN again.
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "LISTEN failed; consumers poll meanwhile");
+                            break;
+                        }
+                    }
+                    if weak.upgrade().is_none_or(|i| i.closed.load(Ordering::Relaxed)) {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "LISTEN failed; consumers poll meanwhile"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn maintenance_loop(weak: Weak<Inner>, every: Duration) {
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        ticks += 1;
+        let cleanup = ticks.is_multiple_of((60_000 / u64::try_from(ms(every)).unwrap_or(1).max(1)).max(1));
+        if let Err(e) = maintain(&inner, cleanup).await {
+            tracing::warn!(error = %e, "PostgreSQL maintenance failed; retrying at the next tick");
+        }
+    }
+}
+
+async fn maintain(inner: &Inner, cleanup: bool) -> Result<u64> {
+    let owners: Vec<String> = inner.owners.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default();
+    if !owners.is_empty() {
+        sqlx::query(
+            "UPDATE jobs SET lease_until = now() + $1 * interval '1 millisecond'
+             WHERE state = 1 AND lease_owner = ANY($2)",
+        )
+        .bind(ms(inner.options.lease))
+        .bind(&owners)
+        .execute(&inner.pool)
+        .await
+        .map_err(|e| db_error("renew leases", e))?;
+    }
+    let back = sqlx::query(
+        "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+         WHERE state = 1 AND lease_until < now()",
+    )
+    .execute(&inner.pool)
+    .await
+    .map_err(|e| db_error("return expired leases", e))?
+    .rows_affected();
+    if back > 0 {
+        tracing::warn!(messages = back, "returned messages whose worker stopped renewing its lease (killed?)");
+        let wakers: Vec<Arc<Notify>> = inner.wakers.lock().map(|w| w.values().cloned().collect()).unwrap_or_default();
+        for w in wakers {
+            w.notify_waiters();
+        }
+    }
+    if cleanup {
+        // Short statements, so no long lock is held and autovacuum keeps up.
+        loop {
+            let gone = sqlx::query(
+                "DELETE FROM jobs WHERE id IN
+                 (SELECT id FROM jobs WHERE state = 2 AND failed_at < now() - $1 * interval '1 millisecond' LIMIT 1000)",
+            )
+            .bind(ms(inner.options.dead_letter_ttl))
+            .execute(&inner.pool)
+            .await
+            .map_err(|e| db_error("expire dead letters", e))?
+            .rows_affected();
+            if gone < 1000 {
+                break;
+            }
+        }
+        loop {
+            let gone = sqlx::query(
+                "DELETE FROM results WHERE key IN (SELECT key FROM results WHERE expires_at <= now() LIMIT 1000)",
+            )
+            .execute(&inner.pool)
+            .await
+            .map_err(|e| db_error("expire results", e))?
+            .rows_affected();
+            if gone < 1000 {
+                break;
+            }
+        }
+    }
+    Ok(back)
+}
+
+async fn write_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Write>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(&pool, &batch).await;
+        for w in batch {
+            let _ = w.done.send(
+                result
+                    .as_ref()
+                    .copied()
+                    .map_err(|e| Error::backend(BACKEND, e.kind(), e.to_string())),
+            );
+        }
+    }
+}
+
+async fn write_batch(pool: &PgPool, batch: &[Write]) -> Result<()> {
+    let (mut ack_ids, mut ack_attempts, mut back_ids, mut back_attempts) = (vec![], vec![], vec![], vec![]);
+    for w in batch {
+        match w.op {
+            Op::Ack => {
+                ack_ids.push(w.id);
+                ack_attempts.push(w.attempt);
+            }
+            Op::Requeue => {
+                back_ids.push(w.id);
+                back_attempts.push(w.attempt);
+            }
+            Op::Nack { .. } => {}
+        }
+    }
+    let mut tx = pool.begin().await.map_err(|e| db_error("begin a write", e))?;
+    if !ack_ids.is_empty() {
+        // Fenced by attempt: a late ack from a worker whose lease was taken over does nothing.
+        sqlx::query(
+            "DELETE FROM jobs WHERE state = 1 AND (id, attempt) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))",
+        )
+        .bind(&ack_ids)
+        .bind(&ack_attempts)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("ack messages", e))?;
+    }
+    if !back_ids.is_empty() {
+        sqlx::query(
+            "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+             WHERE state = 1 AND (id, attempt) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))",
+        )
+        .bind(&back_ids)
+        .bind(&back_attempts)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("requeue messages", e))?;
+    }
+    for w in batch {
+        if let Op::Nack { body, reason } = &w.op {
+            sqlx::query(
+                "UPDATE jobs SET state = 2, lease_owner = NULL, lease_until = NULL, reason = $3, failed_at = now(),
+                 body = COALESCE($4, body) WHERE id = $1 AND attempt = $2 AND state = 1",
+            )
+            .bind(w.id)
+            .bind(w.attempt)
+            .bind(reason.as_str())
+            .bind(body.as_deref())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("dead-letter a message", e))?;
+        }
+    }
+    tx.commit().await.map_err(|e| db_error("commit settled messages", e))
+}
+
+#[async_trait]
+impl Broker for PostgresBroker {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::native_delays()
+    }
+
+    fn encoder(&self) -> Arc<dyn Encoder> {
+        Arc::clone(&self.inner.encoder)
+    }
+
+    async fn declare_queue(&self, queue: &str) -> Result<()> {
+        self.check_open()?;
+        let canonical = q_name(queue);
+        validate_queue_name(canonical)?;
+        sqlx::query("INSERT INTO queues (name) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(canonical)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("declare a queue", e))?;
+        Ok(())
+    }
+
+    async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
+        let mut conn = self.inner.pool.acquire().await.map_err(|e| db_error("enqueue a message", e))?;
+        let queue = q_name(&message.queue_name).to_owned();
+        let enqueued = self.insert(&mut *conn, "jobs", message, delay).await?;
+        if delay.is_none_or(|d| d.is_zero()) {
+            waker(&self.inner, &queue).notify_waiters();
+        }
+        Ok(enqueued)
+    }
+
+    async fn consume(&self, queue: &str, _options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
+        self.check_open()?;
+        if is_delay_queue(queue) {
+            return Err(Error::Config(format!(
+                "the PostgreSQL broker delays messages in place; consume {:?}, not {queue:?}",
+                q_name(queue)
+            )));
+        }
+        validate_queue_name(queue)?;
+        let n = self.inner.consumers.fetch_add(1, Ordering::Relaxed);
+        let owner = format!("{}-{n}", self.inner.broker_id);
+        if let Ok(mut owners) = self.inner.owners.lock() {
+            owners.insert(owner.clone());
+        }
+        self.start_background();
+        Ok(Box::new(PostgresConsumer {
+            broker: self.clone(),
+            queue: queue.to_owned(),
+            waker: waker(&self.inner, queue),
+            owner,
+            busy: false,
+            last_promote: None,
+        }))
+    }
+
+    async fn purge(&self, queue: &str) -> Result<()> {
+        self.check_open()?;
+        sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state IN (0, 2, 3)")
+            .bind(q_name(queue))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("purge a queue", e))?;
+        Ok(())
+    }
+
+    async fn stats(&self, queue: &str) -> Result<QueueStats> {
+        self.check_open()?;
+        let rows = sqlx::query("SELECT state, COUNT(*) FROM jobs WHERE queue = $1 GROUP BY state")
+            .bind(q_name(queue))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("count messages", e))?;
+        let (mut ready, mut delayed, mut in_flight, mut dead) = (0, 0, 0, 0);
+        for row in rows {
+            let state: i16 = row.try_get(0).map_err(|e| db_error("read stats", e))?;
+            let count: i64 = row.try_get(1).map_err(|e| db_error("read stats", e))?;
+            let count = u64::try_from(count).unwrap_or(0);
+            match state {
+                READY => ready = count,
+                DELAYED => delayed = count,
+                IN_FLIGHT => in_flight = count,
+                DEAD => dead = count,
+                _ => {}
+            }
+        }
+        Ok(QueueStats::new(ready, delayed, in_flight, dead))
+    }
+
+    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        self.check_open()?;
+        let rows = sqlx::query(
+            "SELECT id, body, reason, (extract(epoch FROM failed_at) * 1000)::bigint AS failed_ms FROM jobs
+             WHERE queue = $1 AND state = 2 ORDER BY failed_at, id LIMIT $2",
+        )
+        .bind(q_name(queue))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(|e| db_error("list dead letters", e))?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id").map_err(|e| db_error("read a dead letter", e))?;
+                let body: Vec<u8> = row.try_get("body").map_err(|e| db_error("read a dead letter", e))?;
+                let reason: Option<String> = row.try_get("reason").map_err(|e| db_error("read a dead letter", e))?;
+                let failed: Option<i64> = row.try_get("failed_ms").map_err(|e| db_error("read a dead letter", e))?;
+                let message = decode_delivery(self.inner.encoder.as_ref(), &body, usize::MAX);
+                let key = message.as_ref().map_or_else(|_| format!("row-{id}"), |m| m.message_id.clone());
+                Ok(DeadLetter::new(
+                    key,
+                    message,
+                    reason.unwrap_or_default(),
+                    u64::try_from(failed.unwrap_or(0)).unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
+    async fn requeue_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        self.check_open()?;
+        let rows = sqlx::query("SELECT id, body FROM jobs WHERE queue = $1 AND state = 2 ORDER BY failed_at, id")
+            .bind(q_name(queue))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("list dead letters", e))?;
+        let mut tx = self.inner.pool.begin().await.map_err(|e| db_error("begin a requeue", e))?;
+        let mut moved = 0;
+        for row in rows {
+            let id: i64 = row.try_get("id").map_err(|e| db_error("read a dead letter", e))?;
+            let body: Vec<u8> = row.try_get("body").map_err(|e| db_error("read a dead letter", e))?;
+            let Ok(mut message) = self.inner.encoder.decode(&body) else { continue };
+            if !ids.is_empty() && !ids.iter().any(|i| *i == message.message_id || *i == format!("row-{id}")) {
+                continue;
+            }
+            message.options.insert("retries".into(), 0.into());
+            message.options.shift_remove("eta");
+            let body = self.inner.encoder.encode(&message)?;
+            moved += sqlx::query(
+                "UPDATE jobs SET state = 0, body = $2, attempt = 0, available_at = now(), reason = NULL,
+                 failed_at = NULL WHERE id = $1 AND state = 2",
+            )
+            .bind(id)
+            .bind(body)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("requeue a dead letter", e))?
+            .rows_affected();
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(self.inner.options.channel())
+            .bind(q_name(queue))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("notify", e))?;
+        tx.commit().await.map_err(|e| db_error("commit the requeue", e))?;
+        waker(&self.inner, q_name(queue)).notify_waiters();
+        Ok(moved)
+    }
+
+    async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
+        self.check_open()?;
+        Ok(sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state = 2")
+            .bind(q_name(queue))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("purge dead letters", e))?
+            .rows_affected())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Relaxed);
+        let wakers: Vec<Arc<Notify>> = self.inner.wakers.lock().map(|w| w.values().cloned().collect()).unwrap_or_default();
+        for w in wakers {
+            w.notify_waiters();
+        }
+        self.inner.pool.close().await;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct PostgresConsumer {
+    broker: PostgresBroker,
+    queue: String,
+    waker: Arc<Notify>,
+    owner: String,
+    busy: bool,
+    last_promote: Option<std::time::Instant>,
+}
+
+impl PostgresConsumer {
+    async fn claim(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        let inner = Arc::clone(&self.broker.inner);
+        let promote = self.last_promote.is_none_or(|at| at.elapsed() >= inner.options.poll_interval);
+        if promote || !self.busy {
+            let row = sqlx::query(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND queue = $1),
+                        EXISTS (SELECT 1 FROM jobs WHERE state = 3 AND queue = $1 AND available_at <= now())",
+            )
+            .bind(&self.queue)
+            .fetch_one(&inner.pool)
+            .await
+            .map_err(|e| db_error("look for messages", e))?;
+            let ready: bool = row.try_get(0).map_err(|e| db_error("look for messages", e))?;
+            let due: bool = row.try_get(1).map_err(|e| db_error("look for messages", e))?;
+            self.last_promote = Some(std::time::Instant::now());
+            if due {
+                sqlx::query("UPDATE jobs SET state = 0 WHERE state = 3 AND queue = $1 AND available_at <= now()")
+                    .bind(&self.queue)
+                    .execute(&inner.pool)
+                    .await
+                    .map_err(|e| db_error("release due delayed messages", e))?;
+            }
+            if !ready && !due {
+                self.busy = false;
+                return Ok(Vec::new());
+            }
+        }
+        let rows = sqlx::query(
+            "WITH claimed AS (
+                SELECT id FROM jobs WHERE state = 0 AND queue = $1 ORDER BY priority, id LIMIT $2 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE jobs SET state = 1, attempt = jobs.attempt + 1, lease_owner = $3,
+                 lease_until = now() + $4 * interval '1 millisecond'
+             FROM claimed WHERE jobs.id = claimed.id
+             RETURNING jobs.id, jobs.attempt, jobs.priority, jobs.body",
+        )
+        .bind(&self.queue)
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .bind(&self.owner)
+        .bind(ms(inner.options.lease))
+        .fetch_all(&inner.pool)
+        .await
+        .map_err(|e| db_error("claim messages", e))?;
+        let mut claimed: Vec<(i32, i64, i32, Vec<u8>)> = rows
+            .iter()
+            .map(|r| Ok((r.try_get("priority")?, r.try_get("id")?, r.try_get("attempt")?, r.try_get("body")?)))
+            .collect::<std::result::Result<_, sqlx::Error>>()
+            .map_err(|e| db_error("read claimed messages", e))?;
+        claimed.sort_by_key(|(priority, id, _, _)| (*priority, *id));
+        self.busy = claimed.len() == max;
+        Ok(claimed
+            .into_iter()
+            .map(|(_, id, attempt, body)| {
+                let message = decode_delivery(inner.encoder.as_ref(), &body, inner.options.max_message_size);
+                let handle = PostgresAck {
+                    writer: inner.writer.clone(),
+                    id,
+                    attempt,
+                    encoder: Arc::clone(&inner.encoder),
+                };
+                Delivery::new(self.queue.clone(), message, attempt > 1, Box::new(handle))
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Consumer for PostgresConsumer {
+    async fn fetch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        self.broker.check_open()?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let waker = Arc::clone(&self.waker);
+        let poll = self.broker.inner.options.poll_interval;
+        loop {
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let got = self.claim(max.max(1)).await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(poll.min(deadline - now)) => {}
+            }
+        }
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        if let Ok(mut owners) = self.broker.inner.owners.lock() {
+            owners.remove(&self.owner);
+        }
+        if self.broker.inner.closed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let back = sqlx::query(
+            "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL WHERE state = 1 AND lease_owner = $1",
+        )
+        .bind(&self.owner)
+        .execute(&self.broker.inner.pool)
+        .await
+        .map_err(|e| db_error("return unacked messages", e))?
+        .rows_affected();
+        if back > 0 {
+            self.waker.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PostgresConsumer {
+    fn drop(&mut self) {
+        // Stop renewing this consumer's leases: what it holds returns when they run out, as if
+        // its process had died.
+        if let Ok(mut owners) = self.broker.inner.owners.lock() {
+            owners.remove(&self.owner);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PostgresAck {
+    writer: mpsc::UnboundedSender<Write>,
+    id: i64,
+    attempt: i32,
+    encoder: Arc<dyn Encoder>,
+}
+
+impl PostgresAck {
+    async fn send(&self, op: Op) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.writer
+            .send(Write {
+                id: self.id,
+                attempt: self.attempt,
+                op,
+                done,
+            })
+            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker was dropped"))?;
+        wait.await
+            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker's writer stopped"))?
+    }
+}
+
+#[async_trait]
+impl AckHandle for PostgresAck {
+    async fn ack(&self) -> Result<()> {
+        self.send(Op::Ack).await
+    }
+
+    async fn nack(&self, message: Option<&Message>, reason: &str) -> Result<()> {
+        let body = match message {
+            Some(m) => Some(self.encoder.encode(m)?),
+            None => None,
+        };
+        self.send(Op::Nack {
+            body,
+            reason: reason.to_owned(),
+        })
+        .await
+    }
+
+    async fn requeue(&self) -> Result<()> {
+        self.send(Op::Requeue).await
+    }
+}

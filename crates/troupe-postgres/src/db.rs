@@ -1,0 +1,350 @@
+//! Connection settings, migrations and error mapping shared by the broker and the backends.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Executor, Row};
+use troupe_core::{Error, ErrorKind, redact_url};
+
+pub(crate) const BACKEND: &str = "postgres";
+
+/// The schema version this crate writes; older schemas are migrated on connect.
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+
+/// Settings of a PostgreSQL database used by Troupe.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct PostgresOptions {
+    /// The server URL (`postgres://user:pass@host:port/db?sslmode=...`), without Troupe's own
+    /// query settings.
+    pub url: String,
+    /// The schema Troupe's tables live in (default `troupe`); created if missing.
+    pub schema: String,
+    /// How long a worker's claim on a message lasts without renewal; a killed worker's
+    /// messages return to their queue after this (default 30 s).
+    pub lease: Duration,
+    /// How often idle consumers poll, as a fallback to LISTEN/NOTIFY (default 250 ms).
+    pub poll_interval: Duration,
+    /// How long dead letters are kept (default 7 days).
+    pub dead_letter_ttl: Duration,
+    /// Largest accepted message (default 1 MiB).
+    pub max_message_size: usize,
+    /// Connections in the pool (default 10).
+    pub max_connections: u32,
+    /// How long connecting may take before the server counts as unreachable (default 5 s).
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("lease", &self.lease)
+            .field("poll_interval", &self.poll_interval)
+            .field("dead_letter_ttl", &self.dead_letter_ttl)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl PostgresOptions {
+    /// Defaults for `url`.
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: "troupe".into(),
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(250),
+            dead_letter_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_message_size: troupe_core::DEFAULT_MAX_MESSAGE_SIZE,
+            max_connections: 10,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Parses `postgres://` or `postgresql://` URLs, with Troupe settings in the query:
+    /// `schema`, `lease`, `poll_interval`, `dead_letter_ttl`, `connect_timeout` (durations such
+    /// as `30s`), `max_message_size` (bytes), `max_connections`. Other settings (`sslmode`, ...)
+    /// go to the driver.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad part (password redacted).
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let lower = url.to_ascii_lowercase();
+        if !lower.starts_with("postgres://") && !lower.starts_with("postgresql://") {
+            return Err(Error::Config(format!(
+                "{:?} is not a PostgreSQL URL; use postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                redact_url(url)
+            )));
+        }
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut options = Self::new(base);
+        let mut passthrough = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let duration = || {
+                humantime::parse_duration(value)
+                    .map_err(|e| Error::Config(format!("bad value {value:?} for `{key}` in the PostgreSQL URL: {e}")))
+            };
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|e| Error::Config(format!("bad value {value:?} for `{key}` in the PostgreSQL URL: {e}")))
+            };
+            match key {
+                "schema" => options.schema = value.to_owned(),
+                "lease" => options.lease = duration()?,
+                "poll_interval" => options.poll_interval = duration()?,
+                "dead_letter_ttl" => options.dead_letter_ttl = duration()?,
+                "connect_timeout" => options.connect_timeout = duration()?,
+                "max_message_size" => options.max_message_size = usize::try_from(number()?).unwrap_or(usize::MAX),
+                "max_connections" => options.max_connections = u32::try_from(number()?.max(1)).unwrap_or(u32::MAX),
+                _ => passthrough.push(pair),
+            }
+        }
+        if !passthrough.is_empty() {
+            options.url = format!("{base}?{}", passthrough.join("&"));
+        }
+        validate_schema(&options.schema)?;
+        options.connect_options()?;
+        Ok(options)
+    }
+
+    /// Sets the schema.
+    #[must_use]
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Sets the lease.
+    #[must_use]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets the poll interval.
+    #[must_use]
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d;
+        self
+    }
+
+    /// Sets the message size limit.
+    #[must_use]
+    pub fn max_message_size(mut self, limit: usize) -> Self {
+        self.max_message_size = limit;
+        self
+    }
+
+    /// Sets the pool size.
+    #[must_use]
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    pub(crate) fn connect_options(&self) -> Result<PgConnectOptions, Error> {
+        PgConnectOptions::from_str(&self.url)
+            .map(|o| o.application_name("troupe"))
+            .map_err(|e| Error::Config(format!("bad PostgreSQL URL {:?}: {e}", redact_url(&self.url))))
+    }
+
+    /// The channel NOTIFY wake-ups go on.
+    pub(crate) fn channel(&self) -> String {
+        format!("troupe_{}", self.schema)
+    }
+}
+
+impl FromStr for PostgresOptions {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Self::from_url(s)
+    }
+}
+
+fn validate_schema(schema: &str) -> Result<(), Error> {
+    let mut chars = schema.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && schema.len() <= 50;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "schema {schema:?} is not a plain lowercase identifier ([a-z_][a-z0-9_]*, at most 50 characters)"
+        )))
+    }
+}
+
+/// Maps an sqlx error to a Troupe error with `what` as context.
+pub(crate) fn db_error(what: &str, e: sqlx::Error) -> Error {
+    let kind = kind_of(&e);
+    Error::backend_with_source(BACKEND, kind, format!("{what}: {e}"), e)
+}
+
+fn kind_of(e: &sqlx::Error) -> ErrorKind {
+    match e {
+        sqlx::Error::PoolTimedOut => ErrorKind::Timeout,
+        sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed | sqlx::Error::Tls(_) => {
+            ErrorKind::Connection
+        }
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // connection exceptions, admin shutdown, cannot connect now, crash shutdown
+            Some(code) if code.starts_with("08") || code.starts_with("57P") => ErrorKind::Connection,
+            // serialization failure, deadlock: try again
+            Some("40001" | "40P01") => ErrorKind::Timeout,
+            Some("42501" | "3D000" | "28000" | "28P01" | "3F000") => ErrorKind::Config,
+            _ => ErrorKind::Other,
+        },
+        sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => ErrorKind::Serialization,
+        sqlx::Error::RowNotFound => ErrorKind::NotFound,
+        sqlx::Error::Configuration(_) => ErrorKind::Config,
+        _ => ErrorKind::Other,
+    }
+}
+
+fn connect_error(options: &PostgresOptions, e: sqlx::Error) -> Error {
+    let url = redact_url(&options.url);
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.to_string()),
+        _ => None,
+    };
+    let hint = match code.as_deref() {
+        Some("3D000") => "the database does not exist; create it (createdb) or fix the URL",
+        Some("28000" | "28P01") => "authentication failed; check the user and password in the URL",
+        Some("42501") => "the role lacks a privilege Troupe needs (CREATE on the database, or on the schema)",
+        _ if matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => {
+            "check that the server runs and the host and port are right"
+        }
+        _ => "check the URL",
+    };
+    Error::backend_with_source(
+        BACKEND,
+        kind_of(&e),
+        format!("cannot use PostgreSQL at {url}: {e}; {hint}"),
+        e,
+    )
+}
+
+/// Opens the pool (search_path = the schema) and migrates the schema.
+pub(crate) async fn open(options: &PostgresOptions) -> Result<PgPool, Error> {
+    let connect = options
+        .connect_options()?
+        .options([("search_path", options.schema.as_str())]);
+    let pool = PgPoolOptions::new()
+        .max_connections(options.max_connections.max(2))
+        .acquire_timeout(options.connect_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(|e| connect_error(options, e))?;
+    migrate(&pool, options).await?;
+    Ok(pool)
+}
+
+fn migrations(schema: &str) -> Vec<String> {
+    vec![format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.queues (name text PRIMARY KEY);
+        CREATE TABLE IF NOT EXISTS {schema}.jobs (
+            id bigserial PRIMARY KEY,
+            queue text NOT NULL,
+            message_id text NOT NULL,
+            priority integer NOT NULL DEFAULT 0,
+            state smallint NOT NULL,
+            available_at timestamptz NOT NULL DEFAULT now(),
+            attempt integer NOT NULL DEFAULT 0,
+            lease_owner text,
+            lease_until timestamptz,
+            reason text,
+            failed_at timestamptz,
+            enqueued_at timestamptz NOT NULL DEFAULT now(),
+            body bytea NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS jobs_ready ON {schema}.jobs (queue, priority, id) WHERE state = 0;
+        CREATE INDEX IF NOT EXISTS jobs_delayed ON {schema}.jobs (queue, available_at) WHERE state = 3;
+        CREATE INDEX IF NOT EXISTS jobs_leased ON {schema}.jobs (lease_until) WHERE state = 1;
+        CREATE INDEX IF NOT EXISTS jobs_owner ON {schema}.jobs (lease_owner) WHERE state = 1;
+        CREATE INDEX IF NOT EXISTS jobs_dead ON {schema}.jobs (queue, failed_at) WHERE state = 2;
+        CREATE TABLE IF NOT EXISTS {schema}.results (
+            key text PRIMARY KEY, value bytea NOT NULL, expires_at timestamptz NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS results_expiry ON {schema}.results (expires_at);
+        CREATE TABLE IF NOT EXISTS {schema}.state (
+            key text PRIMARY KEY, value bigint NOT NULL, expires_at timestamptz NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS {schema}.events (key text PRIMARY KEY, expires_at timestamptz NOT NULL);"
+    )]
+}
+
+async fn migrate(pool: &PgPool, options: &PostgresOptions) -> Result<(), Error> {
+    let schema = options.schema.as_str();
+    let mut tx = pool.begin().await.map_err(|e| connect_error(options, e))?;
+    // One migrator at a time, even with many workers starting together.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('troupe migrations'))")
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("lock the migrations", e))?;
+    tx.execute(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}; CREATE TABLE IF NOT EXISTS {schema}.meta (key text PRIMARY KEY, value text NOT NULL)"
+    )))
+    .await
+    .map_err(|e| connect_error(options, e))?;
+    let version: i64 = sqlx::query(AssertSqlSafe(format!(
+        "SELECT value FROM {schema}.meta WHERE key = 'schema_version'"
+    )))
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(|e| db_error("read the schema version", e))?
+    .and_then(|r| r.try_get::<String, _>(0).ok())
+    .and_then(|v| v.parse().ok())
+    .unwrap_or(0);
+    if version > SCHEMA_VERSION {
+        return Err(Error::Config(format!(
+            "schema {schema} was written by a newer Troupe (version {version}, this one knows {SCHEMA_VERSION}); upgrade troupe-postgres"
+        )));
+    }
+    for (i, migration) in migrations(schema).into_iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+        sqlx::raw_sql(AssertSqlSafe(migration))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(&format!("migration {}", i + 1), e))?;
+    }
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', $1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    )))
+    .bind(SCHEMA_VERSION.to_string())
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| db_error("write the schema version", e))?;
+    tx.commit().await.map_err(|e| db_error("commit the migrations", e))
+}
+
+/// A duration in milliseconds for SQL (`$n * interval '1 millisecond'`).
+pub(crate) fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let o = PostgresOptions::from_url("postgres://u:secret@h:5432/db?schema=jobs&lease=5s&sslmode=disable").unwrap();
+        assert_eq!(o.schema, "jobs");
+        assert_eq!(o.lease, Duration::from_secs(5));
+        assert_eq!(o.url, "postgres://u:secret@h:5432/db?sslmode=disable");
+        assert!(!format!("{o:?}").contains("secret"));
+        assert!(PostgresOptions::from_url("postgres://h/db?schema=Bad-Name").is_err());
+        let e = PostgresOptions::from_url("mysql://u:pw@h/db").unwrap_err().to_string();
+        assert!(e.contains("not a PostgreSQL URL") && !e.contains("pw"), "{e}");
+    }
+}

@@ -1,0 +1,234 @@
+//! Faults on PostgreSQL: a worker SIGKILLed mid-batch loses nothing; a restart of the server
+//! under a running worker is survived; bad URLs, a missing database and missing privileges are
+//! one clear line each.
+//!
+//! The restart test restarts the machine's cluster with `pg_ctlcluster`; `.config/nextest.toml`
+//! makes it run alone. The crash test runs this binary again as the worker (`TROUPE_PG_ROLE`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use sqlx::{PgPool, Row};
+use troupe_core::{Actor, ActorError, ActorOptions, App, Broker};
+use troupe_postgres::{PostgresBroker, PostgresOptions};
+use troupe_worker::Worker;
+
+const QUEUE: &str = "faults";
+static POOL: OnceLock<PgPool> = OnceLock::new();
+
+fn url() -> String {
+    std::env::var("TROUPE_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn options(schema: &str) -> PostgresOptions {
+    PostgresOptions::from_url(&url())
+        .unwrap()
+        .schema(schema)
+        .lease(Duration::from_secs(1))
+        .poll_interval(Duration::from_millis(50))
+}
+
+/// Counts its runs per argument in the `processed` table of the schema.
+struct Record;
+
+impl Actor for Record {
+    type Args = (i64,);
+    type Output = ();
+    fn name(&self) -> &str {
+        "record"
+    }
+    fn options(&self) -> ActorOptions {
+        ActorOptions::new().queue_name(QUEUE)
+    }
+    async fn call(&self, (n,): (i64,)) -> Result<(), ActorError> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let pool = POOL.get().ok_or_else(|| ActorError::msg("no pool"))?;
+        sqlx::query("INSERT INTO processed (n) VALUES ($1)").bind(n).execute(pool).await?;
+        Ok(())
+    }
+}
+
+async fn app(schema: &str) -> (PostgresBroker, App) {
+    let broker = PostgresBroker::open(options(schema)).await.unwrap();
+    let _ = POOL.set(broker.pool().clone());
+    let app = App::builder(Arc::new(broker.clone())).actor(Record).build().unwrap();
+    (broker, app)
+}
+
+#[test]
+fn child() {
+    let Ok(schema) = std::env::var("TROUPE_PG_ROLE") else { return };
+    tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        let (_broker, app) = app(&schema).await;
+        let _worker = Worker::builder(app).concurrency(4).start().await.unwrap();
+        std::future::pending::<()>().await;
+    });
+}
+
+fn spawn_worker(schema: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["child", "--exact", "--nocapture", "--test-threads", "1"])
+        .env("TROUPE_PG_ROLE", schema)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn counts(pool: &PgPool) -> HashMap<i64, i64> {
+    sqlx::query("SELECT n, COUNT(*) FROM processed GROUP BY n")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1)))
+        .collect()
+}
+
+async fn wait_for(pool: &PgPool, n: usize, timeout: Duration) -> HashMap<i64, i64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = counts(pool).await;
+        if c.len() >= n || Instant::now() > deadline {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn schema() -> String {
+    format!("troupe_t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_batch_loses_nothing() {
+    const N: i64 = 300;
+    let schema = schema();
+    let (broker, app) = app(&schema).await;
+    sqlx::query("CREATE TABLE processed (n bigint NOT NULL)").execute(broker.pool()).await.unwrap();
+    for n in 0..N {
+        app.send(&Record, (n,)).await.unwrap();
+    }
+    let mut first = spawn_worker(&schema);
+    let before = wait_for(broker.pool(), 60, Duration::from_secs(30)).await;
+    assert!(before.len() >= 60, "the first worker ran {}", before.len());
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let in_flight = broker.stats(QUEUE).await.unwrap().in_flight;
+    let mut second = spawn_worker(&schema);
+    let done = wait_for(broker.pool(), usize::try_from(N).unwrap(), Duration::from_secs(60)).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let missing: Vec<i64> = (0..N).filter(|n| !done.contains_key(n)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    let duplicates: i64 = done.values().map(|c| c - 1).sum();
+    eprintln!(
+        "PostgreSQL SIGKILL crash test: {N} messages, {} run before the kill, {in_flight} in flight at the kill, {duplicates} run twice, none lost",
+        before.len()
+    );
+    assert!(duplicates <= 8, "only the killed worker's prefetch window can run twice: {duplicates}");
+}
+
+struct Count(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Actor for Count {
+    type Args = ();
+    type Output = ();
+    fn name(&self) -> &str {
+        "count"
+    }
+    fn options(&self) -> ActorOptions {
+        ActorOptions::new().queue_name(QUEUE)
+    }
+    async fn call(&self, (): ()) -> Result<(), ActorError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn pg_ctlcluster(action: &str) {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("the machine's PostgreSQL cluster (/etc/postgresql)")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .expect("a cluster version");
+    let status = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", action])
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_ctlcluster {action} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_survives_a_restart_of_the_shared_server() {
+    let schema = schema();
+    let broker = PostgresBroker::open(options(&schema)).await.unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = App::builder(Arc::new(broker.clone())).actor(Count(Arc::clone(&count))).build().unwrap();
+    let worker = Worker::builder(app.clone())
+        .concurrency(2)
+        .fetch_timeout(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    app.send(&Count(Arc::clone(&count)), ()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pg_ctlcluster("restart");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match app.send(&Count(Arc::clone(&count)), ()).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "could not send after the restart: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the worker did not resume after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.stop().await;
+    assert_eq!(broker.stats(QUEUE).await.unwrap().pending(), 0);
+}
+
+fn one_line(e: &troupe_core::Error) -> String {
+    let s = e.to_string();
+    assert!(!s.contains('\n'), "{s}");
+    s
+}
+
+#[tokio::test]
+async fn bad_urls_missing_databases_and_privileges_are_one_clear_line() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let e = PostgresBroker::connect(&format!("postgres://postgres:s3cret@127.0.0.1:{port}/test?connect_timeout=2s"))
+        .await
+        .unwrap_err();
+    let text = one_line(&e);
+    assert!(text.contains("cannot use PostgreSQL") && !text.contains("s3cret"), "{text}");
+    assert!(e.is_transient(), "an unreachable server is a connection error: {text}");
+
+    let e = PostgresBroker::connect("postgres://postgres@127.0.0.1:5432/troupe_no_such_db").await.unwrap_err();
+    let text = one_line(&e);
+    assert!(text.contains("does not exist") && text.contains("createdb"), "{text}");
+
+    let admin = PgPool::connect(&url()).await.unwrap();
+    let _ = sqlx::query("CREATE ROLE troupe_limited LOGIN").execute(&admin).await;
+    let limited = url().replacen("postgres@", "troupe_limited@", 1);
+    let e = PostgresBroker::connect(&format!("{limited}?schema={}", schema())).await.unwrap_err();
+    let text = one_line(&e);
+    assert!(text.contains("permission denied") && text.contains("privilege"), "{text}");
+
+    let e = PostgresBroker::connect("postgres://h/db?lease=soon").await.unwrap_err();
+    assert!(one_line(&e).contains("lease"), "{e}");
+}
