@@ -131,17 +131,32 @@ impl PostgresBroker {
     ///
     /// # Errors
     /// An invalid queue name, an oversized message, or a database error.
-    pub async fn enqueue_in(&self, conn: &mut PgConnection, message: Message, delay: Option<Duration>) -> Result<Message> {
+    pub async fn enqueue_in(
+        &self,
+        conn: &mut PgConnection,
+        message: Message,
+        delay: Option<Duration>,
+    ) -> Result<Message> {
         let schema = self.inner.options.schema.as_str();
         self.insert(conn, &format!("{schema}.jobs"), message, delay).await
     }
 
-    async fn insert(&self, conn: &mut PgConnection, table: &str, mut message: Message, delay: Option<Duration>) -> Result<Message> {
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        table: &str,
+        mut message: Message,
+        delay: Option<Duration>,
+    ) -> Result<Message> {
         self.check_open()?;
         message.queue_name = q_name(&message.queue_name).to_owned();
         validate_queue_name(&message.queue_name)?;
         message.options.shift_remove("eta");
-        let body = encode_checked(self.inner.encoder.as_ref(), &message, self.inner.options.max_message_size)?;
+        let body = encode_checked(
+            self.inner.encoder.as_ref(),
+            &message,
+            self.inner.options.max_message_size,
+        )?;
         let priority = message
             .options
             .get("troupe_priority")
@@ -241,7 +256,9 @@ async fn listen_loop(weak: Weak<Inner>) {
                 .connect_with(connect)
                 .await
                 .map_err(|e| db_error("connect the listener", e))?;
-            let mut listener = PgListener::connect_with(&pool).await.map_err(|e| db_error("listen", e))?;
+            let mut listener = PgListener::connect_with(&pool)
+                .await
+                .map_err(|e| db_error("listen", e))?;
             listener.listen(&channel).await.map_err(|e| db_error("listen", e))?;
             Ok::<_, Error>(listener)
         }
@@ -294,7 +311,11 @@ async fn maintenance_loop(weak: Weak<Inner>, every: Duration) {
 }
 
 async fn maintain(inner: &Inner, cleanup: bool) -> Result<u64> {
-    let owners: Vec<String> = inner.owners.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default();
+    let owners: Vec<String> = inner
+        .owners
+        .lock()
+        .map(|o| o.iter().cloned().collect())
+        .unwrap_or_default();
     if !owners.is_empty() {
         sqlx::query(
             "UPDATE jobs SET lease_until = now() + $1 * interval '1 millisecond'
@@ -315,8 +336,15 @@ async fn maintain(inner: &Inner, cleanup: bool) -> Result<u64> {
     .map_err(|e| db_error("return expired leases", e))?
     .rows_affected();
     if back > 0 {
-        tracing::warn!(messages = back, "returned messages whose worker stopped renewing its lease (killed?)");
-        let wakers: Vec<Arc<Notify>> = inner.wakers.lock().map(|w| w.values().cloned().collect()).unwrap_or_default();
+        tracing::warn!(
+            messages = back,
+            "returned messages whose worker stopped renewing its lease (killed?)"
+        );
+        let wakers: Vec<Arc<Notify>> = inner
+            .wakers
+            .lock()
+            .map(|w| w.values().cloned().collect())
+            .unwrap_or_default();
         for w in wakers {
             w.notify_waiters();
         }
@@ -457,9 +485,14 @@ impl Broker for PostgresBroker {
     }
 
     async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
-        let mut conn = self.inner.pool.acquire().await.map_err(|e| db_error("enqueue a message", e))?;
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| db_error("enqueue a message", e))?;
         let queue = q_name(&message.queue_name).to_owned();
-        let enqueued = self.insert(&mut *conn, "jobs", message, delay).await?;
+        let enqueued = self.insert(&mut conn, "jobs", message, delay).await?;
         if delay.is_none_or(|d| d.is_zero()) {
             waker(&self.inner, &queue).notify_waiters();
         }
@@ -540,9 +573,13 @@ impl Broker for PostgresBroker {
                 let id: i64 = row.try_get("id").map_err(|e| db_error("read a dead letter", e))?;
                 let body: Vec<u8> = row.try_get("body").map_err(|e| db_error("read a dead letter", e))?;
                 let reason: Option<String> = row.try_get("reason").map_err(|e| db_error("read a dead letter", e))?;
-                let failed: Option<i64> = row.try_get("failed_ms").map_err(|e| db_error("read a dead letter", e))?;
+                let failed: Option<i64> = row
+                    .try_get("failed_ms")
+                    .map_err(|e| db_error("read a dead letter", e))?;
                 let message = decode_delivery(self.inner.encoder.as_ref(), &body, usize::MAX);
-                let key = message.as_ref().map_or_else(|_| format!("row-{id}"), |m| m.message_id.clone());
+                let key = message
+                    .as_ref()
+                    .map_or_else(|_| format!("row-{id}"), |m| m.message_id.clone());
                 Ok(DeadLetter::new(
                     key,
                     message,
@@ -560,13 +597,24 @@ impl Broker for PostgresBroker {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(|e| db_error("list dead letters", e))?;
-        let mut tx = self.inner.pool.begin().await.map_err(|e| db_error("begin a requeue", e))?;
+        let mut tx = self
+            .inner
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_error("begin a requeue", e))?;
         let mut moved = 0;
         for row in rows {
             let id: i64 = row.try_get("id").map_err(|e| db_error("read a dead letter", e))?;
             let body: Vec<u8> = row.try_get("body").map_err(|e| db_error("read a dead letter", e))?;
-            let Ok(mut message) = self.inner.encoder.decode(&body) else { continue };
-            if !ids.is_empty() && !ids.iter().any(|i| *i == message.message_id || *i == format!("row-{id}")) {
+            let Ok(mut message) = self.inner.encoder.decode(&body) else {
+                continue;
+            };
+            if !ids.is_empty()
+                && !ids
+                    .iter()
+                    .any(|i| *i == message.message_id || *i == format!("row-{id}"))
+            {
                 continue;
             }
             message.options.insert("retries".into(), 0.into());
@@ -606,7 +654,12 @@ impl Broker for PostgresBroker {
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Relaxed);
-        let wakers: Vec<Arc<Notify>> = self.inner.wakers.lock().map(|w| w.values().cloned().collect()).unwrap_or_default();
+        let wakers: Vec<Arc<Notify>> = self
+            .inner
+            .wakers
+            .lock()
+            .map(|w| w.values().cloned().collect())
+            .unwrap_or_default();
         for w in wakers {
             w.notify_waiters();
         }
@@ -628,7 +681,9 @@ struct PostgresConsumer {
 impl PostgresConsumer {
     async fn claim(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let inner = Arc::clone(&self.broker.inner);
-        let promote = self.last_promote.is_none_or(|at| at.elapsed() >= inner.options.poll_interval);
+        let promote = self
+            .last_promote
+            .is_none_or(|at| at.elapsed() >= inner.options.poll_interval);
         if promote || !self.busy {
             let row = sqlx::query(
                 "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND queue = $1),
@@ -671,7 +726,14 @@ impl PostgresConsumer {
         .map_err(|e| db_error("claim messages", e))?;
         let mut claimed: Vec<(i32, i64, i32, Vec<u8>)> = rows
             .iter()
-            .map(|r| Ok((r.try_get("priority")?, r.try_get("id")?, r.try_get("attempt")?, r.try_get("body")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get("priority")?,
+                    r.try_get("id")?,
+                    r.try_get("attempt")?,
+                    r.try_get("body")?,
+                ))
+            })
             .collect::<std::result::Result<_, sqlx::Error>>()
             .map_err(|e| db_error("read claimed messages", e))?;
         claimed.sort_by_key(|(priority, id, _, _)| (*priority, *id));

@@ -310,7 +310,11 @@ async fn migrate(pool: &PgPool, options: &PostgresOptions) -> Result<(), Error> 
             "schema {schema} was written by a newer Troupe (version {version}, this one knows {SCHEMA_VERSION}); upgrade troupe-postgres"
         )));
     }
-    for (i, migration) in migrations(schema).into_iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+    for (i, migration) in migrations(schema)
+        .into_iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
         sqlx::raw_sql(AssertSqlSafe(migration))
             .execute(&mut *tx)
             .await
@@ -338,7 +342,8 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let o = PostgresOptions::from_url("postgres://u:secret@h:5432/db?schema=jobs&lease=5s&sslmode=disable").unwrap();
+        let o =
+            PostgresOptions::from_url("postgres://u:secret@h:5432/db?schema=jobs&lease=5s&sslmode=disable").unwrap();
         assert_eq!(o.schema, "jobs");
         assert_eq!(o.lease, Duration::from_secs(5));
         assert_eq!(o.url, "postgres://u:secret@h:5432/db?sslmode=disable");

@@ -16,17 +16,17 @@
 //! # Ok(()) }
 //! ```
 
-mod db;
 #[cfg(feature = "broker")]
 mod broker;
+mod db;
 #[cfg(feature = "results")]
 mod results;
 #[cfg(feature = "results")]
 mod state;
 
-pub use db::PostgresOptions;
 #[cfg(feature = "broker")]
 pub use broker::PostgresBroker;
+pub use db::PostgresOptions;
 #[cfg(feature = "results")]
 pub use results::PostgresResults;
 #[cfg(feature = "results")]

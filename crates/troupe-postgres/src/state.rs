@@ -84,20 +84,25 @@ impl StateBackend for PostgresState {
     }
 
     async fn incr_and_sum(&self, key: &str, keys: &[String], amount: i64, maximum: i64, ttl: Duration) -> Result<bool> {
-        let mut tx = self.pool.begin().await.map_err(|e| db_error("begin a window update", e))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_error("begin a window update", e))?;
         // Serialise updates of this window: lock its first key's advisory lock.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(key)
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error("lock a window", e))?;
-        let sum: i64 = sqlx::query("SELECT COALESCE(SUM(value), 0)::bigint FROM state WHERE key = ANY($1) AND expires_at > now()")
-            .bind(keys)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| db_error("sum a window", e))?
-            .try_get(0)
-            .map_err(|e| db_error("sum a window", e))?;
+        let sum: i64 =
+            sqlx::query("SELECT COALESCE(SUM(value), 0)::bigint FROM state WHERE key = ANY($1) AND expires_at > now()")
+                .bind(keys)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| db_error("sum a window", e))?
+                .try_get(0)
+                .map_err(|e| db_error("sum a window", e))?;
         if sum.saturating_add(amount) > maximum {
             return Ok(false);
         }
@@ -123,7 +128,9 @@ impl StateBackend for PostgresState {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| db_error("read a counter", e))?;
-        row.map(|r| r.try_get(0)).transpose().map_err(|e| db_error("read a counter", e))
+        row.map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| db_error("read a counter", e))
     }
 
     async fn wait(&self, key: &str, timeout: Duration) -> Result<bool> {

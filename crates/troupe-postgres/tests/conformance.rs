@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use troupe_postgres::{PostgresBroker, PostgresOptions, PostgresResults, PostgresState};
 use troupe_test_suite::{Harness, RawEnqueue, TestBroker};
 
-pub fn options() -> PostgresOptions {
+fn options() -> PostgresOptions {
     let url = std::env::var("TROUPE_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     PostgresOptions::from_url(&url)
         .expect("TROUPE_POSTGRES_URL")
@@ -50,7 +50,9 @@ async fn pool() -> troupe_postgres::PgPool {
 }
 
 mod results {
-    troupe_test_suite::results_conformance!(async { super::PostgresResults::from_pool(super::pool().await).into_dyn() });
+    troupe_test_suite::results_conformance!(async {
+        super::PostgresResults::from_pool(super::pool().await).into_dyn()
+    });
 }
 
 mod state {

@@ -47,7 +47,10 @@ impl Actor for Record {
     async fn call(&self, (n,): (i64,)) -> Result<(), ActorError> {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let pool = POOL.get().ok_or_else(|| ActorError::msg("no pool"))?;
-        sqlx::query("INSERT INTO processed (n) VALUES ($1)").bind(n).execute(pool).await?;
+        sqlx::query("INSERT INTO processed (n) VALUES ($1)")
+            .bind(n)
+            .execute(pool)
+            .await?;
         Ok(())
     }
 }
@@ -61,7 +64,9 @@ async fn app(schema: &str) -> (PostgresBroker, App) {
 
 #[test]
 fn child() {
-    let Ok(schema) = std::env::var("TROUPE_PG_ROLE") else { return };
+    let Ok(schema) = std::env::var("TROUPE_PG_ROLE") else {
+        return;
+    };
     tokio::runtime::Runtime::new().unwrap().block_on(async move {
         let (_broker, app) = app(&schema).await;
         let _worker = Worker::builder(app).concurrency(4).start().await.unwrap();
@@ -109,7 +114,10 @@ async fn sigkill_mid_batch_loses_nothing() {
     const N: i64 = 300;
     let schema = schema();
     let (broker, app) = app(&schema).await;
-    sqlx::query("CREATE TABLE processed (n bigint NOT NULL)").execute(broker.pool()).await.unwrap();
+    sqlx::query("CREATE TABLE processed (n bigint NOT NULL)")
+        .execute(broker.pool())
+        .await
+        .unwrap();
     for n in 0..N {
         app.send(&Record, (n,)).await.unwrap();
     }
@@ -130,7 +138,10 @@ async fn sigkill_mid_batch_loses_nothing() {
         "PostgreSQL SIGKILL crash test: {N} messages, {} run before the kill, {in_flight} in flight at the kill, {duplicates} run twice, none lost",
         before.len()
     );
-    assert!(duplicates <= 8, "only the killed worker's prefetch window can run twice: {duplicates}");
+    assert!(
+        duplicates <= 8,
+        "only the killed worker's prefetch window can run twice: {duplicates}"
+    );
 }
 
 struct Count(Arc<std::sync::atomic::AtomicUsize>);
@@ -169,7 +180,10 @@ async fn the_worker_survives_a_restart_of_the_shared_server() {
     let schema = schema();
     let broker = PostgresBroker::open(options(&schema)).await.unwrap();
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = App::builder(Arc::new(broker.clone())).actor(Count(Arc::clone(&count))).build().unwrap();
+    let app = App::builder(Arc::new(broker.clone()))
+        .actor(Count(Arc::clone(&count)))
+        .build()
+        .unwrap();
     let worker = Worker::builder(app.clone())
         .concurrency(2)
         .fetch_timeout(Duration::from_millis(200))
@@ -210,24 +224,40 @@ fn one_line(e: &troupe_core::Error) -> String {
 
 #[tokio::test]
 async fn bad_urls_missing_databases_and_privileges_are_one_clear_line() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let e = PostgresBroker::connect(&format!("postgres://postgres:s3cret@127.0.0.1:{port}/test?connect_timeout=2s"))
-        .await
-        .unwrap_err();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = PostgresBroker::connect(&format!(
+        "postgres://postgres:s3cret@127.0.0.1:{port}/test?connect_timeout=2s"
+    ))
+    .await
+    .unwrap_err();
     let text = one_line(&e);
-    assert!(text.contains("cannot use PostgreSQL") && !text.contains("s3cret"), "{text}");
+    assert!(
+        text.contains("cannot use PostgreSQL") && !text.contains("s3cret"),
+        "{text}"
+    );
     assert!(e.is_transient(), "an unreachable server is a connection error: {text}");
 
-    let e = PostgresBroker::connect("postgres://postgres@127.0.0.1:5432/troupe_no_such_db").await.unwrap_err();
+    let e = PostgresBroker::connect("postgres://postgres@127.0.0.1:5432/troupe_no_such_db")
+        .await
+        .unwrap_err();
     let text = one_line(&e);
     assert!(text.contains("does not exist") && text.contains("createdb"), "{text}");
 
     let admin = PgPool::connect(&url()).await.unwrap();
     let _ = sqlx::query("CREATE ROLE troupe_limited LOGIN").execute(&admin).await;
     let limited = url().replacen("postgres@", "troupe_limited@", 1);
-    let e = PostgresBroker::connect(&format!("{limited}?schema={}", schema())).await.unwrap_err();
+    let e = PostgresBroker::connect(&format!("{limited}?schema={}", schema()))
+        .await
+        .unwrap_err();
     let text = one_line(&e);
-    assert!(text.contains("permission denied") && text.contains("privilege"), "{text}");
+    assert!(
+        text.contains("permission denied") && text.contains("privilege"),
+        "{text}"
+    );
 
     let e = PostgresBroker::connect("postgres://h/db?lease=soon").await.unwrap_err();
     assert!(one_line(&e).contains("lease"), "{e}");

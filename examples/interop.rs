@@ -1,0 +1,259 @@
+//! Interoperability with Python Dramatiq on Redis, both directions: a Troupe worker runs messages
+//! that Python sends, and Troupe sends messages that a Python worker runs. Both store results
+//! with Dramatiq's Redis result keys, so each side reads the other's results.
+//!
+//! The actors are those of the Python peer (`tests/interop/peer.py`), same names, same queue
+//! (`default`), same options:
+//!
+//! | actor | returns | options |
+//! |---|---|---|
+//! | `add(a, b)` | `a + b` | `store_results` |
+//! | `echo(value)` | `value`, unchanged (any JSON) | `store_results` |
+//! | `fail_always()` | fails with `ValueError` | `store_results`, `max_retries = 2`, `min_backoff = 100ms`, `max_backoff = 1s` |
+//! | `sleep_ms(ms)` | `ms`, after sleeping that long | `store_results` |
+//!
+//! ```text
+//! # a Troupe worker for Python producers (results in the same Redis by default):
+//! cargo run -p troupe --all-features --example interop -- worker --broker-url redis://127.0.0.1:6379/0
+//! #   python: add.send(1, 2).get_result(block=True) == 3
+//!
+//! # a message for a Python worker (prints its message_id):
+//! cargo run -p troupe --all-features --example interop -- send --broker-url redis://127.0.0.1:6379/0 \
+//!     --actor add --args '[1, 2]'
+//! cargo run -p troupe --all-features --example interop -- send --actor echo --args '[]' \
+//!     --kwargs '{"value": {"nested": [1, 2.5, null]}}' --delay-ms 500 --option result_ttl=60000
+//! ```
+//!
+//! A Redis URL may carry the key prefix as `?namespace=NAME` (Dramatiq's `namespace`, default
+//! `dramatiq`).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::{Map, Number, Value, json};
+use troupe::prelude::*;
+use troupe::worker::WorkerArgs;
+use troupe::{Broker, ResultBackend, current_message, now_ms};
+
+/// The error type of the commands.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The broker used when no `--broker-url` is given.
+pub const DEFAULT_BROKER_URL: &str = "redis://127.0.0.1:6379/0";
+
+/// Command line: `worker` or `send`.
+#[derive(Debug, clap::Parser)]
+#[command(about = "Troupe and Python Dramatiq on one Redis: a worker, or a producer")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run a worker with the interop actors until Ctrl-C or SIGTERM.
+    Worker(WorkerCommand),
+    /// Enqueue one message by actor name and print its message_id.
+    Send(SendArgs),
+}
+
+/// Flags of `worker`: the standard worker flags and where results go.
+#[derive(Debug, clap::Args)]
+pub struct WorkerCommand {
+    /// The standard worker flags (`--broker-url`, `--queues`, `-c`, ...); the broker defaults
+    /// to `redis://127.0.0.1:6379/0`.
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    /// Where results are stored (redis://); default: the broker URL when it is a Redis one.
+    #[arg(long, env = "TROUPE_RESULTS_URL")]
+    pub results_url: Option<String>,
+}
+
+/// Flags of `send`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SendArgs {
+    /// Broker URL (redis://HOST[:PORT][/DB][?namespace=NAME]).
+    #[arg(long, env = "TROUPE_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
+    pub broker_url: String,
+    /// The actor's name (no actor needs to be registered here).
+    #[arg(long)]
+    pub actor: String,
+    /// Positional arguments: a JSON array.
+    #[arg(long, default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments: a JSON object.
+    #[arg(long)]
+    pub kwargs: Option<String>,
+    /// The queue.
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+    /// Enqueue on the delay queue, due after this many milliseconds.
+    #[arg(long)]
+    pub delay_ms: Option<u64>,
+    /// A message option, `KEY=JSON` (`max_retries=0`, `result_ttl=60000`); repeatable.
+    #[arg(long = "option", value_name = "KEY=JSON")]
+    pub options: Vec<String>,
+}
+
+/// Whether the actors print what they receive (the `worker` command does).
+static PRINT_CALLS: AtomicBool = AtomicBool::new(false);
+/// What the actors received, in order: one record per call.
+static CALLS: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+
+/// Every call the actors of this process received so far, as the Python peer reports them:
+/// `{"actor", "message_id", "queue_name", "retries", "received": {param: value}, "at_ms"}`.
+#[must_use]
+pub fn calls() -> Vec<Value> {
+    CALLS.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+fn record(actor: &str, received: Value) {
+    let message = current_message();
+    let call = json!({
+        "actor": actor,
+        "message_id": message.as_ref().map(|m| m.message_id.clone()),
+        "queue_name": message.as_ref().map(|m| m.queue_name.clone()),
+        "retries": message.as_ref().map(Message::retries),
+        "received": received,
+        "at_ms": now_ms(),
+    });
+    if PRINT_CALLS.load(Ordering::Relaxed) {
+        println!("{call}");
+    }
+    CALLS.lock().unwrap_or_else(PoisonError::into_inner).push(call);
+}
+
+/// Adds two JSON numbers, as Python's `a + b`: integers add exactly while the sum fits in 64
+/// bits (i64, or u64 above `i64::MAX`), anything else (a float, or a larger sum) adds as f64.
+/// `Value` parameters accept whatever number Python sends, int or float.
+#[troupe::actor(store_results = true)]
+pub async fn add(a: Value, b: Value) -> Result<Value, ActorError> {
+    record("add", json!({"a": a, "b": b}));
+    add_numbers(&a, &b)
+}
+
+fn add_numbers(a: &Value, b: &Value) -> Result<Value, ActorError> {
+    let (Value::Number(x), Value::Number(y)) = (a, b) else {
+        return Err(ActorError::new(
+            "TypeError",
+            format!("add needs two numbers, got {a} and {b}"),
+        ));
+    };
+    let int = |n: &Number| n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from));
+    if let (Some(x), Some(y)) = (int(x), int(y)) {
+        let sum = x + y;
+        if let Ok(v) = i64::try_from(sum) {
+            return Ok(v.into());
+        }
+        if let Ok(v) = u64::try_from(sum) {
+            return Ok(v.into());
+        }
+    }
+    let sum = x.as_f64().unwrap_or(f64::NAN) + y.as_f64().unwrap_or(f64::NAN);
+    Number::from_f64(sum)
+        .map(Value::Number)
+        .ok_or_else(|| ActorError::new("OverflowError", format!("{x} + {y} is not a finite number")))
+}
+
+/// Returns its argument unchanged: any JSON value.
+#[troupe::actor(store_results = true)]
+pub async fn echo(value: Value) -> Value {
+    record("echo", json!({"value": value}));
+    value
+}
+
+/// Always fails (as Python's `raise ValueError(...)`): two quick retries, then the dead letters.
+#[troupe::actor(store_results = true, max_retries = 2, min_backoff = "100ms", max_backoff = "1s")]
+pub async fn fail_always() -> Result<(), ActorError> {
+    record("fail_always", json!({}));
+    Err(ActorError::new("ValueError", "fail_always always fails"))
+}
+
+/// Sleeps `ms` milliseconds and returns `ms`.
+#[troupe::actor(store_results = true)]
+pub async fn sleep_ms(ms: u64) -> u64 {
+    record("sleep_ms", json!({"ms": ms}));
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+/// The app of a worker: the four actors, results in `results`.
+///
+/// # Errors
+/// As [`App::builder`]'s `build`.
+pub fn build_app(broker: Arc<dyn Broker>, results: Arc<dyn ResultBackend>) -> troupe::Result<App> {
+    App::builder(broker)
+        .results(results)
+        .actor(Add)
+        .actor(Echo)
+        .actor(FailAlways)
+        .actor(SleepMs)
+        .build()
+}
+
+/// Runs a worker with the interop actors until SIGINT or SIGTERM (`troupe::run_worker`), each
+/// call printed as a JSON line on stdout. Returns Dramatiq's exit code (0 clean, 2 bad
+/// configuration, 3 broker unreachable).
+///
+/// # Errors
+/// No results URL (the broker is not Redis and no `--results-url`), or an unreachable results
+/// backend.
+pub async fn worker(mut command: WorkerCommand) -> Result<u8, BoxError> {
+    let broker_url = command
+        .worker
+        .broker_url
+        .get_or_insert_with(|| DEFAULT_BROKER_URL.to_owned())
+        .clone();
+    let results_url = match command.results_url {
+        Some(url) => url,
+        None if broker_url.to_ascii_lowercase().starts_with("redis") => broker_url,
+        None => return Err("the actors store results: pass --results-url redis://HOST".into()),
+    };
+    let results = troupe::connect_results(&results_url).await?;
+    PRINT_CALLS.store(true, Ordering::Relaxed);
+    Ok(troupe::run_worker_status(command.worker, |broker| build_app(broker, results)).await)
+}
+
+/// Builds the message `args` describe (by actor name, so no actor is registered), enqueues it
+/// through an app without actors, prints its `message_id` on `out` and returns it as enqueued
+/// (on `q.DQ` with an `eta` when delayed).
+///
+/// # Errors
+/// Bad JSON in `--args`, `--kwargs` or `--option`, an invalid queue name, or a broker error.
+pub async fn send(args: SendArgs, out: &mut dyn Write) -> Result<Message, BoxError> {
+    let positional: Vec<Value> =
+        serde_json::from_str(&args.args).map_err(|e| format!("--args must be a JSON array: {e}"))?;
+    let kwargs: Map<String, Value> = match &args.kwargs {
+        Some(text) => serde_json::from_str(text).map_err(|e| format!("--kwargs must be a JSON object: {e}"))?,
+        None => Map::new(),
+    };
+    let mut message = Message::new(args.queue, args.actor, positional, kwargs);
+    for option in &args.options {
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| format!("--option {option:?} is not KEY=JSON"))?;
+        let value: Value =
+            serde_json::from_str(value).map_err(|e| format!("--option {key}: {value:?} is not JSON: {e}"))?;
+        message.options.insert(key.to_owned(), value);
+    }
+    let app = App::builder(troupe::connect(&args.broker_url).await?).build()?;
+    let enqueued = app.enqueue(message, args.delay_ms.map(Duration::from_millis)).await?;
+    writeln!(out, "{}", enqueued.message_id)?;
+    Ok(enqueued)
+}
+
+#[tokio::main]
+async fn main() -> Result<ExitCode, BoxError> {
+    match <Cli as clap::Parser>::parse().command {
+        Command::Worker(command) => Ok(ExitCode::from(worker(command).await?)),
+        Command::Send(args) => {
+            send(args, &mut std::io::stdout()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
