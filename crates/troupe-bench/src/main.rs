@@ -146,7 +146,11 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         if latencies.is_empty() {
             return 0.0;
         }
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
         let i = ((latencies.len() - 1) as f64 * p).round() as usize;
         (latencies[i] * 100.0).round() / 100.0
     };
