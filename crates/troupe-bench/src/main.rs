@@ -29,6 +29,19 @@ struct Args {
     /// Worker concurrency.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Worker processes to start (0: one worker inside the benchmark process). Each runs
+    /// `--concurrency` actors at once.
+    #[arg(long, default_value_t = 0)]
+    processes: usize,
+    /// PostgreSQL only: rows to bulk-insert behind the measured messages before the drain, to
+    /// show whether claims slow down as the table grows (the drain is timed over the measured
+    /// messages only).
+    #[arg(long, default_value_t = 0)]
+    backlog: u64,
+    /// Run as a worker process only (used by --processes): consume until SIGTERM, then print
+    /// the message numbers this process ran.
+    #[arg(long, hide = true)]
+    worker_only: bool,
     /// Idle pick-up latency samples (send one message to an idle worker, time until its actor
     /// starts), taken after the burn-down.
     #[arg(long, default_value_t = 200)]
@@ -66,6 +79,15 @@ async fn noop(n: u64) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if args.worker_only {
+        return match worker_only(&args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(&args).await {
         Ok(report) => {
             if args.json {
@@ -89,6 +111,54 @@ async fn main() -> ExitCode {
     }
 }
 
+/// A worker process for `--processes`: runs until SIGTERM, then prints the numbers it ran.
+async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    if let Ok(mut seen) = SEEN.lock() {
+        *seen = Some(HashSet::new());
+    }
+    let broker = troupe::connect(&args.broker_url).await?;
+    let app = App::builder(broker).actor(Noop).build()?;
+    let worker = Worker::builder(app)
+        .concurrency(args.concurrency)
+        .fetch_timeout(Duration::from_millis(100))
+        .queues(["bench"])
+        .start()
+        .await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    term.recv().await;
+    worker.stop().await;
+    let seen: Vec<u64> = SEEN.lock().ok().and_then(|s| s.as_ref().map(|s| s.iter().copied().collect())).unwrap_or_default();
+    let runs = RUNS.load(std::sync::atomic::Ordering::Relaxed);
+    println!("{}", json!({"runs": runs, "seen": seen}));
+    Ok(())
+}
+
+/// Bulk-inserts `count` no-op messages numbered from `first` behind the measured ones.
+async fn backlog(url: &str, first: u64, count: u64) -> Result<(), Box<dyn std::error::Error>> {
+    use troupe::postgres::sqlx;
+    let options = troupe::postgres::PostgresOptions::from_url(url)?;
+    let pool = sqlx::PgPool::connect(&options.url).await?;
+    let sql = format!(
+        "INSERT INTO {schema}.jobs (queue, message_id, state, body)
+         SELECT 'bench', md5(n::text), 0, convert_to(json_build_object(
+             'queue_name', 'bench', 'actor_name', 'noop', 'args', json_build_array(n), 'kwargs', '{{}}'::json,
+             'options', '{{}}'::json, 'message_id', md5(n::text), 'message_timestamp', 0)::text, 'UTF8')
+         FROM generate_series($1::bigint, $2::bigint) AS n",
+        schema = options.schema
+    );
+    let first = i64::try_from(first)?;
+    let last = first + i64::try_from(count)? - 1;
+    // In chunks, so one statement never holds the table long.
+    let mut at = first;
+    while at <= last {
+        let end = (at + 99_999).min(last);
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(at).bind(end).execute(&pool).await?;
+        at = end + 1;
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}.jobs", options.schema))).execute(&pool).await?;
+    Ok(())
+}
+
 async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     if let Some(path) = args.broker_url.strip_prefix("sqlite://") {
         let path = path.split('?').next().unwrap_or(path);
@@ -110,20 +180,81 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     }
     let enqueue_secs = started.elapsed().as_secs_f64();
 
+    let backlog_secs = if args.backlog > 0 {
+        let at = Instant::now();
+        backlog(&args.broker_url, args.messages, args.backlog).await?;
+        at.elapsed().as_secs_f64()
+    } else {
+        0.0
+    };
+
     let started = Instant::now();
-    let worker = Worker::builder(app.clone())
-        .concurrency(args.concurrency)
-        .fetch_timeout(Duration::from_millis(100))
-        .start()
-        .await?;
+    let mut children = Vec::new();
+    for _ in 0..args.processes {
+        children.push(
+            tokio::process::Command::new(std::env::current_exe()?)
+                .args(["--worker-only", "--broker-url", &args.broker_url, "--concurrency"])
+                .arg(args.concurrency.to_string())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    let worker = if args.processes == 0 {
+        Some(
+            Worker::builder(app.clone())
+                .concurrency(args.concurrency)
+                .fetch_timeout(Duration::from_millis(100))
+                .start()
+                .await?,
+        )
+    } else {
+        None
+    };
     loop {
-        let stats = broker.stats("bench").await?;
-        if stats.pending() == 0 {
+        let done = if args.backlog > 0 {
+            SEEN.lock().ok().and_then(|s| s.as_ref().map(|s| s.iter().filter(|n| **n < args.messages).count())).unwrap_or(0)
+                as u64
+                >= args.messages
+        } else {
+            broker.stats("bench").await?.pending() == 0
+        };
+        if done {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drain_secs = started.elapsed().as_secs_f64();
+    for child in &children {
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill").args(["-s", "TERM", &pid.to_string()]).status();
+        }
+    }
+    for child in children {
+        let out = child.wait_with_output().await?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        RUNS.fetch_add(report["runs"].as_u64().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        if let (Ok(mut seen), Some(list)) = (SEEN.lock(), report["seen"].as_array())
+            && let Some(set) = seen.as_mut()
+        {
+            // A number run by two processes counts once here and twice in RUNS.
+            set.extend(list.iter().filter_map(serde_json::Value::as_u64));
+        }
+    }
+    let worker = match worker {
+        Some(w) => w,
+        None => {
+            Worker::builder(app.clone())
+                .concurrency(args.concurrency)
+                .fetch_timeout(Duration::from_millis(100))
+                .queues(["bench_latency"])
+                .start()
+                .await?
+        }
+    };
+    if args.backlog > 0 {
+        broker.purge("bench").await?;
+    }
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     if let Ok(mut started) = STARTED.lock() {
@@ -155,13 +286,24 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         (latencies[i] * 100.0).round() / 100.0
     };
 
-    let runs = RUNS.load(std::sync::atomic::Ordering::Relaxed);
-    let distinct = SEEN.lock().ok().and_then(|s| s.as_ref().map(HashSet::len)).unwrap_or(0) as u64;
+    let (distinct, extra) = SEEN
+        .lock()
+        .ok()
+        .and_then(|s| {
+            s.as_ref()
+                .map(|s| (s.iter().filter(|n| **n < args.messages).count() as u64, s.iter().filter(|n| **n >= args.messages).count() as u64))
+        })
+        .unwrap_or((0, 0));
+    // Backlog messages run during the drain are neither measured nor checked.
+    let runs = RUNS.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(extra);
     let n = args.messages as f64;
     Ok(json!({
         "broker": broker.backend(),
         "messages": args.messages,
         "concurrency": args.concurrency,
+        "processes": args.processes,
+        "backlog": args.backlog,
+        "backlog_insert_secs": (backlog_secs * 10.0).round() / 10.0,
         "enqueue_per_sec": (n / enqueue_secs).round(),
         "process_per_sec": (n / drain_secs).round(),
         "idle_pickup_ms_p50": pct(0.5),
