@@ -417,6 +417,18 @@ async fn write_batch(pool: &PgPool, batch: &[Write]) -> Result<()> {
             Op::Nack { .. } => {}
         }
     }
+    // The common case, acks only: one statement, no explicit transaction (one round trip).
+    if back_ids.is_empty() && ack_ids.len() == batch.len() {
+        sqlx::query(
+            "DELETE FROM jobs WHERE state = 1 AND (id, attempt) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))",
+        )
+        .bind(&ack_ids)
+        .bind(&ack_attempts)
+        .execute(pool)
+        .await
+        .map_err(|e| db_error("ack messages", e))?;
+        return Ok(());
+    }
     let mut tx = pool.begin().await.map_err(|e| db_error("begin a write", e))?;
     if !ack_ids.is_empty() {
         // Fenced by attempt: a late ack from a worker whose lease was taken over does nothing.
