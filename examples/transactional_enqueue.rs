@@ -24,8 +24,13 @@ async fn send_welcome(address: String) {
 /// transaction roll back after both writes.
 async fn sign_up(broker: &PostgresBroker, address: &str, fail: bool) -> Result<(), Box<dyn std::error::Error>> {
     let mut tx = broker.pool().begin().await?;
-    sqlx::query("INSERT INTO example_users (address) VALUES ($1)").bind(address).execute(&mut *tx).await?;
-    broker.enqueue_in(&mut tx, SendWelcome.message(address.to_owned())?, None).await?;
+    sqlx::query("INSERT INTO example_users (address) VALUES ($1)")
+        .bind(address)
+        .execute(&mut *tx)
+        .await?;
+    broker
+        .enqueue_in(&mut tx, SendWelcome.message(address.to_owned())?, None)
+        .await?;
     if fail {
         tx.rollback().await?;
         println!("sign-up of {address}: rolled back (the user row and the email both vanish)");
@@ -43,12 +48,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--database-url" => url = args.next().ok_or("--database-url needs a URL")?,
-            other => return Err(format!("unknown argument {other:?}; usage: transactional_enqueue [--database-url URL]").into()),
+            other => {
+                return Err(
+                    format!("unknown argument {other:?}; usage: transactional_enqueue [--database-url URL]").into(),
+                );
+            }
         }
     }
     let schema = format!("troupe_example_{}", std::process::id());
     let broker = PostgresBroker::open(PostgresOptions::from_url(&url)?.schema(schema.clone())).await?;
-    sqlx::query("CREATE TABLE example_users (address text PRIMARY KEY)").execute(broker.pool()).await?;
+    sqlx::query("CREATE TABLE example_users (address text PRIMARY KEY)")
+        .execute(broker.pool())
+        .await?;
 
     sign_up(&broker, "ada@example.com", false).await?;
     sign_up(&broker, "bob@example.com", true).await?;
@@ -66,6 +77,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .fetch_all(broker.pool())
         .await?;
     println!("users: {users:?}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(broker.pool()).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(broker.pool())
+        .await?;
     Ok(())
 }

@@ -98,6 +98,7 @@ cleanup_test_data() {
 ensure_services() {
   ensure_postgres
   ensure_redis
+  ensure_rabbitmq
   ensure_dramatiq_venv
   cleanup_test_data
 }

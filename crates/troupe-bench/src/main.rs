@@ -127,7 +127,11 @@ async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     term.recv().await;
     worker.stop().await;
-    let seen: Vec<u64> = SEEN.lock().ok().and_then(|s| s.as_ref().map(|s| s.iter().copied().collect())).unwrap_or_default();
+    let seen: Vec<u64> = SEEN
+        .lock()
+        .ok()
+        .and_then(|s| s.as_ref().map(|s| s.iter().copied().collect()))
+        .unwrap_or_default();
     let runs = RUNS.load(std::sync::atomic::Ordering::Relaxed);
     println!("{}", json!({"runs": runs, "seen": seen}));
     Ok(())
@@ -152,10 +156,16 @@ async fn backlog(url: &str, first: u64, count: u64) -> Result<(), Box<dyn std::e
     let mut at = first;
     while at <= last {
         let end = (at + 99_999).min(last);
-        sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(at).bind(end).execute(&pool).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(at)
+            .bind(end)
+            .execute(&pool)
+            .await?;
         at = end + 1;
     }
-    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}.jobs", options.schema))).execute(&pool).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}.jobs", options.schema)))
+        .execute(&pool)
+        .await?;
     Ok(())
 }
 
@@ -213,8 +223,10 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     };
     loop {
         let done = if args.backlog > 0 {
-            SEEN.lock().ok().and_then(|s| s.as_ref().map(|s| s.iter().filter(|n| **n < args.messages).count())).unwrap_or(0)
-                as u64
+            SEEN.lock()
+                .ok()
+                .and_then(|s| s.as_ref().map(|s| s.iter().filter(|n| **n < args.messages).count()))
+                .unwrap_or(0) as u64
                 >= args.messages
         } else {
             broker.stats("bench").await?.pending() == 0
@@ -227,13 +239,18 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     let drain_secs = started.elapsed().as_secs_f64();
     for child in &children {
         if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill").args(["-s", "TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-s", "TERM", &pid.to_string()])
+                .status();
         }
     }
     for child in children {
         let out = child.wait_with_output().await?;
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        RUNS.fetch_add(report["runs"].as_u64().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        RUNS.fetch_add(
+            report["runs"].as_u64().unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let (Ok(mut seen), Some(list)) = (SEEN.lock(), report["seen"].as_array())
             && let Some(set) = seen.as_mut()
         {
@@ -290,8 +307,12 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         .lock()
         .ok()
         .and_then(|s| {
-            s.as_ref()
-                .map(|s| (s.iter().filter(|n| **n < args.messages).count() as u64, s.iter().filter(|n| **n >= args.messages).count() as u64))
+            s.as_ref().map(|s| {
+                (
+                    s.iter().filter(|n| **n < args.messages).count() as u64,
+                    s.iter().filter(|n| **n >= args.messages).count() as u64,
+                )
+            })
         })
         .unwrap_or((0, 0));
     // Backlog messages run during the drain are neither measured nor checked.

@@ -64,6 +64,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
         "redis" | "rediss" | "redis+unix" => Ok(Arc::new(troupe_redis::RedisBroker::connect(url).await?)),
         #[cfg(feature = "broker-postgres")]
         "postgres" | "postgresql" => Ok(Arc::new(troupe_postgres::PostgresBroker::connect(url).await?)),
+        #[cfg(feature = "broker-rabbitmq")]
+        "amqp" | "amqps" => Ok(Arc::new(troupe_rabbitmq::RabbitmqBroker::connect(url).await?)),
         other => Err(not_compiled_in(url, other, false)),
     }
 }
@@ -94,8 +96,8 @@ mod tests {
     #[tokio::test]
     async fn schemes() {
         assert_eq!(connect("memory://").await.unwrap().backend(), "memory");
-        let err = connect("amqp://localhost").await.unwrap_err().to_string();
-        assert!(err.contains("broker-rabbitmq"), "{err}");
+        let err = connect("kafka://localhost").await.unwrap_err().to_string();
+        assert!(err.contains("unknown URL scheme"), "{err}");
         let err = connect_results("amqp://localhost").await.unwrap_err().to_string();
         assert!(err.contains("no results backend"), "{err}");
         let err = connect("ftp://u:secret@host/x").await.unwrap_err().to_string();

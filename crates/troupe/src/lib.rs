@@ -47,9 +47,10 @@
 //! | `results-redis` | no | Redis results and state backends, Dramatiq's keys |
 //! | `broker-postgres` | no | the PostgreSQL broker (`postgres://`), transactional enqueue |
 //! | `results-postgres` | no | PostgreSQL results and state backends |
+//! | `broker-rabbitmq` | no | the RabbitMQ broker (`amqp://`), Dramatiq's topology |
 //! | `full` | no | everything above |
 //!
-//! RabbitMQ comes with its crate; the in-memory broker is always available.
+//! The in-memory broker is always available.
 
 pub use troupe_core::{
     Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter,
@@ -79,6 +80,12 @@ pub use troupe_worker::Worker;
 #[cfg(any(feature = "broker-redis", feature = "results-redis"))]
 pub mod redis {
     pub use troupe_redis::*;
+}
+
+/// The RabbitMQ broker (`amqp://`), compatible with Python Dramatiq's.
+#[cfg(feature = "broker-rabbitmq")]
+pub mod rabbitmq {
+    pub use troupe_rabbitmq::*;
 }
 
 /// The PostgreSQL backend (`postgres://`), with transactional enqueue.

@@ -1,0 +1,148 @@
+//! The conformance suite against the machine's RabbitMQ (`TROUPE_RABBITMQ_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`). Every case uses queue names of its own, and
+//! deletes them when it ends (the broker under test is wrapped in [`Cleanup`]). A missing server
+//! fails the tests; it never skips them.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use troupe_core::queue::q_name;
+use troupe_core::{Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, Message, QueueStats, Result};
+use troupe_rabbitmq::{RabbitmqBroker, RabbitmqOptions};
+use troupe_test_suite::{Harness, RawEnqueue, TestBroker};
+
+fn options() -> RabbitmqOptions {
+    let url = std::env::var("TROUPE_RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    RabbitmqOptions::from_url(&url)
+        .expect("TROUPE_RABBITMQ_URL")
+        .max_message_size(64 * 1024)
+        .connection_name(format!("troupe-conformance-{}", uuid::Uuid::new_v4().simple()))
+}
+
+struct RabbitmqHarness;
+
+impl Harness for RabbitmqHarness {
+    fn setup(&self) -> BoxFuture<'_, TestBroker> {
+        Box::pin(async {
+            let options = options();
+            let limit = options.max_message_size;
+            let broker = RabbitmqBroker::open(options)
+                .await
+                .expect("RabbitMQ must be running for these tests (scripts/test starts it)");
+            let raw_broker = broker.clone();
+            let raw: RawEnqueue = Arc::new(move |queue, bytes| {
+                let b = raw_broker.clone();
+                Box::pin(async move { b.enqueue_raw(&queue, bytes).await })
+            });
+            // A dropped consumer's channel closes at once: redelivery takes milliseconds.
+            let broker = Cleanup {
+                broker,
+                queues: Mutex::new(HashSet::new()),
+            };
+            TestBroker::new(Arc::new(broker), raw, Duration::from_secs(3), limit)
+        })
+    }
+}
+
+troupe_test_suite::broker_conformance!(RabbitmqHarness);
+
+/// The broker under test, remembering the queues a case uses so it can delete them (with their
+/// `.DQ` and `.XQ`) when the case drops its last handle on it.
+#[derive(Debug)]
+struct Cleanup {
+    broker: RabbitmqBroker,
+    queues: Mutex<HashSet<String>>,
+}
+
+impl Cleanup {
+    fn saw(&self, queue: &str) {
+        self.queues.lock().unwrap().insert(q_name(queue).to_owned());
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let queues: Vec<String> = self.queues.lock().unwrap().drain().collect();
+        if queues.is_empty() {
+            return;
+        }
+        let options = self.broker.options().clone();
+        // The case's runtime may be shutting down: delete from a runtime of our own.
+        let cleaned = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let broker = RabbitmqBroker::open(options).await.unwrap();
+                for queue in queues {
+                    broker.delete_queue(&queue).await.unwrap();
+                }
+                broker.close().await.unwrap();
+            });
+        })
+        .join();
+        if cleaned.is_err() && !std::thread::panicking() {
+            panic!("could not delete the queues of the case");
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for Cleanup {
+    fn backend(&self) -> &'static str {
+        self.broker.backend()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.broker.capabilities()
+    }
+
+    fn encoder(&self) -> Arc<dyn Encoder> {
+        self.broker.encoder()
+    }
+
+    async fn declare_queue(&self, queue: &str) -> Result<()> {
+        self.saw(queue);
+        self.broker.declare_queue(queue).await
+    }
+
+    async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
+        self.saw(&message.queue_name);
+        self.broker.enqueue(message, delay).await
+    }
+
+    async fn consume(&self, queue: &str, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
+        self.saw(queue);
+        self.broker.consume(queue, options).await
+    }
+
+    async fn purge(&self, queue: &str) -> Result<()> {
+        self.broker.purge(queue).await
+    }
+
+    async fn stats(&self, queue: &str) -> Result<QueueStats> {
+        self.broker.stats(queue).await
+    }
+
+    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        self.broker.dead_letters(queue, limit).await
+    }
+
+    async fn requeue_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        self.broker.requeue_dead_letters(queue, ids).await
+    }
+
+    async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
+        self.broker.purge_dead_letters(queue).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.broker.close().await
+    }
+}

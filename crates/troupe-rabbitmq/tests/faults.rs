@@ -1,0 +1,704 @@
+//! Faults on RabbitMQ: a worker SIGKILLed mid-batch loses nothing; queues declared by Python
+//! Dramatiq (pika's argument types) are accepted, and the reverse; a connection closed by the
+//! server under a running worker is survived; a crashed and restarted RabbitMQ is survived; a
+//! deleted queue is declared again on the next publish; connection errors are one clear line
+//! without the password.
+//!
+//! Most of it runs against the machine's RabbitMQ (`TROUPE_RABBITMQ_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`), with queues of its own, which it deletes. That
+//! server is never stopped (`rabbitmqctl stop_app` would break the other tests running in
+//! parallel): the connection test closes only this broker's connections with
+//! `rabbitmqctl close_connection`, and the crash test starts a private RabbitMQ node (own port,
+//! node name and data directory, run as the `rabbitmq` user as the Debian scripts do) and
+//! SIGKILLs it. The worker-crash test runs this binary again as the worker process
+//! (`TROUPE_RABBITMQ_ROLE`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use troupe_core::{Actor, ActorError, ActorOptions, App, Broker, ConsumerOptions, ErrorKind, Message};
+use troupe_rabbitmq::{RabbitmqBroker, RabbitmqOptions};
+use troupe_worker::Worker;
+
+fn url() -> String {
+    std::env::var("TROUPE_RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+async fn broker(name: &str) -> RabbitmqBroker {
+    let options = RabbitmqOptions::from_url(&url())
+        .unwrap()
+        .connection_name(name.to_owned());
+    RabbitmqBroker::open(options)
+        .await
+        .expect("RabbitMQ must be running for these tests (scripts/test starts it)")
+}
+
+/// A plain lapin connection, as another client (Python's pika) would have.
+async fn plain_channel() -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running for these tests");
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+/// Records each run of its argument as one line in a file (appends of one short line are
+/// atomic, so two processes may write it).
+struct Record {
+    queue: String,
+    log: PathBuf,
+}
+
+impl Actor for Record {
+    type Args = (u64,);
+    type Output = ();
+    fn name(&self) -> &str {
+        "record"
+    }
+    fn options(&self) -> ActorOptions {
+        ActorOptions::new().queue_name(self.queue.clone())
+    }
+    async fn call(&self, (n,): (u64,)) -> Result<(), ActorError> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        file.write_all(format!("{n}\n").as_bytes())?;
+        Ok(())
+    }
+}
+
+fn runs(log: &Path) -> HashMap<u64, u64> {
+    let mut seen = HashMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        if let Ok(n) = line.parse::<u64>() {
+            *seen.entry(n).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+async fn wait_runs(log: &Path, n: usize, timeout: Duration) -> HashMap<u64, u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = runs(log);
+        if seen.len() >= n || Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The worker process of the crash test.
+#[test]
+fn child() {
+    if std::env::var("TROUPE_RABBITMQ_ROLE").is_err() {
+        return;
+    }
+    let queue = std::env::var("TROUPE_RABBITMQ_QUEUE").unwrap();
+    let log = PathBuf::from(std::env::var("TROUPE_RABBITMQ_LOG").unwrap());
+    tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        let broker = broker(&unique("troupe-crash-child")).await;
+        let app = App::builder(Arc::new(broker))
+            .actor(Record { queue, log })
+            .build()
+            .unwrap();
+        let _worker = Worker::builder(app).concurrency(4).start().await.unwrap();
+        std::future::pending::<()>().await;
+    });
+}
+
+fn spawn_worker(queue: &str, log: &Path) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["child", "--exact", "--nocapture", "--test-threads", "1"])
+        .env("TROUPE_RABBITMQ_ROLE", "worker")
+        .env("TROUPE_RABBITMQ_QUEUE", queue)
+        .env("TROUPE_RABBITMQ_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_batch_loses_nothing() {
+    const N: u64 = 300;
+    let queue = unique("crash");
+    let log = std::env::temp_dir().join(format!("{queue}.log"));
+    let broker = broker(&unique("troupe-crash")).await;
+    let record = Record {
+        queue: queue.clone(),
+        log: log.clone(),
+    };
+    let app = App::builder(Arc::new(broker.clone())).actor(record).build().unwrap();
+    let sender = Record {
+        queue: queue.clone(),
+        log: log.clone(),
+    };
+    for n in 0..N {
+        app.send(&sender, (n,)).await.unwrap();
+    }
+    let mut first = spawn_worker(&queue, &log);
+    let before = wait_runs(&log, 60, Duration::from_secs(30)).await;
+    assert!(before.len() >= 60, "the first worker ran {}", before.len());
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    // RabbitMQ put the killed worker's unacked deliveries back when its connection dropped.
+    let ready_after_kill = broker.stats(&queue).await.unwrap().ready;
+    let mut second = spawn_worker(&queue, &log);
+    let done = wait_runs(&log, usize::try_from(N).unwrap(), Duration::from_secs(60)).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let missing: Vec<u64> = (0..N).filter(|n| !done.contains_key(n)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    let duplicates: u64 = done.values().map(|c| c - 1).sum();
+    let redelivered: Vec<u64> = done.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+    eprintln!(
+        "RabbitMQ SIGKILL crash test: {N} messages, {} run before the kill, {ready_after_kill} ready after it, {duplicates} run twice {redelivered:?}, none lost",
+        before.len()
+    );
+    // Only what the killed worker had started or prefetched (concurrency 4, prefetch 8) can
+    // run twice.
+    assert!(duplicates <= 12, "too many duplicates: {duplicates}");
+    let _ = std::fs::remove_file(&log);
+    broker.delete_queue(&queue).await.unwrap();
+}
+
+/// pika's arguments for Dramatiq's queues: strings as long strings (`S`), ints as signed 32-bit
+/// ints (`I`).
+fn pika_arguments(queue: &str, max_priority: Option<i32>) -> [(String, FieldTable); 3] {
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(format!("{queue}.XQ").into()),
+    );
+    if let Some(p) = max_priority {
+        args.insert("x-max-priority".into(), AMQPValue::LongInt(p));
+    }
+    let mut xq = FieldTable::default();
+    xq.insert("x-message-ttl".into(), AMQPValue::LongInt(604_800_000));
+    [
+        (queue.to_owned(), args.clone()),
+        (format!("{queue}.DQ"), args),
+        (format!("{queue}.XQ"), xq),
+    ]
+}
+
+async fn declare_plain(ch: &lapin::Channel, declarations: [(String, FieldTable); 3]) -> lapin::Result<()> {
+    for (name, args) in declarations {
+        ch.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_declared_by_dramatiq_are_accepted_and_the_reverse() {
+    let (_conn, ch) = plain_channel().await;
+    let broker = broker(&unique("troupe-declare")).await;
+
+    // Dramatiq (pika) first, then Troupe.
+    let q = unique("pika_first");
+    declare_plain(&ch, pika_arguments(&q, None)).await.unwrap();
+    broker
+        .declare_queue(&q)
+        .await
+        .expect("Troupe accepts pika's declaration");
+    let sent = broker
+        .enqueue(Message::new(&q, "a", vec![], serde_json::Map::new()), None)
+        .await
+        .unwrap();
+    let mut consumer = broker.consume(&q, ConsumerOptions::new(1)).await.unwrap();
+    let got = consumer.fetch(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got[0].message().unwrap().message_id, sent.message_id);
+    got[0].ack().await.unwrap();
+    consumer.close().await.unwrap();
+
+    // Troupe first (with max_priority), then Dramatiq (pika).
+    let options = RabbitmqOptions::from_url(&url()).unwrap().max_priority(Some(10));
+    let priority_broker = RabbitmqBroker::open(options).await.unwrap();
+    let r = unique("troupe_first");
+    priority_broker.declare_queue(&r).await.unwrap();
+    declare_plain(&ch, pika_arguments(&r, Some(10)))
+        .await
+        .expect("pika's declaration matches Troupe's");
+    // RabbitMQ compares integer arguments by value whatever their width: a 64-bit TTL passes.
+    let mut wide = pika_arguments(&r, Some(10));
+    wide[2]
+        .1
+        .insert("x-message-ttl".into(), AMQPValue::LongLongInt(604_800_000));
+    declare_plain(&ch, wide).await.expect("integer widths do not matter");
+
+    // A control: other arguments are refused, so the checks above mean something.
+    let (_conn2, ch2) = plain_channel().await;
+    let mut other = pika_arguments(&r, Some(10));
+    other[2].1.insert("x-message-ttl".into(), AMQPValue::LongInt(1000));
+    let err = declare_plain(&ch2, other).await.unwrap_err();
+    assert!(err.to_string().contains("PRECONDITION_FAILED"), "{err}");
+    // And Troupe says what to fix when its own arguments differ from the queue's.
+    let err = broker.declare_queue(&r).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("max_priority"), "{err}");
+
+    for queue in [&q, &r] {
+        broker.delete_queue(queue).await.unwrap();
+    }
+}
+
+/// The rabbitmqctl pids of the connections whose `connection_name` starts with `name`.
+fn connection_pids(name: &str) -> Vec<String> {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "--no-table-headers",
+            "list_connections",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl must be installed (it is on the project's machines)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl list_connections failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One line per connection: `<rabbit@host.1.2.3>\t[{"connection_name",longstr,"..."},..]`.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| line.contains(&format!("\"{name} ")))
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_survives_closed_connections() {
+    let queue = unique("closed");
+    let log = std::env::temp_dir().join(format!("{queue}.log"));
+    let name = unique("troupe-close-me");
+    let broker = broker(&name).await;
+    let app = App::builder(Arc::new(broker.clone()))
+        .actor(Record {
+            queue: queue.clone(),
+            log: log.clone(),
+        })
+        .build()
+        .unwrap();
+    let worker = Worker::builder(app.clone())
+        .concurrency(4)
+        .fetch_timeout(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    // A producer sends on the same broker until told to stop.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let app = app.clone();
+        let stop = Arc::clone(&stop);
+        let sender = Record {
+            queue: queue.clone(),
+            log: log.clone(),
+        };
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                app.send(&sender, (sent,))
+                    .await
+                    .expect("sends survive the closed connection");
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            sent
+        })
+    };
+    let before = wait_runs(&log, 30, Duration::from_secs(30)).await;
+    assert!(before.len() >= 30, "ran {} before the close", before.len());
+    let pids = connection_pids(&name);
+    assert_eq!(pids.len(), 2, "the publish and consume connections of {name}: {pids:?}");
+    for pid in &pids {
+        let status = Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "test"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "rabbitmqctl close_connection {pid}");
+    }
+    let closed_at = runs(&log).len();
+    // The worker goes on: 100 more messages run after both connections were closed.
+    let resumed = wait_runs(&log, closed_at + 100, Duration::from_secs(30)).await;
+    assert!(
+        resumed.len() >= closed_at + 100,
+        "the worker did not resume: {} ran, {closed_at} at the close",
+        resumed.len()
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = producer.await.unwrap();
+    let done = wait_runs(&log, usize::try_from(sent).unwrap(), Duration::from_secs(60)).await;
+    let after = connection_pids(&name);
+    worker.stop().await;
+    let missing: Vec<u64> = (0..sent).filter(|n| !done.contains_key(n)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    assert!(
+        after.iter().all(|p| !pids.contains(p)) && after.len() == 2,
+        "the broker reconnected with new connections: before {pids:?}, after {after:?}"
+    );
+    let duplicates: u64 = done.values().map(|c| c - 1).sum();
+    eprintln!(
+        "RabbitMQ closed-connection test: {sent} messages sent, {closed_at} run when both connections were closed, {duplicates} run twice, none lost"
+    );
+    assert!(duplicates <= 12, "too many duplicates: {duplicates}");
+    let _ = std::fs::remove_file(&log);
+    broker.delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_queue_is_declared_again_on_the_next_publish() {
+    const N: usize = 100;
+    let q = unique("deleted");
+    let broker = broker(&unique("troupe-deleted")).await;
+    broker.declare_queue(&q).await.unwrap();
+    let producer = {
+        let broker = broker.clone();
+        let q = q.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            for i in 0..N {
+                let m = Message::new(&q, "a", vec![serde_json::json!(i)], serde_json::Map::new());
+                last = Some(broker.enqueue(m, None).await.expect("every send succeeds").message_id);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            last
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (_conn, ch) = plain_channel().await;
+    let deleted = ch
+        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let last = producer.await.unwrap().unwrap();
+    let stats = broker.stats(&q).await.unwrap();
+    eprintln!(
+        "RabbitMQ deleted-queue test: the delete dropped {deleted} messages, {} are in the declared-again queue",
+        stats.ready
+    );
+    assert!(deleted > 0, "the queue was deleted while the producer ran");
+    assert!(stats.ready > 0 && stats.ready < N as u64, "{stats:?}");
+    // The last message sent is in the queue declared again, with Dramatiq's arguments (the
+    // broker declares it without complaint, and a consumer reads it).
+    broker.declare_queue(&q).await.unwrap();
+    let mut consumer = broker.consume(&q, ConsumerOptions::new(200)).await.unwrap();
+    let mut ids = Vec::new();
+    while ids.len() < usize::try_from(stats.ready).unwrap() {
+        let got = consumer.fetch(200, Duration::from_secs(5)).await.unwrap();
+        assert!(!got.is_empty(), "messages of the declared-again queue");
+        for d in got {
+            ids.push(d.message().unwrap().message_id.clone());
+            d.ack().await.unwrap();
+        }
+    }
+    assert_eq!(ids.last(), Some(&last));
+    consumer.close().await.unwrap();
+    // A consumer whose queue is deleted under it stops with a connection error (the worker
+    // then makes a new consumer), and a new consumer declares the queue again.
+    let mut consumer = broker.consume(&q, ConsumerOptions::new(10)).await.unwrap();
+    ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let err = consumer.fetch(1, Duration::from_secs(5)).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let mut consumer = broker.consume(&q, ConsumerOptions::new(10)).await.unwrap();
+    broker
+        .enqueue(Message::new(&q, "a", vec![], serde_json::Map::new()), None)
+        .await
+        .unwrap();
+    assert_eq!(consumer.fetch(1, Duration::from_secs(5)).await.unwrap().len(), 1);
+    consumer.close().await.unwrap();
+    broker.delete_queue(&q).await.unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn unreachable_servers_fail_in_one_clear_line_without_the_password() {
+    let port = free_port();
+    let err = RabbitmqBroker::connect(&format!(
+        "amqp://guest:hunter2secret@127.0.0.1:{port}/%2f?connect_timeout=1s"
+    ))
+    .await
+    .unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("hunter2secret"), "{text}");
+    assert!(
+        err.to_string().contains(&format!(
+            "cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:{port}/"
+        )),
+        "{err}"
+    );
+    assert!(err.to_string().contains("; check"), "{err}");
+    assert!(!err.to_string().contains('\n'), "{err}");
+    assert!(err.is_transient(), "{err}");
+    eprintln!("unreachable: {err}");
+    let options = RabbitmqOptions::from_url("amqp://guest:hunter2secret@127.0.0.1:1/%2f").unwrap();
+    assert!(!format!("{options:?}").contains("hunter2secret"));
+
+    // A wrong password is refused, in one line, without the password.
+    let err = RabbitmqBroker::connect("amqp://guest:hunter2secret@127.0.0.1:5672/%2f")
+        .await
+        .unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("hunter2secret"), "{err}");
+    assert!(err.to_string().contains("cannot connect to RabbitMQ"), "{err}");
+    eprintln!("wrong password: {err}");
+}
+
+#[tokio::test]
+async fn amqps_uses_rustls_and_fails_cleanly_against_a_plain_port() {
+    // The machine's RabbitMQ has no TLS listener: the handshake fails, as an error, not a panic
+    // (one rustls provider, ring, is compiled in).
+    let err = RabbitmqBroker::connect("amqps://guest:hunter2secret@127.0.0.1:5672/%2f?connect_timeout=2s")
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot connect to RabbitMQ at amqps://guest:***@127.0.0.1:5672/"),
+        "{text}"
+    );
+    assert!(!format!("{err:?}").contains("hunter2secret"), "{err:?}");
+    eprintln!("amqps against a plain port: {text}");
+}
+
+#[tokio::test]
+async fn failover_tries_the_urls_in_order() {
+    let port = free_port();
+    let base = url();
+    let (_, rest) = base.split_once("://").unwrap();
+    let dead = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let broker = RabbitmqBroker::connect(&format!("{dead};amqp://{rest}"))
+        .await
+        .expect("the second URL answers");
+    let q = unique("failover");
+    broker.declare_queue(&q).await.unwrap();
+    broker.delete_queue(&q).await.unwrap();
+    broker.close().await.unwrap();
+    let err = broker.declare_queue(&q).await.unwrap_err();
+    assert!(err.to_string().contains("closed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_priority_and_publishing_without_confirms() {
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let options = RabbitmqOptions::from_url(&format!("{base}{sep}confirm_delivery=false&max_priority=10")).unwrap();
+    assert!(!options.confirm_delivery);
+    let broker = RabbitmqBroker::open(options).await.unwrap();
+    let q = unique("prio");
+    for (urgency, n) in [(1, 5), (9, 5)] {
+        for _ in 0..n {
+            let m = Message::new(&q, "a", vec![serde_json::json!(urgency)], serde_json::Map::new())
+                .with_option("broker_priority", urgency);
+            broker.enqueue(m, None).await.unwrap();
+        }
+    }
+    // Unconfirmed publishes land a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.stats(&q).await.unwrap().ready < 10 {
+        assert!(Instant::now() < deadline, "the unconfirmed messages arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut consumer = broker.consume(&q, ConsumerOptions::new(1)).await.unwrap();
+    let mut order = Vec::new();
+    let mut last = None;
+    while order.len() < 10 {
+        let mut got = consumer.fetch(1, Duration::from_secs(5)).await.unwrap();
+        let d = got.pop().expect("a delivery");
+        order.push(d.message().unwrap().args[0].as_i64().unwrap());
+        if order.len() < 10 {
+            d.ack().await.unwrap();
+        } else {
+            last = Some(d);
+        }
+    }
+    assert_eq!(order, [9, 9, 9, 9, 9, 1, 1, 1, 1, 1], "higher broker_priority first");
+    // Dead letters are published with confirms even so, then the original is acked.
+    let d = last.unwrap();
+    let m = d.message().unwrap().clone();
+    d.nack(Some(&m), "ValueError: why").await.unwrap();
+    consumer.close().await.unwrap();
+    let dead = broker.dead_letters(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "ValueError: why");
+    assert!(dead[0].failed_at > 1_600_000_000_000, "{}", dead[0].failed_at);
+    broker.delete_queue(&q).await.unwrap();
+}
+
+/// A RabbitMQ node of this test's own (its own port, name and data directory), so it can be
+/// crashed and restarted without touching the machine's RabbitMQ that the other tests use.
+struct PrivateNode {
+    dir: PathBuf,
+    port: u16,
+    dist_port: u16,
+    name: String,
+}
+
+impl PrivateNode {
+    fn new() -> Self {
+        let name = unique("troupe-node");
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        let status = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chown {dir:?}");
+        Self {
+            dir,
+            port: free_port(),
+            dist_port: free_port(),
+            name,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Starts the node (again, on the same data) and waits until it listens.
+    fn start(&self) {
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+        let dir = self.dir.display();
+        let script = format!(
+            "cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq RABBITMQ_NODENAME={name}@localhost \
+             RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT={port} RABBITMQ_DIST_PORT={dist} \
+             RABBITMQ_MNESIA_BASE={dir}/mnesia RABBITMQ_LOG_BASE={dir}/log \
+             RABBITMQ_ENABLED_PLUGINS_FILE={dir}/enabled_plugins RABBITMQ_CONFIG_FILE={dir}/rabbitmq \
+             RABBITMQ_PID_FILE={dir}/pid /usr/lib/rabbitmq/bin/rabbitmq-server -detached",
+            name = self.name,
+            port = self.port,
+            dist = self.dist_port,
+        );
+        // The Debian scripts run the server as the rabbitmq user.
+        let status = Command::new("su")
+            .args(["rabbitmq", "-s", "/bin/sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("su and rabbitmq-server must be installed (they are on the project's machines)");
+        assert!(status.success(), "rabbitmq-server -detached failed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the private RabbitMQ node did not start; see {dir}/log"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILLs the node: a crash, not a clean stop.
+    fn kill(&self) {
+        let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) else {
+            return;
+        };
+        let pid = pid.trim().to_owned();
+        let _ = Command::new("kill").args(["-9", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+    }
+}
+
+impl Drop for PrivateNode {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_survives_a_rabbitmq_crash_and_restart() {
+    let node = PrivateNode::new();
+    node.start();
+    let queue = unique("restart");
+    let log = std::env::temp_dir().join(format!("{queue}.log"));
+    let options = RabbitmqOptions::from_url(&node.url())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2));
+    // The node listens a moment before it accepts logins.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let broker = loop {
+        match RabbitmqBroker::open(options.clone()).await {
+            Ok(b) => break b,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the private node never accepted a connection: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let record = || Record {
+        queue: queue.clone(),
+        log: log.clone(),
+    };
+    let app = App::builder(Arc::new(broker.clone())).actor(record()).build().unwrap();
+    let worker = Worker::builder(app.clone())
+        .concurrency(2)
+        .fetch_timeout(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    for n in 0..10 {
+        app.send(&record(), (n,)).await.unwrap();
+    }
+    assert_eq!(wait_runs(&log, 10, Duration::from_secs(20)).await.len(), 10);
+
+    node.kill();
+    // While RabbitMQ is down, sends fail with a transient error: no panic, no hang.
+    let started = Instant::now();
+    let err = app.send(&record(), (999,)).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    eprintln!("while RabbitMQ is down: {err}");
+
+    node.start();
+    // The broker reconnects (backing off meanwhile) and the worker goes on.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 10;
+    while n < 20 {
+        match app.send(&record(), (n,)).await {
+            Ok(_) => n += 1,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "could not send after the restart: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let done = wait_runs(&log, 20, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let missing: Vec<u64> = (0..20).filter(|n| !done.contains_key(n)).collect();
+    assert!(missing.is_empty(), "not run after the restart: {missing:?}");
+    assert!(!done.contains_key(&999), "a failed send was not enqueued");
+    let _ = std::fs::remove_file(&log);
+}
