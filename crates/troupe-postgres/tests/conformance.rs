@@ -58,3 +58,51 @@ mod results {
 mod state {
     troupe_test_suite::state_conformance!(async { super::PostgresState::from_pool(super::pool().await).into_dyn() });
 }
+
+/// `enqueue_in`: the message exists if and only if the caller's transaction commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_enqueue_follows_the_transaction() {
+    use troupe_core::{Broker, ConsumerOptions, Message};
+    let broker = PostgresBroker::open(options()).await.expect("PostgreSQL");
+    sqlx::query("CREATE TABLE signups (address text PRIMARY KEY)")
+        .execute(broker.pool())
+        .await
+        .unwrap();
+    let queue = "email";
+    broker.declare_queue(queue).await.unwrap();
+    let mut committed = 0;
+    for (address, commit) in [("ada@example.com", true), ("bob@example.com", false)] {
+        let mut tx = broker.pool().begin().await.unwrap();
+        sqlx::query("INSERT INTO signups (address) VALUES ($1)")
+            .bind(address)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let message = Message::new(
+            queue,
+            "welcome",
+            vec![serde_json::json!(address)],
+            serde_json::Map::new(),
+        );
+        broker.enqueue_in(&mut tx, message, None).await.unwrap();
+        // Invisible to others until the commit.
+        assert_eq!(broker.stats(queue).await.unwrap().ready, committed);
+        if commit {
+            tx.commit().await.unwrap();
+            committed += 1;
+        } else {
+            tx.rollback().await.unwrap();
+        }
+    }
+    let stats = broker.stats(queue).await.unwrap();
+    assert_eq!(stats.ready, 1, "only the committed sign-up's message exists: {stats:?}");
+    let mut consumer = broker.consume(queue, ConsumerOptions::new(10)).await.unwrap();
+    let got = consumer.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].message().unwrap().args,
+        vec![serde_json::json!("ada@example.com")]
+    );
+    got[0].ack().await.unwrap();
+    consumer.close().await.unwrap();
+}

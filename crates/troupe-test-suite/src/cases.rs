@@ -279,6 +279,49 @@ pub async fn unacked_messages_are_redelivered(tb: &TestBroker) {
     survivor.close().await.expect("close");
 }
 
+/// A consumer that lost its claim (it died, or its lease ran out) and acks late does not remove
+/// the message from the consumer that holds it now (fenced by attempt / delivery).
+pub async fn a_late_ack_does_not_touch_the_redelivered_message(tb: &TestBroker) {
+    let q = unique_queue("fence");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let sent = tb
+        .broker
+        .enqueue(message(&q, "a", vec![json!(1)]), None)
+        .await
+        .expect("enqueue");
+    let stale = {
+        let mut first = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
+        let mut got = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while got.is_empty() && Instant::now() < deadline {
+            got = first.fetch(1, FETCH).await.expect("fetch");
+        }
+        assert_eq!(got.len(), 1);
+        // The consumer dies; its delivery handle lives on, as in a worker that was cut off.
+        drop(first);
+        got.pop().expect("a delivery")
+    };
+    let mut second = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
+    let deadline = Instant::now() + tb.redelivery_timeout + WAIT;
+    let mut got = Vec::new();
+    while got.is_empty() && Instant::now() < deadline {
+        got = second.fetch(1, FETCH).await.expect("fetch");
+    }
+    assert_eq!(got.len(), 1, "the message came back");
+    assert_eq!(got[0].message().expect("decodes").message_id, sent.message_id);
+    // The late ack may fail or do nothing; it must not remove the new delivery.
+    let _ = stale.ack().await;
+    let current = got.pop().expect("a delivery");
+    let m = current.message().expect("decodes").clone();
+    current.nack(Some(&m), "still mine").await.expect("nack");
+    let dead = wait_dead(tb, &q, 1).await;
+    assert!(
+        dead[0].reason.contains("still mine"),
+        "the current holder still owned it: {dead:?}"
+    );
+    second.close().await.expect("close");
+}
+
 /// Stats count ready, delayed and dead messages; purge empties the queue.
 pub async fn stats_and_purge(tb: &TestBroker) {
     let q = unique_queue("stats");

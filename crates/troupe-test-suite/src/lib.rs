@@ -121,6 +121,7 @@ macro_rules! broker_conformance {
             dead_letters_requeue_and_purge,
             requeue_returns_without_retry,
             unacked_messages_are_redelivered,
+            a_late_ack_does_not_touch_the_redelivered_message,
             stats_and_purge,
             oversized_message_rejected_on_enqueue,
             worker_runs_actor_and_acks,

@@ -228,12 +228,17 @@ impl State {
     }
 
     fn return_unacked(&mut self, queue: &str, id: u64) -> bool {
+        // A new id per delivery attempt: a late ack from the earlier holder cannot touch the
+        // message once it has been delivered again.
+        self.next_id += 1;
+        let fresh = self.next_id;
         let Some(q) = self.queues.get_mut(queue) else {
             return false;
         };
         match q.unacked.remove(&id) {
             Some((mut entry, _)) => {
                 entry.redelivered = true;
+                entry.id = fresh;
                 q.ready.push_front(entry);
                 true
             }
