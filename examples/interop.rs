@@ -1,6 +1,6 @@
-//! Interoperability with Python Dramatiq on Redis, both directions: a Troupe worker runs messages
-//! that Python sends, and Troupe sends messages that a Python worker runs. Both store results
-//! with Dramatiq's Redis result keys, so each side reads the other's results.
+//! Interoperability with Python Dramatiq on Redis or RabbitMQ, both directions: a Troupe worker
+//! runs messages that Python sends, and Troupe sends messages that a Python worker runs. Both
+//! store results in Redis with Dramatiq's result keys, so each side reads the other's results.
 //!
 //! The actors are those of the Python peer (`tests/interop/peer.py`), same names, same queue
 //! (`default`), same options:
@@ -26,6 +26,20 @@
 //!
 //! A Redis URL may carry the key prefix as `?namespace=NAME` (Dramatiq's `namespace`, default
 //! `dramatiq`).
+//!
+//! On RabbitMQ (`amqp://`), as Python users run Dramatiq (`RabbitmqBroker` with a Redis
+//! `RedisBackend`), the results go to the Redis that `--results-url` names; it is required,
+//! since an `amqp://` broker keeps no results. Queues declared with `max_priority` by Python must
+//! be declared with the same value here: `?max_priority=N` in the URL.
+//!
+//! ```text
+//! cargo run -p troupe --all-features --example interop -- worker \
+//!     --broker-url 'amqp://guest:guest@127.0.0.1:5672/%2f' --results-url redis://127.0.0.1:6379/0
+//! #   python: RabbitmqBroker(url=..., confirm_delivery=True) + Results(backend=RedisBackend())
+//! cargo run -p troupe --all-features --example interop -- send \
+//!     --broker-url 'amqp://guest:guest@127.0.0.1:5672/%2f?max_priority=10' --actor echo --args '["hi"]' \
+//!     --option broker_priority=5
+//! ```
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -46,7 +60,7 @@ pub const DEFAULT_BROKER_URL: &str = "redis://127.0.0.1:6379/0";
 
 /// Command line: `worker` or `send`.
 #[derive(Debug, clap::Parser)]
-#[command(about = "Troupe and Python Dramatiq on one Redis: a worker, or a producer")]
+#[command(about = "Troupe and Python Dramatiq on one Redis or RabbitMQ: a worker, or a producer")]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -66,18 +80,23 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct WorkerCommand {
     /// The standard worker flags (`--broker-url`, `--queues`, `-c`, ...); the broker defaults
-    /// to `redis://127.0.0.1:6379/0`.
+    /// to `redis://127.0.0.1:6379/0` (`amqp://` for RabbitMQ).
     #[command(flatten)]
     pub worker: WorkerArgs,
-    /// Where results are stored (redis://); default: the broker URL when it is a Redis one.
+    /// Where results are stored (redis://); default: the broker URL when it is a Redis one,
+    /// required with any other broker (`amqp://`).
     #[arg(long, env = "TROUPE_RESULTS_URL")]
     pub results_url: Option<String>,
+    /// The queue of the actors (the Python peer's `--actor-queue`).
+    #[arg(long, default_value = "default")]
+    pub actor_queue: String,
 }
 
 /// Flags of `send`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SendArgs {
-    /// Broker URL (redis://HOST[:PORT][/DB][?namespace=NAME]).
+    /// Broker URL (redis://HOST[:PORT][/DB][?namespace=NAME], or
+    /// amqp://USER:PASS@HOST[:PORT]/VHOST[?max_priority=N]).
     #[arg(long, env = "TROUPE_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
     pub broker_url: String,
     /// The actor's name (no actor needs to be registered here).
@@ -187,13 +206,65 @@ pub async fn sleep_ms(ms: u64) -> u64 {
 /// # Errors
 /// As [`App::builder`]'s `build`.
 pub fn build_app(broker: Arc<dyn Broker>, results: Arc<dyn ResultBackend>) -> troupe::Result<App> {
+    build_app_on(broker, results, "default")
+}
+
+/// The app of a worker with the four actors on `queue` instead of `default`.
+///
+/// # Errors
+/// As [`App::builder`]'s `build`.
+pub fn build_app_on(broker: Arc<dyn Broker>, results: Arc<dyn ResultBackend>, queue: &str) -> troupe::Result<App> {
     App::builder(broker)
         .results(results)
-        .actor(Add)
-        .actor(Echo)
-        .actor(FailAlways)
-        .actor(SleepMs)
+        .actor(OnQueue::new(Add, queue))
+        .actor(OnQueue::new(Echo, queue))
+        .actor(OnQueue::new(FailAlways, queue))
+        .actor(OnQueue::new(SleepMs, queue))
         .build()
+}
+
+/// An actor with its messages on another queue: everything else is the wrapped actor's.
+#[derive(Clone, Debug)]
+pub struct OnQueue<A> {
+    actor: A,
+    queue: String,
+}
+
+impl<A: Actor> OnQueue<A> {
+    /// `actor`, on `queue`.
+    pub fn new(actor: A, queue: impl Into<String>) -> Self {
+        Self {
+            actor,
+            queue: queue.into(),
+        }
+    }
+}
+
+impl<A: Actor> Actor for OnQueue<A> {
+    type Args = A::Args;
+    type Output = A::Output;
+
+    fn name(&self) -> &str {
+        self.actor.name()
+    }
+
+    fn arg_names(&self) -> &[&str] {
+        self.actor.arg_names()
+    }
+
+    fn options(&self) -> ActorOptions {
+        let mut options = self.actor.options();
+        options.queue_name.clone_from(&self.queue);
+        options
+    }
+
+    fn decode_args(&self, values: Vec<Value>) -> Result<Self::Args, String> {
+        self.actor.decode_args(values)
+    }
+
+    fn call(&self, args: Self::Args) -> impl std::future::Future<Output = Result<Self::Output, ActorError>> + Send {
+        self.actor.call(args)
+    }
 }
 
 /// Runs a worker with the interop actors until SIGINT or SIGTERM (`troupe::run_worker`), each
@@ -201,8 +272,8 @@ pub fn build_app(broker: Arc<dyn Broker>, results: Arc<dyn ResultBackend>) -> tr
 /// configuration, 3 broker unreachable).
 ///
 /// # Errors
-/// No results URL (the broker is not Redis and no `--results-url`), or an unreachable results
-/// backend.
+/// No results URL (the broker is not Redis, `amqp://` say, and no `--results-url`), or an
+/// unreachable results backend.
 pub async fn worker(mut command: WorkerCommand) -> Result<u8, BoxError> {
     let broker_url = command
         .worker
@@ -212,11 +283,19 @@ pub async fn worker(mut command: WorkerCommand) -> Result<u8, BoxError> {
     let results_url = match command.results_url {
         Some(url) => url,
         None if broker_url.to_ascii_lowercase().starts_with("redis") => broker_url,
-        None => return Err("the actors store results: pass --results-url redis://HOST".into()),
+        None => {
+            let scheme = broker_url.split(':').next().unwrap_or_default();
+            return Err(format!(
+                "the actors store results and a {scheme}:// broker keeps none: pass --results-url redis://HOST:6379/0 \
+                 (where Python's RedisBackend keeps them)"
+            )
+            .into());
+        }
     };
     let results = troupe::connect_results(&results_url).await?;
     PRINT_CALLS.store(true, Ordering::Relaxed);
-    Ok(troupe::run_worker_status(command.worker, |broker| build_app(broker, results)).await)
+    let queue = command.actor_queue;
+    Ok(troupe::run_worker_status(command.worker, |broker| build_app_on(broker, results, &queue)).await)
 }
 
 /// Builds the message `args` describe (by actor name, so no actor is registered), enqueues it

@@ -1,6 +1,6 @@
 //! Redis interoperability with the real Python Dramatiq (2.2.1), both directions: messages,
 //! results, delays, retries into the dead letters, and a queue shared by a Troupe worker and a
-//! Python worker at once.
+//! Python worker at once. The same on RabbitMQ (results in Redis) in `rabbitmq.rs`.
 //!
 //! The Python side is `tests/interop/peer.py`, run with `TROUPE_DRAMATIQ_PYTHON` (scripts/test
 //! makes that venv) or `~/.cache/troupe/venv-dramatiq/bin/python`. The Redis server is
@@ -12,6 +12,7 @@
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../examples/interop.rs"]
 mod interop;
+mod rabbitmq;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;

@@ -1,18 +1,36 @@
 """The Python Dramatiq peer of Troupe's interoperability tests (tests/interop/main.rs).
 
-Runs under the venv that scripts/services.sh makes (dramatiq 2.2.1 with redis):
+Runs under the venv that scripts/services.sh makes (dramatiq 2.2.1 with redis and pika):
 
-    peer.py send ACTOR --args JSON [--kwargs JSON] [--delay-ms N] [--queue Q]
-    peer.py send-batch              < JSON lines {"actor", "args", "kwargs", "delay_ms", "queue"}
-    peer.py worker [--seconds N | --until-empty QUEUE]
+    peer.py send ACTOR --args JSON [--kwargs JSON] [--options JSON] [--delay-ms N] [--queue Q]
+    peer.py send-batch              < JSON lines {"actor", "args", "kwargs", "options", "delay_ms", "queue"}
+    peer.py worker [--seconds N | --until-empty QUEUE [--expect N]] [--threads N] [--prefetch N]
     peer.py get-result MESSAGE_JSON... [--timeout-ms N]
     peer.py dlq QUEUE
+    peer.py declare QUEUE
 
-Every command takes --url (default redis://127.0.0.1:6379/0) and --namespace (default
-"dramatiq"). Output is JSON on stdout, one document per line.
+Every command takes:
+
+    --broker redis|rabbitmq   (default redis)
+    --url URL                 the broker (default redis://127.0.0.1:6379/0, or
+                              amqp://guest:guest@127.0.0.1:5672/%2f for rabbitmq)
+    --namespace NAME          Redis broker key prefix (default "dramatiq")
+    --results-url URL         the Redis of the results (default: --url on Redis,
+                              redis://127.0.0.1:6379/0 with RabbitMQ)
+    --max-priority N          RabbitMQ: RabbitmqBroker(max_priority=N)
+    --actor-queue Q           the queue of the actors (default "default")
+
+On RabbitMQ the broker is `RabbitmqBroker(url=..., confirm_delivery=True, max_priority=...)`.
+Output is JSON on stdout, one document per line.
 
 The actors are those of examples/interop.rs: add(a, b), echo(value), fail_always() and
 sleep_ms(ms). Each records what it received; `worker` prints those records when it stops.
+
+`worker --until-empty QUEUE` stops once nothing is left to do. On Redis that is Dramatiq's own
+`broker.join` (it counts the messages in flight). RabbitMQ's `join` does not count unacked
+messages, so there the peer waits until QUEUE and QUEUE.DQ hold no ready message (passive
+declares), every delivery its consumers took was acked or nacked, and (with --expect N) its
+actors ran at least N times, all of it 10 times in a row, 50 ms apart.
 """
 
 import argparse
@@ -30,6 +48,10 @@ from dramatiq.results.backends import RedisBackend
 
 RECEIVED = []
 _LOCK = threading.Lock()
+# RabbitMQ: deliveries the worker's consumers took and did not ack or nack yet.
+IN_FLIGHT = [0]
+
+DEFAULT_URLS = {"redis": "redis://127.0.0.1:6379/0", "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/%2f"}
 
 
 def record(actor, **received):
@@ -48,29 +70,69 @@ def record(actor, **received):
         )
 
 
-def setup(url, namespace):
-    broker = RedisBroker(url=url, namespace=namespace)
-    backend = RedisBackend(url=url)
+def in_flight(delta):
+    with _LOCK:
+        IN_FLIGHT[0] += delta
+
+
+def rabbitmq_broker(url, max_priority):
+    """Dramatiq's RabbitmqBroker, its consumers counting the deliveries they hold."""
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
+
+    class CountingConsumer(_RabbitmqConsumer):
+        def __next__(self):
+            message = super().__next__()
+            if message is not None:
+                in_flight(+1)
+            return message
+
+        def ack(self, message):
+            try:
+                super().ack(message)
+            finally:
+                in_flight(-1)
+
+        def nack(self, message):
+            try:
+                super().nack(message)
+            finally:
+                in_flight(-1)
+
+    class CountingBroker(RabbitmqBroker):
+        @property
+        def consumer_class(self):
+            return CountingConsumer
+
+    return CountingBroker(url=url, confirm_delivery=True, max_priority=max_priority)
+
+
+def setup(opts):
+    if opts.broker == "rabbitmq":
+        broker = rabbitmq_broker(opts.url, opts.max_priority)
+    else:
+        broker = RedisBroker(url=opts.url, namespace=opts.namespace)
+    backend = RedisBackend(url=opts.results_url)
     broker.add_middleware(Results(backend=backend))
     broker.add_middleware(CurrentMessage())
     dramatiq.set_broker(broker)
+    queue = opts.actor_queue
 
-    @dramatiq.actor(store_results=True)
+    @dramatiq.actor(store_results=True, queue_name=queue)
     def add(a, b):
         record("add", a=a, b=b)
         return a + b
 
-    @dramatiq.actor(store_results=True)
+    @dramatiq.actor(store_results=True, queue_name=queue)
     def echo(value):
         record("echo", value=value)
         return value
 
-    @dramatiq.actor(store_results=True, max_retries=2, min_backoff=100, max_backoff=1000)
+    @dramatiq.actor(store_results=True, max_retries=2, min_backoff=100, max_backoff=1000, queue_name=queue)
     def fail_always():
         record("fail_always")
         raise ValueError("fail_always always fails")
 
-    @dramatiq.actor(store_results=True)
+    @dramatiq.actor(store_results=True, queue_name=queue)
     def sleep_ms(ms):
         record("sleep_ms", ms=ms)
         time.sleep(ms / 1000)
@@ -84,10 +146,10 @@ def emit(document):
     print(json.dumps(document), flush=True)
 
 
-def send_one(broker, actors, actor, args, kwargs=None, delay_ms=None, queue=None):
+def send_one(broker, actors, actor, args, kwargs=None, delay_ms=None, queue=None, options=None):
     if actor not in actors:
         raise SystemExit(f"peer.py: unknown actor {actor!r}; known: {sorted(actors)}")
-    message = actors[actor].message_with_options(args=tuple(args), kwargs=kwargs or {})
+    message = actors[actor].message_with_options(args=tuple(args), kwargs=kwargs or {}, **(options or {}))
     if queue:
         broker.declare_queue(queue)
         message = message.copy(queue_name=queue)
@@ -96,7 +158,16 @@ def send_one(broker, actors, actor, args, kwargs=None, delay_ms=None, queue=None
 
 
 def cmd_send(broker, backend, actors, opts):
-    send_one(broker, actors, opts.actor, json.loads(opts.args), json.loads(opts.kwargs), opts.delay_ms, opts.queue)
+    send_one(
+        broker,
+        actors,
+        opts.actor,
+        json.loads(opts.args),
+        json.loads(opts.kwargs),
+        opts.delay_ms,
+        opts.queue,
+        json.loads(opts.options),
+    )
 
 
 def cmd_send_batch(broker, backend, actors, opts):
@@ -112,20 +183,45 @@ def cmd_send_batch(broker, backend, actors, opts):
             spec.get("kwargs"),
             spec.get("delay_ms"),
             spec.get("queue"),
+            spec.get("options"),
         )
 
 
+def rabbitmq_join(broker, queue, expect, timeout_secs):
+    """Waits until `queue` is drained (see the module's doc); raises QueueJoinTimeout."""
+    deadline = time.monotonic() + timeout_secs if timeout_secs else None
+    successes = 0
+    while successes < 10:
+        if deadline and time.monotonic() >= deadline:
+            raise QueueJoinTimeout(queue)
+        ready, delayed, _dead = broker.get_queue_message_counts(queue)
+        with _LOCK:
+            idle = IN_FLIGHT[0] == 0 and len(RECEIVED) >= expect
+        successes = successes + 1 if idle and ready + delayed == 0 else 0
+        time.sleep(0.05)
+
+
 def cmd_worker(broker, backend, actors, opts):
+    rabbitmq = opts.broker == "rabbitmq"
     if opts.until_empty:
-        broker.declare_queue(opts.until_empty)
-    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+        if rabbitmq:
+            # On the server now: a declaration RabbitMQ refuses (406) fails the command.
+            broker.declare_queue(opts.until_empty, ensure=True)
+        else:
+            broker.declare_queue(opts.until_empty)
+    worker = dramatiq.Worker(broker, worker_threads=opts.threads, worker_timeout=100)
+    if opts.prefetch:
+        worker.queue_prefetch = opts.prefetch
     worker.start()
     emit({"started": True})
     try:
         if opts.until_empty:
             timeout = int(opts.seconds * 1000) if opts.seconds else None
             try:
-                broker.join(opts.until_empty, interval=50, timeout=timeout)
+                if rabbitmq:
+                    rabbitmq_join(broker, opts.until_empty, opts.expect, opts.seconds)
+                else:
+                    broker.join(opts.until_empty, interval=50, timeout=timeout)
             except QueueJoinTimeout:
                 print(f"peer.py: {opts.until_empty} did not drain in {opts.seconds} s", file=sys.stderr)
         else:
@@ -158,7 +254,43 @@ def cmd_get_result(broker, backend, actors, opts):
             emit({"error": {"type": type(e).__name__, "message": str(e)}})
 
 
+def text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def rabbitmq_dlq(broker, queue):
+    """Peeks at QUEUE.XQ (basic_get without ack; closing the channel puts them back)."""
+    import pika
+
+    broker.declare_queue(queue, ensure=True)
+    connection = pika.BlockingConnection(parameters=broker.parameters)
+    try:
+        channel = connection.channel()
+        letters = []
+        while True:
+            method, properties, body = channel.basic_get(f"{queue}.XQ", auto_ack=False)
+            if method is None:
+                break
+            message = dramatiq.Message.decode(body)
+            deaths = (properties.headers or {}).get("x-death") or []
+            letters.append(
+                {
+                    "message": message.asdict(),
+                    "x_death_reason": text(deaths[0].get("reason")) if deaths else None,
+                    "x_death_queue": text(deaths[0].get("queue")) if deaths else None,
+                    "timestamp": properties.timestamp,
+                }
+            )
+        channel.close()
+    finally:
+        connection.close()
+    return letters
+
+
 def cmd_dlq(broker, backend, actors, opts):
+    if opts.broker == "rabbitmq":
+        emit(rabbitmq_dlq(broker, opts.queue))
+        return
     xq = f"{broker.namespace}:{opts.queue}.XQ"
     entries = broker.client.zrange(xq, 0, -1, withscores=True)
     rids = [rid for rid, _ in entries]
@@ -177,17 +309,31 @@ def cmd_dlq(broker, backend, actors, opts):
     emit(letters)
 
 
+def cmd_declare(broker, backend, actors, opts):
+    """Declares QUEUE (on RabbitMQ: on the server, Q, Q.DQ and Q.XQ) and prints {"declared": QUEUE}."""
+    if opts.broker == "rabbitmq":
+        broker.declare_queue(opts.queue, ensure=True)
+    else:
+        broker.declare_queue(opts.queue)
+    emit({"declared": opts.queue})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default="redis://127.0.0.1:6379/0")
-    common.add_argument("--namespace", default="dramatiq")
+    common.add_argument("--broker", choices=sorted(DEFAULT_URLS), default="redis")
+    common.add_argument("--url", help="the broker's URL (default: the local server of --broker)")
+    common.add_argument("--namespace", default="dramatiq", help="Redis broker only")
+    common.add_argument("--results-url", help="Redis for the results (default: --url on Redis, else the local Redis)")
+    common.add_argument("--max-priority", type=int, help="RabbitMQ: queues with x-max-priority")
+    common.add_argument("--actor-queue", default="default", help="the queue of the actors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     send = sub.add_parser("send", parents=[common], help="enqueue one message")
     send.add_argument("actor")
     send.add_argument("--args", default="[]", help="positional arguments, a JSON array")
     send.add_argument("--kwargs", default="{}", help="keyword arguments, a JSON object")
+    send.add_argument("--options", default="{}", help="message options, a JSON object")
     send.add_argument("--delay-ms", type=int)
     send.add_argument("--queue")
     send.set_defaults(run=cmd_send)
@@ -198,6 +344,9 @@ def main():
     worker = sub.add_parser("worker", parents=[common], help="run a worker in this process")
     worker.add_argument("--seconds", type=float, help="run this long (with --until-empty: at most this long)")
     worker.add_argument("--until-empty", metavar="QUEUE", help="stop once QUEUE has nothing queued or in flight")
+    worker.add_argument("--expect", type=int, default=0, help="RabbitMQ: with --until-empty, also wait for N calls")
+    worker.add_argument("--threads", type=int, default=4, help="worker threads")
+    worker.add_argument("--prefetch", type=int, default=0, help="queue prefetch (default: 2 x threads)")
     worker.set_defaults(run=cmd_worker)
 
     get = sub.add_parser("get-result", parents=[common], help="read stored results")
@@ -209,10 +358,18 @@ def main():
     dlq.add_argument("queue")
     dlq.set_defaults(run=cmd_dlq)
 
+    declare = sub.add_parser("declare", parents=[common], help="declare QUEUE")
+    declare.add_argument("queue")
+    declare.set_defaults(run=cmd_declare)
+
     opts = parser.parse_args()
     if opts.command == "worker" and not (opts.seconds or opts.until_empty):
         parser.error("worker needs --seconds N or --until-empty QUEUE")
-    broker, backend, actors = setup(opts.url, opts.namespace)
+    if opts.url is None:
+        opts.url = DEFAULT_URLS[opts.broker]
+    if opts.results_url is None:
+        opts.results_url = opts.url if opts.broker == "redis" else DEFAULT_URLS["redis"]
+    broker, backend, actors = setup(opts)
     try:
         opts.run(broker, backend, actors, opts)
     finally:
