@@ -106,3 +106,24 @@ async fn transactional_enqueue_follows_the_transaction() {
     got[0].ack().await.unwrap();
     consumer.close().await.unwrap();
 }
+
+/// Several workers starting at once on a fresh schema migrate it once, without errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_migrate_once() {
+    let options = options();
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let o = options.clone();
+            tokio::spawn(async move { PostgresBroker::open(o).await })
+        })
+        .collect();
+    for open in opens {
+        open.await.expect("join").expect("every concurrent start succeeds");
+    }
+    let broker = PostgresBroker::open(options.clone()).await.expect("open");
+    let version: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'schema_version'")
+        .fetch_one(broker.pool())
+        .await
+        .expect("version");
+    assert_eq!(version, "1");
+}
