@@ -17,6 +17,7 @@ pub mod middleware;
 pub mod queue;
 mod results;
 mod state;
+pub mod support;
 
 pub use actor::{
     Actor, ActorError, ActorOptions, BAD_ARGUMENTS, DEFAULT_QUEUE, DynActor, ErrorAction, ErrorPredicate, RetryWhen,

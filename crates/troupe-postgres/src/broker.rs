@@ -1,6 +1,6 @@
 //! The PostgreSQL broker.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -8,8 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 use troupe_core::queue::{is_delay_queue, q_name, validate_queue_name};
+use troupe_core::support::{Batcher, Wakers};
 use troupe_core::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind,
     JsonEncoder, Message, QueueStats, Result, decode_delivery, encode_checked,
@@ -47,8 +48,8 @@ struct Inner {
     encoder: Arc<dyn Encoder>,
     broker_id: String,
     consumers: AtomicU64,
-    wakers: Mutex<HashMap<String, Arc<Notify>>>,
-    writer: mpsc::UnboundedSender<Write>,
+    wakers: Wakers,
+    writer: Batcher<Settle>,
     owners: Mutex<HashSet<String>>,
     background: OnceLock<()>,
     closed: AtomicBool,
@@ -62,11 +63,10 @@ enum Op {
 }
 
 #[derive(Debug)]
-struct Write {
+struct Settle {
     id: i64,
     attempt: i32,
     op: Op,
-    done: oneshot::Sender<Result<()>>,
 }
 
 impl PostgresBroker {
@@ -84,8 +84,11 @@ impl PostgresBroker {
     /// As [`connect`](Self::connect).
     pub async fn open(options: PostgresOptions) -> Result<Self> {
         let pool = db::open(&options).await?;
-        let (writer, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(pool.clone(), rx));
+        let writer_pool = pool.clone();
+        let writer = Batcher::spawn(BACKEND, WRITE_BATCH, move |batch: Vec<Settle>| {
+            let pool = writer_pool.clone();
+            async move { write_batch(&pool, &batch).await }
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -93,7 +96,7 @@ impl PostgresBroker {
                 encoder: Arc::new(JsonEncoder),
                 broker_id: uuid::Uuid::new_v4().simple().to_string(),
                 consumers: AtomicU64::new(0),
-                wakers: Mutex::new(HashMap::new()),
+                wakers: Wakers::default(),
                 writer,
                 owners: Mutex::new(HashSet::new()),
                 background: OnceLock::new(),
@@ -198,7 +201,7 @@ impl PostgresBroker {
             .execute(&self.inner.pool)
             .await
             .map_err(|e| db_error("enqueue raw bytes", e))?;
-        waker(&self.inner, q_name(queue)).notify_waiters();
+        self.inner.wakers.wake(q_name(queue));
         Ok(())
     }
 
@@ -227,14 +230,6 @@ impl PostgresBroker {
         tokio::spawn(maintenance_loop(Arc::downgrade(&self.inner), every));
         tokio::spawn(listen_loop(Arc::downgrade(&self.inner)));
     }
-}
-
-fn waker(inner: &Inner, queue: &str) -> Arc<Notify> {
-    inner
-        .wakers
-        .lock()
-        .map(|mut w| Arc::clone(w.entry(queue.to_owned()).or_default()))
-        .unwrap_or_default()
 }
 
 /// LISTEN for enqueue notifications and wake the consumers of that queue. Notifications are
@@ -270,10 +265,7 @@ async fn listen_loop(weak: Weak<Inner>) {
                     match listener.try_recv().await {
                         Ok(Some(n)) => {
                             let Some(inner) = weak.upgrade() else { return };
-                            let notify = inner.wakers.lock().ok().and_then(|w| w.get(n.payload()).cloned());
-                            if let Some(n) = notify {
-                                n.notify_waiters();
-                            }
+                            inner.wakers.wake(n.payload());
                         }
                         // Connection lost: sqlx reconnects on the next call; LISTEN again.
                         Ok(None) => break,
@@ -340,14 +332,7 @@ async fn maintain(inner: &Inner, cleanup: bool) -> Result<u64> {
             messages = back,
             "returned messages whose worker stopped renewing its lease (killed?)"
         );
-        let wakers: Vec<Arc<Notify>> = inner
-            .wakers
-            .lock()
-            .map(|w| w.values().cloned().collect())
-            .unwrap_or_default();
-        for w in wakers {
-            w.notify_waiters();
-        }
+        inner.wakers.wake_all();
     }
     if cleanup {
         // Short statements, so no long lock is held and autovacuum keeps up.
@@ -381,28 +366,7 @@ async fn maintain(inner: &Inner, cleanup: bool) -> Result<u64> {
     Ok(back)
 }
 
-async fn write_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Write>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
-        let result = write_batch(&pool, &batch).await;
-        for w in batch {
-            let _ = w.done.send(
-                result
-                    .as_ref()
-                    .copied()
-                    .map_err(|e| Error::backend(BACKEND, e.kind(), e.to_string())),
-            );
-        }
-    }
-}
-
-async fn write_batch(pool: &PgPool, batch: &[Write]) -> Result<()> {
+async fn write_batch(pool: &PgPool, batch: &[Settle]) -> Result<()> {
     let (mut ack_ids, mut ack_attempts, mut back_ids, mut back_attempts) = (vec![], vec![], vec![], vec![]);
     for w in batch {
         match w.op {
@@ -506,7 +470,7 @@ impl Broker for PostgresBroker {
         let queue = q_name(&message.queue_name).to_owned();
         let enqueued = self.insert(&mut conn, "jobs", message, delay).await?;
         if delay.is_none_or(|d| d.is_zero()) {
-            waker(&self.inner, &queue).notify_waiters();
+            self.inner.wakers.wake(&queue);
         }
         Ok(enqueued)
     }
@@ -529,7 +493,7 @@ impl Broker for PostgresBroker {
         Ok(Box::new(PostgresConsumer {
             broker: self.clone(),
             queue: queue.to_owned(),
-            waker: waker(&self.inner, queue),
+            waker: self.inner.wakers.get(queue),
             owner,
             busy: false,
             last_promote: None,
@@ -650,7 +614,7 @@ impl Broker for PostgresBroker {
             .await
             .map_err(|e| db_error("notify", e))?;
         tx.commit().await.map_err(|e| db_error("commit the requeue", e))?;
-        waker(&self.inner, q_name(queue)).notify_waiters();
+        self.inner.wakers.wake(q_name(queue));
         Ok(moved)
     }
 
@@ -666,15 +630,7 @@ impl Broker for PostgresBroker {
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Relaxed);
-        let wakers: Vec<Arc<Notify>> = self
-            .inner
-            .wakers
-            .lock()
-            .map(|w| w.values().cloned().collect())
-            .unwrap_or_default();
-        for w in wakers {
-            w.notify_waiters();
-        }
+        self.inner.wakers.wake_all();
         self.inner.pool.close().await;
         Ok(())
     }
@@ -826,7 +782,7 @@ impl Drop for PostgresConsumer {
 
 #[derive(Debug)]
 struct PostgresAck {
-    writer: mpsc::UnboundedSender<Write>,
+    writer: Batcher<Settle>,
     id: i64,
     attempt: i32,
     encoder: Arc<dyn Encoder>,
@@ -834,17 +790,13 @@ struct PostgresAck {
 
 impl PostgresAck {
     async fn send(&self, op: Op) -> Result<()> {
-        let (done, wait) = oneshot::channel();
         self.writer
-            .send(Write {
+            .submit(Settle {
                 id: self.id,
                 attempt: self.attempt,
                 op,
-                done,
             })
-            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker was dropped"))?;
-        wait.await
-            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker's writer stopped"))?
+            .await
     }
 }
 

@@ -8,8 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 use troupe_core::queue::{dq_name, q_name, validate_queue_name, xq_name};
+use troupe_core::support::{Batcher, Wakers};
 use troupe_core::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind,
     JsonEncoder, Message, QueueStats, Result, decode_delivery, encode_checked, prepare_for_delay_queue,
@@ -43,8 +44,8 @@ struct Inner {
     consumers: AtomicU64,
     /// Consumers alive in this process: (worker id, queue). Their heartbeats and maintenance.
     live: Mutex<HashSet<(String, String)>>,
-    wakers: Mutex<HashMap<String, Arc<Notify>>>,
-    settle: mpsc::UnboundedSender<Settle>,
+    wakers: Wakers,
+    settle: Batcher<Settle>,
     background: OnceLock<()>,
     closed: AtomicBool,
 }
@@ -72,7 +73,6 @@ struct Settle {
     queue: String,
     rid: String,
     op: Op,
-    done: oneshot::Sender<Result<()>>,
 }
 
 impl RedisBroker {
@@ -94,7 +94,13 @@ impl RedisBroker {
             .load_async(&mut conn)
             .await
             .map_err(|e| redis_error("load the dispatch script", e))?;
-        let (settle, rx) = mpsc::unbounded_channel();
+        let settle_conn = conn.clone();
+        let namespace = options.namespace.clone();
+        let settle = Batcher::spawn(BACKEND, SETTLE_BATCH, move |batch: Vec<Settle>| {
+            let conn = settle_conn.clone();
+            let namespace = namespace.clone();
+            async move { settle(conn, &namespace, batch).await }
+        });
         let inner = Arc::new(Inner {
             options,
             conn,
@@ -102,12 +108,11 @@ impl RedisBroker {
             process_id: uuid::Uuid::new_v4().to_string(),
             consumers: AtomicU64::new(0),
             live: Mutex::new(HashSet::new()),
-            wakers: Mutex::new(HashMap::new()),
+            wakers: Wakers::default(),
             settle,
             background: OnceLock::new(),
             closed: AtomicBool::new(false),
         });
-        tokio::spawn(settle_loop(Arc::downgrade(&inner), rx));
         Ok(Self { inner })
     }
 
@@ -163,7 +168,7 @@ impl RedisBroker {
     }
 
     fn waker(&self, queue: &str) -> Arc<Notify> {
-        waker(&self.inner, queue)
+        self.inner.wakers.get(queue)
     }
 
     fn start_background(&self) {
@@ -173,14 +178,6 @@ impl RedisBroker {
         tokio::spawn(heartbeat_loop(Arc::downgrade(&self.inner)));
         tokio::spawn(wake_loop(Arc::downgrade(&self.inner)));
     }
-}
-
-fn waker(inner: &Inner, queue: &str) -> Arc<Notify> {
-    inner
-        .wakers
-        .lock()
-        .map(|mut w| Arc::clone(w.entry(queue.to_owned()).or_default()))
-        .unwrap_or_default()
 }
 
 /// Calls the dispatch script: `command` on `queue` as `worker`, with extra arguments.
@@ -294,10 +291,7 @@ async fn wake_loop(weak: Weak<Inner>) {
                     let Some(inner) = weak.upgrade() else { return };
                     let channel = msg.get_channel_name();
                     if let Some(queue) = channel.get(prefix_len..) {
-                        let notify = inner.wakers.lock().ok().and_then(|w| w.get(queue).cloned());
-                        if let Some(n) = notify {
-                            n.notify_waiters();
-                        }
+                        inner.wakers.wake(queue);
                     }
                 }
             }
@@ -308,75 +302,46 @@ async fn wake_loop(weak: Weak<Inner>) {
     }
 }
 
-async fn settle_loop(weak: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Settle>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < SETTLE_BATCH {
-            match rx.try_recv() {
-                Ok(s) => batch.push(s),
-                Err(_) => break,
-            }
-        }
-        let Some(inner) = weak.upgrade() else {
-            for s in batch {
-                let _ = s.done.send(Err(Error::backend(
-                    BACKEND,
-                    ErrorKind::Connection,
-                    "the broker was dropped",
-                )));
-            }
-            return;
+/// Settles a batch: one script call per (consumer, queue, kind), pipelined together.
+async fn settle(mut conn: ConnectionManager, namespace: &str, batch: Vec<Settle>) -> Result<()> {
+    let mut groups: HashMap<(String, String, &'static str), Vec<Settle>> = HashMap::new();
+    for s in batch {
+        let kind = match s.op {
+            Op::Ack => "ack",
+            Op::Nack(_) => "nack",
+            Op::Requeue => "requeue",
         };
-        // One script call per (worker, queue, kind), pipelined together.
-        let mut groups: HashMap<(String, String, &'static str), Vec<Settle>> = HashMap::new();
-        for s in batch {
-            let kind = match s.op {
-                Op::Ack => "ack",
-                Op::Nack(_) => "nack",
-                Op::Requeue => "requeue",
-            };
-            groups
-                .entry((s.worker.clone(), s.queue.clone(), kind))
-                .or_default()
-                .push(s);
-        }
-        let mut pipe = redis::pipe();
-        let mut order = Vec::new();
-        for ((worker, queue, kind), items) in groups {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(dispatch().get_hash())
-                .arg(1)
-                .arg(inner.options.namespace.as_str())
-                .arg(kind)
-                .arg(now())
-                .arg(queue.as_str())
-                .arg(worker.as_str());
-            for s in &items {
-                cmd.arg(s.rid.as_str());
-                if let Op::Nack(body) = &s.op {
-                    cmd.arg(body.as_slice());
-                }
-            }
-            pipe.add_command(cmd).ignore();
-            order.push(items);
-        }
-        let mut conn = inner.conn.clone();
-        let mut result: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
-        if let Err(e) = &result
-            && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-        {
-            let _ = dispatch().load_async(&mut conn).await;
-            result = pipe.query_async(&mut conn).await;
-        }
-        for s in order.into_iter().flatten() {
-            let _ = s.done.send(
-                result
-                    .as_ref()
-                    .copied()
-                    .map_err(|e| redis_error("settle messages", e.clone())),
-            );
-        }
+        groups
+            .entry((s.worker.clone(), s.queue.clone(), kind))
+            .or_default()
+            .push(s);
     }
+    let mut pipe = redis::pipe();
+    for ((worker, queue, kind), items) in &groups {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(dispatch().get_hash())
+            .arg(1)
+            .arg(namespace)
+            .arg(*kind)
+            .arg(now())
+            .arg(queue.as_str())
+            .arg(worker.as_str());
+        for s in items {
+            cmd.arg(s.rid.as_str());
+            if let Op::Nack(body) = &s.op {
+                cmd.arg(body.as_slice());
+            }
+        }
+        pipe.add_command(cmd).ignore();
+    }
+    let mut result: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+    if let Err(e) = &result
+        && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+    {
+        let _ = dispatch().load_async(&mut conn).await;
+        result = pipe.query_async(&mut conn).await;
+    }
+    result.map_err(|e| redis_error("settle messages", e))
 }
 
 #[async_trait]
@@ -510,15 +475,7 @@ impl Broker for RedisBroker {
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Relaxed);
-        for w in self
-            .inner
-            .wakers
-            .lock()
-            .map(|w| w.values().cloned().collect::<Vec<_>>())
-            .unwrap_or_default()
-        {
-            w.notify_waiters();
-        }
+        self.inner.wakers.wake_all();
         Ok(())
     }
 }
@@ -677,7 +634,7 @@ impl Drop for RedisConsumer {
 
 #[derive(Debug)]
 struct RedisAck {
-    settle: mpsc::UnboundedSender<Settle>,
+    settle: Batcher<Settle>,
     worker: String,
     queue: String,
     rid: String,
@@ -686,18 +643,14 @@ struct RedisAck {
 
 impl RedisAck {
     async fn send(&self, op: Op) -> Result<()> {
-        let (done, wait) = oneshot::channel();
         self.settle
-            .send(Settle {
+            .submit(Settle {
                 worker: self.worker.clone(),
                 queue: self.queue.clone(),
                 rid: self.rid.clone(),
                 op,
-                done,
             })
-            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker was dropped"))?;
-        wait.await
-            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker's settle task stopped"))?
+            .await
     }
 }
 

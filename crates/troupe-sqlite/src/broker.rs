@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::{Row, SqlitePool};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 use troupe_core::queue::{is_delay_queue, q_name, validate_queue_name};
+use troupe_core::support::Batcher;
 use troupe_core::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind,
     JsonEncoder, Message, QueueStats, Result, decode_delivery, encode_checked,
@@ -38,7 +39,7 @@ struct Inner {
     broker_id: String,
     consumers: AtomicU64,
     wake: Notify,
-    writer: mpsc::UnboundedSender<Write>,
+    writer: Batcher<Settle>,
     owners: Mutex<HashSet<String>>,
     maintenance: OnceLock<()>,
     closed: AtomicBool,
@@ -52,11 +53,18 @@ enum Op {
 }
 
 #[derive(Debug)]
-struct Write {
+struct Settle {
     id: i64,
     attempt: i64,
     op: Op,
-    done: oneshot::Sender<Result<()>>,
+}
+
+fn writer(pool: &SqlitePool) -> Batcher<Settle> {
+    let pool = pool.clone();
+    Batcher::spawn(BACKEND, WRITE_BATCH, move |batch: Vec<Settle>| {
+        let pool = pool.clone();
+        async move { write_batch(&pool, &batch).await }
+    })
 }
 
 impl SqliteBroker {
@@ -80,8 +88,7 @@ impl SqliteBroker {
     /// A broker on an already opened pool (from [`crate::open`]).
     #[must_use]
     pub fn from_pool(pool: SqlitePool, options: SqliteOptions) -> Self {
-        let (writer, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(pool.clone(), rx));
+        let writer = writer(&pool);
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -102,8 +109,7 @@ impl SqliteBroker {
     #[must_use]
     pub fn with_encoder(self, encoder: Arc<dyn Encoder>) -> Self {
         let inner = &self.inner;
-        let (writer, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(inner.pool.clone(), rx));
+        let writer = writer(&inner.pool);
         Self {
             inner: Arc::new(Inner {
                 pool: inner.pool.clone(),
@@ -251,27 +257,7 @@ async fn maintain(inner: &Inner, expire_dead: bool) -> Result<u64> {
     Ok(back)
 }
 
-async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Write>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
-        let result = write_batch(&pool, &batch).await;
-        for w in batch {
-            let _ = w.done.send(result.as_ref().copied().map_err(clone_error));
-        }
-    }
-}
-
-fn clone_error(e: &Error) -> Error {
-    Error::backend(BACKEND, e.kind(), e.to_string())
-}
-
-async fn write_batch(pool: &SqlitePool, batch: &[Write]) -> Result<()> {
+async fn write_batch(pool: &SqlitePool, batch: &[Settle]) -> Result<()> {
     // Acks and requeues go in one statement each (a JSON array of [id, attempt] pairs): one
     // round trip to SQLite's thread for the whole batch. Nacks, rare, go one by one.
     let mut acks = Vec::new();
@@ -697,7 +683,7 @@ impl Drop for SqliteConsumer {
 
 #[derive(Debug)]
 struct SqliteAck {
-    writer: mpsc::UnboundedSender<Write>,
+    writer: Batcher<Settle>,
     id: i64,
     attempt: i64,
     encoder: Arc<dyn Encoder>,
@@ -705,17 +691,13 @@ struct SqliteAck {
 
 impl SqliteAck {
     async fn send(&self, op: Op) -> Result<()> {
-        let (done, wait) = oneshot::channel();
         self.writer
-            .send(Write {
+            .submit(Settle {
                 id: self.id,
                 attempt: self.attempt,
                 op,
-                done,
             })
-            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker was dropped"))?;
-        wait.await
-            .map_err(|_| Error::backend(BACKEND, ErrorKind::Connection, "the broker's writer stopped"))?
+            .await
     }
 }
 

@@ -1,0 +1,158 @@
+//! Building blocks shared by broker implementations.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::error::{Error, ErrorKind, Result};
+
+type Job<T> = (T, oneshot::Sender<Result<()>>);
+
+/// Gathers items submitted by many tasks (acks, nacks, requeues) and hands them to one async
+/// handler in batches, so a broker writes them in one round trip; every submitter waits for the
+/// outcome of its batch.
+pub struct Batcher<T> {
+    tx: mpsc::UnboundedSender<Job<T>>,
+    backend: &'static str,
+}
+
+impl<T> Clone for Batcher<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            backend: self.backend,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Batcher<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batcher")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    /// Starts the batching task: it takes what is waiting (at most `max_batch` items), calls
+    /// `handler` once, and reports its result to every submitter of the batch. The task ends
+    /// when every clone of the batcher is dropped. Needs a tokio runtime.
+    pub fn spawn<F, Fut>(backend: &'static str, max_batch: usize, handler: F) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<()>> + Send,
+    {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job<T>>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut items = vec![first.0];
+                let mut waiters = vec![first.1];
+                while items.len() < max_batch.max(1) {
+                    match rx.try_recv() {
+                        Ok((item, done)) => {
+                            items.push(item);
+                            waiters.push(done);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let result = handler(items).await;
+                for done in waiters {
+                    let _ = done.send(match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(Error::backend(backend, e.kind(), e.to_string())),
+                    });
+                }
+            }
+        });
+        Self { tx, backend }
+    }
+
+    /// Submits one item and waits for the outcome of the batch it went into.
+    ///
+    /// # Errors
+    /// The handler's error for that batch, or a connection error when the broker is gone.
+    pub async fn submit(&self, item: T) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send((item, done))
+            .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the broker was dropped"))?;
+        wait.await
+            .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the broker's writer stopped"))?
+    }
+}
+
+/// Wake-ups per queue: consumers wait on their queue's [`Notify`]; enqueues and notifications
+/// from the server wake them.
+#[derive(Debug, Default)]
+pub struct Wakers {
+    by_queue: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Wakers {
+    /// The wake-up of `queue`.
+    #[must_use]
+    pub fn get(&self, queue: &str) -> Arc<Notify> {
+        self.by_queue
+            .lock()
+            .map(|mut w| Arc::clone(w.entry(queue.to_owned()).or_default()))
+            .unwrap_or_default()
+    }
+
+    /// Wakes the consumers of `queue` that wait now.
+    pub fn wake(&self, queue: &str) {
+        let notify = self.by_queue.lock().ok().and_then(|w| w.get(queue).cloned());
+        if let Some(n) = notify {
+            n.notify_waiters();
+        }
+    }
+
+    /// Wakes every waiting consumer.
+    pub fn wake_all(&self) {
+        let all: Vec<Arc<Notify>> = self
+            .by_queue
+            .lock()
+            .map(|w| w.values().cloned().collect())
+            .unwrap_or_default();
+        for n in all {
+            n.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn batches_concurrent_submissions() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&calls);
+        let batcher = Batcher::spawn("test", 100, move |items: Vec<u32>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if items.contains(&13) {
+                    Err(Error::backend("test", ErrorKind::Timeout, "unlucky"))
+                } else {
+                    Ok(())
+                }
+            }
+        });
+        let tasks: Vec<_> = (0..50u32)
+            .map(|i| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.submit(i + 100).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert!(calls.load(Ordering::SeqCst) <= 50);
+        let err = batcher.submit(13).await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+    }
+}
