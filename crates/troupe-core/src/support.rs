@@ -156,3 +156,89 @@ mod tests {
         assert!(err.is_transient(), "{err}");
     }
 }
+
+/// What a worker asks of a delivery claimed from a table or list, for brokers that settle
+/// through a [`Batcher`]. Exhaustive on purpose: a broker must handle every kind.
+#[derive(Debug)]
+pub enum SettleOp {
+    /// Processed: remove it.
+    Ack,
+    /// Dead-letter it with the message as the worker last saw it (when it decoded).
+    Nack {
+        /// The re-encoded message, if any.
+        body: Option<Vec<u8>>,
+        /// Why.
+        reason: String,
+    },
+    /// Return it to its queue.
+    Requeue,
+}
+
+/// One settle request: the delivery's key (row id and attempt, say) and what to do.
+#[derive(Debug)]
+pub struct Settle<K> {
+    /// Which delivery (fenced: a stale key matches nothing).
+    pub key: K,
+    /// What to do.
+    pub op: SettleOp,
+}
+
+/// An [`AckHandle`](crate::AckHandle) that sends its settle requests to a [`Batcher`].
+pub struct BatchedAck<K> {
+    batcher: Batcher<Settle<K>>,
+    key: K,
+    encoder: Arc<dyn crate::Encoder>,
+}
+
+impl<K: fmt::Debug> fmt::Debug for BatchedAck<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchedAck")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K> BatchedAck<K> {
+    /// A handle for the delivery `key`; nacks re-encode the message with `encoder`.
+    #[must_use]
+    pub fn new(batcher: Batcher<Settle<K>>, key: K, encoder: Arc<dyn crate::Encoder>) -> Self {
+        Self { batcher, key, encoder }
+    }
+}
+
+#[async_trait::async_trait]
+impl<K: Clone + fmt::Debug + Send + Sync + 'static> crate::AckHandle for BatchedAck<K> {
+    async fn ack(&self) -> Result<()> {
+        self.batcher
+            .submit(Settle {
+                key: self.key.clone(),
+                op: SettleOp::Ack,
+            })
+            .await
+    }
+
+    async fn nack(&self, message: Option<&crate::Message>, reason: &str) -> Result<()> {
+        let body = match message {
+            Some(m) => Some(self.encoder.encode(m)?),
+            None => None,
+        };
+        self.batcher
+            .submit(Settle {
+                key: self.key.clone(),
+                op: SettleOp::Nack {
+                    body,
+                    reason: reason.to_owned(),
+                },
+            })
+            .await
+    }
+
+    async fn requeue(&self) -> Result<()> {
+        self.batcher
+            .submit(Settle {
+                key: self.key.clone(),
+                op: SettleOp::Requeue,
+            })
+            .await
+    }
+}

@@ -10,10 +10,10 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio::sync::Notify;
 use troupe_core::queue::{is_delay_queue, q_name, validate_queue_name};
-use troupe_core::support::{Batcher, Wakers};
+use troupe_core::support::{BatchedAck, Batcher, Settle, SettleOp, Wakers};
 use troupe_core::{
-    AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind,
-    JsonEncoder, Message, QueueStats, Result, decode_delivery, encode_checked,
+    Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind, JsonEncoder,
+    Message, QueueStats, Result, decode_delivery, encode_checked,
 };
 
 use crate::db::{self, BACKEND, PostgresOptions, db_error, ms};
@@ -49,25 +49,13 @@ struct Inner {
     broker_id: String,
     consumers: AtomicU64,
     wakers: Wakers,
-    writer: Batcher<Settle>,
+    writer: Batcher<Settle<Key>>,
     owners: Mutex<HashSet<String>>,
     background: OnceLock<()>,
     closed: AtomicBool,
 }
 
-#[derive(Debug)]
-enum Op {
-    Ack,
-    Nack { body: Option<Vec<u8>>, reason: String },
-    Requeue,
-}
-
-#[derive(Debug)]
-struct Settle {
-    id: i64,
-    attempt: i32,
-    op: Op,
-}
+type Key = (i64, i32);
 
 impl PostgresBroker {
     /// Connects to the database a `postgres://` URL names and migrates Troupe's schema.
@@ -85,7 +73,7 @@ impl PostgresBroker {
     pub async fn open(options: PostgresOptions) -> Result<Self> {
         let pool = db::open(&options).await?;
         let writer_pool = pool.clone();
-        let writer = Batcher::spawn(BACKEND, WRITE_BATCH, move |batch: Vec<Settle>| {
+        let writer = Batcher::spawn(BACKEND, WRITE_BATCH, move |batch: Vec<Settle<Key>>| {
             let pool = writer_pool.clone();
             async move { write_batch(&pool, &batch).await }
         });
@@ -366,19 +354,19 @@ async fn maintain(inner: &Inner, cleanup: bool) -> Result<u64> {
     Ok(back)
 }
 
-async fn write_batch(pool: &PgPool, batch: &[Settle]) -> Result<()> {
+async fn write_batch(pool: &PgPool, batch: &[Settle<Key>]) -> Result<()> {
     let (mut ack_ids, mut ack_attempts, mut back_ids, mut back_attempts) = (vec![], vec![], vec![], vec![]);
     for w in batch {
         match w.op {
-            Op::Ack => {
-                ack_ids.push(w.id);
-                ack_attempts.push(w.attempt);
+            SettleOp::Ack => {
+                ack_ids.push(w.key.0);
+                ack_attempts.push(w.key.1);
             }
-            Op::Requeue => {
-                back_ids.push(w.id);
-                back_attempts.push(w.attempt);
+            SettleOp::Requeue => {
+                back_ids.push(w.key.0);
+                back_attempts.push(w.key.1);
             }
-            Op::Nack { .. } => {}
+            SettleOp::Nack { .. } => {}
         }
     }
     // The common case, acks only: one statement, no explicit transaction (one round trip).
@@ -417,13 +405,13 @@ async fn write_batch(pool: &PgPool, batch: &[Settle]) -> Result<()> {
         .map_err(|e| db_error("requeue messages", e))?;
     }
     for w in batch {
-        if let Op::Nack { body, reason } = &w.op {
+        if let SettleOp::Nack { body, reason } = &w.op {
             sqlx::query(
                 "UPDATE jobs SET state = 2, lease_owner = NULL, lease_until = NULL, reason = $3, failed_at = now(),
                  body = COALESCE($4, body) WHERE id = $1 AND attempt = $2 AND state = 1",
             )
-            .bind(w.id)
-            .bind(w.attempt)
+            .bind(w.key.0)
+            .bind(w.key.1)
             .bind(reason.as_str())
             .bind(body.as_deref())
             .execute(&mut *tx)
@@ -710,12 +698,7 @@ impl PostgresConsumer {
             .into_iter()
             .map(|(_, id, attempt, body)| {
                 let message = decode_delivery(inner.encoder.as_ref(), &body, inner.options.max_message_size);
-                let handle = PostgresAck {
-                    writer: inner.writer.clone(),
-                    id,
-                    attempt,
-                    encoder: Arc::clone(&inner.encoder),
-                };
+                let handle = BatchedAck::new(inner.writer.clone(), (id, attempt), Arc::clone(&inner.encoder));
                 Delivery::new(self.queue.clone(), message, attempt > 1, Box::new(handle))
             })
             .collect())
@@ -777,48 +760,5 @@ impl Drop for PostgresConsumer {
         if let Ok(mut owners) = self.broker.inner.owners.lock() {
             owners.remove(&self.owner);
         }
-    }
-}
-
-#[derive(Debug)]
-struct PostgresAck {
-    writer: Batcher<Settle>,
-    id: i64,
-    attempt: i32,
-    encoder: Arc<dyn Encoder>,
-}
-
-impl PostgresAck {
-    async fn send(&self, op: Op) -> Result<()> {
-        self.writer
-            .submit(Settle {
-                id: self.id,
-                attempt: self.attempt,
-                op,
-            })
-            .await
-    }
-}
-
-#[async_trait]
-impl AckHandle for PostgresAck {
-    async fn ack(&self) -> Result<()> {
-        self.send(Op::Ack).await
-    }
-
-    async fn nack(&self, message: Option<&Message>, reason: &str) -> Result<()> {
-        let body = match message {
-            Some(m) => Some(self.encoder.encode(m)?),
-            None => None,
-        };
-        self.send(Op::Nack {
-            body,
-            reason: reason.to_owned(),
-        })
-        .await
-    }
-
-    async fn requeue(&self) -> Result<()> {
-        self.send(Op::Requeue).await
     }
 }

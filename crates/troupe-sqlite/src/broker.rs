@@ -9,10 +9,10 @@ use async_trait::async_trait;
 use sqlx::{Row, SqlitePool};
 use tokio::sync::Notify;
 use troupe_core::queue::{is_delay_queue, q_name, validate_queue_name};
-use troupe_core::support::Batcher;
+use troupe_core::support::{BatchedAck, Batcher, Settle, SettleOp};
 use troupe_core::{
-    AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind,
-    JsonEncoder, Message, QueueStats, Result, decode_delivery, encode_checked,
+    Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind, JsonEncoder,
+    Message, QueueStats, Result, decode_delivery, encode_checked,
 };
 
 use crate::db::{self, BACKEND, SqliteOptions, db_error, ms, now};
@@ -39,29 +39,17 @@ struct Inner {
     broker_id: String,
     consumers: AtomicU64,
     wake: Notify,
-    writer: Batcher<Settle>,
+    writer: Batcher<Settle<Key>>,
     owners: Mutex<HashSet<String>>,
     maintenance: OnceLock<()>,
     closed: AtomicBool,
 }
 
-#[derive(Debug)]
-enum Op {
-    Ack,
-    Nack { body: Option<Vec<u8>>, reason: String },
-    Requeue,
-}
+type Key = (i64, i64);
 
-#[derive(Debug)]
-struct Settle {
-    id: i64,
-    attempt: i64,
-    op: Op,
-}
-
-fn writer(pool: &SqlitePool) -> Batcher<Settle> {
+fn writer(pool: &SqlitePool) -> Batcher<Settle<Key>> {
     let pool = pool.clone();
-    Batcher::spawn(BACKEND, WRITE_BATCH, move |batch: Vec<Settle>| {
+    Batcher::spawn(BACKEND, WRITE_BATCH, move |batch: Vec<Settle<Key>>| {
         let pool = pool.clone();
         async move { write_batch(&pool, &batch).await }
     })
@@ -257,16 +245,16 @@ async fn maintain(inner: &Inner, expire_dead: bool) -> Result<u64> {
     Ok(back)
 }
 
-async fn write_batch(pool: &SqlitePool, batch: &[Settle]) -> Result<()> {
+async fn write_batch(pool: &SqlitePool, batch: &[Settle<Key>]) -> Result<()> {
     // Acks and requeues go in one statement each (a JSON array of [id, attempt] pairs): one
     // round trip to SQLite's thread for the whole batch. Nacks, rare, go one by one.
     let mut acks = Vec::new();
     let mut requeues = Vec::new();
     for w in batch {
         match w.op {
-            Op::Ack => acks.push([w.id, w.attempt]),
-            Op::Requeue => requeues.push([w.id, w.attempt]),
-            Op::Nack { .. } => {}
+            SettleOp::Ack => acks.push([w.key.0, w.key.1]),
+            SettleOp::Requeue => requeues.push([w.key.0, w.key.1]),
+            SettleOp::Nack { .. } => {}
         }
     }
     let mut tx = pool
@@ -295,14 +283,14 @@ async fn write_batch(pool: &SqlitePool, batch: &[Settle]) -> Result<()> {
     }
     let t = now();
     for w in batch {
-        if let Op::Nack { body, reason } = &w.op {
+        if let SettleOp::Nack { body, reason } = &w.op {
             sqlx::query(
                 "UPDATE troupe_jobs SET state = 2, lease_owner = NULL, lease_until = NULL,
                  reason = ?3, failed_at = ?4, body = COALESCE(?5, body)
                  WHERE id = ?1 AND attempt = ?2 AND state = 1",
             )
-            .bind(w.id)
-            .bind(w.attempt)
+            .bind(w.key.0)
+            .bind(w.key.1)
             .bind(reason.as_str())
             .bind(t)
             .bind(body.as_deref())
@@ -610,12 +598,7 @@ impl SqliteConsumer {
             .into_iter()
             .map(|(_, id, attempt, body)| {
                 let message = decode_delivery(inner.encoder.as_ref(), &body, inner.options.max_message_size);
-                let handle = SqliteAck {
-                    writer: inner.writer.clone(),
-                    id,
-                    attempt,
-                    encoder: Arc::clone(&inner.encoder),
-                };
+                let handle = BatchedAck::new(inner.writer.clone(), (id, attempt), Arc::clone(&inner.encoder));
                 Delivery::new(self.queue.clone(), message, attempt > 1, Box::new(handle))
             })
             .collect())
@@ -678,48 +661,5 @@ impl Drop for SqliteConsumer {
         if let Ok(mut owners) = self.broker.inner.owners.lock() {
             owners.remove(&self.owner);
         }
-    }
-}
-
-#[derive(Debug)]
-struct SqliteAck {
-    writer: Batcher<Settle>,
-    id: i64,
-    attempt: i64,
-    encoder: Arc<dyn Encoder>,
-}
-
-impl SqliteAck {
-    async fn send(&self, op: Op) -> Result<()> {
-        self.writer
-            .submit(Settle {
-                id: self.id,
-                attempt: self.attempt,
-                op,
-            })
-            .await
-    }
-}
-
-#[async_trait]
-impl AckHandle for SqliteAck {
-    async fn ack(&self) -> Result<()> {
-        self.send(Op::Ack).await
-    }
-
-    async fn nack(&self, message: Option<&Message>, reason: &str) -> Result<()> {
-        let body = match message {
-            Some(m) => Some(self.encoder.encode(m)?),
-            None => None,
-        };
-        self.send(Op::Nack {
-            body,
-            reason: reason.to_owned(),
-        })
-        .await
-    }
-
-    async fn requeue(&self) -> Result<()> {
-        self.send(Op::Requeue).await
     }
 }
