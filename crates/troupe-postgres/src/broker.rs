@@ -44,6 +44,8 @@ impl std::fmt::Debug for PostgresBroker {
 
 struct Inner {
     pool: PgPool,
+    /// Claims only: asynchronous commit (see `db::claim_pool`).
+    claims: PgPool,
     options: PostgresOptions,
     encoder: Arc<dyn Encoder>,
     broker_id: String,
@@ -72,6 +74,7 @@ impl PostgresBroker {
     /// As [`connect`](Self::connect).
     pub async fn open(options: PostgresOptions) -> Result<Self> {
         let pool = db::open(&options).await?;
+        let claims = db::claim_pool(&options).await?;
         let writer_pool = pool.clone();
         let writer = Batcher::spawn(BACKEND, WRITE_BATCH, move |batch: Vec<Settle<Key>>| {
             let pool = writer_pool.clone();
@@ -80,6 +83,7 @@ impl PostgresBroker {
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
+                claims,
                 options,
                 encoder: Arc::new(JsonEncoder),
                 broker_id: uuid::Uuid::new_v4().simple().to_string(),
@@ -620,6 +624,7 @@ impl Broker for PostgresBroker {
         self.inner.closed.store(true, Ordering::Relaxed);
         self.inner.wakers.wake_all();
         self.inner.pool.close().await;
+        self.inner.claims.close().await;
         Ok(())
     }
 }
@@ -646,7 +651,7 @@ impl PostgresConsumer {
                         EXISTS (SELECT 1 FROM jobs WHERE state = 3 AND queue = $1 AND available_at <= now())",
             )
             .bind(&self.queue)
-            .fetch_one(&inner.pool)
+            .fetch_one(&inner.claims)
             .await
             .map_err(|e| db_error("look for messages", e))?;
             let ready: bool = row.try_get(0).map_err(|e| db_error("look for messages", e))?;
@@ -655,7 +660,7 @@ impl PostgresConsumer {
             if due {
                 sqlx::query("UPDATE jobs SET state = 0 WHERE state = 3 AND queue = $1 AND available_at <= now()")
                     .bind(&self.queue)
-                    .execute(&inner.pool)
+                    .execute(&inner.claims)
                     .await
                     .map_err(|e| db_error("release due delayed messages", e))?;
             }
@@ -677,7 +682,7 @@ impl PostgresConsumer {
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
         .bind(&self.owner)
         .bind(ms(inner.options.lease))
-        .fetch_all(&inner.pool)
+        .fetch_all(&inner.claims)
         .await
         .map_err(|e| db_error("claim messages", e))?;
         let mut claimed: Vec<(i32, i64, i32, Vec<u8>)> = rows

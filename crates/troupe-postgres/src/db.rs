@@ -234,6 +234,21 @@ fn connect_error(options: &PostgresOptions, e: sqlx::Error) -> Error {
     )
 }
 
+/// A second, small pool whose sessions commit asynchronously (`synchronous_commit = off`), for
+/// claims only. Safe: a claim lost in a server crash leaves its row ready (or its lease expires),
+/// and an ack is durable only after everything written before it in the WAL, claims included.
+pub(crate) async fn claim_pool(options: &PostgresOptions) -> Result<PgPool, Error> {
+    let connect = options
+        .connect_options()?
+        .options([("search_path", options.schema.as_str()), ("synchronous_commit", "off")]);
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(options.connect_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(|e| connect_error(options, e))
+}
+
 /// Opens the pool (search_path = the schema) and migrates the schema.
 pub(crate) async fn open(options: &PostgresOptions) -> Result<PgPool, Error> {
     let connect = options
