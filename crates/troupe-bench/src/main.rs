@@ -46,9 +46,58 @@ struct Args {
     /// starts), taken after the burn-down.
     #[arg(long, default_value_t = 200)]
     latency_samples: usize,
+    /// Bytes of payload carried by each message (a string argument).
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    /// What each message does: `noop`, `sleep` (1 ms of async sleep), `cpu` (about 50 µs of
+    /// hashing), or `mixed` (alternating sleep and cpu).
+    #[arg(long, value_enum, default_value_t = Scenario::Noop)]
+    scenario: Scenario,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// What the benchmark actor does per message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Scenario {
+    Noop,
+    Sleep,
+    Cpu,
+    Mixed,
+}
+
+static SCENARIO: std::sync::OnceLock<Scenario> = std::sync::OnceLock::new();
+
+async fn work(n: u64) {
+    let scenario = SCENARIO.get().copied().unwrap_or(Scenario::Noop);
+    let sleep = matches!(scenario, Scenario::Sleep) || (scenario == Scenario::Mixed && n.is_multiple_of(2));
+    let cpu = matches!(scenario, Scenario::Cpu) || (scenario == Scenario::Mixed && !n.is_multiple_of(2));
+    if sleep {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if cpu {
+        let mut x = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+        std::hint::black_box(x);
+    }
+}
+
+/// Resident memory of this process, in KiB (Linux).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
 }
 
 static SEEN: Mutex<Option<HashSet<u64>>> = Mutex::new(None);
@@ -65,9 +114,11 @@ async fn ping() {
     }
 }
 
-/// Does nothing but count.
+/// Runs the scenario's work and counts.
 #[troupe::actor(queue_name = "bench")]
-async fn noop(n: u64) {
+async fn noop(n: u64, payload: String) {
+    std::hint::black_box(payload.len());
+    work(n).await;
     RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Ok(mut seen) = SEEN.lock()
         && let Some(set) = seen.as_mut()
@@ -79,6 +130,7 @@ async fn noop(n: u64) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let _ = SCENARIO.set(args.scenario);
     if args.worker_only {
         return match worker_only(&args).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -145,7 +197,7 @@ async fn backlog(url: &str, first: u64, count: u64) -> Result<(), Box<dyn std::e
     let sql = format!(
         "INSERT INTO {schema}.jobs (queue, message_id, state, body)
          SELECT 'bench', md5(n::text), 0, convert_to(json_build_object(
-             'queue_name', 'bench', 'actor_name', 'noop', 'args', json_build_array(n), 'kwargs', '{{}}'::json,
+             'queue_name', 'bench', 'actor_name', 'noop', 'args', json_build_array(n, ''), 'kwargs', '{{}}'::json,
              'options', '{{}}'::json, 'message_id', md5(n::text), 'message_timestamp', 0)::text, 'UTF8')
          FROM generate_series($1::bigint, $2::bigint) AS n",
         schema = options.schema
@@ -184,9 +236,10 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     app.declare_queue("bench").await?;
     app.declare_queue("bench_latency").await?;
 
+    let payload = "x".repeat(args.payload_bytes);
     let started = Instant::now();
     for n in 0..args.messages {
-        Noop.send(&app, n).await?;
+        Noop.send(&app, n, payload.clone()).await?;
     }
     let enqueue_secs = started.elapsed().as_secs_f64();
 
@@ -205,6 +258,8 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
             tokio::process::Command::new(std::env::current_exe()?)
                 .args(["--worker-only", "--broker-url", &args.broker_url, "--concurrency"])
                 .arg(args.concurrency.to_string())
+                .arg("--scenario")
+                .arg(format!("{:?}", args.scenario).to_lowercase())
                 .stdout(std::process::Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()?,
@@ -288,6 +343,8 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
             _ => return Err("a latency probe was not picked up within 10 s".into()),
         }
     }
+    // The worker is idle now; in-process runs also hold the producer's bookkeeping.
+    let rss = rss_kib();
     worker.stop().await;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| -> f64 {
@@ -323,6 +380,9 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         "messages": args.messages,
         "concurrency": args.concurrency,
         "processes": args.processes,
+        "scenario": args.scenario,
+        "payload_bytes": args.payload_bytes,
+        "rss_idle_kib": rss,
         "backlog": args.backlog,
         "backlog_insert_secs": (backlog_secs * 10.0).round() / 10.0,
         "enqueue_per_sec": (n / enqueue_secs).round(),
