@@ -47,20 +47,45 @@ async fn start(app: &App, concurrency: usize) -> WorkerHandle {
         .expect("worker starts")
 }
 
+/// Fetches until something arrives (at most `max`) or `within` passes; empty on time-out.
+async fn fetch_some(
+    consumer: &mut Box<dyn troupe_core::Consumer>,
+    max: usize,
+    within: Duration,
+) -> Vec<troupe_core::Delivery> {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = consumer.fetch(max, FETCH).await.expect("fetch");
+        if !got.is_empty() || Instant::now() >= deadline {
+            return got;
+        }
+    }
+}
+
+/// Waits until `queue` has nothing ready, delayed or in flight.
+async fn wait_drained(tb: &TestBroker, queue: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = tb.broker.stats(queue).await.expect("stats");
+        if stats.pending() == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "messages not acked: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn fetch_one(tb: &TestBroker, queue: &str) -> (Box<dyn troupe_core::Consumer>, troupe_core::Delivery) {
     let mut consumer = tb
         .broker
         .consume(queue, ConsumerOptions::new(10))
         .await
         .expect("consume");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let mut got = consumer.fetch(1, FETCH).await.expect("fetch");
-        if let Some(d) = got.pop() {
-            return (consumer, d);
-        }
-        assert!(Instant::now() < deadline, "no message arrived on {queue}");
-    }
+    let delivery = fetch_some(&mut consumer, 1, WAIT).await.pop();
+    (
+        consumer,
+        delivery.unwrap_or_else(|| panic!("no message arrived on {queue}")),
+    )
 }
 
 async fn wait_dead(tb: &TestBroker, queue: &str, n: usize) -> Vec<troupe_core::DeadLetter> {
@@ -89,11 +114,7 @@ pub async fn enqueue_consume_ack(tb: &TestBroker) {
     let enqueued = tb.broker.enqueue(sent.clone(), None).await.expect("enqueue");
     assert_eq!(enqueued.message_id, sent.message_id);
     let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
-    let mut got = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while got.is_empty() && Instant::now() < deadline {
-        got = consumer.fetch(10, FETCH).await.expect("fetch");
-    }
+    let got = fetch_some(&mut consumer, 10, WAIT).await;
     assert_eq!(got.len(), 1, "exactly one delivery");
     let m = got[0].message().expect("decodes").clone();
     assert_eq!(m.message_id, sent.message_id);
@@ -200,11 +221,7 @@ pub async fn dead_letters_requeue_and_purge(tb: &TestBroker) {
     let first = dead[0].id.clone();
     assert_eq!(tb.broker.requeue_dead_letters(&q, &[first]).await.expect("requeue"), 1);
     let d = {
-        let mut got = Vec::new();
-        let deadline = Instant::now() + WAIT;
-        while got.is_empty() && Instant::now() < deadline {
-            got = consumer.fetch(1, FETCH).await.expect("fetch");
-        }
+        let mut got = fetch_some(&mut consumer, 1, WAIT).await;
         got.pop().expect("requeued message delivered")
     };
     assert_eq!(d.message().expect("decodes").retries(), 0, "requeue resets retries");
@@ -225,17 +242,9 @@ pub async fn requeue_returns_without_retry(tb: &TestBroker) {
         .await
         .expect("enqueue");
     let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
-    let mut got = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while got.is_empty() && Instant::now() < deadline {
-        got = consumer.fetch(1, FETCH).await.expect("fetch");
-    }
+    let got = fetch_some(&mut consumer, 1, WAIT).await;
     got[0].requeue().await.expect("requeue");
-    let mut again = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while again.is_empty() && Instant::now() < deadline {
-        again = consumer.fetch(1, FETCH).await.expect("fetch");
-    }
+    let again = fetch_some(&mut consumer, 1, WAIT).await;
     let m = again[0].message().expect("decodes");
     assert_eq!(m.message_id, sent.message_id);
     assert_eq!(m.retries(), 0);
@@ -255,22 +264,14 @@ pub async fn unacked_messages_are_redelivered(tb: &TestBroker) {
         .expect("enqueue");
     {
         let mut dying = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
-        let mut got = Vec::new();
-        let deadline = Instant::now() + WAIT;
-        while got.is_empty() && Instant::now() < deadline {
-            got = dying.fetch(1, FETCH).await.expect("fetch");
-        }
+        let got = fetch_some(&mut dying, 1, WAIT).await;
         assert_eq!(got.len(), 1);
         // The consumer and its delivery are dropped without ack, nack or close: a crash.
         drop(got);
         drop(dying);
     }
     let mut survivor = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
-    let deadline = Instant::now() + tb.redelivery_timeout + WAIT;
-    let mut got = Vec::new();
-    while got.is_empty() && Instant::now() < deadline {
-        got = survivor.fetch(1, FETCH).await.expect("fetch");
-    }
+    let got = fetch_some(&mut survivor, 1, tb.redelivery_timeout + WAIT).await;
     assert_eq!(got.len(), 1, "the message came back");
     let m = got[0].message().expect("decodes");
     assert_eq!(m.message_id, sent.message_id);
@@ -291,22 +292,14 @@ pub async fn a_late_ack_does_not_touch_the_redelivered_message(tb: &TestBroker) 
         .expect("enqueue");
     let stale = {
         let mut first = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
-        let mut got = Vec::new();
-        let deadline = Instant::now() + WAIT;
-        while got.is_empty() && Instant::now() < deadline {
-            got = first.fetch(1, FETCH).await.expect("fetch");
-        }
+        let mut got = fetch_some(&mut first, 1, WAIT).await;
         assert_eq!(got.len(), 1);
         // The consumer dies; its delivery handle lives on, as in a worker that was cut off.
         drop(first);
         got.pop().expect("a delivery")
     };
     let mut second = tb.broker.consume(&q, ConsumerOptions::new(10)).await.expect("consume");
-    let deadline = Instant::now() + tb.redelivery_timeout + WAIT;
-    let mut got = Vec::new();
-    while got.is_empty() && Instant::now() < deadline {
-        got = second.fetch(1, FETCH).await.expect("fetch");
-    }
+    let mut got = fetch_some(&mut second, 1, tb.redelivery_timeout + WAIT).await;
     assert_eq!(got.len(), 1, "the message came back");
     assert_eq!(got[0].message().expect("decodes").message_id, sent.message_id);
     // The late ack may fail or do nothing; it must not remove the new delivery.
@@ -381,18 +374,7 @@ pub async fn worker_runs_actor_and_acks(tb: &TestBroker) {
     let mut args: Vec<i64> = actor.calls().iter().filter_map(|c| c.args[0].as_i64()).collect();
     args.sort_unstable();
     assert_eq!(args, (0..10).collect::<Vec<_>>());
-    assert!(eventually(WAIT, || true).await);
-    let broker = Arc::clone(&tb.broker);
-    let q2 = q.clone();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let stats = broker.stats(&q2).await.expect("stats");
-        if stats.pending() == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "messages not acked: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_drained(tb, &q).await;
     worker.stop().await;
     assert_eq!(actor.count(), 10, "each message ran once");
 }
