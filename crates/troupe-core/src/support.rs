@@ -242,3 +242,46 @@ impl<K: Clone + fmt::Debug + Send + Sync + 'static> crate::AckHandle for Batched
             .await
     }
 }
+
+/// Calls `check` until it returns a value or `timeout` passes (then `None`), sleeping `poll`
+/// between calls and waking early when `wake` is notified: the blocking read of backends whose
+/// server cannot block (SQL tables).
+///
+/// # Errors
+/// The first error `check` returns.
+pub async fn poll_until<T, F, Fut>(
+    timeout: std::time::Duration,
+    poll: std::time::Duration,
+    wake: Option<&Notify>,
+    mut check: F,
+) -> Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let notified = wake.map(Notify::notified);
+        tokio::pin!(notified);
+        if let Some(n) = notified.as_mut().as_pin_mut() {
+            n.enable();
+        }
+        if let Some(value) = check().await? {
+            return Ok(Some(value));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        let nap = tokio::time::sleep(poll.min(deadline - now));
+        match notified.as_mut().as_pin_mut() {
+            Some(n) => {
+                tokio::select! {
+                    () = n => {}
+                    () = nap => {}
+                }
+            }
+            None => nap.await,
+        }
+    }
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::{PgPool, Row};
+use troupe_core::support::poll_until;
 use troupe_core::{Encoder, Error, JsonEncoder, Message, Result, ResultBackend, result_key};
 
 use crate::db::{PostgresOptions, db_error, ms};
@@ -86,16 +87,8 @@ impl ResultBackend for PostgresResults {
                 .await?
                 .ok_or_else(|| Error::ResultMissing(message.message_id.clone()));
         };
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.lookup(&key).await? {
-                return Ok(v);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(Error::ResultTimeout(message.message_id.clone()));
-            }
-            tokio::time::sleep(POLL.min(deadline - now)).await;
-        }
+        poll_until(timeout, POLL, None, || self.lookup(&key))
+            .await?
+            .ok_or_else(|| Error::ResultTimeout(message.message_id.clone()))
     }
 }

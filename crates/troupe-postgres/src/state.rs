@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::{PgPool, Row};
+use troupe_core::support::poll_until;
 use troupe_core::{Result, StateBackend};
 
 use crate::db::{db_error, ms};
@@ -134,23 +135,16 @@ impl StateBackend for PostgresState {
     }
 
     async fn wait(&self, key: &str, timeout: Duration) -> Result<bool> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
+        let seen = poll_until(timeout, POLL, None, || async {
             let found = sqlx::query("SELECT 1 FROM events WHERE key = $1 AND expires_at > now()")
                 .bind(key)
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(|e| db_error("read an event", e))?
-                .is_some();
-            if found {
-                return Ok(true);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(POLL.min(deadline - now)).await;
-        }
+                .map_err(|e| db_error("read an event", e))?;
+            Ok(found.map(|_| ()))
+        })
+        .await?;
+        Ok(seen.is_some())
     }
 
     async fn notify(&self, key: &str, ttl: Duration) -> Result<()> {

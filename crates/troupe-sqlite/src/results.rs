@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::{Row, SqlitePool};
+use troupe_core::support::poll_until;
 use troupe_core::{Encoder, Error, JsonEncoder, Message, Result, ResultBackend, result_key};
 
 use crate::db::{db_error, ms, now};
@@ -107,22 +108,8 @@ impl ResultBackend for SqliteResults {
                 .await?
                 .ok_or_else(|| Error::ResultMissing(message.message_id.clone()));
         };
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.stored.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(v) = self.lookup(&key).await? {
-                return Ok(v);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(Error::ResultTimeout(message.message_id.clone()));
-            }
-            tokio::select! {
-                () = &mut notified => {}
-                () = tokio::time::sleep(POLL.min(deadline - now)) => {}
-            }
-        }
+        poll_until(timeout, POLL, Some(&self.stored), || self.lookup(&key))
+            .await?
+            .ok_or_else(|| Error::ResultTimeout(message.message_id.clone()))
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::{Row, SqlitePool};
+use troupe_core::support::poll_until;
 use troupe_core::{Result, StateBackend};
 
 use crate::db::{db_error, ms, now};
@@ -132,24 +133,17 @@ impl StateBackend for SqliteState {
     }
 
     async fn wait(&self, key: &str, timeout: Duration) -> Result<bool> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
+        let seen = poll_until(timeout, POLL, None, || async {
             let found = sqlx::query("SELECT 1 FROM troupe_events WHERE key = ?1 AND expires_at > ?2")
                 .bind(key)
                 .bind(now())
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(|e| db_error("read an event", e))?
-                .is_some();
-            if found {
-                return Ok(true);
-            }
-            let t = tokio::time::Instant::now();
-            if t >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(POLL.min(deadline - t)).await;
-        }
+                .map_err(|e| db_error("read an event", e))?;
+            Ok(found.map(|_| ()))
+        })
+        .await?;
+        Ok(seen.is_some())
     }
 
     async fn notify(&self, key: &str, ttl: Duration) -> Result<()> {
