@@ -236,3 +236,44 @@ mod tests {
         assert!(e.contains("not a Redis URL") && !e.contains("pw"), "{e}");
     }
 }
+
+/// Dedicated connections for blocking reads (a blocking command would stall every caller of a
+/// multiplexed connection), kept for reuse.
+#[derive(Clone, Default)]
+pub(crate) struct BlockingPool {
+    idle: std::sync::Arc<std::sync::Mutex<Vec<MultiplexedConnection>>>,
+}
+
+impl BlockingPool {
+    /// `BLMOVE key key RIGHT LEFT timeout` (Dramatiq's `BRPOPLPUSH key key`): waits up to
+    /// `timeout` (sub-second honoured) for `key`'s list to have an element and returns it,
+    /// leaving it in place.
+    pub(crate) async fn wait_on_list(
+        &self,
+        options: &RedisOptions,
+        key: &str,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let idle = self.idle.lock().ok().and_then(|mut b| b.pop());
+        let mut conn = match idle {
+            Some(c) => c,
+            None => options.blocking_connection().await?,
+        };
+        let got = redis::cmd("BLMOVE")
+            .arg(key)
+            .arg(key)
+            .arg("RIGHT")
+            .arg("LEFT")
+            .arg(timeout.as_secs_f64().max(0.001))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(what, e))?;
+        if let Ok(mut b) = self.idle.lock()
+            && b.len() < 8
+        {
+            b.push(conn);
+        }
+        Ok(got)
+    }
+}

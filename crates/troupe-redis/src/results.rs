@@ -2,15 +2,15 @@
 //! value layout (a one-element list with a TTL), so Python's `message.get_result()` reads a
 //! Troupe actor's result and the reverse.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::ConnectionManager;
 use serde_json::Value;
 use troupe_core::{Encoder, Error, JsonEncoder, Message, Result, ResultBackend, result_key};
 
-use crate::conn::{RedisOptions, ms, redis_error};
+use crate::conn::{BlockingPool, RedisOptions, ms, redis_error};
 
 /// Results in Redis, as Dramatiq's `RedisBackend` stores them.
 #[derive(Clone)]
@@ -18,7 +18,7 @@ pub struct RedisResults {
     options: RedisOptions,
     conn: ConnectionManager,
     encoder: Arc<dyn Encoder>,
-    blocking: Arc<Mutex<Vec<MultiplexedConnection>>>,
+    blocking: BlockingPool,
 }
 
 impl std::fmt::Debug for RedisResults {
@@ -48,7 +48,7 @@ impl RedisResults {
             options,
             conn,
             encoder: Arc::new(JsonEncoder),
-            blocking: Arc::default(),
+            blocking: BlockingPool::default(),
         })
     }
 
@@ -56,21 +56,6 @@ impl RedisResults {
     #[must_use]
     pub fn into_dyn(self) -> Arc<dyn ResultBackend> {
         Arc::new(self)
-    }
-
-    async fn blocking_connection(&self) -> Result<MultiplexedConnection> {
-        if let Some(c) = self.blocking.lock().ok().and_then(|mut b| b.pop()) {
-            return Ok(c);
-        }
-        self.options.blocking_connection().await
-    }
-
-    fn give_back(&self, conn: MultiplexedConnection) {
-        if let Ok(mut b) = self.blocking.lock()
-            && b.len() < 8
-        {
-            b.push(conn);
-        }
     }
 }
 
@@ -106,21 +91,9 @@ impl ResultBackend for RedisResults {
                     .map_err(|e| redis_error("read a result", e))?
             }
             Some(timeout) => {
-                // BLMOVE k k RIGHT LEFT is Dramatiq's BRPOPLPUSH k k: it waits for the value
-                // and leaves it in place. Fractional timeouts are honoured (Redis >= 6).
-                let mut conn = self.blocking_connection().await?;
-                let secs = timeout.as_secs_f64().max(0.001);
-                let got = redis::cmd("BLMOVE")
-                    .arg(&key)
-                    .arg(&key)
-                    .arg("RIGHT")
-                    .arg("LEFT")
-                    .arg(secs)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| redis_error("wait for a result", e))?;
-                self.give_back(conn);
-                got
+                self.blocking
+                    .wait_on_list(&self.options, &key, timeout, "wait for a result")
+                    .await?
             }
         };
         match bytes {

@@ -1,14 +1,14 @@
 //! Redis state backend, compatible with Dramatiq's Redis rate-limiter backend (raw keys,
 //! integer values, `key@events` lists for barriers).
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::ConnectionManager;
 use troupe_core::{Result, StateBackend};
 
-use crate::conn::{RedisOptions, ms, redis_error};
+use crate::conn::{BlockingPool, RedisOptions, ms, redis_error};
 
 static INCR: OnceLock<redis::Script> = OnceLock::new();
 static SUM: OnceLock<redis::Script> = OnceLock::new();
@@ -44,7 +44,7 @@ fn sum_script() -> &'static redis::Script {
 pub struct RedisState {
     options: RedisOptions,
     conn: ConnectionManager,
-    blocking: Arc<Mutex<Vec<MultiplexedConnection>>>,
+    blocking: BlockingPool,
 }
 
 impl std::fmt::Debug for RedisState {
@@ -73,7 +73,7 @@ impl RedisState {
         Ok(Self {
             options,
             conn,
-            blocking: Arc::default(),
+            blocking: BlockingPool::default(),
         })
     }
 
@@ -149,25 +149,11 @@ impl StateBackend for RedisState {
     }
 
     async fn wait(&self, key: &str, timeout: Duration) -> Result<bool> {
-        let mut conn = match self.blocking.lock().ok().and_then(|mut b| b.pop()) {
-            Some(c) => c,
-            None => self.options.blocking_connection().await?,
-        };
-        let got: Option<String> = redis::cmd("BLMOVE")
-            .arg(key)
-            .arg(key)
-            .arg("RIGHT")
-            .arg("LEFT")
-            .arg(timeout.as_secs_f64().max(0.001))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| redis_error("wait for an event", e))?;
-        if let Ok(mut b) = self.blocking.lock()
-            && b.len() < 8
-        {
-            b.push(conn);
-        }
-        Ok(got.as_deref() == Some("x"))
+        let got = self
+            .blocking
+            .wait_on_list(&self.options, key, timeout, "wait for an event")
+            .await?;
+        Ok(got.as_deref() == Some(b"x".as_slice()))
     }
 
     async fn notify(&self, key: &str, ttl: Duration) -> Result<()> {
