@@ -156,6 +156,49 @@ impl App {
         Ok(enqueued)
     }
 
+    /// Enqueues several messages in one broker call ([`Broker::enqueue_many`]: one transaction
+    /// on SQL brokers, one script call per queue on Redis, pipelined confirms on RabbitMQ), each
+    /// through the middleware as [`App::enqueue`] does. Returns them as enqueued, in order.
+    ///
+    /// # Errors
+    /// As [`App::enqueue`]; a middleware refusal stops the batch before anything is enqueued.
+    pub async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
+        let mut prepared = Vec::with_capacity(messages.len());
+        for (mut message, delay) in messages {
+            self.declare_queue(&message.queue_name).await?;
+            for m in &self.inner.middleware {
+                m.before_enqueue(self, &mut message, delay).await?;
+            }
+            prepared.push((message, delay));
+        }
+        let delays: Vec<Option<Duration>> = prepared.iter().map(|(_, delay)| *delay).collect();
+        let span = tracing::info_span!("troupe.enqueue_many", messages = prepared.len());
+        let enqueued = tracing::Instrument::instrument(self.inner.broker.enqueue_many(prepared), span).await?;
+        for (message, delay) in enqueued.iter().zip(delays) {
+            for m in self.inner.middleware.iter().rev() {
+                m.after_enqueue(self, message, delay).await;
+            }
+        }
+        Ok(enqueued)
+    }
+
+    /// Sends one message to `actor` per item of `calls`, in one broker call (see
+    /// [`App::enqueue_many`]).
+    ///
+    /// # Errors
+    /// As [`App::enqueue_many`].
+    pub async fn send_many<A: Actor>(
+        &self,
+        actor: &A,
+        calls: impl IntoIterator<Item = A::Args>,
+    ) -> Result<Vec<Sent<A::Output>>> {
+        let messages = calls
+            .into_iter()
+            .map(|args| Self::message(actor, &args).map(|m| (m, None)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.enqueue_many(messages).await?.into_iter().map(Sent::new).collect())
+    }
+
     /// Builds the message calling `actor` with `args`.
     ///
     /// # Errors

@@ -234,6 +234,21 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// broker sets `queue_name` to `q.DQ` and `options.eta`).
     async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message>;
 
+    /// Enqueues several messages, each after its own delay, in as few round trips as the
+    /// backend allows, and returns them as enqueued, in order. Messages of one queue are
+    /// consumed in the order given.
+    ///
+    /// SQL brokers write the whole batch in one transaction (all or nothing). Other brokers may
+    /// have stored a prefix of the batch when they return an error, as a loop of
+    /// [`Broker::enqueue`] would. The default is such a loop.
+    async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
+        let mut enqueued = Vec::with_capacity(messages.len());
+        for (message, delay) in messages {
+            enqueued.push(self.enqueue(message, delay).await?);
+        }
+        Ok(enqueued)
+    }
+
     /// Starts consuming `queue` (a canonical queue or its `.DQ`).
     async fn consume(&self, queue: &str, options: ConsumerOptions) -> Result<Box<dyn Consumer>>;
 

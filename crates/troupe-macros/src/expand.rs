@@ -419,6 +419,10 @@ fn generate(item_fn: &ItemFn, options: &ActorArgs, analyzed: &Analyzed) -> Token
         " Sends a message to the `{wire_name}` actor through `app` with per-message options \
          (delay, priority, ...).\n\n # Errors\n As [`{handle}::send`]."
     );
+    let send_many_doc = format!(
+        " Sends one message to the `{wire_name}` actor per item of `calls` (argument tuples), \
+         in one broker call where the backend allows.\n\n # Errors\n As [`{handle}::send`]."
+    );
     let message_doc = format!(
         " The message calling the `{wire_name}` actor with these arguments, without sending \
          it (for pipelines and groups).\n\n # Errors\n When the arguments cannot be serialised."
@@ -498,6 +502,16 @@ fn generate(item_fn: &ItemFn, options: &ActorArgs, analyzed: &Analyzed) -> Token
                     #send_options: #p::SendOptions,
                 ) -> #p::Result<#p::Sent<#output>> {
                     #p::App::send_with_options(#app, self, #args_tuple, #send_options).await
+                }
+
+                #[doc = #send_many_doc]
+                #[allow(dead_code)]
+                pub async fn send_many(
+                    &self,
+                    #app: &#p::App,
+                    calls: impl ::core::iter::IntoIterator<Item = #args_type>,
+                ) -> #p::Result<::std::vec::Vec<#p::Sent<#output>>> {
+                    #p::App::send_many(#app, self, calls).await
                 }
 
                 #[doc = #message_doc]

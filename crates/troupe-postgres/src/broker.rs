@@ -136,48 +136,102 @@ impl PostgresBroker {
         self.insert(conn, &format!("{schema}.jobs"), message, delay).await
     }
 
+    /// Enqueues `messages` on `conn` (inside the caller's transaction, if it has one) in one
+    /// statement: they become visible when that transaction commits. Messages of one queue are
+    /// consumed in the order given.
+    ///
+    /// # Errors
+    /// As [`PostgresBroker::enqueue_in`].
+    pub async fn enqueue_many_in(
+        &self,
+        conn: &mut PgConnection,
+        messages: Vec<(Message, Option<Duration>)>,
+    ) -> Result<Vec<Message>> {
+        let schema = self.inner.options.schema.as_str();
+        self.insert_many(conn, &format!("{schema}.jobs"), messages).await
+    }
+
     async fn insert(
         &self,
         conn: &mut PgConnection,
         table: &str,
-        mut message: Message,
+        message: Message,
         delay: Option<Duration>,
     ) -> Result<Message> {
+        let mut inserted = self.insert_many(conn, table, vec![(message, delay)]).await?;
+        inserted
+            .pop()
+            .ok_or_else(|| Error::backend(BACKEND, ErrorKind::Other, "the insert returned no message"))
+    }
+
+    /// Inserts the messages in one statement (arrays unnested in order, so ids follow the
+    /// batch's order) and notifies each queue that got a ready message once.
+    async fn insert_many(
+        &self,
+        conn: &mut PgConnection,
+        table: &str,
+        messages: Vec<(Message, Option<Duration>)>,
+    ) -> Result<Vec<Message>> {
         self.check_open()?;
-        message.queue_name = q_name(&message.queue_name).to_owned();
-        validate_queue_name(&message.queue_name)?;
-        message.options.shift_remove("eta");
-        let body = encode_checked(
-            self.inner.encoder.as_ref(),
-            &message,
-            self.inner.options.max_message_size,
-        )?;
-        let priority = message
-            .options
-            .get("troupe_priority")
-            .and_then(serde_json::Value::as_i64)
-            .and_then(|p| i32::try_from(p).ok())
-            .unwrap_or(0);
-        let delay_ms = delay.map_or(0, ms);
-        let state = if delay_ms > 0 { DELAYED } else { READY };
+        let n = messages.len();
+        let (mut queues, mut ids, mut priorities, mut states, mut delays, mut bodies) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut out = Vec::with_capacity(n);
+        for (mut message, delay) in messages {
+            message.queue_name = q_name(&message.queue_name).to_owned();
+            validate_queue_name(&message.queue_name)?;
+            message.options.shift_remove("eta");
+            let body = encode_checked(
+                self.inner.encoder.as_ref(),
+                &message,
+                self.inner.options.max_message_size,
+            )?;
+            let priority = message
+                .options
+                .get("troupe_priority")
+                .and_then(serde_json::Value::as_i64)
+                .and_then(|p| i32::try_from(p).ok())
+                .unwrap_or(0);
+            let delay_ms = delay.map_or(0, ms);
+            queues.push(message.queue_name.clone());
+            ids.push(message.message_id.clone());
+            priorities.push(priority);
+            states.push(if delay_ms > 0 { DELAYED } else { READY });
+            delays.push(delay_ms);
+            bodies.push(body);
+            out.push(message);
+        }
+        if out.is_empty() {
+            return Ok(out);
+        }
         sqlx::query(AssertSqlSafe(format!(
             "WITH job AS (
                 INSERT INTO {table} (queue, message_id, priority, state, available_at, body)
-                VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond', $6) RETURNING state
+                SELECT q, m, p, s, now() + d * interval '1 millisecond', b
+                FROM unnest($1::text[], $2::text[], $3::integer[], $4::smallint[], $5::bigint[], $6::bytea[])
+                    WITH ORDINALITY AS batch(q, m, p, s, d, b, i)
+                ORDER BY i
+                RETURNING queue, state
              )
-             SELECT pg_notify($7, $1) FROM job WHERE state = 0"
+             SELECT pg_notify($7, queue) FROM (SELECT DISTINCT queue FROM job WHERE state = 0) AS ready"
         )))
-        .bind(&message.queue_name)
-        .bind(&message.message_id)
-        .bind(priority)
-        .bind(state)
-        .bind(delay_ms)
-        .bind(body)
+        .bind(queues)
+        .bind(ids)
+        .bind(priorities)
+        .bind(states)
+        .bind(delays)
+        .bind(bodies)
         .bind(self.inner.options.channel())
         .execute(conn)
         .await
-        .map_err(|e| db_error("enqueue a message", e))?;
-        Ok(message)
+        .map_err(|e| db_error("enqueue messages", e))?;
+        Ok(out)
     }
 
     /// Writes raw bytes as a ready message of `queue`, bypassing the encoder (to test what
@@ -463,6 +517,25 @@ impl Broker for PostgresBroker {
         let enqueued = self.insert(&mut conn, "jobs", message, delay).await?;
         if delay.is_none_or(|d| d.is_zero()) {
             self.inner.wakers.wake(&queue);
+        }
+        Ok(enqueued)
+    }
+
+    async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| db_error("enqueue messages", e))?;
+        let ready: std::collections::HashSet<String> = messages
+            .iter()
+            .filter(|(_, delay)| delay.is_none_or(|d| d.is_zero()))
+            .map(|(message, _)| q_name(&message.queue_name).to_owned())
+            .collect();
+        let enqueued = self.insert_many(&mut conn, "jobs", messages).await?;
+        for queue in &ready {
+            self.inner.wakers.wake(queue);
         }
         Ok(enqueued)
     }

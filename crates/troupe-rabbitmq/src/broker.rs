@@ -435,6 +435,62 @@ impl Inner {
         }
     }
 
+    /// Publishes a batch (canonical queue, routing key, body, properties) on the shared
+    /// channel without waiting between messages, then waits for every confirm, as a batched
+    /// confirm loop does. A message the server returned as unroutable, or one whose publish
+    /// met a lost connection, is sent again alone through [`Inner::publish`] with its retries.
+    async fn publish_many(&self, items: &[(String, String, Vec<u8>, BasicProperties)], confirm: bool) -> Result<()> {
+        let mut declared = HashSet::new();
+        for (canonical, ..) in items {
+            if declared.insert(canonical.as_str()) {
+                self.ensure_declared(canonical).await?;
+            }
+        }
+        let ch = self.publisher(confirm).await?;
+        let options = BasicPublishOptions {
+            mandatory: confirm,
+            immediate: false,
+        };
+        let mut pending = Vec::with_capacity(items.len());
+        for (_, routing_key, body, props) in items {
+            let rk = short(routing_key)?;
+            pending.push(
+                timed(
+                    self.timeout(),
+                    &format!("publish to {routing_key}"),
+                    ch.basic_publish("".into(), rk, options, body, props.clone()),
+                )
+                .await,
+            );
+        }
+        for ((canonical, routing_key, body, props), sent) in items.iter().zip(pending) {
+            let confirmed = match sent {
+                Ok(confirm) => timed(self.timeout(), &format!("publish to {routing_key}"), confirm).await,
+                Err(e) => Err(e),
+            };
+            match confirmed {
+                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {}
+                Ok(Confirmation::Nack(_)) => {
+                    return Err(Error::backend(
+                        BACKEND,
+                        ErrorKind::Other,
+                        format!("RabbitMQ refused the message for {routing_key} (negative publisher confirm)"),
+                    ));
+                }
+                Ok(Confirmation::Ack(Some(_))) => {
+                    self.publish(canonical, routing_key, body, props.clone(), confirm)
+                        .await?
+                }
+                Err(e) if e.kind() == ErrorKind::Connection => {
+                    self.publish(canonical, routing_key, body, props.clone(), confirm)
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// The deliveries this broker's live consumers of `queue` hold unacked.
     fn held(&self, queue: &str) -> u64 {
         self.consumers
@@ -599,6 +655,28 @@ impl Broker for RabbitmqBroker {
             )
             .await?;
         Ok(message)
+    }
+
+    async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
+        self.inner.check_open()?;
+        let mut items = Vec::with_capacity(messages.len());
+        let mut enqueued = Vec::with_capacity(messages.len());
+        for (message, delay) in messages {
+            let message = prepare_for_delay_queue(message, delay);
+            let canonical = message.canonical_queue().to_owned();
+            validate_queue_name(&canonical)?;
+            let body = encode_checked(
+                self.inner.encoder.as_ref(),
+                &message,
+                self.inner.options.max_message_size,
+            )?;
+            items.push((canonical, message.queue_name.clone(), body, properties_of(&message)));
+            enqueued.push(message);
+        }
+        self.inner
+            .publish_many(&items, self.inner.options.confirm_delivery)
+            .await?;
+        Ok(enqueued)
     }
 
     async fn consume(&self, queue: &str, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {

@@ -117,6 +117,13 @@ impl Broker for Cleanup {
         self.broker.enqueue(message, delay).await
     }
 
+    async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
+        for (message, _) in &messages {
+            self.saw(&message.queue_name);
+        }
+        self.broker.enqueue_many(messages).await
+    }
+
     async fn consume(&self, queue: &str, options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
         self.saw(queue);
         self.broker.consume(queue, options).await

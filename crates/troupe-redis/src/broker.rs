@@ -180,6 +180,9 @@ impl RedisBroker {
     }
 }
 
+/// The most messages one `enqueue` script call carries.
+const ENQUEUE_CHUNK: usize = 500;
+
 /// Calls the dispatch script: `command` on `queue` as `worker`, with extra arguments.
 async fn call<T: redis::FromRedisValue>(
     inner: &Inner,
@@ -380,6 +383,41 @@ impl Broker for RedisBroker {
         })
         .await?;
         Ok(message)
+    }
+
+    async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
+        self.check_open()?;
+        let mut prepared = Vec::with_capacity(messages.len());
+        for (message, delay) in messages {
+            let mut message = prepare_for_delay_queue(message, delay);
+            let rid = uuid::Uuid::new_v4().to_string();
+            message.options.insert("redis_message_id".into(), rid.clone().into());
+            let body = encode_checked(
+                self.inner.encoder.as_ref(),
+                &message,
+                self.inner.options.max_message_size,
+            )?;
+            prepared.push((message, rid, body));
+        }
+        // One script call per run of messages bound for the same queue, at most ENQUEUE_CHUNK
+        // messages each, so a huge batch never holds the server for long.
+        let mut start = 0;
+        while start < prepared.len() {
+            let queue = prepared[start].0.queue_name.as_str();
+            let mut end = start + 1;
+            while end < prepared.len() && end - start < ENQUEUE_CHUNK && prepared[end].0.queue_name == queue {
+                end += 1;
+            }
+            let run = &prepared[start..end];
+            call::<i64>(&self.inner, "enqueue", queue, "", |inv| {
+                for (_, rid, body) in run {
+                    inv.arg(rid.as_str()).arg(body.as_slice());
+                }
+            })
+            .await?;
+            start = end;
+        }
+        Ok(prepared.into_iter().map(|(message, _, _)| message).collect())
     }
 
     async fn consume(&self, queue: &str, _options: ConsumerOptions) -> Result<Box<dyn Consumer>> {

@@ -328,41 +328,37 @@ impl Broker for SqliteBroker {
         Ok(())
     }
 
-    async fn enqueue(&self, mut message: Message, delay: Option<Duration>) -> Result<Message> {
+    async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
         self.check_open()?;
-        message.queue_name = q_name(&message.queue_name).to_owned();
-        message.options.shift_remove("eta");
-        let body = encode_checked(
-            self.inner.encoder.as_ref(),
-            &message,
-            self.inner.options.max_message_size,
-        )?;
-        let priority = message
-            .options
-            .get("troupe_priority")
-            .and_then(serde_json::Value::as_i64)
-            .unwrap_or(0);
-        let t = now();
-        let delay = delay.map_or(0, ms);
-        let state = if delay > 0 { DELAYED } else { READY };
-        sqlx::query(
-            "INSERT INTO troupe_jobs (queue, message_id, priority, state, available_at, enqueued_at, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .bind(&message.queue_name)
-        .bind(&message.message_id)
-        .bind(priority)
-        .bind(state)
-        .bind(t + delay)
-        .bind(t)
-        .bind(body)
-        .execute(&self.inner.pool)
-        .await
-        .map_err(|e| db_error("enqueue a message", e))?;
-        if state == READY {
+        let job = Job::new(&self.inner, message, delay)?;
+        job.insert(now(), &self.inner.pool)
+            .await
+            .map_err(|e| db_error("enqueue a message", e))?;
+        if job.state == READY {
             self.inner.wake.notify_waiters();
         }
-        Ok(message)
+        Ok(job.message)
+    }
+
+    async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
+        self.check_open()?;
+        let jobs = messages
+            .into_iter()
+            .map(|(message, delay)| Job::new(&self.inner, message, delay))
+            .collect::<Result<Vec<_>>>()?;
+        let write = async {
+            let mut tx = self.inner.pool.begin().await?;
+            let t = now();
+            for job in &jobs {
+                job.insert(t, &mut *tx).await?;
+            }
+            tx.commit().await
+        };
+        write.await.map_err(|e| db_error("enqueue messages", e))?;
+        if jobs.iter().any(|job| job.state == READY) {
+            self.inner.wake.notify_waiters();
+        }
+        Ok(jobs.into_iter().map(|job| job.message).collect())
     }
 
     async fn consume(&self, queue: &str, _options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
@@ -661,5 +657,53 @@ impl Drop for SqliteConsumer {
         if let Ok(mut owners) = self.broker.inner.owners.lock() {
             owners.remove(&self.owner);
         }
+    }
+}
+
+/// A message made ready for the jobs table.
+struct Job {
+    message: Message,
+    body: Vec<u8>,
+    priority: i64,
+    state: i64,
+    delay: i64,
+}
+
+impl Job {
+    fn new(inner: &Inner, mut message: Message, delay: Option<Duration>) -> Result<Self> {
+        message.queue_name = q_name(&message.queue_name).to_owned();
+        message.options.shift_remove("eta");
+        let body = encode_checked(inner.encoder.as_ref(), &message, inner.options.max_message_size)?;
+        let priority = message
+            .options
+            .get("troupe_priority")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0);
+        let delay = delay.map_or(0, ms);
+        let state = if delay > 0 { DELAYED } else { READY };
+        Ok(Self {
+            message,
+            body,
+            priority,
+            state,
+            delay,
+        })
+    }
+
+    async fn insert<'e>(&self, t: i64, executor: impl sqlx::SqliteExecutor<'e>) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO troupe_jobs (queue, message_id, priority, state, available_at, enqueued_at, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(&self.message.queue_name)
+        .bind(&self.message.message_id)
+        .bind(self.priority)
+        .bind(self.state)
+        .bind(t + self.delay)
+        .bind(t)
+        .bind(self.body.as_slice())
+        .execute(executor)
+        .await
+        .map(|_| ())
     }
 }

@@ -354,6 +354,95 @@ pub async fn oversized_message_rejected_on_enqueue(tb: &TestBroker) {
     assert!(err.to_string().contains("limit"), "{err}");
 }
 
+/// A batch enqueue keeps the batch's order within a queue, honours each message's delay and
+/// spans queues; a message that cannot be encoded refuses the whole batch before any is stored.
+pub async fn enqueue_many_keeps_order_and_delays(tb: &TestBroker) {
+    let q = unique_queue("many");
+    let other = unique_queue("many_other");
+    for name in [&q, &other] {
+        tb.broker.declare_queue(name).await.expect("declare");
+    }
+    let mut batch: Vec<(Message, Option<Duration>)> =
+        (0..40).map(|i| (message(&q, "a", vec![json!(i)]), None)).collect();
+    batch.insert(
+        10,
+        (message(&q, "a", vec![json!("later")]), Some(Duration::from_secs(3600))),
+    );
+    batch.insert(20, (message(&other, "b", vec![json!("elsewhere")]), None));
+    let enqueued = tb.broker.enqueue_many(batch).await.expect("enqueue_many");
+    assert_eq!(enqueued.len(), 42);
+    let expected: Vec<String> = enqueued
+        .iter()
+        .filter(|m| m.queue_name == q && m.args != vec![json!("later")])
+        .map(|m| m.message_id.clone())
+        .collect();
+    assert_eq!(
+        expected.len(),
+        40,
+        "the delayed message is bound for its delay queue or held back"
+    );
+    let stats = tb.broker.stats(&q).await.expect("stats");
+    assert_eq!((stats.ready, stats.delayed), (40, 1), "{stats:?}");
+    assert_eq!(tb.broker.stats(&other).await.expect("stats").ready, 1);
+
+    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(50)).await.expect("consume");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 40 && Instant::now() < deadline {
+        for d in consumer.fetch(16, FETCH).await.expect("fetch") {
+            let m = d.message().expect("decodes");
+            assert_ne!(m.args, vec![json!("later")], "a delayed message was delivered early");
+            seen.push(m.message_id.clone());
+            d.ack().await.expect("ack");
+        }
+    }
+    assert_eq!(seen, expected, "the batch's order");
+    consumer.close().await.expect("close");
+
+    let big = "x".repeat(tb.max_message_size + 1);
+    let refused = vec![
+        (message(&q, "a", vec![json!("first")]), None),
+        (message(&q, "a", vec![json!(big)]), None),
+    ];
+    let err = tb.broker.enqueue_many(refused).await.expect_err("refused");
+    assert!(matches!(err, Error::MessageTooLarge { .. }), "{err}");
+    let stats = tb.broker.stats(&q).await.expect("stats");
+    assert_eq!(
+        (stats.ready, stats.delayed),
+        (0, 1),
+        "nothing of a refused batch is stored: {stats:?}"
+    );
+    for name in [&q, &other] {
+        tb.broker.purge(name).await.expect("purge");
+    }
+}
+
+/// `App::send_many` runs every message of the batch once through a worker.
+pub async fn send_many_runs_each_once(tb: &TestBroker) {
+    let q = unique_queue("send_many");
+    let actor = TestActor::new("batch", &q);
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 8).await;
+    let sent = app
+        .send_many(&actor, (0..100).map(|i| vec![json!(i)]))
+        .await
+        .expect("send_many");
+    assert_eq!(sent.len(), 100);
+    assert!(
+        eventually(WAIT, || actor.count() >= 100).await,
+        "100 calls, got {}",
+        actor.count()
+    );
+    wait_drained(tb, &q).await;
+    worker.stop().await;
+    let mut args: Vec<i64> = actor.calls().iter().filter_map(|c| c.args[0].as_i64()).collect();
+    args.sort_unstable();
+    assert_eq!(args, (0..100).collect::<Vec<_>>(), "each message ran exactly once");
+}
+
 /// A worker runs the actor with the message's arguments and acks it.
 pub async fn worker_runs_actor_and_acks(tb: &TestBroker) {
     let q = unique_queue("run");

@@ -124,6 +124,8 @@ macro_rules! broker_conformance {
             a_late_ack_does_not_touch_the_redelivered_message,
             stats_and_purge,
             oversized_message_rejected_on_enqueue,
+            enqueue_many_keeps_order_and_delays,
+            send_many_runs_each_once,
             worker_runs_actor_and_acks,
             kwargs_bind_by_name,
             delayed_message_not_started_before_eta,

@@ -279,6 +279,26 @@ impl Broker for MemoryBroker {
         Ok(message)
     }
 
+    async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
+        let mut encoded = Vec::with_capacity(messages.len());
+        for (message, delay) in messages {
+            let message = prepare_for_delay_queue(message, delay);
+            let bytes = encode_checked(self.inner.encoder.as_ref(), &message, self.inner.max_message_size)?;
+            encoded.push((message, bytes));
+        }
+        let mut enqueued = Vec::with_capacity(encoded.len());
+        let pushed = {
+            let mut state = self.lock()?;
+            encoded.into_iter().try_for_each(|(message, bytes)| {
+                state.push(&message.queue_name, bytes.into())?;
+                enqueued.push(message);
+                Ok::<_, crate::Error>(())
+            })
+        };
+        self.inner.changed.notify_waiters();
+        pushed.map(|()| enqueued)
+    }
+
     async fn consume(&self, queue: &str, _options: ConsumerOptions) -> Result<Box<dyn Consumer>> {
         let mut state = self.lock()?;
         state.queue(queue)?;
