@@ -1,12 +1,16 @@
-//! `troupe-bench`: how fast a broker enqueues and a worker drains no-op messages, with a check
-//! that every message ran exactly once.
+//! `troupe-bench`: how fast a broker enqueues and a worker drains messages, the end-to-end
+//! latency at a fixed offered load, the idle pick-up latency and the worker's memory, with a
+//! check that every message ran exactly once.
 //!
 //! ```text
 //! cargo run --release -p troupe-bench -- --broker-url sqlite:///tmp/bench.db --messages 20000
 //! ```
 //!
-//! This is the first cut of the benchmark (enqueue one by one, burn-down); latency, payload
-//! sizes, several processes and the side-by-side comparison with Python Dramatiq come next.
+//! Phases, in order: enqueue (the first half of the messages one at a time, each awaited; the
+//! second half with `send_many` in batches of `--batch-size`), burn-down (start the workers,
+//! time until every message ran), steady state (`--rate` messages/s for `--steady-secs`, each
+//! sent from a task of its own and timed from its send to its actor's start), idle pick-up
+//! (one message at a time to an idle worker). `bench/compare.sh` runs it next to Python Dramatiq.
 
 use std::collections::HashSet;
 use std::process::ExitCode;
@@ -53,7 +57,16 @@ struct Args {
     /// hashing), or `mixed` (alternating sleep and cpu).
     #[arg(long, value_enum, default_value_t = Scenario::Noop)]
     scenario: Scenario,
-    /// Print one JSON object instead of text.
+    /// Messages per `send_many` call in the batched half of the enqueue phase.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Offered load of the steady-state phase, in messages/s.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Length of the steady-state phase in seconds (0: skip it).
+    #[arg(long, default_value_t = 5.0)]
+    steady_secs: f64,
+    /// Print one JSON object instead of text (and no progress bar).
     #[arg(long)]
     json: bool,
 }
@@ -88,21 +101,30 @@ async fn work(n: u64) {
     }
 }
 
-/// Resident memory of this process, in KiB (Linux).
-fn rss_kib() -> u64 {
+/// A field of /proc/self/status in KiB (`VmRSS`, `VmHWM`; Linux), 0 when unreadable.
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
 }
 
+/// Microseconds since the epoch.
+fn epoch_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 static SEEN: Mutex<Option<HashSet<u64>>> = Mutex::new(None);
 static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static STARTED: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Instant>>> = Mutex::new(None);
+/// Steady-state samples: (message number, ms from its send to its actor's start).
+static STEADY: Mutex<Vec<(u64, f64)>> = Mutex::new(Vec::new());
 
 /// Reports when it starts, for the latency samples.
 #[troupe::actor(queue_name = "bench_latency")]
@@ -111,6 +133,16 @@ async fn ping() {
         && let Some(tx) = tx.as_ref()
     {
         let _ = tx.send(Instant::now());
+    }
+}
+
+/// Records how long after it was sent (µs since the epoch) it started.
+#[troupe::actor(queue_name = "bench_steady")]
+async fn steady(n: u64, sent_us: u64) {
+    #[allow(clippy::cast_precision_loss)]
+    let ms = epoch_us().saturating_sub(sent_us) as f64 / 1000.0;
+    if let Ok(mut samples) = STEADY.lock() {
+        samples.push((n, ms));
     }
 }
 
@@ -124,6 +156,74 @@ async fn noop(n: u64, payload: String) {
         && let Some(set) = seen.as_mut()
     {
         set.insert(n);
+    }
+}
+
+/// A progress line on stderr: redrawn in place on a terminal, a line every few seconds
+/// otherwise. Off with `--json`.
+#[derive(Clone, Default)]
+struct Progress {
+    on: bool,
+    state: Arc<Mutex<(String, u64, u64)>>,
+}
+
+impl Progress {
+    fn new(on: bool) -> Self {
+        let progress = Self {
+            on,
+            state: Arc::default(),
+        };
+        if on {
+            let state = Arc::clone(&progress.state);
+            tokio::spawn(async move {
+                use std::io::IsTerminal;
+                let tty = std::io::stderr().is_terminal();
+                let every = if tty {
+                    Duration::from_millis(200)
+                } else {
+                    Duration::from_secs(5)
+                };
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Ok((phase, done, total)) = state.lock().map(|s| s.clone()) else {
+                        return;
+                    };
+                    if phase.is_empty() || total == 0 {
+                        continue;
+                    }
+                    let filled = usize::try_from(done.min(total) * 30 / total).unwrap_or(30);
+                    let bar = format!("{}{}", "#".repeat(filled), ".".repeat(30 - filled));
+                    if tty {
+                        eprint!("\r{phase:>12} [{bar}] {done}/{total}   ");
+                    } else {
+                        eprintln!("{phase:>12} [{bar}] {done}/{total}");
+                    }
+                }
+            });
+        }
+        progress
+    }
+
+    fn phase(&self, name: &str, total: u64) {
+        if !self.on {
+            return;
+        }
+        if let Ok(mut s) = self.state.lock() {
+            if !s.0.is_empty() {
+                eprintln!("\r{:>12} done{}", s.0, " ".repeat(40));
+            }
+            *s = (name.to_owned(), 0, total);
+        }
+    }
+
+    fn set(&self, done: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.1 = done;
+        }
+    }
+
+    fn finish(&self) {
+        self.phase("", 0);
     }
 }
 
@@ -146,7 +246,7 @@ async fn main() -> ExitCode {
                 println!("{report}");
             } else if let Some(o) = report.as_object() {
                 for (k, v) in o {
-                    println!("{k:>24}: {v}");
+                    println!("{k:>32}: {v}");
                 }
             }
             if report["lost"] == json!(0) && report["duplicates"] == json!(0) {
@@ -163,7 +263,8 @@ async fn main() -> ExitCode {
     }
 }
 
-/// A worker process for `--processes`: runs until SIGTERM, then prints the numbers it ran.
+/// A worker process for `--processes`: runs until SIGTERM, then prints the numbers it ran and
+/// its resident memory (idle by then) and peak.
 async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Ok(mut seen) = SEEN.lock() {
         *seen = Some(HashSet::new());
@@ -178,6 +279,7 @@ async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     term.recv().await;
+    let rss_idle = status_kib("VmRSS");
     worker.stop().await;
     let seen: Vec<u64> = SEEN
         .lock()
@@ -185,8 +287,111 @@ async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|s| s.as_ref().map(|s| s.iter().copied().collect()))
         .unwrap_or_default();
     let runs = RUNS.load(std::sync::atomic::Ordering::Relaxed);
-    println!("{}", json!({"runs": runs, "seen": seen}));
+    println!(
+        "{}",
+        json!({"runs": runs, "seen": seen, "rss_idle_kib": rss_idle, "rss_peak_kib": status_kib("VmHWM")})
+    );
     Ok(())
+}
+
+/// Redis only: script calls and server time so far (`INFO commandstats`, EVAL and EVALSHA).
+async fn redis_script_stats(url: &str) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+    use troupe::redis::redis;
+    let url = url.split('?').next().unwrap_or(url);
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await?;
+    let (mut calls, mut usec) = (0, 0);
+    for line in info.lines() {
+        let Some(fields) = line
+            .strip_prefix("cmdstat_evalsha:")
+            .or_else(|| line.strip_prefix("cmdstat_eval:"))
+        else {
+            continue;
+        };
+        for field in fields.split(',') {
+            match field.split_once('=') {
+                Some(("calls", v)) => calls += v.parse::<u64>().unwrap_or(0),
+                Some(("usec", v)) => usec += v.parse::<u64>().unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    Ok((calls, usec))
+}
+
+/// The `p` quantile (0..=1) of sorted samples, rounded to 0.01.
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    (sorted[i.min(sorted.len() - 1)] * 100.0).round() / 100.0
+}
+
+/// Sends `--rate` messages/s for `--steady-secs` to the steady actor, each on a task of its own
+/// so a slow round trip never delays the schedule, and waits until all ran. Returns the
+/// latencies (sorted) and how many of the messages did not run exactly once.
+async fn steady_state(
+    app: &App,
+    args: &Args,
+    progress: &Progress,
+) -> Result<(Vec<f64>, u64, u64), Box<dyn std::error::Error>> {
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let total = (args.rate as f64 * args.steady_secs).round() as u64;
+    if total == 0 || args.rate == 0 {
+        return Ok((Vec::new(), 0, 0));
+    }
+    if let Ok(mut samples) = STEADY.lock() {
+        samples.clear();
+    }
+    progress.phase("steady", total);
+    let lead = Duration::from_millis(50);
+    let start = Instant::now() + lead;
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..total {
+        #[allow(clippy::cast_precision_loss)]
+        let offset = Duration::from_secs_f64(n as f64 / args.rate as f64);
+        tokio::time::sleep_until((start + offset).into()).await;
+        let app = app.clone();
+        // Timed from the moment of sending: the schedule only sets the offered load (its timer
+        // fires up to a millisecond late, which is the benchmark's lag, not Troupe's).
+        tasks.spawn(async move { Steady.send(&app, n, epoch_us()).await.map(|_| ()) });
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+        progress.set(n);
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = STEADY.lock().map(|s| s.len() as u64).unwrap_or(0);
+        progress.set(got);
+        if got >= total || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let a duplicate, if any, show up before counting.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let samples = STEADY.lock().map(|s| s.clone()).unwrap_or_default();
+    let distinct: HashSet<u64> = samples.iter().map(|(n, _)| *n).collect();
+    let lost = total.saturating_sub(distinct.len() as u64);
+    let duplicates = (samples.len() - distinct.len()) as u64;
+    let mut latencies: Vec<f64> = samples.into_iter().map(|(_, ms)| ms).collect();
+    latencies.sort_by(f64::total_cmp);
+    Ok((latencies, lost, duplicates))
 }
 
 /// Bulk-inserts `count` no-op messages numbered from `first` behind the measured ones.
@@ -231,19 +436,41 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     if let Ok(mut seen) = SEEN.lock() {
         *seen = Some(HashSet::new());
     }
+    let progress = Progress::new(!args.json);
     let broker = troupe::connect(&args.broker_url).await?;
-    let app = App::builder(Arc::clone(&broker)).actor(Noop).actor(Ping).build()?;
-    app.declare_queue("bench").await?;
-    app.declare_queue("bench_latency").await?;
+    let app = App::builder(Arc::clone(&broker))
+        .actor(Noop)
+        .actor(Ping)
+        .actor(Steady)
+        .build()?;
+    for queue in ["bench", "bench_latency", "bench_steady"] {
+        app.declare_queue(queue).await?;
+    }
 
+    // Enqueue: the first half one at a time, the second half in batches.
     let payload = "x".repeat(args.payload_bytes);
+    let one_by_one = args.messages / 2;
+    progress.phase("enqueue", args.messages);
     let started = Instant::now();
-    for n in 0..args.messages {
+    for n in 0..one_by_one {
         Noop.send(&app, n, payload.clone()).await?;
+        if n % 256 == 0 {
+            progress.set(n);
+        }
     }
     let enqueue_secs = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut n = one_by_one;
+    while n < args.messages {
+        let end = (n + args.batch_size.max(1) as u64).min(args.messages);
+        Noop.send_many(&app, (n..end).map(|i| (i, payload.clone()))).await?;
+        n = end;
+        progress.set(n);
+    }
+    let batched_secs = started.elapsed().as_secs_f64();
 
     let backlog_secs = if args.backlog > 0 {
+        progress.phase("backlog", 0);
         let at = Instant::now();
         backlog(&args.broker_url, args.messages, args.backlog).await?;
         at.elapsed().as_secs_f64()
@@ -251,6 +478,14 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         0.0
     };
 
+    // Burn-down.
+    let redis = broker.backend() == "redis";
+    let script_stats_before = if redis {
+        Some(redis_script_stats(&args.broker_url).await?)
+    } else {
+        None
+    };
+    progress.phase("drain", args.messages);
     let started = Instant::now();
     let mut children = Vec::new();
     for _ in 0..args.processes {
@@ -282,16 +517,23 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
                 .ok()
                 .and_then(|s| s.as_ref().map(|s| s.iter().filter(|n| **n < args.messages).count()))
                 .unwrap_or(0) as u64
-                >= args.messages
         } else {
-            broker.stats("bench").await?.pending() == 0
+            args.messages.saturating_sub(broker.stats("bench").await?.pending())
         };
-        if done {
+        progress.set(done);
+        if done >= args.messages {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drain_secs = started.elapsed().as_secs_f64();
+    let script_stats = match script_stats_before {
+        Some((calls, usec)) => {
+            let (calls_after, usec_after) = redis_script_stats(&args.broker_url).await?;
+            Some((calls_after.saturating_sub(calls), usec_after.saturating_sub(usec)))
+        }
+        None => None,
+    };
     for child in &children {
         if let Some(pid) = child.id() {
             let _ = std::process::Command::new("kill")
@@ -299,6 +541,7 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
                 .status();
         }
     }
+    let (mut child_rss_idle, mut child_rss_peak) = (0, 0);
     for child in children {
         let out = child.wait_with_output().await?;
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -306,6 +549,8 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
             report["runs"].as_u64().unwrap_or(0),
             std::sync::atomic::Ordering::Relaxed,
         );
+        child_rss_idle = child_rss_idle.max(report["rss_idle_kib"].as_u64().unwrap_or(0));
+        child_rss_peak = child_rss_peak.max(report["rss_peak_kib"].as_u64().unwrap_or(0));
         if let (Ok(mut seen), Some(list)) = (SEEN.lock(), report["seen"].as_array())
             && let Some(set) = seen.as_mut()
         {
@@ -319,7 +564,7 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
             Worker::builder(app.clone())
                 .concurrency(args.concurrency)
                 .fetch_timeout(Duration::from_millis(100))
-                .queues(["bench_latency"])
+                .queues(["bench_latency", "bench_steady"])
                 .start()
                 .await?
         }
@@ -328,12 +573,17 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         broker.purge("bench").await?;
     }
 
+    // Steady state at the offered load.
+    let (steady, steady_lost, steady_duplicates) = steady_state(&app, args, &progress).await?;
+
+    // Idle pick-up.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     if let Ok(mut started) = STARTED.lock() {
         *started = Some(tx);
     }
+    progress.phase("idle pick-up", args.latency_samples as u64);
     let mut latencies = Vec::with_capacity(args.latency_samples);
-    for _ in 0..args.latency_samples {
+    for i in 0..args.latency_samples {
         // Let the worker go idle first.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let sent = Instant::now();
@@ -342,23 +592,22 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
             Ok(Some(at)) => latencies.push(at.duration_since(sent).as_secs_f64() * 1000.0),
             _ => return Err("a latency probe was not picked up within 10 s".into()),
         }
+        progress.set(i as u64 + 1);
     }
-    // The worker is idle now; in-process runs also hold the producer's bookkeeping.
-    let rss = rss_kib();
+    progress.finish();
+    // The worker is idle now. In-process runs measure the benchmark process, which also holds
+    // the producer's bookkeeping; with --processes, the largest worker process.
+    let (rss_idle, rss_peak, rss_of) = if args.processes > 0 {
+        (child_rss_idle, child_rss_peak, "largest worker process")
+    } else {
+        (
+            status_kib("VmRSS"),
+            status_kib("VmHWM"),
+            "benchmark process (worker and producer)",
+        )
+    };
     worker.stop().await;
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss
-        )]
-        let i = ((latencies.len() - 1) as f64 * p).round() as usize;
-        (latencies[i] * 100.0).round() / 100.0
-    };
 
     let (distinct, extra) = SEEN
         .lock()
@@ -374,23 +623,65 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         .unwrap_or((0, 0));
     // Backlog messages run during the drain are neither measured nor checked.
     let runs = RUNS.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(extra);
-    let n = args.messages as f64;
+    let rate = |count: u64, secs: f64| -> serde_json::Value {
+        if count == 0 || secs <= 0.0 {
+            serde_json::Value::Null
+        } else {
+            #[allow(clippy::cast_precision_loss)]
+            let per_sec = (count as f64 / secs).round();
+            json!(per_sec)
+        }
+    };
+    let (script_calls, script_usec) = script_stats.map_or((json!(null), json!(null)), |(calls, usec)| {
+        #[allow(clippy::cast_precision_loss)]
+        let per = |x: u64| json!(((x as f64 / args.messages.max(1) as f64) * 1000.0).round() / 1000.0);
+        (per(calls), per(usec))
+    });
     Ok(json!({
         "broker": broker.backend(),
+        "date": date(),
         "messages": args.messages,
         "concurrency": args.concurrency,
         "processes": args.processes,
         "scenario": args.scenario,
         "payload_bytes": args.payload_bytes,
-        "rss_idle_kib": rss,
         "backlog": args.backlog,
         "backlog_insert_secs": (backlog_secs * 10.0).round() / 10.0,
-        "enqueue_per_sec": (n / enqueue_secs).round(),
-        "process_per_sec": (n / drain_secs).round(),
-        "idle_pickup_ms_p50": pct(0.5),
-        "idle_pickup_ms_p99": pct(0.99),
-        "idle_pickup_ms_max": pct(1.0),
-        "lost": args.messages.saturating_sub(distinct),
-        "duplicates": runs.saturating_sub(distinct),
+        "enqueue_per_sec": rate(one_by_one, enqueue_secs),
+        "enqueue_batched_per_sec": rate(args.messages - one_by_one, batched_secs),
+        "batch_size": args.batch_size,
+        "process_per_sec": rate(args.messages, drain_secs),
+        "latency_offered_per_sec": args.rate,
+        "latency_samples": steady.len(),
+        "latency_ms_p50": quantile(&steady, 0.5),
+        "latency_ms_p90": quantile(&steady, 0.9),
+        "latency_ms_p99": quantile(&steady, 0.99),
+        "latency_ms_max": quantile(&steady, 1.0),
+        "idle_pickup_ms_p50": quantile(&latencies, 0.5),
+        "idle_pickup_ms_p99": quantile(&latencies, 0.99),
+        "idle_pickup_ms_max": quantile(&latencies, 1.0),
+        "worker_rss_idle_kib": rss_idle,
+        "worker_rss_peak_kib": rss_peak,
+        "rss_measured_in": rss_of,
+        "redis_script_calls_per_message": script_calls,
+        "redis_server_usec_per_message": script_usec,
+        "lost": args.messages.saturating_sub(distinct) + steady_lost,
+        "duplicates": runs.saturating_sub(distinct) + steady_duplicates,
     }))
+}
+
+/// Today's date (UTC), for the report.
+fn date() -> String {
+    let days = epoch_us() / 86_400_000_000;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
 }

@@ -479,7 +479,7 @@ impl Inner {
                 }
                 Ok(Confirmation::Ack(Some(_))) => {
                     self.publish(canonical, routing_key, body, props.clone(), confirm)
-                        .await?
+                        .await?;
                 }
                 Err(e) if e.kind() == ErrorKind::Connection => {
                     self.publish(canonical, routing_key, body, props.clone(), confirm)
