@@ -34,6 +34,9 @@ pub struct SqliteBroker {
 #[derive(Debug)]
 struct Inner {
     pool: SqlitePool,
+    /// Where claims run: `pool` itself, or with `durability=full` one connection that commits
+    /// without syncing (see [`claim_pool`]).
+    claims: SqlitePool,
     options: SqliteOptions,
     encoder: Arc<dyn Encoder>,
     broker_id: String,
@@ -46,6 +49,24 @@ struct Inner {
 }
 
 type Key = (i64, i64);
+
+/// The pool claims run on. With `durability=full`, a connection of its own with
+/// `synchronous=NORMAL`: a claim's commit then waits for no fsync. That is safe because every
+/// write that matters after a claim (the ack, the nack, the retry's enqueue) commits on a FULL
+/// connection, and syncing the WAL file then syncs the claim's earlier frames with it; a claim
+/// lost to a power cut leaves its message ready, to be claimed again (at-least-once). With
+/// `durability=normal` every connection already commits that way: claims share the pool.
+fn claim_pool(pool: &SqlitePool, options: &SqliteOptions) -> SqlitePool {
+    if options.durability != crate::Durability::Full {
+        return pool.clone();
+    }
+    let connect = (*pool.connect_options())
+        .clone()
+        .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+    sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(connect)
+}
 
 fn writer(pool: &SqlitePool) -> Batcher<Settle<Key>> {
     let pool = pool.clone();
@@ -79,6 +100,7 @@ impl SqliteBroker {
         let writer = writer(&pool);
         Self {
             inner: Arc::new(Inner {
+                claims: claim_pool(&pool, &options),
                 pool,
                 options,
                 encoder: Arc::new(JsonEncoder),
@@ -101,6 +123,7 @@ impl SqliteBroker {
         Self {
             inner: Arc::new(Inner {
                 pool: inner.pool.clone(),
+                claims: inner.claims.clone(),
                 options: inner.options.clone(),
                 encoder,
                 broker_id: inner.broker_id.clone(),
@@ -515,6 +538,7 @@ impl Broker for SqliteBroker {
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Relaxed);
         self.inner.wake.notify_waiters();
+        self.inner.claims.close().await;
         self.inner.pool.close().await;
         Ok(())
     }
@@ -573,7 +597,7 @@ impl SqliteConsumer {
         .bind(t + ms(inner.options.lease))
         .bind(&self.queue)
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
-        .fetch_all(&inner.pool)
+        .fetch_all(&inner.claims)
         .await
         .map_err(|e| db_error("claim messages", e))?;
         let mut claimed: Vec<(i64, i64, i64, Vec<u8>)> = rows

@@ -22,7 +22,9 @@ pub enum Durability {
     /// killed; the last commits may be lost on power loss or an OS crash.
     #[default]
     Normal,
-    /// `synchronous=FULL`: every commit is synced to disk before it returns.
+    /// `synchronous=FULL`: every enqueue, ack and nack is synced to disk before it returns.
+    /// Claims commit without waiting for a sync: the next synced commit carries them to disk,
+    /// and a claim lost to a power cut only leaves its message ready to be claimed again.
     Full,
 }
 

@@ -71,11 +71,12 @@ pub async fn results_block_until_stored_or_timeout(backend: Arc<dyn ResultBacken
 pub async fn results_expire(backend: Arc<dyn ResultBackend>) {
     let m = message();
     backend
-        .store(&m, json!(1), Duration::from_millis(100))
+        .store(&m, json!(1), Duration::from_secs(1))
         .await
         .expect("store");
+    // A TTL long enough that a loaded machine still reads the result before it expires.
     assert_eq!(backend.get(&m, None).await.expect("get"), json!(1));
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(matches!(backend.get(&m, None).await, Err(Error::ResultMissing(_))));
 }
 

@@ -5,20 +5,27 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use troupe_core::middleware::{Next, Outcome, ProcessContext};
 use troupe_core::{ActorError, App, Delivery, ErrorAction, Result};
 
-/// Processes one delivery to the end: runs it, then acks, nacks or requeues it.
-pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &CancellationToken) {
+/// What is left of a processed message: settling it with the broker (ack, nack or requeue,
+/// retried while transient) and the middleware's after-hooks. The worker runs it off the
+/// executor, so an executor takes the next message while the broker commits the ack.
+pub(crate) type Settlement = BoxFuture<'static, ()>;
+
+/// Processes one delivery: runs it through the middleware and the actor, and returns what is
+/// left to settle it.
+pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &CancellationToken) -> Settlement {
+    let hard_stop = hard_stop.clone();
     let message = match delivery.take_message() {
         Ok(message) => message,
         Err(reason) => {
             tracing::error!(queue = %delivery.queue(), %reason, "undecodable message; dead-lettering it");
             let reason = format!("undecodable message: {reason}");
-            settle(hard_stop, "nack", || delivery.nack(None, &reason)).await;
-            return;
+            return Box::pin(async move { settle(&hard_stop, "nack", || delivery.nack(None, &reason)).await });
         }
     };
     let span = tracing::info_span!(
@@ -28,7 +35,7 @@ pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &Cance
         message_id = %message.message_id,
         retries = message.retries(),
     );
-    async {
+    let (cx, outcome) = async {
         let actor = app.actor(&message.actor_name).cloned();
         let mut cx = ProcessContext::new(app.clone(), message, actor);
         let started = std::time::Instant::now();
@@ -61,22 +68,29 @@ pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &Cance
                 m.after_skip(&cx).await;
             }
         }
-        if cx.wants_requeue() {
-            settle(hard_stop, "requeue", || delivery.requeue()).await;
-        } else if let Some(reason) = cx.failure_reason().map(str::to_owned) {
-            settle(hard_stop, "nack", || delivery.nack(Some(cx.message()), &reason)).await;
-            for m in app.middleware().iter().rev() {
-                m.after_nack(&cx, &outcome).await;
-            }
-        } else {
-            settle(hard_stop, "ack", || delivery.ack()).await;
-            for m in app.middleware().iter().rev() {
-                m.after_ack(&cx, &outcome).await;
+        (cx, outcome)
+    }
+    .instrument(span.clone())
+    .await;
+    let app = app.clone();
+    Box::pin(
+        async move {
+            if cx.wants_requeue() {
+                settle(&hard_stop, "requeue", || delivery.requeue()).await;
+            } else if let Some(reason) = cx.failure_reason().map(str::to_owned) {
+                settle(&hard_stop, "nack", || delivery.nack(Some(cx.message()), &reason)).await;
+                for m in app.middleware().iter().rev() {
+                    m.after_nack(&cx, &outcome).await;
+                }
+            } else {
+                settle(&hard_stop, "ack", || delivery.ack()).await;
+                for m in app.middleware().iter().rev() {
+                    m.after_ack(&cx, &outcome).await;
+                }
             }
         }
-    }
-    .instrument(span)
-    .await;
+        .instrument(span),
+    )
 }
 
 /// Runs an ack/nack/requeue, retrying transient broker errors with backoff (capped at 5 s,

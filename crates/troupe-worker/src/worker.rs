@@ -8,6 +8,7 @@ use futures::FutureExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use troupe_core::queue::{dq_name, is_delay_queue};
 use troupe_core::{App, Consumer, ConsumerOptions, Error, Result, now_ms};
 
@@ -134,6 +135,8 @@ impl WorkerBuilder {
             hard_stop: CancellationToken::new(),
             seq: AtomicU64::new(0),
             fetch_timeout: self.fetch_timeout,
+            settling: Arc::new(Semaphore::new(prefetch.saturating_mul(queues.len()).max(1))),
+            settles: TaskTracker::new(),
         });
         let mut consumers = Vec::new();
         for queue in &queues {
@@ -227,6 +230,10 @@ struct Shared {
     hard_stop: CancellationToken,
     seq: AtomicU64,
     fetch_timeout: Duration,
+    /// Room for settlements (acks, nacks, requeues) in flight after their executor moved on.
+    settling: Arc<Semaphore>,
+    /// The settlements in flight; shutdown waits for them before closing the consumers.
+    settles: TaskTracker,
 }
 
 /// A running worker.
@@ -282,6 +289,14 @@ impl WorkerHandle {
                 e.abort();
             }
         }
+        // Acks, nacks and requeues still in flight finish before the consumers close (a
+        // consumer's close returns what it still holds to the queue).
+        shared.settles.close();
+        if tokio::time::timeout(timeout, shared.settles.wait()).await.is_err() {
+            tracing::warn!("settling processed messages did not finish within the shutdown timeout");
+            shared.hard_stop.cancel();
+            shared.settles.wait().await;
+        }
         let queued = shared.work.drain();
         let held = shared.delays.drain();
         let returned = queued.len() + held.len();
@@ -312,11 +327,27 @@ async fn execute_loop(shared: Arc<Shared>) {
             item = shared.work.pop() => item,
         };
         let WorkItem { delivery, permit, .. } = item;
+        // Room for this message's settlement, taken first: when the broker is slow to ack,
+        // executors wait here rather than pile up unsettled messages.
+        let Ok(settle_slot) = Arc::clone(&shared.settling).acquire_owned().await else {
+            return;
+        };
         let run = std::panic::AssertUnwindSafe(process(&shared.app, delivery, &shared.hard_stop)).catch_unwind();
-        if run.await.is_err() {
-            tracing::error!("panic while settling a message; it will be redelivered");
-        }
+        let settlement = run.await;
+        // The message is done with: its prefetch slot goes back to the consumer now, while
+        // the broker commits the ack (which batches with other executors' acks).
         drop(permit);
+        match settlement {
+            Ok(settlement) => {
+                shared.settles.spawn(async move {
+                    if std::panic::AssertUnwindSafe(settlement).catch_unwind().await.is_err() {
+                        tracing::error!("panic while settling a message; it will be redelivered");
+                    }
+                    drop(settle_slot);
+                });
+            }
+            Err(_) => tracing::error!("panic while processing a message; it will be redelivered"),
+        }
     }
 }
 
