@@ -2,40 +2,187 @@
 # Troupe and Python Dramatiq side by side on the same brokers, in one run.
 #
 #   bench/compare.sh [MESSAGES]        # default 20000
+#   RATE=2000 STEADY_SECS=10 LATENCY_SAMPLES=500 COMPARE_OUT=/tmp/cmp bench/compare.sh 50000
 #
-# Needs the servers and the Dramatiq venv that scripts/test sets up. Prints each run's JSON and
-# the ratio Troupe / Dramatiq for enqueue and process rates, per broker and Dramatiq setting.
+# Runs, in order:
+# - bench/raw_limits.sh: the servers' own limits (redis-benchmark LPUSH and EVALSHA, a pgbench
+#   FOR UPDATE SKIP LOCKED claim of 100 rows, raw AMQP publish/consume), for reference;
+# - troupe-bench (release build) on Redis (db 15), RabbitMQ, PostgreSQL (database `test`,
+#   schema `troupe_bench`, dropped first, --concurrency 64) and SQLite (/tmp/troupe-bench.db,
+#   --concurrency 64); Redis and RabbitMQ with troupe-bench's default concurrency;
+# - bench/dramatiq_peer.py on Redis and RabbitMQ with 1 process x 8 threads and 2 x 8 (Dramatiq
+#   has no PostgreSQL or SQLite broker).
+# Every run gets the same MESSAGES, RATE (steady-state offered load, messages/s, default 1000),
+# STEADY_SECS (default 5) and LATENCY_SAMPLES (idle pick-up probes, default 200).
+#
+# Then prints, per broker, a table of each figure for Troupe, Dramatiq 1x8 and 2x8 and the ratio
+# between them, oriented so that above 1 means Troupe is better: Troupe/Dramatiq for rates,
+# Dramatiq/Troupe for latencies and memory. "-" is a figure a run did not report. The Dramatiq
+# peer also shows its senders' achieved rate and lag: when they fall behind, its steady-state
+# latencies measure the Python sender as much as the worker. On Redis also
+# Troupe's script calls and Redis server time per message, the server's limit for that many
+# EVALSHA calls per message, and Troupe's process rate as a share of it. Every run's JSON is kept
+# in COMPARE_OUT (default: a new temporary directory), whose path is printed at the end.
+#
+# Needs the servers and the Dramatiq venv that scripts/test sets up (scripts/services.sh starts
+# them when they are not answering). A run that fails is reported on stderr and shows as "-".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_redis
+ensure_postgres
 ensure_rabbitmq
 ensure_dramatiq_venv
 N="${1:-20000}"
+RATE="${RATE:-1000}"
+STEADY_SECS="${STEADY_SECS:-5}"
+LATENCY_SAMPLES="${LATENCY_SAMPLES:-200}"
 PY="${TROUPE_DRAMATIQ_PYTHON:-$HOME/.cache/troupe/venv-dramatiq/bin/python}"
 REDIS="redis://127.0.0.1:6379/15"
 AMQP="amqp://guest:guest@127.0.0.1:5672/%2f"
+POSTGRES="postgres://postgres@127.0.0.1:5432/test?schema=troupe_bench"
+SQLITE="sqlite:///tmp/troupe-bench.db"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/troupe/target}"
 cargo build -q --release -p troupe-bench
 BENCH="$CARGO_TARGET_DIR/release/troupe-bench"
-out="$(mktemp -d)"
-"$BENCH" --broker-url "$REDIS" --messages "$N" --json > "$out/troupe-redis.json"
-"$PY" bench/dramatiq_peer.py --broker redis --url "$REDIS" --messages "$N" --processes 1 --threads 8 > "$out/dramatiq-redis-1x8.json"
-"$PY" bench/dramatiq_peer.py --broker redis --url "$REDIS" --messages "$N" --processes 2 --threads 8 > "$out/dramatiq-redis-2x8.json"
-"$BENCH" --broker-url "$AMQP" --messages "$N" --json > "$out/troupe-rabbitmq.json"
-"$PY" bench/dramatiq_peer.py --broker rabbitmq --url "$AMQP" --messages "$N" --processes 1 --threads 8 > "$out/dramatiq-rabbitmq-1x8.json"
-"$PY" bench/dramatiq_peer.py --broker rabbitmq --url "$AMQP" --messages "$N" --processes 2 --threads 8 > "$out/dramatiq-rabbitmq-2x8.json"
-"$PY" bench/raw_amqp.py --url "$AMQP" --messages "$N" > "$out/raw-amqp.json"
+out="${COMPARE_OUT:-$(mktemp -d)}"
+mkdir -p "$out"
+LOAD=(--rate "$RATE" --steady-secs "$STEADY_SECS" --latency-samples "$LATENCY_SAMPLES")
+
+# run NAME COMMAND...: the command's stdout into $out/NAME.json; a failure is reported, not fatal.
+run() {
+  local name=$1
+  shift
+  echo "compare.sh: $name" >&2
+  local rc=0
+  "$@" >"$out/$name.json" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "compare.sh: $name failed (exit $rc)" >&2
+  fi
+}
+
+run raw-limits bench/raw_limits.sh
+run troupe-redis "$BENCH" --broker-url "$REDIS" --messages "$N" "${LOAD[@]}" --json
+run dramatiq-redis-1x8 "$PY" bench/dramatiq_peer.py --broker redis --url "$REDIS" --messages "$N" --processes 1 --threads 8 "${LOAD[@]}"
+run dramatiq-redis-2x8 "$PY" bench/dramatiq_peer.py --broker redis --url "$REDIS" --messages "$N" --processes 2 --threads 8 "${LOAD[@]}"
+run troupe-rabbitmq "$BENCH" --broker-url "$AMQP" --messages "$N" "${LOAD[@]}" --json
+run dramatiq-rabbitmq-1x8 "$PY" bench/dramatiq_peer.py --broker rabbitmq --url "$AMQP" --messages "$N" --processes 1 --threads 8 "${LOAD[@]}"
+run dramatiq-rabbitmq-2x8 "$PY" bench/dramatiq_peer.py --broker rabbitmq --url "$AMQP" --messages "$N" --processes 2 --threads 8 "${LOAD[@]}"
+PGOPTIONS="-c client_min_messages=warning" psql -h 127.0.0.1 -U postgres -d test -qAt -c "DROP SCHEMA IF EXISTS troupe_bench CASCADE" >/dev/null
+run troupe-postgres "$BENCH" --broker-url "$POSTGRES" --concurrency 64 --messages "$N" "${LOAD[@]}" --json
+run troupe-sqlite "$BENCH" --broker-url "$SQLITE" --concurrency 64 --messages "$N" "${LOAD[@]}" --json
+
 "$PY" - "$out" <<'PYEOF'
-import json, pathlib, sys
-d = pathlib.Path(sys.argv[1])
-load = lambda n: json.loads((d / f"{n}.json").read_text())
-for broker in ("redis", "rabbitmq"):
+import json
+import pathlib
+import sys
+
+out = pathlib.Path(sys.argv[1])
+
+
+def load(name):
+    """The run's JSON object, or {} when the run failed or printed nothing usable."""
+    try:
+        return json.loads((out / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def fmt(v, decimals=None):
+    """Thousands separators; `decimals` fixed (the ms figures), else up to 3 for a fraction."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return "-" if v is None else str(v)
+    if decimals is not None:
+        return f"{v:,.{decimals}f}"
+    if isinstance(v, float) and not v.is_integer():
+        return f"{v:,.3f}".rstrip("0")
+    return f"{int(v):,}"
+
+
+def ratio(num, den):
+    if not isinstance(num, (int, float)) or not isinstance(den, (int, float)) or den == 0:
+        return "-"
+    return f"{num / den:.2f}x"
+
+
+# (field, how the ratio is oriented): "T/D" for rates, "D/T" for latencies and memory (>1 = Troupe better).
+FIGURES = [
+    ("enqueue_per_sec", "T/D"),
+    ("enqueue_batched_per_sec", "T/D"),
+    ("process_per_sec", "T/D"),
+    ("latency_offered_per_sec", None),
+    ("latency_sent_per_sec", None),  # Dramatiq's senders: below the offered rate = they fell behind
+    ("sender_lag_ms_p99", None),  # Dramatiq: how late its sends started against the schedule
+    ("latency_ms_p50", "D/T"),
+    ("latency_ms_p90", "D/T"),
+    ("latency_ms_p99", "D/T"),
+    ("latency_ms_max", "D/T"),
+    ("idle_pickup_ms_p50", "D/T"),
+    ("idle_pickup_ms_p99", "D/T"),
+    ("idle_pickup_ms_max", "D/T"),
+    ("worker_rss_idle_kib", "D/T"),
+    ("worker_rss_peak_kib", "D/T"),
+    ("lost", None),
+    ("duplicates", None),
+]
+
+raw = {}
+raw_lines = []
+try:
+    for line in (out / "raw-limits.json").read_text().splitlines():
+        if line.strip():
+            raw_lines.append(line.strip())
+            obj = json.loads(line)
+            raw[obj.get("server")] = obj
+except (OSError, ValueError):
+    pass
+
+print("Ratios: rates Troupe/Dramatiq, latencies and memory Dramatiq/Troupe; above 1x = Troupe better.")
+for broker in ("redis", "rabbitmq", "postgres", "sqlite"):
     t = load(f"troupe-{broker}")
-    print(f"troupe   {broker:8} enqueue {t['enqueue_per_sec']:>9,.0f}/s  process {t['process_per_sec']:>9,.0f}/s  (lost {t['lost']}, duplicates {t['duplicates']})")
-    for setting in ("1x8", "2x8"):
-        p = load(f"dramatiq-{broker}-{setting}")
-        print(f"dramatiq {broker:8} {setting} enqueue {p['enqueue_per_sec']:>7,.0f}/s  process {p['process_per_sec']:>7,.0f}/s"
-              f"   ratio troupe/dramatiq: enqueue {t['enqueue_per_sec']/p['enqueue_per_sec']:.1f}x  process {t['process_per_sec']/p['process_per_sec']:.1f}x")
-print("raw amqp:", (d / "raw-amqp.json").read_text().strip())
+    peer = broker in ("redis", "rabbitmq")
+    d1 = load(f"dramatiq-{broker}-1x8") if peer else {}
+    d2 = load(f"dramatiq-{broker}-2x8") if peer else {}
+    print()
+    print(f"== {broker} " + "=" * (96 - len(broker)))
+    if peer:
+        print(f"{'figure':<32}{'troupe':>12}{'dramatiq 1x8':>14}{'dramatiq 2x8':>14}   {'ratio':<5}{'vs 1x8':>9}{'vs 2x8':>9}")
+    else:
+        print(f"{'figure':<32}{'troupe':>12}   (Dramatiq has no {broker} broker)")
+    for field, orient in FIGURES:
+        decimals = 2 if "_ms_" in field else None
+        tv, v1, v2 = t.get(field), d1.get(field), d2.get(field)
+        if not peer:
+            print(f"{field:<32}{fmt(tv, decimals):>12}")
+            continue
+        if orient == "T/D":
+            r1, r2 = ratio(tv, v1), ratio(tv, v2)
+        elif orient == "D/T":
+            r1, r2 = ratio(v1, tv), ratio(v2, tv)
+        else:
+            r1 = r2 = ""
+        print(
+            f"{field:<32}{fmt(tv, decimals):>12}{fmt(v1, decimals):>14}{fmt(v2, decimals):>14}"
+            f"   {orient or '':<5}{r1:>9}{r2:>9}".rstrip()
+        )
+    if broker == "redis":
+        calls = t.get("redis_script_calls_per_message")
+        usec = t.get("redis_server_usec_per_message")
+        evalsha = raw.get("redis", {}).get("evalsha_per_sec")
+        print(f"{'redis_script_calls_per_message':<32}{fmt(calls):>12}")
+        print(f"{'redis_server_usec_per_message':<32}{fmt(usec):>12}")
+        limit = evalsha / calls if isinstance(evalsha, (int, float)) and isinstance(calls, (int, float)) and calls else None
+        share = "-"
+        process = t.get("process_per_sec")
+        if limit and isinstance(process, (int, float)):
+            share = f"{100 * process / limit:.1f}%"
+        print(f"{'server limit / calls per message':<32}{fmt(None if limit is None else round(limit)):>12}"
+              f"   (EVALSHA {fmt(evalsha)}/s / {fmt(calls)} calls per message)")
+        print(f"{'troupe process_per_sec of limit':<32}{share:>12}")
+
+print()
+print("Raw limits (bench/raw_limits.sh):")
+for line in raw_lines or ["-"]:
+    print("  " + line)
 PYEOF
+echo "JSON of every run: $out"
