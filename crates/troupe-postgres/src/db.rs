@@ -234,6 +234,27 @@ fn connect_error(options: &PostgresOptions, e: sqlx::Error) -> Error {
     )
 }
 
+/// Pool settings shared by every pool of this crate. sqlx pings a connection before each
+/// acquire by default: a round trip per statement, which halves the rate of one-at-a-time
+/// enqueues. Connections are pinged only after they sat idle for a while (when a restarted
+/// server may have dropped them); a connection that broke while in use fails its statement,
+/// which callers treat as a transient error, and the pool drops it.
+pub(crate) fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
+/// How long a pooled connection may sit idle before it is pinged on acquire.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
+
 /// A second, small pool whose sessions commit asynchronously (`synchronous_commit = off`), for
 /// claims only. Safe: a claim lost in a server crash leaves its row ready (or its lease expires),
 /// and an ack is durable only after everything written before it in the WAL, claims included.
@@ -241,7 +262,7 @@ pub(crate) async fn claim_pool(options: &PostgresOptions) -> Result<PgPool, Erro
     let connect = options
         .connect_options()?
         .options([("search_path", options.schema.as_str()), ("synchronous_commit", "off")]);
-    PgPoolOptions::new()
+    pool_options()
         .max_connections(2)
         .acquire_timeout(options.connect_timeout)
         .connect_with(connect)
@@ -254,7 +275,7 @@ pub(crate) async fn open(options: &PostgresOptions) -> Result<PgPool, Error> {
     let connect = options
         .connect_options()?
         .options([("search_path", options.schema.as_str())]);
-    let pool = PgPoolOptions::new()
+    let pool = pool_options()
         .max_connections(options.max_connections.max(2))
         .acquire_timeout(options.connect_timeout)
         .connect_with(connect)

@@ -63,9 +63,7 @@ fn claim_pool(pool: &SqlitePool, options: &SqliteOptions) -> SqlitePool {
     let connect = (*pool.connect_options())
         .clone()
         .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
-    sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_lazy_with(connect)
+    db::pool_options().max_connections(1).connect_lazy_with(connect)
 }
 
 fn writer(pool: &SqlitePool) -> Batcher<Settle<Key>> {

@@ -233,6 +233,22 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;",
 ];
 
+/// Pool settings shared by every pool of this crate: sqlx's default pings a connection (a
+/// round trip to its SQLite thread) before each acquire; here only connections idle for a
+/// while are pinged.
+pub(crate) fn pool_options() -> SqlitePoolOptions {
+    SqlitePoolOptions::new()
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= Duration::from_secs(5) {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// Opens (creating if needed) the database, checks it is Troupe's, and migrates it.
 pub(crate) async fn open(options: &SqliteOptions) -> Result<SqlitePool, Error> {
     let path = options.path.as_path();
@@ -255,7 +271,7 @@ pub(crate) async fn open(options: &SqliteOptions) -> Result<SqlitePool, Error> {
         })
         .busy_timeout(options.busy_timeout)
         .foreign_keys(false);
-    let pool = SqlitePoolOptions::new()
+    let pool = pool_options()
         .max_connections(options.max_connections.max(1))
         .min_connections(1)
         .connect_with(connect)
