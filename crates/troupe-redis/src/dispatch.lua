@@ -41,14 +41,30 @@ elseif command == "fetch" then
   heartbeat()
   local n = tonumber(ARGV[5])
   local out = {}
-  for _ = 1, n do
-    local rid = redis.call("LPOP", queue_key)
-    if not rid then
-      break
+  -- LPOP with a count (Redis >= 6.2) takes the batch in one command; older servers refuse it
+  -- and get one LPOP per message.
+  local rids = redis.pcall("LPOP", queue_key, n)
+  if type(rids) == "table" and rids.err then
+    rids = {}
+    for _ = 1, n do
+      local rid = redis.call("LPOP", queue_key)
+      if not rid then
+        break
+      end
+      rids[#rids + 1] = rid
     end
-    redis.call("SADD", acks_key, rid)
-    out[#out + 1] = rid
-    out[#out + 1] = redis.call("HGET", msgs_key, rid)
+  elseif not rids then
+    return out
+  end
+  -- Variadic SADD and HMGET in chunks (unpack is limited by Lua's stack).
+  for first = 1, #rids, 1000 do
+    local last = math.min(first + 999, #rids)
+    redis.call("SADD", acks_key, unpack(rids, first, last))
+    local bodies = redis.call("HMGET", msgs_key, unpack(rids, first, last))
+    for i = first, last do
+      out[#out + 1] = rids[i]
+      out[#out + 1] = bodies[i - first + 1]
+    end
   end
   return out
 
