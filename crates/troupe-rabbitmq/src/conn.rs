@@ -283,6 +283,9 @@ fn parse_duration(value: &str, bare: fn(u64) -> Duration) -> Result<Duration, St
 }
 
 /// Parses one URL into lapin's form, with the options' heartbeat and connect time-out.
+/// The frame size Troupe asks for unless the URL sets one.
+const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+
 pub(crate) fn amqp_uri(url: &str, options: &RabbitmqOptions) -> Result<AMQPUri, Error> {
     let lower = url.to_ascii_lowercase();
     if !lower.starts_with("amqp://") && !lower.starts_with("amqps://") {
@@ -308,6 +311,12 @@ pub(crate) fn amqp_uri(url: &str, options: &RabbitmqOptions) -> Result<AMQPUri, 
     }
     if uri.query.connection_timeout.is_none() {
         uri.query.connection_timeout = Some(u64::try_from(options.connect_timeout.as_millis()).unwrap_or(u64::MAX));
+    }
+    if uri.query.frame_max.is_none() {
+        // lapin keeps two buffers of 32 frames per connection: RabbitMQ's default frame_max
+        // (128 KiB) costs 8 MiB of memory per connection. Larger messages are split into more
+        // frames; `?frame_max=` in the URL overrides.
+        uri.query.frame_max = Some(DEFAULT_FRAME_MAX);
     }
     if uri.scheme == AMQPScheme::AMQPS && uri.authority.port == AMQPScheme::AMQP.default_port() {
         tracing::debug!("amqps:// on port 5672: RabbitMQ usually serves TLS on 5671");
