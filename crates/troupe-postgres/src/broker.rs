@@ -560,7 +560,6 @@ impl Broker for PostgresBroker {
             queue: queue.to_owned(),
             waker: self.inner.wakers.get(queue),
             owner,
-            busy: false,
             last_promote: None,
         }))
     }
@@ -708,7 +707,6 @@ struct PostgresConsumer {
     queue: String,
     waker: Arc<Notify>,
     owner: String,
-    busy: bool,
     last_promote: Option<std::time::Instant>,
 }
 
@@ -718,7 +716,11 @@ impl PostgresConsumer {
         let promote = self
             .last_promote
             .is_none_or(|at| at.elapsed() >= inner.options.poll_interval);
-        if promote || !self.busy {
+        // The look-first query (and the release of due delayed rows) runs once per poll
+        // interval. In between, a woken consumer claims at once: a claim that finds nothing
+        // locks nothing and writes nothing, and skipping the look saves a round trip on
+        // every pick-up.
+        if promote {
             let row = sqlx::query(
                 "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND queue = $1),
                         EXISTS (SELECT 1 FROM jobs WHERE state = 3 AND queue = $1 AND available_at <= now())",
@@ -738,7 +740,6 @@ impl PostgresConsumer {
                     .map_err(|e| db_error("release due delayed messages", e))?;
             }
             if !ready && !due {
-                self.busy = false;
                 return Ok(Vec::new());
             }
         }
@@ -771,7 +772,6 @@ impl PostgresConsumer {
             .collect::<std::result::Result<_, sqlx::Error>>()
             .map_err(|e| db_error("read claimed messages", e))?;
         claimed.sort_by_key(|(priority, id, _, _)| (*priority, *id));
-        self.busy = claimed.len() == max;
         Ok(claimed
             .into_iter()
             .map(|(_, id, attempt, body)| {
