@@ -122,6 +122,9 @@ fn epoch_us() -> u64 {
 
 static SEEN: Mutex<Option<HashSet<u64>>> = Mutex::new(None);
 static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Runs of measured messages (numbered below `--messages`; backlog rows are numbered above).
+static MEASURED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static MEASURED_BELOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
 static STARTED: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Instant>>> = Mutex::new(None);
 /// Steady-state samples: (message number, ms from its send to its actor's start).
 static STEADY: Mutex<Vec<(u64, f64)>> = Mutex::new(Vec::new());
@@ -152,6 +155,9 @@ async fn noop(n: u64, payload: String) {
     std::hint::black_box(payload.len());
     work(n).await;
     RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if n < MEASURED_BELOW.load(std::sync::atomic::Ordering::Relaxed) {
+        MEASURED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     if let Ok(mut seen) = SEEN.lock()
         && let Some(set) = seen.as_mut()
     {
@@ -436,6 +442,10 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     if let Ok(mut seen) = SEEN.lock() {
         *seen = Some(HashSet::new());
     }
+    if args.backlog > 0 && args.processes > 0 {
+        return Err("--backlog runs the worker in the benchmark process; leave out --processes".into());
+    }
+    MEASURED_BELOW.store(args.messages, std::sync::atomic::Ordering::Relaxed);
     let progress = Progress::new(!args.json);
     let broker = troupe::connect(&args.broker_url).await?;
     let app = App::builder(Arc::clone(&broker))
@@ -511,12 +521,12 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     } else {
         None
     };
+    // In-process runs count what the actor ran (cheap, exact); with worker processes the
+    // broker's counts tell, polled less often so the polling does not load the server it
+    // measures.
     loop {
-        let done = if args.backlog > 0 {
-            SEEN.lock()
-                .ok()
-                .and_then(|s| s.as_ref().map(|s| s.iter().filter(|n| **n < args.messages).count()))
-                .unwrap_or(0) as u64
+        let done = if args.processes == 0 {
+            MEASURED.load(std::sync::atomic::Ordering::Relaxed)
         } else {
             args.messages.saturating_sub(broker.stats("bench").await?.pending())
         };
@@ -524,7 +534,8 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         if done >= args.messages {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let poll = if args.processes == 0 { 2 } else { 20 };
+        tokio::time::sleep(Duration::from_millis(poll)).await;
     }
     let drain_secs = started.elapsed().as_secs_f64();
     let script_stats = match script_stats_before {
