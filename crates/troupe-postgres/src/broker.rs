@@ -75,7 +75,7 @@ impl PostgresBroker {
     pub async fn open(options: PostgresOptions) -> Result<Self> {
         let pool = db::open(&options).await?;
         let claims = db::claim_pool(&options).await?;
-        let writer_pool = pool.clone();
+        let writer_pool = db::writer_pool(&options).await?;
         let writer = Batcher::spawn(BACKEND, WRITE_BATCH, move |batch: Vec<Settle<Key>>| {
             let pool = writer_pool.clone();
             async move { write_batch(&pool, &batch).await }
@@ -412,6 +412,11 @@ async fn maintain(inner: &Inner, cleanup: bool) -> Result<u64> {
     Ok(back)
 }
 
+/// Deletes acked rows, fenced by attempt (a late ack from a worker whose lease was taken over
+/// does nothing). A join with the batch, which the planner hashes (see `db::writer_pool`).
+const ACK_SQL: &str = "DELETE FROM jobs USING unnest($1::bigint[], $2::int[]) AS acked(id, attempt)
+     WHERE jobs.id = acked.id AND jobs.attempt = acked.attempt AND jobs.state = 1";
+
 async fn write_batch(pool: &PgPool, batch: &[Settle<Key>]) -> Result<()> {
     let (mut ack_ids, mut ack_attempts, mut back_ids, mut back_attempts) = (vec![], vec![], vec![], vec![]);
     for w in batch {
@@ -429,32 +434,29 @@ async fn write_batch(pool: &PgPool, batch: &[Settle<Key>]) -> Result<()> {
     }
     // The common case, acks only: one statement, no explicit transaction (one round trip).
     if back_ids.is_empty() && ack_ids.len() == batch.len() {
-        sqlx::query(
-            "DELETE FROM jobs WHERE state = 1 AND (id, attempt) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))",
-        )
-        .bind(&ack_ids)
-        .bind(&ack_attempts)
-        .execute(pool)
-        .await
-        .map_err(|e| db_error("ack messages", e))?;
+        sqlx::query(ACK_SQL)
+            .bind(&ack_ids)
+            .bind(&ack_attempts)
+            .execute(pool)
+            .await
+            .map_err(|e| db_error("ack messages", e))?;
         return Ok(());
     }
     let mut tx = pool.begin().await.map_err(|e| db_error("begin a write", e))?;
     if !ack_ids.is_empty() {
         // Fenced by attempt: a late ack from a worker whose lease was taken over does nothing.
-        sqlx::query(
-            "DELETE FROM jobs WHERE state = 1 AND (id, attempt) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))",
-        )
-        .bind(&ack_ids)
-        .bind(&ack_attempts)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error("ack messages", e))?;
+        sqlx::query(ACK_SQL)
+            .bind(&ack_ids)
+            .bind(&ack_attempts)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("ack messages", e))?;
     }
     if !back_ids.is_empty() {
         sqlx::query(
             "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
-             WHERE state = 1 AND (id, attempt) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))",
+             FROM unnest($1::bigint[], $2::int[]) AS settled(id, attempt)
+             WHERE jobs.id = settled.id AND jobs.attempt = settled.attempt AND jobs.state = 1",
         )
         .bind(&back_ids)
         .bind(&back_attempts)
