@@ -8,8 +8,9 @@
 # - bench/raw_limits.sh: the servers' own limits (redis-benchmark LPUSH and EVALSHA, a pgbench
 #   FOR UPDATE SKIP LOCKED claim of 100 rows, raw AMQP publish/consume), for reference;
 # - troupe-bench (release build) on Redis (db 15), RabbitMQ, PostgreSQL (database `test`,
-#   schema `troupe_bench`, dropped first, --concurrency 64) and SQLite (/tmp/troupe-bench.db,
-#   --concurrency 64); Redis and RabbitMQ with troupe-bench's default concurrency;
+#   schema `troupe_bench`, dropped first, --concurrency $TROUPE_PG_CONCURRENCY, default 256) and
+#   SQLite (/tmp/troupe-bench.db, durability=full); the others with --concurrency
+#   $TROUPE_CONCURRENCY (default 64);
 # - bench/dramatiq_peer.py on Redis and RabbitMQ with 1 process x 8 threads and 2 x 8 (Dramatiq
 #   has no PostgreSQL or SQLite broker).
 # Every run gets the same MESSAGES, RATE (steady-state offered load, messages/s, default 1000),
@@ -41,7 +42,10 @@ PY="${TROUPE_DRAMATIQ_PYTHON:-$HOME/.cache/troupe/venv-dramatiq/bin/python}"
 REDIS="redis://127.0.0.1:6379/15"
 AMQP="amqp://guest:guest@127.0.0.1:5672/%2f"
 POSTGRES="postgres://postgres@127.0.0.1:5432/test?schema=troupe_bench"
-SQLITE="sqlite:///tmp/troupe-bench.db"
+SQLITE="sqlite:///tmp/troupe-bench.db?durability=full"
+# Troupe's concurrency (async actors: cheap to raise; no-op messages need a wide window).
+C="${TROUPE_CONCURRENCY:-64}"
+PG_C="${TROUPE_PG_CONCURRENCY:-256}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/troupe/target}"
 cargo build -q --release -p troupe-bench
 BENCH="$CARGO_TARGET_DIR/release/troupe-bench"
@@ -62,15 +66,15 @@ run() {
 }
 
 run raw-limits bench/raw_limits.sh
-run troupe-redis "$BENCH" --broker-url "$REDIS" --messages "$N" "${LOAD[@]}" --json
+run troupe-redis "$BENCH" --broker-url "$REDIS" --concurrency "$C" --messages "$N" "${LOAD[@]}" --json
 run dramatiq-redis-1x8 "$PY" bench/dramatiq_peer.py --broker redis --url "$REDIS" --messages "$N" --processes 1 --threads 8 "${LOAD[@]}"
 run dramatiq-redis-2x8 "$PY" bench/dramatiq_peer.py --broker redis --url "$REDIS" --messages "$N" --processes 2 --threads 8 "${LOAD[@]}"
-run troupe-rabbitmq "$BENCH" --broker-url "$AMQP" --messages "$N" "${LOAD[@]}" --json
+run troupe-rabbitmq "$BENCH" --broker-url "$AMQP" --concurrency "$C" --messages "$N" "${LOAD[@]}" --json
 run dramatiq-rabbitmq-1x8 "$PY" bench/dramatiq_peer.py --broker rabbitmq --url "$AMQP" --messages "$N" --processes 1 --threads 8 "${LOAD[@]}"
 run dramatiq-rabbitmq-2x8 "$PY" bench/dramatiq_peer.py --broker rabbitmq --url "$AMQP" --messages "$N" --processes 2 --threads 8 "${LOAD[@]}"
 PGOPTIONS="-c client_min_messages=warning" psql -h 127.0.0.1 -U postgres -d test -qAt -c "DROP SCHEMA IF EXISTS troupe_bench CASCADE" >/dev/null
-run troupe-postgres "$BENCH" --broker-url "$POSTGRES" --concurrency 64 --messages "$N" "${LOAD[@]}" --json
-run troupe-sqlite "$BENCH" --broker-url "$SQLITE" --concurrency 64 --messages "$N" "${LOAD[@]}" --json
+run troupe-postgres "$BENCH" --broker-url "$POSTGRES" --concurrency "$PG_C" --messages "$N" "${LOAD[@]}" --json
+run troupe-sqlite "$BENCH" --broker-url "$SQLITE" --concurrency "$C" --messages "$N" "${LOAD[@]}" --json
 
 "$PY" - "$out" <<'PYEOF'
 import json
