@@ -259,13 +259,9 @@ const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
 /// claims only. Safe: a claim lost in a server crash leaves its row ready (or its lease expires),
 /// and an ack is durable only after everything written before it in the WAL, claims included.
 pub(crate) async fn claim_pool(options: &PostgresOptions) -> Result<PgPool, Error> {
-    let connect = options.connect_options()?.options([
-        ("search_path", options.schema.as_str()),
-        ("synchronous_commit", "off"),
-        // Plan each claim for its own LIMIT and the table as it is now: a cached generic
-        // plan (chosen after five runs) can join the whole table per claim once it is large.
-        ("plan_cache_mode", "force_custom_plan"),
-    ]);
+    let connect = options
+        .connect_options()?
+        .options([("search_path", options.schema.as_str()), ("synchronous_commit", "off")]);
     pool_options()
         .max_connections(2)
         .acquire_timeout(options.connect_timeout)
