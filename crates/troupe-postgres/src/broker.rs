@@ -509,18 +509,10 @@ impl Broker for PostgresBroker {
     }
 
     async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
-        let mut conn = self
-            .inner
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| db_error("enqueue a message", e))?;
-        let queue = q_name(&message.queue_name).to_owned();
-        let enqueued = self.insert(&mut conn, "jobs", message, delay).await?;
-        if delay.is_none_or(|d| d.is_zero()) {
-            self.inner.wakers.wake(&queue);
-        }
-        Ok(enqueued)
+        let mut enqueued = self.enqueue_many(vec![(message, delay)]).await?;
+        enqueued
+            .pop()
+            .ok_or_else(|| Error::backend(BACKEND, ErrorKind::Other, "enqueue returned no message"))
     }
 
     async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {

@@ -491,6 +491,16 @@ impl Inner {
         Ok(())
     }
 
+    /// A message made ready to publish: bound for its delay queue when delayed, its canonical
+    /// queue checked, encoded within the size limit.
+    fn prepare(&self, message: Message, delay: Option<Duration>) -> Result<(Message, String, Vec<u8>)> {
+        let message = prepare_for_delay_queue(message, delay);
+        let canonical = message.canonical_queue().to_owned();
+        validate_queue_name(&canonical)?;
+        let body = encode_checked(self.encoder.as_ref(), &message, self.options.max_message_size)?;
+        Ok((message, canonical, body))
+    }
+
     /// The deliveries this broker's live consumers of `queue` hold unacked.
     fn held(&self, queue: &str) -> u64 {
         self.consumers
@@ -637,14 +647,7 @@ impl Broker for RabbitmqBroker {
 
     async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
         self.inner.check_open()?;
-        let message = prepare_for_delay_queue(message, delay);
-        let canonical = message.canonical_queue().to_owned();
-        validate_queue_name(&canonical)?;
-        let body = encode_checked(
-            self.inner.encoder.as_ref(),
-            &message,
-            self.inner.options.max_message_size,
-        )?;
+        let (message, canonical, body) = self.inner.prepare(message, delay)?;
         self.inner
             .publish(
                 &canonical,
@@ -662,14 +665,7 @@ impl Broker for RabbitmqBroker {
         let mut items = Vec::with_capacity(messages.len());
         let mut enqueued = Vec::with_capacity(messages.len());
         for (message, delay) in messages {
-            let message = prepare_for_delay_queue(message, delay);
-            let canonical = message.canonical_queue().to_owned();
-            validate_queue_name(&canonical)?;
-            let body = encode_checked(
-                self.inner.encoder.as_ref(),
-                &message,
-                self.inner.options.max_message_size,
-            )?;
+            let (message, canonical, body) = self.inner.prepare(message, delay)?;
             items.push((canonical, message.queue_name.clone(), body, properties_of(&message)));
             enqueued.push(message);
         }

@@ -368,21 +368,10 @@ impl Broker for RedisBroker {
     }
 
     async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
-        self.check_open()?;
-        let mut message = prepare_for_delay_queue(message, delay);
-        // A fresh redis_message_id on every enqueue (retries and delayed moves too), as Dramatiq.
-        let rid = uuid::Uuid::new_v4().to_string();
-        message.options.insert("redis_message_id".into(), rid.clone().into());
-        let body = encode_checked(
-            self.inner.encoder.as_ref(),
-            &message,
-            self.inner.options.max_message_size,
-        )?;
-        call::<i64>(&self.inner, "enqueue", &message.queue_name, "", |inv| {
-            inv.arg(rid.as_str()).arg(body.as_slice());
-        })
-        .await?;
-        Ok(message)
+        let mut enqueued = self.enqueue_many(vec![(message, delay)]).await?;
+        enqueued
+            .pop()
+            .ok_or_else(|| Error::backend(BACKEND, ErrorKind::Other, "enqueue returned no message"))
     }
 
     async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
@@ -390,6 +379,7 @@ impl Broker for RedisBroker {
         let mut prepared = Vec::with_capacity(messages.len());
         for (message, delay) in messages {
             let mut message = prepare_for_delay_queue(message, delay);
+            // A fresh redis_message_id on every enqueue (retries and delayed moves too), as Dramatiq.
             let rid = uuid::Uuid::new_v4().to_string();
             message.options.insert("redis_message_id".into(), rid.clone().into());
             let body = encode_checked(

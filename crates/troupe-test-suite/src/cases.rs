@@ -75,6 +75,26 @@ async fn wait_drained(tb: &TestBroker, queue: &str) {
     }
 }
 
+/// Consumes and acks up to `n` messages of `queue` (waiting at most [`WAIT`]), fetching
+/// `batch` at a time; returns them in delivery order.
+async fn take_in_order(tb: &TestBroker, queue: &str, n: usize, batch: usize) -> Vec<Message> {
+    let mut consumer = tb
+        .broker
+        .consume(queue, ConsumerOptions::new(n))
+        .await
+        .expect("consume");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < n && Instant::now() < deadline {
+        for d in consumer.fetch(batch, FETCH).await.expect("fetch") {
+            seen.push(d.message().expect("decodes").clone());
+            d.ack().await.expect("ack");
+        }
+    }
+    consumer.close().await.expect("close");
+    seen
+}
+
 async fn fetch_one(tb: &TestBroker, queue: &str) -> (Box<dyn troupe_core::Consumer>, troupe_core::Delivery) {
     let mut consumer = tb
         .broker
@@ -156,17 +176,12 @@ pub async fn fifo_within_a_queue(tb: &TestBroker) {
         }
         ids
     };
-    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(20)).await.expect("consume");
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while seen.len() < 20 && Instant::now() < deadline {
-        for d in consumer.fetch(5, FETCH).await.expect("fetch") {
-            seen.push(d.message().expect("decodes").message_id.clone());
-            d.ack().await.expect("ack");
-        }
-    }
+    let seen: Vec<String> = take_in_order(tb, &q, 20, 5)
+        .await
+        .into_iter()
+        .map(|m| m.message_id)
+        .collect();
     assert_eq!(seen, ids);
-    consumer.close().await.expect("close");
 }
 
 /// A nacked message lands in the dead letters with its reason.
@@ -385,19 +400,13 @@ pub async fn enqueue_many_keeps_order_and_delays(tb: &TestBroker) {
     assert_eq!((stats.ready, stats.delayed), (40, 1), "{stats:?}");
     assert_eq!(tb.broker.stats(&other).await.expect("stats").ready, 1);
 
-    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(50)).await.expect("consume");
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while seen.len() < 40 && Instant::now() < deadline {
-        for d in consumer.fetch(16, FETCH).await.expect("fetch") {
-            let m = d.message().expect("decodes");
-            assert_ne!(m.args, vec![json!("later")], "a delayed message was delivered early");
-            seen.push(m.message_id.clone());
-            d.ack().await.expect("ack");
-        }
-    }
+    let taken = take_in_order(tb, &q, 40, 16).await;
+    assert!(
+        taken.iter().all(|m| m.args != vec![json!("later")]),
+        "a delayed message was delivered early"
+    );
+    let seen: Vec<String> = taken.into_iter().map(|m| m.message_id).collect();
     assert_eq!(seen, expected, "the batch's order");
-    consumer.close().await.expect("close");
 
     let big = "x".repeat(tb.max_message_size + 1);
     let refused = vec![

@@ -272,11 +272,10 @@ impl Broker for MemoryBroker {
     }
 
     async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
-        let message = prepare_for_delay_queue(message, delay);
-        let bytes = encode_checked(self.inner.encoder.as_ref(), &message, self.inner.max_message_size)?;
-        self.lock()?.push(&message.queue_name, bytes.into())?;
-        self.inner.changed.notify_waiters();
-        Ok(message)
+        let mut enqueued = self.enqueue_many(vec![(message, delay)]).await?;
+        enqueued
+            .pop()
+            .ok_or_else(|| Error::backend("memory", ErrorKind::Other, "enqueue returned no message"))
     }
 
     async fn enqueue_many(&self, messages: Vec<(Message, Option<Duration>)>) -> Result<Vec<Message>> {
