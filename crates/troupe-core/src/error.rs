@@ -51,32 +51,32 @@ impl fmt::Display for ErrorKind {
 }
 
 /// Every error `troupe-core` and the backends built on it return.
-#[derive(Debug, thiserror::Error)]
+///
+/// Each error's `Display` is one complete line: a backend error's message already states its
+/// cause, so [`source`](std::error::Error::source) continues the chain *below* that cause and a
+/// report that walks the chain (`anyhow`'s `{:#}`, [`ActorError::traceback`](crate::ActorError::traceback))
+/// shows every cause once. [`Error::backend_source`] gives the wrapped client error itself.
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// A broker or backend operation failed.
-    #[error("{backend} {kind} error: {message}")]
     Backend {
         /// Which backend ("memory", "redis", ...).
         backend: &'static str,
         /// The kind of failure.
         kind: ErrorKind,
-        /// What failed, in one line, with the fix when one is known.
+        /// What failed, in one line, with the fix when one is known. When there is a source,
+        /// its text is part of the message (see [`Error::backend_with_source`]).
         message: String,
-        /// The underlying error, if any.
-        #[source]
+        /// The underlying error, if any. Its text is in `message`; `source()` of this error
+        /// returns the source's own source, the next cause not already said.
         source: Option<BoxError>,
     },
     /// Bytes could not be decoded into a message.
-    #[error("cannot decode message: {0}")]
     Decode(String),
     /// A message or value could not be encoded.
-    #[error("cannot encode message: {0}")]
     Encode(String),
     /// A message is larger than the configured limit.
-    #[error(
-        "message of {size} bytes is over the {limit}-byte limit; send an id and keep the payload elsewhere, or raise the limit"
-    )]
     MessageTooLarge {
         /// The encoded size.
         size: usize,
@@ -84,22 +84,16 @@ pub enum Error {
         limit: usize,
     },
     /// A queue name does not match `[a-zA-Z_][a-zA-Z0-9._-]*`.
-    #[error("invalid queue name {0:?}: queue names must match [a-zA-Z_][a-zA-Z0-9._-]*")]
     InvalidQueueName(String),
     /// The queue was never declared on this broker.
-    #[error("queue {0:?} was not declared on this broker")]
     QueueNotFound(String),
     /// No actor of that name is registered.
-    #[error("no actor named {0:?} is registered")]
     ActorNotFound(String),
     /// A setting or option is wrong.
-    #[error("{0}")]
     Config(String),
     /// `join` did not see the queue drain in time.
-    #[error("queue {0:?} did not drain before the join timeout")]
     QueueJoinTimeout(String),
     /// A message on the joined queue failed (was dead-lettered).
-    #[error("message {message_id} for actor {actor_name:?} failed: {reason}")]
     MessageFailed {
         /// The failed message's id.
         message_id: String,
@@ -109,13 +103,10 @@ pub enum Error {
         reason: String,
     },
     /// No result is stored for the message (yet).
-    #[error("no result is stored for message {0}")]
     ResultMissing(String),
     /// Waiting for a result timed out.
-    #[error("timed out waiting for the result of message {0}")]
     ResultTimeout(String),
     /// The actor failed and its failure was stored as the result.
-    #[error("actor raised {error_type}: {message}")]
     ResultFailure {
         /// The error's type name (Python: the exception class).
         error_type: String,
@@ -123,8 +114,52 @@ pub enum Error {
         message: String,
     },
     /// No results backend is configured.
-    #[error("no results backend is configured; add one with App::builder(..).results(backend)")]
     NoResultBackend,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Backend {
+                backend, kind, message, ..
+            } => write!(f, "{backend} {kind} error: {message}"),
+            Self::Decode(m) => write!(f, "cannot decode message: {m}"),
+            Self::Encode(m) => write!(f, "cannot encode message: {m}"),
+            Self::MessageTooLarge { size, limit } => write!(
+                f,
+                "message of {size} bytes is over the {limit}-byte limit; send an id and keep the payload elsewhere, or raise the limit"
+            ),
+            Self::InvalidQueueName(q) => write!(
+                f,
+                "invalid queue name {q:?}: queue names must match [a-zA-Z_][a-zA-Z0-9._-]*"
+            ),
+            Self::QueueNotFound(q) => write!(f, "queue {q:?} was not declared on this broker"),
+            Self::ActorNotFound(a) => write!(f, "no actor named {a:?} is registered"),
+            Self::Config(m) => f.write_str(m),
+            Self::QueueJoinTimeout(q) => write!(f, "queue {q:?} did not drain before the join timeout"),
+            Self::MessageFailed {
+                message_id,
+                actor_name,
+                reason,
+            } => write!(f, "message {message_id} for actor {actor_name:?} failed: {reason}"),
+            Self::ResultMissing(id) => write!(f, "no result is stored for message {id}"),
+            Self::ResultTimeout(id) => write!(f, "timed out waiting for the result of message {id}"),
+            Self::ResultFailure { error_type, message } => write!(f, "actor raised {error_type}: {message}"),
+            Self::NoResultBackend => {
+                f.write_str("no results backend is configured; add one with App::builder(..).results(backend)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // The source's own text is already in the message: continue below it.
+            Self::Backend { source: Some(s), .. } => s.source(),
+            _ => None,
+        }
+    }
 }
 
 impl Error {
@@ -139,17 +174,43 @@ impl Error {
     }
 
     /// A backend error wrapping its source.
+    ///
+    /// The message states what failed and, as is usual, the source's text
+    /// (`format!("cannot ack: {e}")`); if it does not contain the source's text, `": {source}"`
+    /// is appended. Either way the error's `Display` states the cause once, and its
+    /// [`source`](std::error::Error::source) is the source's own source, so a report walking
+    /// the chain does not repeat the cause. [`Error::backend_source`] returns `source` itself.
     pub fn backend_with_source(
         backend: &'static str,
         kind: ErrorKind,
         message: impl Into<String>,
         source: impl Into<BoxError>,
     ) -> Self {
+        let source = source.into();
+        let mut message = message.into();
+        let cause = source.to_string();
+        if !message.contains(&cause) {
+            if message.is_empty() {
+                message = cause;
+            } else {
+                message = format!("{message}: {cause}");
+            }
+        }
         Self::Backend {
             backend,
             kind,
-            message: message.into(),
-            source: Some(source.into()),
+            message,
+            source: Some(source),
+        }
+    }
+
+    /// The error a backend error wraps (a client library's error, to downcast), if any. Its
+    /// text is already part of this error's message.
+    #[must_use]
+    pub fn backend_source(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            Self::Backend { source, .. } => source.as_deref(),
+            _ => None,
         }
     }
 
@@ -192,6 +253,75 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client library's error with a cause of its own.
+    #[derive(Debug)]
+    struct ClientError(std::io::Error);
+
+    impl fmt::Display for ClientError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("connection reset")
+        }
+    }
+
+    impl std::error::Error for ClientError {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    fn client_error() -> ClientError {
+        ClientError(std::io::Error::other("broken pipe"))
+    }
+
+    /// What `anyhow`'s `{:#}` prints: every link of the chain, joined by ": ".
+    fn chain_report(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut out = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            out.push_str(": ");
+            out.push_str(&cause.to_string());
+            next = cause.source();
+        }
+        out
+    }
+
+    #[test]
+    fn a_chain_report_states_each_cause_once() {
+        // As the backend crates build them: the cause's text in the message and the cause kept.
+        let e = client_error();
+        let err = Error::backend_with_source("redis", ErrorKind::Connection, format!("cannot fetch: {e}"), e);
+        let report = chain_report(&err);
+        assert_eq!(
+            report,
+            "redis connection error: cannot fetch: connection reset: broken pipe"
+        );
+        assert_eq!(report.matches("connection reset").count(), 1, "{report}");
+        // A message without the cause's text gets it appended, so Display never loses it.
+        let err = Error::backend_with_source("redis", ErrorKind::Connection, "cannot fetch", client_error());
+        assert_eq!(
+            err.to_string(),
+            "redis connection error: cannot fetch: connection reset"
+        );
+        assert_eq!(
+            chain_report(&err),
+            "redis connection error: cannot fetch: connection reset: broken pipe"
+        );
+        // The wrapped error itself stays reachable, to downcast.
+        assert!(
+            err.backend_source()
+                .is_some_and(|s| s.downcast_ref::<ClientError>().is_some())
+        );
+    }
+
+    #[test]
+    fn an_actor_traceback_states_the_cause_once() {
+        let e = client_error();
+        let err = Error::backend_with_source("sqlite", ErrorKind::Other, format!("cannot read the state: {e}"), e);
+        let traceback = crate::ActorError::from(err).traceback();
+        assert_eq!(traceback.matches("connection reset").count(), 1, "{traceback}");
+        assert!(traceback.contains("caused by: broken pipe"), "{traceback}");
+    }
 
     #[test]
     fn redacts_passwords() {
