@@ -59,11 +59,11 @@ impl<T: Send + 'static> Batcher<T> {
                         Err(_) => break,
                     }
                 }
-                let result = handler(items).await;
+                let result = handler(items).await.map_err(Arc::new);
                 for done in waiters {
                     let _ = done.send(match &result {
                         Ok(()) => Ok(()),
-                        Err(e) => Err(Error::backend(backend, e.kind(), e.to_string())),
+                        Err(e) => Err(shared_failure(backend, e)),
                     });
                 }
             }
@@ -82,6 +82,38 @@ impl<T: Send + 'static> Batcher<T> {
             .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the broker was dropped"))?;
         wait.await
             .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the broker's writer stopped"))?
+    }
+}
+
+/// One batch's error, shared by every submitter of the batch: displays as the original and
+/// continues its source chain.
+#[derive(Debug)]
+struct SharedError(Arc<Error>);
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// The error a submitter gets when its batch failed with `error`: the same backend, kind and
+/// message (so the same `Display`), with `error` itself as the source, so its chain is kept.
+fn shared_failure(backend: &'static str, error: &Arc<Error>) -> Error {
+    let (backend, message) = match &**error {
+        Error::Backend { backend, message, .. } => (*backend, message.clone()),
+        other => (backend, other.to_string()),
+    };
+    Error::Backend {
+        backend,
+        kind: error.kind(),
+        message,
+        source: Some(Box::new(SharedError(Arc::clone(error)))),
     }
 }
 
@@ -154,6 +186,68 @@ mod tests {
         assert!(calls.load(Ordering::SeqCst) <= 50);
         let err = batcher.submit(13).await.unwrap_err();
         assert!(err.is_transient(), "{err}");
+    }
+
+    /// A cause of a cause, to find at the end of a chain.
+    #[derive(Debug)]
+    struct Deep;
+
+    impl fmt::Display for Deep {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("disk full")
+        }
+    }
+
+    impl std::error::Error for Deep {}
+
+    #[derive(Debug)]
+    struct Client(Deep);
+
+    impl fmt::Display for Client {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("write failed")
+        }
+    }
+
+    impl std::error::Error for Client {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        let mut out = vec![e.to_string()];
+        let mut next = e.source();
+        while let Some(cause) = next {
+            out.push(cause.to_string());
+            next = cause.source();
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn every_waiter_gets_the_batch_error_with_its_source_chain() {
+        let original = || {
+            let e = Client(Deep);
+            Error::backend_with_source("test", ErrorKind::Timeout, format!("cannot ack: {e}"), e)
+        };
+        let batcher = Batcher::spawn("batcher", 100, move |_: Vec<u32>| async move { Err(original()) });
+        let tasks: Vec<_> = (0..5u32)
+            .map(|i| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.submit(i).await })
+            })
+            .collect();
+        for t in tasks {
+            let err = t.await.unwrap().unwrap_err();
+            assert_eq!(err.to_string(), original().to_string());
+            assert_eq!(err.kind(), ErrorKind::Timeout);
+            assert_eq!(chain(&err), chain(&original()), "the same chain, each cause once");
+            let deepest = std::iter::successors(std::error::Error::source(&err), |e| e.source()).last();
+            assert!(deepest.is_some_and(|e| e.downcast_ref::<Deep>().is_some()), "{err:?}");
+            let source = err.backend_source().map(ToString::to_string);
+            assert_eq!(source, Some(original().to_string()), "the original is the source");
+        }
     }
 }
 
