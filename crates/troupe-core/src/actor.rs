@@ -203,9 +203,27 @@ pub enum ErrorAction {
 
 /// The error an actor returns.
 ///
-/// Any `std::error::Error` converts with `?`; the error's type name (the last path segment, as
-/// Python shows an exception's class) travels with it to callbacks and results.
-/// Like `anyhow::Error` it does not implement `std::error::Error` itself.
+/// Any `std::error::Error` converts with `?`. Like `anyhow::Error` it does not implement
+/// `std::error::Error` itself.
+///
+/// # Type names
+///
+/// Every `ActorError` has a type name, which plays the part of a Python exception's class: it
+/// is `exn.type` in a stored failure result (`{"__t": "dramatiq.results.Result", "exn": {"type",
+/// "msg"}}`, what a Python peer's `get_result` raises), `type` in `on_failure` callbacks, the
+/// first word of tracebacks and dead-letter reasons, and what `retry_when` and `throws` test.
+///
+/// - [`ActorError::new`] and [`with_type_name`](ActorError::with_type_name) use the name given.
+/// - [`ActorError::msg`] and [`ActorError::from_boxed`] use `"Error"`.
+/// - `From<E>` (what `?` uses) uses the last path segment of `E`'s Rust type, without generic
+///   arguments: `ParseIntError` for `std::num::ParseIntError`, `MyError` for
+///   `my_crate::MyError<T>`. The text comes from [`std::any::type_name`], whose exact output Rust
+///   does not promise, so only a plain identifier (letters, digits and `_`, not starting with a
+///   digit) is ever used and anything else gives `"Error"`: a peer never sees a path, generic
+///   arguments or punctuation. Where a name must never depend on the compiler (a Python peer
+///   matches on it), name it: `ActorError::from(e).with_type_name("ValueError")`.
+/// - The runtime's own failures use the names in
+///   [`middleware::error_types`](crate::middleware::error_types).
 pub struct ActorError {
     action: ErrorAction,
     type_name: Cow<'static, str>,
@@ -255,6 +273,13 @@ impl ActorError {
     #[must_use]
     pub fn skip() -> Self {
         Self::new("SkipMessage", "message skipped").with_action(ErrorAction::Skip)
+    }
+
+    /// The same error under another type name (see [Type names](ActorError#type-names)).
+    #[must_use]
+    pub fn with_type_name(mut self, type_name: impl Into<Cow<'static, str>>) -> Self {
+        self.type_name = type_name.into();
+        self
     }
 
     /// The same error with another action.
@@ -324,15 +349,30 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     fn from(error: E) -> Self {
-        let full = std::any::type_name::<E>();
-        let base = full.split('<').next().unwrap_or(full);
-        let short = base.rsplit("::").next().unwrap_or(base);
         Self {
             action: ErrorAction::Fail,
-            type_name: Cow::Owned(short.to_owned()),
+            type_name: short_type_name(std::any::type_name::<E>()),
             message: error.to_string(),
             source: Some(Box::new(error)),
         }
+    }
+}
+
+/// The type name `From<E>` gives (see [Type names](ActorError#type-names)): the last `::`
+/// segment of the leading path of `full`, when it is a plain identifier; `"Error"` otherwise.
+fn short_type_name(full: &str) -> Cow<'static, str> {
+    let path = full
+        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+        .next()
+        .unwrap_or_default();
+    let last = path.rsplit("::").next().unwrap_or_default();
+    let mut chars = last.chars();
+    let identifier =
+        chars.next().is_some_and(|c| c.is_alphabetic() || c == '_') && chars.all(|c| c.is_alphanumeric() || c == '_');
+    if identifier {
+        Cow::Owned(last.to_owned())
+    } else {
+        Cow::Borrowed("Error")
     }
 }
 
@@ -605,6 +645,41 @@ mod tests {
             ActorError::fail_permanently(ActorError::msg("no")).action(),
             ErrorAction::FailPermanently
         );
+    }
+
+    #[test]
+    fn type_names_are_plain_identifiers() {
+        for (full, name) in [
+            ("std::num::ParseIntError", "ParseIntError"),
+            ("my_crate::errors::MyError<alloc::string::String>", "MyError"),
+            ("my_crate::Wrapper<my_crate::Inner<u8>>", "Wrapper"),
+            ("Local", "Local"),
+            ("_Private", "_Private"),
+            ("&str", "Error"),
+            ("(u8, u16)", "Error"),
+            ("[my::E; 2]", "Error"),
+            ("my::f::{{closure}}", "Error"),
+            ("my::E::", "Error"),
+            ("my::9lives", "Error"),
+            ("", "Error"),
+        ] {
+            assert_eq!(short_type_name(full), name, "{full}");
+        }
+        // A user-defined error type, through `?`.
+        #[derive(Debug)]
+        struct Generic<T>(T);
+        impl<T: fmt::Debug> fmt::Display for Generic<T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", self.0)
+            }
+        }
+        impl<T: fmt::Debug> std::error::Error for Generic<T> {}
+        let e = ActorError::from(Generic(vec![1_u8]));
+        assert_eq!(e.type_name(), "Generic");
+        assert_eq!(e.message(), "[1]");
+        let named = ActorError::from(Generic(0_u8)).with_type_name("ValueError");
+        assert_eq!(named.type_name(), "ValueError");
+        assert_eq!(named.to_string(), "ValueError: 0");
     }
 
     #[test]
