@@ -83,8 +83,13 @@
 //! twice). Troupe does not add `x-consumer-timeout` to the queue arguments: that would break
 //! declaration equivalence with Dramatiq.
 
+mod ack;
+mod admin;
 mod broker;
 mod conn;
+mod consumer;
+mod publish;
+mod topology;
 
 pub use broker::RabbitmqBroker;
 pub use conn::RabbitmqOptions;

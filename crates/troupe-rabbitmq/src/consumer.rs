@@ -1,0 +1,265 @@
+//! Consumers: one channel each on the consumers' connection, fetching deliveries, and what a
+//! consumer shares with the ack handles of its deliveries (the count of deliveries it holds).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+use lapin::Channel;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use troupe_core::queue::{q_name, validate_queue_name};
+use troupe_core::{Consumer, ConsumerOptions, Delivery, Error, ErrorKind, Result, decode_delivery};
+
+use crate::ack::RabbitmqAck;
+use crate::broker::Inner;
+use crate::conn::{BACKEND, is_not_found, timed};
+use crate::topology::short;
+
+/// AMQP's largest prefetch count (a 16-bit short).
+const MAX_PREFETCH: usize = 65_535;
+
+#[derive(Debug, Default)]
+struct Counts {
+    unsettled: u64,
+    closed: bool,
+}
+
+/// What a consumer shares with the ack handles of its deliveries.
+#[derive(Debug)]
+pub(crate) struct ConsumerShared {
+    pub(crate) queue: String,
+    pub(crate) channel: Channel,
+    counts: Mutex<Counts>,
+}
+
+impl ConsumerShared {
+    /// Deliveries held unacked; none once the channel is gone (RabbitMQ took them back).
+    pub(crate) fn held(&self) -> u64 {
+        if !self.channel.status().connected() {
+            return 0;
+        }
+        self.counts
+            .lock()
+            .map(|c| if c.closed { 0 } else { c.unsettled })
+            .unwrap_or(0)
+    }
+
+    fn delivered(&self) {
+        if let Ok(mut c) = self.counts.lock() {
+            c.unsettled += 1;
+        }
+    }
+
+    pub(crate) fn settled(&self) {
+        if let Ok(mut c) = self.counts.lock() {
+            c.unsettled = c.unsettled.saturating_sub(1);
+        }
+    }
+
+    fn closed(&self) {
+        if let Ok(mut c) = self.counts.lock() {
+            c.closed = true;
+            c.unsettled = 0;
+        }
+    }
+}
+
+/// A consumer: its own channel on the consumers' connection, with `basic_qos(prefetch)` and
+/// manual acks.
+pub(crate) struct RabbitmqConsumer {
+    broker: Arc<Inner>,
+    shared: Arc<ConsumerShared>,
+    stream: lapin::Consumer,
+    /// An error met after a batch was already taken: returned by the next fetch.
+    failed: Option<Error>,
+}
+
+impl std::fmt::Debug for RabbitmqConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitmqConsumer")
+            .field("queue", &self.shared.queue)
+            .field("channel", &self.shared.channel.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitmqConsumer {
+    /// Starts consuming `queue` on a channel of its own on the consumers' connection, with
+    /// `basic_qos(prefetch)` and manual acks, declaring the queue first if needed.
+    pub(crate) async fn start(inner: &Arc<Inner>, queue: &str, options: ConsumerOptions) -> Result<Self> {
+        inner.check_open()?;
+        let canonical = q_name(queue);
+        validate_queue_name(canonical)?;
+        let name = short(queue)?;
+        let prefetch = u16::try_from(options.prefetch.clamp(1, MAX_PREFETCH)).unwrap_or(u16::MAX);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            inner.ensure_declared(canonical).await?;
+            let live = inner.consume.get().await?;
+            let ch = timed(inner.timeout(), "open a consumer channel", live.conn.create_channel()).await?;
+            let started = async {
+                timed(
+                    inner.timeout(),
+                    "set the prefetch",
+                    ch.basic_qos(prefetch, BasicQosOptions { global: false }),
+                )
+                .await?;
+                let tag = format!("troupe-{}", uuid::Uuid::new_v4().simple());
+                timed(
+                    inner.timeout(),
+                    &format!("consume {queue}"),
+                    ch.basic_consume(
+                        name.clone(),
+                        tag.into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    ),
+                )
+                .await
+            }
+            .await;
+            match started {
+                Ok(stream) => {
+                    let shared = Arc::new(ConsumerShared {
+                        queue: queue.to_owned(),
+                        channel: ch,
+                        counts: Mutex::new(Counts::default()),
+                    });
+                    if let Ok(mut consumers) = inner.consumers.lock() {
+                        consumers.retain(|c| c.strong_count() > 0);
+                        consumers.push(Arc::downgrade(&shared));
+                    }
+                    return Ok(RabbitmqConsumer {
+                        broker: Arc::clone(inner),
+                        shared,
+                        stream,
+                        failed: None,
+                    });
+                }
+                Err(e) if is_not_found(&e) && attempt < 2 => {
+                    // The queue vanished after this broker declared it: declare it again.
+                    tracing::warn!(queue, "the queue is gone; declaring it again");
+                    inner.forget_declared(canonical);
+                }
+                Err(e) => {
+                    inner.close_channel(ch).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// The consumer is dead (channel closed, connection lost, consumer cancelled): a
+    /// connection error, so the worker makes a new consumer.
+    fn lost(&self, cause: &str) -> Error {
+        Error::backend(
+            BACKEND,
+            ErrorKind::Connection,
+            format!(
+                "the consumer of {} stopped: {cause}; its unacked messages go back to the queue",
+                self.shared.queue
+            ),
+        )
+    }
+
+    fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+        let message = decode_delivery(
+            self.broker.encoder.as_ref(),
+            &d.data,
+            self.broker.options.max_message_size,
+        );
+        self.shared.delivered();
+        let handle = RabbitmqAck {
+            broker: Arc::clone(&self.broker),
+            consumer: Arc::clone(&self.shared),
+            acker: d.acker,
+            settled: AtomicBool::new(false),
+        };
+        Delivery::new(self.shared.queue.clone(), message, d.redelivered, Box::new(handle))
+    }
+}
+
+#[async_trait]
+impl Consumer for RabbitmqConsumer {
+    async fn fetch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        self.broker.check_open()?;
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if !self.shared.channel.status().connected() {
+            return Err(self.lost("its channel closed"));
+        }
+        let Ok(mut next) = tokio::time::timeout(timeout, self.stream.next()).await else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        loop {
+            let failure = match next {
+                Some(Ok(d)) => {
+                    out.push(self.delivery(d));
+                    None
+                }
+                Some(Err(e)) => Some(self.lost(&e.to_string())),
+                None => Some(self.lost("RabbitMQ cancelled it (was the queue deleted?)")),
+            };
+            if let Some(e) = failure {
+                if out.is_empty() {
+                    return Err(e);
+                }
+                self.failed = Some(e);
+                break;
+            }
+            if out.len() >= max.max(1) {
+                break;
+            }
+            // What else is already buffered, without waiting.
+            match self.stream.next().now_or_never() {
+                Some(item) => next = item,
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        let ch = self.shared.channel.clone();
+        let result = if ch.status().connected() {
+            // RabbitMQ puts the unacked deliveries back before it confirms the close.
+            timed(
+                self.broker.timeout(),
+                "close the consumer's channel",
+                ch.close(200, "consumer closed".into()),
+            )
+            .await
+        } else {
+            Ok(())
+        };
+        self.shared.closed();
+        match result {
+            // A channel that died meanwhile is closed as well.
+            Err(e) if e.kind() == ErrorKind::Connection => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl Drop for RabbitmqConsumer {
+    fn drop(&mut self) {
+        self.shared.closed();
+        let ch = self.shared.channel.clone();
+        if ch.status().connected()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // Dropped without close (a crash, a cancelled task): close the channel so RabbitMQ
+            // returns the unacked deliveries now. Without a runtime, lapin closes it once the
+            // last handle on it is gone.
+            runtime.spawn(async move {
+                let _ = ch.close(200, "consumer dropped".into()).await;
+            });
+        }
+    }
+}

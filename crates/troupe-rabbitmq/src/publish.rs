@@ -1,0 +1,228 @@
+//! Publishing: the shared publishing channels, single and batch publishes with their retries,
+//! and the properties and encoding a message is published with.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation};
+use troupe_core::queue::validate_queue_name;
+use troupe_core::{Error, ErrorKind, Message, Result, encode_checked, prepare_for_delay_queue};
+
+use crate::broker::Inner;
+use crate::conn::{BACKEND, timed};
+use crate::topology::short;
+
+/// Publishes are attempted this many times on connection errors (as Dramatiq's
+/// `MAX_ENQUEUE_ATTEMPTS`), and as many times when RabbitMQ returns the message as unroutable.
+const MAX_PUBLISH_ATTEMPTS: u32 = 6;
+
+enum Published {
+    Stored,
+    Returned,
+}
+
+/// Dramatiq's properties: persistent, nothing else.
+pub(crate) fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+/// The properties a message is published with: persistent, with `broker_priority` if set.
+pub(crate) fn properties_of(message: &Message) -> BasicProperties {
+    let props = persistent();
+    match message.option_u64("broker_priority") {
+        Some(p) => props.with_priority(u8::try_from(p).unwrap_or(u8::MAX)),
+        None => props,
+    }
+}
+
+impl Inner {
+    /// The shared publishing channel, with or without confirms, opened (again) when needed.
+    pub(crate) async fn publisher(&self, confirm: bool) -> Result<Channel> {
+        let mut slot = if confirm { &self.confirming } else { &self.plain }.lock().await;
+        if let Some(ch) = slot.as_ref()
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        *slot = None;
+        let conn = self.publish_conn().await?;
+        let ch = timed(self.timeout(), "open the publishing channel", conn.create_channel()).await?;
+        if confirm {
+            timed(
+                self.timeout(),
+                "turn on publisher confirms",
+                ch.confirm_select(ConfirmSelectOptions::default()),
+            )
+            .await?;
+        }
+        *slot = Some(ch.clone());
+        Ok(ch)
+    }
+
+    async fn publish_once(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        confirm: bool,
+    ) -> Result<Published> {
+        let ch = self.publisher(confirm).await?;
+        // Without confirms nobody would see a returned message: no `mandatory` (as Dramatiq).
+        let options = BasicPublishOptions {
+            mandatory: confirm,
+            immediate: false,
+        };
+        let rk = short(routing_key)?;
+        let confirmation = timed(self.timeout(), &format!("publish to {routing_key}"), async {
+            ch.basic_publish("".into(), rk, options, body, props).await?.await
+        })
+        .await?;
+        match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Published::Stored),
+            Confirmation::Ack(Some(_)) => Ok(Published::Returned),
+            Confirmation::Nack(_) => Err(Error::backend(
+                BACKEND,
+                ErrorKind::Other,
+                format!("RabbitMQ refused the message for {routing_key} (negative publisher confirm)"),
+            )),
+        }
+    }
+
+    /// Publishes to `routing_key` (`canonical` or one of its `.DQ`/`.XQ`) on the default
+    /// exchange, declaring the queues first if needed. With `confirm`, returns once RabbitMQ
+    /// has the message, and a message returned as unroutable (a deleted queue) is declared
+    /// again and published again. Lost connections are retried on a new one.
+    pub(crate) async fn publish(
+        &self,
+        canonical: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        confirm: bool,
+    ) -> Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            self.check_open()?;
+            let result = match self.ensure_declared(canonical).await {
+                Ok(()) => self.publish_once(routing_key, body, props.clone(), confirm).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(Published::Stored) => return Ok(()),
+                Ok(Published::Returned) => {
+                    tracing::warn!(
+                        queue = routing_key,
+                        "RabbitMQ returned the message as unroutable (was the queue deleted?); declaring the queues again"
+                    );
+                    self.forget_declared(canonical);
+                    if attempt >= MAX_PUBLISH_ATTEMPTS {
+                        return Err(Error::backend(
+                            BACKEND,
+                            ErrorKind::NotFound,
+                            format!(
+                                "RabbitMQ kept returning the message for queue {routing_key} as unroutable; check that nothing deletes the queue"
+                            ),
+                        ));
+                    }
+                }
+                // A lost connection is retried on a new one. A time-out is not: RabbitMQ may
+                // have the message already, or be blocking publishers on a resource alarm.
+                Err(e) if e.kind() == ErrorKind::Connection && attempt < MAX_PUBLISH_ATTEMPTS => {
+                    tracing::warn!(queue = routing_key, error = %e, "publish failed; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Publishes a batch (canonical queue, routing key, body, properties) on the shared
+    /// channel without waiting between messages, then waits for every confirm, as a batched
+    /// confirm loop does. A message the server returned as unroutable, or one whose publish
+    /// met a lost connection, is sent again alone through [`Inner::publish`] with its retries.
+    pub(crate) async fn publish_many(
+        &self,
+        items: &[(String, String, Vec<u8>, BasicProperties)],
+        confirm: bool,
+    ) -> Result<()> {
+        let mut declared = HashSet::new();
+        for (canonical, ..) in items {
+            if declared.insert(canonical.as_str()) {
+                self.ensure_declared(canonical).await?;
+            }
+        }
+        let ch = self.publisher(confirm).await?;
+        let options = BasicPublishOptions {
+            mandatory: confirm,
+            immediate: false,
+        };
+        let mut pending = Vec::with_capacity(items.len());
+        for (_, routing_key, body, props) in items {
+            let rk = short(routing_key)?;
+            pending.push(
+                timed(
+                    self.timeout(),
+                    &format!("publish to {routing_key}"),
+                    ch.basic_publish("".into(), rk, options, body, props.clone()),
+                )
+                .await,
+            );
+        }
+        for ((canonical, routing_key, body, props), sent) in items.iter().zip(pending) {
+            let confirmed = match sent {
+                Ok(confirm) => timed(self.timeout(), &format!("publish to {routing_key}"), confirm).await,
+                Err(e) => Err(e),
+            };
+            match confirmed {
+                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {}
+                Ok(Confirmation::Nack(_)) => {
+                    return Err(Error::backend(
+                        BACKEND,
+                        ErrorKind::Other,
+                        format!("RabbitMQ refused the message for {routing_key} (negative publisher confirm)"),
+                    ));
+                }
+                Ok(Confirmation::Ack(Some(_))) => {
+                    self.publish(canonical, routing_key, body, props.clone(), confirm)
+                        .await?;
+                }
+                Err(e) if e.kind() == ErrorKind::Connection => {
+                    self.publish(canonical, routing_key, body, props.clone(), confirm)
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// A message made ready to publish: bound for its delay queue when delayed, its canonical
+    /// queue checked, encoded within the size limit.
+    pub(crate) fn prepare(&self, message: Message, delay: Option<Duration>) -> Result<(Message, String, Vec<u8>)> {
+        let message = prepare_for_delay_queue(message, delay);
+        let canonical = message.canonical_queue().to_owned();
+        validate_queue_name(&canonical)?;
+        let body = encode_checked(self.encoder.as_ref(), &message, self.options.max_message_size)?;
+        Ok((message, canonical, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_come_from_broker_priority() {
+        let m = Message::new("q", "a", vec![], serde_json::Map::new()).with_option("broker_priority", 7);
+        assert_eq!(*properties_of(&m).priority(), Some(7));
+        assert_eq!(*properties_of(&m).delivery_mode(), Some(2));
+        let m = m.with_option("broker_priority", 1000);
+        assert_eq!(*properties_of(&m).priority(), Some(255));
+        let m = Message::new("q", "a", vec![], serde_json::Map::new());
+        assert_eq!(*properties_of(&m).priority(), None);
+    }
+}
