@@ -8,6 +8,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Executor, Row};
 use troupe_core::{Error, ErrorKind};
+use troupe_sql::{Common, SqlOptions, parse_query};
 
 pub(crate) const BACKEND: &str = "sqlite";
 
@@ -91,42 +92,22 @@ impl SqliteOptions {
             )));
         }
         let mut options = Self::new(path);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let duration = || {
-                humantime::parse_duration(value)
-                    .map_err(|e| Error::Config(format!("bad value {value:?} for `{key}` in the SQLite URL: {e}")))
-            };
-            let number = || {
-                value
-                    .parse::<u64>()
-                    .map_err(|e| Error::Config(format!("bad value {value:?} for `{key}` in the SQLite URL: {e}")))
-            };
-            match key {
-                "lease" => options.lease = duration()?,
-                "poll_interval" => options.poll_interval = duration()?,
-                "dead_letter_ttl" => options.dead_letter_ttl = duration()?,
-                "busy_timeout" => options.busy_timeout = duration()?,
-                "max_message_size" => options.max_message_size = usize::try_from(number()?).unwrap_or(usize::MAX),
-                "max_connections" => options.max_connections = u32::try_from(number()?.max(1)).unwrap_or(u32::MAX),
+        let mut common = options.common();
+        parse_query("SQLite", query, &mut common, &["busy_timeout", "durability"], |s| {
+            match s.key {
+                "busy_timeout" => options.busy_timeout = s.duration()?,
                 "durability" => {
-                    options.durability = match value {
+                    options.durability = match s.value {
                         "normal" => Durability::Normal,
                         "full" => Durability::Full,
-                        _ => {
-                            return Err(Error::Config(format!(
-                                "bad value {value:?} for `durability` in the SQLite URL; use normal or full"
-                            )));
-                        }
+                        _ => return Err(s.bad("use normal or full")),
                     }
                 }
-                other => {
-                    return Err(Error::Config(format!(
-                        "unknown setting `{other}` in the SQLite URL; known: lease, poll_interval, dead_letter_ttl, busy_timeout, durability, max_message_size, max_connections"
-                    )));
-                }
+                _ => return Ok(false),
             }
-        }
+            Ok(true)
+        })?;
+        options.set_common(common);
         Ok(options)
     }
 
@@ -163,6 +144,32 @@ impl SqliteOptions {
     pub fn max_message_size(mut self, limit: usize) -> Self {
         self.max_message_size = limit;
         self
+    }
+}
+
+impl SqliteOptions {
+    fn set_common(&mut self, common: Common) {
+        self.lease = common.lease;
+        self.poll_interval = common.poll_interval;
+        self.dead_letter_ttl = common.dead_letter_ttl;
+        self.max_message_size = common.max_message_size;
+        self.max_connections = common.max_connections;
+    }
+}
+
+impl SqlOptions for SqliteOptions {
+    fn parse_url(url: &str) -> Result<Self, Error> {
+        Self::from_url(url)
+    }
+
+    fn common(&self) -> Common {
+        Common::new(
+            self.lease,
+            self.poll_interval,
+            self.dead_letter_ttl,
+            self.max_message_size,
+            self.max_connections,
+        )
     }
 }
 
@@ -357,11 +364,6 @@ async fn migrate(pool: &SqlitePool, path: &Path) -> Result<(), Error> {
 /// Milliseconds since the epoch as SQLite's INTEGER.
 pub(crate) fn now() -> i64 {
     i64::try_from(troupe_core::now_ms()).unwrap_or(i64::MAX)
-}
-
-/// A duration in ms as SQLite's INTEGER.
-pub(crate) fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -14,21 +14,33 @@
 //! Delays are server-side (`available_at`). Acks, nacks and requeues are written in batches,
 //! fenced by the claim's attempt number so a late ack never removes a newer attempt.
 
-#[cfg(feature = "broker")]
-mod broker;
 mod db;
-#[cfg(feature = "results")]
-mod results;
-#[cfg(feature = "results")]
-mod state;
-
 #[cfg(feature = "broker")]
-pub use broker::SqliteBroker;
+mod dialect;
+mod store;
+
 pub use db::{Durability, SqliteOptions};
+#[cfg(feature = "broker")]
+pub use dialect::SqliteDialect;
+pub use store::SqliteStore;
+
+/// A durable broker in one SQLite file: the shared SQL broker of `troupe-sql` with SQLite's
+/// statements. Cheap to clone.
+///
+/// Opened with [`SqlBroker::connect`](troupe_sql::SqlBroker::connect)`("sqlite://PATH")`,
+/// [`open`](troupe_sql::SqlBroker::open)`(SqliteOptions)` or
+/// [`from_pool`](troupe_sql::SqlBroker::from_pool); messages can also be enqueued inside a
+/// caller's transaction with [`enqueue_in`](troupe_sql::SqlBroker::enqueue_in).
+#[cfg(feature = "broker")]
+pub type SqliteBroker = troupe_sql::SqlBroker<SqliteDialect>;
+
+/// Results in the `troupe_results` table, keyed as Dramatiq keys them, with TTLs.
 #[cfg(feature = "results")]
-pub use results::SqliteResults;
+pub type SqliteResults = troupe_sql::SqlResults<SqliteStore>;
+
+/// Atomic counters with TTLs in the `troupe_state` table; events in `troupe_events`.
 #[cfg(feature = "results")]
-pub use state::SqliteState;
+pub type SqliteState = troupe_sql::SqlState<SqliteStore>;
 
 /// The sqlx this crate is built on, so applications can query the same database (their own
 /// tables next to Troupe's) without matching versions by hand.

@@ -1,0 +1,103 @@
+//! The state backend of a SQL database: bounded counters and events with TTLs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use troupe_core::support::poll_until;
+use troupe_core::{Result, StateBackend};
+
+use crate::dialect::Store;
+
+/// How often `wait` polls for an event written by another process (a `notify` in the same
+/// process wakes it at once).
+const POLL: Duration = Duration::from_millis(20);
+
+/// Atomic counters with TTLs and events in SQL tables; the backend crates name it
+/// (`SqliteState`, `PostgresState`). Cheap to clone.
+pub struct SqlState<S: Store> {
+    store: S,
+    notified: Arc<Notify>,
+}
+
+impl<S: Store> Clone for SqlState<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            notified: Arc::clone(&self.notified),
+        }
+    }
+}
+
+impl<S: Store> std::fmt::Debug for SqlState<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlState")
+            .field("backend", &S::BACKEND)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> SqlState<S> {
+    /// State in the database of `pool`.
+    #[must_use]
+    pub fn from_pool(pool: S::Pool) -> Self {
+        Self {
+            store: S::from_pool(pool),
+            notified: Arc::default(),
+        }
+    }
+
+    /// Opens (and migrates) the database a URL names.
+    ///
+    /// # Errors
+    /// As the backend crate's `open`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Ok(Self::from_pool(S::open_url(url).await?))
+    }
+
+    /// This backend as a shared trait object.
+    #[must_use]
+    pub fn into_dyn(self) -> Arc<dyn StateBackend> {
+        Arc::new(self)
+    }
+}
+
+#[async_trait]
+impl<S: Store> StateBackend for SqlState<S> {
+    async fn add(&self, key: &str, value: i64, ttl: Duration) -> Result<bool> {
+        self.store.add(key, value, ttl).await
+    }
+
+    async fn incr(&self, key: &str, amount: i64, maximum: i64, ttl: Duration) -> Result<bool> {
+        self.store.bounded(key, amount, i64::MIN, maximum, ttl).await
+    }
+
+    async fn decr(&self, key: &str, amount: i64, minimum: i64, ttl: Duration) -> Result<bool> {
+        self.store
+            .bounded(key, amount.saturating_neg(), minimum, i64::MAX, ttl)
+            .await
+    }
+
+    async fn incr_and_sum(&self, key: &str, keys: &[String], amount: i64, maximum: i64, ttl: Duration) -> Result<bool> {
+        self.store.incr_and_sum(key, keys, amount, maximum, ttl).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<i64>> {
+        self.store.counter(key).await
+    }
+
+    async fn wait(&self, key: &str, timeout: Duration) -> Result<bool> {
+        let seen = poll_until(timeout, POLL, Some(&self.notified), || async {
+            Ok(self.store.event_seen(key).await?.then_some(()))
+        })
+        .await?;
+        Ok(seen.is_some())
+    }
+
+    async fn notify(&self, key: &str, ttl: Duration) -> Result<()> {
+        self.store.write_event(key, ttl).await?;
+        self.notified.notify_waiters();
+        Ok(())
+    }
+}

@@ -1,0 +1,189 @@
+//! The results and state statements on SQLite (`troupe_results`, `troupe_state`,
+//! `troupe_events`). Counters change inside `BEGIN IMMEDIATE` transactions, which hold the
+//! database's write lock, so concurrent updates never pass their bounds.
+
+use std::time::Duration;
+
+use sqlx::{Row, SqliteConnection, SqlitePool};
+use troupe_core::Result;
+use troupe_sql::{Store, dialect::CLEANUP_BATCH, ms};
+
+use crate::db::{BACKEND, db_error, now};
+
+/// SQLite's results and state statements, for [`crate::SqliteResults`] and
+/// [`crate::SqliteState`]. Not used directly.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Reads the live value of `key` on `conn`.
+    async fn current(conn: &mut SqliteConnection, key: &str, t: i64) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT value FROM troupe_state WHERE key = ?1 AND expires_at > ?2")
+            .bind(key)
+            .bind(t)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| db_error("read a counter", e))?;
+        row.map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| db_error("read a counter", e))
+    }
+
+    async fn set(conn: &mut SqliteConnection, key: &str, value: i64, expires_at: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO troupe_state (key, value, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(expires_at)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| db_error("write a counter", e))?;
+        Ok(())
+    }
+}
+
+impl Store for SqliteStore {
+    type Pool = SqlitePool;
+
+    const BACKEND: &'static str = BACKEND;
+
+    fn from_pool(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn open_url(url: &str) -> Result<SqlitePool> {
+        crate::open(&crate::SqliteOptions::from_url(url)?).await
+    }
+
+    async fn read_result(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT value FROM troupe_results WHERE key = ?1 AND expires_at > ?2")
+            .bind(key)
+            .bind(now())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error("read a result", e))?;
+        row.map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| db_error("read a result", e))
+    }
+
+    async fn write_result(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO troupe_results (key, value, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(now() + ms(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("store a result", e))?;
+        Ok(())
+    }
+
+    async fn expire_results(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM troupe_results WHERE key IN
+             (SELECT key FROM troupe_results WHERE expires_at <= ?1 LIMIT ?2)",
+        )
+        .bind(now())
+        .bind(i64::try_from(CLEANUP_BATCH).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("expire results", e))?
+        .rows_affected())
+    }
+
+    async fn add(&self, key: &str, value: i64, ttl: Duration) -> Result<bool> {
+        let t = now();
+        let changed = sqlx::query(
+            "INSERT INTO troupe_state (key, value, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+             WHERE troupe_state.expires_at <= ?4",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(t + ms(ttl))
+        .bind(t)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("add a counter", e))?
+        .rows_affected();
+        Ok(changed == 1)
+    }
+
+    async fn bounded(&self, key: &str, amount: i64, min: i64, max: i64, ttl: Duration) -> Result<bool> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| db_error("begin a counter update", e))?;
+        let t = now();
+        let next = Self::current(&mut tx, key, t)
+            .await?
+            .unwrap_or(0)
+            .saturating_add(amount);
+        if !(min..=max).contains(&next) {
+            return Ok(false);
+        }
+        Self::set(&mut tx, key, next, t + ms(ttl)).await?;
+        tx.commit().await.map_err(|e| db_error("commit a counter update", e))?;
+        Ok(true)
+    }
+
+    async fn incr_and_sum(&self, key: &str, keys: &[String], amount: i64, max: i64, ttl: Duration) -> Result<bool> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| db_error("begin a counter update", e))?;
+        let t = now();
+        let mut sum: i64 = 0;
+        for k in keys {
+            sum = sum.saturating_add(Self::current(&mut tx, k, t).await?.unwrap_or(0));
+        }
+        if sum.saturating_add(amount) > max {
+            return Ok(false);
+        }
+        let current = Self::current(&mut tx, key, t).await?.unwrap_or(0);
+        Self::set(&mut tx, key, current.saturating_add(amount), t + ms(ttl)).await?;
+        tx.commit().await.map_err(|e| db_error("commit a counter update", e))?;
+        Ok(true)
+    }
+
+    async fn counter(&self, key: &str) -> Result<Option<i64>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| db_error("read a counter", e))?;
+        Self::current(&mut conn, key, now()).await
+    }
+
+    async fn event_seen(&self, key: &str) -> Result<bool> {
+        let found = sqlx::query("SELECT 1 FROM troupe_events WHERE key = ?1 AND expires_at > ?2")
+            .bind(key)
+            .bind(now())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error("read an event", e))?;
+        Ok(found.is_some())
+    }
+
+    async fn write_event(&self, key: &str, ttl: Duration) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO troupe_events (key, expires_at) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(now() + ms(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("write an event", e))?;
+        Ok(())
+    }
+}
