@@ -1,7 +1,7 @@
 //! Delayed messages held in memory until their eta, then moved to their canonical queue.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -30,8 +30,15 @@ struct Inner {
 }
 
 impl DelayHolder {
+    /// The held deliveries, even after a thread panicked while holding them: every operation
+    /// leaves them whole, so a poisoned lock must not drop deliveries.
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(crate) fn hold(&self, eta: u64, held: Held) {
-        if let Ok(mut inner) = self.inner.lock() {
+        {
+            let mut inner = self.inner();
             inner.seq += 1;
             let seq = inner.seq;
             inner.order.insert((eta, seq), ());
@@ -41,13 +48,11 @@ impl DelayHolder {
     }
 
     fn next_eta(&self) -> Option<u64> {
-        self.inner.lock().ok()?.order.keys().next().map(|(eta, _)| *eta)
+        self.inner().order.keys().next().map(|(eta, _)| *eta)
     }
 
     fn take_due(&self, now: u64) -> Vec<(u64, Held)> {
-        let Ok(mut inner) = self.inner.lock() else {
-            return Vec::new();
-        };
+        let mut inner = self.inner();
         let due: Vec<(u64, u64)> = inner.order.range(..=(now, u64::MAX)).map(|(k, ())| *k).collect();
         due.into_iter()
             .filter_map(|key| {
@@ -58,17 +63,13 @@ impl DelayHolder {
     }
 
     pub(crate) fn drain(&self) -> Vec<Held> {
-        self.inner
-            .lock()
-            .map(|mut inner| {
-                inner.order.clear();
-                inner.items.drain().map(|(_, h)| h).collect()
-            })
-            .unwrap_or_default()
+        let mut inner = self.inner();
+        inner.order.clear();
+        inner.items.drain().map(|(_, h)| h).collect()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.inner.lock().map(|i| i.items.len()).unwrap_or(0)
+        self.inner().items.len()
     }
 
     /// Moves due messages to their canonical queue (then acks the held delivery) until `stop`.
@@ -116,5 +117,48 @@ impl DelayHolder {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::work::tests::delivery;
+
+    fn held(id: &str) -> Held {
+        let (delivery, message, permit) = delivery(id);
+        Held {
+            delivery,
+            message,
+            permit,
+        }
+    }
+
+    #[test]
+    fn a_poisoned_lock_drops_no_delivery() {
+        let holder = Arc::new(DelayHolder::default());
+        holder.hold(10, held("before"));
+        let poisoner = Arc::clone(&holder);
+        let panicked = std::thread::spawn(move || {
+            let _inner = poisoner.inner.lock();
+            panic!("poisoning the delay holder on purpose");
+        })
+        .join();
+        assert!(panicked.is_err() && holder.inner.is_poisoned());
+        holder.hold(20, held("after"));
+        assert_eq!(holder.len(), 2);
+        assert_eq!(holder.next_eta(), Some(10));
+        let due: Vec<String> = holder
+            .take_due(15)
+            .into_iter()
+            .map(|(_, h)| h.message.message_id)
+            .collect();
+        assert_eq!(due, ["before"]);
+        holder.hold(30, held("drained"));
+        let mut left: Vec<String> = holder.drain().into_iter().map(|h| h.message.message_id).collect();
+        left.sort();
+        assert_eq!(left, ["after", "drained"]);
     }
 }
