@@ -139,7 +139,7 @@ impl App {
     pub async fn enqueue(&self, mut message: Message, delay: Option<Duration>) -> Result<Message> {
         self.declare_queue(&message.queue_name).await?;
         for m in &self.inner.middleware {
-            m.before_enqueue(self, &mut message, delay).await?;
+            (**m).before_enqueue(self, &mut message, delay).await?;
         }
         let span = tracing::info_span!(
             "troupe.enqueue",
@@ -151,7 +151,7 @@ impl App {
         );
         let enqueued = tracing::Instrument::instrument(self.inner.broker.enqueue(message, delay), span).await?;
         for m in self.inner.middleware.iter().rev() {
-            m.after_enqueue(self, &enqueued, delay).await;
+            (**m).after_enqueue(self, &enqueued, delay).await;
         }
         Ok(enqueued)
     }
@@ -167,7 +167,7 @@ impl App {
         for (mut message, delay) in messages {
             self.declare_queue(&message.queue_name).await?;
             for m in &self.inner.middleware {
-                m.before_enqueue(self, &mut message, delay).await?;
+                (**m).before_enqueue(self, &mut message, delay).await?;
             }
             prepared.push((message, delay));
         }
@@ -176,7 +176,7 @@ impl App {
         let enqueued = tracing::Instrument::instrument(self.inner.broker.enqueue_many(prepared), span).await?;
         for (message, delay) in enqueued.iter().zip(delays) {
             for m in self.inner.middleware.iter().rev() {
-                m.after_enqueue(self, message, delay).await;
+                (**m).after_enqueue(self, message, delay).await;
             }
         }
         Ok(enqueued)
@@ -347,7 +347,7 @@ impl AppBuilder {
         let known: HashSet<&str> = self
             .middleware
             .iter()
-            .flat_map(|m| m.actor_options().iter().copied())
+            .flat_map(|m| (**m).actor_options().iter().copied())
             .chain(CORE_ACTOR_OPTIONS.iter().copied())
             .collect();
         let mut actors = HashMap::new();

@@ -65,7 +65,7 @@ pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &Cance
         }
         if matches!(outcome, Outcome::Skipped) {
             for m in app.middleware().iter().rev() {
-                m.after_skip(&cx).await;
+                (**m).after_skip(&cx).await;
             }
         }
         (cx, outcome)
@@ -80,12 +80,12 @@ pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &Cance
             } else if let Some(reason) = cx.failure_reason().map(str::to_owned) {
                 settle(&hard_stop, "nack", || delivery.nack(Some(cx.message()), &reason)).await;
                 for m in app.middleware().iter().rev() {
-                    m.after_nack(&cx, &outcome).await;
+                    (**m).after_nack(&cx, &outcome).await;
                 }
             } else {
                 settle(&hard_stop, "ack", || delivery.ack()).await;
                 for m in app.middleware().iter().rev() {
-                    m.after_ack(&cx, &outcome).await;
+                    (**m).after_ack(&cx, &outcome).await;
                 }
             }
         }

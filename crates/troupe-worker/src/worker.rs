@@ -123,7 +123,7 @@ impl WorkerBuilder {
             app.declare_queue(queue).await?;
         }
         for m in app.middleware() {
-            m.on_worker_boot(&app).await;
+            (**m).on_worker_boot(&app).await;
         }
         let native_delays = app.broker().capabilities().native_delays;
         let shared = Arc::new(Shared {
@@ -266,7 +266,7 @@ impl WorkerHandle {
         let shared = self.shared;
         let app = &shared.app;
         for m in app.middleware() {
-            m.on_worker_shutdown(app).await;
+            (**m).on_worker_shutdown(app).await;
         }
         shared.stop_fetch.cancel();
         let mut consumers = Vec::new();
@@ -475,7 +475,7 @@ async fn route(
         let mut delivery = delivery;
         if let Ok(message) = delivery.take_message() {
             for m in shared.app.middleware() {
-                m.before_delay_message(&shared.app, &message).await;
+                (**m).before_delay_message(&shared.app, &message).await;
             }
             shared.delays.hold(
                 eta.unwrap_or(now),

@@ -195,7 +195,7 @@ impl<'a> Next<'a> {
     /// Runs the rest of the chain and the actor.
     pub async fn run(self, cx: &mut ProcessContext) -> Outcome {
         match self.rest.split_first() {
-            Some((first, rest)) => first.process(cx, Next { rest }).await,
+            Some((first, rest)) => (**first).process(cx, Next { rest }).await,
             None => invoke_actor(cx).await,
         }
     }
@@ -323,6 +323,58 @@ pub trait Middleware: Send + Sync + fmt::Debug + 'static {
     async fn on_worker_shutdown(&self, _app: &App) {}
 }
 
+/// `Arc<M>` and `Box<M>` of a middleware are the middleware, so an app can be given a shared
+/// handle while the caller keeps another (to read what the middleware gathered):
+/// `.middleware(Arc::clone(&monitor))`.
+macro_rules! forward_middleware {
+    ($($pointer:ident),*) => {$(
+        #[async_trait]
+        impl<M: Middleware + ?Sized> Middleware for $pointer<M> {
+            fn actor_options(&self) -> &[&'static str] {
+                (**self).actor_options()
+            }
+
+            async fn before_enqueue(&self, app: &App, message: &mut Message, delay: Option<Duration>) -> Result<()> {
+                (**self).before_enqueue(app, message, delay).await
+            }
+
+            async fn after_enqueue(&self, app: &App, message: &Message, delay: Option<Duration>) {
+                (**self).after_enqueue(app, message, delay).await;
+            }
+
+            async fn before_delay_message(&self, app: &App, message: &Message) {
+                (**self).before_delay_message(app, message).await;
+            }
+
+            async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
+                (**self).process(cx, next).await
+            }
+
+            async fn after_skip(&self, cx: &ProcessContext) {
+                (**self).after_skip(cx).await;
+            }
+
+            async fn after_ack(&self, cx: &ProcessContext, outcome: &Outcome) {
+                (**self).after_ack(cx, outcome).await;
+            }
+
+            async fn after_nack(&self, cx: &ProcessContext, outcome: &Outcome) {
+                (**self).after_nack(cx, outcome).await;
+            }
+
+            async fn on_worker_boot(&self, app: &App) {
+                (**self).on_worker_boot(app).await;
+            }
+
+            async fn on_worker_shutdown(&self, app: &App) {
+                (**self).on_worker_shutdown(app).await;
+            }
+        }
+    )*};
+}
+
+forward_middleware!(Arc, Box);
+
 /// Dramatiq's default middleware, in its order.
 #[must_use]
 pub fn default_middleware() -> Vec<Arc<dyn Middleware>> {
@@ -344,4 +396,108 @@ pub(crate) fn option_ms(cx: &ProcessContext, key: &str, actor: Option<Duration>)
         .filter(|v| *v > 0)
         .map(Duration::from_millis)
         .or(actor)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::MemoryBroker;
+
+    /// Records every hook called on it.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl Recorder {
+        fn record(&self, hook: &'static str) {
+            self.calls.lock().unwrap().push(hook);
+        }
+    }
+
+    #[async_trait]
+    impl Middleware for Recorder {
+        fn actor_options(&self) -> &[&'static str] {
+            &["recorded"]
+        }
+        async fn before_enqueue(&self, _app: &App, _message: &mut Message, _delay: Option<Duration>) -> Result<()> {
+            self.record("before_enqueue");
+            Ok(())
+        }
+        async fn after_enqueue(&self, _app: &App, _message: &Message, _delay: Option<Duration>) {
+            self.record("after_enqueue");
+        }
+        async fn before_delay_message(&self, _app: &App, _message: &Message) {
+            self.record("before_delay_message");
+        }
+        async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
+            self.record("process");
+            next.run(cx).await
+        }
+        async fn after_skip(&self, _cx: &ProcessContext) {
+            self.record("after_skip");
+        }
+        async fn after_ack(&self, _cx: &ProcessContext, _outcome: &Outcome) {
+            self.record("after_ack");
+        }
+        async fn after_nack(&self, _cx: &ProcessContext, _outcome: &Outcome) {
+            self.record("after_nack");
+        }
+        async fn on_worker_boot(&self, _app: &App) {
+            self.record("on_worker_boot");
+        }
+        async fn on_worker_shutdown(&self, _app: &App) {
+            self.record("on_worker_shutdown");
+        }
+    }
+
+    /// Calls every hook of `m` once; returns its actor options.
+    async fn call_every_hook(m: &dyn Middleware) -> Vec<&'static str> {
+        let app = App::builder(MemoryBroker::new().into_dyn()).build().unwrap();
+        let mut message = Message::new("q", "nobody", Vec::new(), serde_json::Map::new());
+        m.before_enqueue(&app, &mut message, None).await.unwrap();
+        m.after_enqueue(&app, &message, None).await;
+        m.before_delay_message(&app, &message).await;
+        let mut cx = ProcessContext::new(app.clone(), message, None);
+        let outcome = m.process(&mut cx, Next::new(&[])).await;
+        assert!(outcome.error().is_some(), "no actor: the chain's end fails");
+        m.after_skip(&cx).await;
+        m.after_ack(&cx, &outcome).await;
+        m.after_nack(&cx, &outcome).await;
+        m.on_worker_boot(&app).await;
+        m.on_worker_shutdown(&app).await;
+        m.actor_options().to_vec()
+    }
+
+    const EVERY_HOOK: [&str; 9] = [
+        "before_enqueue",
+        "after_enqueue",
+        "before_delay_message",
+        "process",
+        "after_skip",
+        "after_ack",
+        "after_nack",
+        "on_worker_boot",
+        "on_worker_shutdown",
+    ];
+
+    #[tokio::test]
+    async fn arc_and_box_forward_every_hook() {
+        let shared = Arc::new(Recorder::default());
+        let options = call_every_hook(&Arc::clone(&shared)).await;
+        assert_eq!(options, ["recorded"]);
+        assert_eq!(*shared.calls.lock().unwrap(), EVERY_HOOK);
+
+        let boxed: Box<Recorder> = Box::default();
+        let options = call_every_hook(&boxed).await;
+        assert_eq!(options, ["recorded"]);
+        assert_eq!(*boxed.calls.lock().unwrap(), EVERY_HOOK);
+
+        // An already erased middleware, boxed again, still reaches the recorder.
+        let erased: Arc<dyn Middleware> = Arc::clone(&shared) as Arc<dyn Middleware>;
+        call_every_hook(&Box::new(erased)).await;
+        assert_eq!(shared.calls.lock().unwrap().len(), 2 * EVERY_HOOK.len());
+    }
 }
