@@ -6,6 +6,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, Row};
 use troupe_core::{Error, ErrorKind, redact_url};
+use troupe_sql::{Common, SqlOptions, parse_query};
 
 pub(crate) const BACKEND: &str = "postgres";
 
@@ -85,28 +86,17 @@ impl PostgresOptions {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut options = Self::new(base);
         let mut passthrough = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let duration = || {
-                humantime::parse_duration(value)
-                    .map_err(|e| Error::Config(format!("bad value {value:?} for `{key}` in the PostgreSQL URL: {e}")))
-            };
-            let number = || {
-                value
-                    .parse::<u64>()
-                    .map_err(|e| Error::Config(format!("bad value {value:?} for `{key}` in the PostgreSQL URL: {e}")))
-            };
-            match key {
-                "schema" => options.schema = value.to_owned(),
-                "lease" => options.lease = duration()?,
-                "poll_interval" => options.poll_interval = duration()?,
-                "dead_letter_ttl" => options.dead_letter_ttl = duration()?,
-                "connect_timeout" => options.connect_timeout = duration()?,
-                "max_message_size" => options.max_message_size = usize::try_from(number()?).unwrap_or(usize::MAX),
-                "max_connections" => options.max_connections = u32::try_from(number()?.max(1)).unwrap_or(u32::MAX),
-                _ => passthrough.push(pair),
+        let mut common = options.common();
+        parse_query("PostgreSQL", query, &mut common, &[], |s| {
+            match s.key {
+                "schema" => options.schema = s.value.to_owned(),
+                "connect_timeout" => options.connect_timeout = s.duration()?,
+                // Anything else (sslmode, ...) is the driver's.
+                _ => passthrough.push(s.pair),
             }
-        }
+            Ok(true)
+        })?;
+        options.set_common(common);
         if !passthrough.is_empty() {
             options.url = format!("{base}?{}", passthrough.join("&"));
         }
@@ -156,9 +146,40 @@ impl PostgresOptions {
             .map_err(|e| Error::Config(format!("bad PostgreSQL URL {:?}: {e}", redact_url(&self.url))))
     }
 
+    /// The main pool's connect options: the URL's, with Troupe's schema as the search path.
+    pub(crate) fn main_connect_options(&self) -> Result<PgConnectOptions, Error> {
+        Ok(self.connect_options()?.options([("search_path", self.schema.as_str())]))
+    }
+
     /// The channel NOTIFY wake-ups go on.
     pub(crate) fn channel(&self) -> String {
         format!("troupe_{}", self.schema)
+    }
+}
+
+impl PostgresOptions {
+    fn set_common(&mut self, common: Common) {
+        self.lease = common.lease;
+        self.poll_interval = common.poll_interval;
+        self.dead_letter_ttl = common.dead_letter_ttl;
+        self.max_message_size = common.max_message_size;
+        self.max_connections = common.max_connections;
+    }
+}
+
+impl SqlOptions for PostgresOptions {
+    fn parse_url(url: &str) -> Result<Self, Error> {
+        Self::from_url(url)
+    }
+
+    fn common(&self) -> Common {
+        Common::new(
+            self.lease,
+            self.poll_interval,
+            self.dead_letter_ttl,
+            self.max_message_size,
+            self.max_connections,
+        )
     }
 }
 
@@ -255,45 +276,52 @@ pub(crate) fn pool_options() -> PgPoolOptions {
 /// How long a pooled connection may sit idle before it is pinged on acquire.
 const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
 
-/// A second, small pool whose sessions commit asynchronously (`synchronous_commit = off`), for
-/// claims only. Safe: a claim lost in a server crash leaves its row ready (or its lease expires),
-/// and an ack is durable only after everything written before it in the WAL, claims included.
-pub(crate) async fn claim_pool(options: &PostgresOptions) -> Result<PgPool, Error> {
-    let connect = options
-        .connect_options()?
-        .options([("search_path", options.schema.as_str()), ("synchronous_commit", "off")]);
-    pool_options()
-        .max_connections(2)
-        .acquire_timeout(options.connect_timeout)
-        .connect_with(connect)
-        .await
-        .map_err(|e| connect_error(options, e))
+/// How the side pools (claims, writer) connect: the main pool's settings plus their own.
+pub(crate) enum Side {
+    /// Claims only, on sessions that commit asynchronously (`synchronous_commit = off`).
+    /// Safe: a claim lost in a server crash leaves its row ready (or its lease expires), and an
+    /// ack is durable only after everything written before it in the WAL, claims included.
+    Claims,
+    /// The writer task (acks, requeues, nacks). Its statements join a batch of ids with the
+    /// in-flight rows, and the planner's row estimate for in-flight rows comes from whenever
+    /// the table was last analyzed (often: none in flight). A generic plan (which sqlx's
+    /// prepared statements get after five runs) then loops over every in-flight row for each
+    /// acked one: 40 ms per batch of 128 with 1,024 in flight. Planning each run with its own
+    /// array (`force_custom_plan`) hashes instead: under 1 ms.
+    Writer,
 }
 
-/// A small pool for the writer task (acks, requeues, nacks). Its statements join a batch of
-/// ids with the in-flight rows, and the planner's row estimate for in-flight rows comes from
-/// whenever the table was last analyzed (often: none in flight). A generic plan (which sqlx's
-/// prepared statements get after five runs) then loops over every in-flight row for each
-/// acked one: 40 ms per batch of 128 with 1,024 in flight. Planning each run with its own
-/// array (`force_custom_plan`) hashes instead: under 1 ms.
-pub(crate) async fn writer_pool(options: &PostgresOptions) -> Result<PgPool, Error> {
-    let connect = options.connect_options()?.options([
-        ("search_path", options.schema.as_str()),
-        ("plan_cache_mode", "force_custom_plan"),
-    ]);
-    pool_options()
-        .max_connections(2)
-        .acquire_timeout(options.connect_timeout)
-        .connect_with(connect)
-        .await
-        .map_err(|e| connect_error(options, e))
+impl Side {
+    /// `base` (the main pool's connect options) with this side's session settings.
+    pub(crate) fn connect_options(&self, base: PgConnectOptions) -> PgConnectOptions {
+        match self {
+            Self::Claims => base.options([("synchronous_commit", "off")]),
+            Self::Writer => base.options([("plan_cache_mode", "force_custom_plan")]),
+        }
+    }
+
+    /// A small pool of this side, connected now.
+    pub(crate) async fn open(&self, options: &PostgresOptions) -> Result<PgPool, Error> {
+        pool_options()
+            .max_connections(2)
+            .acquire_timeout(options.connect_timeout)
+            .connect_with(self.connect_options(options.main_connect_options()?))
+            .await
+            .map_err(|e| connect_error(options, e))
+    }
+
+    /// A small pool of this side beside `main`, connecting on first use.
+    pub(crate) fn beside(&self, main: &PgPool, options: &PostgresOptions) -> PgPool {
+        pool_options()
+            .max_connections(2)
+            .acquire_timeout(options.connect_timeout)
+            .connect_lazy_with(self.connect_options((*main.connect_options()).clone()))
+    }
 }
 
 /// Opens the pool (search_path = the schema) and migrates the schema.
 pub(crate) async fn open(options: &PostgresOptions) -> Result<PgPool, Error> {
-    let connect = options
-        .connect_options()?
-        .options([("search_path", options.schema.as_str())]);
+    let connect = options.main_connect_options()?;
     let pool = pool_options()
         .max_connections(options.max_connections.max(2))
         .acquire_timeout(options.connect_timeout)
@@ -384,11 +412,6 @@ async fn migrate(pool: &PgPool, options: &PostgresOptions) -> Result<(), Error> 
     .await
     .map_err(|e| db_error("write the schema version", e))?;
     tx.commit().await.map_err(|e| db_error("commit the migrations", e))
-}
-
-/// A duration in milliseconds for SQL (`$n * interval '1 millisecond'`).
-pub(crate) fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -16,21 +16,44 @@
 //! # Ok(()) }
 //! ```
 
-#[cfg(feature = "broker")]
-mod broker;
 mod db;
-#[cfg(feature = "results")]
-mod results;
-#[cfg(feature = "results")]
-mod state;
-
 #[cfg(feature = "broker")]
-pub use broker::PostgresBroker;
+mod dialect;
+mod store;
+
 pub use db::PostgresOptions;
+#[cfg(feature = "broker")]
+pub use dialect::PostgresDialect;
+pub use store::PostgresStore;
+
+/// A broker on PostgreSQL: the shared SQL broker of `troupe-sql` with PostgreSQL's statements
+/// (one jobs table, claims with `FOR UPDATE SKIP LOCKED`, leases, LISTEN/NOTIFY wake-ups).
+/// Cheap to clone.
+///
+/// Opened with [`SqlBroker::connect`](troupe_sql::SqlBroker::connect)`("postgres://...")`,
+/// [`open`](troupe_sql::SqlBroker::open)`(PostgresOptions)` or
+/// [`from_pool`](troupe_sql::SqlBroker::from_pool); [`enqueue_in`](troupe_sql::SqlBroker::enqueue_in)
+/// enqueues inside the caller's transaction:
+///
+/// ```no_run
+/// # async fn f(broker: troupe_postgres::PostgresBroker, pool: sqlx::PgPool, message: troupe_core::Message) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("INSERT INTO emails (address) VALUES ($1)").bind("a@example.com").execute(&mut *tx).await?;
+/// broker.enqueue_in(&mut tx, message, None).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "broker")]
+pub type PostgresBroker = troupe_sql::SqlBroker<PostgresDialect>;
+
+/// Results in the `results` table of Troupe's schema, keyed as Dramatiq keys them, with TTLs
+/// (expired rows are deleted in batches by the broker's maintenance and by stores).
 #[cfg(feature = "results")]
-pub use results::PostgresResults;
+pub type PostgresResults = troupe_sql::SqlResults<PostgresStore>;
+
+/// Atomic counters with TTLs in the `state` table; events in `events`.
 #[cfg(feature = "results")]
-pub use state::PostgresState;
+pub type PostgresState = troupe_sql::SqlState<PostgresStore>;
 
 /// The sqlx this crate is built on (for transactional enqueue and your own queries).
 pub use sqlx;

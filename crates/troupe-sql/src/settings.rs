@@ -87,7 +87,7 @@ pub struct Setting<'a> {
     pub value: &'a str,
     /// The pair as written.
     pub pair: &'a str,
-    backend: &'a str,
+    backend: &'static str,
 }
 
 impl Setting<'_> {
@@ -123,12 +123,12 @@ impl Setting<'_> {
 ///
 /// # Errors
 /// [`Error::Config`]: a bad value or an unknown setting.
-pub fn parse_query(
-    backend: &str,
-    query: &str,
+pub fn parse_query<'q>(
+    backend: &'static str,
+    query: &'q str,
     common: &mut Common,
     other_keys: &[&str],
-    mut other: impl FnMut(&Setting<'_>) -> Result<bool>,
+    mut other: impl FnMut(&Setting<'q>) -> Result<bool>,
 ) -> Result<()> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));

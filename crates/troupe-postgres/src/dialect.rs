@@ -1,0 +1,486 @@
+//! The broker statements on PostgreSQL: one `jobs` table in Troupe's schema, the server's
+//! clock (`now()`), batches as arrays (`unnest`), claims with `FOR UPDATE SKIP LOCKED`, and
+//! LISTEN/NOTIFY wake-ups.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+use troupe_core::support::{Settle, SettleOp};
+use troupe_core::{Error, Result};
+use troupe_sql::dialect::CLEANUP_BATCH;
+use troupe_sql::{Claimed, DeadRow, Dialect, Job, Key, Store, Wake, ms};
+
+use crate::db::{self, BACKEND, PostgresOptions, Side, db_error};
+use crate::store::PostgresStore;
+
+/// PostgreSQL's statements for the shared SQL broker ([`crate::PostgresBroker`]). Not used
+/// directly.
+pub struct PostgresDialect {
+    store: PostgresStore,
+    /// Claims only: asynchronous commit (see [`Side::Claims`]).
+    claims: PgPool,
+    /// Acks, requeues and nacks: custom plans (see [`Side::Writer`]).
+    writer: PgPool,
+    /// The schema, to qualify tables on a caller's connection.
+    schema: String,
+    /// The channel enqueues notify.
+    channel: String,
+    /// How the LISTEN connection connects.
+    listen: PgConnectOptions,
+}
+
+impl std::fmt::Debug for PostgresDialect {
+    // No connect options: they hold the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresDialect")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Deletes acked rows, fenced by attempt (a late ack from a worker whose lease was taken over
+/// does nothing). A join with the batch, which the planner hashes (see [`Side::Writer`]).
+const ACK_SQL: &str = "DELETE FROM jobs USING unnest($1::bigint[], $2::int[]) AS acked(id, attempt)
+     WHERE jobs.id = acked.id AND jobs.attempt = acked.attempt AND jobs.state = 1";
+
+/// A batch of keys as the two arrays the statements unnest.
+fn arrays(keys: &[Key]) -> (Vec<i64>, Vec<i32>) {
+    keys.iter()
+        .map(|&(id, attempt)| (id, i32::try_from(attempt).unwrap_or(i32::MAX)))
+        .unzip()
+}
+
+/// A count or limit as a SQL bigint.
+fn bigint(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
+impl PostgresDialect {
+    fn pool(&self) -> &PgPool {
+        self.store.pool()
+    }
+
+    /// Inserts the jobs on `conn` in one statement (arrays unnested in order, so ids follow
+    /// the batch's order) and notifies each queue that got a ready message once (delivered on
+    /// commit).
+    async fn insert_into(&self, conn: &mut PgConnection, table: &str, jobs: &[Job]) -> Result<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let n = jobs.len();
+        let (mut queues, mut ids, mut priorities, mut states, mut delays, mut bodies) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for job in jobs {
+            queues.push(job.message.queue_name.as_str());
+            ids.push(job.message.message_id.as_str());
+            priorities.push(i32::try_from(job.priority).unwrap_or(0));
+            states.push(i16::try_from(job.state()).unwrap_or(0));
+            delays.push(job.delay_ms);
+            bodies.push(job.body.as_slice());
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "WITH job AS (
+                INSERT INTO {table} (queue, message_id, priority, state, available_at, body)
+                SELECT q, m, p, s, now() + d * interval '1 millisecond', b
+                FROM unnest($1::text[], $2::text[], $3::integer[], $4::smallint[], $5::bigint[], $6::bytea[])
+                    WITH ORDINALITY AS batch(q, m, p, s, d, b, i)
+                ORDER BY i
+                RETURNING queue, state
+             )
+             SELECT pg_notify($7, queue) FROM (SELECT DISTINCT queue FROM job WHERE state = 0) AS ready"
+        )))
+        .bind(queues)
+        .bind(ids)
+        .bind(priorities)
+        .bind(states)
+        .bind(delays)
+        .bind(bodies)
+        .bind(&self.channel)
+        .execute(conn)
+        .await
+        .map_err(|e| db_error("enqueue messages", e))?;
+        Ok(())
+    }
+}
+
+impl Dialect for PostgresDialect {
+    type Store = PostgresStore;
+    type Options = PostgresOptions;
+    type Connection = PgConnection;
+
+    const BACKEND: &'static str = BACKEND;
+    const NAME: &'static str = "PostgreSQL";
+    const LOOK_WHEN_IDLE: bool = false;
+    const WRITE_BATCH: usize = 1000;
+
+    async fn open(options: &PostgresOptions) -> Result<Self> {
+        let pool = db::open(options).await?;
+        Ok(Self {
+            claims: Side::Claims.open(options).await?,
+            writer: Side::Writer.open(options).await?,
+            schema: options.schema.clone(),
+            channel: options.channel(),
+            listen: options.connect_options()?,
+            store: PostgresStore::from_pool(pool),
+        })
+    }
+
+    fn from_pool(pool: PgPool, options: &PostgresOptions) -> Self {
+        Self {
+            claims: Side::Claims.beside(&pool, options),
+            writer: Side::Writer.beside(&pool, options),
+            schema: options.schema.clone(),
+            channel: options.channel(),
+            listen: (*pool.connect_options()).clone(),
+            store: PostgresStore::from_pool(pool),
+        }
+    }
+
+    fn store(&self) -> &PostgresStore {
+        &self.store
+    }
+
+    async fn declare(&self, queue: &str) -> Result<()> {
+        sqlx::query("INSERT INTO queues (name) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(queue)
+            .execute(self.pool())
+            .await
+            .map_err(|e| db_error("declare a queue", e))?;
+        Ok(())
+    }
+
+    async fn insert(&self, jobs: &[Job]) -> Result<()> {
+        let mut conn = self
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| db_error("enqueue messages", e))?;
+        self.insert_into(&mut conn, "jobs", jobs).await
+    }
+
+    async fn insert_on(&self, conn: &mut PgConnection, jobs: &[Job]) -> Result<()> {
+        // The caller's connection may not have Troupe's search path.
+        let table = format!("{}.jobs", self.schema);
+        self.insert_into(conn, &table, jobs).await
+    }
+
+    async fn insert_raw(&self, queue: &str, body: Vec<u8>) -> Result<()> {
+        sqlx::query("INSERT INTO jobs (queue, message_id, state, body) VALUES ($1, $2, 0, $3)")
+            .bind(queue)
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(body)
+            .execute(self.pool())
+            .await
+            .map_err(|e| db_error("enqueue raw bytes", e))?;
+        Ok(())
+    }
+
+    async fn look(&self, queue: &str) -> Result<(bool, bool)> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND queue = $1),
+                    EXISTS (SELECT 1 FROM jobs WHERE state = 3 AND queue = $1 AND available_at <= now())",
+        )
+        .bind(queue)
+        .fetch_one(&self.claims)
+        .await
+        .map_err(|e| db_error("look for messages", e))?;
+        let ready: bool = row.try_get(0).map_err(|e| db_error("look for messages", e))?;
+        let due: bool = row.try_get(1).map_err(|e| db_error("look for messages", e))?;
+        Ok((ready, due))
+    }
+
+    async fn release_due(&self, queue: &str) -> Result<()> {
+        sqlx::query("UPDATE jobs SET state = 0 WHERE state = 3 AND queue = $1 AND available_at <= now()")
+            .bind(queue)
+            .execute(&self.claims)
+            .await
+            .map_err(|e| db_error("release due delayed messages", e))?;
+        Ok(())
+    }
+
+    async fn claim(&self, queue: &str, owner: &str, lease: Duration, max: usize) -> Result<Vec<Claimed>> {
+        let rows = sqlx::query(
+            "WITH claimed AS (
+                SELECT id FROM jobs WHERE state = 0 AND queue = $1 ORDER BY priority, id LIMIT $2 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE jobs SET state = 1, attempt = jobs.attempt + 1, lease_owner = $3,
+                 lease_until = now() + $4 * interval '1 millisecond'
+             FROM claimed WHERE jobs.id = claimed.id
+             RETURNING jobs.id, jobs.attempt, jobs.priority, jobs.body",
+        )
+        .bind(queue)
+        .bind(bigint(max))
+        .bind(owner)
+        .bind(ms(lease))
+        .fetch_all(&self.claims)
+        .await
+        .map_err(|e| db_error("claim messages", e))?;
+        rows.iter()
+            .map(|r| {
+                let attempt: i32 = r.try_get("attempt")?;
+                let priority: i32 = r.try_get("priority")?;
+                Ok(Claimed::new(
+                    r.try_get("id")?,
+                    attempt.into(),
+                    priority.into(),
+                    r.try_get("body")?,
+                ))
+            })
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read claimed messages", e))
+    }
+
+    async fn settle(&self, batch: &[Settle<Key>]) -> Result<()> {
+        let (mut acks, mut back) = (Vec::new(), Vec::new());
+        for w in batch {
+            match w.op {
+                SettleOp::Ack => acks.push(w.key),
+                SettleOp::Requeue => back.push(w.key),
+                SettleOp::Nack { .. } => {}
+            }
+        }
+        let (ack_ids, ack_attempts) = arrays(&acks);
+        // The common case, acks only: one statement, no explicit transaction (one round trip).
+        if acks.len() == batch.len() {
+            sqlx::query(ACK_SQL)
+                .bind(&ack_ids)
+                .bind(&ack_attempts)
+                .execute(&self.writer)
+                .await
+                .map_err(|e| db_error("ack messages", e))?;
+            return Ok(());
+        }
+        let mut tx = self.writer.begin().await.map_err(|e| db_error("begin a write", e))?;
+        if !acks.is_empty() {
+            sqlx::query(ACK_SQL)
+                .bind(&ack_ids)
+                .bind(&ack_attempts)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("ack messages", e))?;
+        }
+        if !back.is_empty() {
+            let (back_ids, back_attempts) = arrays(&back);
+            sqlx::query(
+                "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+                 FROM unnest($1::bigint[], $2::int[]) AS settled(id, attempt)
+                 WHERE jobs.id = settled.id AND jobs.attempt = settled.attempt AND jobs.state = 1",
+            )
+            .bind(&back_ids)
+            .bind(&back_attempts)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("requeue messages", e))?;
+        }
+        for w in batch {
+            if let SettleOp::Nack { body, reason } = &w.op {
+                sqlx::query(
+                    "UPDATE jobs SET state = 2, lease_owner = NULL, lease_until = NULL, reason = $3, failed_at = now(),
+                     body = COALESCE($4, body) WHERE id = $1 AND attempt = $2 AND state = 1",
+                )
+                .bind(w.key.0)
+                .bind(i32::try_from(w.key.1).unwrap_or(i32::MAX))
+                .bind(reason.as_str())
+                .bind(body.as_deref())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("dead-letter a message", e))?;
+            }
+        }
+        tx.commit().await.map_err(|e| db_error("commit settled messages", e))
+    }
+
+    async fn renew(&self, owners: &[String], lease: Duration) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET lease_until = now() + $1 * interval '1 millisecond'
+             WHERE state = 1 AND lease_owner = ANY($2)",
+        )
+        .bind(ms(lease))
+        .bind(owners)
+        .execute(self.pool())
+        .await
+        .map_err(|e| db_error("renew leases", e))?;
+        Ok(())
+    }
+
+    async fn return_expired(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+             WHERE state = 1 AND lease_until < now()",
+        )
+        .execute(self.pool())
+        .await
+        .map_err(|e| db_error("return expired leases", e))?
+        .rows_affected())
+    }
+
+    async fn return_owned(&self, owner: &str) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL WHERE state = 1 AND lease_owner = $1",
+        )
+        .bind(owner)
+        .execute(self.pool())
+        .await
+        .map_err(|e| db_error("return unacked messages", e))?
+        .rows_affected())
+    }
+
+    async fn expire_dead(&self, ttl: Duration) -> Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM jobs WHERE id IN
+             (SELECT id FROM jobs WHERE state = 2 AND failed_at < now() - $1 * interval '1 millisecond' LIMIT $2)",
+        )
+        .bind(ms(ttl))
+        .bind(bigint(CLEANUP_BATCH))
+        .execute(self.pool())
+        .await
+        .map_err(|e| db_error("expire dead letters", e))?
+        .rows_affected())
+    }
+
+    async fn purge(&self, queue: &str) -> Result<()> {
+        sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state IN (0, 2, 3)")
+            .bind(queue)
+            .execute(self.pool())
+            .await
+            .map_err(|e| db_error("purge a queue", e))?;
+        Ok(())
+    }
+
+    async fn counts(&self, queue: &str) -> Result<Vec<(i64, u64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) FROM jobs WHERE queue = $1 GROUP BY state")
+            .bind(queue)
+            .fetch_all(self.pool())
+            .await
+            .map_err(|e| db_error("count messages", e))?;
+        rows.iter()
+            .map(|row| {
+                let state: i16 = row.try_get(0)?;
+                let count: i64 = row.try_get(1)?;
+                Ok((state.into(), u64::try_from(count).unwrap_or(0)))
+            })
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read stats", e))
+    }
+
+    async fn dead_rows(&self, queue: &str, limit: Option<usize>) -> Result<Vec<DeadRow>> {
+        let rows = sqlx::query(
+            "SELECT id, body, reason, (extract(epoch FROM failed_at) * 1000)::bigint AS failed_ms FROM jobs
+             WHERE queue = $1 AND state = 2 ORDER BY failed_at, id LIMIT $2",
+        )
+        .bind(queue)
+        .bind(limit.map(bigint))
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| db_error("list dead letters", e))?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadRow::new(
+                    row.try_get("id")?,
+                    row.try_get("body")?,
+                    row.try_get("reason")?,
+                    row.try_get("failed_ms")?,
+                ))
+            })
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read a dead letter", e))
+    }
+
+    async fn revive(&self, queue: &str, rows: &[(i64, Vec<u8>)]) -> Result<u64> {
+        let mut tx = self.pool().begin().await.map_err(|e| db_error("begin a requeue", e))?;
+        let mut moved = 0;
+        for (id, body) in rows {
+            moved += sqlx::query(
+                "UPDATE jobs SET state = 0, body = $2, attempt = 0, available_at = now(), reason = NULL,
+                 failed_at = NULL WHERE id = $1 AND state = 2",
+            )
+            .bind(id)
+            .bind(body.as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("requeue a dead letter", e))?
+            .rows_affected();
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(&self.channel)
+            .bind(queue)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("notify", e))?;
+        tx.commit().await.map_err(|e| db_error("commit the requeue", e))?;
+        Ok(moved)
+    }
+
+    async fn purge_dead(&self, queue: &str) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state = 2")
+            .bind(queue)
+            .execute(self.pool())
+            .await
+            .map_err(|e| db_error("purge dead letters", e))?
+            .rows_affected())
+    }
+
+    fn listen(&self, wake: Wake) -> Option<impl Future<Output = ()> + Send + 'static> {
+        Some(listen_loop(self.listen.clone(), self.channel.clone(), wake))
+    }
+
+    async fn close(&self) {
+        self.pool().close().await;
+        self.claims.close().await;
+        self.writer.close().await;
+    }
+}
+
+/// LISTENs for enqueue notifications and wakes that queue's consumers, reconnecting with
+/// backoff, until the broker is gone. Notifications are hints only: consumers also poll.
+async fn listen_loop(connect: PgConnectOptions, channel: String, wake: Wake) {
+    let mut backoff = Duration::from_millis(100);
+    while wake.alive() {
+        let listener = async {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(connect.clone())
+                .await
+                .map_err(|e| db_error("connect the listener", e))?;
+            let mut listener = PgListener::connect_with(&pool)
+                .await
+                .map_err(|e| db_error("listen", e))?;
+            listener.listen(&channel).await.map_err(|e| db_error("listen", e))?;
+            Ok::<_, Error>(listener)
+        }
+        .await;
+        match listener {
+            Ok(mut listener) => {
+                backoff = Duration::from_millis(100);
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(n)) => {
+                            if !wake.queue(n.payload()) {
+                                return;
+                            }
+                        }
+                        // Connection lost: sqlx reconnects on the next call; LISTEN again.
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "LISTEN failed; consumers poll meanwhile");
+                            break;
+                        }
+                    }
+                    if !wake.alive() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "LISTEN failed; consumers poll meanwhile"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,186 @@
+//! The results and state statements on PostgreSQL (`results`, `state`, `events` in Troupe's
+//! schema). Every counter update is one statement (or a transaction holding an advisory lock),
+//! atomic under concurrency; times are the server's.
+
+use std::time::Duration;
+
+use sqlx::{PgPool, Row};
+use troupe_core::Result;
+use troupe_sql::{Store, dialect::CLEANUP_BATCH, ms};
+
+use crate::db::{BACKEND, db_error};
+
+/// PostgreSQL's results and state statements, for [`crate::PostgresResults`] and
+/// [`crate::PostgresState`]. Not used directly.
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl Store for PostgresStore {
+    type Pool = PgPool;
+
+    const BACKEND: &'static str = BACKEND;
+
+    fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn open_url(url: &str) -> Result<PgPool> {
+        crate::open(&crate::PostgresOptions::from_url(url)?).await
+    }
+
+    async fn read_result(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT value FROM results WHERE key = $1 AND expires_at > now()")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error("read a result", e))?;
+        row.map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| db_error("read a result", e))
+    }
+
+    async fn write_result(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO results (key, value, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(ms(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("store a result", e))?;
+        Ok(())
+    }
+
+    async fn expire_results(&self) -> Result<u64> {
+        Ok(
+            sqlx::query(
+                "DELETE FROM results WHERE key IN (SELECT key FROM results WHERE expires_at <= now() LIMIT $1)",
+            )
+            .bind(i64::try_from(CLEANUP_BATCH).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error("expire results", e))?
+            .rows_affected(),
+        )
+    }
+
+    async fn add(&self, key: &str, value: i64, ttl: Duration) -> Result<bool> {
+        let changed = sqlx::query(
+            "INSERT INTO state AS s (key, value, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+             WHERE s.expires_at <= now()",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(ms(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("add a counter", e))?
+        .rows_affected();
+        Ok(changed == 1)
+    }
+
+    async fn bounded(&self, key: &str, amount: i64, min: i64, max: i64, ttl: Duration) -> Result<bool> {
+        // The conflict branch re-checks the bound on the locked row, so concurrent updates
+        // never pass it.
+        let changed = sqlx::query(
+            "WITH cur AS (SELECT COALESCE((SELECT value FROM state WHERE key = $1 AND expires_at > now()), 0) AS v)
+             INSERT INTO state AS s (key, value, expires_at)
+             SELECT $1, cur.v + $2, now() + $5 * interval '1 millisecond' FROM cur WHERE cur.v + $2 BETWEEN $3 AND $4
+             ON CONFLICT (key) DO UPDATE
+               SET value = (CASE WHEN s.expires_at > now() THEN s.value ELSE 0 END) + $2,
+                   expires_at = excluded.expires_at
+               WHERE (CASE WHEN s.expires_at > now() THEN s.value ELSE 0 END) + $2 BETWEEN $3 AND $4",
+        )
+        .bind(key)
+        .bind(amount)
+        .bind(min)
+        .bind(max)
+        .bind(ms(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("update a counter", e))?
+        .rows_affected();
+        Ok(changed == 1)
+    }
+
+    async fn incr_and_sum(&self, key: &str, keys: &[String], amount: i64, max: i64, ttl: Duration) -> Result<bool> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_error("begin a window update", e))?;
+        // Serialise updates of this window: lock its first key's advisory lock.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("lock a window", e))?;
+        let sum: i64 =
+            sqlx::query("SELECT COALESCE(SUM(value), 0)::bigint FROM state WHERE key = ANY($1) AND expires_at > now()")
+                .bind(keys)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| db_error("sum a window", e))?
+                .try_get(0)
+                .map_err(|e| db_error("sum a window", e))?;
+        if sum.saturating_add(amount) > max {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO state AS s (key, value, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+             ON CONFLICT (key) DO UPDATE
+               SET value = (CASE WHEN s.expires_at > now() THEN s.value ELSE 0 END) + $2,
+                   expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(amount)
+        .bind(ms(ttl))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("update a window", e))?;
+        tx.commit().await.map_err(|e| db_error("commit a window update", e))?;
+        Ok(true)
+    }
+
+    async fn counter(&self, key: &str) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT value FROM state WHERE key = $1 AND expires_at > now()")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error("read a counter", e))?;
+        row.map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| db_error("read a counter", e))
+    }
+
+    async fn event_seen(&self, key: &str) -> Result<bool> {
+        let found = sqlx::query("SELECT 1 FROM events WHERE key = $1 AND expires_at > now()")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error("read an event", e))?;
+        Ok(found.is_some())
+    }
+
+    async fn write_event(&self, key: &str, ttl: Duration) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO events (key, expires_at) VALUES ($1, now() + $2 * interval '1 millisecond')
+             ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(ms(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("write an event", e))?;
+        Ok(())
+    }
+}
