@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use troupe::prelude::*;
-use troupe::{Next, Outcome, ProcessContext, current_message, redact_url};
+use troupe::redact_url;
 
 /// The error type of `run`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -50,7 +50,7 @@ use std::time::Duration;
 use serde_json::{Map, Number, Value, json};
 use troupe::prelude::*;
 use troupe::worker::WorkerArgs;
-use troupe::{Broker, ResultBackend, current_message, now_ms};
+use troupe::now_ms;
 
 /// The error type of the commands.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

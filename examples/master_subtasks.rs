@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use troupe::prelude::*;
 use troupe::worker::WorkerArgs;
-use troupe::{Broker, Next, Outcome, ProcessContext, current_message, redact_url};
+use troupe::redact_url;
 
 /// The error type of `run`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -28,7 +28,7 @@ use serde_json::Value;
 use sqlx::Row;
 use troupe::prelude::*;
 use troupe::sqlite::{SqliteBroker, SqlitePool};
-use troupe::{Broker, Next, Outcome, ProcessContext, current_message, now_ms, redact_url};
+use troupe::{now_ms, redact_url};
 
 /// The error type of `run`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

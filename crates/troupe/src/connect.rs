@@ -1,8 +1,10 @@
-//! `connect(url)` and `connect_results(url)`: backends from URLs.
+//! `connect(url)`, `connect_results(url)` and `connect_state(url)`: backends from URLs.
 
 use std::sync::Arc;
 
-use troupe_core::{Broker, Error, MemoryBroker, MemoryResults, Result, ResultBackend, redact_url};
+use troupe_core::{
+    Broker, Error, MemoryBroker, MemoryResults, MemoryState, Result, ResultBackend, StateBackend, redact_url,
+};
 
 const SCHEME_HELP: &str = "use memory://, sqlite://PATH, redis://HOST, amqp://HOST or postgres://HOST";
 
@@ -26,18 +28,33 @@ fn scheme_of(url: &str) -> Result<String> {
         .ok_or_else(|| Error::Config(format!("URL {:?} has no scheme; {SCHEME_HELP}", redact_url(url))))
 }
 
-fn not_compiled_in(url: &str, scheme: &str, results: bool) -> Error {
+/// What a URL is asked to connect to.
+#[derive(Clone, Copy)]
+enum Want {
+    Broker,
+    Results,
+    State,
+}
+
+fn not_compiled_in(url: &str, scheme: &str, want: Want) -> Error {
     for (schemes, name, broker_feature, results_feature) in SCHEMES {
         if schemes.contains(&scheme) {
-            return match (results, results_feature) {
-                (false, _) => Error::Config(format!(
+            // The state backends come with the results backends, under the same feature.
+            return match (want, results_feature) {
+                (Want::Broker, _) => Error::Config(format!(
                     "{scheme}:// URLs need the {name} broker, which is not compiled in; enable the `{broker_feature}` feature of the troupe crate"
                 )),
-                (true, Some(feature)) => Error::Config(format!(
+                (Want::Results, Some(feature)) => Error::Config(format!(
                     "{scheme}:// results need the {name} results backend, which is not compiled in; enable the `{feature}` feature of the troupe crate"
                 )),
-                (true, None) => Error::Config(format!(
+                (Want::State, Some(feature)) => Error::Config(format!(
+                    "{scheme}:// state needs the {name} state backend, which is not compiled in; enable the `{feature}` feature of the troupe crate"
+                )),
+                (Want::Results, None) => Error::Config(format!(
                     "{name} has no results backend; store results in Redis, PostgreSQL or SQLite"
+                )),
+                (Want::State, None) => Error::Config(format!(
+                    "{name} has no state backend; keep state in Redis, PostgreSQL or SQLite"
                 )),
             };
         }
@@ -66,7 +83,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
         "postgres" | "postgresql" => Ok(Arc::new(troupe_postgres::PostgresBroker::connect(url).await?)),
         #[cfg(feature = "broker-rabbitmq")]
         "amqp" | "amqps" => Ok(Arc::new(troupe_rabbitmq::RabbitmqBroker::connect(url).await?)),
-        other => Err(not_compiled_in(url, other, false)),
+        other => Err(not_compiled_in(url, other, Want::Broker)),
     }
 }
 
@@ -85,7 +102,30 @@ pub async fn connect_results(url: &str) -> Result<Arc<dyn ResultBackend>> {
         "redis" | "rediss" | "redis+unix" => Ok(troupe_redis::RedisResults::connect(url).await?.into_dyn()),
         #[cfg(feature = "results-postgres")]
         "postgres" | "postgresql" => Ok(troupe_postgres::PostgresResults::connect(url).await?.into_dyn()),
-        other => Err(not_compiled_in(url, other, true)),
+        other => Err(not_compiled_in(url, other, Want::Results)),
+    }
+}
+
+/// Connects to the state backend a URL names (`memory:`, `sqlite:`, `redis:`/`rediss:`,
+/// `postgres:`/`postgresql:`), for [`AppBuilder::state`](troupe_core::AppBuilder::state). The
+/// state backends come with the results backends, under the same cargo features.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_state(url: &str) -> Result<Arc<dyn StateBackend>> {
+    let scheme = scheme_of(url)?;
+    match scheme.as_str() {
+        "memory" => Ok(Arc::new(MemoryState::new())),
+        #[cfg(feature = "results-sqlite")]
+        "sqlite" => Ok(troupe_sqlite::SqliteState::connect(url).await?.into_dyn()),
+        #[cfg(feature = "results-redis")]
+        "redis" | "rediss" | "redis+unix" => Ok(troupe_redis::RedisState::connect(url).await?.into_dyn()),
+        #[cfg(feature = "results-postgres")]
+        "postgres" | "postgresql" => {
+            let options = troupe_postgres::PostgresOptions::from_url(url)?;
+            Ok(troupe_postgres::PostgresState::from_pool(troupe_postgres::open(&options).await?).into_dyn())
+        }
+        other => Err(not_compiled_in(url, other, Want::State)),
     }
 }
 
@@ -105,6 +145,36 @@ mod tests {
         assert!(connect("nonsense").await.unwrap_err().to_string().contains("no scheme"));
     }
 
+    #[tokio::test]
+    async fn state_schemes() {
+        let state = connect_state("memory://").await.unwrap();
+        assert!(state.add("k", 1, std::time::Duration::from_secs(60)).await.unwrap());
+        assert_eq!(state.get("k").await.unwrap(), Some(1));
+        let err = connect_state("amqp://guest:secret@localhost")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no state backend"), "{err}");
+        let err = connect_state("kafka://u:secret@localhost").await.unwrap_err();
+        assert_eq!(err.kind(), troupe_core::ErrorKind::Config);
+        let err = err.to_string();
+        assert!(err.contains("unknown URL scheme") && !err.contains("secret"), "{err}");
+        assert!(
+            connect_state("nonsense")
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("no scheme")
+        );
+    }
+
+    #[cfg(not(feature = "results-redis"))]
+    #[tokio::test]
+    async fn state_backend_not_compiled_in_names_the_feature() {
+        let err = connect_state("redis://localhost").await.unwrap_err().to_string();
+        assert!(err.contains("`results-redis`"), "{err}");
+    }
+
     #[cfg(feature = "broker-sqlite")]
     #[tokio::test]
     async fn sqlite_urls() {
@@ -113,6 +183,14 @@ mod tests {
         let url = format!("sqlite://{}/t.db", dir.display());
         assert_eq!(connect(&url).await.unwrap().backend(), "sqlite");
         assert!(connect_results(&url).await.is_ok());
+        let state = connect_state(&url).await.unwrap();
+        assert!(
+            state
+                .incr("runs", 1, 10, std::time::Duration::from_secs(60))
+                .await
+                .unwrap()
+        );
+        assert_eq!(connect_state(&url).await.unwrap().get("runs").await.unwrap(), Some(1));
         let err = connect("sqlite:///no/such/dir/t.db").await.unwrap_err().to_string();
         assert!(err.contains("does not exist"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();

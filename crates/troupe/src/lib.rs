@@ -106,17 +106,19 @@ mod cli;
 pub use cli::{DEFAULT_BROKER_URL, run_worker, run_worker_status};
 
 mod connect;
-pub use connect::{connect, connect_results};
+pub use connect::{connect, connect_results, connect_state};
 
-/// The names most applications need.
+/// The names most applications need: actors, the app, sending, middleware (with what a
+/// [`Middleware::process`] hook names), results and state, and backends from URLs.
 pub mod prelude {
     #[cfg(feature = "worker")]
     pub use crate::Worker;
     #[cfg(feature = "macros")]
     pub use crate::actor;
     pub use crate::{
-        Actor, ActorError, ActorOptions, App, Broker, MemoryBroker, MemoryResults, Message, Middleware, SendOptions,
-        Sent,
+        Actor, ActorError, ActorOptions, App, Broker, MemoryBroker, MemoryResults, Message, Middleware, Next, Outcome,
+        ProcessContext, ResultBackend, SendOptions, Sent, StateBackend, async_trait, connect, connect_results,
+        connect_state, current_app, current_message, pipeline,
     };
 }
 
