@@ -48,9 +48,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Map, Number, Value, json};
+use troupe::now_ms;
 use troupe::prelude::*;
 use troupe::worker::WorkerArgs;
-use troupe::now_ms;
 
 /// The error type of the commands.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -76,17 +76,15 @@ pub enum Command {
     Send(SendArgs),
 }
 
-/// Flags of `worker`: the standard worker flags and where results go.
+/// Flags of `worker`: the standard worker flags and the actors' queue.
 #[derive(Debug, clap::Args)]
 pub struct WorkerCommand {
-    /// The standard worker flags (`--broker-url`, `--queues`, `-c`, ...); the broker defaults
-    /// to `redis://127.0.0.1:6379/0` (`amqp://` for RabbitMQ).
+    /// The standard worker flags (`--broker-url`, `--results-url`, `--queues`, `-c`, ...); the
+    /// broker defaults to `redis://127.0.0.1:6379/0` (`amqp://` for RabbitMQ), the results to
+    /// the broker URL when it is a Redis one (`--results-url` is required with any other
+    /// broker).
     #[command(flatten)]
     pub worker: WorkerArgs,
-    /// Where results are stored (redis://); default: the broker URL when it is a Redis one,
-    /// required with any other broker (`amqp://`).
-    #[arg(long, env = "TROUPE_RESULTS_URL")]
-    pub results_url: Option<String>,
     /// The queue of the actors (the Python peer's `--actor-queue`).
     #[arg(long, default_value = "default")]
     pub actor_queue: String,
@@ -267,22 +265,21 @@ impl<A: Actor> Actor for OnQueue<A> {
     }
 }
 
-/// Runs a worker with the interop actors until SIGINT or SIGTERM (`troupe::run_worker`), each
-/// call printed as a JSON line on stdout. Returns Dramatiq's exit code (0 clean, 2 bad
-/// configuration, 3 broker unreachable).
+/// Runs a worker with the interop actors until SIGINT or SIGTERM (`troupe::run_worker_with`),
+/// each call printed as a JSON line on stdout. Returns Dramatiq's exit code (0 clean, 2 bad
+/// configuration, 3 broker or results backend unreachable).
 ///
 /// # Errors
-/// No results URL (the broker is not Redis, `amqp://` say, and no `--results-url`), or an
-/// unreachable results backend.
+/// No results URL (the broker is not Redis, `amqp://` say, and no `--results-url`).
 pub async fn worker(mut command: WorkerCommand) -> Result<u8, BoxError> {
     let broker_url = command
         .worker
         .broker_url
         .get_or_insert_with(|| DEFAULT_BROKER_URL.to_owned())
         .clone();
-    let results_url = match command.results_url {
-        Some(url) => url,
-        None if broker_url.to_ascii_lowercase().starts_with("redis") => broker_url,
+    match &command.worker.results_url {
+        Some(_) => {}
+        None if broker_url.to_ascii_lowercase().starts_with("redis") => command.worker.results_url = Some(broker_url),
         None => {
             let scheme = broker_url.split(':').next().unwrap_or_default();
             return Err(format!(
@@ -291,11 +288,16 @@ pub async fn worker(mut command: WorkerCommand) -> Result<u8, BoxError> {
             )
             .into());
         }
-    };
-    let results = troupe::connect_results(&results_url).await?;
+    }
     PRINT_CALLS.store(true, Ordering::Relaxed);
     let queue = command.actor_queue;
-    Ok(troupe::run_worker_status(command.worker, |broker| build_app_on(broker, results, &queue)).await)
+    Ok(troupe::run_worker_status_with(command.worker, |backends| {
+        let results = backends
+            .results
+            .ok_or_else(|| troupe::Error::Config("the interop actors need a results backend".into()))?;
+        build_app_on(backends.broker, results, &queue)
+    })
+    .await)
 }
 
 /// Builds the message `args` describe (by actor name, so no actor is registered), enqueues it

@@ -16,6 +16,32 @@ async fn nap(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
+#[troupe::actor(queue_name = "cli", store_results = true)]
+async fn double(x: i64) -> i64 {
+    x * 2
+}
+
+/// The child's app when TROUPE_CLI_BACKENDS is set (`run_worker_with`): it says which backends
+/// it was given, then sends itself `double(21)`, waits for the result through the results
+/// backend, puts it in the state backend under "answer" and prints `child: stored ID VALUE`.
+fn build_with_backends(backends: troupe::Backends) -> troupe::Result<App> {
+    eprintln!(
+        "child: results={} state={}",
+        backends.results.is_some(),
+        backends.state.is_some()
+    );
+    let app = backends.app_builder().actor(Double).build()?;
+    let sender = app.clone();
+    tokio::spawn(async move {
+        let sent = Double.send(&sender, 21).await.unwrap();
+        let value = sent.wait_result(&sender, Duration::from_secs(10)).await.unwrap();
+        let state = sender.state().expect("a state backend");
+        assert!(state.add("answer", value, Duration::from_secs(600)).await.unwrap());
+        eprintln!("child: stored {} {value}", sent.message_id());
+    });
+    Ok(app)
+}
+
 /// The child: a worker binary's `main`, with its flags in TROUPE_CLI_ARGS. When
 /// TROUPE_CLI_NAP is set, it first sends itself a message that naps that many ms, so a
 /// signal arrives while an actor runs.
@@ -33,6 +59,7 @@ fn child() {
         )
         .collect();
     let nap = std::env::var("TROUPE_CLI_NAP").ok().and_then(|v| v.parse::<u64>().ok());
+    let with_backends = std::env::var("TROUPE_CLI_BACKENDS").is_ok();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let code = runtime.block_on(async move {
         let args = match <WorkerArgs as clap::Parser>::try_parse_from(&args) {
@@ -42,6 +69,9 @@ fn child() {
                 return 2;
             }
         };
+        if with_backends {
+            return i32::from(troupe::run_worker_status_with(args, build_with_backends).await);
+        }
         let exit = troupe::run_worker_status(args, move |broker| {
             let app = App::builder(broker).actor(Nap).build()?;
             if let Some(ms) = nap {
@@ -58,17 +88,58 @@ fn child() {
 }
 
 fn spawn(args: &str, nap: Option<u64>) -> std::process::Child {
+    child_command(args, nap).spawn().unwrap()
+}
+
+fn child_command(args: &str, nap: Option<u64>) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["child", "--exact", "--nocapture", "--test-threads", "1"])
         .env("TROUPE_CLI_CHILD", "1")
         .env("TROUPE_CLI_ARGS", args)
         .env_remove("TROUPE_BROKER_URL")
+        .env_remove("TROUPE_RESULTS_URL")
+        .env_remove("TROUPE_STATE_URL")
+        .env_remove("TROUPE_CLI_BACKENDS")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if let Some(ms) = nap {
         cmd.env("TROUPE_CLI_NAP", ms.to_string());
     }
-    cmd.spawn().unwrap()
+    cmd
+}
+
+/// Runs a child that is expected to exit on its own; returns its exit code and stderr.
+fn run_to_end(mut cmd: Command) -> (Option<i32>, String) {
+    let mut child = cmd.spawn().unwrap();
+    let code = wait_with_timeout(&mut child, Duration::from_secs(20));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (code, stderr)
+}
+
+/// Reads the child's stderr until a line contains `needle` (at most 20 s); returns that line
+/// and keeps draining the rest.
+fn wait_for_line(child: &mut std::process::Child, needle: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = needle.to_owned();
+    std::thread::spawn(move || {
+        let mut found = false;
+        for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
+            if !found && line.contains(&wanted) {
+                found = true;
+                let _ = tx.send(line);
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("the child never printed {needle:?}");
+        }
+    }
 }
 
 fn signal(child: &std::process::Child, sig: &str) {
@@ -140,4 +211,81 @@ fn bad_arguments_exit_with_code_2() {
     assert_eq!(wait_with_timeout(&mut child, Duration::from_secs(10)), Some(2));
     let mut child = spawn("--broker-url memory:// --queues nobody_consumes_this", None);
     assert_eq!(wait_with_timeout(&mut child, Duration::from_secs(10)), Some(2));
+}
+
+/// Runs a `run_worker_with` child given a results and a state URL, each in its own SQLite
+/// file, by flags or by environment variables, and checks that its actor's result and its
+/// state landed in those files.
+fn backends_reach_the_app(by_env: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let results_url = format!("sqlite://{}/results.db", dir.path().display());
+    let state_url = format!("sqlite://{}/state.db", dir.path().display());
+    let mut cmd = if by_env {
+        let mut cmd = child_command("--broker-url memory://", None);
+        cmd.env("TROUPE_RESULTS_URL", &results_url)
+            .env("TROUPE_STATE_URL", &state_url);
+        cmd
+    } else {
+        child_command(
+            &format!("--broker-url memory:// --results-url {results_url} --state-url {state_url}"),
+            None,
+        )
+    };
+    let mut child = cmd.env("TROUPE_CLI_BACKENDS", "1").spawn().unwrap();
+    let line = wait_for_line(&mut child, "child: stored");
+    signal(&child, "TERM");
+    assert_eq!(wait_with_timeout(&mut child, Duration::from_secs(10)), Some(0));
+
+    let mut words = line.rsplit(' ');
+    assert_eq!(words.next(), Some("42"), "{line}");
+    let message_id = words.next().unwrap().to_owned();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let state = troupe::connect_state(&state_url).await.unwrap();
+        assert_eq!(state.get("answer").await.unwrap(), Some(42));
+        let results = troupe::connect_results(&results_url).await.unwrap();
+        let mut message = Message::new("cli", "double", Vec::new(), serde_json::Map::new());
+        message.message_id = message_id;
+        assert_eq!(results.get(&message, None).await.unwrap(), serde_json::json!(42));
+    });
+}
+
+#[test]
+fn results_and_state_urls_from_flags_reach_the_app() {
+    backends_reach_the_app(false);
+}
+
+#[test]
+fn results_and_state_urls_from_the_environment_reach_the_app() {
+    backends_reach_the_app(true);
+}
+
+#[test]
+fn results_and_state_url_errors_exit_with_code_2_and_hide_passwords() {
+    // run_worker cannot hand them to its app: it refuses rather than ignore them.
+    let (code, stderr) = run_to_end(child_command("--broker-url memory:// --results-url memory://", None));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--results-url") && stderr.contains("run_worker_with"),
+        "{stderr}"
+    );
+    let mut cmd = child_command("--broker-url memory://", None);
+    cmd.env("TROUPE_STATE_URL", "memory://");
+    let (code, stderr) = run_to_end(cmd);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("TROUPE_STATE_URL"), "{stderr}");
+
+    // Bad URLs, with run_worker_with: one line, no password.
+    for flags in [
+        "--broker-url memory:// --results-url kafka://user:hunter2@localhost/0",
+        "--broker-url memory:// --state-url ftp://user:hunter2@localhost/x",
+        "--broker-url memory:// --results-url amqp://user:hunter2@localhost/",
+    ] {
+        let mut cmd = child_command(flags, None);
+        cmd.env("TROUPE_CLI_BACKENDS", "1");
+        let (code, stderr) = run_to_end(cmd);
+        assert_eq!(code, Some(2), "{flags}: {stderr}");
+        assert!(stderr.contains("error: "), "{flags}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{flags}: {stderr}");
+    }
 }

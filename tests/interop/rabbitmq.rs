@@ -614,7 +614,7 @@ async fn rabbitmq_the_example_worker_command_needs_a_results_url_and_serves_pyth
     let url = amqp_url();
     // No --results-url with an amqp:// broker: a one-line error, before connecting anywhere.
     let mut command = parse(&["interop", "worker", "--broker-url", &url]);
-    command.results_url = None; // whatever TROUPE_RESULTS_URL says
+    command.worker.results_url = None; // whatever TROUPE_RESULTS_URL says
     let error = interop::worker(command).await.unwrap_err().to_string();
     assert!(error.contains("--results-url") && !error.contains('\n'), "{error}");
     assert!(!error.contains("guest:guest"), "no credentials in the error: {error}");

@@ -26,7 +26,14 @@ pub mod exit_code {
 /// let args = WorkerArgs::parse_from(["worker", "--concurrency", "4", "--queues", "emails", "--queues", "ocr"]);
 /// assert_eq!(args.concurrency, Some(4));
 /// assert_eq!(args.queues, vec!["emails", "ocr"]);
+///
+/// let args = WorkerArgs::parse_from(["worker", "--results-url", "sqlite://r.db", "--state-url", "memory://"]);
+/// assert_eq!(args.results_url.as_deref(), Some("sqlite://r.db"));
+/// assert_eq!(args.state_url.as_deref(), Some("memory://"));
 /// ```
+///
+/// `--broker-url`, `--results-url` and `--state-url` also come from `TROUPE_BROKER_URL`,
+/// `TROUPE_RESULTS_URL` and `TROUPE_STATE_URL`; a flag wins over its variable.
 #[derive(Clone, Debug, clap::Parser)]
 #[command(about = "Run a Troupe worker")]
 #[non_exhaustive]
@@ -34,6 +41,16 @@ pub struct WorkerArgs {
     /// Broker URL (memory://, sqlite://PATH, redis://HOST, amqp://HOST, postgres://HOST).
     #[arg(long, env = "TROUPE_BROKER_URL")]
     pub broker_url: Option<String>,
+
+    /// Results backend URL (memory://, sqlite://PATH, redis://HOST, postgres://HOST); none by
+    /// default.
+    #[arg(long, env = "TROUPE_RESULTS_URL")]
+    pub results_url: Option<String>,
+
+    /// State backend URL (memory://, sqlite://PATH, redis://HOST, postgres://HOST); none by
+    /// default.
+    #[arg(long, env = "TROUPE_STATE_URL")]
+    pub state_url: Option<String>,
 
     /// Messages processed at once (default 8 per core).
     #[arg(short = 'c', long, visible_alias = "threads")]

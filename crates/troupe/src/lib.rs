@@ -103,7 +103,7 @@ pub mod sqlite {
 #[cfg(feature = "worker")]
 mod cli;
 #[cfg(feature = "worker")]
-pub use cli::{DEFAULT_BROKER_URL, run_worker, run_worker_status};
+pub use cli::{Backends, DEFAULT_BROKER_URL, run_worker, run_worker_status, run_worker_status_with, run_worker_with};
 
 mod connect;
 pub use connect::{connect, connect_results, connect_state};
