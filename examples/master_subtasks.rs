@@ -31,8 +31,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use troupe::prelude::*;
-use troupe::worker::WorkerArgs;
 use troupe::redact_url;
+use troupe::worker::WorkerArgs;
 
 /// The error type of `run`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
