@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, Row};
 use troupe_core::{Error, ErrorKind, redact_url};
-use troupe_sql::{Common, SqlOptions, parse_query};
+use troupe_sql::{SqlOptions, parse_query};
 
 pub(crate) const BACKEND: &str = "postgres";
 
@@ -112,34 +112,6 @@ impl PostgresOptions {
         self
     }
 
-    /// Sets the lease.
-    #[must_use]
-    pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
-        self
-    }
-
-    /// Sets the poll interval.
-    #[must_use]
-    pub fn poll_interval(mut self, d: Duration) -> Self {
-        self.poll_interval = d;
-        self
-    }
-
-    /// Sets the message size limit.
-    #[must_use]
-    pub fn max_message_size(mut self, limit: usize) -> Self {
-        self.max_message_size = limit;
-        self
-    }
-
-    /// Sets the pool size.
-    #[must_use]
-    pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n.max(1);
-        self
-    }
-
     pub(crate) fn connect_options(&self) -> Result<PgConnectOptions, Error> {
         PgConnectOptions::from_str(&self.url)
             .map(|o| o.application_name("troupe"))
@@ -157,31 +129,7 @@ impl PostgresOptions {
     }
 }
 
-impl PostgresOptions {
-    fn set_common(&mut self, common: Common) {
-        self.lease = common.lease;
-        self.poll_interval = common.poll_interval;
-        self.dead_letter_ttl = common.dead_letter_ttl;
-        self.max_message_size = common.max_message_size;
-        self.max_connections = common.max_connections;
-    }
-}
-
-impl SqlOptions for PostgresOptions {
-    fn parse_url(url: &str) -> Result<Self, Error> {
-        Self::from_url(url)
-    }
-
-    fn common(&self) -> Common {
-        Common::new(
-            self.lease,
-            self.poll_interval,
-            self.dead_letter_ttl,
-            self.max_message_size,
-            self.max_connections,
-        )
-    }
-}
+troupe_sql::impl_sql_options!(PostgresOptions);
 
 impl FromStr for PostgresOptions {
     type Err = Error;

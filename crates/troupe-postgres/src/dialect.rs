@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
+use sqlx::postgres::{PgArguments, Postgres};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use troupe_core::support::{Settle, SettleOp};
 use troupe_core::{Error, Result};
@@ -57,6 +59,12 @@ fn bigint(n: impl TryInto<i64>) -> i64 {
 }
 
 impl PostgresDialect {
+    /// Runs one statement on the main pool; how many rows it changed.
+    async fn exec(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<u64> {
+        let done = query.execute(self.pool()).await.map_err(|e| db_error(what, e))?;
+        Ok(done.rows_affected())
+    }
+
     fn pool(&self) -> &PgPool {
         self.store.pool()
     }
@@ -148,11 +156,11 @@ impl Dialect for PostgresDialect {
     }
 
     async fn declare(&self, queue: &str) -> Result<()> {
-        sqlx::query("INSERT INTO queues (name) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(queue)
-            .execute(self.pool())
-            .await
-            .map_err(|e| db_error("declare a queue", e))?;
+        self.exec(
+            "declare a queue",
+            sqlx::query("INSERT INTO queues (name) VALUES ($1) ON CONFLICT DO NOTHING").bind(queue),
+        )
+        .await?;
         Ok(())
     }
 
@@ -172,13 +180,14 @@ impl Dialect for PostgresDialect {
     }
 
     async fn insert_raw(&self, queue: &str, body: Vec<u8>) -> Result<()> {
-        sqlx::query("INSERT INTO jobs (queue, message_id, state, body) VALUES ($1, $2, 0, $3)")
-            .bind(queue)
-            .bind(uuid::Uuid::new_v4().to_string())
-            .bind(body)
-            .execute(self.pool())
-            .await
-            .map_err(|e| db_error("enqueue raw bytes", e))?;
+        self.exec(
+            "enqueue raw bytes",
+            sqlx::query("INSERT INTO jobs (queue, message_id, state, body) VALUES ($1, $2, 0, $3)")
+                .bind(queue)
+                .bind(uuid::Uuid::new_v4().to_string())
+                .bind(body),
+        )
+        .await?;
         Ok(())
     }
 
@@ -298,59 +307,54 @@ impl Dialect for PostgresDialect {
     }
 
     async fn renew(&self, owners: &[String], lease: Duration) -> Result<()> {
-        sqlx::query(
-            "UPDATE jobs SET lease_until = now() + $1 * interval '1 millisecond'
+        self.exec(
+            "renew leases",
+            sqlx::query(
+                "UPDATE jobs SET lease_until = now() + $1 * interval '1 millisecond'
              WHERE state = 1 AND lease_owner = ANY($2)",
+            )
+            .bind(ms(lease))
+            .bind(owners),
         )
-        .bind(ms(lease))
-        .bind(owners)
-        .execute(self.pool())
-        .await
-        .map_err(|e| db_error("renew leases", e))?;
+        .await?;
         Ok(())
     }
 
     async fn return_expired(&self) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+        self.exec(
+            "return expired leases",
+            sqlx::query(
+                "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
              WHERE state = 1 AND lease_until < now()",
+            ),
         )
-        .execute(self.pool())
         .await
-        .map_err(|e| db_error("return expired leases", e))?
-        .rows_affected())
     }
 
     async fn return_owned(&self, owner: &str) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL WHERE state = 1 AND lease_owner = $1",
-        )
-        .bind(owner)
-        .execute(self.pool())
-        .await
-        .map_err(|e| db_error("return unacked messages", e))?
-        .rows_affected())
+        self.exec("return unacked messages", sqlx::query("UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL WHERE state = 1 AND lease_owner = $1")
+        .bind(owner)).await
     }
 
     async fn expire_dead(&self, ttl: Duration) -> Result<u64> {
-        Ok(sqlx::query(
-            "DELETE FROM jobs WHERE id IN
+        self.exec(
+            "expire dead letters",
+            sqlx::query(
+                "DELETE FROM jobs WHERE id IN
              (SELECT id FROM jobs WHERE state = 2 AND failed_at < now() - $1 * interval '1 millisecond' LIMIT $2)",
+            )
+            .bind(ms(ttl))
+            .bind(bigint(CLEANUP_BATCH)),
         )
-        .bind(ms(ttl))
-        .bind(bigint(CLEANUP_BATCH))
-        .execute(self.pool())
         .await
-        .map_err(|e| db_error("expire dead letters", e))?
-        .rows_affected())
     }
 
     async fn purge(&self, queue: &str) -> Result<()> {
-        sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state IN (0, 2, 3)")
-            .bind(queue)
-            .execute(self.pool())
-            .await
-            .map_err(|e| db_error("purge a queue", e))?;
+        self.exec(
+            "purge a queue",
+            sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state IN (0, 2, 3)").bind(queue),
+        )
+        .await?;
         Ok(())
     }
 
@@ -419,12 +423,11 @@ impl Dialect for PostgresDialect {
     }
 
     async fn purge_dead(&self, queue: &str) -> Result<u64> {
-        Ok(sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state = 2")
-            .bind(queue)
-            .execute(self.pool())
-            .await
-            .map_err(|e| db_error("purge dead letters", e))?
-            .rows_affected())
+        self.exec(
+            "purge dead letters",
+            sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state = 2").bind(queue),
+        )
+        .await
     }
 
     fn listen(&self, wake: Wake) -> Option<impl Future<Output = ()> + Send + 'static> {

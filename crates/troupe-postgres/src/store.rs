@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use sqlx::postgres::{PgArguments, Postgres};
+use sqlx::query::Query;
 use sqlx::{PgPool, Row};
 use troupe_core::Result;
 use troupe_sql::{Store, dialect::CLEANUP_BATCH, ms};
@@ -15,6 +17,14 @@ use crate::db::{BACKEND, db_error};
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
     pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Runs one statement on the pool; how many rows it changed.
+    async fn exec(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<u64> {
+        let done = query.execute(&self.pool).await.map_err(|e| db_error(what, e))?;
+        Ok(done.rows_affected())
+    }
 }
 
 impl Store for PostgresStore {
@@ -46,69 +56,56 @@ impl Store for PostgresStore {
     }
 
     async fn write_result(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO results (key, value, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+        self.exec(
+            "store a result",
+            sqlx::query(
+                "INSERT INTO results (key, value, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
              ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            )
+            .bind(key)
+            .bind(value)
+            .bind(ms(ttl)),
         )
-        .bind(key)
-        .bind(value)
-        .bind(ms(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("store a result", e))?;
+        .await?;
         Ok(())
     }
 
     async fn expire_results(&self) -> Result<u64> {
-        Ok(
+        self.exec(
+            "expire results",
             sqlx::query(
                 "DELETE FROM results WHERE key IN (SELECT key FROM results WHERE expires_at <= now() LIMIT $1)",
             )
-            .bind(i64::try_from(CLEANUP_BATCH).unwrap_or(i64::MAX))
-            .execute(&self.pool)
-            .await
-            .map_err(|e| db_error("expire results", e))?
-            .rows_affected(),
+            .bind(i64::try_from(CLEANUP_BATCH).unwrap_or(i64::MAX)),
         )
+        .await
     }
 
     async fn add(&self, key: &str, value: i64, ttl: Duration) -> Result<bool> {
-        let changed = sqlx::query(
-            "INSERT INTO state AS s (key, value, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+        let changed = self.exec("add a counter", sqlx::query("INSERT INTO state AS s (key, value, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
              ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
-             WHERE s.expires_at <= now()",
-        )
+             WHERE s.expires_at <= now()")
         .bind(key)
         .bind(value)
-        .bind(ms(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("add a counter", e))?
-        .rows_affected();
+        .bind(ms(ttl))).await?;
         Ok(changed == 1)
     }
 
     async fn bounded(&self, key: &str, amount: i64, min: i64, max: i64, ttl: Duration) -> Result<bool> {
         // The conflict branch re-checks the bound on the locked row, so concurrent updates
         // never pass it.
-        let changed = sqlx::query(
-            "WITH cur AS (SELECT COALESCE((SELECT value FROM state WHERE key = $1 AND expires_at > now()), 0) AS v)
+        let changed = self.exec("update a counter", sqlx::query("WITH cur AS (SELECT COALESCE((SELECT value FROM state WHERE key = $1 AND expires_at > now()), 0) AS v)
              INSERT INTO state AS s (key, value, expires_at)
              SELECT $1, cur.v + $2, now() + $5 * interval '1 millisecond' FROM cur WHERE cur.v + $2 BETWEEN $3 AND $4
              ON CONFLICT (key) DO UPDATE
                SET value = (CASE WHEN s.expires_at > now() THEN s.value ELSE 0 END) + $2,
                    expires_at = excluded.expires_at
-               WHERE (CASE WHEN s.expires_at > now() THEN s.value ELSE 0 END) + $2 BETWEEN $3 AND $4",
-        )
+               WHERE (CASE WHEN s.expires_at > now() THEN s.value ELSE 0 END) + $2 BETWEEN $3 AND $4")
         .bind(key)
         .bind(amount)
         .bind(min)
         .bind(max)
-        .bind(ms(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("update a counter", e))?
-        .rows_affected();
+        .bind(ms(ttl))).await?;
         Ok(changed == 1)
     }
 
@@ -172,15 +169,16 @@ impl Store for PostgresStore {
     }
 
     async fn write_event(&self, key: &str, ttl: Duration) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO events (key, expires_at) VALUES ($1, now() + $2 * interval '1 millisecond')
+        self.exec(
+            "write an event",
+            sqlx::query(
+                "INSERT INTO events (key, expires_at) VALUES ($1, now() + $2 * interval '1 millisecond')
              ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+            )
+            .bind(key)
+            .bind(ms(ttl)),
         )
-        .bind(key)
-        .bind(ms(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("write an event", e))?;
+        .await?;
         Ok(())
     }
 }

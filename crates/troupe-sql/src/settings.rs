@@ -76,6 +76,78 @@ pub trait SqlOptions: Clone + Debug + Send + Sync + 'static {
 
     /// The common settings.
     fn common(&self) -> Common;
+
+    /// Replaces the common settings.
+    fn set_common(&mut self, common: Common);
+}
+
+/// Implements [`SqlOptions`] for a backend's options struct whose common settings are fields
+/// of the same names as [`Common`]'s, and whose `from_url` parses its URLs, and gives it a
+/// builder method per common setting.
+#[macro_export]
+macro_rules! impl_sql_options {
+    ($options:ty) => {
+        impl $options {
+            /// Sets the lease: how long a worker's claim on a message lasts without renewal.
+            #[must_use]
+            pub fn lease(mut self, lease: ::std::time::Duration) -> Self {
+                self.lease = lease;
+                self
+            }
+
+            /// Sets how often idle consumers look for messages nobody announced.
+            #[must_use]
+            pub fn poll_interval(mut self, interval: ::std::time::Duration) -> Self {
+                self.poll_interval = interval;
+                self
+            }
+
+            /// Sets how long dead letters are kept.
+            #[must_use]
+            pub fn dead_letter_ttl(mut self, ttl: ::std::time::Duration) -> Self {
+                self.dead_letter_ttl = ttl;
+                self
+            }
+
+            /// Sets the largest accepted message, in bytes.
+            #[must_use]
+            pub fn max_message_size(mut self, limit: usize) -> Self {
+                self.max_message_size = limit;
+                self
+            }
+
+            /// Sets the number of connections in the main pool (at least 1).
+            #[must_use]
+            pub fn max_connections(mut self, n: u32) -> Self {
+                self.max_connections = n.max(1);
+                self
+            }
+        }
+
+        impl $crate::SqlOptions for $options {
+            fn parse_url(url: &str) -> ::troupe_core::Result<Self> {
+                Self::from_url(url)
+            }
+
+            fn common(&self) -> $crate::Common {
+                $crate::Common::new(
+                    self.lease,
+                    self.poll_interval,
+                    self.dead_letter_ttl,
+                    self.max_message_size,
+                    self.max_connections,
+                )
+            }
+
+            fn set_common(&mut self, common: $crate::Common) {
+                self.lease = common.lease;
+                self.poll_interval = common.poll_interval;
+                self.dead_letter_ttl = common.dead_letter_ttl;
+                self.max_message_size = common.max_message_size;
+                self.max_connections = common.max_connections;
+            }
+        }
+    };
 }
 
 /// One `key=value` pair of a URL's query.

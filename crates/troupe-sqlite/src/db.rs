@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Executor, Row};
 use troupe_core::{Error, ErrorKind};
-use troupe_sql::{Common, SqlOptions, parse_query};
+use troupe_sql::{SqlOptions, parse_query};
 
 pub(crate) const BACKEND: &str = "sqlite";
 
@@ -111,67 +111,15 @@ impl SqliteOptions {
         Ok(options)
     }
 
-    /// Sets the lease.
-    #[must_use]
-    pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
-        self
-    }
-
-    /// Sets the poll interval.
-    #[must_use]
-    pub fn poll_interval(mut self, d: Duration) -> Self {
-        self.poll_interval = d;
-        self
-    }
-
-    /// Sets the dead-letter TTL.
-    #[must_use]
-    pub fn dead_letter_ttl(mut self, d: Duration) -> Self {
-        self.dead_letter_ttl = d;
-        self
-    }
-
     /// Sets the durability.
     #[must_use]
     pub fn durability(mut self, d: Durability) -> Self {
         self.durability = d;
         self
     }
-
-    /// Sets the message size limit.
-    #[must_use]
-    pub fn max_message_size(mut self, limit: usize) -> Self {
-        self.max_message_size = limit;
-        self
-    }
 }
 
-impl SqliteOptions {
-    fn set_common(&mut self, common: Common) {
-        self.lease = common.lease;
-        self.poll_interval = common.poll_interval;
-        self.dead_letter_ttl = common.dead_letter_ttl;
-        self.max_message_size = common.max_message_size;
-        self.max_connections = common.max_connections;
-    }
-}
-
-impl SqlOptions for SqliteOptions {
-    fn parse_url(url: &str) -> Result<Self, Error> {
-        Self::from_url(url)
-    }
-
-    fn common(&self) -> Common {
-        Common::new(
-            self.lease,
-            self.poll_interval,
-            self.dead_letter_ttl,
-            self.max_message_size,
-            self.max_connections,
-        )
-    }
-}
+troupe_sql::impl_sql_options!(SqliteOptions);
 
 impl FromStr for SqliteOptions {
     type Err = Error;

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use sqlx::query::Query;
+use sqlx::sqlite::{Sqlite, SqliteArguments};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use troupe_core::support::{Settle, SettleOp};
 use troupe_core::{Error, Result};
@@ -44,6 +46,12 @@ fn pairs(keys: &[Key]) -> Result<String> {
 }
 
 impl SqliteDialect {
+    /// Runs one statement on the main pool; how many rows it changed.
+    async fn exec(&self, what: &str, query: Query<'_, Sqlite, SqliteArguments>) -> Result<u64> {
+        let done = query.execute(self.pool()).await.map_err(|e| db_error(what, e))?;
+        Ok(done.rows_affected())
+    }
+
     fn pool(&self) -> &SqlitePool {
         self.store.pool()
     }
@@ -92,11 +100,11 @@ impl Dialect for SqliteDialect {
     }
 
     async fn declare(&self, queue: &str) -> Result<()> {
-        sqlx::query("INSERT OR IGNORE INTO troupe_queues (name) VALUES (?1)")
-            .bind(queue)
-            .execute(self.pool())
-            .await
-            .map_err(|e| db_error("declare a queue", e))?;
+        self.exec(
+            "declare a queue",
+            sqlx::query("INSERT OR IGNORE INTO troupe_queues (name) VALUES (?1)").bind(queue),
+        )
+        .await?;
         Ok(())
     }
 
@@ -128,17 +136,18 @@ impl Dialect for SqliteDialect {
     }
 
     async fn insert_raw(&self, queue: &str, body: Vec<u8>) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO troupe_jobs (queue, message_id, priority, state, available_at, enqueued_at, body)
+        self.exec(
+            "enqueue raw bytes",
+            sqlx::query(
+                "INSERT INTO troupe_jobs (queue, message_id, priority, state, available_at, enqueued_at, body)
              VALUES (?1, ?2, 0, 0, ?3, ?3, ?4)",
+            )
+            .bind(queue)
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(now())
+            .bind(body),
         )
-        .bind(queue)
-        .bind(uuid::Uuid::new_v4().to_string())
-        .bind(now())
-        .bind(body)
-        .execute(self.pool())
-        .await
-        .map_err(|e| db_error("enqueue raw bytes", e))?;
+        .await?;
         Ok(())
     }
 
@@ -159,12 +168,13 @@ impl Dialect for SqliteDialect {
     }
 
     async fn release_due(&self, queue: &str) -> Result<()> {
-        sqlx::query("UPDATE troupe_jobs SET state = 0 WHERE state = 3 AND queue = ?1 AND available_at <= ?2")
-            .bind(queue)
-            .bind(now())
-            .execute(self.pool())
-            .await
-            .map_err(|e| db_error("release due delayed messages", e))?;
+        self.exec(
+            "release due delayed messages",
+            sqlx::query("UPDATE troupe_jobs SET state = 0 WHERE state = 3 AND queue = ?1 AND available_at <= ?2")
+                .bind(queue)
+                .bind(now()),
+        )
+        .await?;
         Ok(())
     }
 
@@ -254,61 +264,62 @@ impl Dialect for SqliteDialect {
 
     async fn renew(&self, owners: &[String], lease: Duration) -> Result<()> {
         let list = serde_json::to_string(owners).map_err(|e| Error::Encode(e.to_string()))?;
-        sqlx::query(
-            "UPDATE troupe_jobs SET lease_until = ?1
+        self.exec(
+            "renew leases",
+            sqlx::query(
+                "UPDATE troupe_jobs SET lease_until = ?1
              WHERE state = 1 AND lease_owner IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(now() + ms(lease))
+            .bind(list),
         )
-        .bind(now() + ms(lease))
-        .bind(list)
-        .execute(self.pool())
-        .await
-        .map_err(|e| db_error("renew leases", e))?;
+        .await?;
         Ok(())
     }
 
     async fn return_expired(&self) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE troupe_jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+        self.exec(
+            "return expired leases",
+            sqlx::query(
+                "UPDATE troupe_jobs SET state = 0, lease_owner = NULL, lease_until = NULL
              WHERE state = 1 AND lease_until < ?1",
+            )
+            .bind(now()),
         )
-        .bind(now())
-        .execute(self.pool())
         .await
-        .map_err(|e| db_error("return expired leases", e))?
-        .rows_affected())
     }
 
     async fn return_owned(&self, owner: &str) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE troupe_jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+        self.exec(
+            "return unacked messages",
+            sqlx::query(
+                "UPDATE troupe_jobs SET state = 0, lease_owner = NULL, lease_until = NULL
              WHERE state = 1 AND lease_owner = ?1",
+            )
+            .bind(owner),
         )
-        .bind(owner)
-        .execute(self.pool())
         .await
-        .map_err(|e| db_error("return unacked messages", e))?
-        .rows_affected())
     }
 
     async fn expire_dead(&self, ttl: Duration) -> Result<u64> {
-        Ok(sqlx::query(
-            "DELETE FROM troupe_jobs WHERE id IN
+        self.exec(
+            "expire dead letters",
+            sqlx::query(
+                "DELETE FROM troupe_jobs WHERE id IN
              (SELECT id FROM troupe_jobs WHERE state = 2 AND failed_at < ?1 LIMIT ?2)",
+            )
+            .bind(now() - ms(ttl))
+            .bind(i64::try_from(CLEANUP_BATCH).unwrap_or(i64::MAX)),
         )
-        .bind(now() - ms(ttl))
-        .bind(i64::try_from(CLEANUP_BATCH).unwrap_or(i64::MAX))
-        .execute(self.pool())
         .await
-        .map_err(|e| db_error("expire dead letters", e))?
-        .rows_affected())
     }
 
     async fn purge(&self, queue: &str) -> Result<()> {
-        sqlx::query("DELETE FROM troupe_jobs WHERE queue = ?1 AND state IN (0, 2, 3)")
-            .bind(queue)
-            .execute(self.pool())
-            .await
-            .map_err(|e| db_error("purge a queue", e))?;
+        self.exec(
+            "purge a queue",
+            sqlx::query("DELETE FROM troupe_jobs WHERE queue = ?1 AND state IN (0, 2, 3)").bind(queue),
+        )
+        .await?;
         Ok(())
     }
 
@@ -378,12 +389,11 @@ impl Dialect for SqliteDialect {
     }
 
     async fn purge_dead(&self, queue: &str) -> Result<u64> {
-        Ok(sqlx::query("DELETE FROM troupe_jobs WHERE queue = ?1 AND state = 2")
-            .bind(queue)
-            .execute(self.pool())
-            .await
-            .map_err(|e| db_error("purge dead letters", e))?
-            .rows_affected())
+        self.exec(
+            "purge dead letters",
+            sqlx::query("DELETE FROM troupe_jobs WHERE queue = ?1 AND state = 2").bind(queue),
+        )
+        .await
     }
 
     fn listen(&self, _wake: Wake) -> Option<impl Future<Output = ()> + Send + 'static> {

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use sqlx::query::Query;
+use sqlx::sqlite::{Sqlite, SqliteArguments};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use troupe_core::Result;
 use troupe_sql::{Store, dialect::CLEANUP_BATCH, ms};
@@ -18,6 +20,12 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Runs one statement on the pool; how many rows it changed.
+    async fn exec(&self, what: &str, query: Query<'_, Sqlite, SqliteArguments>) -> Result<u64> {
+        let done = query.execute(&self.pool).await.map_err(|e| db_error(what, e))?;
+        Ok(done.rows_affected())
+    }
+
     /// Reads the live value of `key` on `conn`.
     async fn current(conn: &mut SqliteConnection, key: &str, t: i64) -> Result<Option<i64>> {
         let row = sqlx::query("SELECT value FROM troupe_state WHERE key = ?1 AND expires_at > ?2")
@@ -76,47 +84,49 @@ impl Store for SqliteStore {
     }
 
     async fn write_result(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO troupe_results (key, value, expires_at) VALUES (?1, ?2, ?3)
+        self.exec(
+            "store a result",
+            sqlx::query(
+                "INSERT INTO troupe_results (key, value, expires_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            )
+            .bind(key)
+            .bind(value)
+            .bind(now() + ms(ttl)),
         )
-        .bind(key)
-        .bind(value)
-        .bind(now() + ms(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("store a result", e))?;
+        .await?;
         Ok(())
     }
 
     async fn expire_results(&self) -> Result<u64> {
-        Ok(sqlx::query(
-            "DELETE FROM troupe_results WHERE key IN
+        self.exec(
+            "expire results",
+            sqlx::query(
+                "DELETE FROM troupe_results WHERE key IN
              (SELECT key FROM troupe_results WHERE expires_at <= ?1 LIMIT ?2)",
+            )
+            .bind(now())
+            .bind(i64::try_from(CLEANUP_BATCH).unwrap_or(i64::MAX)),
         )
-        .bind(now())
-        .bind(i64::try_from(CLEANUP_BATCH).unwrap_or(i64::MAX))
-        .execute(&self.pool)
         .await
-        .map_err(|e| db_error("expire results", e))?
-        .rows_affected())
     }
 
     async fn add(&self, key: &str, value: i64, ttl: Duration) -> Result<bool> {
         let t = now();
-        let changed = sqlx::query(
-            "INSERT INTO troupe_state (key, value, expires_at) VALUES (?1, ?2, ?3)
+        let changed = self
+            .exec(
+                "add a counter",
+                sqlx::query(
+                    "INSERT INTO troupe_state (key, value, expires_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
              WHERE troupe_state.expires_at <= ?4",
-        )
-        .bind(key)
-        .bind(value)
-        .bind(t + ms(ttl))
-        .bind(t)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("add a counter", e))?
-        .rows_affected();
+                )
+                .bind(key)
+                .bind(value)
+                .bind(t + ms(ttl))
+                .bind(t),
+            )
+            .await?;
         Ok(changed == 1)
     }
 
@@ -175,15 +185,16 @@ impl Store for SqliteStore {
     }
 
     async fn write_event(&self, key: &str, ttl: Duration) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO troupe_events (key, expires_at) VALUES (?1, ?2)
+        self.exec(
+            "write an event",
+            sqlx::query(
+                "INSERT INTO troupe_events (key, expires_at) VALUES (?1, ?2)
              ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+            )
+            .bind(key)
+            .bind(now() + ms(ttl)),
         )
-        .bind(key)
-        .bind(now() + ms(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("write an event", e))?;
+        .await?;
         Ok(())
     }
 }
