@@ -257,6 +257,134 @@ impl App {
         let backend = self.results().ok_or(Error::NoResultBackend)?;
         unwrap_result(backend.get(message, timeout).await?)
     }
+
+    /// Waits until `queue` is drained: no message ready, delayed or in flight (a worker, in
+    /// this process or another, processed them all), on any broker. Fails fast with
+    /// [`Error::MessageFailed`] as soon as a message of the queue is dead-lettered while it
+    /// waits, as [`MemoryBroker::join`](crate::MemoryBroker::join) does; see
+    /// [`join_with`](Self::join_with) to wait through failures.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use troupe_core::{Actor, ActorError, App, MemoryBroker};
+    /// # struct Add;
+    /// # impl Actor for Add {
+    /// #     type Args = (i64, i64);
+    /// #     type Output = i64;
+    /// #     fn name(&self) -> &str { "add" }
+    /// #     async fn call(&self, (x, y): (i64, i64)) -> Result<i64, ActorError> { Ok(x + y) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> troupe_core::Result<()> {
+    /// let app = App::builder(MemoryBroker::new().into_dyn()).actor(Add).build()?;
+    /// app.send(&Add, (1, 2)).await?;
+    /// // ... a worker runs (here none does, so the wait times out)
+    /// let waited = app.join("default", Duration::from_millis(50)).await;
+    /// assert!(matches!(waited, Err(troupe_core::Error::QueueJoinTimeout(_))));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::QueueJoinTimeout`] when the queue is not drained within `timeout`,
+    /// [`Error::MessageFailed`] for a dead letter, or the broker's error (an undeclared queue:
+    /// [`Error::QueueNotFound`] on the memory broker).
+    pub async fn join(&self, queue: &str, timeout: Duration) -> Result<()> {
+        self.join_with(queue, timeout, JoinOptions::new()).await
+    }
+
+    /// [`join`](Self::join) with options.
+    ///
+    /// The queue's counts are polled ([`Broker::stats`]) with a short backoff (5 ms, growing
+    /// to 100 ms). With `fail_fast`, only dead letters that appear while `join` waits count:
+    /// those already there when it starts (a durable broker keeps the dead letters of earlier
+    /// runs) do not, nor does a message dead-lettered before the first poll.
+    ///
+    /// # Errors
+    /// As [`join`](Self::join).
+    pub async fn join_with(&self, queue: &str, timeout: Duration, options: JoinOptions) -> Result<()> {
+        let queue = q_name(queue);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || Error::QueueJoinTimeout(queue.to_owned());
+        // The fewest dead letters seen: more than that means one appeared while waiting
+        // (the lowest count, since dead letters may expire or be requeued meanwhile).
+        let mut known_dead: Option<u64> = None;
+        let mut pause = JOIN_POLL_FIRST;
+        loop {
+            let stats = tokio::time::timeout_at(deadline, self.inner.broker.stats(queue))
+                .await
+                .map_err(|_| timed_out())??;
+            if options.fail_fast {
+                if let Some(known) = known_dead.filter(|known| stats.dead > *known)
+                    && let Some(failure) = self.dead_letter_after(queue, known).await?
+                {
+                    return Err(failure);
+                }
+                known_dead = Some(known_dead.map_or(stats.dead, |known| known.min(stats.dead)));
+            }
+            if stats.pending() == 0 {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(timed_out());
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(JOIN_POLL_MAX);
+        }
+    }
+
+    /// The dead letter of `queue` after the first `known` ones (oldest first), as
+    /// [`Error::MessageFailed`]; `None` if there is none any more.
+    async fn dead_letter_after(&self, queue: &str, known: u64) -> Result<Option<Error>> {
+        let index = usize::try_from(known).unwrap_or(usize::MAX);
+        let dead = self.inner.broker.dead_letters(queue, index.saturating_add(1)).await?;
+        Ok(dead.get(index).or(dead.last()).map(|letter| {
+            let (message_id, actor_name) = match &letter.message {
+                Ok(m) => (m.message_id.clone(), m.actor_name.clone()),
+                Err(_) => (letter.id.clone(), String::from("<undecodable>")),
+            };
+            Error::MessageFailed {
+                message_id,
+                actor_name,
+                reason: letter.reason.clone(),
+            }
+        }))
+    }
+}
+
+/// The first pause between two polls of [`App::join`]; it doubles up to [`JOIN_POLL_MAX`].
+const JOIN_POLL_FIRST: Duration = Duration::from_millis(5);
+/// The longest pause between two polls of [`App::join`].
+const JOIN_POLL_MAX: Duration = Duration::from_millis(100);
+
+/// How [`App::join_with`] waits.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct JoinOptions {
+    fail_fast: bool,
+}
+
+impl Default for JoinOptions {
+    fn default() -> Self {
+        Self { fail_fast: true }
+    }
+}
+
+impl JoinOptions {
+    /// The defaults: fail fast.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a message dead-lettered while waiting ends the wait with
+    /// [`Error::MessageFailed`] (default `true`). Without it, `join` waits for the drain
+    /// whatever fails.
+    #[must_use]
+    pub fn fail_fast(mut self, on: bool) -> Self {
+        self.fail_fast = on;
+        self
+    }
 }
 
 /// Builds an [`App`].
@@ -530,4 +658,101 @@ impl<O: DeserializeOwned> Sent<O> {
 
 fn decode_result<O: DeserializeOwned>(value: Value) -> Result<O> {
     serde_json::from_value(value).map_err(|e| Error::Decode(format!("stored result has another type: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::{ConsumerOptions, MemoryBroker};
+
+    fn message(queue: &str, n: i64) -> Message {
+        Message::new(queue, "work", vec![json!(n)], Map::new())
+    }
+
+    /// Takes one delivery of `queue` and acks it, or nacks it when its argument is negative.
+    async fn settle_one(broker: &MemoryBroker, queue: &str) -> String {
+        let mut consumer = broker.consume(queue, ConsumerOptions::new(1)).await.unwrap();
+        let delivery = loop {
+            if let Some(d) = consumer.fetch(1, Duration::from_millis(50)).await.unwrap().pop() {
+                break d;
+            }
+        };
+        let m = delivery.message().unwrap().clone();
+        if m.args[0].as_i64().unwrap() < 0 {
+            delivery.nack(Some(&m), "negative").await.unwrap();
+        } else {
+            delivery.ack().await.unwrap();
+        }
+        m.message_id
+    }
+
+    #[tokio::test]
+    async fn join_waits_for_the_drain_and_times_out() {
+        let broker = MemoryBroker::new();
+        let app = App::builder(broker.clone().into_dyn()).build().unwrap();
+        for n in 0..3 {
+            app.enqueue(message("j", n), None).await.unwrap();
+        }
+        let err = app.join("j", Duration::from_millis(30)).await.unwrap_err();
+        assert!(matches!(err, Error::QueueJoinTimeout(ref q) if q == "j"), "{err}");
+        let worker = broker.clone();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                settle_one(&worker, "j").await;
+            }
+        });
+        app.join("j", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(broker.stats("j").await.unwrap().pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn join_fails_fast_on_a_new_dead_letter_only() {
+        let broker = MemoryBroker::new();
+        let app = App::builder(broker.clone().into_dyn()).build().unwrap();
+        // A dead letter from before the join does not count.
+        app.enqueue(message("f", -1), None).await.unwrap();
+        settle_one(&broker, "f").await;
+        app.join("f", Duration::from_secs(1)).await.unwrap();
+
+        // One that appears while join waits ends it at once, other messages still pending.
+        app.enqueue(message("f", -2), None).await.unwrap();
+        app.enqueue(message("f", 1), None).await.unwrap();
+        let worker = broker.clone();
+        let failed = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            settle_one(&worker, "f").await
+        });
+        let err = app.join("f", Duration::from_secs(5)).await.unwrap_err();
+        let failed_id = failed.await.unwrap();
+        match err {
+            Error::MessageFailed {
+                message_id,
+                actor_name,
+                reason,
+            } => {
+                assert_eq!(message_id, failed_id);
+                assert_eq!(actor_name, "work");
+                assert_eq!(reason, "negative");
+            }
+            other => panic!("expected MessageFailed, got {other}"),
+        }
+        assert_eq!(broker.stats("f").await.unwrap().ready, 1, "returned before the drain");
+
+        // Without fail_fast it waits for the drain through failures.
+        app.enqueue(message("f", -3), None).await.unwrap();
+        let worker = broker.clone();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                settle_one(&worker, "f").await;
+            }
+        });
+        app.join_with("f", Duration::from_secs(5), JoinOptions::new().fail_fast(false))
+            .await
+            .unwrap();
+        assert_eq!(broker.stats("f").await.unwrap().dead, 3);
+    }
 }

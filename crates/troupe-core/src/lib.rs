@@ -23,7 +23,7 @@ pub use actor::{
     Actor, ActorError, ActorOptions, BAD_ARGUMENTS, DEFAULT_QUEUE, DynActor, ErrorAction, ErrorPredicate, RetryWhen,
     bind_arguments, encode_args,
 };
-pub use app::{App, AppBuilder, SendOptions, Sent};
+pub use app::{App, AppBuilder, JoinOptions, SendOptions, Sent};
 pub use broker::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DEFAULT_MAX_MESSAGE_SIZE, DeadLetter, Delivery,
     QueueStats, decode_delivery, encode_checked, prepare_for_delay_queue,
