@@ -477,6 +477,68 @@ pub async fn worker_runs_actor_and_acks(tb: &TestBroker) {
     assert_eq!(actor.count(), 10, "each message ran once");
 }
 
+/// `App::join` returns once a worker has processed a handful of messages, and fails fast with
+/// `MessageFailed` (the dead-lettered message's id and reason) when a message is dead-lettered
+/// while it waits, without waiting for the rest of the queue (here a delayed message).
+pub async fn app_join_waits_for_the_drain_and_fails_fast(tb: &TestBroker) {
+    let q = unique_queue("join");
+    let actor = TestActor::new("joined", &q).behaviour(|_, args| async move {
+        let n = args.first().and_then(Value::as_i64).unwrap_or_default();
+        if n < 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Err(ActorError::fail_permanently(ActorError::new("Invalid", "refused")))
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(json!(n))
+        }
+    });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .middleware_list(fast_retries())
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let worker = start(&app, 2).await;
+    for i in 0..6 {
+        app.send(&actor, vec![json!(i)]).await.expect("send");
+    }
+    app.join(&q, WAIT)
+        .await
+        .expect("join returns once the queue is drained");
+    assert_eq!(actor.count(), 6, "every message ran before join returned");
+    let stats = tb.broker.stats(&q).await.expect("stats");
+    assert_eq!(stats.pending(), 0, "{stats:?}");
+
+    let failing = app.send(&actor, vec![json!(-1)]).await.expect("send");
+    app.send_with_options(
+        &actor,
+        vec![json!(99)],
+        SendOptions::new().delay(Duration::from_secs(5)),
+    )
+    .await
+    .expect("send delayed");
+    let started = Instant::now();
+    let err = app.join(&q, WAIT).await.expect_err("a dead letter ends the join");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "join failed fast, before the delayed message was due: {:?}",
+        started.elapsed()
+    );
+    match err {
+        Error::MessageFailed {
+            message_id,
+            actor_name,
+            reason,
+        } => {
+            assert_eq!(message_id, failing.message_id());
+            assert_eq!(actor_name, "joined");
+            assert!(reason.contains("Invalid: refused"), "{reason}");
+        }
+        other => panic!("expected MessageFailed, got {other}"),
+    }
+    worker.stop().await;
+    assert_eq!(actor.count(), 7, "the delayed message did not run");
+}
+
 /// Keyword arguments bind to parameters by name, as a Python caller sends them.
 pub async fn kwargs_bind_by_name(tb: &TestBroker) {
     #[derive(Clone)]

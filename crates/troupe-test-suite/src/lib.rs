@@ -127,6 +127,7 @@ macro_rules! broker_conformance {
             enqueue_many_keeps_order_and_delays,
             send_many_runs_each_once,
             worker_runs_actor_and_acks,
+            app_join_waits_for_the_drain_and_fails_fast,
             kwargs_bind_by_name,
             delayed_message_not_started_before_eta,
             delayed_messages_do_not_block_ready_ones,
