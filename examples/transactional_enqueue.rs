@@ -68,9 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let app = App::builder(Arc::new(broker.clone())).actor(SendWelcome).build()?;
     let worker = Worker::builder(app.clone()).concurrency(2).start().await?;
-    while app.broker().stats("email").await?.pending() > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    app.join("email", Duration::from_secs(30)).await?;
     worker.stop().await;
 
     let users: Vec<String> = sqlx::query_scalar("SELECT address FROM example_users ORDER BY address")

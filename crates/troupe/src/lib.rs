@@ -17,8 +17,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let broker = MemoryBroker::new();
-//! let app = App::builder(broker.clone().into_dyn())
+//! let app = App::builder(MemoryBroker::new().into_dyn())
 //!     .results(MemoryResults::new().into_dyn())
 //!     .actor(Add)
 //!     .build()?;
@@ -26,9 +25,9 @@
 //! // Send a message: this is all a producer does.
 //! let sent = Add.send(&app, 1, 2).await?;
 //!
-//! // Run a worker until the queue is drained.
+//! // Run a worker until the queue is drained (on any broker).
 //! let worker = Worker::builder(app.clone()).concurrency(2).start().await?;
-//! broker.join("math", Duration::from_secs(5)).await?;
+//! app.join("math", Duration::from_secs(5)).await?;
 //! worker.stop().await;
 //!
 //! assert_eq!(sent.get_result(&app).await?, 3);
@@ -116,9 +115,9 @@ pub mod prelude {
     #[cfg(feature = "macros")]
     pub use crate::actor;
     pub use crate::{
-        Actor, ActorError, ActorOptions, App, Broker, MemoryBroker, MemoryResults, Message, Middleware, Next, Outcome,
-        ProcessContext, ResultBackend, SendOptions, Sent, StateBackend, async_trait, connect, connect_results,
-        connect_state, current_app, current_message, pipeline,
+        Actor, ActorError, ActorOptions, App, Broker, JoinOptions, MemoryBroker, MemoryResults, Message, Middleware,
+        Next, Outcome, ProcessContext, ResultBackend, SendOptions, Sent, StateBackend, async_trait, connect,
+        connect_results, connect_state, current_app, current_message, pipeline,
     };
 }
 
