@@ -3,22 +3,22 @@
 //! one clear line each.
 //!
 //! The restart test restarts the machine's cluster with `pg_ctlcluster`; `.config/nextest.toml`
-//! makes it run alone. The crash test runs this binary again as the worker (`TROUPE_PG_ROLE`).
+//! makes it run alone. The crash test runs this binary again as the worker
+//! (`troupe_test_suite::kill`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use troupe_core::{Actor, ActorError, ActorOptions, App, Broker};
 use troupe_postgres::{PostgresBroker, PostgresOptions};
+use troupe_test_suite::kill::{self, FileRuns, KillBackend, MidBatchKill};
 use troupe_worker::Worker;
 
 const QUEUE: &str = "faults";
-static POOL: OnceLock<PgPool> = OnceLock::new();
 
 fn url() -> String {
     std::env::var("TROUPE_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
@@ -32,77 +32,26 @@ fn options(schema: &str) -> PostgresOptions {
         .poll_interval(Duration::from_millis(50))
 }
 
-/// Counts its runs per argument in the `processed` table of the schema.
-struct Record;
+/// A schema (the place) with a 1 s lease; runs are recorded in `<temp dir>/<schema>.log`.
+struct Postgres;
 
-impl Actor for Record {
-    type Args = (i64,);
-    type Output = ();
-    fn name(&self) -> &str {
-        "record"
-    }
-    fn options(&self) -> ActorOptions {
-        ActorOptions::new().queue_name(QUEUE)
-    }
-    async fn call(&self, (n,): (i64,)) -> Result<(), ActorError> {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let pool = POOL.get().ok_or_else(|| ActorError::msg("no pool"))?;
-        sqlx::query("INSERT INTO processed (n) VALUES ($1)")
-            .bind(n)
-            .execute(pool)
-            .await?;
-        Ok(())
+impl KillBackend for Postgres {
+    type Broker = PostgresBroker;
+    type Runs = FileRuns;
+    const NAME: &'static str = "PostgreSQL";
+
+    async fn open(&self, schema: &str) -> (PostgresBroker, FileRuns) {
+        (
+            PostgresBroker::open(options(schema)).await.unwrap(),
+            FileRuns::temp(schema),
+        )
     }
 }
 
-async fn app(schema: &str) -> (PostgresBroker, App) {
-    let broker = PostgresBroker::open(options(schema)).await.unwrap();
-    let _ = POOL.set(broker.pool().clone());
-    let app = App::builder(Arc::new(broker.clone())).actor(Record).build().unwrap();
-    (broker, app)
-}
-
+/// The worker process of the crash test.
 #[test]
 fn child() {
-    let Ok(schema) = std::env::var("TROUPE_PG_ROLE") else {
-        return;
-    };
-    tokio::runtime::Runtime::new().unwrap().block_on(async move {
-        let (_broker, app) = app(&schema).await;
-        let _worker = Worker::builder(app).concurrency(4).start().await.unwrap();
-        std::future::pending::<()>().await;
-    });
-}
-
-fn spawn_worker(schema: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["child", "--exact", "--nocapture", "--test-threads", "1"])
-        .env("TROUPE_PG_ROLE", schema)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn counts(pool: &PgPool) -> HashMap<i64, i64> {
-    sqlx::query("SELECT n, COUNT(*) FROM processed GROUP BY n")
-        .fetch_all(pool)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1)))
-        .collect()
-}
-
-async fn wait_for(pool: &PgPool, n: usize, timeout: Duration) -> HashMap<i64, i64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let c = counts(pool).await;
-        if c.len() >= n || Instant::now() > deadline {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    kill::child(&Postgres);
 }
 
 fn schema() -> String {
@@ -111,37 +60,9 @@ fn schema() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing() {
-    const N: i64 = 300;
     let schema = schema();
-    let (broker, app) = app(&schema).await;
-    sqlx::query("CREATE TABLE processed (n bigint NOT NULL)")
-        .execute(broker.pool())
-        .await
-        .unwrap();
-    for n in 0..N {
-        app.send(&Record, (n,)).await.unwrap();
-    }
-    let mut first = spawn_worker(&schema);
-    let before = wait_for(broker.pool(), 60, Duration::from_secs(30)).await;
-    assert!(before.len() >= 60, "the first worker ran {}", before.len());
-    first.kill().unwrap();
-    first.wait().unwrap();
-    let in_flight = broker.stats(QUEUE).await.unwrap().in_flight;
-    let mut second = spawn_worker(&schema);
-    let done = wait_for(broker.pool(), usize::try_from(N).unwrap(), Duration::from_secs(60)).await;
-    second.kill().unwrap();
-    second.wait().unwrap();
-    let missing: Vec<i64> = (0..N).filter(|n| !done.contains_key(n)).collect();
-    assert!(missing.is_empty(), "lost: {missing:?}");
-    let duplicates: i64 = done.values().map(|c| c - 1).sum();
-    eprintln!(
-        "PostgreSQL SIGKILL crash test: {N} messages, {} run before the kill, {in_flight} in flight at the kill, {duplicates} run twice, none lost",
-        before.len()
-    );
-    assert!(
-        duplicates <= 8,
-        "only the killed worker's prefetch window can run twice: {duplicates}"
-    );
+    MidBatchKill::default().run(&Postgres, &schema, QUEUE).await;
+    FileRuns::temp(&schema).remove();
 }
 
 struct Count(Arc<std::sync::atomic::AtomicUsize>);

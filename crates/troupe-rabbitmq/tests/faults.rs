@@ -11,22 +11,21 @@
 //! `rabbitmqctl close_connection`, and the crash test starts a private RabbitMQ node (own port,
 //! node name and data directory, run as the `rabbitmq` user as the Debian scripts do) and
 //! SIGKILLs it. The worker-crash test runs this binary again as the worker process
-//! (`TROUPE_RABBITMQ_ROLE`).
+//! (`troupe_test_suite::kill`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
-use troupe_core::{Actor, ActorError, ActorOptions, App, Broker, ConsumerOptions, ErrorKind, Message};
+use troupe_core::{App, Broker, ConsumerOptions, ErrorKind, Message};
 use troupe_rabbitmq::{RabbitmqBroker, RabbitmqOptions};
+use troupe_test_suite::kill::{self, FileRuns, KillBackend, MidBatchKill, Record, Runs, wait_runs};
 use troupe_worker::Worker;
 
 fn url() -> String {
@@ -55,124 +54,42 @@ async fn plain_channel() -> (Connection, lapin::Channel) {
     (conn, ch)
 }
 
-/// Records each run of its argument as one line in a file (appends of one short line are
-/// atomic, so two processes may write it).
-struct Record {
-    queue: String,
-    log: PathBuf,
+/// The log file of a queue's runs (`troupe_test_suite::kill::Record` writes it).
+fn file_runs(queue: &str) -> Arc<FileRuns> {
+    Arc::new(FileRuns::temp(queue))
 }
 
-impl Actor for Record {
-    type Args = (u64,);
-    type Output = ();
-    fn name(&self) -> &str {
-        "record"
-    }
-    fn options(&self) -> ActorOptions {
-        ActorOptions::new().queue_name(self.queue.clone())
-    }
-    async fn call(&self, (n,): (u64,)) -> Result<(), ActorError> {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        file.write_all(format!("{n}\n").as_bytes())?;
-        Ok(())
-    }
-}
+/// A queue (the place) on a connection of its own; runs are recorded in `<temp dir>/<queue>.log`.
+struct Rabbitmq;
 
-fn runs(log: &Path) -> HashMap<u64, u64> {
-    let mut seen = HashMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        if let Ok(n) = line.parse::<u64>() {
-            *seen.entry(n).or_insert(0) += 1;
-        }
-    }
-    seen
-}
+impl KillBackend for Rabbitmq {
+    type Broker = RabbitmqBroker;
+    type Runs = FileRuns;
+    const NAME: &'static str = "RabbitMQ";
 
-async fn wait_runs(log: &Path, n: usize, timeout: Duration) -> HashMap<u64, u64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let seen = runs(log);
-        if seen.len() >= n || Instant::now() > deadline {
-            return seen;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    async fn open(&self, queue: &str) -> (RabbitmqBroker, FileRuns) {
+        (broker(&unique("troupe-crash")).await, FileRuns::temp(queue))
     }
 }
 
 /// The worker process of the crash test.
 #[test]
 fn child() {
-    if std::env::var("TROUPE_RABBITMQ_ROLE").is_err() {
-        return;
-    }
-    let queue = std::env::var("TROUPE_RABBITMQ_QUEUE").unwrap();
-    let log = PathBuf::from(std::env::var("TROUPE_RABBITMQ_LOG").unwrap());
-    tokio::runtime::Runtime::new().unwrap().block_on(async move {
-        let broker = broker(&unique("troupe-crash-child")).await;
-        let app = App::builder(Arc::new(broker))
-            .actor(Record { queue, log })
-            .build()
-            .unwrap();
-        let _worker = Worker::builder(app).concurrency(4).start().await.unwrap();
-        std::future::pending::<()>().await;
-    });
-}
-
-fn spawn_worker(queue: &str, log: &Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["child", "--exact", "--nocapture", "--test-threads", "1"])
-        .env("TROUPE_RABBITMQ_ROLE", "worker")
-        .env("TROUPE_RABBITMQ_QUEUE", queue)
-        .env("TROUPE_RABBITMQ_LOG", log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    kill::child(&Rabbitmq);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing() {
-    const N: u64 = 300;
     let queue = unique("crash");
-    let log = std::env::temp_dir().join(format!("{queue}.log"));
-    let broker = broker(&unique("troupe-crash")).await;
-    let record = Record {
-        queue: queue.clone(),
-        log: log.clone(),
-    };
-    let app = App::builder(Arc::new(broker.clone())).actor(record).build().unwrap();
-    let sender = Record {
-        queue: queue.clone(),
-        log: log.clone(),
-    };
-    for n in 0..N {
-        app.send(&sender, (n,)).await.unwrap();
-    }
-    let mut first = spawn_worker(&queue, &log);
-    let before = wait_runs(&log, 60, Duration::from_secs(30)).await;
-    assert!(before.len() >= 60, "the first worker ran {}", before.len());
-    first.kill().unwrap(); // SIGKILL
-    first.wait().unwrap();
-    // RabbitMQ put the killed worker's unacked deliveries back when its connection dropped.
-    let ready_after_kill = broker.stats(&queue).await.unwrap().ready;
-    let mut second = spawn_worker(&queue, &log);
-    let done = wait_runs(&log, usize::try_from(N).unwrap(), Duration::from_secs(60)).await;
-    second.kill().unwrap();
-    second.wait().unwrap();
-    let missing: Vec<u64> = (0..N).filter(|n| !done.contains_key(n)).collect();
-    assert!(missing.is_empty(), "lost: {missing:?}");
-    let duplicates: u64 = done.values().map(|c| c - 1).sum();
-    let redelivered: Vec<u64> = done.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
-    eprintln!(
-        "RabbitMQ SIGKILL crash test: {N} messages, {} run before the kill, {ready_after_kill} ready after it, {duplicates} run twice {redelivered:?}, none lost",
-        before.len()
-    );
-    // Only what the killed worker had started or prefetched (concurrency 4, prefetch 8) can
-    // run twice.
-    assert!(duplicates <= 12, "too many duplicates: {duplicates}");
-    let _ = std::fs::remove_file(&log);
-    broker.delete_queue(&queue).await.unwrap();
+    // RabbitMQ puts the killed worker's unacked deliveries back when its connection drops (the
+    // summary line shows them ready); only what the worker had started or prefetched
+    // (concurrency 4, prefetch 8) can run twice.
+    let report = MidBatchKill::default()
+        .max_duplicates(12)
+        .run(&Rabbitmq, &queue, &queue)
+        .await;
+    FileRuns::temp(&queue).remove();
+    report.broker.delete_queue(&queue).await.unwrap();
 }
 
 /// pika's arguments for Dramatiq's queues: strings as long strings (`S`), ints as signed 32-bit
@@ -286,14 +203,11 @@ fn connection_pids(name: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_survives_closed_connections() {
     let queue = unique("closed");
-    let log = std::env::temp_dir().join(format!("{queue}.log"));
+    let log = file_runs(&queue);
     let name = unique("troupe-close-me");
     let broker = broker(&name).await;
     let app = App::builder(Arc::new(broker.clone()))
-        .actor(Record {
-            queue: queue.clone(),
-            log: log.clone(),
-        })
+        .actor(Record::new(&queue, log.clone()))
         .build()
         .unwrap();
     let worker = Worker::builder(app.clone())
@@ -307,10 +221,7 @@ async fn the_worker_survives_closed_connections() {
     let producer = {
         let app = app.clone();
         let stop = Arc::clone(&stop);
-        let sender = Record {
-            queue: queue.clone(),
-            log: log.clone(),
-        };
+        let sender = Record::new(&queue, log.clone());
         tokio::spawn(async move {
             let mut sent = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -323,7 +234,7 @@ async fn the_worker_survives_closed_connections() {
             sent
         })
     };
-    let before = wait_runs(&log, 30, Duration::from_secs(30)).await;
+    let before = wait_runs(log.as_ref(), 30, Duration::from_secs(30)).await;
     assert!(before.len() >= 30, "ran {} before the close", before.len());
     let pids = connection_pids(&name);
     assert_eq!(pids.len(), 2, "the publish and consume connections of {name}: {pids:?}");
@@ -334,9 +245,9 @@ async fn the_worker_survives_closed_connections() {
             .unwrap();
         assert!(status.success(), "rabbitmqctl close_connection {pid}");
     }
-    let closed_at = runs(&log).len();
+    let closed_at = log.counts().await.len();
     // The worker goes on: 100 more messages run after both connections were closed.
-    let resumed = wait_runs(&log, closed_at + 100, Duration::from_secs(30)).await;
+    let resumed = wait_runs(log.as_ref(), closed_at + 100, Duration::from_secs(30)).await;
     assert!(
         resumed.len() >= closed_at + 100,
         "the worker did not resume: {} ran, {closed_at} at the close",
@@ -344,7 +255,7 @@ async fn the_worker_survives_closed_connections() {
     );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let sent = producer.await.unwrap();
-    let done = wait_runs(&log, usize::try_from(sent).unwrap(), Duration::from_secs(60)).await;
+    let done = wait_runs(log.as_ref(), usize::try_from(sent).unwrap(), Duration::from_secs(60)).await;
     let after = connection_pids(&name);
     worker.stop().await;
     let missing: Vec<u64> = (0..sent).filter(|n| !done.contains_key(n)).collect();
@@ -358,7 +269,7 @@ async fn the_worker_survives_closed_connections() {
         "RabbitMQ closed-connection test: {sent} messages sent, {closed_at} run when both connections were closed, {duplicates} run twice, none lost"
     );
     assert!(duplicates <= 12, "too many duplicates: {duplicates}");
-    let _ = std::fs::remove_file(&log);
+    log.remove();
     broker.delete_queue(&queue).await.unwrap();
 }
 
@@ -640,7 +551,7 @@ async fn the_worker_survives_a_rabbitmq_crash_and_restart() {
     let node = PrivateNode::new();
     node.start();
     let queue = unique("restart");
-    let log = std::env::temp_dir().join(format!("{queue}.log"));
+    let log = file_runs(&queue);
     let options = RabbitmqOptions::from_url(&node.url())
         .unwrap()
         .connect_timeout(Duration::from_secs(2));
@@ -658,10 +569,7 @@ async fn the_worker_survives_a_rabbitmq_crash_and_restart() {
             }
         }
     };
-    let record = || Record {
-        queue: queue.clone(),
-        log: log.clone(),
-    };
+    let record = || Record::new(&queue, log.clone());
     let app = App::builder(Arc::new(broker.clone())).actor(record()).build().unwrap();
     let worker = Worker::builder(app.clone())
         .concurrency(2)
@@ -672,7 +580,7 @@ async fn the_worker_survives_a_rabbitmq_crash_and_restart() {
     for n in 0..10 {
         app.send(&record(), (n,)).await.unwrap();
     }
-    assert_eq!(wait_runs(&log, 10, Duration::from_secs(20)).await.len(), 10);
+    assert_eq!(wait_runs(log.as_ref(), 10, Duration::from_secs(20)).await.len(), 10);
 
     node.kill();
     // While RabbitMQ is down, sends fail with a transient error: no panic, no hang.
@@ -695,10 +603,10 @@ async fn the_worker_survives_a_rabbitmq_crash_and_restart() {
             }
         }
     }
-    let done = wait_runs(&log, 20, Duration::from_secs(60)).await;
+    let done = wait_runs(log.as_ref(), 20, Duration::from_secs(60)).await;
     worker.stop().await;
     let missing: Vec<u64> = (0..20).filter(|n| !done.contains_key(n)).collect();
     assert!(missing.is_empty(), "not run after the restart: {missing:?}");
     assert!(!done.contains_key(&999), "a failed send was not enqueued");
-    let _ = std::fs::remove_file(&log);
+    log.remove();
 }

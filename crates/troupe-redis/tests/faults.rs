@@ -3,7 +3,7 @@
 //!
 //! The restart test runs its own `redis-server` on a free port, so the machine's Redis (used by
 //! the other tests in parallel) is never stopped. The crash test runs this binary again as the
-//! worker process (`TROUPE_REDIS_ROLE`).
+//! worker process (`troupe_test_suite::kill`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -12,8 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use troupe_core::{Actor, ActorError, ActorOptions, App, Broker};
+use redis::aio::MultiplexedConnection;
+use troupe_core::{Actor, ActorError, ActorOptions, App};
 use troupe_redis::{RedisBroker, RedisOptions};
+use troupe_test_suite::kill::{self, KillBackend, MidBatchKill, Runs};
 use troupe_worker::Worker;
 
 const QUEUE: &str = "faults";
@@ -22,118 +24,67 @@ fn url() -> String {
     std::env::var("TROUPE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
-/// Counts its runs per argument in the hash `<namespace>:processed`.
-struct Record;
+/// Runs counted per argument in the hash `<namespace>:processed`.
+struct Processed {
+    key: String,
+    conn: MultiplexedConnection,
+}
 
-impl Actor for Record {
-    type Args = (u64,);
-    type Output = ();
-    fn name(&self) -> &str {
-        "record"
-    }
-    fn options(&self) -> ActorOptions {
-        ActorOptions::new().queue_name(QUEUE)
-    }
-    async fn call(&self, (n,): (u64,)) -> Result<(), ActorError> {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let ns = std::env::var("TROUPE_REDIS_NS").map_err(|e| ActorError::msg(e.to_string()))?;
-        let client = redis::Client::open(url())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
+impl Runs for Processed {
+    async fn record(&self, n: u64) -> Result<(), ActorError> {
+        let mut conn = self.conn.clone();
         let _: i64 = redis::cmd("HINCRBY")
-            .arg(format!("{ns}:processed"))
+            .arg(&self.key)
             .arg(n)
             .arg(1)
             .query_async(&mut conn)
             .await?;
         Ok(())
     }
+
+    async fn counts(&self) -> HashMap<u64, u64> {
+        let mut conn = self.conn.clone();
+        redis::cmd("HGETALL")
+            .arg(&self.key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
 }
 
-fn options(ns: &str) -> RedisOptions {
-    RedisOptions::from_url(&url())
-        .unwrap()
-        .namespace(ns)
-        .heartbeat_timeout(Duration::from_secs(1))
-        .maintenance_interval(Duration::from_millis(200))
+/// A namespace (the place) with a 1 s heartbeat timeout.
+struct Redis;
+
+impl KillBackend for Redis {
+    type Broker = RedisBroker;
+    type Runs = Processed;
+    const NAME: &'static str = "Redis";
+
+    async fn open(&self, ns: &str) -> (RedisBroker, Processed) {
+        let options = RedisOptions::from_url(&url())
+            .unwrap()
+            .namespace(ns)
+            .heartbeat_timeout(Duration::from_secs(1))
+            .maintenance_interval(Duration::from_millis(200));
+        let client = redis::Client::open(url()).unwrap();
+        let runs = Processed {
+            key: format!("{ns}:processed"),
+            conn: client.get_multiplexed_async_connection().await.unwrap(),
+        };
+        (RedisBroker::open(options).await.unwrap(), runs)
+    }
 }
 
 /// The worker process of the crash test.
 #[test]
 fn child() {
-    if std::env::var("TROUPE_REDIS_ROLE").is_err() {
-        return;
-    }
-    let ns = std::env::var("TROUPE_REDIS_NS").unwrap();
-    tokio::runtime::Runtime::new().unwrap().block_on(async move {
-        let broker = RedisBroker::open(options(&ns)).await.unwrap();
-        let app = App::builder(Arc::new(broker)).actor(Record).build().unwrap();
-        let _worker = Worker::builder(app).concurrency(4).start().await.unwrap();
-        std::future::pending::<()>().await;
-    });
-}
-
-fn spawn_worker(ns: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["child", "--exact", "--nocapture", "--test-threads", "1"])
-        .env("TROUPE_REDIS_ROLE", "worker")
-        .env("TROUPE_REDIS_NS", ns)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn processed(ns: &str) -> HashMap<u64, u64> {
-    let client = redis::Client::open(url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("HGETALL")
-        .arg(format!("{ns}:processed"))
-        .query_async(&mut conn)
-        .await
-        .unwrap()
-}
-
-async fn wait_processed(ns: &str, n: usize, timeout: Duration) -> HashMap<u64, u64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let p = processed(ns).await;
-        if p.len() >= n || Instant::now() > deadline {
-            return p;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    kill::child(&Redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing() {
-    const N: u64 = 300;
     let ns = format!("troupe-crash-{}", uuid::Uuid::new_v4().simple());
-    let broker = RedisBroker::open(options(&ns)).await.unwrap();
-    let app = App::builder(Arc::new(broker.clone())).actor(Record).build().unwrap();
-    for n in 0..N {
-        app.send(&Record, (n,)).await.unwrap();
-    }
-    let mut first = spawn_worker(&ns);
-    let before = wait_processed(&ns, 60, Duration::from_secs(30)).await;
-    assert!(before.len() >= 60, "the first worker ran {}", before.len());
-    first.kill().unwrap();
-    first.wait().unwrap();
-    let in_flight = broker.stats(QUEUE).await.unwrap().in_flight;
-    let mut second = spawn_worker(&ns);
-    let done = wait_processed(&ns, usize::try_from(N).unwrap(), Duration::from_secs(60)).await;
-    second.kill().unwrap();
-    second.wait().unwrap();
-    let missing: Vec<u64> = (0..N).filter(|n| !done.contains_key(n)).collect();
-    assert!(missing.is_empty(), "lost: {missing:?}");
-    let duplicates: u64 = done.values().map(|c| c - 1).sum();
-    eprintln!(
-        "Redis SIGKILL crash test: {N} messages, {} run before the kill, {in_flight} in flight at the kill, {duplicates} run twice, none lost",
-        before.len()
-    );
-    assert!(
-        duplicates <= 8,
-        "only the killed worker's prefetch window can run twice: {duplicates}"
-    );
+    MidBatchKill::default().run(&Redis, &ns, QUEUE).await;
 }
 
 fn free_port() -> u16 {

@@ -15,6 +15,7 @@
 
 pub mod backends;
 pub mod cases;
+pub mod kill;
 mod support;
 
 use std::sync::Arc;

@@ -1,0 +1,455 @@
+//! The SIGKILL test every durable broker runs: a worker process killed mid-batch loses nothing,
+//! and only what it held can run twice.
+//!
+//! The test binary runs itself as the child process, filtered to its `child` test, which
+//! calls [`child`]. A backend supplies a [`KillBackend`]: how to open its broker on a place (a
+//! database file, a schema, a namespace) with the lease or heartbeat settings that make recovery
+//! fast, and where each run is recorded ([`Runs`]: somewhere the kill cannot touch).
+//! [`MidBatchKill::run`] does the rest and returns a [`KillReport`] for any checks of the
+//! backend's own; [`spawn`] starts other children (workers, or producers of [`Record`]
+//! messages) for tests of several processes.
+//!
+//! ```text
+//! struct Mine;
+//!
+//! impl KillBackend for Mine {
+//!     type Broker = MyBroker;
+//!     type Runs = FileRuns;
+//!     const NAME: &'static str = "Mine";
+//!     async fn open(&self, place: &str) -> (MyBroker, FileRuns) { ... }
+//! }
+//!
+//! #[test]
+//! fn child() {
+//!     troupe_test_suite::kill::child(&Mine);
+//! }
+//!
+//! #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+//! async fn sigkill_mid_batch_loses_nothing() {
+//!     MidBatchKill::default().run(&Mine, &place, QUEUE).await;
+//! }
+//! ```
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use troupe_core::{Actor, ActorError, ActorOptions, App, Broker, QueueStats};
+use troupe_worker::{Worker, WorkerBuilder};
+
+const ROLE: &str = "TROUPE_KILL_ROLE";
+const PLACE: &str = "TROUPE_KILL_PLACE";
+const QUEUE: &str = "TROUPE_KILL_QUEUE";
+const FROM: &str = "TROUPE_KILL_FROM";
+const TO: &str = "TROUPE_KILL_TO";
+
+/// Where the runs of [`Record`] are counted, per argument.
+pub trait Runs: Send + Sync + 'static {
+    /// Creates what the records go into; called once, by the parent, before any child starts.
+    fn prepare(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Records one run of `n`.
+    fn record(&self, n: u64) -> impl Future<Output = Result<(), ActorError>> + Send;
+
+    /// How many times each argument has run so far.
+    fn counts(&self) -> impl Future<Output = HashMap<u64, u64>> + Send;
+}
+
+/// Counts how many times each argument occurs.
+#[must_use]
+pub fn tally(runs: impl IntoIterator<Item = u64>) -> HashMap<u64, u64> {
+    let mut seen = HashMap::new();
+    for n in runs {
+        *seen.entry(n).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// Runs recorded as one line each in a file (appends of one short line are atomic, so several
+/// processes may write it).
+#[derive(Clone, Debug)]
+pub struct FileRuns {
+    path: PathBuf,
+}
+
+impl FileRuns {
+    /// Runs recorded in the file at `path` (created on the first run).
+    #[must_use]
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// Runs recorded in `<temp dir>/<name>.log`.
+    #[must_use]
+    pub fn temp(name: &str) -> Self {
+        Self::new(std::env::temp_dir().join(format!("{name}.log")))
+    }
+
+    /// The file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the file.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Runs for FileRuns {
+    async fn record(&self, n: u64) -> Result<(), ActorError> {
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        file.write_all(format!("{n}\n").as_bytes())?;
+        Ok(())
+    }
+
+    async fn counts(&self) -> HashMap<u64, u64> {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        tally(text.lines().filter_map(|line| line.parse().ok()))
+    }
+}
+
+/// Polls `runs` every 50 ms until `distinct` arguments have run or `timeout` passes; returns
+/// the counts it last saw.
+pub async fn wait_runs(runs: &impl Runs, distinct: usize, timeout: Duration) -> HashMap<u64, u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = runs.counts().await;
+        if seen.len() >= distinct || Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The actor of the test: `record(n)` pauses 5 ms, then records one run of `n`.
+pub struct Record<R> {
+    queue: String,
+    runs: Arc<R>,
+}
+
+impl<R> Clone for Record<R> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+            runs: Arc::clone(&self.runs),
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for Record<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Runs> Record<R> {
+    /// The actor on `queue`, recording into `runs`.
+    #[must_use]
+    pub fn new(queue: &str, runs: Arc<R>) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            runs,
+        }
+    }
+}
+
+impl<R: Runs> Actor for Record<R> {
+    type Args = (u64,);
+    type Output = ();
+
+    fn name(&self) -> &str {
+        "record"
+    }
+
+    fn arg_names(&self) -> &[&str] {
+        &["n"]
+    }
+
+    fn options(&self) -> ActorOptions {
+        ActorOptions::new().queue_name(self.queue.clone())
+    }
+
+    async fn call(&self, (n,): (u64,)) -> Result<(), ActorError> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.runs.record(n).await
+    }
+}
+
+/// A backend under the SIGKILL test.
+pub trait KillBackend: Send + Sync + 'static {
+    /// The broker, as the backend's tests use it.
+    type Broker: Broker + Clone;
+
+    /// Where runs are recorded.
+    type Runs: Runs;
+
+    /// The backend's name in the summary line ("SQLite").
+    const NAME: &'static str;
+
+    /// Opens the broker on `place` (what the backend's test passed to [`MidBatchKill::run`],
+    /// handed to the children in an environment variable), with settings that make a dead
+    /// worker's messages come back quickly, and the place its runs are recorded.
+    fn open(&self, place: &str) -> impl Future<Output = (Self::Broker, Self::Runs)> + Send;
+
+    /// Adjusts the child's worker (concurrency 4 already set).
+    fn worker(&self, builder: WorkerBuilder) -> WorkerBuilder {
+        builder
+    }
+}
+
+/// What a child process does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Runs a worker (concurrency 4) until killed.
+    Worker,
+    /// Sends `record(n)` for each `n` of the range, then exits.
+    Producer(Range<u64>),
+}
+
+/// The body of a test binary's `child` test: does nothing when the binary was not started as a
+/// child by [`spawn`]; otherwise plays the role it was given.
+///
+/// # Panics
+/// When the role's environment is incomplete, the broker does not open or a send fails.
+pub fn child<B: KillBackend>(backend: &B) {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set for a child"));
+    let (place, queue) = (var(PLACE), var(QUEUE));
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async move {
+        let (broker, runs) = backend.open(&place).await;
+        let record = Record::new(&queue, Arc::new(runs));
+        let app = App::builder(Arc::new(broker))
+            .actor(record.clone())
+            .build()
+            .expect("app");
+        match role.as_str() {
+            "worker" => {
+                let _worker = backend
+                    .worker(Worker::builder(app).concurrency(4))
+                    .start()
+                    .await
+                    .expect("worker");
+                eprintln!("child: worker started");
+                std::future::pending::<()>().await;
+            }
+            "producer" => {
+                let from: u64 = var(FROM).parse().expect("a number");
+                let to: u64 = var(TO).parse().expect("a number");
+                for n in from..to {
+                    app.send(&record, (n,)).await.expect("enqueue");
+                }
+                eprintln!("child: produced {from}..{to}");
+            }
+            other => panic!("unknown role {other}"),
+        }
+    });
+}
+
+/// A child process and the lines of its stderr so far. Dropping it kills the process.
+#[derive(Debug)]
+pub struct Spawned {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Spawned {
+    /// Kills the process with SIGKILL and reaps it.
+    ///
+    /// # Panics
+    /// When the process cannot be signalled or reaped.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL the child");
+        self.child.wait().expect("reap the child");
+    }
+
+    /// Waits for the process to exit.
+    ///
+    /// # Panics
+    /// When the process cannot be reaped.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.child.wait().expect("reap the child")
+    }
+
+    /// Its stderr so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts the current test binary, filtered to its `child` test, in `role` on `place` and
+/// `queue`.
+///
+/// # Panics
+/// When the process cannot be started.
+#[must_use]
+pub fn spawn(role: &Role, place: &str, queue: &str) -> Spawned {
+    let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
+    cmd.args(["child", "--exact", "--nocapture", "--test-threads", "1"])
+        .env(PLACE, place)
+        .env(QUEUE, queue)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    match role {
+        Role::Worker => {
+            cmd.env(ROLE, "worker");
+        }
+        Role::Producer(range) => {
+            cmd.env(ROLE, "producer")
+                .env(FROM, range.start.to_string())
+                .env(TO, range.end.to_string());
+        }
+    }
+    let mut child = cmd.spawn().expect("spawn the child");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut sink) = sink.lock() {
+                    sink.push(line);
+                }
+            }
+        });
+    }
+    Spawned { child, log }
+}
+
+/// The SIGKILL test: `messages` messages are sent; a worker process runs until at least
+/// `before_kill` have run (within 30 s) and is SIGKILLed; a fresh worker process runs until
+/// every one has run (within 60 s). None may be lost and at most `max_duplicates` may run twice.
+#[derive(Clone, Copy, Debug)]
+pub struct MidBatchKill {
+    messages: u64,
+    before_kill: usize,
+    max_duplicates: u64,
+}
+
+impl Default for MidBatchKill {
+    /// 300 messages, the kill after 60 have run, at most 8 run twice (the killed worker's
+    /// prefetch window).
+    fn default() -> Self {
+        Self {
+            messages: 300,
+            before_kill: 60,
+            max_duplicates: 8,
+        }
+    }
+}
+
+/// What [`MidBatchKill::run`] saw, for the checks a backend adds.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct KillReport<B> {
+    /// The parent's broker.
+    pub broker: B,
+    /// How many messages were sent.
+    pub messages: u64,
+    /// Distinct messages run when the kill was decided.
+    pub before: usize,
+    /// Distinct messages run once the killed process was reaped.
+    pub at_kill: usize,
+    /// The queue's counts once the killed process was reaped.
+    pub stats_at_kill: QueueStats,
+    /// Runs per message at the end.
+    pub runs: HashMap<u64, u64>,
+    /// Runs beyond the first, over all messages.
+    pub duplicates: u64,
+    /// Both children's stderr.
+    pub log: String,
+}
+
+impl MidBatchKill {
+    /// At most `n` messages may run twice.
+    #[must_use]
+    pub fn max_duplicates(mut self, n: u64) -> Self {
+        self.max_duplicates = n;
+        self
+    }
+
+    /// Runs the test on `place` and `queue`; panics on a lost message or too many duplicates.
+    ///
+    /// # Panics
+    /// On a violation, or when the broker or the children fail.
+    pub async fn run<B: KillBackend>(&self, backend: &B, place: &str, queue: &str) -> KillReport<B::Broker> {
+        let n = self.messages;
+        let (broker, runs) = backend.open(place).await;
+        runs.prepare().await;
+        let runs = Arc::new(runs);
+        let record = Record::new(queue, Arc::clone(&runs));
+        let app = App::builder(Arc::new(broker.clone()))
+            .actor(record.clone())
+            .build()
+            .expect("app");
+        for i in 0..n {
+            app.send(&record, (i,)).await.expect("send");
+        }
+
+        let mut first = spawn(&Role::Worker, place, queue);
+        let before = wait_runs(runs.as_ref(), self.before_kill, Duration::from_secs(30)).await;
+        assert!(
+            before.len() >= self.before_kill,
+            "the first worker ran {} messages: {}",
+            before.len(),
+            first.log()
+        );
+        first.kill();
+        let at_kill = runs.counts().await.len();
+        let stats_at_kill = broker.stats(queue).await.expect("stats");
+
+        let mut second = spawn(&Role::Worker, place, queue);
+        let all = usize::try_from(n).expect("a count");
+        let done = wait_runs(runs.as_ref(), all, Duration::from_secs(60)).await;
+        second.kill();
+
+        let missing: Vec<u64> = (0..n).filter(|i| !done.contains_key(i)).collect();
+        assert!(missing.is_empty(), "lost: {missing:?}");
+        let duplicates: u64 = done.values().map(|c| c - 1).sum();
+        let mut twice: Vec<u64> = done.iter().filter(|(_, c)| **c > 1).map(|(i, _)| *i).collect();
+        twice.sort_unstable();
+        eprintln!(
+            "{} SIGKILL crash test: {n} messages, {} run before the kill, {at_kill} at the kill ({} in flight, {} ready), {duplicates} run twice {twice:?}, none lost",
+            B::NAME,
+            before.len(),
+            stats_at_kill.in_flight,
+            stats_at_kill.ready,
+        );
+        assert!(
+            duplicates <= self.max_duplicates,
+            "only the killed worker's prefetch window can run twice: {duplicates}"
+        );
+        KillReport {
+            broker,
+            messages: n,
+            before: before.len(),
+            at_kill,
+            stats_at_kill,
+            runs: done,
+            duplicates,
+            log: [first.log(), second.log()].join("\n"),
+        }
+    }
+}
