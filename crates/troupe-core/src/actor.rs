@@ -30,7 +30,11 @@ pub type RetryWhen = Arc<dyn Fn(u64, &ActorError) -> bool + Send + Sync>;
 pub struct ActorOptions {
     /// The queue the actor's messages go to (default `"default"`).
     pub queue_name: String,
-    /// Lower runs first among the messages a worker holds (Dramatiq's actor priority).
+    /// The priority of the actor's messages: lower runs first (Dramatiq's direction), default
+    /// 0, in -10..=10 (clamped where read; see [`crate::priority`]). Sending sets it as the
+    /// message's `troupe_priority` option unless the message has a priority of its own, so the
+    /// broker itself runs the actor's messages in that order; a worker also orders what it
+    /// prefetched by it (messages without `troupe_priority`, such as Python's, by the actor's).
     pub priority: i32,
     /// Retries before the message is dead-lettered (Retries middleware; default 20).
     pub max_retries: Option<u64>,
@@ -137,8 +141,8 @@ impl ActorOptions {
     setters! {
         /// Sets the queue.
         queue_name: impl Into<String> => queue_name = Into::into;
-        /// Sets the priority (lower runs first).
-        priority: i32 => priority = |v| v;
+        /// Sets the priority (lower runs first; clamped into -10..=10).
+        priority: i32 => priority = |v| crate::priority::clamp(i64::from(v));
         /// Sets `max_retries`.
         max_retries: u64 => max_retries = Some;
         /// Sets `min_backoff`.
@@ -359,10 +363,12 @@ where
 }
 
 /// The type name `From<E>` gives (see [Type names](ActorError#type-names)): the last `::`
-/// segment of the leading path of `full`, when it is a plain identifier; `"Error"` otherwise.
+/// segment of the leading path of `full` (which ends at generic arguments or any other type
+/// syntax; `{{closure}}` segments of types declared in closures and async blocks are part of the
+/// path), when it is a plain identifier; `"Error"` otherwise.
 fn short_type_name(full: &str) -> Cow<'static, str> {
     let path = full
-        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+        .split(|c: char| !(c.is_alphanumeric() || matches!(c, '_' | ':' | '{' | '}')))
         .next()
         .unwrap_or_default();
     let last = path.rsplit("::").next().unwrap_or_default();
@@ -659,6 +665,8 @@ mod tests {
             ("(u8, u16)", "Error"),
             ("[my::E; 2]", "Error"),
             ("my::f::{{closure}}", "Error"),
+            ("tests::case::{{closure}}::CustomError", "CustomError"),
+            ("my::f::{{closure}}::E<my::g::{{closure}}::F>", "E"),
             ("my::E::", "Error"),
             ("my::9lives", "Error"),
             ("", "Error"),
@@ -677,6 +685,19 @@ mod tests {
         let e = ActorError::from(Generic(vec![1_u8]));
         assert_eq!(e.type_name(), "Generic");
         assert_eq!(e.message(), "[1]");
+        let in_closure = || {
+            #[derive(Debug)]
+            struct Declared;
+            impl fmt::Display for Declared {
+                fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("declared in a closure")
+                }
+            }
+            impl std::error::Error for Declared {}
+            ActorError::from(Declared)
+        };
+        let e = in_closure();
+        assert_eq!(e.type_name(), "Declared", "a type path with a {{{{closure}}}} segment");
         let named = ActorError::from(Generic(0_u8)).with_type_name("ValueError");
         assert_eq!(named.type_name(), "ValueError");
         assert_eq!(named.to_string(), "ValueError: 0");
