@@ -76,6 +76,7 @@ pub async fn results_expire(backend: Arc<dyn ResultBackend>) {
         .expect("store");
     // A TTL long enough that a loaded machine still reads the result before it expires.
     assert_eq!(backend.get(&m, None).await.expect("get"), json!(1));
+    // Fixed wait: expiry follows each backend's own clock (Redis TTLs, PostgreSQL now(), system time).
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(matches!(backend.get(&m, None).await, Err(Error::ResultMissing(_))));
 }
@@ -107,6 +108,7 @@ pub async fn state_counters_respect_bounds(backend: Arc<dyn StateBackend>) {
 pub async fn state_keys_expire(backend: Arc<dyn StateBackend>) {
     let k = key("ttl");
     assert!(backend.add(&k, 1, Duration::from_millis(100)).await.expect("add"));
+    // Fixed wait: expiry follows each backend's own clock (Redis TTLs, PostgreSQL now(), system time).
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(backend.get(&k).await.expect("get"), None);
     assert!(

@@ -632,13 +632,22 @@ pub async fn delayed_messages_do_not_block_ready_ones(tb: &TestBroker) {
     for _ in 0..5 {
         app.send(&actor, vec![json!("now")]).await.expect("send");
     }
+    // Due soon and sent after the long-delayed ones: once it has run, the worker has been past
+    // those (fetched and held, or passed over on the broker) without running them.
+    app.send_with_options(
+        &actor,
+        vec![json!("soon")],
+        SendOptions::new().delay(Duration::from_millis(100)),
+    )
+    .await
+    .expect("send soon");
+    let ran = |arg: &str| actor.calls().iter().filter(|c| c.args[0] == json!(arg)).count();
     assert!(
-        eventually(WAIT, || actor.count() == 5).await,
+        eventually(WAIT, || ran("now") == 5 && ran("soon") == 1).await,
         "ready ones ran: {}",
         actor.count()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(actor.calls().iter().all(|c| c.args[0] == json!("now")));
+    assert_eq!(ran("late"), 0, "a delayed message ran early");
     worker.stop().await;
     let stats = tb.broker.stats(&q).await.expect("stats");
     assert_eq!(
@@ -733,9 +742,12 @@ pub async fn fail_permanently_skips_retries(tb: &TestBroker) {
     let worker = start(&app, 2).await;
     app.send(&actor, vec![]).await.expect("send");
     let dead = wait_dead(tb, &q, 1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the worker has stopped, the message's handling is over: a retry would either have
+    // run or be back on the broker (delayed by its backoff).
     worker.stop().await;
     assert_eq!(actor.count(), 1);
+    let stats = tb.broker.stats(&q).await.expect("stats");
+    assert_eq!(stats.pending(), 0, "no retry was enqueued: {stats:?}");
     assert!(dead[0].reason.contains("Invalid: bad input"), "{:?}", dead[0].reason);
 }
 
@@ -876,6 +888,84 @@ pub async fn actor_priority_orders_prefetched_work(tb: &TestBroker) {
     );
 }
 
+/// The broker itself delivers lower priorities first (FIFO within a priority): messages
+/// queued at -10, -5, -1 and 0 come out most urgent first. A message at priority 0 carries no
+/// `troupe_priority` option (Dramatiq's exact bytes).
+pub async fn broker_delivers_lower_priorities_first(tb: &TestBroker) {
+    let q = unique_queue("prio_order");
+    let actor = TestActor::new("ordered", &q);
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let sent = [(0, "a"), (-1, "b"), (0, "c"), (-5, "d"), (-1, "e"), (-10, "f")];
+    for (priority, tag) in sent {
+        let message = app
+            .send_with_options(&actor, vec![json!(tag)], SendOptions::new().priority(priority))
+            .await
+            .expect("send")
+            .into_message();
+        assert_eq!(message.priority(), priority);
+        assert_eq!(
+            message.options.contains_key("troupe_priority"),
+            priority != 0,
+            "{:?}",
+            message.options
+        );
+    }
+    let order: Vec<String> = take_in_order(tb, &q, sent.len(), 1)
+        .await
+        .iter()
+        .map(|m| m.args[0].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(order, ["f", "d", "b", "e", "a", "c"], "most urgent first, FIFO within a priority");
+}
+
+/// One priority model, honoured by the broker: with a backlog of 1,000 messages at priority 5
+/// (their actor's) being worked through, a message sent after them at priority -5 runs before
+/// half of the backlog has.
+pub async fn urgent_message_overtakes_a_backlog(tb: &TestBroker) {
+    let q = unique_queue("prio_backlog");
+    let actor = TestActor::new("busy", &q)
+        .options(|o| o.priority(5))
+        .behaviour(|_, args| async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok(args.into_iter().next().unwrap_or(Value::Null))
+        });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let backlog = app
+        .send_many(&actor, (0..1000).map(|i| vec![json!(i)]))
+        .await
+        .expect("send the backlog");
+    assert_eq!(backlog[0].message().priority(), 5, "the actor's priority travels with its messages");
+    let worker = start(&app, 2).await;
+    assert!(
+        eventually(WAIT, || actor.count() > 0).await,
+        "the backlog starts running"
+    );
+    let urgent = app
+        .send_with_options(&actor, vec![json!("urgent")], SendOptions::new().priority(-5))
+        .await
+        .expect("send the urgent message");
+    assert_eq!(urgent.message().priority(), -5);
+    let position = || actor.calls().iter().position(|c| c.args[0] == json!("urgent"));
+    assert!(
+        eventually(Duration::from_secs(30), || position().is_some()).await,
+        "the urgent message ran ({} backlog messages ran)",
+        actor.count()
+    );
+    worker.stop().await;
+    let before = position().unwrap_or(usize::MAX);
+    assert!(
+        before < 500,
+        "the urgent message ran after {before} of the 1,000 backlog messages"
+    );
+    tb.broker.purge(&q).await.expect("purge");
+}
+
 /// A graceful shutdown lets running actors finish and returns prefetched and delayed messages;
 /// a new worker then processes everything: nothing lost.
 pub async fn graceful_shutdown_returns_prefetched_and_delayed(tb: &TestBroker) {
@@ -922,16 +1012,19 @@ pub async fn graceful_shutdown_returns_prefetched_and_delayed(tb: &TestBroker) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let worker = start(&app, 4).await;
+    let distinct = || {
+        let mut args: Vec<String> = actor.calls().iter().map(|c| c.args[0].to_string()).collect();
+        args.sort();
+        args.dedup();
+        args
+    };
     assert!(
-        eventually(WAIT, || actor.count() >= 7).await,
+        eventually(WAIT, || actor.count() >= 7 && distinct().len() == 7).await,
         "every message ran: {}",
         actor.count()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
     worker.stop().await;
-    let mut args: Vec<String> = actor.calls().iter().map(|c| c.args[0].to_string()).collect();
-    args.sort();
-    args.dedup();
+    let args = distinct();
     assert_eq!(args.len(), 7, "all seven distinct messages ran: {args:?}");
 }
 
