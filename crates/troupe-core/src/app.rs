@@ -138,6 +138,7 @@ impl App {
     /// An invalid queue name, a middleware refusal, an oversized message or a broker error.
     pub async fn enqueue(&self, mut message: Message, delay: Option<Duration>) -> Result<Message> {
         self.declare_queue(&message.queue_name).await?;
+        self.apply_actor_priority(&mut message);
         for m in &self.inner.middleware {
             (**m).before_enqueue(self, &mut message, delay).await?;
         }
@@ -166,6 +167,7 @@ impl App {
         let mut prepared = Vec::with_capacity(messages.len());
         for (mut message, delay) in messages {
             self.declare_queue(&message.queue_name).await?;
+            self.apply_actor_priority(&mut message);
             for m in &self.inner.middleware {
                 (**m).before_enqueue(self, &mut message, delay).await?;
             }
@@ -180,6 +182,20 @@ impl App {
             }
         }
         Ok(enqueued)
+    }
+
+    /// Gives a message without a priority of its own its actor's priority (when the actor is
+    /// registered here and its priority is not 0), so the broker orders it.
+    fn apply_actor_priority(&self, message: &mut Message) {
+        if message.has_priority() {
+            return;
+        }
+        if let Some(actor) = self.inner.actors.get(&message.actor_name) {
+            let priority = crate::priority::clamp(i64::from(actor.options().priority));
+            if priority != 0 {
+                message.options.insert(crate::priority::OPTION.into(), priority.into());
+            }
+        }
     }
 
     /// Sends one message to `actor` per item of `calls`, in one broker call (see
@@ -199,13 +215,15 @@ impl App {
         Ok(self.enqueue_many(messages).await?.into_iter().map(Sent::new).collect())
     }
 
-    /// Builds the message calling `actor` with `args`.
+    /// Builds the message calling `actor` with `args`, carrying the actor's priority (as
+    /// `troupe_priority`, when not 0).
     ///
     /// # Errors
     /// [`Error::Encode`] when the arguments cannot be serialised.
     pub fn message<A: Actor>(actor: &A, args: &A::Args) -> Result<Message> {
         let options = actor.options();
-        let message = Message::new(options.queue_name, actor.name(), encode_args(args)?, Map::new());
+        let message = Message::new(options.queue_name, actor.name(), encode_args(args)?, Map::new())
+            .with_priority(options.priority);
         Ok(message)
     }
 
@@ -556,17 +574,22 @@ impl SendOptions {
         self
     }
 
-    /// RabbitMQ's per-message priority (`broker_priority`; higher is more urgent; needs a queue
-    /// declared with `max_priority`).
+    /// Dramatiq's own RabbitMQ priority option (`broker_priority`): the AMQP priority itself,
+    /// higher first, on a queue declared with `max_priority`; other brokers ignore it. Prefer
+    /// [`priority`](Self::priority), which every broker honours; this one is for Python
+    /// interop, and when set it wins over `priority`'s mapping on RabbitMQ.
     #[must_use]
     pub fn broker_priority(self, priority: u8) -> Self {
         self.option("broker_priority", priority)
     }
 
-    /// Per-message priority for brokers that order by it (PostgreSQL, SQLite): lower first.
+    /// This message's priority: lower runs first (Dramatiq's direction), in -10..=10 (clamped),
+    /// instead of its actor's. Every broker honours it (see [`crate::priority`]); it travels as
+    /// the `troupe_priority` option, which a message at priority 0 does not carry (unless it
+    /// overrides a non-zero actor priority).
     #[must_use]
     pub fn priority(self, priority: i32) -> Self {
-        self.option("troupe_priority", priority)
+        self.option(crate::priority::OPTION, crate::priority::clamp(i64::from(priority)))
     }
 
     /// Sets `max_retries` for this message.
@@ -585,6 +608,10 @@ impl SendOptions {
     /// Applies the options to `message`, returning the delay.
     pub(crate) fn apply(self, message: &mut Message) -> Option<Duration> {
         for (k, v) in self.options {
+            // Priority 0 over an actor at 0 is no option at all: Dramatiq's exact bytes.
+            if k == crate::priority::OPTION && crate::priority::of_value(&v) == 0 && !message.has_priority() {
+                continue;
+            }
             message.options.insert(k, v);
         }
         self.delay

@@ -14,6 +14,7 @@ mod error;
 pub mod memory;
 mod message;
 pub mod middleware;
+pub mod priority;
 pub mod queue;
 mod results;
 mod state;

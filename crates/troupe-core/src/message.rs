@@ -140,6 +140,37 @@ impl Message {
         }
     }
 
+    /// The message's priority (`options.troupe_priority`): lower runs first, 0 when absent, in
+    /// [`priority::MIN`](crate::priority::MIN)`..=`[`priority::MAX`](crate::priority::MAX)
+    /// (clamped; see [`crate::priority`]).
+    #[must_use]
+    pub fn priority(&self) -> i32 {
+        self.options
+            .get(crate::priority::OPTION)
+            .map_or(crate::priority::DEFAULT, crate::priority::of_value)
+    }
+
+    /// Whether the message carries a priority of its own (the `troupe_priority` option).
+    #[must_use]
+    pub fn has_priority(&self) -> bool {
+        self.options.contains_key(crate::priority::OPTION)
+    }
+
+    /// Sets the priority (clamped into range). Priority 0 removes the option, so the message
+    /// stays exactly what Python Dramatiq sends.
+    #[must_use]
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        match crate::priority::clamp(i64::from(priority)) {
+            0 => {
+                self.options.shift_remove(crate::priority::OPTION);
+            }
+            p => {
+                self.options.insert(crate::priority::OPTION.into(), p.into());
+            }
+        }
+        self
+    }
+
     /// How many times this message has failed so far (`options.retries`).
     #[must_use]
     pub fn retries(&self) -> u64 {
@@ -194,5 +225,18 @@ mod tests {
         assert_eq!(m.canonical_queue(), "q");
         let m = m.with_option("eta", "soon");
         assert!(m.eta().is_some());
+    }
+
+    #[test]
+    fn priorities() {
+        let m = Message::new("q", "a", vec![], Map::new());
+        assert_eq!((m.priority(), m.has_priority()), (0, false));
+        let m = m.with_priority(-50);
+        assert_eq!(m.options.get("troupe_priority"), Some(&json!(-10)));
+        assert_eq!(m.priority(), -10);
+        let m = m.with_priority(0);
+        assert!(!m.has_priority(), "priority 0 is no option at all");
+        let m = m.with_option("troupe_priority", 99);
+        assert_eq!(m.priority(), 10);
     }
 }

@@ -1,4 +1,4 @@
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,7 +21,8 @@ const BACKEND: &str = "memory";
 /// queue is drained and re-raises the first failure.
 ///
 /// Messages are stored encoded, so what a worker sees went through the same encoder as on a
-/// real broker.
+/// real broker. Ready messages are delivered lowest [priority](crate::priority) first, FIFO
+/// within a priority.
 #[derive(Clone, Debug)]
 pub struct MemoryBroker {
     inner: Arc<Inner>,
@@ -46,15 +47,62 @@ struct State {
 
 #[derive(Debug, Default)]
 struct QueueState {
-    ready: VecDeque<Entry>,
+    ready: Ready,
     unacked: HashMap<u64, (Entry, u64)>,
 }
 
 #[derive(Clone, Debug)]
 struct Entry {
     id: u64,
+    priority: i32,
     bytes: Arc<[u8]>,
     redelivered: bool,
+}
+
+/// Ready messages: one FIFO lane per priority, the lowest delivered first.
+#[derive(Debug, Default)]
+struct Ready {
+    lanes: BTreeMap<i32, VecDeque<Entry>>,
+    len: usize,
+}
+
+impl Ready {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push_back(&mut self, entry: Entry) {
+        self.lanes.entry(entry.priority).or_default().push_back(entry);
+        self.len += 1;
+    }
+
+    fn push_front(&mut self, entry: Entry) {
+        self.lanes.entry(entry.priority).or_default().push_front(entry);
+        self.len += 1;
+    }
+
+    /// Takes up to `n` entries, lowest priority first.
+    fn take(&mut self, n: usize) -> Vec<Entry> {
+        let mut out = Vec::with_capacity(n.min(self.len));
+        while out.len() < n {
+            let Some(mut lane) = self.lanes.first_entry() else {
+                break;
+            };
+            let want = n - out.len();
+            let k = want.min(lane.get().len());
+            out.extend(lane.get_mut().drain(..k));
+            if lane.get().is_empty() {
+                lane.remove();
+            }
+        }
+        self.len -= out.len();
+        out
+    }
+
+    fn clear(&mut self) {
+        self.lanes.clear();
+        self.len = 0;
+    }
 }
 
 impl Default for MemoryBroker {
@@ -112,7 +160,7 @@ impl MemoryBroker {
     /// [`Error::QueueNotFound`] when the queue was not declared.
     pub fn enqueue_raw(&self, queue: &str, bytes: Vec<u8>) -> Result<()> {
         let mut state = self.lock()?;
-        state.push(queue, bytes.into())?;
+        state.push(queue, 0, bytes.into())?;
         drop(state);
         self.inner.changed.notify_waiters();
         Ok(())
@@ -216,11 +264,12 @@ impl State {
             .ok_or_else(|| Error::QueueNotFound(name.to_owned()))
     }
 
-    fn push(&mut self, queue: &str, bytes: Arc<[u8]>) -> Result<()> {
+    fn push(&mut self, queue: &str, priority: i32, bytes: Arc<[u8]>) -> Result<()> {
         self.next_id += 1;
         let id = self.next_id;
         self.queue(queue)?.ready.push_back(Entry {
             id,
+            priority,
             bytes,
             redelivered: false,
         });
@@ -289,7 +338,7 @@ impl Broker for MemoryBroker {
         let pushed = {
             let mut state = self.lock()?;
             encoded.into_iter().try_for_each(|(message, bytes)| {
-                state.push(&message.queue_name, bytes.into())?;
+                state.push(&message.queue_name, message.priority(), bytes.into())?;
                 enqueued.push(message);
                 Ok::<_, crate::Error>(())
             })
@@ -412,8 +461,7 @@ impl Consumer for MemoryConsumer {
                 let mut state = self.broker.lock()?;
                 let consumer = self.id;
                 let q = state.queue(&self.queue)?;
-                let n = max.min(q.ready.len());
-                let entries: Vec<Entry> = q.ready.drain(..n).collect();
+                let entries: Vec<Entry> = q.ready.take(max);
                 for e in &entries {
                     q.unacked.insert(e.id, (e.clone(), consumer));
                 }
