@@ -2,8 +2,9 @@
 //!
 //! A [`Worker`] consumes the queues of an [`App`](troupe_core::App)'s actors and runs their
 //! messages through the middleware: `concurrency` messages at a time, a prefetch window per
-//! queue, lower actor priority first, delayed messages held until their eta, time limits,
-//! and a graceful shutdown that returns prefetched and delayed messages to the broker.
+//! queue, lower priority first (the message's, else its actor's), delayed messages held until
+//! their eta, time limits, and a graceful shutdown that returns prefetched and delayed messages
+//! to the broker.
 //!
 //! [`WorkerArgs`] gives an application's `main` Dramatiq-like command-line flags.
 

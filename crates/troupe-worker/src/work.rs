@@ -1,5 +1,5 @@
-//! The shared work queue: prefetched messages waiting for an executor, lowest actor priority
-//! first, FIFO within a priority.
+//! The shared work queue: prefetched messages waiting for an executor, lowest priority first
+//! (the message's, else its actor's), FIFO within a priority.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;

@@ -450,18 +450,16 @@ async fn route(
 ) {
     let (priority, eta) = match delivery.message() {
         Ok(message) => (
-            // A per-message priority (`troupe_priority`) wins over the actor's.
-            message
-                .options
-                .get("troupe_priority")
-                .and_then(serde_json::Value::as_i64)
-                .and_then(|p| i32::try_from(p).ok())
-                .unwrap_or_else(|| {
-                    shared
-                        .app
-                        .actor(&message.actor_name)
-                        .map_or(0, |a| a.options().priority)
-                }),
+            // The message's priority (`troupe_priority`, which sending sets from the actor's);
+            // the actor's for a message without one, such as a Python producer's.
+            if message.has_priority() {
+                message.priority()
+            } else {
+                shared
+                    .app
+                    .actor(&message.actor_name)
+                    .map_or(0, |a| troupe_core::priority::clamp(i64::from(a.options().priority)))
+            },
             message.eta(),
         ),
         Err(_) => (0, None),
