@@ -38,14 +38,14 @@ use proc_macro::TokenStream;
 /// |---|---|
 /// | `name` | the wire name (default: the function's name) |
 /// | `queue_name` | the queue (default `"default"`; `[a-zA-Z_][a-zA-Z0-9._-]*`) |
-/// | `priority` | an `i32`; lower runs first |
+/// | `priority` | an integer from -10 to 10, lower runs first (default 0); every broker honours it |
 /// | `max_retries` | a `u64` |
 /// | `min_backoff`, `max_backoff`, `time_limit`, `max_age`, `result_ttl` | a duration: a string such as `"500ms"`, `"30s"`, `"5m"`, `"7days"`, or an integer number of milliseconds |
 /// | `store_results`, `pipe_ignore`, `notify_shutdown` | a `bool` |
 /// | `on_success`, `on_failure`, `on_retry_exhausted` | the name of the callback actor |
 /// | `crate` | the path of the `troupe` crate (default `::troupe`), for renamed dependencies |
 ///
-/// Durations and the queue name are checked at compile time.
+/// Durations, the priority's range and the queue name are checked at compile time.
 #[proc_macro_attribute]
 pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
     expand::actor(attr.into(), item.into()).into()

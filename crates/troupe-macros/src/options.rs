@@ -13,8 +13,8 @@ enum Kind {
     WireName,
     /// `queue_name`: a valid queue name.
     QueueName,
-    /// An `i32` (`priority`).
-    I32,
+    /// A priority: an `i32` in -10..=10 (`troupe_core::priority`'s range).
+    Priority,
     /// A `u64` (`max_retries`).
     U64,
     /// A duration string or an integer number of milliseconds.
@@ -31,7 +31,7 @@ enum Kind {
 const OPTIONS: &[(&str, Kind)] = &[
     ("name", Kind::WireName),
     ("queue_name", Kind::QueueName),
-    ("priority", Kind::I32),
+    ("priority", Kind::Priority),
     ("max_retries", Kind::U64),
     ("min_backoff", Kind::Duration),
     ("max_backoff", Kind::Duration),
@@ -135,7 +135,7 @@ pub(crate) fn parse_options(attr: TokenStream) -> syn::Result<ActorArgs> {
         let Some(value) = value else {
             let example = match kind {
                 Kind::Bool => "true",
-                Kind::I32 | Kind::U64 => "3",
+                Kind::Priority | Kind::U64 => "3",
                 Kind::Duration => "\"30s\"",
                 Kind::CratePath => "\"::troupe\"",
                 Kind::WireName | Kind::QueueName | Kind::ActorName => "\"...\"",
@@ -291,17 +291,21 @@ fn check_value(kind: Kind, key: &str, expr: &Expr) -> syn::Result<Checked> {
             }
             Ok(Checked::Setting(OptionValue::Str(value)))
         }
-        Kind::I32 => {
-            let (int, negative) = integer(expr).ok_or_else(|| wrong("an integer literal (an i32)"))?;
+        Kind::Priority => {
+            let (int, negative) = integer(expr).ok_or_else(|| wrong("an integer literal from -10 to 10"))?;
             let digits = if negative {
                 format!("-{}", int.base10_digits())
             } else {
                 int.base10_digits().to_owned()
             };
-            let value = digits
-                .parse::<i32>()
-                .map_err(|_| syn::Error::new_spanned(expr, format!("option `{key}` must fit in an i32")))?;
-            Ok(Checked::Setting(OptionValue::I32(value)))
+            // The range of troupe_core::priority (MIN..=MAX).
+            match digits.parse::<i32>() {
+                Ok(value) if (-10..=10).contains(&value) => Ok(Checked::Setting(OptionValue::I32(value))),
+                _ => Err(syn::Error::new_spanned(
+                    expr,
+                    format!("option `{key}` must be from -10 to 10 (lower runs first; 0 is the default)"),
+                )),
+            }
         }
         Kind::U64 => {
             let (int, negative) = integer(expr).ok_or_else(|| wrong("a non-negative integer literal (a u64)"))?;
@@ -514,7 +518,18 @@ mod tests {
         assert!(errors[3].contains("`store_results` expects `true` or `false`"));
         assert_eq!(errors[4], "duplicate option `max_retries`");
         assert!(errors[5].starts_with("unknown actor option `bogus`"));
-        assert!(errors[6].contains("must fit in an i32"));
+        assert!(errors[6].contains("must be from -10 to 10"), "{}", errors[6]);
+    }
+
+    #[test]
+    fn priorities_are_in_range() {
+        for ok in [quote!(priority = -10), quote!(priority = 10), quote!(priority = 0)] {
+            assert!(parse(ok).is_ok());
+        }
+        for bad in [quote!(priority = 11), quote!(priority = -11), quote!(priority = "high")] {
+            let errors = messages(bad);
+            assert!(errors[0].contains("from -10 to 10"), "{errors:?}");
+        }
     }
 
     #[test]
