@@ -24,16 +24,12 @@ pub use state::SqlState;
 
 use troupe_core::Message;
 
-/// The claim order of a message on a SQL broker: its `troupe_priority` option, lower first,
-/// 0 when absent or not an integer, clamped to the range of a 32-bit integer (the column type
-/// on PostgreSQL), the same on every SQL backend.
+/// The claim order of a message on a SQL broker: its priority ([`Message::priority`], the
+/// `troupe_priority` option), lower first, 0 when absent or not a number, clamped into Troupe's
+/// one range (`troupe_core::priority`, -10..=10), the same on every broker.
 #[must_use]
 pub fn priority_of(message: &Message) -> i64 {
-    message
-        .options
-        .get("troupe_priority")
-        .and_then(serde_json::Value::as_i64)
-        .map_or(0, |p| p.clamp(i64::from(i32::MIN), i64::from(i32::MAX)))
+    i64::from(message.priority())
 }
 
 #[cfg(test)]
@@ -47,7 +43,9 @@ mod tests {
         m.options.insert("troupe_priority".into(), 5.into());
         assert_eq!(priority_of(&m), 5);
         m.options.insert("troupe_priority".into(), i64::MAX.into());
-        assert_eq!(priority_of(&m), i64::from(i32::MAX));
+        assert_eq!(priority_of(&m), 10);
+        m.options.insert("troupe_priority".into(), (-11).into());
+        assert_eq!(priority_of(&m), -10);
         m.options.insert("troupe_priority".into(), "high".into());
         assert_eq!(priority_of(&m), 0);
     }
