@@ -304,8 +304,10 @@ impl App {
     ///
     /// # Errors
     /// [`Error::QueueJoinTimeout`] when the queue is not drained within `timeout`,
-    /// [`Error::MessageFailed`] for a dead letter, or the broker's error (an undeclared queue:
-    /// [`Error::QueueNotFound`] on the memory broker).
+    /// [`Error::MessageFailed`] for a dead letter, or the broker's error. A queue no one
+    /// declared counts as empty on most brokers (the memory broker included), so joining a
+    /// misspelt name returns at once; [`MemoryBroker::join`](crate::MemoryBroker::join) fails
+    /// with [`Error::QueueNotFound`] instead.
     pub async fn join(&self, queue: &str, timeout: Duration) -> Result<()> {
         self.join_with(queue, timeout, JoinOptions::new()).await
     }
