@@ -116,33 +116,6 @@ async fn ocr_attachment(email_id: String, file_name: String) -> Result<String, A
     Ok(format!("{file_name}: {} words recognised", 40 * file_name.len()))
 }
 
-tokio::task_local! {
-    static APP: App;
-}
-
-/// The app of the worker running the current actor (set by [`ProvideApp`]), so actors can send
-/// messages.
-fn current_app() -> Result<App, ActorError> {
-    APP.try_with(Clone::clone).map_err(|_| {
-        ActorError::new(
-            "NoApp",
-            "actor called outside of a worker with the ProvideApp middleware",
-        )
-    })
-}
-
-/// Makes the app available to actors through [`current_app`] while they run.
-#[derive(Debug)]
-pub struct ProvideApp;
-
-#[troupe::async_trait]
-impl Middleware for ProvideApp {
-    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
-        let app = cx.app().clone();
-        APP.scope(app, next.run(cx)).await
-    }
-}
-
 /// Counts and timings of one actor, as the monitoring middleware saw them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ActorStats {
@@ -258,7 +231,6 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
     let monitor = TaskMonitoringMiddleware::default();
     let app = App::builder(broker)
         .middleware(monitor.clone())
-        .middleware(ProvideApp)
         .actor(ProcessEmail)
         .actor(OcrAttachment)
         .build()?;

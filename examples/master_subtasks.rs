@@ -153,33 +153,6 @@ async fn generate(model: &str, task_id: &str, index: u32, prompt: &str) -> Resul
     }
 }
 
-tokio::task_local! {
-    static APP: App;
-}
-
-/// The app of the worker running the current actor (set by [`ProvideApp`]).
-fn current_app() -> Result<App, ActorError> {
-    APP.try_with(Clone::clone).map_err(|_| {
-        ActorError::new(
-            "NoApp",
-            "actor called outside of a worker with the ProvideApp middleware",
-        )
-    })
-}
-
-/// Makes the app available to actors through [`current_app`] while they run, so `master` can
-/// send subtasks.
-#[derive(Debug)]
-pub struct ProvideApp;
-
-#[troupe::async_trait]
-impl Middleware for ProvideApp {
-    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
-        let app = cx.app().clone();
-        APP.scope(app, next.run(cx)).await
-    }
-}
-
 #[derive(Debug, Default)]
 struct Reports {
     /// Every report, posted or not.
@@ -326,7 +299,6 @@ async fn post_json(url: &str, body: &str) -> Result<u16, BoxError> {
 fn build_app(broker: Arc<dyn Broker>, reports: CatchExceptions) -> troupe::Result<App> {
     App::builder(broker)
         .middleware(reports)
-        .middleware(ProvideApp)
         .actor(Master)
         .actor(RunSubtask)
         .actor(RunSubtaskOps)

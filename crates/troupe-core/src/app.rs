@@ -212,7 +212,12 @@ impl App {
             .into_iter()
             .map(|args| Self::message(actor, &args).map(|m| (m, None)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(self.enqueue_many(messages).await?.into_iter().map(Sent::new).collect())
+        Ok(self
+            .enqueue_many(messages)
+            .await?
+            .into_iter()
+            .map(|m| Sent::from_app(self, m))
+            .collect())
     }
 
     /// Builds the message calling `actor` with `args`, carrying the actor's priority (as
@@ -248,21 +253,24 @@ impl App {
         let mut message = Self::message(actor, &args)?;
         let delay = options.apply(&mut message);
         let message = self.enqueue(message, delay).await?;
-        Ok(Sent::new(message))
+        Ok(Sent::from_app(self, message))
     }
 
     /// Sends positional `args` to the actor named `actor_name` (its queue from the registry, or
-    /// `"default"` when it is not registered here), as a callback would.
+    /// `"default"` when it is not registered here), as a callback would. Its result, if the
+    /// actor stores one, comes back as JSON through the returned [`Sent`].
     ///
     /// # Errors
     /// As [`App::enqueue`].
-    pub async fn send_to(&self, actor_name: &str, args: Vec<Value>) -> Result<Message> {
+    pub async fn send_to(&self, actor_name: &str, args: Vec<Value>) -> Result<Sent<Value>> {
         let queue = self.actor(actor_name).map_or_else(
             || crate::actor::DEFAULT_QUEUE.to_owned(),
             |a| a.options().queue_name.clone(),
         );
-        self.enqueue(Message::new(queue, actor_name, args, Map::new()), None)
-            .await
+        let message = self
+            .enqueue(Message::new(queue, actor_name, args, Map::new()), None)
+            .await?;
+        Ok(Sent::from_app(self, message))
     }
 
     /// The stored result of `message` (a stored failure is [`Error::ResultFailure`]). With
@@ -623,12 +631,19 @@ impl SendOptions {
 /// A sent message, typed by its actor's output so its result can be fetched.
 pub struct Sent<O> {
     message: Message,
+    /// The results backend of the app that sent it, so the result can be fetched without
+    /// being handed the app again.
+    results: Option<Arc<dyn ResultBackend>>,
     _output: PhantomData<fn() -> O>,
 }
 
 impl<O> Clone for Sent<O> {
     fn clone(&self) -> Self {
-        Self::new(self.message.clone())
+        Self {
+            message: self.message.clone(),
+            results: self.results.clone(),
+            _output: PhantomData,
+        }
     }
 }
 
@@ -639,11 +654,23 @@ impl<O> fmt::Debug for Sent<O> {
 }
 
 impl<O> Sent<O> {
-    /// Wraps an enqueued message.
+    /// Wraps an enqueued message (with no results backend: fetch its result through an app,
+    /// [`get_result`](Self::get_result)).
     #[must_use]
     pub fn new(message: Message) -> Self {
         Self {
             message,
+            results: None,
+            _output: PhantomData,
+        }
+    }
+
+    /// Wraps a message `app` enqueued, keeping the app's results backend.
+    #[must_use]
+    pub fn from_app(app: &App, message: Message) -> Self {
+        Self {
+            message,
+            results: app.results().cloned(),
             _output: PhantomData,
         }
     }
@@ -668,7 +695,31 @@ impl<O> Sent<O> {
 }
 
 impl<O: DeserializeOwned> Sent<O> {
-    /// The result, if stored yet ([`Error::ResultMissing`] if not).
+    /// The result, if stored yet ([`Error::ResultMissing`] if not), from the results backend
+    /// of the app that sent the message.
+    ///
+    /// # Errors
+    /// As [`get_result`](Self::get_result).
+    pub async fn result(&self) -> Result<O> {
+        self.fetch(None).await
+    }
+
+    /// Waits up to `timeout` for the result, in the results backend of the app that sent the
+    /// message.
+    ///
+    /// # Errors
+    /// As [`wait_result`](Self::wait_result).
+    pub async fn wait(&self, timeout: Duration) -> Result<O> {
+        self.fetch(Some(timeout)).await
+    }
+
+    async fn fetch(&self, timeout: Option<Duration>) -> Result<O> {
+        let backend = self.results.as_ref().ok_or(Error::NoResultBackend)?;
+        decode_result(unwrap_result(backend.get(&self.message, timeout).await?)?)
+    }
+
+    /// The result, if stored yet ([`Error::ResultMissing`] if not), from `app`'s results
+    /// backend.
     ///
     /// # Errors
     /// See [`App::get_result`]; also [`Error::Decode`] when the stored value is not an `O`.
@@ -676,7 +727,7 @@ impl<O: DeserializeOwned> Sent<O> {
         decode_result(app.get_result(&self.message, None).await?)
     }
 
-    /// Waits up to `timeout` for the result.
+    /// Waits up to `timeout` for the result in `app`'s results backend.
     ///
     /// # Errors
     /// See [`App::get_result`]; also [`Error::Decode`] when the stored value is not an `O`.
@@ -715,6 +766,67 @@ mod tests {
             delivery.ack().await.unwrap();
         }
         m.message_id
+    }
+
+    struct Double;
+
+    impl Actor for Double {
+        type Args = (i64,);
+        type Output = i64;
+
+        fn name(&self) -> &str {
+            "double"
+        }
+
+        async fn call(&self, (x,): (i64,)) -> std::result::Result<i64, crate::ActorError> {
+            Ok(2 * x)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sent_message_fetches_its_result_without_the_app() {
+        let results = crate::MemoryResults::new();
+        let app = App::builder(MemoryBroker::new().into_dyn())
+            .results(results.clone().into_dyn())
+            .actor(Double)
+            .build()
+            .unwrap();
+        let sent = app.send(&Double, (21,)).await.unwrap();
+        assert!(matches!(sent.result().await, Err(Error::ResultMissing(_))));
+        let store = {
+            let results = results.clone();
+            let message = sent.message().clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                results.store(&message, json!(42), Duration::from_secs(60)).await
+            })
+        };
+        assert_eq!(sent.wait(Duration::from_secs(5)).await.unwrap(), 42);
+        store.await.unwrap().unwrap();
+        assert_eq!(sent.result().await.unwrap(), 42);
+        assert_eq!(sent.clone().result().await.unwrap(), 42, "clones keep the backend");
+
+        let by_name = app.send_to("double", vec![json!(1)]).await.unwrap();
+        results
+            .store(by_name.message(), json!(2), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(by_name.result().await.unwrap(), json!(2));
+
+        let bare: Sent<i64> = Sent::new(sent.message().clone());
+        assert!(matches!(bare.result().await, Err(Error::NoResultBackend)));
+        assert_eq!(
+            bare.get_result(&app).await.unwrap(),
+            42,
+            "an app's backend still serves"
+        );
+    }
+
+    #[tokio::test]
+    async fn current_app_outside_an_actor_is_an_error() {
+        let e = crate::current_app().unwrap_err();
+        assert!(matches!(e, Error::NoCurrentApp), "{e}");
+        assert!(e.to_string().contains("outside an actor"), "{e}");
     }
 
     #[tokio::test]

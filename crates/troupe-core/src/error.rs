@@ -115,6 +115,8 @@ pub enum Error {
     },
     /// No results backend is configured.
     NoResultBackend,
+    /// [`current_app`](crate::current_app) was called outside an actor run by a worker.
+    NoCurrentApp,
 }
 
 impl fmt::Display for Error {
@@ -148,6 +150,9 @@ impl fmt::Display for Error {
             Self::NoResultBackend => {
                 f.write_str("no results backend is configured; add one with App::builder(..).results(backend)")
             }
+            Self::NoCurrentApp => f.write_str(
+                "current_app() was called outside an actor run by a worker (or with the CurrentMessage middleware turned off)",
+            ),
         }
     }
 }
@@ -220,7 +225,9 @@ impl Error {
         match self {
             Self::Backend { kind, .. } => *kind,
             Self::Decode(_) | Self::Encode(_) | Self::MessageTooLarge { .. } => ErrorKind::Serialization,
-            Self::InvalidQueueName(_) | Self::Config(_) | Self::NoResultBackend => ErrorKind::Config,
+            Self::InvalidQueueName(_) | Self::Config(_) | Self::NoResultBackend | Self::NoCurrentApp => {
+                ErrorKind::Config
+            }
             Self::QueueNotFound(_) | Self::ActorNotFound(_) | Self::ResultMissing(_) => ErrorKind::NotFound,
             Self::QueueJoinTimeout(_) | Self::ResultTimeout(_) => ErrorKind::Timeout,
             Self::MessageFailed { .. } | Self::ResultFailure { .. } => ErrorKind::Other,

@@ -78,7 +78,7 @@ pub mod __private {
         T: Send + 'static,
     {
         let current = crate::middleware::current_message();
-        let app = crate::middleware::current_app();
+        let app = crate::middleware::current_app().ok();
         match tokio::task::spawn_blocking(move || with_current_message(current, app, f)).await {
             Ok(result) => result,
             Err(e) if e.is_panic() => {

@@ -38,7 +38,7 @@ async fn half(x: i64) -> Result<i64, ActorError> {
     // current_message and current_app come from the prelude too.
     let message = current_message().expect("the worker sets the current message");
     assert_eq!(message.actor_name, "half");
-    assert!(current_app().is_some());
+    assert!(current_app().is_ok());
     if x % 2 == 0 {
         Ok(x / 2)
     } else {

@@ -21,11 +21,24 @@ pub fn current_message() -> Option<Message> {
     CURRENT.try_with(Clone::clone).ok()
 }
 
-/// The app whose worker runs the calling actor, when the [`CurrentMessage`] middleware is on:
-/// actors use it to send further messages (fan-out) or read results.
-#[must_use]
-pub fn current_app() -> Option<App> {
-    APP.try_with(Clone::clone).ok()
+/// The app whose worker runs the calling actor, when the [`CurrentMessage`] middleware is on
+/// (it is by default): actors use it to send further messages (fan-out) or read results. Use
+/// it with `?` inside an actor:
+///
+/// ```
+/// # use troupe_core::{ActorError, current_app};
+/// async fn fan_out() -> Result<(), ActorError> {
+///     let app = current_app()?;
+///     // app.send(&Next, (42,)).await?;
+/// #   let _ = app;
+///     Ok(())
+/// }
+/// ```
+///
+/// # Errors
+/// [`Error::NoCurrentApp`](crate::Error::NoCurrentApp) outside an actor run by a worker.
+pub fn current_app() -> crate::Result<App> {
+    APP.try_with(Clone::clone).map_err(|_| crate::Error::NoCurrentApp)
 }
 
 /// Runs a blocking closure with `message` as the current message (for sync actors run on the
