@@ -183,6 +183,19 @@ impl RedisBroker {
 /// The most messages one `enqueue` script call carries.
 const ENQUEUE_CHUNK: usize = 500;
 
+/// A fresh redis message id (uuid4) for a message of this priority. A message with a non-zero
+/// priority gets `P<priority>:<uuid4>`, which names its lane list (`ns:q.P<priority>`) to the
+/// dispatch script, so a requeued or recovered message goes back to its own lane; priority 0
+/// gets a bare uuid4 and Dramatiq's plain list, as Python Dramatiq writes.
+fn redis_message_id(priority: i32) -> String {
+    let id = uuid::Uuid::new_v4();
+    if priority == 0 {
+        id.to_string()
+    } else {
+        format!("P{priority}:{id}")
+    }
+}
+
 /// Calls the dispatch script: `command` on `queue` as `worker`, with extra arguments.
 async fn call<T: redis::FromRedisValue>(
     inner: &Inner,
@@ -380,7 +393,7 @@ impl Broker for RedisBroker {
         for (message, delay) in messages {
             let mut message = prepare_for_delay_queue(message, delay);
             // A fresh redis_message_id on every enqueue (retries and delayed moves too), as Dramatiq.
-            let rid = uuid::Uuid::new_v4().to_string();
+            let rid = redis_message_id(message.priority());
             message.options.insert("redis_message_id".into(), rid.clone().into());
             let body = encode_checked(
                 self.inner.encoder.as_ref(),
@@ -438,18 +451,9 @@ impl Broker for RedisBroker {
 
     async fn stats(&self, queue: &str) -> Result<QueueStats> {
         self.check_open()?;
-        let q = self.key(q_name(queue));
-        let dq = self.key(&dq_name(queue));
-        let xq = self.key(&xq_name(queue));
-        let mut conn = self.inner.conn.clone();
-        let (ready, queued, delayed, dead): (u64, u64, u64, u64) = redis::pipe()
-            .llen(&q)
-            .hlen(format!("{q}.msgs"))
-            .hlen(format!("{dq}.msgs"))
-            .zcard(&xq)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| redis_error("count messages", e))?;
+        // One script call: the ready count adds up the plain list and the priority lanes.
+        let (ready, queued, delayed, dead): (u64, u64, u64, u64) =
+            call(&self.inner, "stats", q_name(queue), "", |_| {}).await?;
         Ok(QueueStats::new(ready, delayed, queued.saturating_sub(ready), dead))
     }
 

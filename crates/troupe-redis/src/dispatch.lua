@@ -5,6 +5,13 @@
 --   ns:<q>.XQ         ZSET rid -> dead-letter time (ms); ns:<q>.XQ.msgs its HASH
 --   ns:__acks__.<worker>.<q>  SET of rids fetched by <worker> and not yet acked
 --   ns:__heartbeats__ ZSET worker -> last heartbeat (ms)
+-- Troupe's priority lanes (Python Dramatiq neither reads nor writes them):
+--   ns:<q>.P<p>       LIST of the rids of messages with priority p (p in -10..10, not 0), FIFO
+--   ns:<q>.lanes      ZSET of the priorities whose lane may be non-empty (member = score = p)
+-- A message at priority p != 0 has a rid "P<p>:<uuid>" (the lane travels with the rid, so a
+-- requeued or recovered message goes back to its own lane); its body is in ns:<q>.msgs as
+-- usual. Fetch drains the negative lanes (most negative first), then ns:<q>, then the
+-- positive lanes. Priority 0 is Dramatiq's exact layout.
 -- KEYS[1] = namespace. ARGV: command, now (ms), queue, worker id, then the command's arguments.
 local ns = KEYS[1]
 local command = ARGV[1]
@@ -22,16 +29,64 @@ local xq_key = ns .. ":" .. canonical .. ".XQ"
 local xq_msgs_key = xq_key .. ".msgs"
 local acks_key = ns .. ":__acks__." .. worker .. "." .. queue
 local heartbeats_key = ns .. ":__heartbeats__"
+local lanes_key = queue_key .. ".lanes"
 
 local function heartbeat()
   redis.call("ZADD", heartbeats_key, now, worker)
+end
+
+-- The list a rid belongs on, and its lane's priority (nil for the plain list).
+local function lane_of(rid)
+  local p = tonumber(string.match(rid, "^P(%-?%d+):"))
+  if p and p ~= 0 then
+    p = tostring(p)
+    return queue_key .. ".P" .. p, p
+  end
+  return queue_key, nil
+end
+
+-- Puts a rid back on its list: at the head (requeue) or the tail (enqueue, recovery).
+local function push(rid, head)
+  local key, p = lane_of(rid)
+  redis.call(head and "LPUSH" or "RPUSH", key, rid)
+  if p then
+    redis.call("ZADD", lanes_key, p, p)
+  end
+end
+
+-- Pops up to n rids from the head of a list. LPOP with a count (Redis >= 6.2) takes them in
+-- one command; older servers refuse it and get one LPOP per rid.
+local function pop(key, n)
+  local rids = redis.pcall("LPOP", key, n)
+  if type(rids) == "table" and rids.err then
+    rids = {}
+    for _ = 1, n do
+      local rid = redis.call("LPOP", key)
+      if not rid then
+        break
+      end
+      rids[#rids + 1] = rid
+    end
+  elseif not rids then
+    rids = {}
+  end
+  return rids
+end
+
+-- The lists of a queue key: its plain list, then its lanes.
+local function lists_of(key)
+  local keys = {key}
+  for _, p in ipairs(redis.call("ZRANGE", key .. ".lanes", 0, -1)) do
+    keys[#keys + 1] = key .. ".P" .. p
+  end
+  return keys
 end
 
 if command == "enqueue" then
   -- ARGV[5..]: rid, body pairs
   for i = 5, #ARGV, 2 do
     redis.call("HSET", msgs_key, ARGV[i], ARGV[i + 1])
-    redis.call("RPUSH", queue_key, ARGV[i])
+    push(ARGV[i], false)
   end
   redis.call("PUBLISH", ns .. ":__troupe_wake__:" .. queue, "1")
   return (#ARGV - 4) / 2
@@ -41,19 +96,43 @@ elseif command == "fetch" then
   heartbeat()
   local n = tonumber(ARGV[5])
   local out = {}
-  -- LPOP with a count (Redis >= 6.2) takes the batch in one command; older servers refuse it
-  -- and get one LPOP per message.
-  local rids = redis.pcall("LPOP", queue_key, n)
-  if type(rids) == "table" and rids.err then
+  local lanes = redis.call("ZRANGE", lanes_key, 0, -1)
+  local rids
+  if #lanes == 0 then
+    -- No prioritized message: Dramatiq's plain list alone.
+    rids = pop(queue_key, n)
+  else
     rids = {}
-    for _ = 1, n do
-      local rid = redis.call("LPOP", queue_key)
-      if not rid then
+    -- Takes what it can from one list; a lane found empty leaves the lanes set.
+    local function take(key, p)
+      local want = n - #rids
+      local got = pop(key, want)
+      for _, rid in ipairs(got) do
+        rids[#rids + 1] = rid
+      end
+      if p and #got < want then
+        redis.call("ZREM", lanes_key, p)
+      end
+    end
+    local plain_done = false
+    for _, p in ipairs(lanes) do
+      if #rids >= n then
         break
       end
-      rids[#rids + 1] = rid
+      if not plain_done and tonumber(p) > 0 then
+        take(queue_key, nil)
+        plain_done = true
+        if #rids >= n then
+          break
+        end
+      end
+      take(queue_key .. ".P" .. p, p)
     end
-  elseif not rids then
+    if not plain_done and #rids < n then
+      take(queue_key, nil)
+    end
+  end
+  if #rids == 0 then
     return out
   end
   -- Variadic SADD and HMGET in chunks (unpack is limited by Lua's stack).
@@ -103,7 +182,7 @@ elseif command == "nack" then
 
 elseif command == "requeue" then
   -- ARGV[5..]: rids, or none for every rid this worker holds on the queue. They go back to
-  -- the head of the queue, in their order.
+  -- the head of their list (the plain queue or their lane), in their order.
   heartbeat()
   local rids = {}
   if #ARGV < 5 then
@@ -117,7 +196,7 @@ elseif command == "requeue" then
   for i = #rids, 1, -1 do
     local rid = rids[i]
     if redis.call("SREM", acks_key, rid) == 1 and redis.call("HEXISTS", msgs_key, rid) == 1 then
-      redis.call("LPUSH", queue_key, rid)
+      push(rid, true)
       back = back + 1
     end
   end
@@ -137,7 +216,7 @@ elseif command == "forget" then
 
 elseif command == "maintenance" then
   -- ARGV[5] heartbeat timeout (ms), ARGV[6] dead-letter TTL (ms), ARGV[7] chunk size.
-  -- Returns the messages of dead workers put back on this queue.
+  -- Returns the messages of dead workers put back on this queue (each on its own lane).
   local timeout = tonumber(ARGV[5])
   local ttl = tonumber(ARGV[6])
   local chunk = tonumber(ARGV[7])
@@ -148,7 +227,7 @@ elseif command == "maintenance" then
     local rids = redis.call("SMEMBERS", dead_acks)
     for _, rid in ipairs(rids) do
       if redis.call("HEXISTS", msgs_key, rid) == 1 then
-        redis.call("RPUSH", queue_key, rid)
+        push(rid, false)
         back = back + 1
       end
     end
@@ -174,10 +253,27 @@ elseif command == "maintenance" then
   return back
 
 elseif command == "purge" then
-  -- Ready and delayed messages and dead letters of the canonical queue.
-  redis.call("DEL", ns .. ":" .. canonical, ns .. ":" .. canonical .. ".msgs",
-    ns .. ":" .. canonical .. ".DQ", ns .. ":" .. canonical .. ".DQ.msgs", xq_key, xq_msgs_key)
+  -- Ready and delayed messages (lanes included) and dead letters of the canonical queue.
+  local canonical_key = ns .. ":" .. canonical
+  local keys = {canonical_key .. ".msgs", canonical_key .. ".DQ.msgs", xq_key, xq_msgs_key}
+  for _, base in ipairs({canonical_key, canonical_key .. ".DQ"}) do
+    for _, key in ipairs(lists_of(base)) do
+      keys[#keys + 1] = key
+    end
+    keys[#keys + 1] = base .. ".lanes"
+  end
+  redis.call("DEL", unpack(keys))
   return 1
+
+elseif command == "stats" then
+  -- The canonical queue's counts: ready (its list and lanes), queued (ready and in flight),
+  -- delayed (ready and in flight on its delay queue) and dead.
+  local ready = 0
+  for _, key in ipairs(lists_of(queue_key)) do
+    ready = ready + redis.call("LLEN", key)
+  end
+  return {ready, redis.call("HLEN", msgs_key), redis.call("HLEN", queue_key .. ".DQ.msgs"),
+    redis.call("ZCARD", xq_key)}
 end
 
 return redis.error_reply("troupe dispatch: unknown command " .. tostring(command))

@@ -7,6 +7,18 @@
 //! let broker = troupe_redis::RedisBroker::connect("redis://127.0.0.1:6379/0").await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Priorities
+//!
+//! A message at priority 0 (`troupe_core::priority`, the default) is stored exactly as Dramatiq
+//! stores it: its id on the list `ns:q`, its body in the hash `ns:q.msgs`. A message at another
+//! priority p (-10..=10, lower first) has its id `P<p>:<uuid4>` on a lane list `ns:q.P<p>`
+//! (`ns:q.lanes` is the sorted set of lanes in use) and its body in `ns:q.msgs` as usual. A
+//! fetch, one script call, takes from the negative lanes (most urgent first), then `ns:q`, then
+//! the positive lanes. Requeued and recovered messages go back to their own lane; delayed ones
+//! wait in the delay queue's lanes (`ns:q.DQ.P<p>`). Python Dramatiq workers do not read lanes,
+//! so only Troupe workers run prioritized messages (Dramatiq's `join` still counts them, since
+//! their bodies are in `ns:q.msgs`).
 
 #[cfg(feature = "broker")]
 mod broker;
