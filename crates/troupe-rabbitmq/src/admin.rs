@@ -13,7 +13,6 @@ use troupe_core::{DeadLetter, Error, QueueStats, Result, decode_delivery, prepar
 
 use crate::broker::Inner;
 use crate::conn::{is_not_found, timed};
-use crate::publish::properties_of;
 use crate::topology::short;
 
 impl Inner {
@@ -204,7 +203,7 @@ impl Inner {
                 let message = prepare_for_delay_queue(message, None);
                 let body = self.encoder.encode(&message)?;
                 // Confirmed before the dead letter is removed.
-                self.publish(canonical, canonical, &body, properties_of(&message), true)
+                self.publish(canonical, canonical, &body, self.properties(&message), true)
                     .await?;
                 timed(
                     self.timeout(),

@@ -15,7 +15,7 @@ use troupe_core::{
 
 use crate::conn::{BACKEND, Link, RabbitmqOptions, closed_error, timed};
 use crate::consumer::{ConsumerShared, RabbitmqConsumer};
-use crate::publish::{persistent, properties_of};
+use crate::publish::persistent;
 use crate::topology::short;
 
 /// A broker on RabbitMQ with Python Dramatiq's topology: a Dramatiq worker and a Troupe worker
@@ -45,6 +45,8 @@ pub(crate) struct Inner {
     pub(crate) declared: Mutex<HashSet<String>>,
     pub(crate) consumers: Mutex<Vec<Weak<ConsumerShared>>>,
     pub(crate) encoder: Arc<dyn Encoder>,
+    /// Queues already warned about prioritized messages without `max_priority`.
+    pub(crate) priority_warned: Mutex<HashSet<String>>,
     closed: AtomicBool,
 }
 
@@ -91,6 +93,7 @@ impl RabbitmqBroker {
             declared: Mutex::new(HashSet::new()),
             consumers: Mutex::new(Vec::new()),
             encoder: Arc::new(JsonEncoder),
+            priority_warned: Mutex::new(HashSet::new()),
             closed: AtomicBool::new(false),
         });
         inner.publisher(inner.options.confirm_delivery).await?;
@@ -219,7 +222,7 @@ impl Broker for RabbitmqBroker {
                 &canonical,
                 &message.queue_name,
                 &body,
-                properties_of(&message),
+                self.inner.properties(&message),
                 self.inner.options.confirm_delivery,
             )
             .await?;
@@ -232,7 +235,8 @@ impl Broker for RabbitmqBroker {
         let mut enqueued = Vec::with_capacity(messages.len());
         for (message, delay) in messages {
             let (message, canonical, body) = self.inner.prepare(message, delay)?;
-            items.push((canonical, message.queue_name.clone(), body, properties_of(&message)));
+            let props = self.inner.properties(&message);
+            items.push((canonical, message.queue_name.clone(), body, props));
             enqueued.push(message);
         }
         self.inner

@@ -25,9 +25,12 @@ pub struct RabbitmqOptions {
     /// Server URLs, tried in order on every (re)connect (failover), without Troupe's own query
     /// settings.
     pub urls: Vec<String>,
-    /// Declares queues with `x-max-priority` (1..=255) so `broker_priority` works. Every producer
-    /// and worker of a queue must agree on it: RabbitMQ refuses a declaration with other
-    /// arguments (default none, as Dramatiq).
+    /// Declares queues with `x-max-priority` (1..=255) so RabbitMQ delivers by priority: Troupe's
+    /// priorities below 0 (`SendOptions::priority`, an actor's `priority`) map onto
+    /// 1..=max_priority, and Dramatiq's `broker_priority` is used as is. Every producer and
+    /// worker of a queue must agree on it: RabbitMQ refuses a declaration with other arguments
+    /// (default none, Dramatiq's exact arguments: priorities are then not honoured, and a
+    /// prioritized message logs one warning per queue).
     pub max_priority: Option<u8>,
     /// Publisher confirms: an enqueue returns once RabbitMQ has taken the message (default
     /// true). When off, enqueues do not wait (as Dramatiq's default); dead letters are still

@@ -26,7 +26,12 @@
 //!
 //! Messages are published to the default exchange with routing key `Q` (or `Q.DQ` with `eta`
 //! for a delay; the worker holds delayed messages until due, as Dramatiq's does), persistent
-//! (`delivery_mode = 2`), with `broker_priority` as the AMQP priority. With publisher confirms
+//! (`delivery_mode = 2`). On queues declared with [`RabbitmqOptions::max_priority`], a message
+//! carries an AMQP priority when Dramatiq's `broker_priority` option is set (that value, as
+//! Dramatiq publishes it), or else when its Troupe priority p (`troupe_core::priority`, lower
+//! first) is below 0: `ceil(-p * max_priority / 10)`, so -10 is `max_priority`. Priorities 0 and
+//! above publish no priority property, exactly as Dramatiq does, and so run in arrival order
+//! among themselves. With publisher confirms
 //! (on by default here; Dramatiq's `confirm_delivery` defaults to off) an enqueue returns once
 //! RabbitMQ has the message, and `mandatory` publishes that come back unroutable are declared
 //! again and retried. A publish that fails on a lost connection is retried on a new one (at

@@ -7,7 +7,7 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation};
 use troupe_core::queue::validate_queue_name;
-use troupe_core::{Error, ErrorKind, Message, Result, encode_checked, prepare_for_delay_queue};
+use troupe_core::{Error, ErrorKind, Message, Result, encode_checked, prepare_for_delay_queue, priority};
 
 use crate::broker::Inner;
 use crate::conn::{BACKEND, timed};
@@ -27,16 +27,60 @@ pub(crate) fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }
 
-/// The properties a message is published with: persistent, with `broker_priority` if set.
-pub(crate) fn properties_of(message: &Message) -> BasicProperties {
+/// The AMQP priority a message is published with, if any:
+///
+/// - Dramatiq's own `broker_priority` option when set (from a Python producer or
+///   `SendOptions::broker_priority`): that value, as Dramatiq publishes it;
+/// - else a Troupe priority p < 0 (more urgent than default) on queues declared with
+///   `max_priority`: `ceil(-p * max_priority / 10)`, capped at `max_priority`;
+/// - else none, exactly as Dramatiq publishes (p >= 0, or no `max_priority`: RabbitMQ ignores
+///   the property on a queue without `x-max-priority`).
+pub(crate) fn amqp_priority(message: &Message, max_priority: Option<u8>) -> Option<u8> {
+    if let Some(p) = message.option_u64("broker_priority") {
+        return Some(u8::try_from(p).unwrap_or(u8::MAX));
+    }
+    let priority = message.priority();
+    let max = max_priority?;
+    if priority >= 0 {
+        return None;
+    }
+    let scaled = (priority.unsigned_abs() * u32::from(max)).div_ceil(priority::MAX.unsigned_abs());
+    Some(u8::try_from(scaled).map_or(max, |p| p.min(max)))
+}
+
+/// The properties a message is published with: persistent, with its [`amqp_priority`].
+pub(crate) fn properties_of(message: &Message, max_priority: Option<u8>) -> BasicProperties {
     let props = persistent();
-    match message.option_u64("broker_priority") {
-        Some(p) => props.with_priority(u8::try_from(p).unwrap_or(u8::MAX)),
+    match amqp_priority(message, max_priority) {
+        Some(p) => props.with_priority(p),
         None => props,
     }
 }
 
 impl Inner {
+    /// The properties `message` is published with (see [`amqp_priority`]). A message more urgent
+    /// than default (priority < 0) on a broker without `max_priority` gets none, and one warning
+    /// per queue says how to have RabbitMQ honour it.
+    pub(crate) fn properties(&self, message: &Message) -> BasicProperties {
+        let max_priority = self.options.max_priority;
+        if max_priority.is_none() && message.priority() < 0 && !message.options.contains_key("broker_priority") {
+            let canonical = message.canonical_queue();
+            let first = self
+                .priority_warned
+                .lock()
+                .map(|mut warned| warned.insert(canonical.to_owned()))
+                .unwrap_or(false);
+            if first {
+                tracing::warn!(
+                    queue = canonical,
+                    priority = message.priority(),
+                    "a prioritized message was published to a queue without priorities, so RabbitMQ delivers it in arrival order: set max_priority in the broker URL (e.g. ?max_priority=10) on every producer and worker of this queue (queues declared without it must be deleted first)"
+                );
+            }
+        }
+        properties_of(message, max_priority)
+    }
+
     /// The shared publishing channel, with or without confirms, opened (again) when needed.
     pub(crate) async fn publisher(&self, confirm: bool) -> Result<Channel> {
         let mut slot = if confirm { &self.confirming } else { &self.plain }.lock().await;
@@ -215,14 +259,44 @@ impl Inner {
 mod tests {
     use super::*;
 
+    fn message() -> Message {
+        Message::new("q", "a", vec![], serde_json::Map::new())
+    }
+
     #[test]
     fn priorities_come_from_broker_priority() {
-        let m = Message::new("q", "a", vec![], serde_json::Map::new()).with_option("broker_priority", 7);
-        assert_eq!(*properties_of(&m).priority(), Some(7));
-        assert_eq!(*properties_of(&m).delivery_mode(), Some(2));
+        let m = message().with_option("broker_priority", 7);
+        assert_eq!(*properties_of(&m, None).priority(), Some(7));
+        assert_eq!(*properties_of(&m, None).delivery_mode(), Some(2));
         let m = m.with_option("broker_priority", 1000);
-        assert_eq!(*properties_of(&m).priority(), Some(255));
-        let m = Message::new("q", "a", vec![], serde_json::Map::new());
-        assert_eq!(*properties_of(&m).priority(), None);
+        assert_eq!(*properties_of(&m, Some(10)).priority(), Some(255));
+        assert_eq!(*properties_of(&message(), None).priority(), None);
+        assert_eq!(*properties_of(&message(), Some(10)).priority(), None);
+    }
+
+    #[test]
+    fn troupe_priorities_map_onto_max_priority() {
+        let at = |p: i32, max: Option<u8>| amqp_priority(&message().with_priority(p), max);
+        // Default and less urgent: no property at all, as Dramatiq publishes.
+        for p in [0, 1, 5, 10] {
+            assert_eq!(at(p, Some(10)), None, "{p}");
+        }
+        assert_eq!(at(-1, Some(10)), Some(1));
+        assert_eq!(at(-5, Some(10)), Some(5));
+        assert_eq!(at(-10, Some(10)), Some(10));
+        assert_eq!(at(-1, Some(1)), Some(1));
+        assert_eq!(at(-1, Some(255)), Some(26));
+        assert_eq!(at(-10, Some(255)), Some(255));
+        assert_eq!(at(-3, Some(4)), Some(2));
+        // Out of range: clamped to -10 first.
+        assert_eq!(
+            amqp_priority(&message().with_option("troupe_priority", -99), Some(10)),
+            Some(10)
+        );
+        // No max_priority: RabbitMQ would ignore it.
+        assert_eq!(at(-5, None), None);
+        // Dramatiq's broker_priority wins.
+        let m = message().with_priority(-10).with_option("broker_priority", 2);
+        assert_eq!(amqp_priority(&m, Some(10)), Some(2));
     }
 }

@@ -1,7 +1,7 @@
 //! The conformance suite against the machine's RabbitMQ (`TROUPE_RABBITMQ_URL`, default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`). Every case uses queue names of its own, and
-//! deletes them when it ends (the broker under test is wrapped in [`Cleanup`]). A missing server
-//! fails the tests; it never skips them.
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`), with `max_priority` 10 unless the URL sets one.
+//! Every case uses queue names of its own, and deletes them when it ends (the broker under test
+//! is wrapped in [`Cleanup`]). A missing server fails the tests; it never skips them.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -16,10 +16,15 @@ use troupe_core::{Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, E
 use troupe_rabbitmq::{RabbitmqBroker, RabbitmqOptions};
 use troupe_test_suite::{Harness, RawEnqueue, TestBroker};
 
+/// The broker's options: the URL's, with priority queues (`max_priority` 10 unless the URL sets
+/// one), so the priority cases hold; every case's queues are its own, so their arguments never
+/// clash with another declaration.
 fn options() -> RabbitmqOptions {
     let url = std::env::var("TROUPE_RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    RabbitmqOptions::from_url(&url)
-        .expect("TROUPE_RABBITMQ_URL")
+    let options = RabbitmqOptions::from_url(&url).expect("TROUPE_RABBITMQ_URL");
+    let max_priority = options.max_priority.or(Some(10));
+    options
+        .max_priority(max_priority)
         .max_message_size(64 * 1024)
         .connection_name(format!("troupe-conformance-{}", uuid::Uuid::new_v4().simple()))
 }
