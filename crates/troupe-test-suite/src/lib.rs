@@ -137,6 +137,8 @@ macro_rules! broker_conformance {
             fail_permanently_skips_retries,
             bad_input_goes_to_dead_letters,
             actor_priority_orders_prefetched_work,
+            broker_delivers_lower_priorities_first,
+            urgent_message_overtakes_a_backlog,
             graceful_shutdown_returns_prefetched_and_delayed,
             time_limit_fails_and_retries,
             panics_are_failures,
