@@ -26,7 +26,7 @@ use serde_json::{Map, Value, json};
 use troupe::redis::redis;
 use troupe::redis::{RedisBroker, RedisResults};
 use troupe::worker::WorkerHandle;
-use troupe::{App, Broker, Error, Message, ResultBackend, Sent, Worker};
+use troupe::{App, Broker, Error, Message, ResultBackend, SendOptions, Sent, Worker};
 
 /// The Python peer.
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/peer.py");
@@ -653,6 +653,47 @@ async fn troupe_and_python_workers_share_a_queue_each_message_runs_exactly_once(
         python_records.len(),
         troupe_records.len()
     );
+}
+
+/// Priorities on Redis: a message at priority 0 is Dramatiq's exact layout, which a Python
+/// worker runs; one with another priority waits in a lane list Python Dramatiq does not read
+/// (`ns:q.P<p>`, its body in `ns:q.msgs` as usual), so only a Troupe worker runs it, most urgent
+/// first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn troupe_priorities_python_runs_priority_zero_the_lanes_wait_for_troupe() {
+    let env = Env::new().await;
+    let app = env.app();
+    let plain = interop::Echo.send(&app, json!("plain")).await.unwrap();
+    assert!(!plain.message().options.contains_key("troupe_priority"));
+    let mut ids = HashSet::new();
+    for (value, priority) in [("lazy", 3), ("urgent", -5)] {
+        let sent = interop::Echo
+            .send_with_options(&app, json!(value), SendOptions::new().priority(priority))
+            .await
+            .unwrap();
+        assert_eq!(sent.message().priority(), priority);
+        ids.insert(sent.message_id().to_owned());
+    }
+    let python = env.peer(&["worker", "--seconds", "1.5"], "").await;
+    let ran: Vec<&Value> = python.iter().filter_map(|r| r.get("received")).collect();
+    assert_eq!(
+        ran,
+        [&json!({"value": "plain"})],
+        "Python ran only the priority-0 message"
+    );
+    assert_eq!(
+        env.pending().await,
+        2,
+        "the prioritized messages wait for a Troupe worker"
+    );
+    let troupe = env.troupe_worker(1).await;
+    wait_until("the lanes are drained", || async { env.pending().await == 0 }).await;
+    troupe.stop().await;
+    let order: Vec<Value> = troupe_calls(&ids)
+        .iter()
+        .map(|c| c["received"]["value"].clone())
+        .collect();
+    assert_eq!(order, [json!("urgent"), json!("lazy")], "most urgent first");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -554,6 +554,44 @@ async fn rabbitmq_broker_priority_troupe_declares_with_max_priority_python_decla
     );
 }
 
+/// Troupe's priorities on a queue with `max_priority`: p < 0 is published with AMQP priority
+/// ceil(-p * max_priority / 10), p >= 0 with none (Dramatiq's bytes), and Dramatiq's own
+/// `broker_priority` wins when set. A Python worker sees plain AMQP priorities and runs the
+/// most urgent first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_troupe_priorities_are_amqp_priorities_python_runs_the_most_urgent_first() {
+    let env = Rabbit::new(Some(MAX_PRIORITY)).await;
+    let app = env.app();
+    let echo = interop::OnQueue::new(interop::Echo, env.queue.as_str());
+    let sends: [(&str, i32, Option<u8>); 7] = [
+        ("a", 0, None),
+        ("b", -2, None),
+        ("c", 3, None),
+        ("d", -10, None),
+        ("e", -5, None),
+        ("f", 0, None),
+        ("g", -1, Some(9)),
+    ];
+    for (tag, priority, broker_priority) in sends {
+        let mut options = SendOptions::new().priority(priority);
+        if let Some(p) = broker_priority {
+            options = options.broker_priority(p);
+        }
+        app.send_with_options(&echo, (json!(tag),), options).await.unwrap();
+    }
+    assert_eq!(env.broker.stats(&env.queue).await.unwrap().ready, 7);
+    let records = env
+        .run_python_worker(sends.len(), &["--threads", "1", "--prefetch", "1"])
+        .await;
+    let order: Vec<Value> = records.iter().map(|r| r["received"]["value"].clone()).collect();
+    // AMQP priorities 10 (d), 9 (g: broker_priority), 5 (e), 2 (b), then none: a, c, f in order.
+    assert_eq!(
+        order,
+        ["d", "g", "e", "b", "a", "c", "f"].map(|t| json!(t)),
+        "Python ran them most urgent first: {records:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_troupe_and_python_workers_share_a_queue_each_message_runs_exactly_once() {
     const MESSAGES: u64 = 120;
