@@ -23,6 +23,10 @@ mod master_subtasks;
 #[path = "../../examples/publish_priorities.rs"]
 mod publish_priorities;
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../examples/brokers/shop.rs"]
+mod shop;
+
 /// A temporary directory and the `sqlite://` URL of a file in it.
 fn temp_db() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -299,4 +303,58 @@ async fn publish_priorities_orders_by_priority_and_files_failures_for_review() {
     );
     assert!(summary.reviews.iter().all(|r| r.error.starts_with("LoginExpired: ")));
     assert!(text.contains("manual review (2 rows)"), "{text}");
+}
+
+/// Runs the shop app (the same app on every broker) and checks everything it promises: each
+/// priced line, the retried item, the delayed one, the dead letter and the drain.
+async fn shop_runs_the_same_on(broker_url: &str, results_url: &str) {
+    let mut out = Vec::new();
+    let summary = tokio::time::timeout(Duration::from_secs(60), shop::run(broker_url, results_url, &mut out))
+        .await
+        .expect("the shop example finishes")
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let totals: BTreeMap<&str, u64> = summary.totals.iter().map(|(i, t)| (i.as_str(), *t)).collect();
+    // 100 cents + 10 per letter of the item's name, times the quantity; flaky-melon succeeded
+    // on its retry, late-fig after its delay.
+    let expected = BTreeMap::from([("apple", 450), ("pear", 280), ("flaky-melon", 210), ("late-fig", 720)]);
+    assert_eq!(totals, expected, "{text}");
+    assert_eq!(summary.failures.len(), 1, "{text}");
+    assert_eq!(summary.failures[0].0, "broken-kiwi");
+    assert!(summary.failures[0].1.contains("UnknownItem"), "{text}");
+    assert_eq!(summary.dead.len(), 1, "{text}");
+    assert!(summary.dead[0].1.contains("no price for broken-kiwi"), "{text}");
+    assert!(summary.delayed_after >= Duration::from_millis(500), "{text}");
+    assert!(text.contains("queue shop drained"), "{text}");
+    assert!(!text.contains("secret"), "no password is printed: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shop_on_sqlite() {
+    let (_dir, url) = temp_db();
+    shop_runs_the_same_on(&url, &url).await;
+}
+
+#[cfg(all(feature = "broker-redis", feature = "results-redis"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shop_on_redis() {
+    let url = "redis://127.0.0.1:6379/15?namespace=troupe-example-shop";
+    shop_runs_the_same_on(url, url).await;
+}
+
+#[cfg(all(feature = "broker-postgres", feature = "results-postgres"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shop_on_postgres() {
+    let url = "postgres://postgres@127.0.0.1:5432/test?schema=troupe_example_shop";
+    shop_runs_the_same_on(url, url).await;
+}
+
+#[cfg(all(feature = "broker-rabbitmq", feature = "results-redis"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shop_on_rabbitmq() {
+    shop_runs_the_same_on(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        "redis://127.0.0.1:6379/15?namespace=troupe-example-shop-rmq",
+    )
+    .await;
 }
