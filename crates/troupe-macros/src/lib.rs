@@ -34,18 +34,33 @@ use proc_macro::TokenStream;
 ///
 /// # Options
 ///
-/// | option | value |
-/// |---|---|
-/// | `name` | the wire name (default: the function's name) |
-/// | `queue_name` | the queue (default `"default"`; `[a-zA-Z_][a-zA-Z0-9._-]*`) |
-/// | `priority` | an integer from -10 to 10, lower runs first (default 0); every broker honours it |
-/// | `max_retries` | a `u64` |
-/// | `min_backoff`, `max_backoff`, `time_limit`, `max_age`, `result_ttl` | a duration: a string such as `"500ms"`, `"30s"`, `"5m"`, `"7days"`, or an integer number of milliseconds |
-/// | `store_results`, `pipe_ignore`, `notify_shutdown` | a `bool` |
-/// | `on_success`, `on_failure`, `on_retry_exhausted` | the name of the callback actor |
-/// | `crate` | the path of the `troupe` crate (default `::troupe`), for renamed dependencies |
+// The table below is troupe_options::markdown_table(), the one table of actor options; the test
+// options::tests::documented_tables_are_the_table fails when this copy differs from it.
+/// | option | value | default | read by | what it does |
+/// |---|---|---|---|---|
+/// | `name` | a non-empty string | the function's name | the app | The wire name messages call the actor by; never derived from a Rust path. |
+/// | `queue_name` | a queue name: `[a-zA-Z_][a-zA-Z0-9._-]*` | `"default"` | the app | The queue the actor's messages go to. |
+/// | `priority` | an integer from -10 to 10 | `0` | the app | Lower runs first: every broker delivers by it and a worker orders what it prefetched by it. |
+/// | `max_retries` | a `u64` | `20` | `Retries` | Retries before the message is dead-lettered; 0: no retry. |
+/// | `min_backoff` | a duration | `"15s"` | `Retries` | The first retry's base delay, doubled per retry and randomised; 0: retry at once. |
+/// | `max_backoff` | a duration | `"7days"` | `Retries` | The longest retry delay (at most 7 days); 0: retry at once. |
+/// | `time_limit` | a duration | `"10m"` | `TimeLimit` | How long the actor may run before it fails with `TimeLimitExceeded`; 0: no limit. |
+/// | `max_age` | a duration | none | `AgeLimit` | A message older than this is dead-lettered instead of run; 0: no limit. |
+/// | `result_ttl` | a duration | `"10m"` | `Results` | How long a stored result lives. |
+/// | `store_results` | `true` or `false` | `false` | `Results` | Store the actor's return value (or its final failure) in the results backend. |
+/// | `pipe_ignore` | `true` or `false` | `false` | `Pipelines` | Do not append the actor's result to the next pipeline stage's arguments. |
+/// | `notify_shutdown` | `true` or `false` | `false` | `ShutdownNotifications` | Cancel the actor when its worker begins to shut down. |
+/// | `on_success` | an actor's name | none | `Callbacks` | The actor sent `(message, result)` after each success. |
+/// | `on_failure` | an actor's name | none | `Callbacks` | The actor sent `(message, {"type", "message"})` after each failed attempt. |
+/// | `on_retry_exhausted` | an actor's name | none | `Retries` | The actor sent `(message, {"retries", "max_retries"})` when retries run out. |
+/// | `retry_when` | a closure (`ActorOptions` only) | none | `Retries` | `Fn(retries, &ActorError) -> bool`: retry only while it returns true (instead of `max_retries`). |
+/// | `throws` | a closure (`ActorOptions` only) | none | `Retries` | `Fn(&ActorError) -> bool`: errors it matches fail without retry. |
+/// | `crate` | a path such as `"::troupe"` | `"::troupe"` | the macro | `#[actor]` only: the path of the `troupe` crate, for a renamed dependency. |
 ///
-/// Durations, the priority's range and the queue name are checked at compile time.
+/// A duration is a `Duration` in `ActorOptions`; in `#[actor]`, a string such as `"500ms"`, `"30s"`, `"5m"` or `"7days"`, or an integer number of milliseconds.
+///
+/// Option names, durations, the priority's range and the queue name are checked at compile
+/// time; `retry_when` and `throws` take closures, which only a hand-written `Actor` can set.
 #[proc_macro_attribute]
 pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
     expand::actor(attr.into(), item.into()).into()
