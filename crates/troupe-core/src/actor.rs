@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 /// The default queue of an actor.
-pub const DEFAULT_QUEUE: &str = "default";
+pub const DEFAULT_QUEUE: &str = troupe_options::defaults::QUEUE_NAME;
 
 /// A predicate over an actor's error, for `retry_when` and `throws`.
 pub type ErrorPredicate = Arc<dyn Fn(&ActorError) -> bool + Send + Sync>;
@@ -24,7 +24,11 @@ pub type RetryWhen = Arc<dyn Fn(u64, &ActorError) -> bool + Send + Sync>;
 /// An actor's options: where its messages go and how the middleware treats them.
 ///
 /// A message option of the same name (sent with the message) wins over the actor option, which
-/// wins over the middleware default, as in Dramatiq.
+/// wins over the middleware default, as in Dramatiq. The options, their defaults and the
+/// middleware reading each are one table, [`troupe_options::ACTOR_OPTIONS`] (also in the
+/// README and the `#[actor]` docs); `App::build` rejects an option whose middleware the app
+/// does not have. A 0 is a value, never "not set": a `time_limit` or `max_age` of
+/// `Duration::ZERO` is no limit, `max_retries(0)` no retry, a zero backoff a retry at once.
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct ActorOptions {
@@ -48,9 +52,10 @@ pub struct ActorOptions {
     pub throws: Option<ErrorPredicate>,
     /// Actor to send `(message, {"retries", "max_retries"})` when retries run out.
     pub on_retry_exhausted: Option<String>,
-    /// The actor's time limit (TimeLimit middleware; default 10 minutes).
+    /// The actor's time limit (TimeLimit middleware; default 10 minutes; zero: no limit).
     pub time_limit: Option<Duration>,
-    /// Messages older than this are dead-lettered instead of run (AgeLimit middleware).
+    /// Messages older than this are dead-lettered instead of run (AgeLimit middleware; zero: no
+    /// limit).
     pub max_age: Option<Duration>,
     /// Store the actor's return value in the results backend.
     pub store_results: Option<bool>,
@@ -188,6 +193,57 @@ impl ActorOptions {
     pub fn extra(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         self.extra.insert(key.into(), value.into());
         self
+    }
+
+    /// The names of the options set here, in the table's order (`queue_name` and `priority`
+    /// always, the others when set), then the keys of `extra`: what `App::build` checks
+    /// against the app's middleware.
+    #[must_use]
+    pub fn option_names(&self) -> Vec<&str> {
+        // Exhaustive on purpose: a new field does not compile until it is named here (and a
+        // test checks these names against the options table).
+        let Self {
+            queue_name: _,
+            priority: _,
+            max_retries,
+            min_backoff,
+            max_backoff,
+            retry_when,
+            throws,
+            on_retry_exhausted,
+            time_limit,
+            max_age,
+            store_results,
+            result_ttl,
+            on_success,
+            on_failure,
+            pipe_ignore,
+            notify_shutdown,
+            extra,
+        } = self;
+        [
+            ("queue_name", true),
+            ("priority", true),
+            ("max_retries", max_retries.is_some()),
+            ("min_backoff", min_backoff.is_some()),
+            ("max_backoff", max_backoff.is_some()),
+            ("time_limit", time_limit.is_some()),
+            ("max_age", max_age.is_some()),
+            ("result_ttl", result_ttl.is_some()),
+            ("store_results", store_results.is_some()),
+            ("pipe_ignore", *pipe_ignore),
+            ("notify_shutdown", *notify_shutdown),
+            ("on_success", on_success.is_some()),
+            ("on_failure", on_failure.is_some()),
+            ("on_retry_exhausted", on_retry_exhausted.is_some()),
+            ("retry_when", retry_when.is_some()),
+            ("throws", throws.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| name)
+        .chain(extra.keys().map(String::as_str))
+        .collect()
     }
 }
 
@@ -701,6 +757,40 @@ mod tests {
         let named = ActorError::from(Generic(0_u8)).with_type_name("ValueError");
         assert_eq!(named.type_name(), "ValueError");
         assert_eq!(named.to_string(), "ValueError: 0");
+    }
+
+    /// `ActorOptions`' fields are the table's options: every one set names exactly the rows
+    /// that are `ActorOptions` options, in the table's order.
+    #[test]
+    fn option_fields_are_the_tables_options() {
+        let all = ActorOptions::new()
+            .queue_name("q")
+            .priority(1)
+            .max_retries(1)
+            .min_backoff(Duration::ZERO)
+            .max_backoff(Duration::ZERO)
+            .time_limit(Duration::ZERO)
+            .max_age(Duration::ZERO)
+            .result_ttl(Duration::ZERO)
+            .store_results(true)
+            .pipe_ignore(true)
+            .notify_shutdown(true)
+            .on_success("a")
+            .on_failure("b")
+            .on_retry_exhausted("c")
+            .retry_when(|_, _| true)
+            .throws(|_| true);
+        let table: Vec<&str> = troupe_options::ACTOR_OPTIONS
+            .iter()
+            .filter(|o| o.in_actor_options())
+            .map(|o| o.name)
+            .collect();
+        assert_eq!(all.option_names(), table);
+        assert_eq!(ActorOptions::new().option_names(), ["queue_name", "priority"]);
+        assert_eq!(
+            ActorOptions::new().extra("rate", 3).option_names(),
+            ["queue_name", "priority", "rate"]
+        );
     }
 
     #[test]

@@ -12,14 +12,11 @@ use serde_json::{Map, Value};
 use crate::actor::{Actor, DynActor, Erased, encode_args};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
-use crate::message::{Message, duration_ms};
-use crate::middleware::{CurrentMessage, Middleware, Results, default_middleware};
+use crate::message::{Message, duration_ms, option_keys};
+use crate::middleware::{CurrentMessage, Middleware, MiddlewareStack, Results, Retries};
 use crate::queue::{q_name, validate_queue_name};
 use crate::results::{ResultBackend, unwrap_result};
 use crate::state::StateBackend;
-
-/// Actor options every actor has, whatever the middleware.
-const CORE_ACTOR_OPTIONS: &[&str] = &["queue_name", "priority", "name"];
 
 /// A broker together with its middleware, registered actors and optional results and state
 /// backends. Cheap to clone; share one per process.
@@ -51,11 +48,13 @@ impl fmt::Debug for App {
 }
 
 impl App {
-    /// Starts building an app on `broker`, with Dramatiq's default middleware.
+    /// Starts building an app on `broker`, with Dramatiq's default middleware
+    /// ([`middleware::defaults`](crate::middleware::defaults)).
     pub fn builder(broker: Arc<dyn Broker>) -> AppBuilder {
         AppBuilder {
             broker,
-            middleware: default_middleware(),
+            middleware: crate::middleware::defaults(),
+            placements: Vec::new(),
             actors: Vec::new(),
             results: None,
             state: None,
@@ -415,11 +414,27 @@ impl JoinOptions {
     }
 }
 
+/// A change to the middleware list that places a middleware by another's type, made when the
+/// app is built.
+type Placement = Box<dyn FnOnce(&mut MiddlewareStack) -> Result<()> + Send + Sync>;
+
 /// Builds an [`App`].
+///
+/// # Middleware
+///
+/// The list starts as [`middleware::defaults`](crate::middleware::defaults) (Dramatiq's,
+/// outermost first, [`Retries`] last). [`middleware`](Self::middleware) appends (inside every
+/// built-in one); [`middleware_before`](Self::middleware_before),
+/// [`middleware_after`](Self::middleware_after), [`replace_middleware`](Self::replace_middleware)
+/// and [`retries`](Self::retries) place one by another's type without rebuilding the list;
+/// [`middleware_list`](Self::middleware_list) replaces the list. When the app is built,
+/// `Results` (with a results backend) and [`CurrentMessage`] are appended, then the placements
+/// are made in the order they were asked for, so they may name those two as well.
 #[must_use]
 pub struct AppBuilder {
     broker: Arc<dyn Broker>,
-    middleware: Vec<Arc<dyn Middleware>>,
+    middleware: MiddlewareStack,
+    placements: Vec<Placement>,
     actors: Vec<Arc<dyn DynActor>>,
     results: Option<Arc<dyn ResultBackend>>,
     state: Option<Arc<dyn StateBackend>>,
@@ -432,6 +447,7 @@ impl fmt::Debug for AppBuilder {
         f.debug_struct("AppBuilder")
             .field("broker", &self.broker)
             .field("middleware", &self.middleware)
+            .field("placements", &self.placements.len())
             .field("actors", &self.actors.len())
             .finish_non_exhaustive()
     }
@@ -444,21 +460,69 @@ impl AppBuilder {
         self
     }
 
-    /// Appends a middleware (it runs inside the ones before it).
+    /// Appends a middleware (it runs inside the ones before it, so inside [`Retries`]: its
+    /// `process` sees every attempt).
     pub fn middleware(mut self, middleware: impl Middleware) -> Self {
-        self.middleware.push(Arc::new(middleware));
+        self.middleware.push(middleware);
         self
     }
 
     /// Appends an already shared middleware.
     pub fn middleware_arc(mut self, middleware: Arc<dyn Middleware>) -> Self {
-        self.middleware.push(middleware);
+        self.middleware.push_arc(middleware);
         self
     }
 
-    /// Replaces the whole middleware list (the defaults included).
+    /// Replaces the whole middleware list (the defaults included). Placements by type
+    /// ([`middleware_before`](Self::middleware_before), ...) apply to the new list.
     pub fn middleware_list(mut self, middleware: Vec<Arc<dyn Middleware>>) -> Self {
-        self.middleware = middleware;
+        self.middleware = MiddlewareStack::from(middleware);
+        self
+    }
+
+    /// Puts `middleware` just before (outside) the first middleware of type `T`, when the app
+    /// is built. Outside [`Retries`], a middleware's `process` sees each attempt once Retries
+    /// handled it: `cx.is_failed()` is then true only for the final failure.
+    ///
+    /// ```
+    /// # use troupe_core::{App, MemoryBroker, Middleware, middleware::Retries};
+    /// # #[derive(Debug)] struct Audit;
+    /// # impl Middleware for Audit {}
+    /// let app = App::builder(MemoryBroker::new().into_dyn())
+    ///     .middleware_before::<Retries>(Audit)
+    ///     .build()?;
+    /// let names: Vec<String> = app.middleware().iter().map(|m| format!("{m:?}")).collect();
+    /// assert!(names[names.len() - 3].starts_with("Audit"), "{names:?}");
+    /// # Ok::<(), troupe_core::Error>(())
+    /// ```
+    ///
+    /// [`build`](Self::build) fails with [`Error::Config`] when the list has no `T`.
+    pub fn middleware_before<T: Middleware>(self, middleware: impl Middleware) -> Self {
+        self.place(move |stack| stack.insert_before::<T>(middleware))
+    }
+
+    /// Puts `middleware` just after (inside) the first middleware of type `T`, when the app is
+    /// built. [`build`](Self::build) fails with [`Error::Config`] when the list has no `T`.
+    pub fn middleware_after<T: Middleware>(self, middleware: impl Middleware) -> Self {
+        self.place(move |stack| stack.insert_after::<T>(middleware))
+    }
+
+    /// Replaces the first middleware of type `T` with `middleware`, in its place, when the app
+    /// is built. [`build`](Self::build) fails with [`Error::Config`] when the list has no `T`.
+    pub fn replace_middleware<T: Middleware>(self, middleware: impl Middleware) -> Self {
+        self.place(move |stack| stack.replace::<T>(middleware).map(drop))
+    }
+
+    /// Uses `retries` as the [`Retries`] middleware, in the default's place: how to change the
+    /// retry defaults (`max_retries`, `min_backoff`, `max_backoff`, `retry_when`) without
+    /// rebuilding the list. [`build`](Self::build) fails with [`Error::Config`] when the list
+    /// has no `Retries`.
+    pub fn retries(self, retries: Retries) -> Self {
+        self.replace_middleware::<Retries>(retries)
+    }
+
+    fn place(mut self, placement: impl FnOnce(&mut MiddlewareStack) -> Result<()> + Send + Sync + 'static) -> Self {
+        self.placements.push(Box::new(placement));
         self
     }
 
@@ -471,7 +535,7 @@ impl AppBuilder {
     /// Stores results with a configured [`Results`] middleware (other defaults or TTL).
     pub fn results_middleware(mut self, results: Results) -> Self {
         self.results = Some(Arc::clone(&results.backend));
-        self.middleware.push(Arc::new(results));
+        self.middleware.push(results);
         self.results_middleware = true;
         self
     }
@@ -491,56 +555,31 @@ impl AppBuilder {
     /// Checks the actors and builds the app.
     ///
     /// # Errors
-    /// [`Error::Config`] for two actors with one name, an invalid queue name, or an actor option
-    /// that no middleware declares.
+    /// [`Error::Config`] for two actors with one name, an invalid queue name, an actor option
+    /// that neither the app nor one of its middleware reads (see [`troupe_options`]), or a
+    /// middleware placed by a type the list does not have.
     pub fn build(mut self) -> Result<App> {
         if let Some(backend) = self.results.as_ref().filter(|_| !self.results_middleware) {
-            self.middleware.push(Arc::new(Results::new(Arc::clone(backend))));
+            self.middleware.push(Results::new(Arc::clone(backend)));
         }
         if self.current_message {
-            self.middleware.push(Arc::new(CurrentMessage));
+            self.middleware.push(CurrentMessage);
+        }
+        for placement in self.placements {
+            placement(&mut self.middleware)?;
         }
         let known: HashSet<&str> = self
             .middleware
             .iter()
             .flat_map(|m| (**m).actor_options().iter().copied())
-            .chain(CORE_ACTOR_OPTIONS.iter().copied())
+            .chain(troupe_options::app_options())
             .collect();
         let mut actors = HashMap::new();
         for actor in self.actors {
             let name = actor.name().to_owned();
             let options = actor.options();
             validate_queue_name(&options.queue_name).map_err(|e| Error::Config(format!("actor {name:?}: {e}")))?;
-            let mut used: Vec<&str> = Vec::new();
-            for (key, set) in [
-                ("max_retries", options.max_retries.is_some()),
-                ("min_backoff", options.min_backoff.is_some()),
-                ("max_backoff", options.max_backoff.is_some()),
-                ("retry_when", options.retry_when.is_some()),
-                ("throws", options.throws.is_some()),
-                ("on_retry_exhausted", options.on_retry_exhausted.is_some()),
-                ("time_limit", options.time_limit.is_some()),
-                ("max_age", options.max_age.is_some()),
-                ("store_results", options.store_results.is_some()),
-                ("result_ttl", options.result_ttl.is_some()),
-                ("on_success", options.on_success.is_some()),
-                ("on_failure", options.on_failure.is_some()),
-                ("pipe_ignore", options.pipe_ignore),
-                ("notify_shutdown", options.notify_shutdown),
-            ] {
-                if set {
-                    used.push(key);
-                }
-            }
-            used.extend(options.extra.keys().map(String::as_str));
-            if let Some(unknown) = used.iter().find(|k| !known.contains(**k)) {
-                let mut valid: Vec<&str> = known.iter().copied().collect();
-                valid.sort_unstable();
-                return Err(Error::Config(format!(
-                    "actor {name:?} has option {unknown:?}, which no middleware of this app reads; valid options: {}",
-                    valid.join(", ")
-                )));
-            }
+            check_options(&name, options, &known)?;
             if actors.insert(name.clone(), actor).is_some() {
                 return Err(Error::Config(format!(
                     "two actors are named {name:?}; actor names must be unique"
@@ -550,7 +589,7 @@ impl AppBuilder {
         Ok(App {
             inner: Arc::new(Inner {
                 broker: self.broker,
-                middleware: self.middleware,
+                middleware: self.middleware.into_vec(),
                 actors,
                 results: self.results,
                 state: self.state,
@@ -558,6 +597,32 @@ impl AppBuilder {
             }),
         })
     }
+}
+
+/// Checks `actor`'s options against the options table and the options `known` to the app (its
+/// own and its middleware's).
+fn check_options(actor: &str, options: &crate::ActorOptions, known: &HashSet<&str>) -> Result<()> {
+    if let Some(key) = options.extra.keys().find(|k| troupe_options::find(k).is_some()) {
+        return Err(Error::Config(format!(
+            "actor {actor:?} sets {key:?} as an extra option, but it is a built-in actor option: set it with \
+             its own ActorOptions method"
+        )));
+    }
+    let Some(unknown) = options.option_names().into_iter().find(|k| !known.contains(k)) else {
+        return Ok(());
+    };
+    if let Some(troupe_options::Reader::Middleware(reader)) = troupe_options::find(unknown).map(|o| o.reader) {
+        return Err(Error::Config(format!(
+            "actor {actor:?} has option {unknown:?}, which the {reader} middleware reads, and this app has no \
+             {reader} middleware"
+        )));
+    }
+    let mut valid: Vec<&str> = known.iter().copied().collect();
+    valid.sort_unstable();
+    Err(Error::Config(format!(
+        "actor {actor:?} has option {unknown:?}, which no middleware of this app reads; valid options: {}",
+        valid.join(", ")
+    )))
 }
 
 /// Per-message options for `send_with_options`.
@@ -590,7 +655,7 @@ impl SendOptions {
     /// interop, and when set it wins over `priority`'s mapping on RabbitMQ.
     #[must_use]
     pub fn broker_priority(self, priority: u8) -> Self {
-        self.option("broker_priority", priority)
+        self.option(option_keys::BROKER_PRIORITY, priority)
     }
 
     /// This message's priority: lower runs first (Dramatiq's direction), in -10..=10 (clamped),
@@ -602,13 +667,73 @@ impl SendOptions {
         self.option(crate::priority::OPTION, crate::priority::clamp(i64::from(priority)))
     }
 
-    /// Sets `max_retries` for this message.
+    /// Sets `max_retries` for this message (0: no retry).
     #[must_use]
     pub fn max_retries(self, max_retries: u64) -> Self {
-        self.option("max_retries", max_retries)
+        self.option(option_keys::MAX_RETRIES, max_retries)
     }
 
-    /// Sets any message option.
+    /// Sets `min_backoff` for this message (zero: retry at once).
+    #[must_use]
+    pub fn min_backoff(self, min_backoff: Duration) -> Self {
+        self.option(option_keys::MIN_BACKOFF, duration_ms(min_backoff))
+    }
+
+    /// Sets `max_backoff` for this message (zero: retry at once).
+    #[must_use]
+    pub fn max_backoff(self, max_backoff: Duration) -> Self {
+        self.option(option_keys::MAX_BACKOFF, duration_ms(max_backoff))
+    }
+
+    /// Sets `time_limit` for this message (zero: no limit).
+    #[must_use]
+    pub fn time_limit(self, time_limit: Duration) -> Self {
+        self.option(option_keys::TIME_LIMIT, duration_ms(time_limit))
+    }
+
+    /// Sets `max_age` for this message (zero: no limit).
+    #[must_use]
+    pub fn max_age(self, max_age: Duration) -> Self {
+        self.option(option_keys::MAX_AGE, duration_ms(max_age))
+    }
+
+    /// Sets `store_results` for this message.
+    #[must_use]
+    pub fn store_results(self, store_results: bool) -> Self {
+        self.option(option_keys::STORE_RESULTS, store_results)
+    }
+
+    /// Sets `result_ttl` for this message.
+    #[must_use]
+    pub fn result_ttl(self, result_ttl: Duration) -> Self {
+        self.option(option_keys::RESULT_TTL, duration_ms(result_ttl))
+    }
+
+    /// Sets the `on_success` callback actor for this message.
+    #[must_use]
+    pub fn on_success(self, actor_name: impl Into<String>) -> Self {
+        self.option(option_keys::ON_SUCCESS, actor_name.into())
+    }
+
+    /// Sets the `on_failure` callback actor for this message.
+    #[must_use]
+    pub fn on_failure(self, actor_name: impl Into<String>) -> Self {
+        self.option(option_keys::ON_FAILURE, actor_name.into())
+    }
+
+    /// Sets the `on_retry_exhausted` callback actor for this message.
+    #[must_use]
+    pub fn on_retry_exhausted(self, actor_name: impl Into<String>) -> Self {
+        self.option(option_keys::ON_RETRY_EXHAUSTED, actor_name.into())
+    }
+
+    /// Sets `notify_shutdown` for this message.
+    #[must_use]
+    pub fn notify_shutdown(self, notify_shutdown: bool) -> Self {
+        self.option(option_keys::NOTIFY_SHUTDOWN, notify_shutdown)
+    }
+
+    /// Sets any message option (see [`option_keys`] for Dramatiq's and Troupe's keys).
     #[must_use]
     pub fn option(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         self.options.insert(key.into(), value.into());
@@ -820,6 +945,151 @@ mod tests {
             42,
             "an app's backend still serves"
         );
+    }
+
+    /// An actor with the given options.
+    struct Configured(crate::ActorOptions);
+
+    impl Actor for Configured {
+        type Args = ();
+        type Output = ();
+
+        fn name(&self) -> &str {
+            "configured"
+        }
+
+        fn options(&self) -> crate::ActorOptions {
+            self.0.clone()
+        }
+
+        async fn call(&self, (): ()) -> std::result::Result<(), crate::ActorError> {
+            Ok(())
+        }
+    }
+
+    fn build_with(options: crate::ActorOptions, middleware: Vec<Arc<dyn Middleware>>) -> Result<App> {
+        App::builder(MemoryBroker::new().into_dyn())
+            .middleware_list(middleware)
+            .actor(Configured(options))
+            .build()
+    }
+
+    #[test]
+    fn build_checks_actor_options_against_the_table() {
+        use crate::middleware::{TimeLimit, defaults};
+        let retries = crate::ActorOptions::new().max_retries(3).queue_name("q").priority(2);
+        build_with(retries.clone(), defaults().into_vec()).unwrap();
+
+        // Without its reader, an option is an error naming the middleware.
+        let mut no_retries = defaults();
+        no_retries.remove::<Retries>();
+        let err = build_with(retries, no_retries.into_vec()).unwrap_err().to_string();
+        assert!(
+            err.contains("\"max_retries\", which the Retries middleware reads, and this app has no Retries"),
+            "{err}"
+        );
+        // The app's own options need no middleware at all.
+        build_with(crate::ActorOptions::new().queue_name("q").priority(-3), Vec::new()).unwrap();
+        let err = build_with(crate::ActorOptions::new().time_limit(Duration::ZERO), Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("TimeLimit middleware"), "{err}");
+        build_with(
+            crate::ActorOptions::new().time_limit(Duration::ZERO),
+            vec![Arc::new(TimeLimit::default())],
+        )
+        .unwrap();
+
+        // An extra option no middleware declares, and a built-in one passed as extra.
+        let err = build_with(crate::ActorOptions::new().extra("rate", 1), defaults().into_vec()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("which no middleware of this app reads; valid options: "),
+            "{err}"
+        );
+        assert!(err.to_string().contains("max_retries"), "{err}");
+        let err = build_with(
+            crate::ActorOptions::new().extra("max_retries", 1),
+            defaults().into_vec(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("is a built-in actor option"), "{err}");
+    }
+
+    /// Records nothing; a marker to place in the list.
+    #[derive(Debug)]
+    struct Marker(#[allow(dead_code)] &'static str); // read through Debug
+
+    impl Middleware for Marker {}
+
+    fn middleware_names(app: &App) -> Vec<String> {
+        app.middleware()
+            .iter()
+            .map(|m| {
+                let text = format!("{m:?}");
+                if text.starts_with("Marker") {
+                    text
+                } else {
+                    text.split([' ', '(']).next().unwrap_or_default().to_owned()
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_builder_places_middleware_by_type() {
+        use crate::middleware::{Retries, TimeLimit};
+        let app = App::builder(MemoryBroker::new().into_dyn())
+            .results(crate::MemoryResults::new().into_dyn())
+            .middleware(Marker("appended"))
+            .middleware_before::<Retries>(Marker("outside retries"))
+            .middleware_after::<Retries>(Marker("inside retries"))
+            .middleware_after::<Results>(Marker("after results"))
+            .middleware_before::<CurrentMessage>(Marker("before current"))
+            .retries(
+                Retries::default()
+                    .max_retries(Some(2))
+                    .min_backoff(Duration::from_millis(1)),
+            )
+            .replace_middleware::<TimeLimit>(TimeLimit::new(Duration::from_secs(1)))
+            .build()
+            .unwrap();
+        assert_eq!(
+            middleware_names(&app),
+            [
+                "AgeLimit",
+                "TimeLimit",
+                "ShutdownNotifications",
+                "Callbacks",
+                "Pipelines",
+                "Marker(\"outside retries\")",
+                "Retries",
+                "Marker(\"inside retries\")",
+                "Marker(\"appended\")",
+                "Results",
+                "Marker(\"after results\")",
+                "Marker(\"before current\")",
+                "CurrentMessage",
+            ]
+        );
+        let retries = format!("{:?}", app.middleware()[6]);
+        assert!(
+            retries.contains("max_retries: Some(2)") && retries.contains("min_backoff: 1ms"),
+            "{retries}"
+        );
+        assert!(format!("{:?}", app.middleware()[1]).contains("time_limit: 1s"));
+
+        // Placements apply to a replaced list, and one without its anchor fails the build.
+        let err = App::builder(MemoryBroker::new().into_dyn())
+            .retries(Retries::default())
+            .middleware_list(Vec::new())
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+        assert!(err.to_string().contains("cannot replace Retries"), "{err}");
+        let err = App::builder(MemoryBroker::new().into_dyn())
+            .middleware_after::<Results>(Marker("x"))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("after Results"), "{err}");
     }
 
     #[tokio::test]

@@ -280,13 +280,11 @@ pub fn prepare_for_delay_queue(mut message: Message, delay: Option<Duration>) ->
     match delay {
         Some(delay) => {
             message.queue_name = queue::dq_name(&message.queue_name);
-            message
-                .options
-                .insert("eta".into(), (now_ms().saturating_add(duration_ms(delay))).into());
+            message.set_eta(now_ms().saturating_add(duration_ms(delay)));
         }
         None => {
             message.queue_name = queue::q_name(&message.queue_name).to_owned();
-            message.options.shift_remove("eta");
+            message.clear_eta();
         }
     }
     message

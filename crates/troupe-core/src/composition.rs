@@ -28,12 +28,12 @@ impl Pipeline {
             return Err(Error::Config("a pipeline needs at least one message".into()));
         }
         let mut chained: Vec<Message> = Vec::with_capacity(messages.len());
-        let mut next: Option<Value> = None;
+        let mut next: Option<Message> = None;
         for mut message in messages.into_iter().rev() {
             if let Some(target) = next.take() {
-                message.options.insert("pipe_target".into(), target);
+                message.set_pipe_target(&target);
             }
-            next = Some(message.to_value());
+            next = Some(message.clone());
             chained.push(message);
         }
         chained.reverse();
@@ -52,7 +52,7 @@ impl Pipeline {
     /// As [`App::enqueue`].
     pub async fn run(&self, app: &App, delay: Option<Duration>) -> Result<Message> {
         let first = self.messages[0].clone();
-        let own = first.option_u64("delay").map(Duration::from_millis);
+        let own = first.delay();
         let delay = match (delay, own) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),

@@ -33,14 +33,17 @@ pub use composition::{Pipeline, pipeline};
 pub use encoder::{Encoder, JsonEncoder, MsgPackEncoder, python_float_repr};
 pub use error::{BoxError, Error, ErrorKind, Result, redact_url};
 pub use memory::{MemoryBroker, MemoryResults, MemoryState};
-pub use message::{Message, Options, duration_ms, new_message_id, now_ms};
-pub use middleware::{Middleware, Next, Outcome, ProcessContext, current_app, current_message};
+pub use message::{Message, Options, duration_ms, new_message_id, now_ms, option_keys};
+pub use middleware::{Middleware, MiddlewareStack, Next, Outcome, ProcessContext, current_app, current_message};
 pub use results::{
     DEFAULT_RESULT_TTL, FAILURE_CANARY, RESULTS_NAMESPACE, ResultBackend, result_key, unwrap_result, wrap_failure,
 };
 pub use state::StateBackend;
 
 pub use async_trait::async_trait;
+/// The one table of actor options (names, kinds, defaults, readers), which the `#[actor]` macro
+/// and [`AppBuilder::build`] check against.
+pub use troupe_options as options;
 
 /// Items the `#[actor]` macro's output uses. Not a stable API.
 #[doc(hidden)]

@@ -16,14 +16,14 @@ use serde_json::Value;
 /// The message option carrying a message's priority.
 pub const OPTION: &str = "troupe_priority";
 
-/// The most urgent priority.
-pub const MIN: i32 = -10;
+/// The most urgent priority (the actor options table's, which the `#[actor]` macro checks).
+pub const MIN: i32 = troupe_options::PRIORITY_MIN;
 
 /// The least urgent priority.
-pub const MAX: i32 = 10;
+pub const MAX: i32 = troupe_options::PRIORITY_MAX;
 
 /// The priority of a message that has none, and of actors by default.
-pub const DEFAULT: i32 = 0;
+pub const DEFAULT: i32 = troupe_options::defaults::PRIORITY;
 
 /// `priority` clamped into [`MIN`]`..=`[`MAX`].
 #[must_use]

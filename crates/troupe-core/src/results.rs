@@ -16,7 +16,7 @@ pub const RESULTS_NAMESPACE: &str = "dramatiq-results";
 /// The marker Dramatiq puts on stored failures.
 pub const FAILURE_CANARY: &str = "dramatiq.results.Result";
 /// Default time results are kept (10 minutes).
-pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(600);
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_millis(troupe_options::defaults::RESULT_TTL_MS);
 
 /// Stores and fetches results by message.
 ///

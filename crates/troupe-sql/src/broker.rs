@@ -232,7 +232,7 @@ impl<D: Dialect> SqlBroker<D> {
             .map(|(mut message, delay)| {
                 message.queue_name = q_name(&message.queue_name).to_owned();
                 validate_queue_name(&message.queue_name)?;
-                message.options.shift_remove("eta");
+                message.clear_eta();
                 let body = encode_checked(self.encoder.as_ref(), &message, max)?;
                 Ok(Job {
                     priority: crate::priority_of(&message),
@@ -418,8 +418,8 @@ impl<D: Dialect> Broker for SqlBroker<D> {
             if !ids.is_empty() && !ids.iter().any(|i| *i == message.message_id || *i == row_key) {
                 continue;
             }
-            message.options.insert("retries".into(), 0.into());
-            message.options.shift_remove("eta");
+            message.set_retries(0);
+            message.clear_eta();
             revived.push((row.id, self.encoder.encode(&message)?));
         }
         if revived.is_empty() {

@@ -86,7 +86,7 @@ impl DelayHolder {
                     permit,
                 } = held;
                 message.queue_name = q_name(&message.queue_name).to_owned();
-                message.options.shift_remove("eta");
+                message.clear_eta();
                 match app.enqueue(message.clone(), None).await {
                     Ok(_) => {
                         if let Err(e) = delivery.ack().await {

@@ -414,8 +414,8 @@ impl Broker for MemoryBroker {
         let mut moved = 0;
         for letter in taken {
             if let Ok(mut message) = letter.message {
-                message.options.insert("retries".into(), 0.into());
-                message.options.shift_remove("eta");
+                message.set_retries(0);
+                message.clear_eta();
                 message.queue_name.clone_from(&canonical);
                 self.enqueue(message, None).await?;
                 moved += 1;

@@ -2,10 +2,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Middleware, Next, Outcome, ProcessContext, option_ms};
+use super::{Middleware, Next, Outcome, ProcessContext};
 use crate::message::now_ms;
 
-/// Dead-letters messages older than their `max_age` instead of running them.
+/// Dead-letters messages older than their `max_age` instead of running them. A `max_age` of 0
+/// (on the message, the actor or here) is no limit.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct AgeLimit {
@@ -24,12 +25,17 @@ impl AgeLimit {
 #[async_trait]
 impl Middleware for AgeLimit {
     fn actor_options(&self) -> &[&'static str] {
-        &["max_age"]
+        troupe_options::read_by(troupe_options::middleware::AGE_LIMIT)
     }
 
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
-        let actor_max = cx.actor().and_then(|a| a.options().max_age);
-        if let Some(max_age) = option_ms(cx, "max_age", actor_max).or(self.max_age) {
+        let max_age = cx
+            .message()
+            .max_age()
+            .or_else(|| cx.actor().and_then(|a| a.options().max_age))
+            .or(self.max_age)
+            .filter(|max_age| !max_age.is_zero());
+        if let Some(max_age) = max_age {
             let age = now_ms().saturating_sub(cx.message().message_timestamp);
             if u128::from(age) >= max_age.as_millis() {
                 let max_ms = max_age.as_millis();

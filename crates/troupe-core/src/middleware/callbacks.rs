@@ -8,12 +8,20 @@ use super::{Middleware, Next, Outcome, ProcessContext};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Callbacks;
 
-fn callback(cx: &ProcessContext, key: &str) -> Option<String> {
-    cx.message().option_str(key).map(str::to_owned).or_else(|| {
+/// The callback actor for `outcome`'s key: the message's, else the actor's.
+fn callback(cx: &ProcessContext, success: bool) -> Option<String> {
+    let message = cx.message();
+    let own = if success {
+        message.on_success()
+    } else {
+        message.on_failure()
+    };
+    own.map(str::to_owned).or_else(|| {
         let options = cx.actor()?.options();
-        match key {
-            "on_success" => options.on_success.clone(),
-            _ => options.on_failure.clone(),
+        if success {
+            options.on_success.clone()
+        } else {
+            options.on_failure.clone()
         }
     })
 }
@@ -21,17 +29,18 @@ fn callback(cx: &ProcessContext, key: &str) -> Option<String> {
 #[async_trait]
 impl Middleware for Callbacks {
     fn actor_options(&self) -> &[&'static str] {
-        &["on_success", "on_failure"]
+        troupe_options::read_by(troupe_options::middleware::CALLBACKS)
     }
 
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let outcome = next.run(cx).await;
-        let (key, payload) = match &outcome {
-            Outcome::Success(v) => ("on_success", v.clone()),
-            Outcome::Failure(e) => ("on_failure", json!({"type": e.type_name(), "message": e.message()})),
+        let (success, payload) = match &outcome {
+            Outcome::Success(v) => (true, v.clone()),
+            Outcome::Failure(e) => (false, json!({"type": e.type_name(), "message": e.message()})),
             Outcome::Skipped => return outcome,
         };
-        if let Some(target) = callback(cx, key) {
+        let key = if success { "on_success" } else { "on_failure" };
+        if let Some(target) = callback(cx, success) {
             let args: Vec<Value> = vec![cx.message().to_value(), payload];
             if let Err(e) = cx.app().send_to(&target, args).await {
                 tracing::error!(callback = %target, error = %e, "could not send the {key} callback");

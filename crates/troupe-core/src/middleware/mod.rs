@@ -5,9 +5,20 @@
 //! actor, code after it runs after, and the list order makes an onion, so after-code runs in the
 //! reverse order of before-code, exactly as Dramatiq's `emit_after`.
 //!
-//! The defaults, in Dramatiq's order: [`AgeLimit`], [`TimeLimit`], [`ShutdownNotifications`],
-//! [`Callbacks`], [`Pipelines`], [`Retries`]. [`Results`] and [`CurrentMessage`] are added by the
-//! app when configured.
+//! The defaults ([`defaults`]), in Dramatiq's order: [`AgeLimit`], [`TimeLimit`],
+//! [`ShutdownNotifications`], [`Callbacks`], [`Pipelines`], [`Retries`]. [`Results`] and
+//! [`CurrentMessage`] are added by the app when configured.
+//!
+//! # Order
+//!
+//! The list runs outermost first: a middleware sees what every one after it did. One placed
+//! before [`Retries`] (outside it) sees each attempt's outcome after Retries handled it, and
+//! `cx.is_failed()` then tells a final failure (dead-lettered) from one that will be retried;
+//! one placed after it (inside) sees every attempt's raw outcome, before Retries decides.
+//! [`MiddlewareStack`] places a middleware relative to another by type, and the app builder
+//! does the same without rebuilding the list (`AppBuilder::middleware_before::<Retries>(m)`,
+//! `middleware_after`, `replace_middleware`, and `retries(Retries::default()...)` for the
+//! retry defaults).
 
 mod age_limit;
 mod callbacks;
@@ -16,8 +27,10 @@ mod pipelines;
 mod results;
 mod retries;
 mod shutdown;
+mod stack;
 mod time_limit;
 
+use std::any::TypeId;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -35,6 +48,7 @@ pub use pipelines::Pipelines;
 pub use results::Results;
 pub use retries::{MAX_BACKOFF_CAP, Retries, compute_backoff};
 pub use shutdown::ShutdownNotifications;
+pub use stack::MiddlewareStack;
 pub use time_limit::TimeLimit;
 
 use crate::actor::{ActorError, DynActor, ErrorAction};
@@ -284,10 +298,18 @@ async fn invoke_actor(cx: &mut ProcessContext) -> Outcome {
 /// ```
 #[async_trait]
 pub trait Middleware: Send + Sync + fmt::Debug + 'static {
-    /// The actor options this middleware reads; any other option on an actor is an error when
-    /// the app is built.
+    /// The actor options this middleware reads (for a user middleware, the keys of
+    /// `ActorOptions::extra` it reads): an actor option that neither the app nor one of its
+    /// middleware reads is an error when the app is built. The built-in middleware return
+    /// their rows of the one options table ([`troupe_options::read_by`]).
     fn actor_options(&self) -> &[&'static str] {
         &[]
+    }
+
+    /// The middleware's own type, seen through `Arc` and `Box`: what lookups by type compare
+    /// ([`MiddlewareStack::position`], `AppBuilder::middleware_before`). Keep the default.
+    fn middleware_type(&self) -> TypeId {
+        TypeId::of::<Self>()
     }
 
     /// Before a message is enqueued (also for retries and delayed messages becoming due). May
@@ -334,6 +356,10 @@ macro_rules! forward_middleware {
                 (**self).actor_options()
             }
 
+            fn middleware_type(&self) -> TypeId {
+                (**self).middleware_type()
+            }
+
             async fn before_enqueue(&self, app: &App, message: &mut Message, delay: Option<Duration>) -> Result<()> {
                 (**self).before_enqueue(app, message, delay).await
             }
@@ -375,27 +401,25 @@ macro_rules! forward_middleware {
 
 forward_middleware!(Arc, Box);
 
-/// Dramatiq's default middleware, in its order.
+/// Dramatiq's default middleware, in its order (outermost first): [`AgeLimit`], [`TimeLimit`],
+/// [`ShutdownNotifications`], [`Callbacks`], [`Pipelines`], [`Retries`]. Every app starts from
+/// this list ([`App::builder`](crate::App::builder)).
 #[must_use]
-pub fn default_middleware() -> Vec<Arc<dyn Middleware>> {
-    vec![
-        Arc::new(AgeLimit::default()),
-        Arc::new(TimeLimit::default()),
-        Arc::new(ShutdownNotifications::default()),
-        Arc::new(Callbacks),
-        Arc::new(Pipelines),
-        Arc::new(Retries::default()),
-    ]
+pub fn defaults() -> MiddlewareStack {
+    let mut stack = MiddlewareStack::new();
+    stack.push(AgeLimit::default());
+    stack.push(TimeLimit::default());
+    stack.push(ShutdownNotifications::default());
+    stack.push(Callbacks);
+    stack.push(Pipelines);
+    stack.push(Retries::default());
+    stack
 }
 
-/// Runs `f` for a message option, falling back to the actor option: Dramatiq's truthiness
-/// lookup (`message.options.get(k) or actor.options.get(k)`).
-pub(crate) fn option_ms(cx: &ProcessContext, key: &str, actor: Option<Duration>) -> Option<Duration> {
-    cx.message
-        .option_u64(key)
-        .filter(|v| *v > 0)
-        .map(Duration::from_millis)
-        .or(actor)
+/// Dramatiq's default middleware as a list: [`defaults`]`().into_vec()`.
+#[must_use]
+pub fn default_middleware() -> Vec<Arc<dyn Middleware>> {
+    defaults().into_vec()
 }
 
 #[cfg(test)]
@@ -499,5 +523,166 @@ mod tests {
         let erased: Arc<dyn Middleware> = Arc::clone(&shared) as Arc<dyn Middleware>;
         call_every_hook(&Box::new(erased)).await;
         assert_eq!(shared.calls.lock().unwrap().len(), 2 * EVERY_HOOK.len());
+        assert_eq!(
+            Box::new(Arc::clone(&shared) as Arc<dyn Middleware>).middleware_type(),
+            TypeId::of::<Recorder>(),
+            "the type is seen through Arc and Box"
+        );
+    }
+
+    /// The built-in middleware read exactly their rows of the options table, and together with
+    /// the app's own they read every `ActorOptions` option.
+    #[test]
+    fn builtin_actor_options_are_the_tables() {
+        use troupe_options::middleware as name;
+        let results = Results::new(crate::MemoryResults::new().into_dyn());
+        let builtins: [(&str, &dyn Middleware); 7] = [
+            (name::AGE_LIMIT, &AgeLimit::default()),
+            (name::TIME_LIMIT, &TimeLimit::default()),
+            (name::SHUTDOWN_NOTIFICATIONS, &ShutdownNotifications::default()),
+            (name::CALLBACKS, &Callbacks),
+            (name::PIPELINES, &Pipelines),
+            (name::RETRIES, &Retries::default()),
+            (name::RESULTS, &results),
+        ];
+        let mut read: Vec<&str> = troupe_options::app_options().collect();
+        for (reader, m) in builtins {
+            assert_eq!(m.actor_options(), troupe_options::read_by(reader), "{reader}");
+            read.extend(m.actor_options());
+        }
+        for option in troupe_options::ACTOR_OPTIONS.iter().filter(|o| o.in_actor_options()) {
+            assert!(read.contains(&option.name), "nobody reads {}", option.name);
+        }
+        assert!(CurrentMessage.actor_options().is_empty());
+    }
+
+    /// An actor with the given options, erased as the registry holds it.
+    fn actor_with(options: crate::ActorOptions) -> Arc<dyn DynActor> {
+        struct WithOptions(crate::ActorOptions);
+        impl crate::Actor for WithOptions {
+            type Args = ();
+            type Output = ();
+            fn name(&self) -> &str {
+                "with_options"
+            }
+            fn options(&self) -> crate::ActorOptions {
+                self.0.clone()
+            }
+            async fn call(&self, (): ()) -> std::result::Result<(), ActorError> {
+                Ok(())
+            }
+        }
+        Arc::new(crate::actor::Erased::new(WithOptions(options)))
+    }
+
+    /// Message options to set, by key.
+    type Set<'a> = &'a [(&'a str, Value)];
+
+    fn message_with(options: Set<'_>) -> Message {
+        let mut message = Message::new("q", "with_options", Vec::new(), serde_json::Map::new());
+        for (key, value) in options {
+            message.options.insert((*key).to_owned(), value.clone());
+        }
+        message
+    }
+
+    /// One rule for 0: a time limit of 0 (message, actor or middleware default) is no limit;
+    /// an absent or `null` message option falls back to the actor's, then the default.
+    #[tokio::test]
+    async fn a_zero_time_limit_is_no_limit() {
+        use crate::message::option_keys::TIME_LIMIT;
+        use serde_json::json;
+        let app = App::builder(MemoryBroker::new().into_dyn()).build().unwrap();
+        let five = Some(Duration::from_secs(5));
+        let cases: [(Set<'_>, Option<Duration>, TimeLimit, Option<Duration>); 7] = [
+            (&[], None, TimeLimit::default(), Some(Duration::from_secs(600))),
+            (&[], five, TimeLimit::default(), five),
+            (
+                &[(TIME_LIMIT, json!(2000))],
+                five,
+                TimeLimit::default(),
+                Some(Duration::from_secs(2)),
+            ),
+            (&[(TIME_LIMIT, json!(0))], five, TimeLimit::default(), None),
+            (&[(TIME_LIMIT, Value::Null)], five, TimeLimit::default(), five),
+            (&[], Some(Duration::ZERO), TimeLimit::default(), None),
+            (&[], None, TimeLimit::new(Duration::ZERO), None),
+        ];
+        for (i, (message, actor, middleware, expected)) in cases.into_iter().enumerate() {
+            let options = crate::ActorOptions::new();
+            let options = match actor {
+                Some(limit) => options.time_limit(limit),
+                None => options,
+            };
+            let mut cx = ProcessContext::new(app.clone(), message_with(message), Some(actor_with(options)));
+            let outcome = middleware.process(&mut cx, Next::new(&[])).await;
+            assert!(outcome.is_success(), "case {i}: {outcome:?}");
+            assert_eq!(cx.time_limit(), expected, "case {i}");
+        }
+    }
+
+    /// One rule for 0: a maximum age of 0 is no limit, on the message as on the actor.
+    #[tokio::test]
+    async fn a_zero_max_age_is_no_limit() {
+        use crate::message::option_keys::MAX_AGE;
+        use serde_json::json;
+        let app = App::builder(MemoryBroker::new().into_dyn()).build().unwrap();
+        let second = Some(Duration::from_secs(1));
+        let cases: [(Set<'_>, Option<Duration>, bool); 6] = [
+            (&[], None, false),
+            (&[], second, true),
+            (&[(MAX_AGE, json!(0))], second, false),
+            (&[(MAX_AGE, Value::Null)], second, true),
+            (&[(MAX_AGE, json!(60_000))], second, false),
+            (&[], Some(Duration::ZERO), false),
+        ];
+        for (i, (message, actor, too_old)) in cases.into_iter().enumerate() {
+            let options = crate::ActorOptions::new();
+            let options = match actor {
+                Some(age) => options.max_age(age),
+                None => options,
+            };
+            let mut message = message_with(message);
+            message.message_timestamp -= 10_000;
+            let mut cx = ProcessContext::new(app.clone(), message, Some(actor_with(options)));
+            let outcome = AgeLimit::default().process(&mut cx, Next::new(&[])).await;
+            assert_eq!(cx.is_failed(), too_old, "case {i}: {outcome:?}");
+            assert_eq!(outcome.is_success(), !too_old, "case {i}");
+        }
+    }
+
+    /// One rule for 0: a message's `max_retries` of 0 retries nothing, over the actor's; a
+    /// `null` one is not set, so the actor's (here 0 too) applies.
+    #[tokio::test]
+    async fn a_zero_max_retries_retries_nothing() {
+        use crate::message::option_keys::MAX_RETRIES;
+        use serde_json::json;
+        let broker = MemoryBroker::new();
+        let app = App::builder(broker.clone().into_dyn()).build().unwrap();
+        let cases = [(json!(0), 5, true), (Value::Null, 0, true), (json!(1), 0, false)];
+        for (value, actor_max, gives_up) in cases {
+            let options = crate::ActorOptions::new()
+                .max_retries(actor_max)
+                .min_backoff(Duration::ZERO)
+                .max_backoff(Duration::ZERO);
+            let message = message_with(&[(MAX_RETRIES, value.clone())]);
+            let mut cx = ProcessContext::new(app.clone(), message, Some(actor_with(options)));
+            let failing: Arc<dyn Middleware> = Arc::new(FailEveryTime);
+            let chain = [failing];
+            Retries::default().process(&mut cx, Next::new(&chain)).await;
+            assert_eq!(cx.is_failed(), gives_up, "max_retries {value}");
+            assert_eq!(cx.message().retries(), 1, "max_retries {value}");
+        }
+    }
+
+    /// Fails every message it sees, without running the actor.
+    #[derive(Debug)]
+    struct FailEveryTime;
+
+    #[async_trait]
+    impl Middleware for FailEveryTime {
+        async fn process(&self, _cx: &mut ProcessContext, _next: Next<'_>) -> Outcome {
+            Outcome::Failure(ActorError::msg("always"))
+        }
     }
 }

@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use async_trait::async_trait;
 
 use super::{Middleware, Next, Outcome, ProcessContext};
@@ -13,7 +11,7 @@ pub struct Pipelines;
 #[async_trait]
 impl Middleware for Pipelines {
     fn actor_options(&self) -> &[&'static str] {
-        &["pipe_ignore"]
+        troupe_options::read_by(troupe_options::middleware::PIPELINES)
     }
 
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
@@ -24,20 +22,18 @@ impl Middleware for Pipelines {
         if cx.is_failed() {
             return outcome;
         }
-        let Some(target) = cx.message().options.get("pipe_target").cloned() else {
+        let Some(target) = cx.message().pipe_target().cloned() else {
             return outcome;
         };
         match Message::from_value(target) {
             Ok(mut next_message) => {
-                let ignore = next_message.option_bool("pipe_ignore").unwrap_or(false)
-                    || cx.actor().is_some_and(|a| a.options().pipe_ignore);
+                // Either the next stage or the actor that ran asks to ignore the result.
+                let ignore =
+                    next_message.pipe_ignore().unwrap_or(false) || cx.actor().is_some_and(|a| a.options().pipe_ignore);
                 if !ignore {
                     next_message.args.push(result.clone());
                 }
-                let delay = next_message
-                    .option_u64("delay")
-                    .filter(|d| *d > 0)
-                    .map(Duration::from_millis);
+                let delay = next_message.delay().filter(|d| !d.is_zero());
                 if let Err(e) = cx.app().enqueue(next_message, delay).await {
                     tracing::error!(error = %e, "could not enqueue the next pipeline stage");
                 }

@@ -33,18 +33,14 @@ impl Results {
     fn lookup(&self, cx: &ProcessContext) -> (bool, Duration) {
         let message = cx.message();
         let actor = cx.actor().map(|a| a.options());
-        let store = if message.options.contains_key("store_results") {
-            message.option_bool("store_results").unwrap_or(false)
-        } else {
-            actor.and_then(|o| o.store_results).unwrap_or(self.store_results)
-        };
-        let ttl = if message.options.contains_key("result_ttl") {
-            message
-                .option_u64("result_ttl")
-                .map_or(self.result_ttl, Duration::from_millis)
-        } else {
-            actor.and_then(|o| o.result_ttl).unwrap_or(self.result_ttl)
-        };
+        let store = message
+            .store_results()
+            .or_else(|| actor.and_then(|o| o.store_results))
+            .unwrap_or(self.store_results);
+        let ttl = message
+            .result_ttl()
+            .or_else(|| actor.and_then(|o| o.result_ttl))
+            .unwrap_or(self.result_ttl);
         (store, ttl)
     }
 
@@ -58,7 +54,7 @@ impl Results {
 #[async_trait]
 impl super::Middleware for Results {
     fn actor_options(&self) -> &[&'static str] {
-        &["store_results", "result_ttl"]
+        troupe_options::read_by(troupe_options::middleware::RESULTS)
     }
 
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {

@@ -9,7 +9,7 @@ use crate::actor::{ErrorAction, RetryWhen};
 use crate::message::{duration_ms, now_ms};
 
 /// The longest backoff Dramatiq allows (7 days).
-pub const MAX_BACKOFF_CAP: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const MAX_BACKOFF_CAP: Duration = Duration::from_millis(troupe_options::defaults::MAX_BACKOFF_MS);
 
 /// Retries failed messages with exponential backoff, then dead-letters them.
 ///
@@ -19,6 +19,24 @@ pub const MAX_BACKOFF_CAP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// no, or the error matches `throws`, or the actor called `fail_permanently`) the message is
 /// dead-lettered with its traceback, and `on_retry_exhausted` is sent
 /// `(message, {"retries", "max_retries"})`.
+///
+/// Each setting is the message's option, else the actor's, else this middleware's default; a 0
+/// is a value (`max_retries` 0: no retry; a backoff of 0: retry at once). Change the defaults
+/// without rebuilding the middleware list with `AppBuilder::retries`:
+///
+/// ```
+/// # use std::time::Duration;
+/// # use troupe_core::{App, MemoryBroker, middleware::Retries};
+/// let app = App::builder(MemoryBroker::new().into_dyn())
+///     .retries(
+///         Retries::default()
+///             .max_retries(Some(3))
+///             .min_backoff(Duration::from_millis(100))
+///             .max_backoff(Duration::from_secs(5)),
+///     )
+///     .build()?;
+/// # Ok::<(), troupe_core::Error>(())
+/// ```
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct Retries {
@@ -46,8 +64,8 @@ impl std::fmt::Debug for Retries {
 impl Default for Retries {
     fn default() -> Self {
         Self {
-            max_retries: Some(20),
-            min_backoff: Duration::from_secs(15),
+            max_retries: Some(troupe_options::defaults::MAX_RETRIES),
+            min_backoff: Duration::from_millis(troupe_options::defaults::MIN_BACKOFF_MS),
             max_backoff: MAX_BACKOFF_CAP,
             retry_when: None,
         }
@@ -69,10 +87,18 @@ impl Retries {
         self
     }
 
-    /// Sets the default `max_backoff`.
+    /// Sets the default `max_backoff` (at most [`MAX_BACKOFF_CAP`], 7 days).
     #[must_use]
     pub fn max_backoff(mut self, d: Duration) -> Self {
         self.max_backoff = d;
+        self
+    }
+
+    /// Sets the default `retry_when`: retry only while `f(retries_so_far, error)` is true
+    /// (instead of `max_retries`).
+    #[must_use]
+    pub fn retry_when(mut self, f: impl Fn(u64, &crate::ActorError) -> bool + Send + Sync + 'static) -> Self {
+        self.retry_when = Some(std::sync::Arc::new(f));
         self
     }
 }
@@ -91,25 +117,10 @@ pub fn compute_backoff(retries: u64, factor: Duration, max: Duration) -> Duratio
     Duration::try_from_secs_f64(backoff).unwrap_or(max)
 }
 
-fn message_or_actor_ms(cx: &ProcessContext, key: &str, actor: Option<Duration>, default: Duration) -> Duration {
-    if cx.message().options.contains_key(key) {
-        cx.message().option_u64(key).map_or(default, Duration::from_millis)
-    } else {
-        actor.unwrap_or(default)
-    }
-}
-
 #[async_trait]
 impl Middleware for Retries {
     fn actor_options(&self) -> &[&'static str] {
-        &[
-            "max_retries",
-            "min_backoff",
-            "max_backoff",
-            "retry_when",
-            "throws",
-            "on_retry_exhausted",
-        ]
+        troupe_options::read_by(troupe_options::middleware::RETRIES)
     }
 
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
@@ -132,15 +143,11 @@ impl Middleware for Retries {
         let retries = cx.message().retries();
         {
             let message = cx.message_mut();
-            message.options.insert("retries".into(), (retries + 1).into());
-            message.options.insert("traceback".into(), error.traceback().into());
-            message.options.insert("requeue_timestamp".into(), now_ms().into());
+            message.set_retries(retries + 1);
+            message.set_traceback(error.traceback());
+            message.set_requeue_timestamp(now_ms());
         }
-        let max_retries = if cx.message().options.contains_key("max_retries") {
-            cx.message().option_u64("max_retries")
-        } else {
-            options.max_retries.or(self.max_retries)
-        };
+        let max_retries = cx.message().max_retries().or(options.max_retries).or(self.max_retries);
         let retry_when = options.retry_when.clone().or_else(|| self.retry_when.clone());
         let give_up = match &retry_when {
             Some(f) => !f(retries, error),
@@ -151,7 +158,7 @@ impl Middleware for Retries {
             cx.fail(error.traceback());
             let target = cx
                 .message()
-                .option_str("on_retry_exhausted")
+                .on_retry_exhausted()
                 .map(str::to_owned)
                 .or(options.on_retry_exhausted);
             if let Some(target) = target {
@@ -166,8 +173,15 @@ impl Middleware for Retries {
         let delay = match error.action() {
             ErrorAction::Retry(Some(delay)) => delay,
             _ => {
-                let min_backoff = message_or_actor_ms(cx, "min_backoff", options.min_backoff, self.min_backoff);
-                let max_backoff = message_or_actor_ms(cx, "max_backoff", options.max_backoff, self.max_backoff);
+                let message = cx.message();
+                let min_backoff = message
+                    .min_backoff()
+                    .or(options.min_backoff)
+                    .unwrap_or(self.min_backoff);
+                let max_backoff = message
+                    .max_backoff()
+                    .or(options.max_backoff)
+                    .unwrap_or(self.max_backoff);
                 compute_backoff(retries, min_backoff, max_backoff.min(MAX_BACKOFF_CAP))
             }
         };

@@ -32,7 +32,7 @@ impl ShutdownNotifications {
 #[async_trait]
 impl Middleware for ShutdownNotifications {
     fn actor_options(&self) -> &[&'static str] {
-        &["notify_shutdown"]
+        troupe_options::read_by(troupe_options::middleware::SHUTDOWN_NOTIFICATIONS)
     }
 
     async fn on_worker_boot(&self, _app: &App) {
@@ -50,9 +50,7 @@ impl Middleware for ShutdownNotifications {
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let notify = cx
             .message()
-            .options
-            .get("notify_shutdown")
-            .and_then(serde_json::Value::as_bool)
+            .notify_shutdown()
             .unwrap_or_else(|| cx.actor().is_some_and(|a| a.options().notify_shutdown) || self.notify_shutdown);
         if notify {
             cx.cancel_on(self.token());

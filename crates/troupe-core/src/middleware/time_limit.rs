@@ -2,10 +2,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Middleware, Next, Outcome, ProcessContext, option_ms};
+use super::{Middleware, Next, Outcome, ProcessContext};
 
 /// Cancels actors that run longer than their time limit (default 10 minutes). The actor then
-/// fails with `TimeLimitExceeded`, which the Retries middleware retries like any failure.
+/// fails with `TimeLimitExceeded`, which the Retries middleware retries like any failure. A time
+/// limit of 0 (on the message, the actor or here) is no limit.
 ///
 /// Async actors are cancelled at their next `.await`; a sync actor cannot be interrupted, so
 /// its thread is abandoned (it runs on, its result discarded) and its worker slot freed.
@@ -19,7 +20,7 @@ pub struct TimeLimit {
 impl Default for TimeLimit {
     fn default() -> Self {
         Self {
-            time_limit: Duration::from_secs(600),
+            time_limit: Duration::from_millis(troupe_options::defaults::TIME_LIMIT_MS),
         }
     }
 }
@@ -35,13 +36,18 @@ impl TimeLimit {
 #[async_trait]
 impl Middleware for TimeLimit {
     fn actor_options(&self) -> &[&'static str] {
-        &["time_limit"]
+        troupe_options::read_by(troupe_options::middleware::TIME_LIMIT)
     }
 
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
-        let actor_limit = cx.actor().and_then(|a| a.options().time_limit);
-        let limit = option_ms(cx, "time_limit", actor_limit).unwrap_or(self.time_limit);
-        cx.limit_time(limit);
+        let limit = cx
+            .message()
+            .time_limit()
+            .or_else(|| cx.actor().and_then(|a| a.options().time_limit))
+            .unwrap_or(self.time_limit);
+        if !limit.is_zero() {
+            cx.limit_time(limit);
+        }
         next.run(cx).await
     }
 }
