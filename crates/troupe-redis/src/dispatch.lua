@@ -29,64 +29,69 @@ local xq_key = ns .. ":" .. canonical .. ".XQ"
 local xq_msgs_key = xq_key .. ".msgs"
 local acks_key = ns .. ":__acks__." .. worker .. "." .. queue
 local heartbeats_key = ns .. ":__heartbeats__"
-local lanes_key = queue_key .. ".lanes"
 
 local function heartbeat()
   redis.call("ZADD", heartbeats_key, now, worker)
 end
 
--- The list a rid belongs on, and its lane's priority (nil for the plain list).
-local function lane_of(rid)
-  local p = tonumber(string.match(rid, "^P(%-?%d+):"))
-  if p and p ~= 0 then
-    p = tostring(p)
-    return queue_key .. ".P" .. p, p
-  end
-  return queue_key, nil
-end
-
--- Puts a rid back on its list: at the head (requeue) or the tail (enqueue, recovery).
-local function push(rid, head)
-  local key, p = lane_of(rid)
-  redis.call(head and "LPUSH" or "RPUSH", key, rid)
-  if p then
-    redis.call("ZADD", lanes_key, p, p)
-  end
-end
-
--- Pops up to n rids from the head of a list. LPOP with a count (Redis >= 6.2) takes them in
--- one command; older servers refuse it and get one LPOP per rid.
-local function pop(key, n)
-  local rids = redis.pcall("LPOP", key, n)
-  if type(rids) == "table" and rids.err then
-    rids = {}
-    for _ = 1, n do
-      local rid = redis.call("LPOP", key)
-      if not rid then
-        break
-      end
-      rids[#rids + 1] = rid
+-- Lane helpers, made only for the commands that use them: the script body runs on every call,
+-- and ack, nack and heartbeat should not pay for closures they never call.
+local lanes_key, push, pop, lists_of
+if command == "enqueue" or command == "requeue" or command == "maintenance" then
+  lanes_key = queue_key .. ".lanes"
+  -- Puts a rid on its list, at the head (requeue) or the tail (enqueue, recovery): the lane
+  -- its "P<p>:" prefix names, else the plain list.
+  push = function(rid, head)
+    local p = string.byte(rid) == 80 and tonumber(string.match(rid, "^P(%-?%d+):"))
+    if p and p ~= 0 then
+      p = tostring(p)
+      redis.call(head and "LPUSH" or "RPUSH", queue_key .. ".P" .. p, rid)
+      redis.call("ZADD", lanes_key, p, p)
+    else
+      redis.call(head and "LPUSH" or "RPUSH", queue_key, rid)
     end
-  elseif not rids then
-    rids = {}
   end
-  return rids
-end
-
--- The lists of a queue key: its plain list, then its lanes.
-local function lists_of(key)
-  local keys = {key}
-  for _, p in ipairs(redis.call("ZRANGE", key .. ".lanes", 0, -1)) do
-    keys[#keys + 1] = key .. ".P" .. p
+elseif command == "fetch" then
+  lanes_key = queue_key .. ".lanes"
+  -- Pops up to n rids from the head of a list. LPOP with a count (Redis >= 6.2) takes them in
+  -- one command; older servers refuse it and get one LPOP per rid.
+  pop = function(key, n)
+    local rids = redis.pcall("LPOP", key, n)
+    if type(rids) == "table" and rids.err then
+      rids = {}
+      for _ = 1, n do
+        local rid = redis.call("LPOP", key)
+        if not rid then
+          break
+        end
+        rids[#rids + 1] = rid
+      end
+    elseif not rids then
+      rids = {}
+    end
+    return rids
   end
-  return keys
+elseif command == "purge" or command == "stats" then
+  -- The lists of a queue key: its plain list, then its lanes.
+  lists_of = function(key)
+    local keys = {key}
+    for _, p in ipairs(redis.call("ZRANGE", key .. ".lanes", 0, -1)) do
+      keys[#keys + 1] = key .. ".P" .. p
+    end
+    return keys
+  end
 end
 
 if command == "enqueue" then
   -- ARGV[5..]: rid, body pairs
   for i = 5, #ARGV, 2 do
-    redis.call("HSET", msgs_key, ARGV[i], ARGV[i + 1])
-    push(ARGV[i], false)
+    local rid = ARGV[i]
+    redis.call("HSET", msgs_key, rid, ARGV[i + 1])
+    if string.byte(rid) == 80 then
+      push(rid, false)
+    else
+      redis.call("RPUSH", queue_key, rid)
+    end
   end
   redis.call("PUBLISH", ns .. ":__troupe_wake__:" .. queue, "1")
   return (#ARGV - 4) / 2
