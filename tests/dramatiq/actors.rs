@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use troupe::{
     Actor, ActorOptions, App, Broker, ConsumerOptions, Encoder, Error, JsonEncoder, MemoryBroker, Message, Middleware,
-    Next, Outcome, ProcessContext, SendOptions, current_message,
+    Next, Outcome, ProcessContext, SendOptions, current_message, option_keys,
 };
 
 use crate::support::{Probe, WAIT, join, join_failed, lock, start};
@@ -247,7 +247,7 @@ async fn test_actor_messages_can_be_assigned_time_limits() {
     let broker = MemoryBroker::new();
     let app = app(&broker).actor(DoWork).build().expect("app");
     DoWork
-        .send_with_options(&app, SendOptions::new().option("time_limit", 50))
+        .send_with_options(&app, SendOptions::new().time_limit(Duration::from_millis(50)))
         .await
         .expect("send");
     let worker = start(&app, 2).await;
@@ -296,14 +296,14 @@ async fn test_actor_messages_can_be_assigned_message_age_limits() {
     let mut old = DoWork
         .message("old".into())
         .expect("message")
-        .with_option("max_age", 100);
+        .with_option(option_keys::MAX_AGE, 100);
     old.message_timestamp -= 1_000;
     app.enqueue(old, None).await.expect("enqueue");
     // A young message with a generous limit runs.
     let young = DoWork
         .message("young".into())
         .expect("message")
-        .with_option("max_age", 60_000);
+        .with_option(option_keys::MAX_AGE, 60_000);
     app.enqueue(young, None).await.expect("enqueue");
     let worker = start(&app, 2).await;
     let reason = join_failed(&broker, "default").await;
@@ -448,7 +448,10 @@ async fn test_worker_handles_non_numeric_eta_and_logs_warning() {
 
     let broker = MemoryBroker::new();
     let app = app(&broker).actor(Record).build().expect("app");
-    let message = Record.message().expect("message").with_option("eta", "not-a-number");
+    let message = Record
+        .message()
+        .expect("message")
+        .with_option(option_keys::ETA, "not-a-number");
     put_raw(&app, &broker, &message).await;
     let worker = start(&app, 2).await;
     join(&broker, "default").await;
@@ -468,7 +471,10 @@ async fn test_worker_handles_none_eta() {
 
     let broker = MemoryBroker::new();
     let app = app(&broker).actor(Record).build().expect("app");
-    let message = Record.message().expect("message").with_option("eta", Value::Null);
+    let message = Record
+        .message()
+        .expect("message")
+        .with_option(option_keys::ETA, Value::Null);
     put_raw(&app, &broker, &message).await;
     let worker = start(&app, 2).await;
     join(&broker, "default").await;

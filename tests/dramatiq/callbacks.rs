@@ -38,7 +38,7 @@ async fn test_actors_can_define_success_callbacks() {
         .build()
         .expect("app");
     let sent = Add
-        .send_with_options(&app, 1, 2, SendOptions::new().option("on_success", "save"))
+        .send_with_options(&app, 1, 2, SendOptions::new().on_success("save"))
         .await
         .expect("send");
     let worker = start(&app, 1).await;
@@ -77,7 +77,7 @@ async fn test_actors_can_define_failure_callbacks() {
         .build()
         .expect("app");
     DoWork
-        .send_with_options(&app, SendOptions::new().option("on_failure", "report_exceptions"))
+        .send_with_options(&app, SendOptions::new().on_failure("report_exceptions"))
         .await
         .expect("send");
     let worker = start(&app, 2).await;
@@ -107,7 +107,7 @@ async fn test_actor_callbacks_raise_type_error_when_given_a_normal_callable() {
 
     let broker = MemoryBroker::new();
     let app = App::builder(broker.clone().into_dyn()).actor(Add).build().expect("app");
-    Add.send_with_options(&app, 1, 2, SendOptions::new().option("on_success", "idontexist"))
+    Add.send_with_options(&app, 1, 2, SendOptions::new().on_success("idontexist"))
         .await
         .expect("send");
     Add.send(&app, 3, 4).await.expect("send");

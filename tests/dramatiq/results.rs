@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 use troupe::{
     ActorError, App, Error, MemoryBroker, MemoryResults, Message, Middleware, Next, Outcome, ProcessContext,
-    ResultBackend, SendOptions,
+    ResultBackend, SendOptions, option_keys,
 };
 
 use crate::support::{WAIT, fast_retries, join, join_all, start};
@@ -185,7 +185,8 @@ async fn test_messages_without_actor_not_crashing_lookup_options() {
     let broker = MemoryBroker::new();
     let app = app_with_results(&broker).actor(DoWork).build().expect("app");
     let worker = start(&app, 2).await;
-    let orphan = Message::new("default", "idontexist", vec![], Map::new()).with_option("store_results", true);
+    let orphan =
+        Message::new("default", "idontexist", vec![], Map::new()).with_option(option_keys::STORE_RESULTS, true);
     let orphan = app.enqueue(orphan, None).await.expect("enqueue");
     DoWork.send(&app).await.expect("send");
     join_all(&broker, "default").await;
@@ -315,7 +316,7 @@ async fn test_custom_skipped_messages_with_no_fail_stores_none_from_actor() {
 
     let broker = MemoryBroker::new();
     let app = App::builder(broker.clone().into_dyn())
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .results(MemoryResults::new().into_dyn())
         .actor(DoWork)
         .build()

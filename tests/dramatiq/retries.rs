@@ -123,7 +123,7 @@ async fn test_retry_exceptions_can_specify_a_delay() {
     // The computed backoff would be 20..40 ms: a gap of 100 ms or more is the requested delay.
     let broker = MemoryBroker::new();
     let app = App::builder(broker.clone().into_dyn())
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(DoWork)
         .build()
         .expect("app");
@@ -214,7 +214,7 @@ async fn test_actor_messages_can_be_assigned_zero_min_backoff() {
     let worker = start(&app, 2).await;
     let started = Instant::now();
     DoWork
-        .send_with_options(&app, SendOptions::new().option("min_backoff", 0))
+        .send_with_options(&app, SendOptions::new().min_backoff(Duration::ZERO))
         .await
         .expect("send");
     join_all(&broker, "default").await;
@@ -243,7 +243,7 @@ async fn test_actor_messages_can_be_assigned_zero_max_backoff() {
     let worker = start(&app, 2).await;
     let started = Instant::now();
     DoWork
-        .send_with_options(&app, SendOptions::new().option("max_backoff", 0))
+        .send_with_options(&app, SendOptions::new().max_backoff(Duration::ZERO))
         .await
         .expect("send");
     join_all(&broker, "default").await;
@@ -276,8 +276,8 @@ async fn test_actors_can_be_assigned_message_max_retries() {
         ATTEMPTS.store(0, Ordering::SeqCst);
         let options = SendOptions::new()
             .max_retries(max_retries)
-            .option("min_backoff", 20)
-            .option("max_backoff", 100);
+            .min_backoff(Duration::from_millis(20))
+            .max_backoff(Duration::from_millis(100));
         DoWork.send_with_options(&app, options).await.expect("send");
         join_all(&broker, "default").await;
         worker.stop().await;
@@ -344,7 +344,7 @@ async fn test_actor_with_throws_logs_info_and_does_not_retry() {
     });
     let broker = MemoryBroker::new();
     let app = App::builder(broker.clone().into_dyn())
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(expected.clone())
         .actor(unexpected.clone())
         .build()
@@ -375,8 +375,8 @@ async fn test_message_contains_requeue_time_after_retry() {
     #[troupe::actor(max_retries = 2, min_backoff = "20ms", max_backoff = "20ms")]
     async fn do_work() -> Result<(), ActorError> {
         let message = current_message().ok_or_else(|| ActorError::msg("no current message"))?;
-        if let Some(at) = message.options.get("requeue_timestamp").and_then(Value::as_u64) {
-            let traceback = message.option_str("traceback").unwrap_or_default().to_owned();
+        if let Some(at) = message.requeue_timestamp() {
+            let traceback = message.traceback().unwrap_or_default().to_owned();
             lock(&SEEN).push((at, traceback));
         }
         Err(ActorError::new("RuntimeError", "boom"))

@@ -1,4 +1,4 @@
-//! Helpers shared by the ports: fast middleware, worker start-up, polling, and a hand-written
+//! Helpers shared by the ports: fast retries, worker start-up, polling, and a hand-written
 //! actor for options the `#[actor]` macro cannot express (`retry_when`, `throws`, invalid
 //! values).
 
@@ -6,27 +6,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use troupe::middleware::{AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit};
+use troupe::middleware::Retries;
 use troupe::worker::WorkerHandle;
-use troupe::{Actor, ActorError, ActorOptions, App, Error, MemoryBroker, Middleware, Worker};
+use troupe::{Actor, ActorError, ActorOptions, App, Error, MemoryBroker, Worker};
 
 /// How long a test waits for a queue to drain or a condition to hold before failing.
 pub(crate) const WAIT: Duration = Duration::from_secs(5);
 
-/// Dramatiq's default middleware, with Retries backing off 20..100 ms instead of 15 s..7 days.
-pub(crate) fn fast_retries() -> Vec<Arc<dyn Middleware>> {
-    vec![
-        Arc::new(AgeLimit::default()),
-        Arc::new(TimeLimit::default()),
-        Arc::new(ShutdownNotifications::default()),
-        Arc::new(Callbacks),
-        Arc::new(Pipelines),
-        Arc::new(
-            Retries::default()
-                .min_backoff(Duration::from_millis(20))
-                .max_backoff(Duration::from_millis(100)),
-        ),
-    ]
+/// Retries backing off 20..100 ms instead of 15 s..7 days, for `AppBuilder::retries` (the rest
+/// of the default middleware unchanged).
+pub(crate) fn fast_retries() -> Retries {
+    Retries::default()
+        .min_backoff(Duration::from_millis(20))
+        .max_backoff(Duration::from_millis(100))
 }
 
 /// A worker like Dramatiq's stub worker: a 100 ms fetch timeout.

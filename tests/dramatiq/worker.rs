@@ -131,7 +131,7 @@ async fn test_exception_from_actor_doesnt_leak() {
 
     let broker = MemoryBroker::new();
     let app = App::builder(broker.clone().into_dyn())
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(FailingActor)
         .actor(OkActor)
         .build()

@@ -54,11 +54,11 @@
 pub use troupe_core::{
     Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter,
     Delivery, Encoder, Error, ErrorAction, ErrorKind, JoinOptions, JsonEncoder, MemoryBroker, MemoryResults,
-    MemoryState, Message, Middleware, MsgPackEncoder, Next, Outcome, Pipeline, ProcessContext, QueueStats, Result,
-    ResultBackend, SendOptions, Sent, StateBackend, async_trait, current_app, current_message, now_ms, pipeline,
-    redact_url, result_key, unwrap_result, wrap_failure,
+    MemoryState, Message, Middleware, MiddlewareStack, MsgPackEncoder, Next, Outcome, Pipeline, ProcessContext,
+    QueueStats, Result, ResultBackend, SendOptions, Sent, StateBackend, async_trait, current_app, current_message,
+    now_ms, pipeline, redact_url, result_key, unwrap_result, wrap_failure,
 };
-pub use troupe_core::{memory, middleware, queue};
+pub use troupe_core::{memory, middleware, option_keys, options, queue};
 
 /// The `#[actor]` attribute: turns a function into an actor.
 ///
