@@ -36,7 +36,7 @@ pub(crate) fn persistent() -> BasicProperties {
 /// - else none, exactly as Dramatiq publishes (p >= 0, or no `max_priority`: RabbitMQ ignores
 ///   the property on a queue without `x-max-priority`).
 pub(crate) fn amqp_priority(message: &Message, max_priority: Option<u8>) -> Option<u8> {
-    if let Some(p) = message.option_u64("broker_priority") {
+    if let Some(p) = message.broker_priority() {
         return Some(u8::try_from(p).unwrap_or(u8::MAX));
     }
     let priority = message.priority();
@@ -63,7 +63,7 @@ impl Inner {
     /// per queue says how to have RabbitMQ honour it.
     pub(crate) fn properties(&self, message: &Message) -> BasicProperties {
         let max_priority = self.options.max_priority;
-        if max_priority.is_none() && message.priority() < 0 && !message.options.contains_key("broker_priority") {
+        if max_priority.is_none() && message.priority() < 0 && message.broker_priority().is_none() {
             let canonical = message.canonical_queue();
             let first = self
                 .priority_warned
