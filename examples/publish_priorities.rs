@@ -3,7 +3,7 @@
 //!
 //! * `publish_single` and `publish_batch` (queue `publish`) post to a platform; every message is
 //!   sent with its own priority (`SendOptions::priority`, lower runs first, as the team's
-//!   0-9 scale), which the SQLite broker orders by;
+//!   0-9 scale), which the broker itself orders by (every broker does);
 //! * a `TaskStateMiddleware` keeps a `publish_task_state` table (pending, running, success,
 //!   failed, with timestamps) in the broker's SQLite file;
 //! * a task whose retries are exhausted is sent to `to_manual_review` (the actor option
@@ -12,7 +12,7 @@
 //! ```text
 //! cargo run --example publish_priorities                                     # ./troupe-publish.db
 //! cargo run --example publish_priorities -- --broker-url sqlite:///tmp/p.db
-//! cargo run --example publish_priorities -- --broker-url memory://           # no tables, no priorities
+//! cargo run --example publish_priorities -- --broker-url memory://           # no tables
 //! ```
 //!
 //! The worker runs one message at a time so the order is easy to read. The tables are only kept
@@ -530,8 +530,7 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
     } else {
         writeln!(
             out,
-            "note: not an SQLite broker, so no state table (skipped), review rows kept in memory, and \
-             priorities are honoured only if this broker orders by them"
+            "note: not an SQLite broker, so no state table (skipped) and review rows kept in memory"
         )?;
         (troupe::connect(&args.broker_url).await?, None)
     };
