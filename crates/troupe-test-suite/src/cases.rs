@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
-use troupe_core::middleware::{AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit};
+use troupe_core::middleware::Retries;
 use troupe_core::{
-    Actor, ActorError, ActorOptions, App, ConsumerOptions, Encoder, Error, JsonEncoder, Message, Middleware,
-    SendOptions, pipeline,
+    Actor, ActorError, ActorOptions, App, ConsumerOptions, Encoder, Error, JsonEncoder, Message, SendOptions,
+    option_keys, pipeline,
 };
 use troupe_worker::{Worker, WorkerHandle};
 
@@ -21,20 +21,12 @@ fn message(queue: &str, actor: &str, args: Vec<Value>) -> Message {
     Message::new(queue, actor, args, Map::new())
 }
 
-/// Default middleware with quick retries, for cases that retry.
-fn fast_retries() -> Vec<Arc<dyn Middleware>> {
-    vec![
-        Arc::new(AgeLimit::default()),
-        Arc::new(TimeLimit::default()),
-        Arc::new(ShutdownNotifications::default()),
-        Arc::new(Callbacks),
-        Arc::new(Pipelines),
-        Arc::new(
-            Retries::default()
-                .min_backoff(Duration::from_millis(50))
-                .max_backoff(Duration::from_millis(400)),
-        ),
-    ]
+/// Quick retries, for cases that retry (`AppBuilder::retries`; the rest of the default
+/// middleware unchanged).
+fn fast_retries() -> Retries {
+    Retries::default()
+        .min_backoff(Duration::from_millis(50))
+        .max_backoff(Duration::from_millis(400))
 }
 
 async fn start(app: &App, concurrency: usize) -> WorkerHandle {
@@ -195,7 +187,7 @@ pub async fn nack_dead_letters_with_reason(tb: &TestBroker) {
         .expect("enqueue");
     let (consumer, d) = fetch_one(tb, &q).await;
     let mut m = d.message().expect("decodes").clone();
-    m.options.insert("retries".into(), json!(3));
+    m.set_retries(3);
     d.nack(Some(&m), "ValueError: boom").await.expect("nack");
     consumer.close().await.expect("close");
     let dead = wait_dead(tb, &q, 1).await;
@@ -227,7 +219,7 @@ pub async fn dead_letters_requeue_and_purge(tb: &TestBroker) {
     while n < 3 && Instant::now() < deadline {
         for d in consumer.fetch(3, FETCH).await.expect("fetch") {
             let mut m = d.message().expect("decodes").clone();
-            m.options.insert("retries".into(), json!(5));
+            m.set_retries(5);
             d.nack(Some(&m), "failed").await.expect("nack");
             n += 1;
         }
@@ -493,7 +485,7 @@ pub async fn app_join_waits_for_the_drain_and_fails_fast(tb: &TestBroker) {
         }
     });
     let app = App::builder(Arc::clone(&tb.broker))
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(actor.clone())
         .build()
         .expect("app");
@@ -668,7 +660,7 @@ pub async fn retries_reenqueue_with_backoff(tb: &TestBroker) {
         }
     });
     let app = App::builder(Arc::clone(&tb.broker))
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(actor.clone())
         .build()
         .expect("app");
@@ -701,11 +693,7 @@ pub async fn retries_reenqueue_with_backoff(tb: &TestBroker) {
         "{first_gap:?} {second_gap:?}"
     );
     let tb_message = calls[2].message.as_ref().expect("message");
-    assert!(
-        tb_message
-            .option_str("traceback")
-            .is_some_and(|t| t.contains("not yet"))
-    );
+    assert!(tb_message.traceback().is_some_and(|t| t.contains("not yet")));
 }
 
 /// After `max_retries` retries the message goes to the dead letters with its traceback.
@@ -715,7 +703,7 @@ pub async fn retries_exhausted_go_to_dead_letters(tb: &TestBroker) {
         .options(|o| o.max_retries(2))
         .behaviour(|_, _| async { Err(ActorError::new("ValueError", "always")) });
     let app = App::builder(Arc::clone(&tb.broker))
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(actor.clone())
         .build()
         .expect("app");
@@ -735,7 +723,7 @@ pub async fn fail_permanently_skips_retries(tb: &TestBroker) {
     let actor = TestActor::new("refuses", &q)
         .behaviour(|_, _| async { Err(ActorError::fail_permanently(ActorError::new("Invalid", "bad input"))) });
     let app = App::builder(Arc::clone(&tb.broker))
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(actor.clone())
         .build()
         .expect("app");
@@ -776,7 +764,7 @@ pub async fn bad_input_goes_to_dead_letters(tb: &TestBroker) {
     let q = unique_queue("bad");
     let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = App::builder(Arc::clone(&tb.broker))
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(Typed(q.clone(), Arc::clone(&ran)))
         .build()
         .expect("app");
@@ -888,6 +876,92 @@ pub async fn actor_priority_orders_prefetched_work(tb: &TestBroker) {
     );
 }
 
+/// The broker itself delivers lower priorities first (FIFO within a priority): messages
+/// queued at -10, -5, -1 and 0 come out most urgent first. A message at priority 0 carries no
+/// `troupe_priority` option (Dramatiq's exact bytes).
+pub async fn broker_delivers_lower_priorities_first(tb: &TestBroker) {
+    let q = unique_queue("prio_order");
+    let actor = TestActor::new("ordered", &q);
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let sent = [(0, "a"), (-1, "b"), (0, "c"), (-5, "d"), (-1, "e"), (-10, "f")];
+    for (priority, tag) in sent {
+        let message = app
+            .send_with_options(&actor, vec![json!(tag)], SendOptions::new().priority(priority))
+            .await
+            .expect("send")
+            .into_message();
+        assert_eq!(message.priority(), priority);
+        assert_eq!(
+            message.options.contains_key("troupe_priority"),
+            priority != 0,
+            "{:?}",
+            message.options
+        );
+    }
+    let order: Vec<String> = take_in_order(tb, &q, sent.len(), 1)
+        .await
+        .iter()
+        .map(|m| m.args[0].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        order,
+        ["f", "d", "b", "e", "a", "c"],
+        "most urgent first, FIFO within a priority"
+    );
+}
+
+/// One priority model, honoured by the broker: with a backlog of 1,000 messages at priority 5
+/// (their actor's) being worked through, a message sent after them at priority -5 runs before
+/// half of the backlog has.
+pub async fn urgent_message_overtakes_a_backlog(tb: &TestBroker) {
+    let q = unique_queue("prio_backlog");
+    let actor = TestActor::new("busy", &q)
+        .options(|o| o.priority(5))
+        .behaviour(|_, args| async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok(args.into_iter().next().unwrap_or(Value::Null))
+        });
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(actor.clone())
+        .build()
+        .expect("app");
+    let backlog = app
+        .send_many(&actor, (0..1000).map(|i| vec![json!(i)]))
+        .await
+        .expect("send the backlog");
+    assert_eq!(
+        backlog[0].message().priority(),
+        5,
+        "the actor's priority travels with its messages"
+    );
+    let worker = start(&app, 2).await;
+    assert!(
+        eventually(WAIT, || actor.count() > 0).await,
+        "the backlog starts running"
+    );
+    let urgent = app
+        .send_with_options(&actor, vec![json!("urgent")], SendOptions::new().priority(-5))
+        .await
+        .expect("send the urgent message");
+    assert_eq!(urgent.message().priority(), -5);
+    let position = || actor.calls().iter().position(|c| c.args[0] == json!("urgent"));
+    assert!(
+        eventually(Duration::from_secs(30), || position().is_some()).await,
+        "the urgent message ran ({} backlog messages ran)",
+        actor.count()
+    );
+    worker.stop().await;
+    let before = position().unwrap_or(usize::MAX);
+    assert!(
+        before < 500,
+        "the urgent message ran after {before} of the 1,000 backlog messages"
+    );
+    tb.broker.purge(&q).await.expect("purge");
+}
+
 /// A graceful shutdown lets running actors finish and returns prefetched and delayed messages;
 /// a new worker then processes everything: nothing lost.
 pub async fn graceful_shutdown_returns_prefetched_and_delayed(tb: &TestBroker) {
@@ -960,7 +1034,7 @@ pub async fn time_limit_fails_and_retries(tb: &TestBroker) {
             Ok(Value::Null)
         });
     let app = App::builder(Arc::clone(&tb.broker))
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(actor.clone())
         .build()
         .expect("app");
@@ -986,7 +1060,7 @@ pub async fn panics_are_failures(tb: &TestBroker) {
             Ok(Value::Null)
         });
     let app = App::builder(Arc::clone(&tb.broker))
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .actor(actor.clone())
         .build()
         .expect("app");
@@ -1010,7 +1084,7 @@ pub async fn results_are_stored(tb: &TestBroker) {
         .options(|o| o.store_results(true).max_retries(0))
         .behaviour(|_, _| async { Err(ActorError::new("ValueError", "nope")) });
     let app = App::builder(Arc::clone(&tb.broker))
-        .middleware_list(fast_retries())
+        .retries(fast_retries())
         .results(Arc::clone(&tb.results))
         .actor(ok.clone())
         .actor(bad.clone())
@@ -1046,7 +1120,7 @@ pub async fn pipelines_pass_results_on(tb: &TestBroker) {
         App::message(&add, &vec![json!(10)]).expect("message"),
         App::message(&add, &vec![json!(100)])
             .expect("message")
-            .with_option("store_results", true),
+            .with_option(option_keys::STORE_RESULTS, true),
     ];
     let pipe = pipeline(stages).expect("pipeline");
     pipe.run(&app, None).await.expect("run");
