@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgArguments, Postgres};
+use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
@@ -59,6 +59,11 @@ fn bigint(n: impl TryInto<i64>) -> i64 {
 }
 
 impl PostgresDialect {
+    /// Runs one query on the main pool; its rows.
+    async fn rows(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<Vec<PgRow>> {
+        query.fetch_all(self.pool()).await.map_err(|e| db_error(what, e))
+    }
+
     /// Runs one statement on the main pool; how many rows it changed.
     async fn exec(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<u64> {
         let done = query.execute(self.pool()).await.map_err(|e| db_error(what, e))?;
@@ -359,11 +364,12 @@ impl Dialect for PostgresDialect {
     }
 
     async fn counts(&self, queue: &str) -> Result<Vec<(i64, u64)>> {
-        let rows = sqlx::query("SELECT state, COUNT(*) FROM jobs WHERE queue = $1 GROUP BY state")
-            .bind(queue)
-            .fetch_all(self.pool())
-            .await
-            .map_err(|e| db_error("count messages", e))?;
+        let rows = self
+            .rows(
+                "count messages",
+                sqlx::query("SELECT state, COUNT(*) FROM jobs WHERE queue = $1 GROUP BY state").bind(queue),
+            )
+            .await?;
         rows.iter()
             .map(|row| {
                 let state: i16 = row.try_get(0)?;
@@ -375,15 +381,17 @@ impl Dialect for PostgresDialect {
     }
 
     async fn dead_rows(&self, queue: &str, limit: Option<usize>) -> Result<Vec<DeadRow>> {
-        let rows = sqlx::query(
-            "SELECT id, body, reason, (extract(epoch FROM failed_at) * 1000)::bigint AS failed_ms FROM jobs
+        let rows = self
+            .rows(
+                "list dead letters",
+                sqlx::query(
+                    "SELECT id, body, reason, (extract(epoch FROM failed_at) * 1000)::bigint AS failed_ms FROM jobs
              WHERE queue = $1 AND state = 2 ORDER BY failed_at, id LIMIT $2",
-        )
-        .bind(queue)
-        .bind(limit.map(bigint))
-        .fetch_all(self.pool())
-        .await
-        .map_err(|e| db_error("list dead letters", e))?;
+                )
+                .bind(queue)
+                .bind(limit.map(bigint)),
+            )
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok(DeadRow::new(

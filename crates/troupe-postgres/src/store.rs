@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgArguments, Postgres};
+use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::query::Query;
 use sqlx::{PgPool, Row};
 use troupe_core::Result;
@@ -20,6 +20,11 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// Runs one query on the pool; its row, if any.
+    async fn row(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<Option<PgRow>> {
+        query.fetch_optional(&self.pool).await.map_err(|e| db_error(what, e))
+    }
+
     /// Runs one statement on the pool; how many rows it changed.
     async fn exec(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<u64> {
         let done = query.execute(&self.pool).await.map_err(|e| db_error(what, e))?;
@@ -45,11 +50,12 @@ impl Store for PostgresStore {
     }
 
     async fn read_result(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let row = sqlx::query("SELECT value FROM results WHERE key = $1 AND expires_at > now()")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| db_error("read a result", e))?;
+        let row = self
+            .row(
+                "read a result",
+                sqlx::query("SELECT value FROM results WHERE key = $1 AND expires_at > now()").bind(key),
+            )
+            .await?;
         row.map(|r| r.try_get(0))
             .transpose()
             .map_err(|e| db_error("read a result", e))
@@ -149,22 +155,24 @@ impl Store for PostgresStore {
     }
 
     async fn counter(&self, key: &str) -> Result<Option<i64>> {
-        let row = sqlx::query("SELECT value FROM state WHERE key = $1 AND expires_at > now()")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| db_error("read a counter", e))?;
+        let row = self
+            .row(
+                "read a counter",
+                sqlx::query("SELECT value FROM state WHERE key = $1 AND expires_at > now()").bind(key),
+            )
+            .await?;
         row.map(|r| r.try_get(0))
             .transpose()
             .map_err(|e| db_error("read a counter", e))
     }
 
     async fn event_seen(&self, key: &str) -> Result<bool> {
-        let found = sqlx::query("SELECT 1 FROM events WHERE key = $1 AND expires_at > now()")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| db_error("read an event", e))?;
+        let found = self
+            .row(
+                "read an event",
+                sqlx::query("SELECT 1 FROM events WHERE key = $1 AND expires_at > now()").bind(key),
+            )
+            .await?;
         Ok(found.is_some())
     }
 

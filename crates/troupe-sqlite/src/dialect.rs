@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use sqlx::query::Query;
-use sqlx::sqlite::{Sqlite, SqliteArguments};
+use sqlx::sqlite::{Sqlite, SqliteArguments, SqliteRow};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use troupe_core::support::{Settle, SettleOp};
 use troupe_core::{Error, Result};
@@ -46,6 +46,11 @@ fn pairs(keys: &[Key]) -> Result<String> {
 }
 
 impl SqliteDialect {
+    /// Runs one query on the main pool; its rows.
+    async fn rows(&self, what: &str, query: Query<'_, Sqlite, SqliteArguments>) -> Result<Vec<SqliteRow>> {
+        query.fetch_all(self.pool()).await.map_err(|e| db_error(what, e))
+    }
+
     /// Runs one statement on the main pool; how many rows it changed.
     async fn exec(&self, what: &str, query: Query<'_, Sqlite, SqliteArguments>) -> Result<u64> {
         let done = query.execute(self.pool()).await.map_err(|e| db_error(what, e))?;
@@ -324,11 +329,12 @@ impl Dialect for SqliteDialect {
     }
 
     async fn counts(&self, queue: &str) -> Result<Vec<(i64, u64)>> {
-        let rows = sqlx::query("SELECT state, COUNT(*) FROM troupe_jobs WHERE queue = ?1 GROUP BY state")
-            .bind(queue)
-            .fetch_all(self.pool())
-            .await
-            .map_err(|e| db_error("count messages", e))?;
+        let rows = self
+            .rows(
+                "count messages",
+                sqlx::query("SELECT state, COUNT(*) FROM troupe_jobs WHERE queue = ?1 GROUP BY state").bind(queue),
+            )
+            .await?;
         rows.iter()
             .map(|row| {
                 let state: i64 = row.try_get(0)?;
@@ -341,15 +347,17 @@ impl Dialect for SqliteDialect {
 
     async fn dead_rows(&self, queue: &str, limit: Option<usize>) -> Result<Vec<DeadRow>> {
         let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-        let rows = sqlx::query(
-            "SELECT id, body, reason, failed_at FROM troupe_jobs
+        let rows = self
+            .rows(
+                "list dead letters",
+                sqlx::query(
+                    "SELECT id, body, reason, failed_at FROM troupe_jobs
              WHERE queue = ?1 AND state = 2 ORDER BY failed_at, id LIMIT ?2",
-        )
-        .bind(queue)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await
-        .map_err(|e| db_error("list dead letters", e))?;
+                )
+                .bind(queue)
+                .bind(limit),
+            )
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok(DeadRow::new(

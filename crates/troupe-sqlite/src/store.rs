@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use sqlx::query::Query;
-use sqlx::sqlite::{Sqlite, SqliteArguments};
+use sqlx::sqlite::{Sqlite, SqliteArguments, SqliteRow};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use troupe_core::Result;
 use troupe_sql::{Store, dialect::CLEANUP_BATCH, ms};
@@ -20,6 +20,11 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Runs one query on the pool; its row, if any.
+    async fn row(&self, what: &str, query: Query<'_, Sqlite, SqliteArguments>) -> Result<Option<SqliteRow>> {
+        query.fetch_optional(&self.pool).await.map_err(|e| db_error(what, e))
+    }
+
     /// Runs one statement on the pool; how many rows it changed.
     async fn exec(&self, what: &str, query: Query<'_, Sqlite, SqliteArguments>) -> Result<u64> {
         let done = query.execute(&self.pool).await.map_err(|e| db_error(what, e))?;
@@ -72,12 +77,14 @@ impl Store for SqliteStore {
     }
 
     async fn read_result(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let row = sqlx::query("SELECT value FROM troupe_results WHERE key = ?1 AND expires_at > ?2")
-            .bind(key)
-            .bind(now())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| db_error("read a result", e))?;
+        let row = self
+            .row(
+                "read a result",
+                sqlx::query("SELECT value FROM troupe_results WHERE key = ?1 AND expires_at > ?2")
+                    .bind(key)
+                    .bind(now()),
+            )
+            .await?;
         row.map(|r| r.try_get(0))
             .transpose()
             .map_err(|e| db_error("read a result", e))
@@ -175,12 +182,14 @@ impl Store for SqliteStore {
     }
 
     async fn event_seen(&self, key: &str) -> Result<bool> {
-        let found = sqlx::query("SELECT 1 FROM troupe_events WHERE key = ?1 AND expires_at > ?2")
-            .bind(key)
-            .bind(now())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| db_error("read an event", e))?;
+        let found = self
+            .row(
+                "read an event",
+                sqlx::query("SELECT 1 FROM troupe_events WHERE key = ?1 AND expires_at > ?2")
+                    .bind(key)
+                    .bind(now()),
+            )
+            .await?;
         Ok(found.is_some())
     }
 
