@@ -81,7 +81,9 @@ impl App {
         self.inner.results.as_ref()
     }
 
-    /// The state backend, if any.
+    /// The state backend given to the builder, if any: actors reach it with
+    /// `current_app()?.state()` for counters with TTLs, `add`-once keys and events shared by
+    /// every worker (on memory, SQLite, Redis or PostgreSQL alike).
     #[must_use]
     pub fn state(&self) -> Option<&Arc<dyn StateBackend>> {
         self.inner.state.as_ref()
@@ -540,7 +542,9 @@ impl AppBuilder {
         self
     }
 
-    /// Uses `backend` for rate limiters, barriers and task states.
+    /// Shares a state backend with the app's actors ([`App::state`]). Troupe's built-in
+    /// middleware does not read it yet; the coordination features to come (task states, rate
+    /// limiters, barriers) will keep their state here.
     pub fn state(mut self, backend: Arc<dyn StateBackend>) -> Self {
         self.state = Some(backend);
         self

@@ -38,7 +38,11 @@ async fn half(x: i64) -> Result<i64, ActorError> {
     // current_message and current_app come from the prelude too.
     let message = current_message().expect("the worker sets the current message");
     assert_eq!(message.actor_name, "half");
-    assert!(current_app().is_ok());
+    // The app's state backend is shared with actors: count the calls there.
+    let state = current_app()?.state().cloned().expect("the app has a state backend");
+    state
+        .incr("prelude-calls", 1, i64::MAX, Duration::from_secs(60))
+        .await?;
     if x % 2 == 0 {
         Ok(x / 2)
     } else {
@@ -71,6 +75,8 @@ async fn a_kept_arc_reads_what_the_middleware_gathered() {
         .await
         .unwrap();
     worker.stop().await;
+    let calls = app.state().unwrap().get("prelude-calls").await.unwrap();
+    assert_eq!(calls, Some(3), "each actor call counted in the app's state backend");
     let mut seen = monitor.seen();
     seen.sort();
     assert_eq!(
