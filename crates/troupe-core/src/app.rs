@@ -912,7 +912,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    // Paused clock: the "later" writes happen after the wait began, in virtual time, not
+    // after a real sleep that a loaded machine could outrun.
+    #[tokio::test(start_paused = true)]
     async fn a_sent_message_fetches_its_result_without_the_app() {
         let results = crate::MemoryResults::new();
         let app = App::builder(MemoryBroker::new().into_dyn())
@@ -1103,7 +1105,9 @@ mod tests {
         assert!(e.to_string().contains("outside an actor"), "{e}");
     }
 
-    #[tokio::test]
+    // Paused clock: the "later" writes happen after the wait began, in virtual time, not
+    // after a real sleep that a loaded machine could outrun.
+    #[tokio::test(start_paused = true)]
     async fn join_waits_for_the_drain_and_times_out() {
         let broker = MemoryBroker::new();
         let app = App::builder(broker.clone().into_dyn()).build().unwrap();
@@ -1123,7 +1127,9 @@ mod tests {
         assert_eq!(broker.stats("j").await.unwrap().pending(), 0);
     }
 
-    #[tokio::test]
+    // Paused clock: the "later" writes happen after the wait began, in virtual time, not
+    // after a real sleep that a loaded machine could outrun.
+    #[tokio::test(start_paused = true)]
     async fn join_fails_fast_on_a_new_dead_letter_only() {
         let broker = MemoryBroker::new();
         let app = App::builder(broker.clone().into_dyn()).build().unwrap();
