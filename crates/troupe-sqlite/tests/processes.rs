@@ -82,7 +82,7 @@ fn db() -> (tempfile::TempDir, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing() {
     let (_dir, path) = db();
-    let report = MidBatchKill::default().run(&Sqlite, &path, QUEUE).await;
+    let report = MidBatchKill::default().while_holding().run(&Sqlite, &path, QUEUE).await;
     assert!(
         report.stats_at_kill.in_flight > 0 || report.at_kill == usize::try_from(report.messages).unwrap(),
         "the kill came mid-batch: {:?}",

@@ -346,6 +346,7 @@ pub struct MidBatchKill {
     messages: u64,
     before_kill: usize,
     max_duplicates: u64,
+    while_holding: bool,
 }
 
 impl Default for MidBatchKill {
@@ -356,6 +357,7 @@ impl Default for MidBatchKill {
             messages: 300,
             before_kill: 60,
             max_duplicates: 8,
+            while_holding: false,
         }
     }
 }
@@ -390,6 +392,16 @@ impl MidBatchKill {
         self
     }
 
+    /// Kills only once the parent's broker sees messages in flight (within 5 s of the first
+    /// `before_kill` runs), so the kill lands while the worker holds a batch rather than in the
+    /// instant between two claims. For brokers whose `stats` count every process's in-flight
+    /// messages (not RabbitMQ, which sees only its own).
+    #[must_use]
+    pub fn while_holding(mut self) -> Self {
+        self.while_holding = true;
+        self
+    }
+
     /// Runs the test on `place` and `queue`; panics on a lost message or too many duplicates.
     ///
     /// # Panics
@@ -416,6 +428,12 @@ impl MidBatchKill {
             before.len(),
             first.log()
         );
+        if self.while_holding {
+            let until = tokio::time::Instant::now() + Duration::from_secs(5);
+            while broker.stats(queue).await.expect("stats").in_flight == 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
         first.kill();
         let at_kill = runs.counts().await.len();
         let stats_at_kill = broker.stats(queue).await.expect("stats");
