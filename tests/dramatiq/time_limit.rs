@@ -59,16 +59,25 @@ async fn test_time_limits_are_handled() {
 /// it: the message fails with `TimeLimitExceeded` at once and its worker slot is freed (with
 /// one slot, the next message runs while the blocking call still sleeps), while the thread runs
 /// to its end and its result is discarded.
+///
+/// The blocking call holds until the test has seen the dead letter (Python's test sleeps a fixed
+/// time instead): a fixed sleep let a starved runtime notice the call's end before the timer, so
+/// the message succeeded on a loaded machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_time_limits_are_handled_in_sync_actors() {
     static SLEEPY_STARTED: AtomicBool = AtomicBool::new(false);
     static SLEEPY_DONE: AtomicBool = AtomicBool::new(false);
+    static RELEASE: AtomicBool = AtomicBool::new(false);
     static QUICK_SAW: Mutex<Option<(bool, bool)>> = Mutex::new(None);
 
     #[troupe::actor(time_limit = "100ms", max_retries = 0)]
     fn sleepy() {
         SLEEPY_STARTED.store(true, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(600));
+        // Held well past the 100 ms limit; bounded so a failing test cannot hang a thread.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !RELEASE.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         SLEEPY_DONE.store(true, Ordering::SeqCst);
     }
 
@@ -91,6 +100,7 @@ async fn test_time_limits_are_handled_in_sync_actors() {
     Quick.send(&app).await.expect("send");
     let worker = start(&app, 1).await;
     let reason = join_failed(&broker, "default").await;
+    RELEASE.store(true, Ordering::SeqCst);
     assert!(reason.contains("TimeLimitExceeded"), "{reason}");
     assert_eq!(
         *lock(&QUICK_SAW),
