@@ -19,6 +19,7 @@ pub mod queue;
 mod results;
 mod state;
 pub mod support;
+pub mod tasks;
 
 pub use actor::{
     Actor, ActorError, ActorOptions, BAD_ARGUMENTS, DEFAULT_QUEUE, DynActor, ErrorAction, ErrorPredicate, RetryWhen,
@@ -39,6 +40,10 @@ pub use results::{
     DEFAULT_RESULT_TTL, FAILURE_CANARY, RESULTS_NAMESPACE, ResultBackend, result_key, unwrap_result, wrap_failure,
 };
 pub use state::StateBackend;
+pub use tasks::{
+    CancelMode, CancelOutcome, TaskCounts, TaskCursor, TaskFilter, TaskPage, TaskQuery, TaskRecord, TaskStatus,
+    TaskStore, TaskUpdate,
+};
 
 pub use async_trait::async_trait;
 /// The one table of actor options (names, kinds, defaults, readers), which the `#[actor]` macro

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::Result;
+use crate::tasks::TaskStore;
 
 /// Atomic counter operations with TTLs. Every call either applies entirely or not at all.
 #[async_trait]
@@ -34,4 +35,12 @@ pub trait StateBackend: Send + Sync + fmt::Debug + 'static {
 
     /// Notifies every present and future waiter on `key` for `ttl`.
     async fn notify(&self, key: &str, ttl: Duration) -> Result<()>;
+
+    /// The task store of this backend (task states, cancellation, unique keys), when it keeps
+    /// one. Troupe's backends of memory, SQLite, Redis and PostgreSQL do; a third-party backend
+    /// that does not leaves the default, and an app asked to track tasks on it says so when it
+    /// is built.
+    fn tasks(&self) -> Option<&dyn TaskStore> {
+        None
+    }
 }

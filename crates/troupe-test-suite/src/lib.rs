@@ -17,6 +17,7 @@ pub mod backends;
 pub mod cases;
 pub mod kill;
 mod support;
+pub mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,8 +164,8 @@ macro_rules! results_conformance {
     };
 }
 
-/// Stamps one `#[tokio::test]` per state-backend case; `$setup` is an async expression giving
-/// an `Arc<dyn StateBackend>`.
+/// Stamps one `#[tokio::test]` per state-backend case, the task-store cases ([`tasks`])
+/// included; `$setup` is an async expression giving an `Arc<dyn StateBackend>`.
 #[macro_export]
 macro_rules! state_conformance {
     ($setup:expr) => {
@@ -175,6 +176,18 @@ macro_rules! state_conformance {
             state_window_sums,
             state_concurrent_increments_are_atomic,
             state_wait_and_notify
+        );
+        $crate::__backend_cases!(
+            $setup, tasks;
+            task_state_records_follow_versions,
+            task_state_queries_filter_and_page,
+            task_state_counts_per_status_actor_and_queue,
+            task_state_delete_and_expire,
+            progress_is_stored_with_the_record,
+            cancel_requests_are_kept_and_marked,
+            cancel_requests_wake_a_watcher,
+            unique_keys_are_claimed_once,
+            unique_claims_race_to_one_winner
         );
     };
 }

@@ -4,6 +4,7 @@
 mod broker;
 mod results;
 mod state;
+mod tasks;
 
 pub use broker::MemoryBroker;
 pub use results::MemoryResults;

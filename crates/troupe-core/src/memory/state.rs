@@ -20,6 +20,7 @@ struct Inner {
     counters: Mutex<HashMap<String, (i64, Instant)>>,
     events: Mutex<HashMap<String, Instant>>,
     notify: Notify,
+    tasks: super::tasks::MemoryTasks,
 }
 
 impl MemoryState {
@@ -120,6 +121,10 @@ impl StateBackend for MemoryState {
             .insert(key.to_owned(), Instant::now() + ttl);
         self.inner.notify.notify_waiters();
         Ok(())
+    }
+
+    fn tasks(&self) -> Option<&dyn crate::tasks::TaskStore> {
+        Some(&self.inner.tasks)
     }
 }
 
