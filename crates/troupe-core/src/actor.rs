@@ -54,6 +54,13 @@ pub struct ActorOptions {
     pub on_retry_exhausted: Option<String>,
     /// The actor's time limit (TimeLimit middleware; default 10 minutes; zero: no limit).
     pub time_limit: Option<Duration>,
+    /// When the actor is told to wrap up before its time limit (its
+    /// [`TaskHandle`](crate::TaskHandle) stops with `SoftTimeLimit`; TimeLimit middleware).
+    pub soft_time_limit: Option<Duration>,
+    /// Sending a message with the same arguments while one is pending or running returns the
+    /// first one's id instead (at most this long; needs a state backend that keeps task
+    /// states).
+    pub unique_for: Option<Duration>,
     /// Messages older than this are dead-lettered instead of run (AgeLimit middleware; zero: no
     /// limit).
     pub max_age: Option<Duration>,
@@ -86,6 +93,8 @@ impl Default for ActorOptions {
             throws: None,
             on_retry_exhausted: None,
             time_limit: None,
+            soft_time_limit: None,
+            unique_for: None,
             max_age: None,
             store_results: None,
             result_ttl: None,
@@ -110,6 +119,8 @@ impl fmt::Debug for ActorOptions {
             .field("throws", &self.throws.as_ref().map(|_| ".."))
             .field("on_retry_exhausted", &self.on_retry_exhausted)
             .field("time_limit", &self.time_limit)
+            .field("soft_time_limit", &self.soft_time_limit)
+            .field("unique_for", &self.unique_for)
             .field("max_age", &self.max_age)
             .field("store_results", &self.store_results)
             .field("result_ttl", &self.result_ttl)
@@ -156,6 +167,10 @@ impl ActorOptions {
         max_backoff: Duration => max_backoff = Some;
         /// Sets the time limit.
         time_limit: Duration => time_limit = Some;
+        /// Sets the soft time limit.
+        soft_time_limit: Duration => soft_time_limit = Some;
+        /// Sets `unique_for`.
+        unique_for: Duration => unique_for = Some;
         /// Sets the maximum age.
         max_age: Duration => max_age = Some;
         /// Sets `store_results`.
@@ -212,6 +227,8 @@ impl ActorOptions {
             throws,
             on_retry_exhausted,
             time_limit,
+            soft_time_limit,
+            unique_for,
             max_age,
             store_results,
             result_ttl,
@@ -228,6 +245,8 @@ impl ActorOptions {
             ("min_backoff", min_backoff.is_some()),
             ("max_backoff", max_backoff.is_some()),
             ("time_limit", time_limit.is_some()),
+            ("soft_time_limit", soft_time_limit.is_some()),
+            ("unique_for", unique_for.is_some()),
             ("max_age", max_age.is_some()),
             ("result_ttl", result_ttl.is_some()),
             ("store_results", store_results.is_some()),

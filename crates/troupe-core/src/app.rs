@@ -13,10 +13,15 @@ use crate::actor::{Actor, DynActor, Erased, encode_args};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::message::{Message, duration_ms, option_keys};
-use crate::middleware::{CurrentMessage, Middleware, MiddlewareStack, Results, Retries};
+use crate::middleware::{
+    Cancellation, CurrentMessage, Middleware, MiddlewareStack, Results, Retries, TaskLifecycle, TaskTracking,
+};
 use crate::queue::{q_name, validate_queue_name};
 use crate::results::{ResultBackend, unwrap_result};
 use crate::state::StateBackend;
+use crate::tasks::{
+    CancelMode, CancelOutcome, TaskCounts, TaskFilter, TaskPage, TaskQuery, TaskRecord, TaskStatus, TaskStore,
+};
 
 /// A broker together with its middleware, registered actors and optional results and state
 /// backends. Cheap to clone; share one per process.
@@ -31,6 +36,7 @@ struct Inner {
     actors: HashMap<String, Arc<dyn DynActor>>,
     results: Option<Arc<dyn ResultBackend>>,
     state: Option<Arc<dyn StateBackend>>,
+    lifecycle: Option<Arc<TaskLifecycle>>,
     declared: Mutex<HashSet<String>>,
 }
 
@@ -58,6 +64,8 @@ impl App {
             actors: Vec::new(),
             results: None,
             state: None,
+            tracking: None,
+            cancellation: None,
             current_message: true,
             results_middleware: false,
         }
@@ -87,6 +95,107 @@ impl App {
     #[must_use]
     pub fn state(&self) -> Option<&Arc<dyn StateBackend>> {
         self.inner.state.as_ref()
+    }
+
+    /// The task store of the app's state backend (task states, cancellation requests, unique
+    /// keys).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the app has no state backend, or one that keeps no task states.
+    pub fn task_store(&self) -> Result<&dyn TaskStore> {
+        match self.inner.state.as_ref() {
+            Some(state) => state.tasks().ok_or_else(|| {
+                Error::Config(format!(
+                    "the state backend {state:?} keeps no task states: use the memory, SQLite, Redis or PostgreSQL \
+                     state backend"
+                ))
+            }),
+            None => Err(Error::Config(
+                "task states, cancellation and unique messages need a state backend: AppBuilder::state(..)".into(),
+            )),
+        }
+    }
+
+    /// How long task records are kept (the tracking's retention; 7 days by default).
+    fn task_retention(&self) -> Duration {
+        self.inner
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.tracking())
+            .map_or(crate::tasks::DEFAULT_TASK_RETENTION, |t| t.retention)
+    }
+
+    /// One task's record (`None`: unknown, or past its retention).
+    ///
+    /// # Errors
+    /// As [`task_store`](Self::task_store); a store error.
+    pub async fn task(&self, message_id: &str) -> Result<Option<TaskRecord>> {
+        self.task_store()?.task(message_id).await
+    }
+
+    /// A page of tasks, newest first: `app.tasks(TaskQuery::new(TaskFilter::new().status(TaskStatus::Failed)))`;
+    /// the page's `next` continues it (`TaskQuery::after`).
+    ///
+    /// # Errors
+    /// As [`task_store`](Self::task_store); a store error.
+    pub async fn tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
+        self.task_store()?.tasks(query).await
+    }
+
+    /// Counts per status, actor and queue, within `filter`'s actor and queue.
+    ///
+    /// # Errors
+    /// As [`task_store`](Self::task_store); a store error.
+    pub async fn task_counts(&self, filter: &TaskFilter) -> Result<TaskCounts> {
+        self.task_store()?.task_counts(filter).await
+    }
+
+    /// Deletes one task's record. Returns whether there was one.
+    ///
+    /// # Errors
+    /// As [`task_store`](Self::task_store); a store error.
+    pub async fn delete_task(&self, message_id: &str) -> Result<bool> {
+        self.task_store()?.delete_task(message_id).await
+    }
+
+    /// Cancels a message from any process ([`CancelMode::Abort`]): if it is pending it never
+    /// runs, and if it is running its worker stops it. See [`cancel_with`](Self::cancel_with).
+    ///
+    /// # Errors
+    /// As [`cancel_with`](Self::cancel_with).
+    pub async fn cancel(&self, message_id: &str) -> Result<CancelOutcome> {
+        self.cancel_with(message_id, CancelMode::Abort).await
+    }
+
+    /// Cancels a message: a pending one (queued, delayed, retrying) never runs (its worker
+    /// skips and acks it when it arrives, and its state becomes cancelled); a running one is
+    /// stopped when `mode` is [`CancelMode::Abort`] (an async actor is told through its
+    /// [`TaskHandle`](crate::TaskHandle) and dropped at its next `.await`; a blocking one is
+    /// abandoned and its outcome discarded). The request is kept in the state backend, so it
+    /// takes effect when a stopped worker comes back. A finished message is left alone
+    /// ([`CancelOutcome::Finished`]); an id with no record is [`CancelOutcome::Unknown`] (the
+    /// request is kept all the same).
+    ///
+    /// # Errors
+    /// As [`task_store`](Self::task_store); a store error.
+    pub async fn cancel_with(&self, message_id: &str, mode: CancelMode) -> Result<CancelOutcome> {
+        let store = self.task_store()?;
+        let before = store.mark_cancelled(message_id, self.task_retention()).await?;
+        if let Some(status) = before.filter(|s| s.is_final()) {
+            return Ok(CancelOutcome::Finished(status));
+        }
+        let ttl = self
+            .inner
+            .lifecycle
+            .as_ref()
+            .map_or_else(|| Cancellation::default().request_ttl, |l| l.cancellation().request_ttl);
+        store.request_cancel(message_id, mode, ttl).await?;
+        Ok(match before {
+            None => CancelOutcome::Unknown,
+            Some(TaskStatus::Running) if mode == CancelMode::Abort => CancelOutcome::Aborting,
+            Some(TaskStatus::Running) => CancelOutcome::Running,
+            Some(_) => CancelOutcome::Cancelled,
+        })
     }
 
     /// The actor registered under `name`.
@@ -143,6 +252,12 @@ impl App {
         for m in &self.inner.middleware {
             (**m).before_enqueue(self, &mut message, delay).await?;
         }
+        let claimed = self.claim_unique(&mut message).await?;
+        if let Some(first) = claimed.duplicate_of {
+            tracing::debug!(message_id = %first, "a message with the same unique key is pending or running; not enqueueing another");
+            message.message_id = first;
+            return Ok(message);
+        }
         let span = tracing::info_span!(
             "troupe.enqueue",
             actor = %message.actor_name,
@@ -151,7 +266,13 @@ impl App {
             retries = message.retries(),
             delay_ms = delay.map(duration_ms),
         );
-        let enqueued = tracing::Instrument::instrument(self.inner.broker.enqueue(message, delay), span).await?;
+        let enqueued = match tracing::Instrument::instrument(self.inner.broker.enqueue(message, delay), span).await {
+            Ok(enqueued) => enqueued,
+            Err(e) => {
+                claimed.release(self).await;
+                return Err(e);
+            }
+        };
         for m in self.inner.middleware.iter().rev() {
             (**m).after_enqueue(self, &enqueued, delay).await;
         }
@@ -174,15 +295,99 @@ impl App {
             }
             prepared.push((message, delay));
         }
-        let delays: Vec<Option<Duration>> = prepared.iter().map(|(_, delay)| *delay).collect();
-        let span = tracing::info_span!("troupe.enqueue_many", messages = prepared.len());
-        let enqueued = tracing::Instrument::instrument(self.inner.broker.enqueue_many(prepared), span).await?;
+        // Unique messages already pending (or twice in this batch) are answered with the first
+        // one's id and not enqueued; `slots` says, per message asked for, which one answers it.
+        let mut slots: Vec<std::result::Result<usize, Message>> = Vec::with_capacity(prepared.len());
+        let mut batch = Vec::with_capacity(prepared.len());
+        let mut claims = Vec::new();
+        for (mut message, delay) in prepared {
+            let claimed = match self.claim_unique(&mut message).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    for claim in claims {
+                        Claimed::release(&claim, self).await;
+                    }
+                    return Err(e);
+                }
+            };
+            match claimed.duplicate_of {
+                Some(first) => {
+                    message.message_id = first;
+                    slots.push(Err(message));
+                }
+                None => {
+                    claims.push(claimed);
+                    slots.push(Ok(batch.len()));
+                    batch.push((message, delay));
+                }
+            }
+        }
+        let delays: Vec<Option<Duration>> = batch.iter().map(|(_, delay)| *delay).collect();
+        let span = tracing::info_span!("troupe.enqueue_many", messages = batch.len());
+        let enqueued = if batch.is_empty() {
+            Vec::new()
+        } else {
+            match tracing::Instrument::instrument(self.inner.broker.enqueue_many(batch), span).await {
+                Ok(enqueued) => enqueued,
+                Err(e) => {
+                    for claim in claims {
+                        Claimed::release(&claim, self).await;
+                    }
+                    return Err(e);
+                }
+            }
+        };
         for (message, delay) in enqueued.iter().zip(delays) {
             for m in self.inner.middleware.iter().rev() {
                 (**m).after_enqueue(self, message, delay).await;
             }
         }
-        Ok(enqueued)
+        Ok(slots
+            .into_iter()
+            .filter_map(|slot| match slot {
+                Ok(i) => enqueued.get(i).cloned(),
+                Err(duplicate) => Some(duplicate),
+            })
+            .collect())
+    }
+
+    /// Takes the unique key of a message sent with `unique_for` (its own option, else its
+    /// actor's), unless it holds one already (a retry, or a delayed message coming due).
+    async fn claim_unique(&self, message: &mut Message) -> Result<Claimed> {
+        let none = Claimed::default();
+        if message.options.contains_key(option_keys::UNIQUE_HELD) {
+            return Ok(none);
+        }
+        let unique_for = message
+            .option_duration(option_keys::UNIQUE_FOR)
+            .or_else(|| {
+                self.inner
+                    .actors
+                    .get(&message.actor_name)
+                    .and_then(|a| a.options().unique_for)
+            })
+            .filter(|d| !d.is_zero());
+        let Some(ttl) = unique_for else {
+            return Ok(none);
+        };
+        let store = self.task_store()?;
+        let key = crate::tasks::unique_key(message);
+        let holder = store.claim_unique(&key, &message.message_id, ttl).await?;
+        if holder.is_some() {
+            return Ok(Claimed {
+                key: None,
+                message_id: String::new(),
+                duplicate_of: holder,
+            });
+        }
+        message
+            .options
+            .insert(option_keys::UNIQUE_HELD.into(), Value::from(key.clone()));
+        Ok(Claimed {
+            key: Some(key),
+            message_id: message.message_id.clone(),
+            duplicate_of: None,
+        })
     }
 
     /// Gives a message without a priority of its own its actor's priority (when the actor is
@@ -440,6 +645,8 @@ pub struct AppBuilder {
     actors: Vec<Arc<dyn DynActor>>,
     results: Option<Arc<dyn ResultBackend>>,
     state: Option<Arc<dyn StateBackend>>,
+    tracking: Option<TaskTracking>,
+    cancellation: Option<Cancellation>,
     current_message: bool,
     results_middleware: bool,
 }
@@ -542,11 +749,38 @@ impl AppBuilder {
         self
     }
 
-    /// Shares a state backend with the app's actors ([`App::state`]). Troupe's built-in
-    /// middleware does not read it yet; the coordination features to come (task states, rate
-    /// limiters, barriers) will keep their state here.
+    /// Shares a state backend with the app's actors ([`App::state`]); task states
+    /// ([`track_tasks`](Self::track_tasks)), cancellation requests and unique keys are kept in
+    /// it. With a backend that keeps task states (memory, SQLite, Redis, PostgreSQL), workers
+    /// honour cancellations ([`App::cancel`]) unless [`cancellation`](Self::cancellation) turns
+    /// them off.
     pub fn state(mut self, backend: Arc<dyn StateBackend>) -> Self {
         self.state = Some(backend);
+        self
+    }
+
+    /// Records every message's state in the state backend, from the moment it is sent:
+    /// enqueued, delayed, running, retrying, succeeded, failed, skipped, cancelled (see
+    /// [`App::task`], [`App::tasks`], [`App::task_counts`]). Needs [`state`](Self::state).
+    ///
+    /// ```
+    /// # use troupe_core::{App, MemoryBroker, MemoryState, middleware::TaskTracking};
+    /// # use std::sync::Arc;
+    /// let app = App::builder(MemoryBroker::new().into_dyn())
+    ///     .state(Arc::new(MemoryState::new()))
+    ///     .track_tasks(TaskTracking::default()) // kept 7 days, arguments not kept
+    ///     .build()?;
+    /// # Ok::<(), troupe_core::Error>(())
+    /// ```
+    pub fn track_tasks(mut self, tracking: TaskTracking) -> Self {
+        self.tracking = Some(tracking);
+        self
+    }
+
+    /// Sets how workers honour cancellations (on by default with a state backend that keeps
+    /// task states; [`Cancellation::off`] saves the read per message).
+    pub fn cancellation(mut self, cancellation: Cancellation) -> Self {
+        self.cancellation = Some(cancellation);
         self
     }
 
@@ -563,6 +797,25 @@ impl AppBuilder {
     /// that neither the app nor one of its middleware reads (see [`troupe_options`]), or a
     /// middleware placed by a type the list does not have.
     pub fn build(mut self) -> Result<App> {
+        let keeps_tasks = self.state.as_ref().is_some_and(|s| s.tasks().is_some());
+        if self.tracking.is_some() && !keeps_tasks {
+            return Err(Error::Config(match &self.state {
+                None => "track_tasks needs a state backend: add AppBuilder::state(..) with the memory, SQLite, Redis \
+                         or PostgreSQL state backend"
+                    .into(),
+                Some(state) => format!(
+                    "track_tasks needs a state backend that keeps task states, and {state:?} does not: use the \
+                     memory, SQLite, Redis or PostgreSQL state backend"
+                ),
+            }));
+        }
+        let cancellation = self.cancellation.take().unwrap_or_default();
+        let lifecycle = (keeps_tasks && (self.tracking.is_some() || cancellation.enabled))
+            .then(|| Arc::new(TaskLifecycle::new(self.tracking.take(), cancellation)));
+        if let Some(lifecycle) = &lifecycle {
+            self.middleware
+                .push_front_arc(Arc::clone(lifecycle) as Arc<dyn Middleware>);
+        }
         if let Some(backend) = self.results.as_ref().filter(|_| !self.results_middleware) {
             self.middleware.push(Results::new(Arc::clone(backend)));
         }
@@ -597,6 +850,7 @@ impl AppBuilder {
                 actors,
                 results: self.results,
                 state: self.state,
+                lifecycle,
                 declared: Mutex::new(HashSet::new()),
             }),
         })
@@ -627,6 +881,25 @@ fn check_options(actor: &str, options: &crate::ActorOptions, known: &HashSet<&st
         "actor {actor:?} has option {unknown:?}, which no middleware of this app reads; valid options: {}",
         valid.join(", ")
     )))
+}
+
+/// A unique key taken by [`App::claim_unique`], freed again when the enqueue fails.
+#[derive(Debug, Default)]
+struct Claimed {
+    key: Option<String>,
+    message_id: String,
+    /// The id of the message that holds the key already.
+    duplicate_of: Option<String>,
+}
+
+impl Claimed {
+    async fn release(&self, app: &App) {
+        if let (Some(key), Ok(store)) = (&self.key, app.task_store())
+            && let Err(e) = store.release_unique(key, &self.message_id).await
+        {
+            tracing::warn!(error = %e, "could not free a unique key after a failed enqueue; it frees itself when unique_for passes");
+        }
+    }
 }
 
 /// Per-message options for `send_with_options`.
@@ -693,6 +966,29 @@ impl SendOptions {
     #[must_use]
     pub fn time_limit(self, time_limit: Duration) -> Self {
         self.option(option_keys::TIME_LIMIT, duration_ms(time_limit))
+    }
+
+    /// Sets a soft time limit for this message: its actor is told to wrap up when it passes
+    /// (its task handle stops with `SoftTimeLimit`), before the hard `time_limit`.
+    #[must_use]
+    pub fn soft_time_limit(self, limit: Duration) -> Self {
+        self.option(option_keys::SOFT_TIME_LIMIT, duration_ms(limit))
+    }
+
+    /// Makes this message unique for `unique_for`: while a message with the same actor and
+    /// arguments (or the same [`unique_key`](Self::unique_key)) is pending or running, sending
+    /// this one returns that message's id instead of enqueueing it. Needs a state backend
+    /// that keeps task states.
+    #[must_use]
+    pub fn unique_for(self, unique_for: Duration) -> Self {
+        self.option(option_keys::UNIQUE_FOR, duration_ms(unique_for))
+    }
+
+    /// Uses `key` as this message's unique key instead of its actor and arguments (with
+    /// `unique_for` here or on the actor).
+    #[must_use]
+    pub fn unique_key(self, key: impl Into<String>) -> Self {
+        self.option(option_keys::UNIQUE_KEY, key.into())
     }
 
     /// Sets `max_age` for this message (zero: no limit).

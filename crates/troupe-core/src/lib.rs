@@ -35,7 +35,10 @@ pub use encoder::{Encoder, JsonEncoder, MsgPackEncoder, python_float_repr};
 pub use error::{BoxError, Error, ErrorKind, Result, redact_url};
 pub use memory::{MemoryBroker, MemoryResults, MemoryState};
 pub use message::{Message, Options, duration_ms, new_message_id, now_ms, option_keys};
-pub use middleware::{Middleware, MiddlewareStack, Next, Outcome, ProcessContext, current_app, current_message};
+pub use middleware::{
+    Middleware, MiddlewareStack, Next, Outcome, ProcessContext, StopReason, TaskHandle, current_app, current_message,
+    current_task,
+};
 pub use results::{
     DEFAULT_RESULT_TTL, FAILURE_CANARY, RESULTS_NAMESPACE, ResultBackend, result_key, unwrap_result, wrap_failure,
 };
@@ -53,7 +56,7 @@ pub use troupe_options as options;
 /// Items the `#[actor]` macro's output uses. Not a stable API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::middleware::current_message::with_current_message;
+    pub use crate::middleware::current_message::Scope;
     pub use futures::future::BoxFuture;
     pub use serde;
     pub use serde_json;
@@ -85,9 +88,8 @@ pub mod __private {
         F: FnOnce() -> Result<T, ActorError> + Send + 'static,
         T: Send + 'static,
     {
-        let current = crate::middleware::current_message();
-        let app = crate::middleware::current_app().ok();
-        match tokio::task::spawn_blocking(move || with_current_message(current, app, f)).await {
+        let scope = Scope::capture();
+        match tokio::task::spawn_blocking(move || scope.run(f)).await {
             Ok(result) => result,
             Err(e) if e.is_panic() => {
                 let panic = e.into_panic();

@@ -57,6 +57,14 @@ pub mod option_keys {
     pub const BROKER_PRIORITY: &str = "broker_priority";
     /// Troupe's priority (see [`crate::priority`]).
     pub const TROUPE_PRIORITY: &str = crate::priority::OPTION;
+    /// This message's soft time limit, in milliseconds.
+    pub const SOFT_TIME_LIMIT: &str = "troupe_soft_time_limit";
+    /// This message's `unique_for`, in milliseconds.
+    pub const UNIQUE_FOR: &str = "troupe_unique_for";
+    /// The unique key a sender gave, instead of the actor and arguments.
+    pub const UNIQUE_KEY: &str = "troupe_unique_key";
+    /// The unique key the message holds (set when it was sent; its worker frees it at the end).
+    pub const UNIQUE_HELD: &str = "troupe_unique";
 }
 
 /// A message, as it travels between producers and workers.

@@ -586,6 +586,45 @@ pub trait TaskStore: Send + Sync + fmt::Debug {
     async fn release_unique(&self, key: &str, message_id: &str) -> Result<()>;
 }
 
+/// The state-backend key of a unique message: its actor and either the key its sender gave
+/// (`troupe_unique_key`) or the md5 of its arguments as canonical JSON (object keys sorted), so
+/// equal arguments give one key whatever order keyword arguments came in.
+#[must_use]
+pub fn unique_key(message: &crate::Message) -> String {
+    use md5::{Digest, Md5};
+    let user_key = message.option_str(crate::option_keys::UNIQUE_KEY);
+    let part = match user_key {
+        Some(key) => format!("key:{key}"),
+        None => {
+            let canonical = canonical_json(&serde_json::json!([message.args, message.kwargs]));
+            let digest = Md5::digest(canonical.as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            format!("args:{hex}")
+        }
+    };
+    format!(
+        "troupe-unique:{}:{}:{part}",
+        message.canonical_queue(),
+        message.actor_name
+    )
+}
+
+/// `value` as compact JSON with every object's keys sorted.
+fn canonical_json(value: &Value) -> String {
+    fn sorted(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&map[k]))).collect())
+            }
+            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(value).to_string()
+}
+
 /// The version of a write at `step` (0 enqueued, 1 started, 2 ended) of the attempt after
 /// `retries` retries.
 #[must_use]
@@ -615,6 +654,27 @@ mod tests {
         }
         let err = "done".parse::<TaskStatus>().unwrap_err().to_string();
         assert!(err.contains("valid: enqueued, delayed"), "{err}");
+    }
+
+    #[test]
+    fn unique_keys_ignore_keyword_order_and_honour_a_given_key() {
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("b".into(), Value::from(1));
+        kwargs.insert("a".into(), serde_json::json!({"y": 1, "x": 2}));
+        let one = crate::Message::new("q", "act", vec![Value::from("x")], kwargs);
+        let mut reordered = serde_json::Map::new();
+        reordered.insert("a".into(), serde_json::json!({"x": 2, "y": 1}));
+        reordered.insert("b".into(), Value::from(1));
+        let two = crate::Message::new("q", "act", vec![Value::from("x")], reordered);
+        assert_eq!(unique_key(&one), unique_key(&two));
+        let other = crate::Message::new("q", "act", vec![Value::from("y")], serde_json::Map::new());
+        assert_ne!(unique_key(&one), unique_key(&other));
+        let keyed = other.with_option(crate::option_keys::UNIQUE_KEY, "order-7");
+        assert!(
+            unique_key(&keyed).ends_with(":act:key:order-7"),
+            "{}",
+            unique_key(&keyed)
+        );
     }
 
     #[test]

@@ -270,11 +270,25 @@ pub const ACTOR_OPTIONS: &[OptionSpec] = &[
         "How long the actor may run before it fails with `TimeLimitExceeded`; 0: no limit.",
     ),
     spec(
+        "soft_time_limit",
+        Kind::Duration,
+        DefaultValue::None,
+        Reader::Middleware(middleware::TIME_LIMIT),
+        "When the actor is told to wrap up (its task handle stops with `SoftTimeLimit`) before the hard limit.",
+    ),
+    spec(
         "max_age",
         Kind::Duration,
         DefaultValue::None,
         Reader::Middleware(middleware::AGE_LIMIT),
         "A message older than this is dead-lettered instead of run; 0: no limit.",
+    ),
+    spec(
+        "unique_for",
+        Kind::Duration,
+        DefaultValue::None,
+        Reader::App,
+        "While a message with the same arguments is pending or running (at most this long), sending another returns its id.",
     ),
     spec(
         "result_ttl",

@@ -16,6 +16,7 @@
 pub mod backends;
 pub mod cases;
 pub mod kill;
+pub mod lifecycle;
 mod support;
 pub mod tasks;
 
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use troupe_core::{Broker, MemoryResults, Result, ResultBackend};
+use troupe_core::{Broker, MemoryResults, MemoryState, Result, ResultBackend, StateBackend};
 
 pub use support::{Call, TestActor, eventually, unique_queue};
 
@@ -46,6 +47,9 @@ pub struct TestBroker {
     /// The results backend the cases that store results use (the backend's own when it has
     /// one; memory otherwise).
     pub results: Arc<dyn ResultBackend>,
+    /// The state backend the lifecycle cases keep task states in (the backend's own when it
+    /// has one; memory otherwise).
+    pub state: Arc<dyn StateBackend>,
 }
 
 impl std::fmt::Debug for TestBroker {
@@ -73,7 +77,15 @@ impl TestBroker {
             redelivery_timeout,
             max_message_size,
             results: MemoryResults::new().into_dyn(),
+            state: Arc::new(MemoryState::new()),
         }
+    }
+
+    /// Uses `state` in the lifecycle cases.
+    #[must_use]
+    pub fn with_state(mut self, state: Arc<dyn StateBackend>) -> Self {
+        self.state = state;
+        self
     }
 
     /// Uses `results` in the cases that store results.
@@ -116,7 +128,7 @@ impl Harness for MemoryHarness {
 macro_rules! broker_conformance {
     ($harness:expr) => {
         $crate::__conformance_cases!(
-            $harness;
+            $harness, cases;
             enqueue_consume_ack,
             fifo_within_a_queue,
             nack_dead_letters_with_reason,
@@ -145,6 +157,19 @@ macro_rules! broker_conformance {
             panics_are_failures,
             results_are_stored,
             pipelines_pass_results_on
+        );
+        $crate::__conformance_cases!(
+            $harness, lifecycle;
+            task_state_follows_a_message_through_the_worker,
+            cancel_while_the_worker_is_stopped,
+            cancel_stops_a_running_async_actor,
+            cancel_abandons_a_running_blocking_actor,
+            cancel_pending_only_lets_running_work_finish,
+            cancel_unknown_or_finished_ids_are_told_apart,
+            unique_sends_return_the_first_id,
+            unique_key_frees_itself_when_unique_for_passes,
+            progress_is_readable_while_the_task_runs,
+            progress_soft_time_limit_tells_the_actor
         );
     };
 }
@@ -209,12 +234,12 @@ macro_rules! __backend_cases {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_cases {
-    ($harness:expr; $($case:ident),* $(,)?) => {
+    ($harness:expr, $module:ident; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let broker = $crate::Harness::setup(&$harness).await;
-                $crate::cases::$case(&broker).await;
+                $crate::$module::$case(&broker).await;
             }
         )*
     };

@@ -5,9 +5,12 @@ use crate::message::Message;
 
 use crate::app::App;
 
+use super::TaskHandle;
+
 tokio::task_local! {
     static CURRENT: Message;
     static APP: App;
+    static TASK: TaskHandle;
 }
 
 /// Makes the message being processed, and the app processing it, available to the actor
@@ -41,15 +44,51 @@ pub fn current_app() -> crate::Result<App> {
     APP.try_with(Clone::clone).map_err(|_| crate::Error::NoCurrentApp)
 }
 
-/// Runs a blocking closure with `message` as the current message (for sync actors run on the
-/// blocking pool, where task-locals do not follow).
+/// The running task of the calling actor (run by a worker with the [`CurrentMessage`]
+/// middleware, on by default): watch it to stop cleanly when the task is cancelled or its soft
+/// time limit passes, and report progress through it. Works in blocking (`fn`) actors too.
+///
+/// # Errors
+/// [`Error::NoCurrentApp`](crate::Error::NoCurrentApp) outside an actor run by a worker.
+pub fn current_task() -> crate::Result<TaskHandle> {
+    TASK.try_with(Clone::clone).map_err(|_| crate::Error::NoCurrentApp)
+}
+
+/// What a blocking actor takes along to the blocking pool, where task-locals do not follow.
 #[doc(hidden)]
-pub fn with_current_message<R>(message: Option<Message>, app: Option<App>, f: impl FnOnce() -> R) -> R {
-    match (message, app) {
-        (Some(m), Some(a)) => CURRENT.sync_scope(m, || APP.sync_scope(a, f)),
-        (Some(m), None) => CURRENT.sync_scope(m, f),
-        (None, Some(a)) => APP.sync_scope(a, f),
-        (None, None) => f(),
+#[derive(Debug)]
+pub struct Scope {
+    message: Option<Message>,
+    app: Option<App>,
+    task: Option<TaskHandle>,
+}
+
+impl Scope {
+    /// The calling task's current message, app and task handle.
+    #[must_use]
+    pub fn capture() -> Self {
+        Self {
+            message: current_message(),
+            app: current_app().ok(),
+            task: current_task().ok(),
+        }
+    }
+
+    /// Runs `f` with them as current.
+    pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        let Self { message, app, task } = self;
+        let with_task = move || match task {
+            Some(t) => TASK.sync_scope(t, f),
+            None => f(),
+        };
+        let with_app = move || match app {
+            Some(a) => APP.sync_scope(a, with_task),
+            None => with_task(),
+        };
+        match message {
+            Some(m) => CURRENT.sync_scope(m, with_app),
+            None => with_app(),
+        }
     }
 }
 
@@ -58,6 +97,9 @@ impl Middleware for CurrentMessage {
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let message = cx.message().clone();
         let app = cx.app().clone();
-        CURRENT.scope(message, APP.scope(app, next.run(cx))).await
+        let task = cx.task().clone();
+        CURRENT
+            .scope(message, APP.scope(app, TASK.scope(task, next.run(cx))))
+            .await
     }
 }

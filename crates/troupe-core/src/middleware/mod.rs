@@ -23,11 +23,13 @@
 mod age_limit;
 mod callbacks;
 pub(crate) mod current_message;
+mod lifecycle;
 mod pipelines;
 mod results;
 mod retries;
 mod shutdown;
 mod stack;
+mod task_handle;
 mod time_limit;
 
 use std::any::TypeId;
@@ -43,12 +45,14 @@ use tokio_util::sync::CancellationToken;
 
 pub use age_limit::AgeLimit;
 pub use callbacks::Callbacks;
-pub use current_message::{CurrentMessage, current_app, current_message};
+pub use current_message::{CurrentMessage, current_app, current_message, current_task};
+pub use lifecycle::{Cancellation, TaskLifecycle, TaskTracking, worker_id};
 pub use pipelines::Pipelines;
 pub use results::Results;
 pub use retries::{MAX_BACKOFF_CAP, Retries, compute_backoff};
 pub use shutdown::ShutdownNotifications;
 pub use stack::MiddlewareStack;
+pub use task_handle::{StopReason, TaskHandle};
 pub use time_limit::TimeLimit;
 
 use crate::actor::{ActorError, DynActor, ErrorAction};
@@ -94,13 +98,18 @@ pub struct ProcessContext {
     failed: Option<String>,
     requeue: bool,
     time_limit: Option<Duration>,
+    soft_time_limit: Option<Duration>,
     cancel: Option<CancellationToken>,
+    abort: Option<(CancellationToken, Duration)>,
+    task: TaskHandle,
+    cancelled: bool,
 }
 
 impl ProcessContext {
     /// A context for `message`, run by `actor` (none when no actor has that name).
     #[must_use]
     pub fn new(app: App, message: Message, actor: Option<Arc<dyn DynActor>>) -> Self {
+        let task = TaskHandle::new(message.message_id.clone(), Some(app.clone()));
         Self {
             message,
             app,
@@ -108,7 +117,11 @@ impl ProcessContext {
             failed: None,
             requeue: false,
             time_limit: None,
+            soft_time_limit: None,
             cancel: None,
+            abort: None,
+            task,
+            cancelled: false,
         }
     }
 
@@ -185,6 +198,49 @@ impl ProcessContext {
     pub fn cancel_on(&mut self, token: CancellationToken) {
         self.cancel = Some(token);
     }
+
+    /// Tells the actor (through its [`TaskHandle`]) when `limit` passes, before the hard time
+    /// limit; the tightest soft limit set wins.
+    pub fn limit_soft_time(&mut self, limit: Duration) {
+        self.soft_time_limit = Some(self.soft_time_limit.map_or(limit, |l| l.min(limit)));
+    }
+
+    /// The soft time limit the actor will run under.
+    #[must_use]
+    pub fn soft_time_limit(&self) -> Option<Duration> {
+        self.soft_time_limit
+    }
+
+    /// Aborts the actor when `token` is cancelled: it is told at once (its [`TaskHandle`] stops
+    /// with [`StopReason::Cancelled`]), given `grace` to return, then dropped (a blocking actor
+    /// is abandoned); the message is skipped and [`was_cancelled`](Self::was_cancelled) is set.
+    pub fn abort_on(&mut self, token: CancellationToken, grace: Duration) {
+        self.abort = Some((token, grace));
+    }
+
+    /// Marks the message cancelled: it is skipped (acked without running, or with its outcome
+    /// discarded).
+    pub fn mark_cancelled(&mut self) {
+        self.cancelled = true;
+    }
+
+    /// Whether the message was cancelled (before or while it ran).
+    #[must_use]
+    pub fn was_cancelled(&self) -> bool {
+        self.cancelled
+    }
+
+    /// The running task's handle, as the actor sees it through
+    /// [`current_task`](crate::current_task).
+    #[must_use]
+    pub fn task(&self) -> &TaskHandle {
+        &self.task
+    }
+
+    /// Replaces the task handle (the tracking sets its retention on it).
+    pub fn set_task(&mut self, task: TaskHandle) {
+        self.task = task;
+    }
 }
 
 /// The rest of the middleware chain, then the actor.
@@ -227,6 +283,16 @@ pub mod error_types {
     pub const SHUTDOWN: &str = "Shutdown";
 }
 
+/// How the actor's run ended.
+enum Ended<T> {
+    /// It returned (or panicked), or its time limit passed (`None`).
+    Done(Option<T>),
+    /// The worker shut down.
+    Shutdown,
+    /// It was cancelled.
+    Aborted,
+}
+
 async fn invoke_actor(cx: &mut ProcessContext) -> Outcome {
     let Some(actor) = cx.actor.clone() else {
         let name = cx.message.actor_name.clone();
@@ -238,23 +304,69 @@ async fn invoke_actor(cx: &mut ProcessContext) -> Outcome {
             .with_action(ErrorAction::FailPermanently),
         );
     };
-    let call = AssertUnwindSafe(actor.invoke(&cx.message.args, &cx.message.kwargs)).catch_unwind();
-    let limited = async {
-        match cx.time_limit {
-            Some(limit) => tokio::time::timeout(limit, call).await.ok(),
-            None => Some(call.await),
+    let ended = {
+        let call = AssertUnwindSafe(actor.invoke(&cx.message.args, &cx.message.kwargs)).catch_unwind();
+        let task = cx.task.clone();
+        let soft = cx.soft_time_limit;
+        let soft_limit = async {
+            if let Some(limit) = soft {
+                tokio::time::sleep(limit).await;
+                task.stop(StopReason::SoftTimeLimit);
+            }
+            futures::future::pending::<std::convert::Infallible>().await
+        };
+        let limited = async {
+            tokio::pin!(call);
+            let run = async {
+                tokio::select! {
+                    r = &mut call => r,
+                    never = soft_limit => match never {},
+                }
+            };
+            match cx.time_limit {
+                Some(limit) => tokio::time::timeout(limit, run).await.ok(),
+                None => Some(run.await),
+            }
+        };
+        let cancelled = async {
+            match &cx.cancel {
+                Some(token) => {
+                    token.cancelled().await;
+                    cx.task.stop(StopReason::Shutdown);
+                }
+                None => futures::future::pending().await,
+            }
+        };
+        let aborted = async {
+            match &cx.abort {
+                Some((token, grace)) => {
+                    token.cancelled().await;
+                    cx.task.stop(StopReason::Cancelled);
+                    *grace
+                }
+                None => futures::future::pending().await,
+            }
+        };
+        tokio::pin!(limited);
+        tokio::select! {
+            r = &mut limited => Ended::Done(r),
+            () = cancelled => Ended::Shutdown,
+            grace = aborted => {
+                // Told to stop: the actor may return within its grace period; its outcome is
+                // discarded either way.
+                let _ = tokio::time::timeout(grace, &mut limited).await;
+                Ended::Aborted
+            }
         }
     };
-    let cancelled = async {
-        match &cx.cancel {
-            Some(token) => token.cancelled().await,
-            None => futures::future::pending().await,
-        }
-    };
-    let result = tokio::select! {
-        r = limited => r,
-        () = cancelled => {
+    let result = match ended {
+        Ended::Done(result) => result,
+        Ended::Shutdown => {
             return Outcome::Failure(ActorError::new(error_types::SHUTDOWN, "the worker is shutting down"));
+        }
+        Ended::Aborted => {
+            cx.cancelled = true;
+            return Outcome::Skipped;
         }
     };
     match result {

@@ -63,6 +63,11 @@ impl MiddlewareStack {
         self.list.push(middleware);
     }
 
+    /// Puts an already shared middleware first (outermost: it sees what every other did).
+    pub fn push_front_arc(&mut self, middleware: Arc<dyn Middleware>) {
+        self.list.insert(0, middleware);
+    }
+
     /// Where the first middleware of type `T` is (0: outermost).
     #[must_use]
     pub fn position<T: Middleware>(&self) -> Option<usize> {

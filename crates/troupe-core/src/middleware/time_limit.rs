@@ -48,6 +48,13 @@ impl Middleware for TimeLimit {
         if !limit.is_zero() {
             cx.limit_time(limit);
         }
+        let soft = cx
+            .message()
+            .option_duration(crate::option_keys::SOFT_TIME_LIMIT)
+            .or_else(|| cx.actor().and_then(|a| a.options().soft_time_limit));
+        if let Some(soft) = soft.filter(|d| !d.is_zero()) {
+            cx.limit_soft_time(soft);
+        }
         next.run(cx).await
     }
 }

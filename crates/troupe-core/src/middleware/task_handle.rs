@@ -1,0 +1,157 @@
+//! What a running actor sees of its own task: a stop signal it can watch (cancellation, soft
+//! time limit, shutdown) and a way to report progress.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+use crate::app::App;
+use crate::error::{Error, Result};
+
+/// Why an actor is asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The task was cancelled (`App::cancel` with [`CancelMode::Abort`](crate::CancelMode::Abort),
+    /// or dramatiq-abort's `abort`). An async actor is dropped at its next `.await` once its
+    /// grace period passes; a blocking one is abandoned and its outcome discarded.
+    Cancelled,
+    /// The soft time limit passed: the hard time limit comes next. Save partial work and return.
+    SoftTimeLimit,
+    /// The worker is shutting down and the actor opted into `notify_shutdown`.
+    Shutdown,
+}
+
+impl StopReason {
+    /// The reason's name (`"cancelled"`, `"soft_time_limit"`, `"shutdown"`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cancelled => "cancelled",
+            Self::SoftTimeLimit => "soft_time_limit",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The running task of the calling actor, from [`current_task`](crate::current_task): watch
+/// [`stopped`](Self::stopped) to stop cleanly, and [`report_progress`](Self::report_progress)
+/// to let users see how far it got.
+///
+/// ```
+/// # use troupe_core::{ActorError, current_task};
+/// async fn crawl(pages: Vec<String>) -> Result<usize, ActorError> {
+///     let task = current_task()?;
+///     for (done, _page) in pages.iter().enumerate() {
+///         if task.is_stopped() {
+///             // save what was fetched so far, then return
+///             return Ok(done);
+///         }
+///         // fetch(page).await?;
+///         task.report_progress(serde_json::json!({"done": done + 1, "of": pages.len()})).await?;
+///     }
+///     Ok(pages.len())
+/// }
+/// ```
+#[derive(Clone, Debug)]
+pub struct TaskHandle {
+    message_id: String,
+    token: CancellationToken,
+    reason: Arc<OnceLock<StopReason>>,
+    app: Option<App>,
+    retention: Duration,
+}
+
+impl TaskHandle {
+    /// A handle for the task of `message_id`, reporting progress through `app`'s task store.
+    #[must_use]
+    pub fn new(message_id: impl Into<String>, app: Option<App>) -> Self {
+        Self {
+            message_id: message_id.into(),
+            token: CancellationToken::new(),
+            reason: Arc::default(),
+            app,
+            retention: crate::tasks::DEFAULT_TASK_RETENTION,
+        }
+    }
+
+    /// Progress is kept for `retention` after it is reported (the tracking's retention).
+    #[must_use]
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The task's message id.
+    #[must_use]
+    pub fn message_id(&self) -> &str {
+        &self.message_id
+    }
+
+    /// Asks the actor to stop for `reason` (the first reason given is kept).
+    pub fn stop(&self, reason: StopReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Whether the actor was asked to stop.
+    #[must_use]
+    pub fn is_stopped(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Why the actor was asked to stop, once it was.
+    #[must_use]
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.reason.get().copied()
+    }
+
+    /// Completes when the actor is asked to stop (cancelled, soft time limit, shutdown).
+    pub fn stopped(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+
+    /// The token that fires when the actor is asked to stop, to hand to code that takes one.
+    #[must_use]
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Stores `progress` (any serialisable value) with the task's state, readable by id
+    /// through `App::task` while the task runs and after.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the app has no state backend that keeps task states or the task
+    /// has no record (tracking is off); a store error.
+    pub async fn report_progress(&self, progress: impl Serialize) -> Result<()> {
+        let value = serde_json::to_value(progress).map_err(|e| Error::Encode(format!("progress: {e}")))?;
+        self.store_progress(&value).await
+    }
+
+    /// [`report_progress`](Self::report_progress) from a blocking (`fn`) actor.
+    ///
+    /// # Errors
+    /// As `report_progress`; also outside a tokio runtime.
+    pub fn report_progress_blocking(&self, progress: impl Serialize) -> Result<()> {
+        let value = serde_json::to_value(progress).map_err(|e| Error::Encode(format!("progress: {e}")))?;
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Config("report_progress_blocking needs the worker's tokio runtime".into()))?;
+        handle.block_on(self.store_progress(&value))
+    }
+
+    async fn store_progress(&self, value: &Value) -> Result<()> {
+        let app = self.app.as_ref().ok_or(Error::NoCurrentApp)?;
+        let store = app.task_store()?;
+        if store.set_progress(&self.message_id, value, self.retention).await? {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "no task record for message {} to keep its progress: turn tracking on with AppBuilder::track_tasks",
+                self.message_id
+            )))
+        }
+    }
+}
