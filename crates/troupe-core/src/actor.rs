@@ -246,8 +246,8 @@ impl ActorOptions {
             ("max_backoff", max_backoff.is_some()),
             ("time_limit", time_limit.is_some()),
             ("soft_time_limit", soft_time_limit.is_some()),
-            ("unique_for", unique_for.is_some()),
             ("max_age", max_age.is_some()),
+            ("unique_for", unique_for.is_some()),
             ("result_ttl", result_ttl.is_some()),
             ("store_results", store_results.is_some()),
             ("pipe_ignore", *pipe_ignore),
@@ -789,7 +789,9 @@ mod tests {
             .min_backoff(Duration::ZERO)
             .max_backoff(Duration::ZERO)
             .time_limit(Duration::ZERO)
+            .soft_time_limit(Duration::ZERO)
             .max_age(Duration::ZERO)
+            .unique_for(Duration::ZERO)
             .result_ttl(Duration::ZERO)
             .store_results(true)
             .pipe_ignore(true)

@@ -45,7 +45,9 @@ use proc_macro::TokenStream;
 /// | `min_backoff` | a duration | `"15s"` | `Retries` | The first retry's base delay, doubled per retry and randomised; 0: retry at once. |
 /// | `max_backoff` | a duration | `"7days"` | `Retries` | The longest retry delay (at most 7 days); 0: retry at once. |
 /// | `time_limit` | a duration | `"10m"` | `TimeLimit` | How long the actor may run before it fails with `TimeLimitExceeded`; 0: no limit. |
+/// | `soft_time_limit` | a duration | none | `TimeLimit` | When the actor is told to wrap up (its task handle stops with `SoftTimeLimit`) before the hard limit. |
 /// | `max_age` | a duration | none | `AgeLimit` | A message older than this is dead-lettered instead of run; 0: no limit. |
+/// | `unique_for` | a duration | none | the app | While a message with the same arguments is pending or running (at most this long), sending another returns its id. |
 /// | `result_ttl` | a duration | `"10m"` | `Results` | How long a stored result lives. |
 /// | `store_results` | `true` or `false` | `false` | `Results` | Store the actor's return value (or its final failure) in the results backend. |
 /// | `pipe_ignore` | `true` or `false` | `false` | `Pipelines` | Do not append the actor's result to the next pipeline stage's arguments. |

@@ -51,6 +51,7 @@
 //!
 //! The in-memory broker is always available.
 
+pub use troupe_core::middleware::{Cancellation, TaskTracking};
 pub use troupe_core::{
     Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter,
     Delivery, Encoder, Error, ErrorAction, ErrorKind, JoinOptions, JsonEncoder, MemoryBroker, MemoryResults,
@@ -58,7 +59,11 @@ pub use troupe_core::{
     QueueStats, Result, ResultBackend, SendOptions, Sent, StateBackend, async_trait, current_app, current_message,
     now_ms, pipeline, redact_url, result_key, unwrap_result, wrap_failure,
 };
-pub use troupe_core::{memory, middleware, option_keys, options, queue};
+pub use troupe_core::{
+    CancelMode, CancelOutcome, StopReason, TaskCounts, TaskCursor, TaskFilter, TaskHandle, TaskPage, TaskQuery,
+    TaskRecord, TaskStatus, TaskStore, current_task,
+};
+pub use troupe_core::{memory, middleware, option_keys, options, queue, tasks};
 
 /// The `#[actor]` attribute: turns a function into an actor.
 ///
@@ -119,6 +124,7 @@ pub mod prelude {
         Next, Outcome, ProcessContext, ResultBackend, SendOptions, Sent, StateBackend, async_trait, connect,
         connect_results, connect_state, current_app, current_message, pipeline,
     };
+    pub use crate::{CancelMode, CancelOutcome, TaskFilter, TaskQuery, TaskStatus, TaskTracking, current_task};
 }
 
 /// Items the `#[actor]` macro's output uses. Not a stable API.
