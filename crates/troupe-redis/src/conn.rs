@@ -7,6 +7,9 @@ use troupe_core::{Error, ErrorKind, redact_url};
 
 pub(crate) const BACKEND: &str = "redis";
 
+/// dramatiq-abort's default key prefix (`dramatiq_abort.backends.redis.DEFAULT_NAMESPACE`).
+pub(crate) const DEFAULT_ABORT_NAMESPACE: &str = "dramatiq:aborts:";
+
 /// Settings of a Redis connection used by Troupe. Its `Debug` output redacts the password.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -30,6 +33,9 @@ pub struct RedisOptions {
     pub max_message_size: usize,
     /// How long connecting may take before the broker counts as unreachable (default 5 s).
     pub connect_timeout: Duration,
+    /// Key prefix of the cancellation requests Python's dramatiq-abort reads and writes
+    /// (default `dramatiq:aborts:`, its `RedisBackend` default, independent of `namespace`).
+    pub abort_namespace: String,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -43,6 +49,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("max_poll_interval", &self.max_poll_interval)
             .field("max_message_size", &self.max_message_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("abort_namespace", &self.abort_namespace)
             .finish()
     }
 }
@@ -60,13 +67,15 @@ impl RedisOptions {
             max_poll_interval: Duration::from_millis(100),
             max_message_size: troupe_core::DEFAULT_MAX_MESSAGE_SIZE,
             connect_timeout: Duration::from_secs(5),
+            abort_namespace: DEFAULT_ABORT_NAMESPACE.into(),
         }
     }
 
     /// Parses `redis://[:password@]host[:port][/db]` or `rediss://…` with optional Troupe
-    /// settings in the query: `namespace`, `heartbeat_timeout`, `dead_message_ttl`,
-    /// `maintenance_interval`, `max_poll_interval`, `connect_timeout` (durations such as `30s`)
-    /// and `max_message_size` (bytes). Other query settings go to the redis client.
+    /// settings in the query: `namespace`, `abort_namespace`, `heartbeat_timeout`,
+    /// `dead_message_ttl`, `maintenance_interval`, `max_poll_interval`, `connect_timeout`
+    /// (durations such as `30s`) and `max_message_size` (bytes). Other query settings go to the
+    /// redis client.
     ///
     /// # Errors
     /// [`Error::Config`] naming the bad part (passwords redacted).
@@ -94,6 +103,7 @@ impl RedisOptions {
                     }
                     options.namespace = value.to_owned();
                 }
+                "abort_namespace" => options.abort_namespace = value.to_owned(),
                 "heartbeat_timeout" => options.heartbeat_timeout = duration()?,
                 "dead_message_ttl" => options.dead_message_ttl = duration()?,
                 "maintenance_interval" => options.maintenance_interval = duration()?,
@@ -121,6 +131,15 @@ impl RedisOptions {
     #[must_use]
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
+        self
+    }
+
+    /// Sets the key prefix of dramatiq-abort's cancellation requests (default
+    /// `dramatiq:aborts:`); it must match the Python `RedisBackend`'s `namespace` for Troupe and
+    /// Python to see each other's requests.
+    #[must_use]
+    pub fn abort_namespace(mut self, prefix: impl Into<String>) -> Self {
+        self.abort_namespace = prefix.into();
         self
     }
 
@@ -228,6 +247,12 @@ mod tests {
         assert_eq!(o.namespace, "app");
         assert_eq!(o.heartbeat_timeout, Duration::from_secs(2));
         assert_eq!(o.url, "redis://:secret@localhost:6379/2");
+        assert_eq!(o.abort_namespace, "dramatiq:aborts:");
+        let o = RedisOptions::from_url("redis://h?abort_namespace=app:aborts:").unwrap();
+        assert_eq!(
+            (o.abort_namespace.as_str(), o.url.as_str()),
+            ("app:aborts:", "redis://h")
+        );
         let e = RedisOptions::from_url("redis://h?heartbeat_timeout=later")
             .unwrap_err()
             .to_string();
@@ -255,11 +280,7 @@ impl BlockingPool {
         timeout: Duration,
         what: &str,
     ) -> Result<Option<Vec<u8>>, Error> {
-        let idle = self.idle.lock().ok().and_then(|mut b| b.pop());
-        let mut conn = match idle {
-            Some(c) => c,
-            None => options.blocking_connection().await?,
-        };
+        let mut conn = self.take(options).await?;
         let got = redis::cmd("BLMOVE")
             .arg(key)
             .arg(key)
@@ -269,11 +290,45 @@ impl BlockingPool {
             .query_async(&mut conn)
             .await
             .map_err(|e| redis_error(what, e))?;
+        self.give_back(conn);
+        Ok(got)
+    }
+
+    /// `BLPOP keys… timeout`: waits up to `timeout` (sub-second honoured, Redis 6 or later) for
+    /// one of `keys` to have an element, and pops it. Returns the key and the element.
+    pub(crate) async fn pop_first(
+        &self,
+        options: &RedisOptions,
+        keys: &[String],
+        timeout: Duration,
+        what: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, Error> {
+        let mut conn = self.take(options).await?;
+        let got = redis::cmd("BLPOP")
+            .arg(keys)
+            .arg(timeout.as_secs_f64().max(0.001))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(what, e))?;
+        self.give_back(conn);
+        Ok(got)
+    }
+
+    /// An idle connection, or a new one. A connection whose command failed or was dropped while
+    /// blocked is never given back.
+    async fn take(&self, options: &RedisOptions) -> Result<MultiplexedConnection, Error> {
+        let idle = self.idle.lock().ok().and_then(|mut b| b.pop());
+        match idle {
+            Some(c) => Ok(c),
+            None => options.blocking_connection().await,
+        }
+    }
+
+    fn give_back(&self, conn: MultiplexedConnection) {
         if let Ok(mut b) = self.idle.lock()
             && b.len() < 8
         {
             b.push(conn);
         }
-        Ok(got)
     }
 }

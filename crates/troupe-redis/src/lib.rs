@@ -27,6 +27,8 @@ mod conn;
 mod results;
 #[cfg(feature = "results")]
 mod state;
+#[cfg(feature = "results")]
+mod tasks;
 
 #[cfg(feature = "broker")]
 pub use broker::RedisBroker;

@@ -1,12 +1,12 @@
 //! Redis state backend, compatible with Dramatiq's Redis rate-limiter backend (raw keys,
-//! integer values, `key@events` lists for barriers).
+//! integer values, `key@events` lists for barriers). Its task store is in `tasks.rs`.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
-use troupe_core::{Result, StateBackend};
+use troupe_core::{Result, StateBackend, TaskStore};
 
 use crate::conn::{BlockingPool, RedisOptions, ms, redis_error};
 
@@ -39,12 +39,13 @@ fn sum_script() -> &'static redis::Script {
     })
 }
 
-/// Atomic counters and events in Redis.
+/// Atomic counters and events in Redis, and a task store (task states, cancellation requests
+/// compatible with Python's dramatiq-abort, unique keys).
 #[derive(Clone)]
 pub struct RedisState {
-    options: RedisOptions,
-    conn: ConnectionManager,
-    blocking: BlockingPool,
+    pub(crate) options: RedisOptions,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) blocking: BlockingPool,
 }
 
 impl std::fmt::Debug for RedisState {
@@ -167,5 +168,9 @@ impl StateBackend for RedisState {
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| redis_error("notify an event", e))
+    }
+
+    fn tasks(&self) -> Option<&dyn TaskStore> {
+        Some(self)
     }
 }

@@ -36,8 +36,11 @@ impl Harness for RedisHarness {
                 let b = raw_broker.clone();
                 Box::pin(async move { b.enqueue_raw(&queue, bytes).await })
             });
-            let results = RedisResults::open(options).await.expect("results").into_dyn();
-            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(2500), limit).with_results(results)
+            let results = RedisResults::open(options.clone()).await.expect("results").into_dyn();
+            let state = RedisState::open(options).await.expect("state").into_dyn();
+            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(2500), limit)
+                .with_results(results)
+                .with_state(state)
         })
     }
 }
