@@ -11,7 +11,7 @@ use troupe_sql::{SqlOptions, parse_query};
 pub(crate) const BACKEND: &str = "postgres";
 
 /// The schema version this crate writes; older schemas are migrated on connect.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 /// Settings of a PostgreSQL database used by Troupe.
 #[derive(Clone)]
@@ -281,8 +281,10 @@ pub(crate) async fn open(options: &PostgresOptions) -> Result<PgPool, Error> {
 }
 
 fn migrations(schema: &str) -> Vec<String> {
-    vec![format!(
-        "CREATE TABLE IF NOT EXISTS {schema}.queues (name text PRIMARY KEY);
+    vec![
+        // 1: every queue in one jobs table, results, state and events.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.queues (name text PRIMARY KEY);
         CREATE TABLE IF NOT EXISTS {schema}.jobs (
             id bigserial PRIMARY KEY,
             queue text NOT NULL,
@@ -311,7 +313,47 @@ fn migrations(schema: &str) -> Vec<String> {
             key text PRIMARY KEY, value bigint NOT NULL, expires_at timestamptz NOT NULL
         );
         CREATE TABLE IF NOT EXISTS {schema}.events (key text PRIMARY KEY, expires_at timestamptz NOT NULL);"
-    )]
+        ),
+        // 2: task records, their cancellation requests and unique keys. Record times are
+        // milliseconds as the tracking wrote them; expiries are the server's. Message ids
+        // sort bytewise (COLLATE "C"), as pages and cursors order them on every backend.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.tasks (
+            message_id text COLLATE \"C\" PRIMARY KEY,
+            actor text NOT NULL,
+            queue text NOT NULL,
+            status text NOT NULL,
+            version bigint NOT NULL,
+            enqueued_at bigint NOT NULL,
+            started_at bigint,
+            finished_at bigint,
+            updated_at bigint NOT NULL,
+            eta bigint,
+            attempts bigint NOT NULL DEFAULT 0,
+            error_type text,
+            error text,
+            worker text,
+            progress jsonb,
+            args jsonb,
+            expires_at timestamptz NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS tasks_status_actor ON {schema}.tasks (status, actor, enqueued_at, message_id);
+        CREATE INDEX IF NOT EXISTS tasks_status_queue ON {schema}.tasks (status, queue, enqueued_at, message_id);
+        CREATE INDEX IF NOT EXISTS tasks_status ON {schema}.tasks (status, enqueued_at, message_id);
+        CREATE INDEX IF NOT EXISTS tasks_actor ON {schema}.tasks (actor, enqueued_at, message_id);
+        CREATE INDEX IF NOT EXISTS tasks_queue ON {schema}.tasks (queue, enqueued_at, message_id);
+        CREATE INDEX IF NOT EXISTS tasks_enqueued ON {schema}.tasks (enqueued_at, message_id);
+        CREATE INDEX IF NOT EXISTS tasks_expiry ON {schema}.tasks (expires_at);
+        CREATE TABLE IF NOT EXISTS {schema}.cancels (
+            message_id text PRIMARY KEY, mode text NOT NULL, expires_at timestamptz NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS cancels_expiry ON {schema}.cancels (expires_at);
+        CREATE TABLE IF NOT EXISTS {schema}.unique_keys (
+            key text PRIMARY KEY, message_id text NOT NULL, expires_at timestamptz NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS unique_keys_expiry ON {schema}.unique_keys (expires_at);"
+        ),
+    ]
 }
 
 async fn migrate(pool: &PgPool, options: &PostgresOptions) -> Result<(), Error> {

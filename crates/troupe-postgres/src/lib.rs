@@ -20,6 +20,7 @@ mod db;
 #[cfg(feature = "broker")]
 mod dialect;
 mod store;
+mod tasks;
 
 pub use db::PostgresOptions;
 #[cfg(feature = "broker")]
@@ -51,7 +52,9 @@ pub type PostgresBroker = troupe_sql::SqlBroker<PostgresDialect>;
 #[cfg(feature = "results")]
 pub type PostgresResults = troupe_sql::SqlResults<PostgresStore>;
 
-/// Atomic counters with TTLs in the `state` table; events in `events`.
+/// Atomic counters with TTLs in the `state` table; events in `events`; task records,
+/// cancellation requests and unique keys in `tasks`, `cancels` and `unique_keys` (the
+/// `TaskStore` of `StateBackend::tasks`).
 #[cfg(feature = "results")]
 pub type PostgresState = troupe_sql::SqlState<PostgresStore>;
 

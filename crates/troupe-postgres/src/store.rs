@@ -1,5 +1,5 @@
 //! The results and state statements on PostgreSQL (`results`, `state`, `events` in Troupe's
-//! schema). Every counter update is one statement (or a transaction holding an advisory lock),
+//! schema; the task store's are in `tasks.rs`). Every counter update is one statement (or a transaction holding an advisory lock),
 //! atomic under concurrency; times are the server's.
 
 use std::time::Duration;
@@ -7,12 +7,14 @@ use std::time::Duration;
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::query::Query;
 use sqlx::{PgPool, Row};
-use troupe_core::Result;
+use troupe_core::{Result, TaskFilter, TaskQuery};
+use troupe_sql::tasks::{TaskCountRow, TaskRow, TaskWrite};
 use troupe_sql::{Store, dialect::CLEANUP_BATCH, ms};
 
 use crate::db::{BACKEND, db_error};
+use crate::tasks;
 
-/// PostgreSQL's results and state statements, for [`crate::PostgresResults`] and
+/// PostgreSQL's results, state and task statements, for [`crate::PostgresResults`] and
 /// [`crate::PostgresState`]. Not used directly.
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
@@ -188,5 +190,53 @@ impl Store for PostgresStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn record_tasks(&self, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
+        tasks::record(&self.pool, writes, retention).await
+    }
+
+    async fn set_progress(&self, message_id: &str, progress: &str, at: i64, retention: Duration) -> Result<bool> {
+        tasks::set_progress(&self.pool, message_id, progress, at, retention).await
+    }
+
+    async fn task(&self, message_id: &str) -> Result<Option<TaskRow>> {
+        tasks::task(&self.pool, message_id).await
+    }
+
+    async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRow>> {
+        tasks::tasks(&self.pool, query).await
+    }
+
+    async fn task_counts(&self, scope: &TaskFilter) -> Result<Vec<TaskCountRow>> {
+        tasks::task_counts(&self.pool, scope).await
+    }
+
+    async fn delete_task(&self, message_id: &str) -> Result<bool> {
+        tasks::delete_task(&self.pool, message_id).await
+    }
+
+    async fn expire_tasks(&self, limit: i64) -> Result<u64> {
+        tasks::expire_tasks(&self.pool, limit).await
+    }
+
+    async fn mark_cancelled(&self, message_id: &str, at: i64, retention: Duration) -> Result<Option<String>> {
+        tasks::mark_cancelled(&self.pool, message_id, at, retention).await
+    }
+
+    async fn request_cancel(&self, message_id: &str, mode: &str, ttl: Duration) -> Result<()> {
+        tasks::request_cancel(&self.pool, message_id, mode, ttl).await
+    }
+
+    async fn cancels(&self, message_ids: &[String]) -> Result<Vec<(String, String)>> {
+        tasks::cancels(&self.pool, message_ids).await
+    }
+
+    async fn claim_unique(&self, key: &str, message_id: &str, ttl: Duration) -> Result<String> {
+        tasks::claim_unique(&self.pool, key, message_id, ttl).await
+    }
+
+    async fn release_unique(&self, key: &str, message_id: &str) -> Result<()> {
+        tasks::release_unique(&self.pool, key, message_id).await
     }
 }

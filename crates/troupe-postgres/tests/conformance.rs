@@ -125,5 +125,43 @@ async fn concurrent_starts_migrate_once() {
         .fetch_one(broker.pool())
         .await
         .expect("version");
-    assert_eq!(version, "1");
+    assert_eq!(version, "2");
+}
+
+/// A schema of version 1 (before task records) is migrated on connect: the task tables
+/// appear, what it held stays, and the task store works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_of_version_1_gains_the_task_tables() {
+    use troupe_core::{Broker, Message, StateBackend, TaskStatus, TaskUpdate};
+    let options = options();
+    let message = Message::new("q", "a", vec![serde_json::json!("kept")], serde_json::Map::new());
+    {
+        let broker = PostgresBroker::open(options.clone()).await.expect("PostgreSQL");
+        broker.declare_queue("q").await.unwrap();
+        broker.enqueue(message.clone(), None).await.unwrap();
+        // Back to version 1: what migration 2 adds, gone.
+        sqlx::raw_sql(
+            "DROP TABLE tasks; DROP TABLE cancels; DROP TABLE unique_keys;
+             UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+        )
+        .execute(broker.pool())
+        .await
+        .unwrap();
+        broker.close().await.unwrap();
+    }
+    let broker = PostgresBroker::open(options).await.expect("open");
+    let version: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'schema_version'")
+        .fetch_one(broker.pool())
+        .await
+        .unwrap();
+    assert_eq!(version, "2");
+    assert_eq!(broker.stats("q").await.unwrap().ready, 1, "the queue is kept");
+    let state = PostgresState::from_pool(broker.pool().clone());
+    let tasks = state.tasks().expect("a task store");
+    let update = TaskUpdate::new(&message.message_id, "a", "q", TaskStatus::Enqueued, 0);
+    assert!(tasks.record(&update, Duration::from_secs(60)).await.unwrap());
+    assert_eq!(
+        tasks.task(&message.message_id).await.unwrap().unwrap().status,
+        TaskStatus::Enqueued
+    );
 }

@@ -299,6 +299,8 @@ async fn maintain<D: Dialect>(shared: &Shared<D>, cleanup: bool) -> Result<u64> 
         // Short statements, so none holds locks for long.
         while shared.dialect.expire_dead(common.dead_letter_ttl).await? >= CLEANUP_BATCH {}
         while shared.dialect.store().expire_results().await? >= CLEANUP_BATCH {}
+        let batch = i64::try_from(CLEANUP_BATCH).unwrap_or(i64::MAX);
+        while shared.dialect.store().expire_tasks(batch).await? >= CLEANUP_BATCH {}
     }
     Ok(back)
 }

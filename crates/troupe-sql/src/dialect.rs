@@ -1,5 +1,5 @@
 //! What a SQL backend supplies: its statements ([`Dialect`] for the broker, [`Store`] for
-//! results and state) and the rows they exchange with the shared code.
+//! results, state and tasks) and the rows they exchange with the shared code.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -7,10 +7,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use troupe_core::support::Settle;
-use troupe_core::{Message, Result};
+use troupe_core::{Message, Result, TaskFilter, TaskQuery};
 
 use crate::broker::WakeState;
 use crate::settings::SqlOptions;
+use crate::tasks::{TaskCountRow, TaskRow, TaskWrite};
 
 /// Job state: delayed until `available_at`.
 pub const DELAYED: i64 = 3;
@@ -137,7 +138,7 @@ impl Wake {
     }
 }
 
-/// Results and state statements of a SQL backend, over one connection pool.
+/// Results, state and task statements of a SQL backend, over one connection pool.
 ///
 /// Every statement is atomic under concurrency (one statement, or one transaction holding the
 /// database's lock), keyed as Dramatiq keys results, with TTLs.
@@ -199,6 +200,69 @@ pub trait Store: Clone + Debug + Send + Sync + 'static {
 
     /// Records the event `key` for `ttl`.
     fn write_event(&self, key: &str, ttl: Duration) -> impl Future<Output = Result<()>> + Send;
+
+    /// Applies task writes in order, several in one transaction, each one upsert: it creates
+    /// the record when there is none or it expired (replacing every column), and otherwise
+    /// applies only when the record is not cancelled and the write's version is at least the
+    /// record's. Each applied write keeps the record for `retention` from now. Whether each
+    /// applied.
+    fn record_tasks(
+        &self,
+        writes: &[TaskWrite<'_>],
+        retention: Duration,
+    ) -> impl Future<Output = Result<Vec<bool>>> + Send;
+
+    /// Stores `progress` (JSON text) in a live record, with `updated_at` = `at`, for
+    /// `retention` from now; whether there was one.
+    fn set_progress(
+        &self,
+        message_id: &str,
+        progress: &str,
+        at: i64,
+        retention: Duration,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// The live record of `message_id`.
+    fn task(&self, message_id: &str) -> impl Future<Output = Result<Option<TaskRow>>> + Send;
+
+    /// The live records of a page: the query's filter, after its cursor, newest first
+    /// (`enqueued_at`, then `message_id`, descending), at most its page size.
+    fn tasks(&self, query: &TaskQuery) -> impl Future<Output = Result<Vec<TaskRow>>> + Send;
+
+    /// Live records per status, actor and queue, among those `scope` selects (every field it
+    /// sets applies; the shared code sets only its actor and queue).
+    fn task_counts(&self, scope: &TaskFilter) -> impl Future<Output = Result<Vec<TaskCountRow>>> + Send;
+
+    /// Deletes the record of `message_id`; whether it was live.
+    fn delete_task(&self, message_id: &str) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Deletes up to `limit` expired records (oldest expiry first, through the expiry index),
+    /// and up to as many expired cancellation requests and unique keys; how many records.
+    fn expire_tasks(&self, limit: i64) -> impl Future<Output = Result<u64>> + Send;
+
+    /// In one atomic step: the live record's status before, and when it was enqueued, delayed
+    /// or retrying, the record cancelled (`finished_at` = `updated_at` = `at`, no eta, kept
+    /// for `retention` from now). `None` when there is no live record.
+    fn mark_cancelled(
+        &self,
+        message_id: &str,
+        at: i64,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// Records (or replaces) a cancellation request in `mode` (`"pending"`, `"abort"`) for
+    /// `ttl`.
+    fn request_cancel(&self, message_id: &str, mode: &str, ttl: Duration) -> impl Future<Output = Result<()>> + Send;
+
+    /// The live cancellation requests among `message_ids`: (message id, mode).
+    fn cancels(&self, message_ids: &[String]) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
+
+    /// In one atomic step: takes `key` for `message_id` for `ttl` unless another message
+    /// holds it live; returns the holder after the step (`message_id` when it took the key).
+    fn claim_unique(&self, key: &str, message_id: &str, ttl: Duration) -> impl Future<Output = Result<String>> + Send;
+
+    /// Deletes `key` if `message_id` holds it.
+    fn release_unique(&self, key: &str, message_id: &str) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// The broker statements of a SQL backend: one jobs table whose rows move between the states

@@ -4,7 +4,8 @@
 //!
 //! The broker is written once here: job states, the writer that settles acks, nacks and
 //! requeues in batches, leases and their fencing by attempt, claims, maintenance, dead
-//! letters, the consumer (per-queue wake-ups and polling), and the results and state backends.
+//! letters, the consumer (per-queue wake-ups and polling), and the results and state backends
+//! (with the task store).
 //! A backend supplies its statements as a [`Dialect`] (and a [`Store`] for results and state)
 //! and its wake-up source (PostgreSQL's LISTEN; none on SQLite). Dispatch is static: the
 //! broker is generic over its dialect.
@@ -15,12 +16,14 @@ pub mod dialect;
 mod results;
 pub mod settings;
 mod state;
+pub mod tasks;
 
 pub use broker::SqlBroker;
 pub use dialect::{Claimed, DeadRow, Dialect, Job, Key, Store, Wake};
 pub use results::SqlResults;
 pub use settings::{Common, Setting, SqlOptions, ms, parse_query};
 pub use state::SqlState;
+pub use tasks::{TaskRow, TaskWhere, TaskWrite};
 
 use troupe_core::Message;
 

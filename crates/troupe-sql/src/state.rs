@@ -1,4 +1,5 @@
-//! The state backend of a SQL database: bounded counters and events with TTLs.
+//! The state backend of a SQL database: bounded counters and events with TTLs, and the task
+//! store (in `tasks.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,19 +7,21 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 use troupe_core::support::poll_until;
-use troupe_core::{Result, StateBackend};
+use troupe_core::{Result, StateBackend, TaskStore};
 
 use crate::dialect::Store;
 
-/// How often `wait` polls for an event written by another process (a `notify` in the same
-/// process wakes it at once).
-const POLL: Duration = Duration::from_millis(20);
+/// How often `wait` and `wait_cancels` poll for an event or a cancellation written by another
+/// process (a `notify` or a request in the same process wakes them at once).
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 
-/// Atomic counters with TTLs and events in SQL tables; the backend crates name it
-/// (`SqliteState`, `PostgresState`). Cheap to clone.
+/// Atomic counters with TTLs, events and task records in SQL tables; the backend crates name
+/// it (`SqliteState`, `PostgresState`). Cheap to clone.
 pub struct SqlState<S: Store> {
-    store: S,
+    pub(crate) store: S,
     notified: Arc<Notify>,
+    /// Wakes `wait_cancels` at a cancellation request made in this process.
+    pub(crate) cancelled: Arc<Notify>,
 }
 
 impl<S: Store> Clone for SqlState<S> {
@@ -26,6 +29,7 @@ impl<S: Store> Clone for SqlState<S> {
         Self {
             store: self.store.clone(),
             notified: Arc::clone(&self.notified),
+            cancelled: Arc::clone(&self.cancelled),
         }
     }
 }
@@ -45,6 +49,7 @@ impl<S: Store> SqlState<S> {
         Self {
             store: S::from_pool(pool),
             notified: Arc::default(),
+            cancelled: Arc::default(),
         }
     }
 
@@ -99,5 +104,9 @@ impl<S: Store> StateBackend for SqlState<S> {
         self.store.write_event(key, ttl).await?;
         self.notified.notify_waiters();
         Ok(())
+    }
+
+    fn tasks(&self) -> Option<&dyn TaskStore> {
+        Some(self)
     }
 }

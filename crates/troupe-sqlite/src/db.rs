@@ -13,7 +13,7 @@ use troupe_sql::{SqlOptions, parse_query};
 pub(crate) const BACKEND: &str = "sqlite";
 
 /// The schema version this crate writes; older files are migrated on connect.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 /// How SQLite syncs to disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -186,6 +186,47 @@ const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         expires_at INTEGER NOT NULL
     ) WITHOUT ROWID;",
+    // 2: task records (a rowid table: arguments, errors and progress may be large), their
+    // cancellation requests and unique keys. Pages are newest first within a status and an
+    // actor or a queue, an actor, a queue, a status, or everything; expiry goes by its index.
+    "CREATE TABLE IF NOT EXISTS troupe_tasks (
+        message_id TEXT NOT NULL PRIMARY KEY,
+        actor TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        status TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        enqueued_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        updated_at INTEGER NOT NULL,
+        eta INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error_type TEXT,
+        error TEXT,
+        worker TEXT,
+        progress TEXT,
+        args TEXT,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS troupe_tasks_status_actor ON troupe_tasks (status, actor, enqueued_at, message_id);
+    CREATE INDEX IF NOT EXISTS troupe_tasks_status_queue ON troupe_tasks (status, queue, enqueued_at, message_id);
+    CREATE INDEX IF NOT EXISTS troupe_tasks_status ON troupe_tasks (status, enqueued_at, message_id);
+    CREATE INDEX IF NOT EXISTS troupe_tasks_actor ON troupe_tasks (actor, enqueued_at, message_id);
+    CREATE INDEX IF NOT EXISTS troupe_tasks_queue ON troupe_tasks (queue, enqueued_at, message_id);
+    CREATE INDEX IF NOT EXISTS troupe_tasks_enqueued ON troupe_tasks (enqueued_at, message_id);
+    CREATE INDEX IF NOT EXISTS troupe_tasks_expiry ON troupe_tasks (expires_at);
+    CREATE TABLE IF NOT EXISTS troupe_cancels (
+        message_id TEXT PRIMARY KEY,
+        mode TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS troupe_cancels_expiry ON troupe_cancels (expires_at);
+    CREATE TABLE IF NOT EXISTS troupe_unique (
+        key TEXT PRIMARY KEY,
+        message_id TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS troupe_unique_expiry ON troupe_unique (expires_at);",
 ];
 
 /// Pool settings shared by every pool of this crate: sqlx's default pings a connection (a

@@ -18,6 +18,7 @@ mod db;
 #[cfg(feature = "broker")]
 mod dialect;
 mod store;
+mod tasks;
 
 pub use db::{Durability, SqliteOptions};
 #[cfg(feature = "broker")]
@@ -38,7 +39,9 @@ pub type SqliteBroker = troupe_sql::SqlBroker<SqliteDialect>;
 #[cfg(feature = "results")]
 pub type SqliteResults = troupe_sql::SqlResults<SqliteStore>;
 
-/// Atomic counters with TTLs in the `troupe_state` table; events in `troupe_events`.
+/// Atomic counters with TTLs in the `troupe_state` table; events in `troupe_events`; task
+/// records, cancellation requests and unique keys in `troupe_tasks`, `troupe_cancels` and
+/// `troupe_unique` (the `TaskStore` of `StateBackend::tasks`).
 #[cfg(feature = "results")]
 pub type SqliteState = troupe_sql::SqlState<SqliteStore>;
 

@@ -126,3 +126,41 @@ async fn opening_twice_migrates_once_and_messages_survive_a_reopen() {
         json!(42)
     );
 }
+
+/// A file of schema 1 (before task records) is migrated on open: the task tables appear, what
+/// it held stays, and the task store works.
+#[tokio::test]
+async fn a_database_of_schema_1_gains_the_task_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let message = Message::new("q", "a", vec![json!("kept")], Map::new());
+    {
+        let broker = SqliteBroker::open(SqliteOptions::new(&path)).await.unwrap();
+        broker.declare_queue("q").await.unwrap();
+        broker.enqueue(message.clone(), None).await.unwrap();
+        // Back to schema 1: what migration 2 adds, gone.
+        sqlx::raw_sql(
+            "DROP TABLE troupe_tasks; DROP TABLE troupe_cancels; DROP TABLE troupe_unique;
+             UPDATE troupe_meta SET value = '1' WHERE key = 'schema_version'",
+        )
+        .execute(broker.pool())
+        .await
+        .unwrap();
+        broker.close().await.unwrap();
+    }
+    let broker = SqliteBroker::open(SqliteOptions::new(&path)).await.unwrap();
+    let version: String = sqlx::query_scalar("SELECT value FROM troupe_meta WHERE key = 'schema_version'")
+        .fetch_one(broker.pool())
+        .await
+        .unwrap();
+    assert_eq!(version, "2");
+    assert_eq!(broker.stats("q").await.unwrap().ready, 1, "the queue is kept");
+    let state = troupe_sqlite::SqliteState::from_pool(broker.pool().clone());
+    let tasks = troupe_core::StateBackend::tasks(&state).expect("a task store");
+    let update = troupe_core::TaskUpdate::new(&message.message_id, "a", "q", troupe_core::TaskStatus::Enqueued, 0);
+    assert!(tasks.record(&update, Duration::from_secs(60)).await.unwrap());
+    assert_eq!(
+        tasks.task(&message.message_id).await.unwrap().unwrap().status,
+        troupe_core::TaskStatus::Enqueued
+    );
+}
