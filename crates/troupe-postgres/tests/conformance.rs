@@ -38,7 +38,10 @@ impl Harness for PostgresHarness {
                 Box::pin(async move { b.enqueue_raw(&queue, bytes).await })
             });
             let results = PostgresResults::from_pool(broker.pool().clone()).into_dyn();
-            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(1500), limit).with_results(results)
+            let state = PostgresState::from_pool(broker.pool().clone()).into_dyn();
+            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(1500), limit)
+                .with_results(results)
+                .with_state(state)
         })
     }
 }

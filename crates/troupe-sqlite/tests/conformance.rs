@@ -30,7 +30,10 @@ impl Harness for SqliteHarness {
                 Box::pin(async move { b.enqueue_raw(&queue, bytes).await })
             });
             let results = troupe_sqlite::SqliteResults::from_pool(broker.pool().clone()).into_dyn();
-            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(1500), limit).with_results(results)
+            let state = troupe_sqlite::SqliteState::from_pool(broker.pool().clone()).into_dyn();
+            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(1500), limit)
+                .with_results(results)
+                .with_state(state)
         })
     }
 }
