@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::json;
 use troupe::prelude::*;
+use troupe::{AppBuilder, now_ms};
 
 #[derive(Debug, Parser)]
 #[command(about = "Measure Troupe's enqueue and process rates")]
@@ -69,6 +70,45 @@ struct Args {
     /// Print one JSON object instead of text (and no progress bar).
     #[arg(long)]
     json: bool,
+    /// Track every message's state (`AppBuilder::track_tasks`, with cancellation on) in the
+    /// state backend, to measure what tracking costs.
+    #[arg(long)]
+    track_tasks: bool,
+    /// The state backend for `--track-tasks` and `--task-records` (default: the broker's URL
+    /// for sqlite://, redis:// and postgres://, memory for memory://).
+    #[arg(long)]
+    state_url: Option<String>,
+    /// Task records to write into the state backend before timing task queries (0: no query
+    /// figures). Use a dedicated database, schema or Redis namespace: they are deleted after.
+    #[arg(long, default_value_t = 0)]
+    task_records: u64,
+    /// Runs of each task query.
+    #[arg(long, default_value_t = 20)]
+    query_runs: usize,
+}
+
+/// The state backend the flags name, when tracking or task queries are asked for.
+async fn state_backend(args: &Args) -> Result<Option<Arc<dyn StateBackend>>, Box<dyn std::error::Error>> {
+    if !args.track_tasks && args.task_records == 0 {
+        return Ok(None);
+    }
+    let url = match &args.state_url {
+        Some(url) => url.clone(),
+        None if args.broker_url.starts_with("amqp") => {
+            return Err("an amqp:// broker keeps no state: give --state-url (redis://, postgres://, sqlite://)".into());
+        }
+        None => args.broker_url.clone(),
+    };
+    Ok(Some(troupe::connect_state(&url).await?))
+}
+
+/// `App::builder(broker)` with task tracking when `--track-tasks` is on.
+fn builder(broker: Arc<dyn Broker>, state: Option<&Arc<dyn StateBackend>>, args: &Args) -> AppBuilder {
+    let builder = App::builder(broker);
+    match state.filter(|_| args.track_tasks) {
+        Some(state) => builder.state(Arc::clone(state)).track_tasks(TaskTracking::default()),
+        None => builder,
+    }
 }
 
 /// What the benchmark actor does per message.
@@ -276,7 +316,8 @@ async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         *seen = Some(HashSet::new());
     }
     let broker = troupe::connect(&args.broker_url).await?;
-    let app = App::builder(broker).actor(Noop).build()?;
+    let state = state_backend(args).await?;
+    let app = builder(broker, state.as_ref(), args).actor(Noop).build()?;
     let worker = Worker::builder(app)
         .concurrency(args.concurrency)
         .fetch_timeout(Duration::from_millis(100))
@@ -448,7 +489,8 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     MEASURED_BELOW.store(args.messages, std::sync::atomic::Ordering::Relaxed);
     let progress = Progress::new(!args.json);
     let broker = troupe::connect(&args.broker_url).await?;
-    let app = App::builder(Arc::clone(&broker))
+    let state = state_backend(args).await?;
+    let app = builder(Arc::clone(&broker), state.as_ref(), args)
         .actor(Noop)
         .actor(Ping)
         .actor(Steady)
@@ -503,6 +545,12 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
             tokio::process::Command::new(std::env::current_exe()?)
                 .args(["--worker-only", "--broker-url", &args.broker_url, "--concurrency"])
                 .arg(args.concurrency.to_string())
+                .args(if args.track_tasks {
+                    vec!["--track-tasks"]
+                } else {
+                    Vec::new()
+                })
+                .args(args.state_url.iter().flat_map(|u| ["--state-url", u.as_str()]))
                 .arg("--scenario")
                 .arg(format!("{:?}", args.scenario).to_lowercase())
                 .stdout(std::process::Stdio::piped())
@@ -619,6 +667,10 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     };
     worker.stop().await;
     latencies.sort_by(f64::total_cmp);
+    let queries = match &state {
+        Some(state) if args.task_records > 0 => task_queries(state, args, &progress).await?,
+        _ => json!(null),
+    };
 
     let (distinct, extra) = SEEN
         .lock()
@@ -676,9 +728,127 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         "rss_measured_in": rss_of,
         "redis_script_calls_per_message": script_calls,
         "redis_server_usec_per_message": script_usec,
+        "track_tasks": args.track_tasks,
+        "task_queries": queries,
         "lost": args.messages.saturating_sub(distinct) + steady_lost,
         "duplicates": runs.saturating_sub(distinct) + steady_duplicates,
     }))
+}
+
+/// Actors and queues the seeded task records spread over.
+const SEED_ACTORS: u64 = 20;
+const SEED_QUEUES: u64 = 5;
+
+/// Writes `--task-records` records (the 8 statuses in turn, 20 actors and 5 queues spread over
+/// them independently, so a status and an actor select 1/160 of the records; one a millisecond
+/// apart), times the queries a dashboard makes (each `--query-runs` times), then deletes them.
+async fn task_queries(
+    state: &Arc<dyn StateBackend>,
+    args: &Args,
+    progress: &Progress,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let store = state.tasks().ok_or("this state backend keeps no task states")?;
+    let run = format!("{:x}", epoch_us());
+    let first = now_ms().saturating_sub(args.task_records);
+    let retention = Duration::from_secs(3600);
+    progress.phase("task records", args.task_records);
+    let started = Instant::now();
+    let mut ids = Vec::with_capacity(usize::try_from(args.task_records).unwrap_or(0));
+    let mut n = 0;
+    while n < args.task_records {
+        let end = (n + 1000).min(args.task_records);
+        let batch: Vec<troupe::tasks::TaskUpdate> = (n..end)
+            .map(|i| {
+                let status = TaskStatus::ALL[usize::try_from(i % 8).unwrap_or(0)];
+                let mut u = troupe::tasks::TaskUpdate::new(
+                    format!("seed-{run}-{i}"),
+                    format!("seed_{run}_actor_{}", (i / 8) % SEED_ACTORS),
+                    format!("seed_{run}_q_{}", (i / 3) % SEED_QUEUES),
+                    status,
+                    if status.is_final() { 2 } else { 0 },
+                );
+                u.at = first + i;
+                u
+            })
+            .collect();
+        store.record_many(&batch, retention).await?;
+        ids.extend(batch.into_iter().map(|u| u.message_id));
+        n = end;
+        progress.set(n);
+    }
+    let insert_secs = started.elapsed().as_secs_f64();
+    let actor = format!("seed_{run}_actor_7");
+    let queue = format!("seed_{run}_q_3");
+    let shapes: Vec<(&str, TaskQuery)> = vec![
+        (
+            "status_and_actor",
+            TaskQuery::new(TaskFilter::new().status(TaskStatus::Failed).actor(actor.clone())),
+        ),
+        ("status", TaskQuery::new(TaskFilter::new().status(TaskStatus::Failed))),
+        ("actor", TaskQuery::new(TaskFilter::new().actor(actor.clone()))),
+        (
+            "status_and_queue",
+            TaskQuery::new(TaskFilter::new().status(TaskStatus::Running).queue(queue.clone())),
+        ),
+        ("all", TaskQuery::new(TaskFilter::new())),
+    ];
+    let mut figures = serde_json::Map::new();
+    progress.phase("task queries", shapes.len() as u64);
+    for (i, (name, query)) in shapes.into_iter().enumerate() {
+        let mut times = Vec::with_capacity(args.query_runs);
+        let mut query = query;
+        let mut page_sizes = Vec::new();
+        for run in 0..args.query_runs.max(1) {
+            let at = Instant::now();
+            let page = store.tasks(&query).await?;
+            times.push(at.elapsed().as_secs_f64() * 1000.0);
+            page_sizes.push(page.tasks.len());
+            // Every other run fetches the next page, as a user paging through would.
+            query = match (run % 2, page.next) {
+                (0, Some(next)) => query.after(next),
+                _ => TaskQuery::new(query.filter.clone()),
+            };
+        }
+        times.sort_by(f64::total_cmp);
+        if args.task_records >= 1000 && page_sizes.first().is_none_or(|n| *n == 0) {
+            return Err(format!(
+                "the task query {name} found nothing among {} records",
+                args.task_records
+            )
+            .into());
+        }
+        figures.insert(
+            format!("page_{name}_ms"),
+            json!({"p50": quantile(&times, 0.5), "max": quantile(&times, 1.0), "rows": page_sizes.first()}),
+        );
+        progress.set(i as u64 + 1);
+    }
+    let mut times = Vec::new();
+    for _ in 0..args.query_runs.max(1) {
+        let at = Instant::now();
+        store.task_counts(&TaskFilter::new().actor(actor.clone())).await?;
+        times.push(at.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    figures.insert(
+        "counts_of_actor_ms".into(),
+        json!({"p50": quantile(&times, 0.5), "max": quantile(&times, 1.0)}),
+    );
+    progress.phase("cleanup", args.task_records);
+    let mut deleted = 0;
+    for chunk in ids.chunks(256) {
+        futures::future::try_join_all(chunk.iter().map(|id| store.delete_task(id))).await?;
+        deleted += chunk.len() as u64;
+        progress.set(deleted);
+    }
+    progress.finish();
+    figures.insert("records".into(), json!(args.task_records));
+    figures.insert("insert_per_sec".into(), {
+        #[allow(clippy::cast_precision_loss)]
+        let rate = (args.task_records as f64 / insert_secs.max(1e-9)).round();
+        json!(rate)
+    });
+    Ok(serde_json::Value::Object(figures))
 }
 
 /// Today's date (UTC), for the report.
