@@ -46,6 +46,11 @@ impl KillBackend for Postgres {
             FileRuns::temp(schema),
         )
     }
+
+    async fn state(&self, schema: &str) -> Option<std::sync::Arc<dyn troupe_core::StateBackend>> {
+        let pool = troupe_postgres::open(&options(schema)).await.unwrap();
+        Some(troupe_postgres::PostgresState::from_pool(pool).into_dyn())
+    }
 }
 
 /// The worker process of the crash test.

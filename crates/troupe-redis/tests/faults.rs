@@ -73,6 +73,11 @@ impl KillBackend for Redis {
         };
         (RedisBroker::open(options).await.unwrap(), runs)
     }
+
+    async fn state(&self, ns: &str) -> Option<std::sync::Arc<dyn troupe_core::StateBackend>> {
+        let options = RedisOptions::from_url(&url()).unwrap().namespace(ns);
+        Some(troupe_redis::RedisState::open(options).await.unwrap().into_dyn())
+    }
 }
 
 /// The worker process of the crash test.

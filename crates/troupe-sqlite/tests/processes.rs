@@ -65,6 +65,11 @@ impl KillBackend for Sqlite {
     fn worker(&self, builder: WorkerBuilder) -> WorkerBuilder {
         builder.fetch_timeout(Duration::from_millis(200))
     }
+
+    async fn state(&self, path: &str) -> Option<std::sync::Arc<dyn troupe_core::StateBackend>> {
+        let pool = troupe_sqlite::open(&SqliteOptions::new(path)).await.expect("open");
+        Some(troupe_sqlite::SqliteState::from_pool(pool).into_dyn())
+    }
 }
 
 /// The child processes: workers that run until killed, and producers.

@@ -38,7 +38,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use troupe_core::{Actor, ActorError, ActorOptions, App, Broker, QueueStats};
+use troupe_core::middleware::TaskTracking;
+use troupe_core::{Actor, ActorError, ActorOptions, App, AppBuilder, Broker, QueueStats, StateBackend, TaskStatus};
 use troupe_worker::{Worker, WorkerBuilder};
 
 const ROLE: &str = "TROUPE_KILL_ROLE";
@@ -205,6 +206,22 @@ pub trait KillBackend: Send + Sync + 'static {
     fn worker(&self, builder: WorkerBuilder) -> WorkerBuilder {
         builder
     }
+
+    /// The state backend of `place`, when the backend keeps task states: the parent and the
+    /// children then track tasks in it, and the test checks that every message's state ends
+    /// succeeded, across the kill.
+    fn state(&self, _place: &str) -> impl Future<Output = Option<Arc<dyn StateBackend>>> + Send {
+        async { None }
+    }
+}
+
+/// The app of the test, tracking task states when the backend keeps them.
+fn app_builder(broker: Arc<dyn Broker>, state: Option<Arc<dyn StateBackend>>) -> AppBuilder {
+    let builder = App::builder(broker);
+    match state {
+        Some(state) => builder.state(state).track_tasks(TaskTracking::default()),
+        None => builder,
+    }
 }
 
 /// What a child process does.
@@ -231,7 +248,7 @@ pub fn child<B: KillBackend>(backend: &B) {
     runtime.block_on(async move {
         let (broker, runs) = backend.open(&place).await;
         let record = Record::new(&queue, Arc::new(runs));
-        let app = App::builder(Arc::new(broker))
+        let app = app_builder(Arc::new(broker), backend.state(&place).await)
             .actor(record.clone())
             .build()
             .expect("app");
@@ -256,6 +273,33 @@ pub fn child<B: KillBackend>(backend: &B) {
             other => panic!("unknown role {other}"),
         }
     });
+}
+
+/// Every message's task state ends succeeded, the ones the killed worker held included (a
+/// state is written before its message is acked, so the last ones may still be on their way
+/// when the runs are counted: waits up to 10 s).
+async fn check_states(app: &App, ids: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut not_done = Vec::new();
+        for id in ids {
+            let record = app.task(id).await.expect("task");
+            if record.as_ref().map(|r| r.status) != Some(TaskStatus::Succeeded) {
+                not_done.push((id.clone(), record.map(|r| r.status)));
+            }
+        }
+        if not_done.is_empty() {
+            eprintln!("task states: all {} succeeded across the kill", ids.len());
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} task states did not end succeeded: {:?}",
+            not_done.len(),
+            &not_done[..not_done.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A child process and the lines of its stderr so far. Dropping it kills the process.
@@ -412,12 +456,14 @@ impl MidBatchKill {
         runs.prepare().await;
         let runs = Arc::new(runs);
         let record = Record::new(queue, Arc::clone(&runs));
-        let app = App::builder(Arc::new(broker.clone()))
+        let state = backend.state(place).await;
+        let app = app_builder(Arc::new(broker.clone()), state.clone())
             .actor(record.clone())
             .build()
             .expect("app");
+        let mut ids = Vec::new();
         for i in 0..n {
-            app.send(&record, (i,)).await.expect("send");
+            ids.push(app.send(&record, (i,)).await.expect("send").message_id().to_owned());
         }
 
         let mut first = spawn(&Role::Worker, place, queue);
@@ -459,6 +505,9 @@ impl MidBatchKill {
             duplicates <= self.max_duplicates,
             "only the killed worker's prefetch window can run twice: {duplicates}"
         );
+        if state.is_some() {
+            check_states(&app, &ids).await;
+        }
         KillReport {
             broker,
             messages: n,
