@@ -810,8 +810,12 @@ impl AppBuilder {
             }));
         }
         let cancellation = self.cancellation.take().unwrap_or_default();
-        let lifecycle = (keeps_tasks && (self.tracking.is_some() || cancellation.enabled))
-            .then(|| Arc::new(TaskLifecycle::new(self.tracking.take(), cancellation)));
+        let lifecycle = match &self.state {
+            Some(state) if keeps_tasks && (self.tracking.is_some() || cancellation.enabled) => Some(Arc::new(
+                TaskLifecycle::new(self.tracking.take(), cancellation).on_backend(Arc::clone(state)),
+            )),
+            _ => None,
+        };
         if let Some(lifecycle) = &lifecycle {
             self.middleware
                 .push_front_arc(Arc::clone(lifecycle) as Arc<dyn Middleware>);

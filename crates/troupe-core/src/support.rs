@@ -9,17 +9,17 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::error::{Error, ErrorKind, Result};
 
-type Job<T> = (T, oneshot::Sender<Result<()>>);
+type Job<I, O> = (I, oneshot::Sender<Result<O>>);
 
-/// Gathers items submitted by many tasks (acks, nacks, requeues) and hands them to one async
-/// handler in batches, so a broker writes them in one round trip; every submitter waits for the
-/// outcome of its batch.
-pub struct Batcher<T> {
-    tx: mpsc::UnboundedSender<Job<T>>,
+/// Gathers requests submitted by many tasks and hands them to one async handler in batches,
+/// so a backend answers them in one round trip; each submitter gets the answer to its own
+/// request (the handler returns one output per request, in order).
+pub struct Gather<I, O> {
+    tx: mpsc::UnboundedSender<Job<I, O>>,
     backend: &'static str,
 }
 
-impl<T> Clone for Batcher<T> {
+impl<I, O> Clone for Gather<I, O> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
@@ -28,24 +28,24 @@ impl<T> Clone for Batcher<T> {
     }
 }
 
-impl<T> fmt::Debug for Batcher<T> {
+impl<I, O> fmt::Debug for Gather<I, O> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Batcher")
+        f.debug_struct("Gather")
             .field("backend", &self.backend)
             .finish_non_exhaustive()
     }
 }
 
-impl<T: Send + 'static> Batcher<T> {
-    /// Starts the batching task: it takes what is waiting (at most `max_batch` items), calls
-    /// `handler` once, and reports its result to every submitter of the batch. The task ends
-    /// when every clone of the batcher is dropped. Needs a tokio runtime.
+impl<I: Send + 'static, O: Send + 'static> Gather<I, O> {
+    /// Starts the gathering task: it takes what is waiting (at most `max_batch` requests),
+    /// calls `handler` once, and answers every submitter of the batch. The task ends when every
+    /// clone is dropped. Needs a tokio runtime.
     pub fn spawn<F, Fut>(backend: &'static str, max_batch: usize, handler: F) -> Self
     where
-        F: Fn(Vec<T>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<()>> + Send,
+        F: Fn(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<O>>> + Send,
     {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Job<T>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job<I, O>>();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut items = vec![first.0];
@@ -59,16 +59,90 @@ impl<T: Send + 'static> Batcher<T> {
                         Err(_) => break,
                     }
                 }
-                let result = handler(items).await.map_err(Arc::new);
-                for done in waiters {
-                    let _ = done.send(match &result {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(shared_failure(backend, e)),
-                    });
+                match handler(items).await {
+                    Ok(outputs) => {
+                        let mut outputs = outputs.into_iter();
+                        for done in waiters {
+                            let _ = done.send(outputs.next().ok_or_else(|| {
+                                Error::backend(
+                                    backend,
+                                    ErrorKind::Other,
+                                    "a batched call answered fewer requests than it got",
+                                )
+                            }));
+                        }
+                    }
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        for done in waiters {
+                            let _ = done.send(Err(shared_failure(backend, &e)));
+                        }
+                    }
                 }
             }
         });
         Self { tx, backend }
+    }
+
+    /// Whether the gathering task is gone (its runtime ended): calls would fail.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Submits one request and waits for its answer.
+    ///
+    /// # Errors
+    /// The handler's error for that batch, or a connection error when the gathering task is
+    /// gone (its runtime ended, or every other clone was dropped).
+    pub async fn call(&self, item: I) -> Result<O> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send((item, done))
+            .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the batching task is gone"))?;
+        wait.await
+            .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the batching task stopped"))?
+    }
+}
+
+/// Gathers items submitted by many tasks (acks, nacks, requeues) and hands them to one async
+/// handler in batches, so a broker writes them in one round trip; every submitter waits for the
+/// outcome of its batch.
+pub struct Batcher<T> {
+    inner: Gather<T, ()>,
+}
+
+impl<T> Clone for Batcher<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for Batcher<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batcher")
+            .field("backend", &self.inner.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    /// Starts the batching task: it takes what is waiting (at most `max_batch` items), calls
+    /// `handler` once, and reports its result to every submitter of the batch. The task ends
+    /// when every clone of the batcher is dropped. Needs a tokio runtime.
+    pub fn spawn<F, Fut>(backend: &'static str, max_batch: usize, handler: F) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<()>> + Send,
+    {
+        let inner = Gather::spawn(backend, max_batch, move |items: Vec<T>| {
+            let n = items.len();
+            let written = handler(items);
+            async move { written.await.map(|()| vec![(); n]) }
+        });
+        Self { inner }
     }
 
     /// Submits one item and waits for the outcome of the batch it went into.
@@ -76,12 +150,7 @@ impl<T: Send + 'static> Batcher<T> {
     /// # Errors
     /// The handler's error for that batch, or a connection error when the broker is gone.
     pub async fn submit(&self, item: T) -> Result<()> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send((item, done))
-            .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the broker was dropped"))?;
-        wait.await
-            .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the broker's writer stopped"))?
+        self.inner.call(item).await
     }
 }
 

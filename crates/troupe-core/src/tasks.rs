@@ -574,6 +574,16 @@ pub trait TaskStore: Send + Sync + fmt::Debug {
     /// The cancellation request for `message_id`, if one is kept.
     async fn cancel_requested(&self, message_id: &str) -> Result<Option<CancelMode>>;
 
+    /// [`cancel_requested`](Self::cancel_requested) for several messages (one round trip where
+    /// the store can), in the order asked.
+    async fn cancel_requests(&self, message_ids: &[String]) -> Result<Vec<Option<CancelMode>>> {
+        let mut found = Vec::with_capacity(message_ids.len());
+        for id in message_ids {
+            found.push(self.cancel_requested(id).await?);
+        }
+        Ok(found)
+    }
+
     /// The cancellation requests among `message_ids`, waiting up to `timeout` for one when
     /// there is none yet (a store without a blocking wait may return at once).
     async fn wait_cancels(&self, message_ids: &[String], timeout: Duration) -> Result<Vec<(String, CancelMode)>>;

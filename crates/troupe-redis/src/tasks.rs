@@ -882,6 +882,49 @@ impl TaskStore for RedisState {
         Ok(mode.as_deref().map(mode_of))
     }
 
+    async fn cancel_requests(&self, message_ids: &[String]) -> Result<Vec<Option<CancelMode>>> {
+        if message_ids.len() < 2 {
+            let mut found = Vec::with_capacity(message_ids.len());
+            for id in message_ids {
+                found.push(self.cancel_requested(id).await?);
+            }
+            return Ok(found);
+        }
+        let names = self.names();
+        let invocations: Vec<_> = message_ids
+            .iter()
+            .map(|id| {
+                let mut invocation = cancel_requested_script().prepare_invoke();
+                invocation
+                    .key(names.marker(id))
+                    .key(names.abort_cancel(id))
+                    .key(names.abort_abort(id))
+                    .arg(DEFAULT_ABORT_TTL_MS)
+                    .arg(CancelMode::Pending.as_str())
+                    .arg(CancelMode::Abort.as_str());
+                invocation
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation);
+        }
+        let mut conn = self.conn.clone();
+        let mut result: redis::RedisResult<Vec<Option<String>>> = pipe.query_async(&mut conn).await;
+        if let Err(e) = &result
+            && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        {
+            // The script was not loaded: no call ran (LPOP included); load it and run them again.
+            cancel_requested_script()
+                .load_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("load the cancellation script", e))?;
+            result = pipe.query_async(&mut conn).await;
+        }
+        let modes = result.map_err(|e| redis_error("read cancellation requests", e))?;
+        Ok(modes.iter().map(|m| m.as_deref().map(mode_of)).collect())
+    }
+
     async fn wait_cancels(&self, message_ids: &[String], timeout: Duration) -> Result<Vec<(String, CancelMode)>> {
         if message_ids.is_empty() {
             return Ok(Vec::new());

@@ -357,6 +357,23 @@ impl<S: Store> TaskStore for SqlState<S> {
         found.first().map(|(_, mode)| parse_mode::<S>(mode)).transpose()
     }
 
+    async fn cancel_requests(&self, message_ids: &[String]) -> Result<Vec<Option<CancelMode>>> {
+        if message_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = self.store.cancels(message_ids).await?;
+        message_ids
+            .iter()
+            .map(|id| {
+                found
+                    .iter()
+                    .find(|(found, _)| found == id)
+                    .map(|(_, mode)| parse_mode::<S>(mode))
+                    .transpose()
+            })
+            .collect()
+    }
+
     async fn wait_cancels(&self, message_ids: &[String], timeout: Duration) -> Result<Vec<(String, CancelMode)>> {
         if message_ids.is_empty() {
             // Nothing can come: wait as a watcher would, without polling.

@@ -401,6 +401,12 @@ pub async fn cancel_requests_are_kept_and_marked(backend: Arc<dyn StateBackend>)
         tasks.cancel_requested(&running).await.expect("requested"),
         Some(CancelMode::Abort)
     );
+    let asked = [pending.clone(), unknown.clone(), running.clone()];
+    assert_eq!(
+        tasks.cancel_requests(&asked).await.expect("requests"),
+        vec![Some(CancelMode::Pending), None, Some(CancelMode::Abort)],
+        "several at once, in the order asked"
+    );
 
     assert_eq!(
         tasks.mark_cancelled(&pending, KEEP).await.expect("mark"),

@@ -14,6 +14,7 @@ use super::{Middleware, Next, Outcome, ProcessContext};
 use crate::app::App;
 use crate::error::Result;
 use crate::message::Message;
+use crate::support::Gather;
 use crate::tasks::{CancelMode, TaskStatus, TaskStore, TaskUpdate, task_version};
 
 /// Task-state tracking settings (`AppBuilder::track_tasks`).
@@ -136,7 +137,21 @@ pub struct TaskLifecycle {
     cancellation: Cancellation,
     running: Arc<Running>,
     watcher: Mutex<Option<CancellationToken>>,
+    /// The app's state backend (set when the app is built) and the round trips gathered on it.
+    backend: Option<Arc<dyn crate::StateBackend>>,
+    batches: Mutex<Option<Batches>>,
 }
+
+/// Writes and cancellation reads of many executors, gathered into one store call per batch
+/// (`record_many`, `cancel_requests`: one transaction or pipeline).
+#[derive(Clone, Debug)]
+struct Batches {
+    writes: Gather<TaskUpdate, bool>,
+    cancels: Gather<String, Option<CancelMode>>,
+}
+
+/// The most updates or reads one store call takes.
+const MAX_BATCH: usize = 512;
 
 /// The running messages a worker's watcher looks for cancellations of.
 #[derive(Debug, Default)]
@@ -172,6 +187,8 @@ impl TaskLifecycle {
             cancellation,
             running: Arc::default(),
             watcher: Mutex::new(None),
+            backend: None,
+            batches: Mutex::new(None),
         }
     }
 
@@ -231,11 +248,72 @@ impl TaskLifecycle {
         update
     }
 
-    /// Writes `update`, retrying transient errors: a state the worker acks after must be
-    /// stored first.
+    /// The lifecycle of an app whose state backend is `backend`.
+    pub(crate) fn on_backend(mut self, backend: Arc<dyn crate::StateBackend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// The gathered round trips, started on first use in the calling runtime (and again if
+    /// that runtime has ended); `None` outside a runtime or without a backend.
+    fn batches(&self) -> Option<Batches> {
+        let backend = self.backend.as_ref()?;
+        let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(live) = batches
+            .as_ref()
+            .filter(|b| !b.writes.is_closed() && !b.cancels.is_closed())
+        {
+            return Some(live.clone());
+        }
+        tokio::runtime::Handle::try_current().ok()?;
+        let retention = self.retention();
+        let for_writes = Arc::clone(backend);
+        let writes = Gather::spawn("tasks", MAX_BATCH, move |updates: Vec<TaskUpdate>| {
+            let backend = Arc::clone(&for_writes);
+            async move {
+                match backend.tasks() {
+                    Some(store) => store.record_many(&updates, retention).await,
+                    None => Ok(vec![false; updates.len()]),
+                }
+            }
+        });
+        let for_cancels = Arc::clone(backend);
+        let cancels = Gather::spawn("tasks", MAX_BATCH, move |ids: Vec<String>| {
+            let backend = Arc::clone(&for_cancels);
+            async move {
+                match backend.tasks() {
+                    Some(store) => store.cancel_requests(&ids).await,
+                    None => Ok(vec![None; ids.len()]),
+                }
+            }
+        });
+        let fresh = Batches { writes, cancels };
+        *batches = Some(fresh.clone());
+        Some(fresh)
+    }
+
+    /// Writes `update` (gathered with other executors' writes), retrying transient errors: a
+    /// state the worker acks after must be stored first.
     async fn record(&self, store: &dyn TaskStore, update: &TaskUpdate) -> Result<bool> {
         let retention = self.retention();
-        durable("record the task state", || store.record(update, retention)).await
+        durable("record the task state", || async {
+            match self.batches() {
+                Some(batches) => batches.writes.call(update.clone()).await,
+                None => store.record(update, retention).await,
+            }
+        })
+        .await
+    }
+
+    /// The cancellation request of `id` (gathered with other executors' reads).
+    async fn cancel_requested(&self, store: &dyn TaskStore, id: &str) -> Result<Option<CancelMode>> {
+        durable("read the cancellation requests", || async {
+            match self.batches() {
+                Some(batches) => batches.cancels.call(id.to_owned()).await,
+                None => store.cancel_requested(id).await,
+            }
+        })
+        .await
     }
 
     /// Skips a cancelled message: records it cancelled and frees its unique key.
@@ -433,7 +511,7 @@ impl Middleware for TaskLifecycle {
         let retries = cx.message().retries();
         let id = cx.message().message_id.clone();
         if self.cancellation.enabled {
-            match durable("read the cancellation requests", || store.cancel_requested(&id)).await {
+            match self.cancel_requested(store, &id).await {
                 Ok(Some(_)) => return self.skip_cancelled(store, cx, task_version(retries, 2)).await,
                 Ok(None) => {}
                 Err(e) => {
