@@ -1,34 +1,45 @@
-//! A publish service with priorities, task states and a manual-review table, after a team that
-//! moved its in-memory `PriorityQueue` of social-media posts to a durable task queue:
+//! A publish service with priorities, task states, cancellation and a manual-review table, after
+//! a team that moved its in-memory `PriorityQueue` of social-media posts to a durable task queue
+//! and kept its own `publish_task_state` table next to it. Here the library keeps the states:
 //!
 //! * `publish_single` and `publish_batch` (queue `publish`) post to a platform; every message is
 //!   sent with its own priority (`SendOptions::priority`, lower runs first, as the team's
 //!   0-9 scale), which the broker itself orders by (every broker does);
-//! * a `TaskStateMiddleware` keeps a `publish_task_state` table (pending, running, success,
-//!   failed, with timestamps) in the broker's SQLite file;
+//! * `track_tasks` records every message's state in the state backend (enqueued, running,
+//!   retrying, succeeded, failed, cancelled, with times, attempts and the last error), and the
+//!   run prints them from `App::tasks` and `App::task_counts`; `publish_batch` reports its
+//!   progress (`{"published": k, "of": n}`) on its record with `current_task()?.report_progress`;
+//! * a user withdraws a post before it goes out: `App::cancel` on its message id, and the worker
+//!   never runs it (its state is `cancelled`);
 //! * a task whose retries are exhausted is sent to `to_manual_review` (the actor option
 //!   `on_retry_exhausted`), which inserts it into a `manual_review` table.
 //!
 //! ```text
 //! cargo run --example publish_priorities                                     # ./troupe-publish.db
 //! cargo run --example publish_priorities -- --broker-url sqlite:///tmp/p.db
-//! cargo run --example publish_priorities -- --broker-url memory://           # no tables
+//! cargo run --example publish_priorities -- --broker-url memory://           # states in memory
+//! cargo run --example publish_priorities --all-features -- --broker-url redis://localhost:6379
+//! cargo run --example publish_priorities --all-features -- \
+//!     --broker-url amqp://localhost:5672 --state-url redis://localhost:6379
 //! ```
 //!
-//! The worker runs one message at a time so the order is easy to read. The tables are only kept
-//! when the broker is SQLite; with another broker the states are skipped and the review rows
-//! kept in memory.
+//! The worker runs one message at a time so the order is easy to read. Task states are kept by
+//! the state backend of `--state-url`, by default the broker's own URL when it can keep state
+//! (SQLite, Redis, PostgreSQL, memory); with RabbitMQ and no `--state-url` there is none, so the
+//! states and the cancellation are skipped. The `manual_review` table is kept in the broker's
+//! file when the broker is SQLite, in memory otherwise.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::Row;
 use troupe::prelude::*;
-use troupe::sqlite::{SqliteBroker, SqlitePool};
-use troupe::{now_ms, redact_url};
+use troupe::sqlite::{SqliteBroker, SqlitePool, SqliteState};
+use troupe::{TaskRecord, now_ms, redact_url};
 
 /// The error type of `run`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -38,11 +49,15 @@ pub const QUEUES: [&str; 2] = ["publish", "manual_review"];
 
 /// Command-line flags.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(about = "Publish service: per-message priorities, task states, manual review")]
+#[command(about = "Publish service: per-message priorities, task states, cancellation, manual review")]
 pub struct Args {
-    /// Broker URL (sqlite://PATH keeps the state and review tables; memory://, ...).
+    /// Broker URL (sqlite://PATH also keeps the review table; memory://, redis://, ...).
     #[arg(long, env = "TROUPE_BROKER_URL", default_value = "sqlite://troupe-publish.db")]
     pub broker_url: String,
+    /// State backend URL for task states and cancellation (sqlite://, redis://, postgres://,
+    /// memory://). Default: the broker URL, when that backend can keep state.
+    #[arg(long, env = "TROUPE_STATE_URL")]
+    pub state_url: Option<String>,
 }
 
 /// One post to publish.
@@ -139,8 +154,9 @@ async fn publish_single(task: PublishTask) -> Result<String, ActorError> {
     result
 }
 
-/// Publishes a batch of posts; one failure fails the batch. (A retry publishes the whole batch
-/// again; real code would skip the posts already out.)
+/// Publishes a batch of posts, reporting `{"published": k, "of": n}` on its task record after each
+/// post; one failure fails the batch. (A retry publishes the whole batch again; real code would
+/// skip the posts already out.)
 #[troupe::actor(
     queue_name = "publish",
     max_retries = 1,
@@ -149,6 +165,7 @@ async fn publish_single(task: PublishTask) -> Result<String, ActorError> {
     on_retry_exhausted = "to_manual_review"
 )]
 async fn publish_batch(batch_id: String, tasks: Vec<PublishTask>) -> Result<usize, ActorError> {
+    let services = services()?;
     let attempt = attempt();
     let mut result = Ok(tasks.len());
     for (done, task) in tasks.iter().enumerate() {
@@ -159,8 +176,11 @@ async fn publish_batch(batch_id: String, tasks: Vec<PublishTask>) -> Result<usiz
             ));
             break;
         }
+        services
+            .report_progress(json!({"published": done + 1, "of": tasks.len()}))
+            .await;
     }
-    services()?.ran(&batch_id, "publish_batch", attempt, result.as_ref().err());
+    services.ran(&batch_id, "publish_batch", attempt, result.as_ref().err());
     result
 }
 
@@ -253,39 +273,47 @@ pub struct ReviewRow {
     pub max_retries: Option<u64>,
 }
 
-/// A row of the `publish_task_state` table.
+/// A message this run sent: the ids to find its task record by, and its priority (the record
+/// does not keep the message's options).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TaskState {
+pub struct Submitted {
+    /// The message id (`Sent::message_id`).
+    pub message_id: String,
     /// Task or batch id.
     pub task_id: String,
     /// The actor.
     pub actor: String,
     /// The message's priority.
-    pub priority: i64,
-    /// pending, running, success or failed.
-    pub status: String,
-    /// Retries so far.
-    pub retries: i64,
-    /// The last error.
-    pub error: Option<String>,
-    /// Milliseconds since the Unix epoch.
-    pub created_at: i64,
-    /// When the first attempt started.
-    pub started_at: Option<i64>,
-    /// When it succeeded or failed for good.
-    pub finished_at: Option<i64>,
+    pub priority: i32,
 }
 
-/// What the actors share: the database (when the broker is SQLite) and the run's records.
+/// What the actors share: the database (when the broker is SQLite), whether task states are
+/// kept, and the run's records.
 #[derive(Clone, Debug)]
 pub struct Services {
     run_id: i64,
     pool: Option<SqlitePool>,
+    tracking: bool,
     order: Arc<Mutex<Vec<Ran>>>,
     reviews: Arc<Mutex<Vec<ReviewRow>>>,
 }
 
 impl Services {
+    /// Stores `progress` on the running task's record, when the app keeps task states. A
+    /// progress that cannot be stored does not fail the publish (the posts are already out).
+    async fn report_progress(&self, progress: Value) {
+        if !self.tracking {
+            return;
+        }
+        let stored = match current_task() {
+            Ok(task) => task.report_progress(progress).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            eprintln!("progress not stored: {e}");
+        }
+    }
+
     fn ran(&self, task_id: &str, actor: &str, attempt: u64, error: Option<&ActorError>) {
         let priority = current_message()
             .and_then(|m| m.options.get("troupe_priority").and_then(Value::as_i64))
@@ -344,142 +372,12 @@ impl Middleware for ProvideServices {
     }
 }
 
-/// Keeps `publish_task_state` up to date, one row per publish message: `pending` when enqueued
-/// (again for a retry), `running` while an attempt runs, then `success` (`after_ack`) or `failed`
-/// when its retries are exhausted (`after_nack`).
-#[derive(Debug)]
-pub struct TaskStateMiddleware {
-    run_id: i64,
-    pool: SqlitePool,
-}
-
-impl TaskStateMiddleware {
-    async fn exec(&self, sql: &'static str, message_id: &str, text: Option<&str>) {
-        let result = sqlx::query(sql)
-            .bind(message_id)
-            .bind(now())
-            .bind(text)
-            .execute(&self.pool)
-            .await;
-        if let Err(e) = result {
-            eprintln!("task state of {message_id} not updated: {e}");
-        }
-    }
-}
-
-fn is_publish(message: &Message) -> bool {
-    message.actor_name.starts_with("publish_")
-}
-
-#[troupe::async_trait]
-impl Middleware for TaskStateMiddleware {
-    async fn after_enqueue(&self, _app: &App, message: &Message, _delay: Option<Duration>) {
-        if !is_publish(message) {
-            return;
-        }
-        let result = sqlx::query(
-            "INSERT INTO publish_task_state
-                 (message_id, run_id, actor, task_id, priority, status, retries, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?7)
-             ON CONFLICT (message_id) DO UPDATE
-                 SET status = 'pending', retries = excluded.retries, updated_at = excluded.updated_at",
-        )
-        .bind(&message.message_id)
-        .bind(self.run_id)
-        .bind(&message.actor_name)
-        .bind(task_label(message))
-        .bind(
-            message
-                .options
-                .get("troupe_priority")
-                .and_then(Value::as_i64)
-                .unwrap_or(0),
-        )
-        .bind(i64::try_from(message.retries()).unwrap_or(i64::MAX))
-        .bind(now())
-        .execute(&self.pool)
-        .await;
-        if let Err(e) = result {
-            eprintln!("task state of {} not recorded: {e}", message.message_id);
-        }
-    }
-
-    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
-        if !is_publish(cx.message()) {
-            return next.run(cx).await;
-        }
-        let id = cx.message().message_id.clone();
-        self.exec(
-            "UPDATE publish_task_state SET status = 'running', started_at = COALESCE(started_at, ?2),
-             updated_at = ?2, error = COALESCE(?3, error) WHERE message_id = ?1",
-            &id,
-            None,
-        )
-        .await;
-        let outcome = next.run(cx).await;
-        if let Some(error) = outcome.error() {
-            let error = error.to_string();
-            self.exec(
-                "UPDATE publish_task_state SET error = ?3, updated_at = ?2 WHERE message_id = ?1",
-                &id,
-                Some(&error),
-            )
-            .await;
-        }
-        outcome
-    }
-
-    async fn after_ack(&self, cx: &ProcessContext, outcome: &Outcome) {
-        // A failed attempt is acked too when it is retried; its retry already set `pending`.
-        if is_publish(cx.message()) && outcome.is_success() {
-            self.exec(
-                "UPDATE publish_task_state SET status = 'success', finished_at = ?2, updated_at = ?2,
-                 error = COALESCE(?3, error) WHERE message_id = ?1",
-                &cx.message().message_id,
-                None,
-            )
-            .await;
-        }
-    }
-
-    async fn after_nack(&self, cx: &ProcessContext, outcome: &Outcome) {
-        if is_publish(cx.message()) {
-            let error = outcome.error().map(ToString::to_string);
-            self.exec(
-                "UPDATE publish_task_state SET status = 'failed', finished_at = ?2, updated_at = ?2,
-                 error = COALESCE(?3, error) WHERE message_id = ?1",
-                &cx.message().message_id,
-                error.as_deref(),
-            )
-            .await;
-        }
-    }
-}
-
 fn now() -> i64 {
     i64::try_from(now_ms()).unwrap_or(i64::MAX)
 }
 
-/// Creates the example's two tables in the broker's SQLite file.
+/// Creates the example's `manual_review` table in the broker's SQLite file.
 async fn create_tables(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS publish_task_state (
-            message_id TEXT PRIMARY KEY,
-            run_id INTEGER NOT NULL,
-            actor TEXT NOT NULL,
-            task_id TEXT NOT NULL,
-            priority INTEGER NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'success', 'failed')),
-            retries INTEGER NOT NULL,
-            error TEXT,
-            created_at INTEGER NOT NULL,
-            updated_at INTEGER NOT NULL,
-            started_at INTEGER,
-            finished_at INTEGER
-        )",
-    )
-    .execute(pool)
-    .await?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS manual_review (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -501,42 +399,91 @@ async fn create_tables(pool: &SqlitePool) -> Result<(), sqlx::Error> {
 /// What a run did.
 #[derive(Clone, Debug)]
 pub struct Summary {
+    /// Every message sent, in arrival order.
+    pub submitted: Vec<Submitted>,
+    /// The withdrawn post (`t-03`) and what `App::cancel` answered (None without task states).
+    pub cancelled: Option<(Submitted, CancelOutcome)>,
     /// Every attempt, in the order it ran.
     pub order: Vec<Ran>,
     /// The manual-review rows of this run.
     pub reviews: Vec<ReviewRow>,
-    /// The task states of this run (None when the broker is not SQLite).
-    pub states: Option<Vec<TaskState>>,
+    /// The library's records of this run's publish messages, by priority then send time (None
+    /// without a state backend).
+    pub states: Option<Vec<TaskRecord>>,
 }
 
-/// Sends the sample requests with their priorities, runs a one-at-a-time worker until all is
-/// done, and prints the run order, the task states and the manual-review rows to `out`.
+impl Summary {
+    /// The record of the message of task or batch `task_id`, when states are kept.
+    #[must_use]
+    pub fn record(&self, task_id: &str) -> Option<&TaskRecord> {
+        let sent = self.submitted.iter().find(|s| s.task_id == task_id)?;
+        self.states.as_ref()?.iter().find(|r| r.message_id == sent.message_id)
+    }
+}
+
+/// The post a user withdraws before the worker starts.
+pub const WITHDRAWN: &str = "t-03";
+
+/// The state backend URL: `--state-url`, else the broker URL when its backend keeps state.
+fn state_url(args: &Args) -> Option<String> {
+    if let Some(url) = &args.state_url {
+        return Some(url.clone());
+    }
+    let scheme = args.broker_url.split_once(':').map_or("", |(scheme, _)| scheme);
+    let keeps_state = matches!(
+        scheme,
+        "sqlite" | "memory" | "redis" | "rediss" | "redis+unix" | "postgres" | "postgresql"
+    );
+    keeps_state.then(|| args.broker_url.clone())
+}
+
+/// Sends the sample requests with their priorities, withdraws one, runs a one-at-a-time worker
+/// until all is done, and prints the run order, the task states and the manual-review rows to
+/// `out`.
 ///
 /// # Errors
-/// A broker or database error, or processing that does not finish within 30 s.
+/// A broker, state backend or database error, or processing that does not finish within 30 s.
 pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
     let started = Instant::now();
     let run_id = now();
+    let run_start = now_ms();
     writeln!(out, "broker: {}", redact_url(&args.broker_url))?;
     let (broker, pool): (Arc<dyn Broker>, Option<SqlitePool>) = if args.broker_url.starts_with("sqlite:") {
         let broker = SqliteBroker::connect(&args.broker_url).await?;
         let pool = broker.pool().clone();
         create_tables(&pool).await?;
-        writeln!(
-            out,
-            "task states in table publish_task_state, failed tasks in manual_review (same file)"
-        )?;
+        writeln!(out, "failed tasks in table manual_review (same file)")?;
         (Arc::new(broker), Some(pool))
     } else {
         writeln!(
             out,
-            "note: not an SQLite broker, so no state table (skipped) and review rows kept in memory"
+            "not an SQLite broker, so the manual-review rows are kept in memory"
         )?;
         (troupe::connect(&args.broker_url).await?, None)
+    };
+    let state = match state_url(&args) {
+        // The broker's own file: share its pool.
+        Some(url) if url == args.broker_url && pool.is_some() => {
+            writeln!(out, "task states: tracked in the broker's file (troupe_tasks)")?;
+            pool.clone().map(|pool| SqliteState::from_pool(pool).into_dyn())
+        }
+        Some(url) => {
+            writeln!(out, "task states: tracked in {}", redact_url(&url))?;
+            Some(connect_state(&url).await?)
+        }
+        None => {
+            writeln!(
+                out,
+                "task states: skipped ({} keeps no state; pass --state-url), and so is the cancellation",
+                redact_url(&args.broker_url)
+            )?;
+            None
+        }
     };
     let services = Services {
         run_id,
         pool: pool.clone(),
+        tracking: state.is_some(),
         order: Arc::default(),
         reviews: Arc::default(),
     };
@@ -545,29 +492,56 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
         .actor(PublishSingle)
         .actor(PublishBatch)
         .actor(ToManualReview);
-    if let Some(pool) = &pool {
-        builder = builder.middleware(TaskStateMiddleware {
-            run_id,
-            pool: pool.clone(),
-        });
+    if let Some(state) = state {
+        builder = builder.state(state).track_tasks(TaskTracking::default());
     }
     let app = builder.build()?;
 
     // Producer: the API accepts requests in arrival order, each with its priority.
     writeln!(out, "\nsent (arrival order):")?;
+    let mut submitted = Vec::new();
     for (priority, request) in sample_requests() {
         let options = SendOptions::new().priority(priority);
-        match request {
+        let (task_id, actor, message_id) = match request {
             Request::Single(task) => {
                 writeln!(out, "  p{priority} {} publish_single ({})", task.task_id, task.title)?;
-                PublishSingle.send_with_options(&app, task, options).await?;
+                let task_id = task.task_id.clone();
+                let sent = PublishSingle.send_with_options(&app, task, options).await?;
+                (task_id, "publish_single", sent.message_id().to_owned())
             }
             Request::Batch(batch_id, tasks) => {
                 writeln!(out, "  p{priority} {batch_id} publish_batch ({} posts)", tasks.len())?;
-                PublishBatch.send_with_options(&app, batch_id, tasks, options).await?;
+                let sent = PublishBatch
+                    .send_with_options(&app, batch_id.clone(), tasks, options)
+                    .await?;
+                (batch_id, "publish_batch", sent.message_id().to_owned())
             }
-        }
+        };
+        submitted.push(Submitted {
+            message_id,
+            task_id,
+            actor: actor.to_owned(),
+            priority,
+        });
     }
+
+    // The author of one post withdraws it before it goes out.
+    let cancelled = match submitted.iter().find(|s| s.task_id == WITHDRAWN) {
+        Some(withdrawn) if services.tracking => {
+            let outcome = app.cancel(&withdrawn.message_id).await?;
+            let status = app
+                .task(&withdrawn.message_id)
+                .await?
+                .map_or_else(|| "no record".to_owned(), |r| r.status.to_string());
+            writeln!(
+                out,
+                "\nwithdrawn by its author: p{} {} -> {outcome:?} (state now {status}; it will not run)",
+                withdrawn.priority, withdrawn.task_id
+            )?;
+            Some((withdrawn.clone(), outcome))
+        }
+        _ => None,
+    };
 
     // Worker: one message at a time, so the order is the broker's order.
     let worker = Worker::builder(app.clone()).concurrency(1).start().await?;
@@ -593,43 +567,26 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
         )?;
     }
 
-    let (states, reviews) = match &pool {
-        Some(pool) => (
-            Some(read_states(pool, run_id).await?),
-            read_reviews(pool, run_id).await?,
-        ),
-        None => (
-            None,
-            services.reviews.lock().unwrap_or_else(PoisonError::into_inner).clone(),
-        ),
+    let states = if services.tracking {
+        let states = publish_records(&app, run_start, &submitted).await?;
+        print_states(out, &states, &submitted, run_start)?;
+        let counts = app.task_counts(&TaskFilter::new().queue("publish")).await?;
+        let per_status: Vec<String> = counts.by_status.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        writeln!(
+            out,
+            "all publish tasks the state backend keeps (this and earlier runs, 7 days): {}",
+            per_status.join(", ")
+        )?;
+        Some(states)
+    } else {
+        writeln!(out, "\ntask states: skipped (no state backend)")?;
+        None
     };
-    match &states {
-        Some(states) => {
-            writeln!(out, "\ntask states (publish_task_state, times from the first send):")?;
-            writeln!(
-                out,
-                "  {:<5} {:<15} {:>4} {:<8} {:>7} {:>8} {:>8} {:>9}  last error",
-                "task", "actor", "prio", "status", "retries", "queued", "started", "finished"
-            )?;
-            let at = |t: Option<i64>| t.map_or_else(|| "-".to_owned(), |t| format!("+{}ms", t - run_id));
-            for s in states {
-                writeln!(
-                    out,
-                    "  {:<5} {:<15} {:>4} {:<8} {:>7} {:>8} {:>8} {:>9}  {}",
-                    s.task_id,
-                    s.actor,
-                    s.priority,
-                    s.status,
-                    s.retries,
-                    at(Some(s.created_at)),
-                    at(s.started_at),
-                    at(s.finished_at),
-                    s.error.as_deref().unwrap_or("")
-                )?;
-            }
-        }
-        None => writeln!(out, "\ntask states: skipped (needs the SQLite broker)")?,
-    }
+
+    let reviews = match &pool {
+        Some(pool) => read_reviews(pool, run_id).await?,
+        None => services.reviews.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+    };
     writeln!(out, "\nmanual review ({} rows):", reviews.len())?;
     for r in &reviews {
         writeln!(
@@ -643,32 +600,81 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
         )?;
     }
     writeln!(out, "\ndone in {:.1?}", started.elapsed())?;
-    Ok(Summary { order, reviews, states })
+    Ok(Summary {
+        submitted,
+        cancelled,
+        order,
+        reviews,
+        states,
+    })
 }
 
-async fn read_states(pool: &SqlitePool, run_id: i64) -> Result<Vec<TaskState>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT task_id, actor, priority, status, retries, error, created_at, started_at, finished_at
-         FROM publish_task_state WHERE run_id = ?1 ORDER BY priority, created_at",
-    )
-    .bind(run_id)
-    .fetch_all(pool)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(TaskState {
-                task_id: r.try_get(0)?,
-                actor: r.try_get(1)?,
-                priority: r.try_get(2)?,
-                status: r.try_get(3)?,
-                retries: r.try_get(4)?,
-                error: r.try_get(5)?,
-                created_at: r.try_get(6)?,
-                started_at: r.try_get(7)?,
-                finished_at: r.try_get(8)?,
-            })
-        })
-        .collect()
+/// The records of this run's publish messages, read a page at a time (pages are newest first),
+/// ordered by priority, then by when they were sent.
+async fn publish_records(app: &App, since: u64, submitted: &[Submitted]) -> Result<Vec<TaskRecord>, BoxError> {
+    let ours: HashMap<&str, i32> = submitted.iter().map(|s| (s.message_id.as_str(), s.priority)).collect();
+    let mut query = TaskQuery::new(TaskFilter::new().queue("publish").since(since)).limit(20);
+    let mut records = Vec::new();
+    loop {
+        let page = app.tasks(&query).await?;
+        // Another process may share the backend: keep the messages this run sent.
+        records.extend(
+            page.tasks
+                .into_iter()
+                .filter(|r| ours.contains_key(r.message_id.as_str())),
+        );
+        match page.next {
+            Some(next) => query = query.after(next),
+            None => break,
+        }
+    }
+    records.sort_by_key(|r| (ours.get(r.message_id.as_str()).copied(), r.enqueued_at));
+    Ok(records)
+}
+
+/// Prints the task table: label, actor, priority, status, attempts, times from the first send,
+/// progress and the last error.
+fn print_states(
+    out: &mut dyn Write,
+    states: &[TaskRecord],
+    submitted: &[Submitted],
+    run_start: u64,
+) -> std::io::Result<()> {
+    let by_id: HashMap<&str, &Submitted> = submitted.iter().map(|s| (s.message_id.as_str(), s)).collect();
+    writeln!(out, "\ntask states (the library's records; times from the first send):")?;
+    writeln!(
+        out,
+        "  {:<5} {:<15} {:>4} {:<9} {:>8} {:>8} {:>8} {:>9}  {:<10} last error",
+        "task", "actor", "prio", "status", "attempts", "queued", "started", "finished", "progress"
+    )?;
+    let at = |t: Option<u64>| t.map_or_else(|| "-".to_owned(), |t| format!("+{}ms", t.saturating_sub(run_start)));
+    for r in states {
+        let sent = by_id.get(r.message_id.as_str());
+        let progress = match &r.progress {
+            Some(p) => format!("{}/{}", p["published"], p["of"]),
+            None => "-".to_owned(),
+        };
+        let error = match (&r.error_type, &r.error) {
+            (Some(kind), Some(text)) => format!("{kind}: {text}"),
+            (None, Some(text)) => text.clone(),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "  {:<5} {:<15} {:>4} {:<9} {:>8} {:>8} {:>8} {:>9}  {:<10} {}",
+            sent.map_or("?", |s| s.task_id.as_str()),
+            r.actor,
+            sent.map_or_else(|| "?".to_owned(), |s| s.priority.to_string()),
+            r.status.as_str(),
+            r.attempts,
+            at(Some(r.enqueued_at)),
+            at(r.started_at),
+            at(r.finished_at),
+            progress,
+            error.lines().next().unwrap_or("")
+        )?;
+    }
+    Ok(())
 }
 
 async fn read_reviews(pool: &SqlitePool, run_id: i64) -> Result<Vec<ReviewRow>, sqlx::Error> {

@@ -217,16 +217,22 @@ async fn master_subtasks_reports_failures_to_the_webhook() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_priorities_orders_by_priority_and_files_failures_for_review() {
+    use troupe::{CancelOutcome, TaskStatus};
+
     let (_dir, url) = temp_db();
     let mut out = Vec::new();
-    let args = publish_priorities::Args { broker_url: url };
+    let args = publish_priorities::Args {
+        broker_url: url,
+        state_url: None,
+    };
     let summary = tokio::time::timeout(Duration::from_secs(20), publish_priorities::run(args, &mut out))
         .await
         .expect("the example finishes")
         .unwrap();
     let text = String::from_utf8(out).unwrap();
 
-    // First attempts ran in priority order, not in the order they were sent.
+    // First attempts ran in priority order, not in the order they were sent; the withdrawn
+    // t-03 (p9) never ran.
     let first: Vec<(&str, i64)> = summary
         .order
         .iter()
@@ -241,8 +247,7 @@ async fn publish_priorities_orders_by_priority_and_files_failures_for_review() {
             ("b-01", 2),
             ("t-05", 3),
             ("t-01", 5),
-            ("b-02", 7),
-            ("t-03", 9)
+            ("b-02", 7)
         ],
         "{text}"
     );
@@ -258,35 +263,89 @@ async fn publish_priorities_orders_by_priority_and_files_failures_for_review() {
         [("b-02", false), ("t-01", true), ("t-04", false), ("t-05", true)],
         "{text}"
     );
-    assert_eq!(summary.order.len(), 11);
+    assert_eq!(summary.order.len(), 10, "{text}");
+    assert!(summary.order.iter().all(|r| r.task_id != "t-03"), "{text}");
 
-    // The task-state table: one row per task, final states, timestamps in order.
-    let states = summary.states.as_ref().expect("SQLite keeps the state table");
-    let by_task: BTreeMap<&str, (&str, i64)> = states
+    // The cancellation: t-03 was pending when it was withdrawn.
+    let (withdrawn, outcome) = summary.cancelled.as_ref().expect("SQLite keeps task states");
+    assert_eq!(
+        (withdrawn.task_id.as_str(), outcome),
+        ("t-03", &CancelOutcome::Cancelled)
+    );
+    assert!(
+        text.contains("withdrawn by its author: p9 t-03 -> Cancelled (state now cancelled"),
+        "{text}"
+    );
+
+    // The library's task records: one per publish message sent, in final states.
+    let states = summary.states.as_ref().expect("SQLite keeps task states");
+    assert_eq!(states.len(), summary.submitted.len(), "{text}");
+    for sent in &summary.submitted {
+        let record = summary
+            .record(&sent.task_id)
+            .expect("every publish message has a record");
+        assert_eq!(
+            (record.actor.as_str(), record.queue.as_str()),
+            (sent.actor.as_str(), "publish")
+        );
+        assert!(record.status.is_final(), "{record:?}");
+    }
+    // Listed by priority, then send time.
+    let listed: Vec<&str> = states
         .iter()
-        .map(|s| (s.task_id.as_str(), (s.status.as_str(), s.retries)))
+        .map(|r| {
+            let sent = summary.submitted.iter().find(|s| s.message_id == r.message_id).unwrap();
+            sent.task_id.as_str()
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        ["t-02", "t-04", "b-01", "t-05", "t-01", "b-02", "t-03"],
+        "{text}"
+    );
+    let by_task: BTreeMap<&str, (TaskStatus, u64, Option<&str>)> = summary
+        .submitted
+        .iter()
+        .map(|s| {
+            let r = summary.record(&s.task_id).unwrap();
+            (s.task_id.as_str(), (r.status, r.attempts, r.error_type.as_deref()))
+        })
         .collect();
     assert_eq!(
         by_task,
         BTreeMap::from([
-            ("b-01", ("success", 0)),
-            ("b-02", ("failed", 1)),
-            ("t-01", ("success", 1)),
-            ("t-02", ("success", 0)),
-            ("t-03", ("success", 0)),
-            ("t-04", ("failed", 1)),
-            ("t-05", ("success", 1)),
+            ("b-01", (TaskStatus::Succeeded, 1, None)),
+            ("b-02", (TaskStatus::Failed, 2, Some("LoginExpired"))),
+            // The douyin uploads time out once, then succeed; the record keeps the last error.
+            ("t-01", (TaskStatus::Succeeded, 2, Some("UploadTimeout"))),
+            ("t-02", (TaskStatus::Succeeded, 1, None)),
+            ("t-03", (TaskStatus::Cancelled, 0, None)),
+            ("t-04", (TaskStatus::Failed, 2, Some("LoginExpired"))),
+            ("t-05", (TaskStatus::Succeeded, 2, Some("UploadTimeout"))),
         ]),
         "{text}"
     );
-    for s in states {
-        let started = s.started_at.expect("started");
-        let finished = s.finished_at.expect("finished");
-        assert!(s.created_at <= started && started <= finished, "{s:?}");
-        assert_eq!(s.error.is_some(), s.retries > 0, "{s:?}");
+    for r in states.iter().filter(|r| r.status != TaskStatus::Cancelled) {
+        let started = r.started_at.expect("started");
+        let finished = r.finished_at.expect("finished");
+        assert!(r.enqueued_at <= started && started <= finished, "{r:?}");
     }
+    let t03 = summary.record("t-03").unwrap();
+    assert_eq!(t03.started_at, None, "{t03:?}");
+    assert_eq!(t03.worker, None, "{t03:?}");
+    // Batch progress: b-01 published both posts; b-02 failed after the first.
+    assert_eq!(
+        summary.record("b-01").unwrap().progress,
+        Some(serde_json::json!({"published": 2, "of": 2}))
+    );
+    assert_eq!(
+        summary.record("b-02").unwrap().progress,
+        Some(serde_json::json!({"published": 1, "of": 2}))
+    );
+    assert!(summary.record("t-02").unwrap().progress.is_none());
+    assert!(text.contains("succeeded 4, failed 2, cancelled 1"), "{text}");
 
-    // The manual-review table: the two tasks whose retries ran out.
+    // The manual-review table: the two tasks whose retries ran out, the same that failed above.
     let mut reviews: Vec<(&str, &str, u64, Option<u64>)> = summary
         .reviews
         .iter()
@@ -302,6 +361,9 @@ async fn publish_priorities_orders_by_priority_and_files_failures_for_review() {
         "{text}"
     );
     assert!(summary.reviews.iter().all(|r| r.error.starts_with("LoginExpired: ")));
+    for review in &summary.reviews {
+        assert_eq!(summary.record(&review.task_id).unwrap().message_id, review.message_id);
+    }
     assert!(text.contains("manual review (2 rows)"), "{text}");
 }
 
