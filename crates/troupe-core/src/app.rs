@@ -116,6 +116,12 @@ impl App {
         }
     }
 
+    /// Whether the app records task states (`AppBuilder::track_tasks`).
+    #[must_use]
+    pub fn tracks_tasks(&self) -> bool {
+        self.inner.lifecycle.as_ref().is_some_and(|l| l.tracking().is_some())
+    }
+
     /// How long task records are kept (the tracking's retention; 7 days by default).
     fn task_retention(&self) -> Duration {
         self.inner

@@ -103,7 +103,7 @@ impl TaskStatus {
 
 impl fmt::Display for TaskStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -662,6 +662,11 @@ mod tests {
             assert_eq!(status.as_str().parse::<TaskStatus>().unwrap(), status);
             assert_eq!(serde_json::to_value(status).unwrap(), Value::from(status.as_str()));
         }
+        assert_eq!(
+            format!("[{:<9}]", TaskStatus::Failed),
+            "[failed   ]",
+            "width and alignment apply"
+        );
         let err = "done".parse::<TaskStatus>().unwrap_err().to_string();
         assert!(err.contains("valid: enqueued, delayed"), "{err}");
     }

@@ -121,11 +121,12 @@ impl TaskHandle {
     }
 
     /// Stores `progress` (any serialisable value) with the task's state, readable by id
-    /// through `App::task` while the task runs and after.
+    /// through `App::task` while the task runs and after. Without tracking (no state backend
+    /// that keeps task states, or `track_tasks` off) there is no record to keep it in, and the
+    /// report is dropped: actors report progress the same way whatever the app's setup.
     ///
     /// # Errors
-    /// [`Error::Config`] when the app has no state backend that keeps task states or the task
-    /// has no record (tracking is off); a store error.
+    /// A value that does not serialise; a store error.
     pub async fn report_progress(&self, progress: impl Serialize) -> Result<()> {
         let value = serde_json::to_value(progress).map_err(|e| Error::Encode(format!("progress: {e}")))?;
         self.store_progress(&value).await
@@ -143,15 +144,14 @@ impl TaskHandle {
     }
 
     async fn store_progress(&self, value: &Value) -> Result<()> {
-        let app = self.app.as_ref().ok_or(Error::NoCurrentApp)?;
-        let store = app.task_store()?;
-        if store.set_progress(&self.message_id, value, self.retention).await? {
-            Ok(())
-        } else {
-            Err(Error::Config(format!(
-                "no task record for message {} to keep its progress: turn tracking on with AppBuilder::track_tasks",
-                self.message_id
-            )))
+        let app = self.app.as_ref().filter(|app| app.tracks_tasks());
+        let Some(store) = app.and_then(|app| app.task_store().ok()) else {
+            tracing::debug!(message_id = %self.message_id, "no task store: progress not kept");
+            return Ok(());
+        };
+        if !store.set_progress(&self.message_id, value, self.retention).await? {
+            tracing::debug!(message_id = %self.message_id, "no task record (tracking is off): progress not kept");
         }
+        Ok(())
     }
 }
