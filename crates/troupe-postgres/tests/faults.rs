@@ -198,3 +198,12 @@ async fn bad_urls_missing_databases_and_privileges_are_one_clear_line() {
     let e = PostgresBroker::connect("postgres://h/db?lease=soon").await.unwrap_err();
     assert!(one_line(&e).contains("lease"), "{e}");
 }
+
+/// Two producer processes race on the same unique messages; each is enqueued once and two
+/// worker processes run each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_messages_across_processes() {
+    let schema = schema();
+    troupe_test_suite::kill::unique_across_processes(&Postgres, &schema, QUEUE, 200).await;
+    FileRuns::temp(&schema).remove();
+}

@@ -212,3 +212,11 @@ async fn passwords_never_appear_in_errors() {
     assert!(err.to_string().contains("cannot connect to Redis"), "{err}");
     assert!(!err.to_string().contains('\n'));
 }
+
+/// Two producer processes race on the same unique messages; each is enqueued once and two
+/// worker processes run each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_messages_across_processes() {
+    let ns = format!("troupe-unique-{}", uuid::Uuid::new_v4().simple());
+    troupe_test_suite::kill::unique_across_processes(&Redis, &ns, QUEUE, 200).await;
+}

@@ -132,3 +132,11 @@ async fn workers_and_producers_in_separate_processes_share_the_file() {
         .collect();
     assert_eq!(by_pid.len(), 2, "both worker processes took work");
 }
+
+/// Two producer processes race on the same unique messages; each is enqueued once and two
+/// worker processes run each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_messages_across_processes() {
+    let (_dir, path) = db();
+    kill::unique_across_processes(&Sqlite, &path, "unique", 200).await;
+}

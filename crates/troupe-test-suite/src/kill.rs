@@ -39,7 +39,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use troupe_core::middleware::TaskTracking;
-use troupe_core::{Actor, ActorError, ActorOptions, App, AppBuilder, Broker, QueueStats, StateBackend, TaskStatus};
+use troupe_core::{
+    Actor, ActorError, ActorOptions, App, AppBuilder, Broker, QueueStats, SendOptions, StateBackend, TaskStatus,
+};
 use troupe_worker::{Worker, WorkerBuilder};
 
 const ROLE: &str = "TROUPE_KILL_ROLE";
@@ -231,6 +233,9 @@ pub enum Role {
     Worker,
     /// Sends `record(n)` for each `n` of the range, then exits.
     Producer(Range<u64>),
+    /// Sends `record(n)` for each `n` of the range as a unique message (`unique_for` an hour;
+    /// needs the backend's [`KillBackend::state`]), then exits.
+    UniqueProducer(Range<u64>),
 }
 
 /// The body of a test binary's `child` test: does nothing when the binary was not started as a
@@ -262,11 +267,18 @@ pub fn child<B: KillBackend>(backend: &B) {
                 eprintln!("child: worker started");
                 std::future::pending::<()>().await;
             }
-            "producer" => {
+            "producer" | "unique-producer" => {
                 let from: u64 = var(FROM).parse().expect("a number");
                 let to: u64 = var(TO).parse().expect("a number");
+                let options = if role == "unique-producer" {
+                    SendOptions::new().unique_for(Duration::from_secs(3600))
+                } else {
+                    SendOptions::new()
+                };
                 for n in from..to {
-                    app.send(&record, (n,)).await.expect("enqueue");
+                    app.send_with_options(&record, (n,), options.clone())
+                        .await
+                        .expect("enqueue");
                 }
                 eprintln!("child: produced {from}..{to}");
             }
@@ -300,6 +312,51 @@ async fn check_states(app: &App, ids: &[String]) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Two producer processes race to send the same `messages` unique messages (`record(n)` for
+/// each n, `unique_for` an hour), then two worker processes run them: each must run exactly
+/// once (the producers enqueued one message per n between them). Needs the backend's
+/// [`KillBackend::state`].
+///
+/// # Panics
+/// On a message run twice or never, or when a child fails.
+pub async fn unique_across_processes<B: KillBackend>(backend: &B, place: &str, queue: &str, messages: u64) {
+    let (broker, runs) = backend.open(place).await;
+    assert!(backend.state(place).await.is_some(), "{} keeps no task states", B::NAME);
+    runs.prepare().await;
+    let mut producers = [
+        spawn(&Role::UniqueProducer(0..messages), place, queue),
+        spawn(&Role::UniqueProducer(0..messages), place, queue),
+    ];
+    for producer in &mut producers {
+        let status = producer.wait();
+        assert!(status.success(), "a producer failed: {}", producer.log());
+    }
+    let queued = broker.stats(queue).await.expect("stats");
+    let workers = [spawn(&Role::Worker, place, queue), spawn(&Role::Worker, place, queue)];
+    let all = usize::try_from(messages).expect("a count");
+    let done = wait_runs(&runs, all, Duration::from_secs(60)).await;
+    // Let a duplicate, had there been one, run too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let done = if done.len() >= all { runs.counts().await } else { done };
+    drop(workers);
+    let missing: Vec<u64> = (0..messages).filter(|n| !done.contains_key(n)).collect();
+    let twice: Vec<u64> = done.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+    eprintln!(
+        "{} unique messages across processes: 2 producers x {messages} sends, {} queued, {} ran, {} twice",
+        B::NAME,
+        queued.ready + queued.delayed,
+        done.len(),
+        twice.len()
+    );
+    assert!(missing.is_empty(), "never ran: {missing:?}");
+    assert!(twice.is_empty(), "ran twice: {twice:?}");
+    assert_eq!(
+        queued.ready + queued.delayed,
+        messages,
+        "one message per key was enqueued"
+    );
 }
 
 /// A child process and the lines of its stderr so far. Dropping it kills the process.
@@ -363,6 +420,11 @@ pub fn spawn(role: &Role, place: &str, queue: &str) -> Spawned {
         }
         Role::Producer(range) => {
             cmd.env(ROLE, "producer")
+                .env(FROM, range.start.to_string())
+                .env(TO, range.end.to_string());
+        }
+        Role::UniqueProducer(range) => {
+            cmd.env(ROLE, "unique-producer")
                 .env(FROM, range.start.to_string())
                 .env(TO, range.end.to_string());
         }
