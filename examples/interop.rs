@@ -27,6 +27,27 @@
 //! A Redis URL may carry the key prefix as `?namespace=NAME` (Dramatiq's `namespace`, default
 //! `dramatiq`).
 //!
+//! # Cancellation, with Python's dramatiq-abort
+//!
+//! The worker keeps cancellation requests in the state backend of `--state-url`, which
+//! defaults to the results URL (so a plain Redis run needs no new flag); with it, cancellation
+//! is on. On Redis the requests are those of Python's dramatiq-abort (its `RedisBackend`, key
+//! prefix `dramatiq:aborts:`, or `?abort_namespace=PREFIX` in the URL): a message Python's
+//! `abort(id, mode=AbortMode.CANCEL)` cancelled is skipped (acked, never run), and a running one
+//! that `abort(id)` aborts is dropped at its next `.await` (`sleep_ms` mid-sleep) and acked,
+//! never retried. The other way, `cancel` asks Python workers with the `Abortable` middleware
+//! (and Troupe workers) to skip a pending message or abort a running one; it prints the outcome
+//! as one word, `cancelled`, `aborting`, `running`, `finished:STATUS` or `unknown` (no task
+//! record of the message: tracking is off, or a Python producer sent it; the request is made all
+//! the same).
+//!
+//! ```text
+//! cargo run -p troupe --all-features --example interop -- cancel --message-id ID            # abort
+//! cargo run -p troupe --all-features --example interop -- cancel --message-id ID --mode pending \
+//!     --state-url redis://127.0.0.1:6379/0
+//! #   python: Abortable(backend=RedisBackend(client=redis.Redis())) on the broker
+//! ```
+//!
 //! On RabbitMQ (`amqp://`), as Python users run Dramatiq (`RabbitmqBroker` with a Redis
 //! `RedisBackend`), the results go to the Redis that `--results-url` names; it is required,
 //! since an `amqp://` broker keeps no results. Queues declared with `max_priority` by Python must
@@ -58,9 +79,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The broker used when no `--broker-url` is given.
 pub const DEFAULT_BROKER_URL: &str = "redis://127.0.0.1:6379/0";
 
-/// Command line: `worker` or `send`.
+/// Command line: `worker`, `send` or `cancel`.
 #[derive(Debug, clap::Parser)]
-#[command(about = "Troupe and Python Dramatiq on one Redis or RabbitMQ: a worker, or a producer")]
+#[command(about = "Troupe and Python Dramatiq on one Redis or RabbitMQ: a worker, a producer, or a cancellation")]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -74,15 +95,17 @@ pub enum Command {
     Worker(WorkerCommand),
     /// Enqueue one message by actor name and print its message_id.
     Send(SendArgs),
+    /// Cancel a message (as dramatiq-abort's `abort`) and print the outcome.
+    Cancel(CancelArgs),
 }
 
 /// Flags of `worker`: the standard worker flags and the actors' queue.
 #[derive(Debug, clap::Args)]
 pub struct WorkerCommand {
-    /// The standard worker flags (`--broker-url`, `--results-url`, `--queues`, `-c`, ...); the
-    /// broker defaults to `redis://127.0.0.1:6379/0` (`amqp://` for RabbitMQ), the results to
-    /// the broker URL when it is a Redis one (`--results-url` is required with any other
-    /// broker).
+    /// The standard worker flags (`--broker-url`, `--results-url`, `--state-url`, `--queues`,
+    /// `-c`, ...); the broker defaults to `redis://127.0.0.1:6379/0` (`amqp://` for RabbitMQ),
+    /// the results to the broker URL when it is a Redis one (`--results-url` is required with
+    /// any other broker), the state (cancellation requests) to the results URL.
     #[command(flatten)]
     pub worker: WorkerArgs,
     /// The queue of the actors (the Python peer's `--actor-queue`).
@@ -115,6 +138,41 @@ pub struct SendArgs {
     /// A message option, `KEY=JSON` (`max_retries=0`, `result_ttl=60000`); repeatable.
     #[arg(long = "option", value_name = "KEY=JSON")]
     pub options: Vec<String>,
+}
+
+/// Flags of `cancel`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CancelArgs {
+    /// The state backend where workers look for cancellation requests (the worker's
+    /// `--state-url`, by default its results URL): redis://HOST[:PORT][/DB][?namespace=NAME],
+    /// or any state backend URL.
+    #[arg(long, env = "TROUPE_STATE_URL", default_value = DEFAULT_BROKER_URL)]
+    pub state_url: String,
+    /// The message to cancel.
+    #[arg(long)]
+    pub message_id: String,
+    /// `pending`: only if it has not started (dramatiq-abort's `AbortMode.CANCEL`); `abort`: a
+    /// running message is stopped too (`AbortMode.ABORT`).
+    #[arg(long, value_enum, default_value_t = CancelModeArg::Abort)]
+    pub mode: CancelModeArg,
+}
+
+/// The `--mode` of `cancel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CancelModeArg {
+    /// Cancel it if it is pending; a running message goes on.
+    Pending,
+    /// Cancel it if it is pending, stop it if it is running.
+    Abort,
+}
+
+impl From<CancelModeArg> for CancelMode {
+    fn from(mode: CancelModeArg) -> Self {
+        match mode {
+            CancelModeArg::Pending => Self::Pending,
+            CancelModeArg::Abort => Self::Abort,
+        }
+    }
 }
 
 /// Whether the actors print what they receive (the `worker` command does).
@@ -191,7 +249,8 @@ pub async fn fail_always() -> Result<(), ActorError> {
     Err(ActorError::new("ValueError", "fail_always always fails"))
 }
 
-/// Sleeps `ms` milliseconds and returns `ms`.
+/// Sleeps `ms` milliseconds and returns `ms`. Async: a cancellation in mode abort drops it
+/// mid-sleep (the message is acked, never retried).
 #[troupe::actor(store_results = true)]
 pub async fn sleep_ms(ms: u64) -> u64 {
     record("sleep_ms", json!({"ms": ms}));
@@ -212,8 +271,25 @@ pub fn build_app(broker: Arc<dyn Broker>, results: Arc<dyn ResultBackend>) -> tr
 /// # Errors
 /// As [`App::builder`]'s `build`.
 pub fn build_app_on(broker: Arc<dyn Broker>, results: Arc<dyn ResultBackend>, queue: &str) -> troupe::Result<App> {
-    App::builder(broker)
-        .results(results)
+    build_app_with(broker, results, None, queue)
+}
+
+/// The app of a worker with the four actors on `queue`, and the state backend `state` when
+/// given: then its workers honour cancellation requests (dramatiq-abort's too, on Redis).
+///
+/// # Errors
+/// As [`App::builder`]'s `build`.
+pub fn build_app_with(
+    broker: Arc<dyn Broker>,
+    results: Arc<dyn ResultBackend>,
+    state: Option<Arc<dyn StateBackend>>,
+    queue: &str,
+) -> troupe::Result<App> {
+    let mut builder = App::builder(broker).results(results);
+    if let Some(state) = state {
+        builder = builder.state(state);
+    }
+    builder
         .actor(OnQueue::new(Add, queue))
         .actor(OnQueue::new(Echo, queue))
         .actor(OnQueue::new(FailAlways, queue))
@@ -265,13 +341,12 @@ impl<A: Actor> Actor for OnQueue<A> {
     }
 }
 
-/// Runs a worker with the interop actors until SIGINT or SIGTERM (`troupe::run_worker_with`),
-/// each call printed as a JSON line on stdout. Returns Dramatiq's exit code (0 clean, 2 bad
-/// configuration, 3 broker or results backend unreachable).
+/// Fills in the defaults of `worker`: the broker URL, the results URL (the broker's when it is
+/// Redis), the state URL (the results URL).
 ///
 /// # Errors
 /// No results URL (the broker is not Redis, `amqp://` say, and no `--results-url`).
-pub async fn worker(mut command: WorkerCommand) -> Result<u8, BoxError> {
+pub fn worker_defaults(command: &mut WorkerCommand) -> Result<(), BoxError> {
     let broker_url = command
         .worker
         .broker_url
@@ -289,13 +364,28 @@ pub async fn worker(mut command: WorkerCommand) -> Result<u8, BoxError> {
             .into());
         }
     }
+    if command.worker.state_url.is_none() {
+        command.worker.state_url.clone_from(&command.worker.results_url);
+    }
+    Ok(())
+}
+
+/// Runs a worker with the interop actors until SIGINT or SIGTERM (`troupe::run_worker_with`),
+/// each call printed as a JSON line on stdout, cancellation requests read from the state
+/// backend (see [`worker_defaults`]). Returns Dramatiq's exit code (0 clean, 2 bad
+/// configuration, 3 broker, results or state backend unreachable).
+///
+/// # Errors
+/// No results URL (the broker is not Redis, `amqp://` say, and no `--results-url`).
+pub async fn worker(mut command: WorkerCommand) -> Result<u8, BoxError> {
+    worker_defaults(&mut command)?;
     PRINT_CALLS.store(true, Ordering::Relaxed);
     let queue = command.actor_queue;
     Ok(troupe::run_worker_status_with(command.worker, |backends| {
         let results = backends
             .results
             .ok_or_else(|| troupe::Error::Config("the interop actors need a results backend".into()))?;
-        build_app_on(backends.broker, results, &queue)
+        build_app_with(backends.broker, results, backends.state, &queue)
     })
     .await)
 }
@@ -328,12 +418,43 @@ pub async fn send(args: SendArgs, out: &mut dyn Write) -> Result<Message, BoxErr
     Ok(enqueued)
 }
 
+/// Cancels the message `args` names through an app without actors (its broker in memory, only
+/// its state backend is used), prints the outcome on `out` as one word (`cancelled`,
+/// `aborting`, `running`, `finished:STATUS`, `unknown`) and returns it.
+///
+/// # Errors
+/// A bad state URL, or a state backend error.
+pub async fn cancel(args: CancelArgs, out: &mut dyn Write) -> Result<CancelOutcome, BoxError> {
+    let state = connect_state(&args.state_url).await?;
+    let app = App::builder(connect("memory://").await?).state(state).build()?;
+    let outcome = app.cancel_with(&args.message_id, args.mode.into()).await?;
+    writeln!(out, "{}", outcome_word(&outcome))?;
+    Ok(outcome)
+}
+
+/// The word `cancel` prints for `outcome`.
+#[must_use]
+pub fn outcome_word(outcome: &CancelOutcome) -> String {
+    match outcome {
+        CancelOutcome::Cancelled => "cancelled".into(),
+        CancelOutcome::Aborting => "aborting".into(),
+        CancelOutcome::Running => "running".into(),
+        CancelOutcome::Finished(status) => format!("finished:{status}"),
+        CancelOutcome::Unknown => "unknown".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<ExitCode, BoxError> {
     match <Cli as clap::Parser>::parse().command {
         Command::Worker(command) => Ok(ExitCode::from(worker(command).await?)),
         Command::Send(args) => {
             send(args, &mut std::io::stdout()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel(args) => {
+            cancel(args, &mut std::io::stdout()).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

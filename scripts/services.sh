@@ -49,13 +49,14 @@ ensure_rabbitmq() {
 }
 
 # The real Python peer for the interoperability tests (tests/interop): a venv with Dramatiq
-# 2.2.1 and its Redis and RabbitMQ clients, made once and kept under ~/.cache. Exports
-# TROUPE_DRAMATIQ_PYTHON, which the tests use.
+# 2.2.1 and its Redis and RabbitMQ clients, and dramatiq-abort 1.2.1 (cancellation), made once
+# and kept under ~/.cache. Exports TROUPE_DRAMATIQ_PYTHON, which the tests use.
 DRAMATIQ_VERSION=2.2.1
+DRAMATIQ_ABORT_VERSION=1.2.1
 ensure_dramatiq_venv() {
   local venv="${TROUPE_VENV:-$HOME/.cache/troupe/venv-dramatiq}"
   local python="$venv/bin/python"
-  local check="import sys, dramatiq, redis, pika; sys.exit(dramatiq.__version__ != '$DRAMATIQ_VERSION')"
+  local check="import sys, dramatiq, dramatiq_abort, redis, pika; sys.exit(dramatiq.__version__ != '$DRAMATIQ_VERSION' or dramatiq_abort.__version__ != '$DRAMATIQ_ABORT_VERSION')"
   if ! { [ -x "$python" ] && "$python" -c "$check" >/dev/null 2>&1; }; then
     echo "scripts/test: creating the Dramatiq $DRAMATIQ_VERSION venv at $venv" >&2
     local log
@@ -63,10 +64,10 @@ ensure_dramatiq_venv() {
     if ! { mkdir -p "$(dirname "$venv")" && python3 -m venv --clear "$venv" >"$log" 2>&1; }; then
       venv_failed "python3 -m venv $venv failed: $(tail -n1 "$log")"
     elif ! "$python" -m pip install --quiet --disable-pip-version-check \
-      "dramatiq[redis,rabbitmq]==$DRAMATIQ_VERSION" >"$log" 2>&1; then
-      venv_failed "pip install 'dramatiq[redis,rabbitmq]==$DRAMATIQ_VERSION' into $venv failed: $(grep -i error "$log" | tail -n1)"
+      "dramatiq[redis,rabbitmq]==$DRAMATIQ_VERSION" "dramatiq-abort==$DRAMATIQ_ABORT_VERSION" >"$log" 2>&1; then
+      venv_failed "pip install 'dramatiq[redis,rabbitmq]==$DRAMATIQ_VERSION' 'dramatiq-abort==$DRAMATIQ_ABORT_VERSION' into $venv failed: $(grep -i error "$log" | tail -n1)"
     elif ! "$python" -c "$check" >"$log" 2>&1; then
-      venv_failed "the venv at $venv does not import dramatiq $DRAMATIQ_VERSION, redis and pika: $(tail -n1 "$log")"
+      venv_failed "the venv at $venv does not import dramatiq $DRAMATIQ_VERSION, dramatiq-abort $DRAMATIQ_ABORT_VERSION, redis and pika: $(tail -n1 "$log")"
     fi
     rm -f "$log"
   fi

@@ -1,14 +1,16 @@
 //! Redis interoperability with the real Python Dramatiq (2.2.1), both directions: messages,
 //! results, delays, retries into the dead letters, and a queue shared by a Troupe worker and a
-//! Python worker at once. The same on RabbitMQ (results in Redis) in `rabbitmq.rs`.
+//! Python worker at once. The same on RabbitMQ (results in Redis) in `rabbitmq.rs`;
+//! cancellation with Python's dramatiq-abort (1.2.1) in `cancel.rs`.
 //!
 //! The Python side is `tests/interop/peer.py`, run with `TROUPE_DRAMATIQ_PYTHON` (scripts/test
-//! makes that venv) or `~/.cache/troupe/venv-dramatiq/bin/python`. The Redis server is
+//! makes that venv, with dramatiq-abort) or `~/.cache/troupe/venv-dramatiq/bin/python`. The Redis server is
 //! `TROUPE_REDIS_URL` (default `redis://127.0.0.1:6379/0`). Each test works in its own
 //! namespace, so they run in parallel; its keys are deleted at the end.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod cancel;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../examples/interop.rs"]
 mod interop;
@@ -64,6 +66,8 @@ struct Env {
     url: String,
     broker: RedisBroker,
     results: Arc<dyn ResultBackend>,
+    /// Message ids with dramatiq-abort keys (outside the namespace), deleted at the end.
+    aborts: std::sync::Mutex<Vec<String>>,
 }
 
 impl Env {
@@ -82,7 +86,14 @@ impl Env {
             url,
             broker,
             results,
+            aborts: std::sync::Mutex::default(),
         }
+    }
+
+    /// Deletes the dramatiq-abort keys of `message_id` at the end (they live outside the
+    /// namespace: `dramatiq:aborts:{cancel,abort}:{id}`).
+    fn clean_aborts_of(&self, message_id: &str) {
+        self.aborts.lock().unwrap().push(message_id.to_owned());
     }
 
     /// An app with the interop example's actors, on this namespace.
@@ -135,7 +146,14 @@ impl Env {
 
     /// Starts `peer.py worker --until-empty default`; returns once its worker has started.
     async fn start_python_worker(&self) -> PythonWorker {
-        let mut command = self.peer_command(&["worker", "--until-empty", "default", "--seconds", "20"]);
+        self.start_python_worker_with(&[]).await
+    }
+
+    /// Starts `peer.py worker --until-empty default EXTRA..`; returns once its worker has started.
+    async fn start_python_worker_with(&self, extra: &[&str]) -> PythonWorker {
+        let mut args = vec!["worker", "--until-empty", "default", "--seconds", "20"];
+        args.extend_from_slice(extra);
+        let mut command = self.peer_command(&args);
         tokio::task::spawn_blocking(move || {
             let mut child = command
                 .stdin(Stdio::null())
@@ -189,10 +207,17 @@ impl Drop for Env {
         let Ok(mut conn) = redis::Client::open(base_url()).and_then(|c| c.get_connection()) else {
             return;
         };
-        let keys: Vec<String> = redis::cmd("KEYS")
+        let mut keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}:*", self.namespace))
             .query(&mut conn)
             .unwrap_or_default();
+        let aborts = self.aborts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in aborts.iter() {
+            keys.extend([
+                format!("dramatiq:aborts:cancel:{id}"),
+                format!("dramatiq:aborts:abort:{id}"),
+            ]);
+        }
         if !keys.is_empty() {
             let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut conn);
         }
@@ -206,6 +231,24 @@ struct PythonWorker {
 }
 
 impl PythonWorker {
+    /// Reads its output until the call of `message_id` starts (needs `--print-starts`).
+    async fn wait_for_call(mut self, message_id: &str) -> Self {
+        let id = message_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            loop {
+                let mut line = String::new();
+                let n = self.stdout.read_line(&mut line).unwrap();
+                assert!(n > 0, "the Python worker stopped before it started {id}");
+                let doc: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                if doc["call_started"]["message_id"] == id.as_str() {
+                    return self;
+                }
+            }
+        })
+        .await
+        .unwrap()
+    }
+
     /// Waits for it to stop (its queue empty); returns what its actors received.
     async fn finish(self) -> Vec<Value> {
         let Self { mut child, mut stdout } = self;
@@ -217,7 +260,9 @@ impl PythonWorker {
             let status = child.wait().unwrap();
             assert!(status.success(), "the Python worker failed: {status}\n{stderr}");
             assert!(!stderr.contains("did not drain"), "{stderr}");
-            json_lines(&rest)
+            let mut records = json_lines(&rest);
+            records.retain(|r| r.get("call_started").is_none());
+            records
         })
         .await
         .unwrap()

@@ -1,13 +1,16 @@
 """The Python Dramatiq peer of Troupe's interoperability tests (tests/interop/main.rs).
 
-Runs under the venv that scripts/services.sh makes (dramatiq 2.2.1 with redis and pika):
+Runs under the venv that scripts/services.sh makes (dramatiq 2.2.1 with redis and pika,
+dramatiq-abort 1.2.1):
 
     peer.py send ACTOR --args JSON [--kwargs JSON] [--options JSON] [--delay-ms N] [--queue Q]
     peer.py send-batch              < JSON lines {"actor", "args", "kwargs", "options", "delay_ms", "queue"}
     peer.py worker [--seconds N | --until-empty QUEUE [--expect N]] [--threads N] [--prefetch N]
+                   [--print-starts]
     peer.py get-result MESSAGE_JSON... [--timeout-ms N]
     peer.py dlq QUEUE
     peer.py declare QUEUE
+    peer.py abort MESSAGE_ID [--mode abort|cancel]        (Redis only)
 
 Every command takes:
 
@@ -24,7 +27,17 @@ On RabbitMQ the broker is `RabbitmqBroker(url=..., confirm_delivery=True, max_pr
 Output is JSON on stdout, one document per line.
 
 The actors are those of examples/interop.rs: add(a, b), echo(value), fail_always() and
-sleep_ms(ms). Each records what it received; `worker` prints those records when it stops.
+sleep_ms(ms). Each records what it received; `worker` prints those records when it stops
+(with --print-starts it also prints {"call_started": {"actor", "message_id"}} as each call
+starts).
+
+On Redis the broker has dramatiq-abort's `Abortable` middleware with its `RedisBackend` (key
+prefix "dramatiq:aborts:") on the broker's Redis, so the worker skips a message cancelled before
+it starts and aborts a running one. `sleep_ms` sleeps in 20 ms slices: dramatiq-abort raises
+`Abort` in the actor's thread between Python instructions, never inside one `time.sleep`. It has
+`throws=(Abort,)`, so an aborted message is not retried (Dramatiq fails it: a dead letter, and
+an `Abort` failure as its result). `abort` is dramatiq-abort's `abort(message_id, mode=...)`,
+which prints {"abort": MESSAGE_ID, "mode": MODE}.
 
 `worker --until-empty QUEUE` stops once nothing is left to do. On Redis that is Dramatiq's own
 `broker.join` (it counts the messages in flight). RabbitMQ's `join` does not count unacked
@@ -40,16 +53,22 @@ import threading
 import time
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.errors import QueueJoinTimeout
 from dramatiq.middleware import CurrentMessage
 from dramatiq.results import Results, ResultFailure, ResultMissing, ResultTimeout
 from dramatiq.results.backends import RedisBackend
+from dramatiq_abort import Abort, Abortable, abort
+from dramatiq_abort.backends import RedisBackend as AbortBackend
+from dramatiq_abort.middleware import AbortMode
 
 RECEIVED = []
 _LOCK = threading.Lock()
 # RabbitMQ: deliveries the worker's consumers took and did not ack or nack yet.
 IN_FLIGHT = [0]
+# Whether each call prints a {"call_started": ...} line at once (worker --print-starts).
+PRINT_STARTS = [False]
 
 DEFAULT_URLS = {"redis": "redis://127.0.0.1:6379/0", "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/%2f"}
 
@@ -68,6 +87,12 @@ def record(actor, **received):
                 "at_ms": int(time.time() * 1000),
             }
         )
+        if PRINT_STARTS[0]:
+            emit(call_started(RECEIVED[-1]))
+
+
+def call_started(received):
+    return {"call_started": {"actor": received["actor"], "message_id": received["message_id"]}}
 
 
 def in_flight(delta):
@@ -114,6 +139,8 @@ def setup(opts):
     backend = RedisBackend(url=opts.results_url)
     broker.add_middleware(Results(backend=backend))
     broker.add_middleware(CurrentMessage())
+    if opts.broker == "redis":
+        broker.add_middleware(Abortable(backend=AbortBackend(client=redis.Redis.from_url(opts.url))))
     dramatiq.set_broker(broker)
     queue = opts.actor_queue
 
@@ -132,10 +159,14 @@ def setup(opts):
         record("fail_always")
         raise ValueError("fail_always always fails")
 
-    @dramatiq.actor(store_results=True, queue_name=queue)
+    # Sleeps in slices so that dramatiq-abort's Abort (raised between Python instructions)
+    # stops it mid-sleep; not retried when aborted (on RabbitMQ there is no Abortable).
+    @dramatiq.actor(store_results=True, queue_name=queue, throws=(Abort,))
     def sleep_ms(ms):
         record("sleep_ms", ms=ms)
-        time.sleep(ms / 1000)
+        deadline = time.monotonic() + ms / 1000
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.02))
         return ms
 
     actors = {"add": add, "echo": echo, "fail_always": fail_always, "sleep_ms": sleep_ms}
@@ -213,7 +244,13 @@ def cmd_worker(broker, backend, actors, opts):
     if opts.prefetch:
         worker.queue_prefetch = opts.prefetch
     worker.start()
-    emit({"started": True})
+    with _LOCK:
+        # First line, before any call_started (a call may have started already).
+        emit({"started": True})
+        if opts.print_starts:
+            PRINT_STARTS[0] = True
+            for received in RECEIVED:
+                emit(call_started(received))
     try:
         if opts.until_empty:
             timeout = int(opts.seconds * 1000) if opts.seconds else None
@@ -318,6 +355,15 @@ def cmd_declare(broker, backend, actors, opts):
     emit({"declared": opts.queue})
 
 
+def cmd_abort(broker, backend, actors, opts):
+    """dramatiq-abort's abort(MESSAGE_ID, mode=...), through the Abortable of the global broker."""
+    if opts.broker != "redis":
+        raise SystemExit("peer.py abort: dramatiq-abort is set up on the Redis broker only")
+    mode = AbortMode(opts.mode)
+    abort(opts.message_id, mode=mode)
+    emit({"abort": opts.message_id, "mode": mode.value})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -347,6 +393,7 @@ def main():
     worker.add_argument("--expect", type=int, default=0, help="RabbitMQ: with --until-empty, also wait for N calls")
     worker.add_argument("--threads", type=int, default=4, help="worker threads")
     worker.add_argument("--prefetch", type=int, default=0, help="queue prefetch (default: 2 x threads)")
+    worker.add_argument("--print-starts", action="store_true", help="print a line as each call starts")
     worker.set_defaults(run=cmd_worker)
 
     get = sub.add_parser("get-result", parents=[common], help="read stored results")
@@ -361,6 +408,11 @@ def main():
     declare = sub.add_parser("declare", parents=[common], help="declare QUEUE")
     declare.add_argument("queue")
     declare.set_defaults(run=cmd_declare)
+
+    abort_ = sub.add_parser("abort", parents=[common], help="dramatiq-abort's abort(MESSAGE_ID, mode=MODE)")
+    abort_.add_argument("message_id")
+    abort_.add_argument("--mode", choices=[m.value for m in AbortMode], default=AbortMode.ABORT.value)
+    abort_.set_defaults(run=cmd_abort)
 
     opts = parser.parse_args()
     if opts.command == "worker" and not (opts.seconds or opts.until_empty):
