@@ -343,10 +343,9 @@ impl App {
                 }
             }
         };
-        for (message, delay) in enqueued.iter().zip(delays) {
-            for m in self.inner.middleware.iter().rev() {
-                (**m).after_enqueue(self, message, delay).await;
-            }
+        let batch: Vec<(Message, Option<Duration>)> = enqueued.iter().cloned().zip(delays).collect();
+        for m in self.inner.middleware.iter().rev() {
+            (**m).after_enqueue_many(self, &batch).await;
         }
         Ok(slots
             .into_iter()

@@ -172,6 +172,10 @@ pub struct TaskUpdate {
     pub at: u64,
     /// The eta, for delayed and retrying messages (cleared otherwise).
     pub eta: Option<u64>,
+    /// When the attempt started, when known (kept otherwise; a `running` update without it
+    /// starts at `at`). A final update carries it, so an attempt that ended before its
+    /// `running` state was written still shows when it started.
+    pub started_at: Option<u64>,
     /// Attempts started so far.
     pub attempts: u64,
     /// The error's type, when the change is a failure (kept otherwise).
@@ -202,6 +206,7 @@ impl TaskUpdate {
             version,
             at: crate::now_ms(),
             eta: None,
+            started_at: None,
             attempts: 0,
             error_type: None,
             error: None,
@@ -234,14 +239,21 @@ impl TaskUpdate {
         record
     }
 
+    /// The start time this update sets: its `started_at`, else `at` for a `running` update.
+    #[must_use]
+    pub fn started(&self) -> Option<u64> {
+        self.started_at
+            .or_else(|| (self.status == TaskStatus::Running).then_some(self.at))
+    }
+
     /// Applies this update to `record` (the store has checked the version).
     pub fn apply_to(&self, record: &mut TaskRecord) {
         record.status = self.status;
         record.updated_at = self.at;
         record.eta = self.eta;
         record.attempts = self.attempts;
-        if self.status == TaskStatus::Running {
-            record.started_at = Some(self.at);
+        if let Some(started) = self.started() {
+            record.started_at = Some(started);
         }
         if self.status.is_final() {
             record.finished_at = Some(self.at);

@@ -117,7 +117,7 @@ end
 redis.call('HSET', h, 'status', st, 'updated_at', at, 'attempts', ARGV[10], 'version', ARGV[7],
   'expires_at', ARGV[15])
 if ARGV[9] ~= '' then redis.call('HSET', h, 'eta', ARGV[9]) else redis.call('HDEL', h, 'eta') end
-if ARGV[17] == '1' then redis.call('HSET', h, 'started_at', at) end
+if ARGV[17] ~= '' then redis.call('HSET', h, 'started_at', ARGV[17]) end
 if ARGV[18] == '1' then redis.call('HSET', h, 'finished_at', at) end
 if ARGV[12] ~= '' then
   redis.call('HSET', h, 'error', string.sub(ARGV[12], 2))
@@ -558,7 +558,7 @@ impl RedisState {
             .arg(opt(args.as_deref()))
             .arg(expires_at)
             .arg(pexpire)
-            .arg(if update.status == TaskStatus::Running { "1" } else { "0" })
+            .arg(update.started().map(|t| t.to_string()).unwrap_or_default())
             .arg(if update.status.is_final() { "1" } else { "0" })
             .arg(TaskStatus::Cancelled.as_str());
         Ok(invocation)

@@ -72,7 +72,7 @@ impl<'a> TaskWrite<'a> {
             status: update.status.as_str(),
             version: int(update.version),
             at,
-            started_at: (update.status == TaskStatus::Running).then_some(at),
+            started_at: update.started().map(int),
             finished_at: update.status.is_final().then_some(at),
             eta: update.eta.map(int),
             attempts: int(update.attempts),

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::task_handle::RunningSignal;
 use super::{Middleware, Next, Outcome, ProcessContext};
 use crate::app::App;
 use crate::error::Result;
@@ -25,6 +26,11 @@ pub struct TaskTracking {
     pub retention: Duration,
     /// Whether records keep the message's arguments (off: they may be large or private).
     pub keep_args: bool,
+    /// How long an attempt runs before its `running` state is written (100 ms). An attempt
+    /// that ends sooner is recorded once, in its final state (with its start time), which
+    /// halves the writes of short tasks; `Duration::ZERO` writes `running` before every
+    /// attempt.
+    pub running_after: Duration,
 }
 
 impl Default for TaskTracking {
@@ -32,6 +38,7 @@ impl Default for TaskTracking {
         Self {
             retention: crate::tasks::DEFAULT_TASK_RETENTION,
             keep_args: false,
+            running_after: Duration::from_millis(100),
         }
     }
 }
@@ -48,6 +55,14 @@ impl TaskTracking {
     #[must_use]
     pub fn keep_args(mut self, on: bool) -> Self {
         self.keep_args = on;
+        self
+    }
+
+    /// Writes `running` once an attempt has run for `after` (see
+    /// [`running_after`](Self::running_after)).
+    #[must_use]
+    pub fn running_after(mut self, after: Duration) -> Self {
+        self.running_after = after;
         self
     }
 }
@@ -316,6 +331,25 @@ impl TaskLifecycle {
         .await
     }
 
+    /// Writes an attempt's `running` state; says whether the record turned out cancelled.
+    async fn write_running(&self, store: &dyn TaskStore, update: &TaskUpdate) -> Started {
+        match self.record(store, update).await {
+            Ok(true) => Started::Recorded,
+            Ok(false) => {
+                let record = store.task(&update.message_id).await.ok().flatten();
+                if record.is_some_and(|r| r.status == TaskStatus::Cancelled) {
+                    Started::Cancelled
+                } else {
+                    Started::Recorded
+                }
+            }
+            Err(e) => {
+                tracing::error!(message_id = %update.message_id, error = %e, "could not record the running task state");
+                Started::Recorded
+            }
+        }
+    }
+
     /// Skips a cancelled message: records it cancelled and frees its unique key.
     async fn skip_cancelled(&self, store: &dyn TaskStore, cx: &mut ProcessContext, version: u64) -> Outcome {
         tracing::info!(message_id = %cx.message().message_id, "message was cancelled; skipping it");
@@ -352,6 +386,15 @@ impl TaskLifecycle {
             tokio::spawn(async move { expire_records(store_backend, stop).await });
         }
     }
+}
+
+/// What writing `running` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Started {
+    /// Written, or refused for a newer state: the attempt goes on.
+    Recorded,
+    /// The record is cancelled: the attempt must not run.
+    Cancelled,
 }
 
 /// Splits a traceback `Type: text` into its parts.
@@ -493,6 +536,25 @@ impl Middleware for TaskLifecycle {
         }
     }
 
+    async fn after_enqueue_many(&self, app: &App, messages: &[(Message, Option<Duration>)]) {
+        if self.tracking.is_none() || messages.is_empty() {
+            return;
+        }
+        let Ok(store) = app.task_store() else { return };
+        let updates: Vec<TaskUpdate> = messages
+            .iter()
+            .map(|(message, delay)| self.enqueued(message, *delay))
+            .collect();
+        let retention = self.retention();
+        let written = durable("record the enqueued task states", || {
+            store.record_many(&updates, retention)
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::error!(messages = updates.len(), error = %e, "could not record the enqueued task states");
+        }
+    }
+
     async fn on_worker_boot(&self, app: &App) {
         self.start_watcher(app);
     }
@@ -519,33 +581,38 @@ impl Middleware for TaskLifecycle {
                 }
             }
         }
-        if self.tracking.is_some() {
-            let mut update = self.update(cx.message(), TaskStatus::Running, task_version(retries, 1));
-            update.attempts = retries + 1;
-            update.worker = Some(worker_id().to_owned());
-            match self.record(store, &update).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    let cancelled = store
-                        .task(&id)
-                        .await
-                        .ok()
-                        .flatten()
-                        .is_some_and(|r| r.status == TaskStatus::Cancelled);
-                    if cancelled {
-                        return self.skip_cancelled(store, cx, task_version(retries, 2)).await;
-                    }
-                }
-                Err(e) => tracing::error!(message_id = %id, error = %e, "could not record the running task state"),
+        let started = crate::now_ms();
+        let running = match &self.tracking {
+            Some(tracking) => {
+                let mut update = self.update(cx.message(), TaskStatus::Running, task_version(retries, 1));
+                update.attempts = retries + 1;
+                update.worker = Some(worker_id().to_owned());
+                update.started_at = Some(started);
+                let signal = Arc::new(RunningSignal::new());
+                let task = cx
+                    .task()
+                    .clone()
+                    .with_retention(self.retention())
+                    .with_running_signal(Arc::clone(&signal));
+                cx.set_task(task);
+                Some((update, tracking.running_after, signal))
             }
-            let task = cx.task().clone().with_retention(self.retention());
-            cx.set_task(task);
+            None => None,
+        };
+        if let Some((update, after, signal)) = &running
+            && after.is_zero()
+        {
+            let started = self.write_running(store, update).await;
+            signal.written();
+            if started == Started::Cancelled {
+                return self.skip_cancelled(store, cx, task_version(retries, 2)).await;
+            }
         }
+        let abort = CancellationToken::new();
         let _watched = if self.cancellation.enabled {
-            let token = CancellationToken::new();
-            self.running.tokens().insert(id.clone(), token.clone());
+            self.running.tokens().insert(id.clone(), abort.clone());
             self.running.added.notify_waiters();
-            cx.abort_on(token, self.cancellation.grace);
+            cx.abort_on(abort.clone(), self.cancellation.grace);
             Some(Watched {
                 running: &self.running,
                 id: id.clone(),
@@ -553,7 +620,38 @@ impl Middleware for TaskLifecycle {
         } else {
             None
         };
-        let outcome = next.run(cx).await;
+        let outcome = match &running {
+            Some((update, after, signal)) if !after.is_zero() => {
+                // Short attempts are recorded once, when they end; a longer one (or one that
+                // reports progress) gets its `running` state written while it goes on.
+                let run = next.run(cx);
+                tokio::pin!(run);
+                let due = async {
+                    tokio::select! {
+                        () = tokio::time::sleep(*after) => {}
+                        () = signal.asked() => {}
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    outcome = &mut run => outcome,
+                    () = due => {
+                        let write = async {
+                            let started = self.write_running(store, update).await;
+                            signal.written();
+                            if started == Started::Cancelled {
+                                // Cancelled while it started: the caller was told it would
+                                // not run, so it is stopped whatever the mode.
+                                abort.cancel();
+                            }
+                        };
+                        let (outcome, ()) = tokio::join!(&mut run, write);
+                        outcome
+                    }
+                }
+            }
+            _ => next.run(cx).await,
+        };
         drop(_watched);
         let ended = if cx.wants_requeue() {
             None
@@ -573,6 +671,8 @@ impl Middleware for TaskLifecycle {
         if self.tracking.is_some() {
             let mut update = self.update(cx.message(), status, task_version(retries, 2));
             update.attempts = retries + 1;
+            update.started_at = Some(started);
+            update.worker = Some(worker_id().to_owned());
             if status == TaskStatus::Failed {
                 let (kind, text) = match &outcome {
                     Outcome::Failure(e) => (e.type_name().to_owned(), e.message().to_owned()),

@@ -433,6 +433,15 @@ pub trait Middleware: Send + Sync + fmt::Debug + 'static {
     /// After a message was enqueued.
     async fn after_enqueue(&self, _app: &App, _message: &Message, _delay: Option<Duration>) {}
 
+    /// After a batch was enqueued (`App::enqueue_many`), with each message's delay. By default
+    /// `after_enqueue` for each, in order; a middleware that writes somewhere overrides it to
+    /// write the batch at once.
+    async fn after_enqueue_many(&self, app: &App, messages: &[(Message, Option<Duration>)]) {
+        for (message, delay) in messages {
+            self.after_enqueue(app, message, *delay).await;
+        }
+    }
+
     /// When a worker receives a message it must hold until its eta.
     async fn before_delay_message(&self, _app: &App, _message: &Message) {}
 
@@ -478,6 +487,10 @@ macro_rules! forward_middleware {
 
             async fn after_enqueue(&self, app: &App, message: &Message, delay: Option<Duration>) {
                 (**self).after_enqueue(app, message, delay).await;
+            }
+
+            async fn after_enqueue_many(&self, app: &App, messages: &[(Message, Option<Duration>)]) {
+                (**self).after_enqueue_many(app, messages).await;
             }
 
             async fn before_delay_message(&self, app: &App, message: &Message) {

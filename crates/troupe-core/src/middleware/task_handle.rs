@@ -63,6 +63,45 @@ pub struct TaskHandle {
     reason: Arc<OnceLock<StopReason>>,
     app: Option<App>,
     retention: Duration,
+    running: Option<Arc<RunningSignal>>,
+}
+
+/// Between an attempt's handle and the tracking: a progress report asks for the attempt's
+/// `running` state to be written first (the tracking writes it only after a while), and
+/// waits until it is.
+#[derive(Debug)]
+pub(crate) struct RunningSignal {
+    asked: tokio::sync::Notify,
+    written: tokio::sync::watch::Sender<bool>,
+}
+
+impl RunningSignal {
+    pub(crate) fn new() -> Self {
+        Self {
+            asked: tokio::sync::Notify::new(),
+            written: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Completes when a report asked for the `running` state.
+    pub(crate) async fn asked(&self) {
+        self.asked.notified().await;
+    }
+
+    /// The `running` state is written (or will not be).
+    pub(crate) fn written(&self) {
+        self.written.send_replace(true);
+    }
+
+    /// Asks for the `running` state and waits (at most 5 s) until it is written.
+    async fn ask_and_wait(&self) {
+        let mut written = self.written.subscribe();
+        if *written.borrow() {
+            return;
+        }
+        self.asked.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(5), written.wait_for(|w| *w)).await;
+    }
 }
 
 impl TaskHandle {
@@ -75,7 +114,14 @@ impl TaskHandle {
             reason: Arc::default(),
             app,
             retention: crate::tasks::DEFAULT_TASK_RETENTION,
+            running: None,
         }
+    }
+
+    /// Progress reports first ask the tracking to write the `running` state through `signal`.
+    pub(crate) fn with_running_signal(mut self, signal: Arc<RunningSignal>) -> Self {
+        self.running = Some(signal);
+        self
     }
 
     /// Progress is kept for `retention` after it is reported (the tracking's retention).
@@ -149,6 +195,9 @@ impl TaskHandle {
             tracing::debug!(message_id = %self.message_id, "no task store: progress not kept");
             return Ok(());
         };
+        if let Some(running) = &self.running {
+            running.ask_and_wait().await;
+        }
         if !store.set_progress(&self.message_id, value, self.retention).await? {
             tracing::debug!(message_id = %self.message_id, "no task record (tracking is off): progress not kept");
         }
