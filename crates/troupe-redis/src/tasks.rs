@@ -84,6 +84,19 @@ local function index(k, id, score, st, ac, qu)
   for i = 1, 6 do redis.call('ZADD', k[i], score, id) end
   count(k, st, ac, qu, 1)
 end
+local function restatus(id, score, from, to, ac, qu)
+  local c = {P .. ':counts', P .. ':counts:a:' .. ac, P .. ':counts:q:' .. qu}
+  for _, k in ipairs({P .. ':s:', P .. ':sa:', P .. ':sq:'}) do
+    local suffix = ''
+    if k == P .. ':sa:' then suffix = ':' .. ac elseif k == P .. ':sq:' then suffix = ':' .. qu end
+    redis.call('ZREM', k .. from .. suffix, id)
+    redis.call('ZADD', k .. to .. suffix, score, id)
+  end
+  for _, k in ipairs(c) do
+    if redis.call('HINCRBY', k, 's:' .. from, -1) <= 0 then redis.call('HDEL', k, 's:' .. from) end
+    redis.call('HINCRBY', k, 's:' .. to, 1)
+  end
+end
 local function unindex(id, st, ac, qu)
   local k = keyset(st, ac or '', qu or '')
   for i = 1, 6 do redis.call('ZREM', k[i], id) end
@@ -103,32 +116,34 @@ local score = at
 if live then
   if old[2] == ARGV[19] or tonumber(ARGV[7]) < tonumber(old[1] or '0') then return 0 end
   ac, qu, score = old[4] or ac, old[5] or qu, old[6] or at
-  if old[2] ~= st then unindex(id, old[2], ac, qu) end
+  -- Only the status-keyed index sets and counts change with the status.
+  if old[2] ~= st then restatus(id, score, old[2], st, ac, qu) end
 else
   if old[2] then unindex(id, old[2], old[4], old[5]) end
   redis.call('DEL', h)
-  redis.call('HSET', h, 'message_id', id, 'actor', ac, 'queue', qu, 'enqueued_at', at)
-end
-if not live or old[2] ~= st then
   local k
   if ac == ARGV[4] and qu == ARGV[5] then k = {unpack(KEYS, 3, 11)} else k = keyset(st, ac, qu) end
   index(k, id, score, st, ac, qu)
 end
-redis.call('HSET', h, 'status', st, 'updated_at', at, 'attempts', ARGV[10], 'version', ARGV[7],
-  'expires_at', ARGV[15])
-if ARGV[9] ~= '' then redis.call('HSET', h, 'eta', ARGV[9]) else redis.call('HDEL', h, 'eta') end
-if ARGV[17] ~= '' then redis.call('HSET', h, 'started_at', ARGV[17]) end
-if ARGV[18] == '1' then redis.call('HSET', h, 'finished_at', at) end
+local fields = {'status', st, 'updated_at', at, 'attempts', ARGV[10], 'version', ARGV[7], 'expires_at', ARGV[15]}
+if not live then
+  for _, f in ipairs({'message_id', id, 'actor', ac, 'queue', qu, 'enqueued_at', at}) do fields[#fields + 1] = f end
+end
+if ARGV[9] ~= '' then fields[#fields + 1] = 'eta'; fields[#fields + 1] = ARGV[9] end
+if ARGV[17] ~= '' then fields[#fields + 1] = 'started_at'; fields[#fields + 1] = ARGV[17] end
+if ARGV[18] == '1' then fields[#fields + 1] = 'finished_at'; fields[#fields + 1] = at end
 if ARGV[12] ~= '' then
-  redis.call('HSET', h, 'error', string.sub(ARGV[12], 2))
+  fields[#fields + 1] = 'error'; fields[#fields + 1] = string.sub(ARGV[12], 2)
   if ARGV[11] ~= '' then
-    redis.call('HSET', h, 'error_type', string.sub(ARGV[11], 2))
+    fields[#fields + 1] = 'error_type'; fields[#fields + 1] = string.sub(ARGV[11], 2)
   else
     redis.call('HDEL', h, 'error_type')
   end
 end
-if ARGV[13] ~= '' then redis.call('HSET', h, 'worker', string.sub(ARGV[13], 2)) end
-if ARGV[14] ~= '' then redis.call('HSET', h, 'args', string.sub(ARGV[14], 2)) end
+if ARGV[13] ~= '' then fields[#fields + 1] = 'worker'; fields[#fields + 1] = string.sub(ARGV[13], 2) end
+if ARGV[14] ~= '' then fields[#fields + 1] = 'args'; fields[#fields + 1] = string.sub(ARGV[14], 2) end
+redis.call('HSET', h, unpack(fields))
+if ARGV[9] == '' and live then redis.call('HDEL', h, 'eta') end
 redis.call('ZADD', KEYS[2], ARGV[15], id)
 redis.call('PEXPIRE', h, ARGV[16])
 return 1
