@@ -70,7 +70,102 @@ fn record_query<'q>(w: &TaskWrite<'_>, retention: Duration) -> Query<'q, Sqlite,
         .bind(t)
 }
 
+/// Rows per multi-row upsert (15 parameters each, well under SQLite's limit).
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// The multi-row form of [`RECORD`] for `rows` writes: each row's 15 values are numbered
+/// parameters, now is the last; `RETURNING` names the rows it applied to.
+fn record_many_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO troupe_tasks AS t (message_id, actor, queue, status, version, enqueued_at, started_at, \
+         finished_at, updated_at, eta, attempts, error_type, error, worker, progress, args, expires_at) VALUES ",
+    );
+    for r in 0..rows {
+        let b = r * 15;
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!(
+            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, NULL, ?{}, ?{})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6,
+            b + 7,
+            b + 8,
+            b + 6,
+            b + 9,
+            b + 10,
+            b + 11,
+            b + 12,
+            b + 13,
+            b + 14,
+            b + 15
+        ));
+    }
+    let conflict = RECORD.split_once("ON CONFLICT").map_or("", |(_, rest)| rest);
+    sql.push_str(" ON CONFLICT");
+    sql.push_str(&conflict.replace("?16", &format!("?{}", rows * 15 + 1)));
+    sql.push_str(" RETURNING message_id");
+    sql
+}
+
+/// Writes distinct records with one statement per [`ROWS_PER_STATEMENT`], in one transaction.
+async fn record_distinct(pool: &SqlitePool, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
+    let t = now();
+    let expires = t.saturating_add(ms(retention));
+    let mut tx = pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(|e| db_error("begin recording tasks", e))?;
+    let mut applied = std::collections::HashSet::new();
+    for chunk in writes.chunks(ROWS_PER_STATEMENT) {
+        let sql = record_many_sql(chunk.len());
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for w in chunk {
+            query = query
+                .bind(w.message_id)
+                .bind(w.actor)
+                .bind(w.queue)
+                .bind(w.status)
+                .bind(w.version)
+                .bind(w.at)
+                .bind(w.started_at)
+                .bind(w.finished_at)
+                .bind(w.eta)
+                .bind(w.attempts)
+                .bind(w.error_type)
+                .bind(w.error)
+                .bind(w.worker)
+                .bind(w.args.clone())
+                .bind(expires);
+        }
+        let rows = query
+            .bind(t)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| db_error("record tasks", e))?;
+        for row in rows {
+            let id: String = row.try_get(0).map_err(|e| db_error("record tasks", e))?;
+            applied.insert(id);
+        }
+    }
+    tx.commit().await.map_err(|e| db_error("commit task records", e))?;
+    Ok(writes.iter().map(|w| applied.contains(w.message_id)).collect())
+}
+
 pub(crate) async fn record(pool: &SqlitePool, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
+    let distinct = writes
+        .iter()
+        .map(|w| w.message_id)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+        == writes.len();
+    if writes.len() > 1 && distinct {
+        return record_distinct(pool, writes, retention).await;
+    }
     if let [w] = writes {
         let done = record_query(w, retention)
             .execute(pool)

@@ -205,6 +205,7 @@ macro_rules! state_conformance {
         $crate::__backend_cases!(
             $setup, tasks;
             task_state_records_follow_versions,
+            task_state_record_many_applies_each_by_its_version,
             task_state_queries_filter_and_page,
             task_state_counts_per_status_actor_and_queue,
             task_state_delete_and_expire,

@@ -95,6 +95,71 @@ pub async fn task_state_records_follow_versions(backend: Arc<dyn StateBackend>) 
     assert_eq!(r.progress, None);
 }
 
+/// `record_many` applies each update by the same rule as `record` and says which applied.
+pub async fn task_state_record_many_applies_each_by_its_version(backend: Arc<dyn StateBackend>) {
+    let tasks = store(&backend);
+    let (actor, queue) = (crate::unique_queue("act"), crate::unique_queue("q"));
+    let (started, fresh, cancelled) = (id(), id(), id());
+    let t0 = now_ms();
+    assert!(
+        tasks
+            .record(&update(&started, &actor, &queue, TaskStatus::Running, 1, t0), KEEP)
+            .await
+            .expect("record")
+    );
+    assert!(
+        tasks
+            .record(&update(&cancelled, &actor, &queue, TaskStatus::Enqueued, 0, t0), KEEP)
+            .await
+            .expect("record")
+    );
+    assert_eq!(
+        tasks.mark_cancelled(&cancelled, KEEP).await.expect("mark"),
+        Some(TaskStatus::Enqueued)
+    );
+    let mut batch = vec![
+        update(&started, &actor, &queue, TaskStatus::Enqueued, 0, t0 + 1),
+        update(&fresh, &actor, &queue, TaskStatus::Enqueued, 0, t0 + 1),
+        update(&cancelled, &actor, &queue, TaskStatus::Running, 1, t0 + 1),
+    ];
+    batch[1].worker = Some("w".into());
+    assert_eq!(
+        tasks.record_many(&batch, KEEP).await.expect("record many"),
+        vec![false, true, false]
+    );
+    assert_eq!(
+        tasks.task(&started).await.expect("task").expect("record").status,
+        TaskStatus::Running
+    );
+    assert_eq!(
+        tasks
+            .task(&fresh)
+            .await
+            .expect("task")
+            .expect("record")
+            .worker
+            .as_deref(),
+        Some("w")
+    );
+    assert_eq!(
+        tasks.task(&cancelled).await.expect("task").expect("record").status,
+        TaskStatus::Cancelled
+    );
+    let twice = [
+        update(&fresh, &actor, &queue, TaskStatus::Running, 1, t0 + 2),
+        update(&fresh, &actor, &queue, TaskStatus::Succeeded, 2, t0 + 3),
+    ];
+    assert_eq!(
+        tasks.record_many(&twice, KEEP).await.expect("record many"),
+        vec![true, true],
+        "one message twice, in order"
+    );
+    assert_eq!(
+        tasks.task(&fresh).await.expect("task").expect("record").status,
+        TaskStatus::Succeeded
+    );
+}
+
 /// Pages are newest first, filtered by status, actor, queue and time, and a cursor continues a
 /// page where it ended without repeating or skipping a task.
 pub async fn task_state_queries_filter_and_page(backend: Arc<dyn StateBackend>) {
