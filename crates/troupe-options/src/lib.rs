@@ -485,7 +485,10 @@ mod tests {
         );
         assert_eq!(read_by(middleware::RESULTS), ["result_ttl", "store_results"]);
         assert!(read_by("Unknown").is_empty());
-        assert_eq!(app_options().collect::<Vec<_>>(), ["name", "queue_name", "priority", "unique_for"]);
+        assert_eq!(
+            app_options().collect::<Vec<_>>(),
+            ["name", "queue_name", "priority", "unique_for"]
+        );
         assert_eq!(read_by(middleware::TIME_LIMIT), ["time_limit", "soft_time_limit"]);
     }
 
