@@ -231,7 +231,7 @@ impl ProcessContext {
     }
 
     /// The running task's handle, as the actor sees it through
-    /// [`current_task`](crate::current_task).
+    /// [`current_task`].
     #[must_use]
     pub fn task(&self) -> &TaskHandle {
         &self.task
