@@ -297,7 +297,7 @@ async fn check_states(app: &App, ids: &[String]) {
         for id in ids {
             let record = app.task(id).await.expect("task");
             if record.as_ref().map(|r| r.status) != Some(TaskStatus::Succeeded) {
-                not_done.push((id.clone(), record.map(|r| r.status)));
+                not_done.push((id.clone(), record));
             }
         }
         if not_done.is_empty() {
@@ -549,6 +549,10 @@ impl MidBatchKill {
         let mut second = spawn(&Role::Worker, place, queue);
         let all = usize::try_from(n).expect("a count");
         let done = wait_runs(runs.as_ref(), all, Duration::from_secs(60)).await;
+        if state.is_some() && done.len() >= all {
+            // Before the kill: the last messages' states are written after their runs.
+            check_states(&app, &ids).await;
+        }
         second.kill();
 
         let missing: Vec<u64> = (0..n).filter(|i| !done.contains_key(i)).collect();
@@ -567,9 +571,6 @@ impl MidBatchKill {
             duplicates <= self.max_duplicates,
             "only the killed worker's prefetch window can run twice: {duplicates}"
         );
-        if state.is_some() {
-            check_states(&app, &ids).await;
-        }
         KillReport {
             broker,
             messages: n,

@@ -32,12 +32,8 @@ async fn run(url: &str) -> App {
     let sent = Render.send(&app, 7).await.unwrap();
     let task = app.task(sent.message_id()).await.unwrap();
     assert_eq!(task.map(|t| t.status), Some(TaskStatus::Enqueued));
-    let failed = app
-        .tasks(&TaskQuery::new(
-            TaskFilter::new().status(TaskStatus::Failed).actor("render"),
-        ))
-        .await
-        .unwrap();
+    #[rustfmt::skip] // the README's line, as it reads there
+    let failed = app.tasks(&TaskQuery::new(TaskFilter::new().status(TaskStatus::Failed).actor("render"))).await.unwrap();
     assert!(failed.tasks.is_empty());
     let counts = app.task_counts(&TaskFilter::new().queue("default")).await.unwrap();
     assert_eq!(counts.status(TaskStatus::Enqueued), 1);
