@@ -542,6 +542,21 @@ impl RedisState {
     /// update's status, actor and queue. ARGV: P, now, id, actor, queue, status, version, at,
     /// eta (or ''), attempts, error_type, error, worker, args (each '' or '=' .. value),
     /// expires_at, pexpire, running ('1'/'0'), final ('1'/'0'), `cancelled`.
+    /// The call of the cancellation-read script for `message_id`: Troupe's marker, else a
+    /// cancel Python's dramatiq-abort pushed (popped, and kept as a marker).
+    fn cancel_invocation(&self, message_id: &str) -> redis::ScriptInvocation<'static> {
+        let names = self.names();
+        let mut invocation = cancel_requested_script().prepare_invoke();
+        invocation
+            .key(names.marker(message_id))
+            .key(names.abort_cancel(message_id))
+            .key(names.abort_abort(message_id))
+            .arg(DEFAULT_ABORT_TTL_MS)
+            .arg(CancelMode::Pending.as_str())
+            .arg(CancelMode::Abort.as_str());
+        invocation
+    }
+
     fn record_invocation(
         &self,
         update: &TaskUpdate,
@@ -884,15 +899,7 @@ impl TaskStore for RedisState {
     }
 
     async fn cancel_requested(&self, message_id: &str) -> Result<Option<CancelMode>> {
-        let names = self.names();
-        let mut invocation = cancel_requested_script().prepare_invoke();
-        invocation
-            .key(names.marker(message_id))
-            .key(names.abort_cancel(message_id))
-            .key(names.abort_abort(message_id))
-            .arg(DEFAULT_ABORT_TTL_MS)
-            .arg(CancelMode::Pending.as_str())
-            .arg(CancelMode::Abort.as_str());
+        let invocation = self.cancel_invocation(message_id);
         let mode: Option<String> = self.run(&invocation, "read a cancellation request").await?;
         Ok(mode.as_deref().map(mode_of))
     }
@@ -905,21 +912,7 @@ impl TaskStore for RedisState {
             }
             return Ok(found);
         }
-        let names = self.names();
-        let invocations: Vec<_> = message_ids
-            .iter()
-            .map(|id| {
-                let mut invocation = cancel_requested_script().prepare_invoke();
-                invocation
-                    .key(names.marker(id))
-                    .key(names.abort_cancel(id))
-                    .key(names.abort_abort(id))
-                    .arg(DEFAULT_ABORT_TTL_MS)
-                    .arg(CancelMode::Pending.as_str())
-                    .arg(CancelMode::Abort.as_str());
-                invocation
-            })
-            .collect();
+        let invocations: Vec<_> = message_ids.iter().map(|id| self.cancel_invocation(id)).collect();
         let mut pipe = redis::pipe();
         for invocation in &invocations {
             pipe.invoke_script(invocation);

@@ -353,8 +353,7 @@ impl<S: Store> TaskStore for SqlState<S> {
     }
 
     async fn cancel_requested(&self, message_id: &str) -> Result<Option<CancelMode>> {
-        let found = self.store.cancels(&[message_id.to_owned()]).await?;
-        found.first().map(|(_, mode)| parse_mode::<S>(mode)).transpose()
+        Ok(self.cancel_requests(&[message_id.to_owned()]).await?.pop().flatten())
     }
 
     async fn cancel_requests(&self, message_ids: &[String]) -> Result<Vec<Option<CancelMode>>> {

@@ -51,7 +51,17 @@ const RECORD: &str = "INSERT INTO troupe_tasks AS t (message_id, actor, queue, s
 
 fn record_query<'q>(w: &TaskWrite<'_>, retention: Duration) -> Query<'q, Sqlite, SqliteArguments> {
     let t = now();
-    sqlx::query(RECORD)
+    bind_write(sqlx::query(RECORD), w, t.saturating_add(ms(retention))).bind(t)
+}
+
+/// Binds one write's 15 values (the last is `expires`), in the order of [`RECORD`]'s
+/// parameters ?1..?15.
+fn bind_write<'q>(
+    query: Query<'q, Sqlite, SqliteArguments>,
+    w: &TaskWrite<'_>,
+    expires: i64,
+) -> Query<'q, Sqlite, SqliteArguments> {
+    query
         .bind(w.message_id)
         .bind(w.actor)
         .bind(w.queue)
@@ -65,9 +75,8 @@ fn record_query<'q>(w: &TaskWrite<'_>, retention: Duration) -> Query<'q, Sqlite,
         .bind(w.error_type)
         .bind(w.error)
         .bind(w.worker)
-        .bind(w.args.as_deref())
-        .bind(t.saturating_add(ms(retention)))
-        .bind(t)
+        .bind(w.args.clone())
+        .bind(expires)
 }
 
 /// Rows per multi-row upsert (15 parameters each, well under SQLite's limit).
@@ -125,22 +134,7 @@ async fn record_distinct(pool: &SqlitePool, writes: &[TaskWrite<'_>], retention:
         let sql = record_many_sql(chunk.len());
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for w in chunk {
-            query = query
-                .bind(w.message_id)
-                .bind(w.actor)
-                .bind(w.queue)
-                .bind(w.status)
-                .bind(w.version)
-                .bind(w.at)
-                .bind(w.started_at)
-                .bind(w.finished_at)
-                .bind(w.eta)
-                .bind(w.attempts)
-                .bind(w.error_type)
-                .bind(w.error)
-                .bind(w.worker)
-                .bind(w.args.clone())
-                .bind(expires);
+            query = bind_write(query, w, expires);
         }
         let rows = query
             .bind(t)

@@ -55,7 +55,7 @@ async fn fetch_some(
 }
 
 /// Waits until `queue` has nothing ready, delayed or in flight.
-async fn wait_drained(tb: &TestBroker, queue: &str) {
+pub(crate) async fn wait_drained(tb: &TestBroker, queue: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
         let stats = tb.broker.stats(queue).await.expect("stats");
