@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -183,6 +184,48 @@ fn shared_failure(backend: &'static str, error: &Arc<Error>) -> Error {
         kind: error.kind(),
         message,
         source: Some(Box::new(SharedError(Arc::clone(error)))),
+    }
+}
+
+/// Runs `op` again while it fails with a transient error, after `first` doubling up to `max`
+/// between tries, until it has waited `give_up_after` in all (when set) or `stop` is
+/// cancelled; each retry is logged as `could not {what}`. Returns the last outcome (on `stop`,
+/// the last error).
+///
+/// # Errors
+/// A permanent error at once; a transient one once the time is up or `stop` fires.
+pub async fn retry_transient<T, F, Fut>(
+    what: &str,
+    (first, max): (std::time::Duration, std::time::Duration),
+    give_up_after: Option<std::time::Duration>,
+    stop: Option<&CancellationToken>,
+    op: F,
+) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut backoff = first;
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && give_up_after.is_none_or(|limit| waited < limit) => {
+                tracing::warn!(error = %e, "could not {what}; retrying in {backoff:?}");
+                let pause = tokio::time::sleep(backoff);
+                match stop {
+                    Some(stop) => {
+                        tokio::select! {
+                            () = stop.cancelled() => return Err(e),
+                            () = pause => {}
+                        }
+                    }
+                    None => pause.await,
+                }
+                waited += backoff;
+                backoff = (backoff * 2).min(max);
+            }
+            other => return other,
+        }
     }
 }
 

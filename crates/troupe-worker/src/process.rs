@@ -100,22 +100,12 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<()>> + 'a,
 {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match op().await {
-            Ok(()) => return,
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "could not {what} the message; retrying in {backoff:?}");
-                tokio::select! {
-                    () = hard_stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not {what} the message; the broker will redeliver it");
-                return;
-            }
-        }
+    let backoff = (Duration::from_millis(100), Duration::from_secs(5));
+    let settled =
+        troupe_core::support::retry_transient(&format!("{what} the message"), backoff, None, Some(hard_stop), op).await;
+    if let Err(e) = settled
+        && !e.is_transient()
+    {
+        tracing::error!(error = %e, "could not {what} the message; the broker will redeliver it");
     }
 }

@@ -414,19 +414,8 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let mut backoff = Duration::from_millis(50);
-    let mut waited = Duration::ZERO;
-    loop {
-        match op().await {
-            Err(e) if e.is_transient() && waited < Duration::from_secs(30) => {
-                tracing::warn!(error = %e, "could not {what}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                waited += backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            other => return other,
-        }
-    }
+    let (first, max) = (Duration::from_millis(50), Duration::from_secs(2));
+    crate::support::retry_transient(what, (first, max), Some(Duration::from_secs(30)), None, op).await
 }
 
 async fn release_unique(store: &dyn TaskStore, message: &Message) {
