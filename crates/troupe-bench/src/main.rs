@@ -74,6 +74,10 @@ struct Args {
     /// state backend, to measure what tracking costs.
     #[arg(long)]
     track_tasks: bool,
+    /// With `--track-tasks`: whether workers honour cancellations (`on`, the default, reads
+    /// each message's cancellation before it runs; `off` measures tracking alone).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    cancellation: Switch,
     /// The state backend for `--track-tasks` and `--task-records` (default: the broker's URL
     /// for sqlite://, redis:// and postgres://, memory for memory://).
     #[arg(long)]
@@ -110,9 +114,23 @@ async fn state_backend(args: &Args) -> Result<Option<Arc<dyn StateBackend>>, Box
 fn builder(broker: Arc<dyn Broker>, state: Option<&Arc<dyn StateBackend>>, args: &Args) -> AppBuilder {
     let builder = App::builder(broker);
     match state.filter(|_| args.track_tasks) {
-        Some(state) => builder.state(Arc::clone(state)).track_tasks(TaskTracking::default()),
+        Some(state) => {
+            let builder = builder.state(Arc::clone(state)).track_tasks(TaskTracking::default());
+            match args.cancellation {
+                Switch::On => builder,
+                Switch::Off => builder.cancellation(troupe::Cancellation::off()),
+            }
+        }
         None => builder,
     }
+}
+
+/// A setting that is on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Switch {
+    On,
+    Off,
 }
 
 /// What the benchmark actor does per message.
@@ -733,6 +751,7 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         "redis_script_calls_per_message": script_calls,
         "redis_server_usec_per_message": script_usec,
         "track_tasks": args.track_tasks,
+        "cancellation": args.track_tasks.then_some(args.cancellation),
         "task_queries": queries,
         "lost": args.messages.saturating_sub(distinct) + steady_lost,
         "duplicates": runs.saturating_sub(distinct) + steady_duplicates,

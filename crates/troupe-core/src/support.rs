@@ -97,12 +97,26 @@ impl<I: Send + 'static, O: Send + 'static> Gather<I, O> {
     /// The handler's error for that batch, or a connection error when the gathering task is
     /// gone (its runtime ended, or every other clone was dropped).
     pub async fn call(&self, item: I) -> Result<O> {
+        self.submit(item).await
+    }
+
+    /// Submits one request now (it joins the next batch) and returns its answer to await
+    /// later: a caller can start a request and go on.
+    pub fn submit(&self, item: I) -> impl Future<Output = Result<O>> + Send + 'static {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send((item, done))
-            .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the batching task is gone"))?;
-        wait.await
-            .map_err(|_| Error::backend(self.backend, ErrorKind::Connection, "the batching task stopped"))?
+        let sent = self.tx.send((item, done)).is_ok();
+        let backend = self.backend;
+        async move {
+            if !sent {
+                return Err(Error::backend(
+                    backend,
+                    ErrorKind::Connection,
+                    "the batching task is gone",
+                ));
+            }
+            wait.await
+                .map_err(|_| Error::backend(backend, ErrorKind::Connection, "the batching task stopped"))?
+        }
     }
 }
 

@@ -23,14 +23,13 @@ macro_rules! task_columns {
     };
 }
 
-/// The upsert of one write. An expired record is replaced whole; a live one takes the write
-/// only when it is not cancelled and not newer, keeping what the write leaves out. The
-/// conflict branch sees the row locked and current, so concurrent writes apply in turn.
-const RECORD: &str = "INSERT INTO tasks AS t (message_id, actor, queue, status, version, enqueued_at,
-        started_at, finished_at, updated_at, eta, attempts, error_type, error, worker, progress, args, expires_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $6, $9, $10, $11, $12, $13, NULL, $14::jsonb,
-        now() + $15 * interval '1 millisecond')
-    ON CONFLICT (message_id) DO UPDATE SET
+/// What an upsert does with a record that exists: an expired record is replaced whole; a live
+/// one takes the write only when it is not cancelled and not newer, keeping what the write
+/// leaves out. The conflict branch sees the row locked and current, so concurrent writes
+/// apply in turn.
+macro_rules! on_conflict {
+    () => {
+        "ON CONFLICT (message_id) DO UPDATE SET
         actor = CASE WHEN t.expires_at <= now() THEN excluded.actor ELSE t.actor END,
         queue = CASE WHEN t.expires_at <= now() THEN excluded.queue ELSE t.queue END,
         status = excluded.status,
@@ -50,7 +49,35 @@ const RECORD: &str = "INSERT INTO tasks AS t (message_id, actor, queue, status, 
         progress = CASE WHEN t.expires_at <= now() THEN NULL ELSE t.progress END,
         args = CASE WHEN t.expires_at <= now() THEN excluded.args ELSE coalesce(excluded.args, t.args) END,
         expires_at = excluded.expires_at
-    WHERE t.expires_at <= now() OR (t.status <> 'cancelled' AND excluded.version >= t.version)";
+    WHERE t.expires_at <= now() OR (t.status <> 'cancelled' AND excluded.version >= t.version)"
+    };
+}
+
+/// The upsert of one write.
+const RECORD: &str = concat!(
+    "INSERT INTO tasks AS t (message_id, actor, queue, status, version, enqueued_at,
+        started_at, finished_at, updated_at, eta, attempts, error_type, error, worker, progress, args, expires_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $6, $9, $10, $11, $12, $13, NULL, $14::jsonb,
+        now() + $15 * interval '1 millisecond') ",
+    on_conflict!()
+);
+
+/// The upsert of a batch of writes to distinct records, each value an array with one element
+/// per write ($15 is the retention): one statement and one round trip whatever the batch's
+/// size. `RETURNING` names the records written. (Two writes to one record cannot share it:
+/// PostgreSQL refuses to update a row twice in one statement.)
+const RECORD_MANY: &str = concat!(
+    "INSERT INTO tasks AS t (message_id, actor, queue, status, version, enqueued_at,
+        started_at, finished_at, updated_at, eta, attempts, error_type, error, worker, progress, args, expires_at)
+    SELECT w.message_id, w.actor, w.queue, w.status, w.version, w.at, w.started_at, w.finished_at, w.at, w.eta,
+        w.attempts, w.error_type, w.error, w.worker, NULL, w.args::jsonb, now() + $15 * interval '1 millisecond'
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[], $8::int8[],
+        $9::int8[], $10::int8[], $11::text[], $12::text[], $13::text[], $14::text[])
+        AS w(message_id, actor, queue, status, version, at, started_at, finished_at, eta, attempts, error_type,
+            error, worker, args) ",
+    on_conflict!(),
+    " RETURNING message_id"
+);
 
 fn record_query<'q>(w: &TaskWrite<'_>, retention: Duration) -> Query<'q, Postgres, PgArguments> {
     sqlx::query(RECORD)
@@ -71,6 +98,32 @@ fn record_query<'q>(w: &TaskWrite<'_>, retention: Duration) -> Query<'q, Postgre
         .bind(ms(retention))
 }
 
+/// [`RECORD_MANY`] for `writes` (distinct message ids), bound column by column.
+fn record_many_query<'q>(writes: &[TaskWrite<'_>], retention: Duration) -> Query<'q, Postgres, PgArguments> {
+    fn column<'w, T>(writes: &[TaskWrite<'w>], f: impl Fn(&TaskWrite<'w>) -> T) -> Vec<T> {
+        writes.iter().map(f).collect()
+    }
+    let owned = |text: Option<&str>| text.map(str::to_owned);
+    sqlx::query(RECORD_MANY)
+        .bind(column(writes, |w| w.message_id.to_owned()))
+        .bind(column(writes, |w| w.actor.to_owned()))
+        .bind(column(writes, |w| w.queue.to_owned()))
+        .bind(column(writes, |w| w.status.to_owned()))
+        .bind(column(writes, |w| w.version))
+        .bind(column(writes, |w| w.at))
+        .bind(column(writes, |w| w.started_at))
+        .bind(column(writes, |w| w.finished_at))
+        .bind(column(writes, |w| w.eta))
+        .bind(column(writes, |w| w.attempts))
+        .bind(column(writes, |w| owned(w.error_type)))
+        .bind(column(writes, |w| owned(w.error)))
+        .bind(column(writes, |w| owned(w.worker)))
+        .bind(column(writes, |w| w.args.clone()))
+        .bind(ms(retention))
+}
+
+/// Writes task records: one statement for one write or for a batch of distinct records, else
+/// one statement per write in one transaction, in order (each then sees the one before).
 pub(crate) async fn record(pool: &PgPool, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
     if let [w] = writes {
         let done = record_query(w, retention)
@@ -78,6 +131,24 @@ pub(crate) async fn record(pool: &PgPool, writes: &[TaskWrite<'_>], retention: D
             .await
             .map_err(|e| db_error("record a task", e))?;
         return Ok(vec![done.rows_affected() == 1]);
+    }
+    let distinct = writes
+        .iter()
+        .map(|w| w.message_id)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+        == writes.len();
+    if distinct {
+        let rows = record_many_query(writes, retention)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| db_error("record tasks", e))?;
+        let written = rows
+            .iter()
+            .map(|row| row.try_get::<String, _>(0))
+            .collect::<std::result::Result<std::collections::HashSet<_>, _>>()
+            .map_err(|e| db_error("record tasks", e))?;
+        return Ok(writes.iter().map(|w| written.contains(w.message_id)).collect());
     }
     let mut tx = pool.begin().await.map_err(|e| db_error("begin recording tasks", e))?;
     let mut applied = Vec::with_capacity(writes.len());

@@ -73,9 +73,9 @@ local function keyset(st, ac, qu)
   return {P, P .. ':s:' .. st, P .. ':a:' .. ac, P .. ':q:' .. qu, P .. ':sa:' .. st .. ':' .. ac,
     P .. ':sq:' .. st .. ':' .. qu, P .. ':counts', P .. ':counts:a:' .. ac, P .. ':counts:q:' .. qu}
 end
+-- Counts per actor and per queue (status counts are the sizes of the status-keyed sets).
 local function count(k, st, ac, qu, by)
-  local fields = {{7, 's:' .. st}, {7, 'a:' .. ac}, {7, 'q:' .. qu}, {8, 's:' .. st},
-    {8, 'q:' .. qu}, {9, 's:' .. st}, {9, 'a:' .. ac}}
+  local fields = {{7, 'a:' .. ac}, {7, 'q:' .. qu}, {8, 'q:' .. qu}, {9, 'a:' .. ac}}
   for _, f in ipairs(fields) do
     if redis.call('HINCRBY', k[f[1]], f[2], by) <= 0 then redis.call('HDEL', k[f[1]], f[2]) end
   end
@@ -85,16 +85,9 @@ local function index(k, id, score, st, ac, qu)
   count(k, st, ac, qu, 1)
 end
 local function restatus(id, score, from, to, ac, qu)
-  local c = {P .. ':counts', P .. ':counts:a:' .. ac, P .. ':counts:q:' .. qu}
-  for _, k in ipairs({P .. ':s:', P .. ':sa:', P .. ':sq:'}) do
-    local suffix = ''
-    if k == P .. ':sa:' then suffix = ':' .. ac elseif k == P .. ':sq:' then suffix = ':' .. qu end
-    redis.call('ZREM', k .. from .. suffix, id)
-    redis.call('ZADD', k .. to .. suffix, score, id)
-  end
-  for _, k in ipairs(c) do
-    if redis.call('HINCRBY', k, 's:' .. from, -1) <= 0 then redis.call('HDEL', k, 's:' .. from) end
-    redis.call('HINCRBY', k, 's:' .. to, 1)
+  for _, k in ipairs({{P .. ':s:', ''}, {P .. ':sa:', ':' .. ac}, {P .. ':sq:', ':' .. qu}}) do
+    redis.call('ZREM', k[1] .. from .. k[2], id)
+    redis.call('ZADD', k[1] .. to .. k[2], score, id)
   end
 end
 local function unindex(id, st, ac, qu)
@@ -144,7 +137,9 @@ if ARGV[13] ~= '' then fields[#fields + 1] = 'worker'; fields[#fields + 1] = str
 if ARGV[14] ~= '' then fields[#fields + 1] = 'args'; fields[#fields + 1] = string.sub(ARGV[14], 2) end
 redis.call('HSET', h, unpack(fields))
 if ARGV[9] == '' and live then redis.call('HDEL', h, 'eta') end
-redis.call('ZADD', KEYS[2], ARGV[15], id)
+-- A live record keeps its place in the expiry set: the expiry pass finds it later than its
+-- score and moves it on (one write fewer per update).
+if not live then redis.call('ZADD', KEYS[2], ARGV[15], id) end
 redis.call('PEXPIRE', h, ARGV[16])
 return 1
 ";
@@ -775,27 +770,41 @@ impl TaskStore for RedisState {
             }
             return Ok(counts);
         }
-        let key = match (&filter.actor, &filter.queue) {
-            (Some(actor), _) => format!("{p}:counts:a:{actor}"),
-            (None, Some(queue)) => format!("{p}:counts:q:{queue}"),
-            (None, None) => format!("{p}:counts"),
+        let (key, sets) = match (&filter.actor, &filter.queue) {
+            (Some(actor), _) => (format!("{p}:counts:a:{actor}"), format!("{p}:sa:{{}}:{actor}")),
+            (None, Some(queue)) => (format!("{p}:counts:q:{queue}"), format!("{p}:sq:{{}}:{queue}")),
+            (None, None) => (format!("{p}:counts"), format!("{p}:s:{{}}")),
         };
-        let fields: HashMap<String, i64> = redis::cmd("HGETALL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| redis_error("count tasks", e))?;
+        // Per status: the size of each status-keyed index set; per actor and queue: the count
+        // hash. One round trip.
+        let mut pipe = redis::pipe();
+        for status in TaskStatus::ALL {
+            pipe.cmd("ZCARD").arg(sets.replace("{}", status.as_str()));
+        }
+        pipe.cmd("HGETALL").arg(&key);
+        let (sizes, fields): (Vec<u64>, HashMap<String, i64>) = {
+            let mut replies: Vec<redis::Value> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("count tasks", e))?;
+            let fields = replies.pop().map(redis::from_redis_value).transpose();
+            let sizes = replies.into_iter().map(redis::from_redis_value).collect();
+            match (sizes, fields) {
+                (Ok(sizes), Ok(fields)) => (sizes, fields.unwrap_or_default()),
+                (Err(e), _) | (_, Err(e)) => return Err(redis_error("count tasks", e.into())),
+            }
+        };
+        for (status, n) in TaskStatus::ALL.into_iter().zip(sizes) {
+            if n > 0 {
+                counts.by_status.insert(status, n);
+            }
+        }
         for (field, n) in fields {
             let Ok(n) = u64::try_from(n) else { continue };
             if n == 0 {
                 continue;
             }
             match field.split_once(':') {
-                Some(("s", status)) => {
-                    if let Ok(status) = status.parse::<TaskStatus>() {
-                        counts.by_status.insert(status, n);
-                    }
-                }
                 Some(("a", actor)) => {
                     counts.by_actor.insert(actor.to_owned(), n);
                 }

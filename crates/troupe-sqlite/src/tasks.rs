@@ -22,134 +22,87 @@ macro_rules! task_columns {
     };
 }
 
-/// The upsert of one write: ?16 is now. An expired record is replaced whole; a live one takes
-/// the write only when it is not cancelled and not newer, keeping what the write leaves out.
+/// The upsert of a batch of writes, bound as one JSON array (?1) of rows in
+/// [`write_row`]'s order; ?2 is now. One statement text whatever the batch's size, so each
+/// connection prepares it once (a statement with a placeholder per value costs a parse per
+/// size and a bind lookup that grows with the square of the values). An expired record is
+/// replaced whole; a live one takes the write only when it is not cancelled and not newer,
+/// keeping what the write leaves out. `RETURNING` names the records written.
 const RECORD: &str = "INSERT INTO troupe_tasks AS t (message_id, actor, queue, status, version, enqueued_at,
         started_at, finished_at, updated_at, eta, attempts, error_type, error, worker, progress, args, expires_at)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6, ?9, ?10, ?11, ?12, ?13, NULL, ?14, ?15)
+    SELECT w.value ->> 0, w.value ->> 1, w.value ->> 2, w.value ->> 3, w.value ->> 4, w.value ->> 5,
+        w.value ->> 6, w.value ->> 7, w.value ->> 5, w.value ->> 8, w.value ->> 9, w.value ->> 10,
+        w.value ->> 11, w.value ->> 12, NULL, w.value ->> 13, w.value ->> 14
+    FROM json_each(?1) AS w WHERE true
     ON CONFLICT (message_id) DO UPDATE SET
-        actor = CASE WHEN t.expires_at <= ?16 THEN excluded.actor ELSE t.actor END,
-        queue = CASE WHEN t.expires_at <= ?16 THEN excluded.queue ELSE t.queue END,
+        actor = CASE WHEN t.expires_at <= ?2 THEN excluded.actor ELSE t.actor END,
+        queue = CASE WHEN t.expires_at <= ?2 THEN excluded.queue ELSE t.queue END,
         status = excluded.status,
         version = excluded.version,
-        enqueued_at = CASE WHEN t.expires_at <= ?16 THEN excluded.enqueued_at ELSE t.enqueued_at END,
-        started_at = CASE WHEN t.expires_at <= ?16 THEN excluded.started_at
+        enqueued_at = CASE WHEN t.expires_at <= ?2 THEN excluded.enqueued_at ELSE t.enqueued_at END,
+        started_at = CASE WHEN t.expires_at <= ?2 THEN excluded.started_at
             ELSE coalesce(excluded.started_at, t.started_at) END,
-        finished_at = CASE WHEN t.expires_at <= ?16 THEN excluded.finished_at
+        finished_at = CASE WHEN t.expires_at <= ?2 THEN excluded.finished_at
             ELSE coalesce(excluded.finished_at, t.finished_at) END,
         updated_at = excluded.updated_at,
         eta = excluded.eta,
         attempts = excluded.attempts,
-        error_type = CASE WHEN t.expires_at <= ?16 OR excluded.error IS NOT NULL THEN excluded.error_type
+        error_type = CASE WHEN t.expires_at <= ?2 OR excluded.error IS NOT NULL THEN excluded.error_type
             ELSE t.error_type END,
-        error = CASE WHEN t.expires_at <= ?16 THEN excluded.error ELSE coalesce(excluded.error, t.error) END,
-        worker = CASE WHEN t.expires_at <= ?16 THEN excluded.worker ELSE coalesce(excluded.worker, t.worker) END,
-        progress = CASE WHEN t.expires_at <= ?16 THEN NULL ELSE t.progress END,
-        args = CASE WHEN t.expires_at <= ?16 THEN excluded.args ELSE coalesce(excluded.args, t.args) END,
+        error = CASE WHEN t.expires_at <= ?2 THEN excluded.error ELSE coalesce(excluded.error, t.error) END,
+        worker = CASE WHEN t.expires_at <= ?2 THEN excluded.worker ELSE coalesce(excluded.worker, t.worker) END,
+        progress = CASE WHEN t.expires_at <= ?2 THEN NULL ELSE t.progress END,
+        args = CASE WHEN t.expires_at <= ?2 THEN excluded.args ELSE coalesce(excluded.args, t.args) END,
         expires_at = excluded.expires_at
-    WHERE t.expires_at <= ?16 OR (t.status <> 'cancelled' AND excluded.version >= t.version)";
+    WHERE t.expires_at <= ?2 OR (t.status <> 'cancelled' AND excluded.version >= t.version)
+    RETURNING message_id";
 
-fn record_query<'q>(w: &TaskWrite<'_>, retention: Duration) -> Query<'q, Sqlite, SqliteArguments> {
-    let t = now();
-    bind_write(sqlx::query(RECORD), w, t.saturating_add(ms(retention))).bind(t)
+/// One write's 15 values (the last is `expires`), in the order [`RECORD`] reads them.
+fn write_row(w: &TaskWrite<'_>, expires: i64) -> serde_json::Value {
+    serde_json::json!([
+        w.message_id,
+        w.actor,
+        w.queue,
+        w.status,
+        w.version,
+        w.at,
+        w.started_at,
+        w.finished_at,
+        w.eta,
+        w.attempts,
+        w.error_type,
+        w.error,
+        w.worker,
+        w.args,
+        expires
+    ])
 }
 
-/// Binds one write's 15 values (the last is `expires`), in the order of [`RECORD`]'s
-/// parameters ?1..?15.
-fn bind_write<'q>(
-    query: Query<'q, Sqlite, SqliteArguments>,
-    w: &TaskWrite<'_>,
-    expires: i64,
-) -> Query<'q, Sqlite, SqliteArguments> {
-    query
-        .bind(w.message_id)
-        .bind(w.actor)
-        .bind(w.queue)
-        .bind(w.status)
-        .bind(w.version)
-        .bind(w.at)
-        .bind(w.started_at)
-        .bind(w.finished_at)
-        .bind(w.eta)
-        .bind(w.attempts)
-        .bind(w.error_type)
-        .bind(w.error)
-        .bind(w.worker)
-        .bind(w.args.clone())
-        .bind(expires)
-}
-
-/// Rows per multi-row upsert (15 parameters each, well under SQLite's limit).
-const ROWS_PER_STATEMENT: usize = 256;
-
-/// The multi-row form of [`RECORD`] for `rows` writes: each row's 15 values are numbered
-/// parameters, now is the last; `RETURNING` names the rows it applied to.
-fn record_many_sql(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO troupe_tasks AS t (message_id, actor, queue, status, version, enqueued_at, started_at, \
-         finished_at, updated_at, eta, attempts, error_type, error, worker, progress, args, expires_at) VALUES ",
-    );
-    for r in 0..rows {
-        let b = r * 15;
-        if r > 0 {
-            sql.push(',');
-        }
-        sql.push_str(&format!(
-            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, NULL, ?{}, ?{})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5,
-            b + 6,
-            b + 7,
-            b + 8,
-            b + 6,
-            b + 9,
-            b + 10,
-            b + 11,
-            b + 12,
-            b + 13,
-            b + 14,
-            b + 15
-        ));
-    }
-    let conflict = RECORD.split_once("ON CONFLICT").map_or("", |(_, rest)| rest);
-    sql.push_str(" ON CONFLICT");
-    sql.push_str(&conflict.replace("?16", &format!("?{}", rows * 15 + 1)));
-    sql.push_str(" RETURNING message_id");
-    sql
-}
-
-/// Writes distinct records with one statement per [`ROWS_PER_STATEMENT`], in one transaction.
-async fn record_distinct(pool: &SqlitePool, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
+/// Runs [`RECORD`] for `writes` (distinct message ids) on `conn`; the ids it wrote.
+async fn record_rows(
+    conn: &mut sqlx::SqliteConnection,
+    writes: &[TaskWrite<'_>],
+    retention: Duration,
+) -> Result<std::collections::HashSet<String>> {
     let t = now();
     let expires = t.saturating_add(ms(retention));
-    let mut tx = pool
-        .begin_with("BEGIN IMMEDIATE")
+    let rows: Vec<serde_json::Value> = writes.iter().map(|w| write_row(w, expires)).collect();
+    let rows = serde_json::to_string(&rows).map_err(|e| Error::Encode(format!("task records: {e}")))?;
+    let written = sqlx::query(RECORD)
+        .bind(rows)
+        .bind(t)
+        .fetch_all(&mut *conn)
         .await
-        .map_err(|e| db_error("begin recording tasks", e))?;
-    let mut applied = std::collections::HashSet::new();
-    for chunk in writes.chunks(ROWS_PER_STATEMENT) {
-        let sql = record_many_sql(chunk.len());
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for w in chunk {
-            query = bind_write(query, w, expires);
-        }
-        let rows = query
-            .bind(t)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| db_error("record tasks", e))?;
-        for row in rows {
-            let id: String = row.try_get(0).map_err(|e| db_error("record tasks", e))?;
-            applied.insert(id);
-        }
-    }
-    tx.commit().await.map_err(|e| db_error("commit task records", e))?;
-    Ok(writes.iter().map(|w| applied.contains(w.message_id)).collect())
+        .map_err(|e| db_error("record tasks", e))?;
+    written
+        .iter()
+        .map(|row| row.try_get::<String, _>(0))
+        .collect::<std::result::Result<_, sqlx::Error>>()
+        .map_err(|e| db_error("record tasks", e))
 }
 
+/// Writes task records in one transaction: one statement for the whole batch when its message
+/// ids are distinct, else one per write, in order (each then sees the one before).
 pub(crate) async fn record(pool: &SqlitePool, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
     let distinct = writes
         .iter()
@@ -157,28 +110,27 @@ pub(crate) async fn record(pool: &SqlitePool, writes: &[TaskWrite<'_>], retentio
         .collect::<std::collections::HashSet<_>>()
         .len()
         == writes.len();
-    if writes.len() > 1 && distinct {
-        return record_distinct(pool, writes, retention).await;
-    }
     if let [w] = writes {
-        let done = record_query(w, retention)
-            .execute(pool)
-            .await
-            .map_err(|e| db_error("record a task", e))?;
-        return Ok(vec![done.rows_affected() == 1]);
+        // One statement is atomic on its own.
+        let mut conn = pool.acquire().await.map_err(|e| db_error("record a task", e))?;
+        let written = record_rows(&mut conn, writes, retention).await?;
+        return Ok(vec![written.contains(w.message_id)]);
     }
     let mut tx = pool
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(|e| db_error("begin recording tasks", e))?;
-    let mut applied = Vec::with_capacity(writes.len());
-    for w in writes {
-        let done = record_query(w, retention)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("record a task", e))?;
-        applied.push(done.rows_affected() == 1);
-    }
+    let applied = if distinct {
+        let written = record_rows(&mut tx, writes, retention).await?;
+        writes.iter().map(|w| written.contains(w.message_id)).collect()
+    } else {
+        let mut applied = Vec::with_capacity(writes.len());
+        for w in writes {
+            let written = record_rows(&mut tx, std::slice::from_ref(w), retention).await?;
+            applied.push(written.contains(w.message_id));
+        }
+        applied
+    };
     tx.commit().await.map_err(|e| db_error("commit task records", e))?;
     Ok(applied)
 }

@@ -35,7 +35,7 @@ pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &Cance
         message_id = %message.message_id,
         retries = message.retries(),
     );
-    let (cx, outcome) = async {
+    let (mut cx, outcome) = async {
         let actor = app.actor(&message.actor_name).cloned();
         let mut cx = ProcessContext::new(app.clone(), message, actor);
         let started = std::time::Instant::now();
@@ -73,9 +73,23 @@ pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &Cance
     .instrument(span.clone())
     .await;
     let app = app.clone();
+    let writes = cx.take_before_settle();
     Box::pin(
         async move {
-            if cx.wants_requeue() {
+            // The writes the middleware left for before the settlement (task states the user
+            // waits on): the message is acked or nacked only once they are stored.
+            let mut requeue = cx.wants_requeue();
+            if !writes.is_empty() {
+                let written = tokio::select! {
+                    written = futures::future::join_all(writes) => written,
+                    () = hard_stop.cancelled() => {
+                        tracing::warn!("stopped before the message's writes were stored; the broker will redeliver it");
+                        return;
+                    }
+                };
+                requeue |= written.iter().any(Result::is_err);
+            }
+            if requeue {
                 settle(&hard_stop, "requeue", || delivery.requeue()).await;
             } else if let Some(reason) = cx.failure_reason().map(str::to_owned) {
                 settle(&hard_stop, "nack", || delivery.nack(Some(cx.message()), &reason)).await;

@@ -487,6 +487,11 @@ async fn route(
         return;
     }
     // Ready messages, and undecodable ones (an executor dead-letters those).
+    if let Ok(message) = delivery.message() {
+        for m in shared.app.middleware() {
+            (**m).on_prefetch(&shared.app, message);
+        }
+    }
     let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
     shared.work.push(WorkItem {
         priority,

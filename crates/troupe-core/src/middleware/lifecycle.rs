@@ -4,9 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -155,7 +156,31 @@ pub struct TaskLifecycle {
     /// The app's state backend (set when the app is built) and the round trips gathered on it.
     backend: Option<Arc<dyn crate::StateBackend>>,
     batches: Mutex<Option<Batches>>,
+    /// Cancellation reads started when a worker prefetched a message, by message id.
+    prechecked: Mutex<HashMap<String, Precheck>>,
 }
+
+/// A cancellation read started at prefetch.
+struct Precheck {
+    started: Instant,
+    answer: BoxFuture<'static, Result<Option<CancelMode>>>,
+}
+
+impl std::fmt::Debug for Precheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Precheck")
+            .field("started", &self.started)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a cancellation read started at prefetch answers for the message: one that waited
+/// longer for an executor is read again before it runs.
+const PRECHECK_FRESH: Duration = Duration::from_millis(50);
+
+/// The most prefetch reads kept (a worker holds far fewer; past this, the oldest are
+/// forgotten and those messages read again before they run).
+const MAX_PRECHECKED: usize = 4096;
 
 /// Writes and cancellation reads of many executors, gathered into one store call per batch
 /// (`record_many`, `cancel_requests`: one transaction or pipeline).
@@ -204,6 +229,7 @@ impl TaskLifecycle {
             watcher: Mutex::new(None),
             backend: None,
             batches: Mutex::new(None),
+            prechecked: Mutex::new(HashMap::new()),
         }
     }
 
@@ -320,8 +346,19 @@ impl TaskLifecycle {
         .await
     }
 
-    /// The cancellation request of `id` (gathered with other executors' reads).
+    /// The cancellation request of `id`: the read started when the message was prefetched,
+    /// if it is fresh, else a read now (gathered with other executors' reads).
     async fn cancel_requested(&self, store: &dyn TaskStore, id: &str) -> Result<Option<CancelMode>> {
+        let pre = self
+            .prechecked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        if let Some(pre) = pre.filter(|p| p.started.elapsed() <= PRECHECK_FRESH)
+            && let Ok(answer) = pre.answer.await
+        {
+            return Ok(answer);
+        }
         durable("read the cancellation requests", || async {
             match self.batches() {
                 Some(batches) => batches.cancels.call(id.to_owned()).await,
@@ -360,8 +397,44 @@ impl TaskLifecycle {
                 tracing::error!(message_id = %cx.message().message_id, error = %e, "could not record the cancellation");
             }
         }
-        release_unique(store, cx.message()).await;
+        if let Some(key) = cx.message().option_str(crate::option_keys::UNIQUE_HELD) {
+            release_unique(store, key, &cx.message().message_id).await;
+        }
         Outcome::Skipped
+    }
+
+    /// The writes that end an attempt, run by the worker before it settles the message (see
+    /// [`ProcessContext::before_settle`]): the final state (gathered with other messages'),
+    /// then the unique key's release. An error when the state could not be stored: the worker
+    /// then returns the message to its queue.
+    fn settle_writes(
+        &self,
+        app: App,
+        update: Option<TaskUpdate>,
+        unique: Option<(String, String)>,
+    ) -> impl Future<Output = Result<()>> + Send + 'static {
+        let batches = self.batches();
+        let retention = self.retention();
+        async move {
+            let store = app.task_store()?;
+            if let Some(update) = update {
+                let written = durable("record the task state", || async {
+                    match &batches {
+                        Some(batches) => batches.writes.call(update.clone()).await,
+                        None => store.record(&update, retention).await,
+                    }
+                })
+                .await;
+                if let Err(e) = written {
+                    tracing::error!(message_id = %update.message_id, error = %e, "could not record the final task state; returning the message to its queue");
+                    return Err(e);
+                }
+            }
+            if let Some((key, id)) = unique {
+                release_unique(store, &key, &id).await;
+            }
+            Ok(())
+        }
     }
 
     fn start_watcher(&self, app: &App) {
@@ -418,12 +491,10 @@ where
     crate::support::retry_transient(what, (first, max), Some(Duration::from_secs(30)), None, op).await
 }
 
-async fn release_unique(store: &dyn TaskStore, message: &Message) {
-    if let Some(key) = message.option_str(crate::option_keys::UNIQUE_HELD) {
-        let release = durable("free the unique key", || store.release_unique(key, &message.message_id)).await;
-        if let Err(e) = release {
-            tracing::warn!(message_id = %message.message_id, error = %e, "could not free the unique key; it frees itself when unique_for passes");
-        }
+async fn release_unique(store: &dyn TaskStore, key: &str, message_id: &str) {
+    let release = durable("free the unique key", || store.release_unique(key, message_id)).await;
+    if let Err(e) = release {
+        tracing::warn!(%message_id, error = %e, "could not free the unique key; it frees itself when unique_for passes");
     }
 }
 
@@ -548,7 +619,27 @@ impl Middleware for TaskLifecycle {
         self.start_watcher(app);
     }
 
+    fn on_prefetch(&self, _app: &App, message: &Message) {
+        if !self.cancellation.enabled {
+            return;
+        }
+        let Some(batches) = self.batches() else { return };
+        let answer = batches.cancels.submit(message.message_id.clone());
+        let mut prechecked = self.prechecked.lock().unwrap_or_else(PoisonError::into_inner);
+        if prechecked.len() >= MAX_PRECHECKED {
+            prechecked.clear();
+        }
+        prechecked.insert(
+            message.message_id.clone(),
+            Precheck {
+                started: Instant::now(),
+                answer: Box::pin(answer),
+            },
+        );
+    }
+
     async fn on_worker_shutdown(&self, _app: &App) {
+        self.prechecked.lock().unwrap_or_else(PoisonError::into_inner).clear();
         if let Some(stop) = self.watcher.lock().unwrap_or_else(PoisonError::into_inner).take() {
             stop.cancel();
         }
@@ -657,7 +748,7 @@ impl Middleware for TaskLifecycle {
         let Some(status) = ended else {
             return outcome;
         };
-        if self.tracking.is_some() {
+        let update = self.tracking.is_some().then(|| {
             let mut update = self.update(cx.message(), status, task_version(retries, 2));
             update.attempts = retries + 1;
             update.started_at = Some(started);
@@ -670,13 +761,16 @@ impl Middleware for TaskLifecycle {
                 update.error_type = Some(kind);
                 update.error = Some(text);
             }
-            if let Err(e) = self.record(store, &update).await {
-                tracing::error!(message_id = %id, error = %e, "could not record the final task state; returning the message to its queue");
-                cx.requeue();
-                return outcome;
-            }
+            update
+        });
+        let unique = cx
+            .message()
+            .option_str(crate::option_keys::UNIQUE_HELD)
+            .map(|key| (key.to_owned(), id.clone()));
+        if update.is_some() || unique.is_some() {
+            let writes = self.settle_writes(app.clone(), update, unique);
+            cx.before_settle(writes);
         }
-        release_unique(store, cx.message()).await;
         outcome
     }
 }

@@ -34,12 +34,14 @@ mod time_limit;
 
 use std::any::TypeId;
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -103,6 +105,25 @@ pub struct ProcessContext {
     abort: Option<(CancellationToken, Duration)>,
     task: TaskHandle,
     cancelled: bool,
+    before_settle: BeforeSettle,
+}
+
+/// Writes the worker awaits before it settles a message (see
+/// [`ProcessContext::before_settle`]).
+/// (A mutex only so that the context is `Sync`: it is only reached through `&mut`.)
+#[derive(Default)]
+struct BeforeSettle(std::sync::Mutex<Vec<BoxFuture<'static, Result<()>>>>);
+
+impl BeforeSettle {
+    fn writes(&mut self) -> &mut Vec<BoxFuture<'static, Result<()>>> {
+        self.0.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for BeforeSettle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BeforeSettle").finish_non_exhaustive()
+    }
 }
 
 impl ProcessContext {
@@ -122,7 +143,23 @@ impl ProcessContext {
             abort: None,
             task,
             cancelled: false,
+            before_settle: BeforeSettle::default(),
         }
+    }
+
+    /// Adds a write the worker awaits after the chain returns and before it acks or nacks the
+    /// message (a state the user waits on, stored without holding an executor: the executor
+    /// takes its next message meanwhile, and writes of many messages go in one batch). When
+    /// one fails, the message is returned to its queue instead. The write runs after every
+    /// `process` hook returned, so it must own what it needs.
+    pub fn before_settle(&mut self, write: impl Future<Output = Result<()>> + Send + 'static) {
+        self.before_settle.writes().push(Box::pin(write));
+    }
+
+    /// Takes the writes added with [`before_settle`](Self::before_settle); the worker calls it
+    /// and awaits them before settling.
+    pub fn take_before_settle(&mut self) -> Vec<BoxFuture<'static, Result<()>>> {
+        std::mem::take(self.before_settle.writes())
     }
 
     /// The message being processed.
@@ -445,6 +482,12 @@ pub trait Middleware: Send + Sync + fmt::Debug + 'static {
     /// When a worker receives a message it must hold until its eta.
     async fn before_delay_message(&self, _app: &App, _message: &Message) {}
 
+    /// When a worker takes a ready message into its work queue, before an executor runs it
+    /// (for a prefetched message, while executors still run earlier ones). Must return at once:
+    /// it may start work (a read the message needs before it runs, say) whose result
+    /// [`process`](Self::process) picks up.
+    fn on_prefetch(&self, _app: &App, _message: &Message) {}
+
     /// Around processing: call `next.run(cx).await` to run the rest of the chain and the actor.
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         next.run(cx).await
@@ -495,6 +538,10 @@ macro_rules! forward_middleware {
 
             async fn before_delay_message(&self, app: &App, message: &Message) {
                 (**self).before_delay_message(app, message).await;
+            }
+
+            fn on_prefetch(&self, app: &App, message: &Message) {
+                (**self).on_prefetch(app, message);
             }
 
             async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
@@ -581,6 +628,9 @@ mod tests {
         async fn before_delay_message(&self, _app: &App, _message: &Message) {
             self.record("before_delay_message");
         }
+        fn on_prefetch(&self, _app: &App, _message: &Message) {
+            self.record("on_prefetch");
+        }
         async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
             self.record("process");
             next.run(cx).await
@@ -609,6 +659,7 @@ mod tests {
         m.before_enqueue(&app, &mut message, None).await.unwrap();
         m.after_enqueue(&app, &message, None).await;
         m.before_delay_message(&app, &message).await;
+        m.on_prefetch(&app, &message);
         let mut cx = ProcessContext::new(app.clone(), message, None);
         let outcome = m.process(&mut cx, Next::new(&[])).await;
         assert!(outcome.error().is_some(), "no actor: the chain's end fails");
@@ -620,10 +671,11 @@ mod tests {
         m.actor_options().to_vec()
     }
 
-    const EVERY_HOOK: [&str; 9] = [
+    const EVERY_HOOK: [&str; 10] = [
         "before_enqueue",
         "after_enqueue",
         "before_delay_message",
+        "on_prefetch",
         "process",
         "after_skip",
         "after_ack",
