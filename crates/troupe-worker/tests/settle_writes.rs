@@ -1,0 +1,142 @@
+//! The worker's side of two middleware hooks: `on_prefetch` is called for a ready message
+//! before it is processed, and the writes a middleware leaves with
+//! `ProcessContext::before_settle` are awaited before the ack; when one fails the message is
+//! returned to its queue and runs again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use troupe_core::middleware::{Next, Outcome, ProcessContext};
+use troupe_core::{
+    Actor, ActorError, ActorOptions, App, Broker, Error, MemoryBroker, Message, Middleware, async_trait,
+};
+use troupe_worker::Worker;
+
+/// Counts its runs.
+struct Counted {
+    runs: Arc<AtomicUsize>,
+}
+
+impl Actor for Counted {
+    type Args = ();
+    type Output = ();
+
+    fn name(&self) -> &str {
+        "counted"
+    }
+
+    fn options(&self) -> ActorOptions {
+        ActorOptions::new().queue_name("settle")
+    }
+
+    async fn call(&self, (): ()) -> Result<(), ActorError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Logs the hooks in the order they ran; its settle write fails the first `failures` times.
+#[derive(Debug, Default)]
+struct Log {
+    events: Arc<Mutex<Vec<String>>>,
+    failures: usize,
+    writes: Arc<AtomicUsize>,
+}
+
+impl Log {
+    fn push(events: &Mutex<Vec<String>>, event: &str) {
+        events.lock().unwrap().push(event.to_owned());
+    }
+}
+
+#[async_trait]
+impl Middleware for Log {
+    fn on_prefetch(&self, _app: &App, _message: &Message) {
+        Self::push(&self.events, "prefetch");
+    }
+
+    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
+        Self::push(&self.events, "process");
+        let outcome = next.run(cx).await;
+        let (events, writes, failures) = (Arc::clone(&self.events), Arc::clone(&self.writes), self.failures);
+        cx.before_settle(async move {
+            let n = writes.fetch_add(1, Ordering::SeqCst);
+            if n < failures {
+                Self::push(&events, "write failed");
+                return Err(Error::Config("the store refused the write".into()));
+            }
+            Self::push(&events, "write");
+            Ok(())
+        });
+        outcome
+    }
+
+    async fn after_ack(&self, _cx: &ProcessContext, _outcome: &Outcome) {
+        Self::push(&self.events, "ack");
+    }
+}
+
+async fn run(failures: usize) -> (Vec<String>, usize, MemoryBroker) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let log = Arc::new(Log {
+        failures,
+        ..Log::default()
+    });
+    let broker = MemoryBroker::new();
+    let app = App::builder(broker.clone().into_dyn())
+        .middleware(Arc::clone(&log))
+        .actor(Counted {
+            runs: Arc::clone(&runs),
+        })
+        .build()
+        .unwrap();
+    app.send(
+        &Counted {
+            runs: Arc::clone(&runs),
+        },
+        (),
+    )
+    .await
+    .unwrap();
+    let worker = Worker::builder(app.clone())
+        .concurrency(1)
+        .fetch_timeout(Duration::from_millis(50))
+        .start()
+        .await
+        .unwrap();
+    app.join("settle", Duration::from_secs(10)).await.unwrap();
+    worker.stop().await;
+    let events = log.events.lock().unwrap().clone();
+    (events, runs.load(Ordering::SeqCst), broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_waits_for_the_settle_writes() {
+    let (events, runs, broker) = run(0).await;
+    assert_eq!(runs, 1);
+    assert_eq!(events, ["prefetch", "process", "write", "ack"]);
+    let stats = broker.stats("settle").await.unwrap();
+    assert_eq!((stats.pending(), stats.dead), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_settle_write_returns_the_message_to_its_queue() {
+    let (events, runs, broker) = run(1).await;
+    assert_eq!(runs, 2, "requeued after the failed write, then run again");
+    assert_eq!(
+        events,
+        [
+            "prefetch",
+            "process",
+            "write failed",
+            "prefetch",
+            "process",
+            "write",
+            "ack"
+        ]
+    );
+    assert_eq!(broker.stats("settle").await.unwrap().dead, 0);
+}
