@@ -336,14 +336,7 @@ impl TaskLifecycle {
     /// Writes `update` (gathered with other executors' writes), retrying transient errors: a
     /// state the worker acks after must be stored first.
     async fn record(&self, store: &dyn TaskStore, update: &TaskUpdate) -> Result<bool> {
-        let retention = self.retention();
-        durable("record the task state", || async {
-            match self.batches() {
-                Some(batches) => batches.writes.call(update.clone()).await,
-                None => store.record(update, retention).await,
-            }
-        })
-        .await
+        write_state(self.batches().as_ref(), store, update, self.retention()).await
     }
 
     /// The cancellation request of `id`: the read started when the message was prefetched,
@@ -417,18 +410,11 @@ impl TaskLifecycle {
         let retention = self.retention();
         async move {
             let store = app.task_store()?;
-            if let Some(update) = update {
-                let written = durable("record the task state", || async {
-                    match &batches {
-                        Some(batches) => batches.writes.call(update.clone()).await,
-                        None => store.record(&update, retention).await,
-                    }
-                })
-                .await;
-                if let Err(e) = written {
-                    tracing::error!(message_id = %update.message_id, error = %e, "could not record the final task state; returning the message to its queue");
-                    return Err(e);
-                }
+            if let Some(update) = update
+                && let Err(e) = write_state(batches.as_ref(), store, &update, retention).await
+            {
+                tracing::error!(message_id = %update.message_id, error = %e, "could not record the final task state; returning the message to its queue");
+                return Err(e);
             }
             if let Some((key, id)) = unique {
                 release_unique(store, &key, &id).await;
@@ -489,6 +475,23 @@ where
 {
     let (first, max) = (Duration::from_millis(50), Duration::from_secs(2));
     crate::support::retry_transient(what, (first, max), Some(Duration::from_secs(30)), None, op).await
+}
+
+/// Writes `update` through `batches` (one store call with other messages' writes) or, without
+/// them, alone, retrying transient errors.
+async fn write_state(
+    batches: Option<&Batches>,
+    store: &dyn TaskStore,
+    update: &TaskUpdate,
+    retention: Duration,
+) -> Result<bool> {
+    durable("record the task state", || async {
+        match batches {
+            Some(batches) => batches.writes.call(update.clone()).await,
+            None => store.record(update, retention).await,
+        }
+    })
+    .await
 }
 
 async fn release_unique(store: &dyn TaskStore, key: &str, message_id: &str) {
