@@ -11,7 +11,7 @@ use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 use troupe_core::{Result, TaskFilter, TaskQuery};
 use troupe_sql::ms;
-use troupe_sql::tasks::{SqlArg, TaskCountRow, TaskRow, TaskWhere, TaskWrite};
+use troupe_sql::tasks::{SqlArg, TaskCountRow, TaskRow, TaskWhere, TaskWrite, distinct_records};
 
 use crate::db::db_error;
 
@@ -132,12 +132,7 @@ pub(crate) async fn record(pool: &PgPool, writes: &[TaskWrite<'_>], retention: D
             .map_err(|e| db_error("record a task", e))?;
         return Ok(vec![done.rows_affected() == 1]);
     }
-    let distinct = writes
-        .iter()
-        .map(|w| w.message_id)
-        .collect::<std::collections::HashSet<_>>()
-        .len()
-        == writes.len();
+    let distinct = distinct_records(writes);
     if distinct {
         let rows = record_many_query(writes, retention)
             .fetch_all(pool)

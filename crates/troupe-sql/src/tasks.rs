@@ -84,6 +84,14 @@ impl<'a> TaskWrite<'a> {
     }
 }
 
+/// Whether every write is to a different record: then a batch can be one statement (two
+/// writes to one record must apply in turn, each seeing the one before).
+#[must_use]
+pub fn distinct_records(writes: &[TaskWrite<'_>]) -> bool {
+    let ids: std::collections::HashSet<&str> = writes.iter().map(|w| w.message_id).collect();
+    ids.len() == writes.len()
+}
+
 /// A task's columns as a backend reads them (times in ms since the epoch, JSON as text).
 #[derive(Clone, Debug)]
 pub struct TaskRow {
@@ -436,6 +444,19 @@ mod tests {
         assert_eq!(w.next(2), 9);
         let none = TaskWhere::new(&TaskFilter::new(), None, 1, dollar);
         assert_eq!((none.sql.as_str(), none.next(1)), ("", 1));
+    }
+
+    #[test]
+    fn a_batch_is_distinct_when_no_record_repeats() {
+        let updates = [
+            TaskUpdate::new("a", "x", "q", TaskStatus::Enqueued, 0),
+            TaskUpdate::new("b", "x", "q", TaskStatus::Enqueued, 0),
+            TaskUpdate::new("a", "x", "q", TaskStatus::Running, 1),
+        ];
+        let writes: Vec<TaskWrite<'_>> = updates.iter().map(|u| TaskWrite::new(u).unwrap()).collect();
+        assert!(distinct_records(&writes[..2]));
+        assert!(!distinct_records(&writes));
+        assert!(distinct_records(&[]));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use sqlx::sqlite::{Sqlite, SqliteArguments, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 use troupe_core::{Error, Result, TaskFilter, TaskQuery};
 use troupe_sql::ms;
-use troupe_sql::tasks::{SqlArg, TaskCountRow, TaskRow, TaskWhere, TaskWrite};
+use troupe_sql::tasks::{SqlArg, TaskCountRow, TaskRow, TaskWhere, TaskWrite, distinct_records};
 
 use crate::db::{db_error, now};
 
@@ -104,12 +104,7 @@ async fn record_rows(
 /// Writes task records in one transaction: one statement for the whole batch when its message
 /// ids are distinct, else one per write, in order (each then sees the one before).
 pub(crate) async fn record(pool: &SqlitePool, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
-    let distinct = writes
-        .iter()
-        .map(|w| w.message_id)
-        .collect::<std::collections::HashSet<_>>()
-        .len()
-        == writes.len();
+    let distinct = distinct_records(writes);
     if let [w] = writes {
         // One statement is atomic on its own.
         let mut conn = pool.acquire().await.map_err(|e| db_error("record a task", e))?;
