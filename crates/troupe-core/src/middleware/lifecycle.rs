@@ -174,8 +174,8 @@ impl std::fmt::Debug for Precheck {
     }
 }
 
-/// How long a cancellation read started at prefetch answers for the message: one that waited
-/// longer for an executor is read again before it runs.
+/// How long a cancellation read started at prefetch that found no request answers for the
+/// message: one that waited longer for an executor is read again before it runs.
 const PRECHECK_FRESH: Duration = Duration::from_millis(50);
 
 /// The most prefetch reads kept (a worker holds far fewer; past this, the oldest are
@@ -340,17 +340,21 @@ impl TaskLifecycle {
     }
 
     /// The cancellation request of `id`: the read started when the message was prefetched,
-    /// if it is fresh, else a read now (gathered with other executors' reads).
+    /// if it found one or is fresh, else a read now (gathered with other executors' reads).
     async fn cancel_requested(&self, store: &dyn TaskStore, id: &str) -> Result<Option<CancelMode>> {
         let pre = self
             .prechecked
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
-        if let Some(pre) = pre.filter(|p| p.started.elapsed() <= PRECHECK_FRESH)
-            && let Ok(answer) = pre.answer.await
-        {
-            return Ok(answer);
+        if let Some(pre) = pre {
+            // A request found stands at any age (none is withdrawn); "none" goes stale.
+            let fresh = pre.started.elapsed() <= PRECHECK_FRESH;
+            if let Ok(answer) = pre.answer.await
+                && (fresh || answer.is_some())
+            {
+                return Ok(answer);
+            }
         }
         durable("read the cancellation requests", || async {
             match self.batches() {
