@@ -262,6 +262,12 @@ mod tests {
     }
 }
 
+/// A blocking command's timeout in seconds (sub-second honoured by Redis 6 or later; 0 would
+/// block forever).
+fn seconds(timeout: Duration) -> f64 {
+    timeout.as_secs_f64().max(0.001)
+}
+
 /// Dedicated connections for blocking reads (a blocking command would stall every caller of a
 /// multiplexed connection), kept for reuse.
 #[derive(Clone, Default)]
@@ -280,18 +286,9 @@ impl BlockingPool {
         timeout: Duration,
         what: &str,
     ) -> Result<Option<Vec<u8>>, Error> {
-        let mut conn = self.take(options).await?;
-        let got = redis::cmd("BLMOVE")
-            .arg(key)
-            .arg(key)
-            .arg("RIGHT")
-            .arg("LEFT")
-            .arg(timeout.as_secs_f64().max(0.001))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| redis_error(what, e))?;
-        self.give_back(conn);
-        Ok(got)
+        let mut cmd = redis::cmd("BLMOVE");
+        cmd.arg(key).arg(key).arg("RIGHT").arg("LEFT").arg(seconds(timeout));
+        self.run(options, &cmd, what).await
     }
 
     /// `BLPOP keys… timeout`: waits up to `timeout` (sub-second honoured, Redis 6 or later) for
@@ -303,13 +300,21 @@ impl BlockingPool {
         timeout: Duration,
         what: &str,
     ) -> Result<Option<(String, Vec<u8>)>, Error> {
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(keys).arg(seconds(timeout));
+        self.run(options, &cmd, what).await
+    }
+
+    /// Runs a blocking command on a connection of the pool (one dropped on error, as the
+    /// command may still be pending on it).
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        options: &RedisOptions,
+        cmd: &redis::Cmd,
+        what: &str,
+    ) -> Result<T, Error> {
         let mut conn = self.take(options).await?;
-        let got = redis::cmd("BLPOP")
-            .arg(keys)
-            .arg(timeout.as_secs_f64().max(0.001))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| redis_error(what, e))?;
+        let got = cmd.query_async(&mut conn).await.map_err(|e| redis_error(what, e))?;
         self.give_back(conn);
         Ok(got)
     }
