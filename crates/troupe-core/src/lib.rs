@@ -11,6 +11,7 @@ mod broker;
 mod composition;
 mod encoder;
 mod error;
+pub mod limits;
 pub mod memory;
 mod message;
 pub mod middleware;

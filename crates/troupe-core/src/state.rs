@@ -36,6 +36,38 @@ pub trait StateBackend: Send + Sync + fmt::Debug + 'static {
     /// Notifies every present and future waiter on `key` for `ttl`.
     async fn notify(&self, key: &str, ttl: Duration) -> Result<()>;
 
+    /// Takes one of `limit` slots of `key` for `holder` (a caller-chosen unique id) for
+    /// `lease`, the base of [`ConcurrentRateLimiter`](crate::limits::ConcurrentRateLimiter).
+    /// Returns whether it was taken; taking a slot the holder already has renews it.
+    ///
+    /// Troupe's backends track each holder with its lease, so the slot of a holder that died
+    /// (SIGKILL) frees itself when its lease runs out even while others keep using the key. The
+    /// default, for backends without holder tracking, is Dramatiq's counter (`add` or `incr`
+    /// up to `limit`), where a dead holder's slot frees only once the key goes a whole `lease`
+    /// untouched.
+    async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
+        let _ = holder;
+        if self.add(key, 1, lease).await? {
+            return Ok(true);
+        }
+        self.incr(key, 1, limit, lease).await
+    }
+
+    /// Extends `holder`'s slot of `key` to `lease` from now. Returns whether the holder still
+    /// had it (false once its lease ran out and the slot went to someone else or was freed).
+    /// The default refreshes Dramatiq's counter's TTL and cannot tell.
+    async fn renew_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<bool> {
+        let _ = holder;
+        self.incr(key, 0, i64::MAX, lease).await
+    }
+
+    /// Gives back `holder`'s slot of `key` (nothing when it no longer holds one). The default
+    /// decrements Dramatiq's counter, never below 0.
+    async fn release_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<()> {
+        let _ = holder;
+        self.decr(key, 1, 0, lease).await.map(|_| ())
+    }
+
     /// The task store of this backend (task states, cancellation, unique keys), when it keeps
     /// one. Troupe's backends of memory, SQLite, Redis and PostgreSQL do; a third-party backend
     /// that does not leaves the default, and an app asked to track tasks on it says so when it

@@ -11,7 +11,7 @@ use troupe_sql::{SqlOptions, parse_query};
 pub(crate) const BACKEND: &str = "postgres";
 
 /// The schema version this crate writes; older schemas are migrated on connect.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// Settings of a PostgreSQL database used by Troupe.
 #[derive(Clone)]
@@ -352,6 +352,13 @@ fn migrations(schema: &str) -> Vec<String> {
             key text PRIMARY KEY, message_id text NOT NULL, expires_at timestamptz NOT NULL
         );
         CREATE INDEX IF NOT EXISTS unique_keys_expiry ON {schema}.unique_keys (expires_at);"
+        ),
+        // 3: the holders of concurrent rate-limit slots, each with its lease's end.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.slots (
+            key text NOT NULL, holder text NOT NULL, expires_at timestamptz NOT NULL,
+            PRIMARY KEY (key, holder)
+        );"
         ),
     ]
 }

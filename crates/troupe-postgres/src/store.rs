@@ -156,6 +156,68 @@ impl Store for PostgresStore {
         Ok(true)
     }
 
+    async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_error("begin a slot acquire", e))?;
+        // Serialise the acquires of this key: the count and the insert see every other's.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('troupe slots'), hashtext($1))")
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("lock a slot key", e))?;
+        sqlx::query("DELETE FROM slots WHERE key = $1 AND expires_at <= now()")
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("drop expired slots", e))?;
+        let taken = sqlx::query(
+            "INSERT INTO slots (key, holder, expires_at)
+             SELECT $1, $2, now() + $3 * interval '1 millisecond'
+             WHERE (SELECT count(*) FROM slots WHERE key = $1 AND holder <> $2) < $4
+             ON CONFLICT (key, holder) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(holder)
+        .bind(ms(lease))
+        .bind(limit)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("take a slot", e))?
+        .rows_affected();
+        tx.commit().await.map_err(|e| db_error("commit a slot acquire", e))?;
+        Ok(taken == 1)
+    }
+
+    async fn renew_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<bool> {
+        let renewed = self
+            .exec(
+                "renew a slot",
+                sqlx::query(
+                    "UPDATE slots SET expires_at = now() + $3 * interval '1 millisecond'
+                     WHERE key = $1 AND holder = $2 AND expires_at > now()",
+                )
+                .bind(key)
+                .bind(holder)
+                .bind(ms(lease)),
+            )
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    async fn release_slot(&self, key: &str, holder: &str) -> Result<()> {
+        self.exec(
+            "release a slot",
+            sqlx::query("DELETE FROM slots WHERE key = $1 AND holder = $2")
+                .bind(key)
+                .bind(holder),
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn counter(&self, key: &str) -> Result<Option<i64>> {
         let row = self
             .row(

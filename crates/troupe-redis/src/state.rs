@@ -39,6 +39,101 @@ fn sum_script() -> &'static redis::Script {
     })
 }
 
+static SLOT_TAKE: OnceLock<redis::Script> = OnceLock::new();
+static SLOT_RENEW: OnceLock<redis::Script> = OnceLock::new();
+static SLOT_GIVE: OnceLock<redis::Script> = OnceLock::new();
+
+/// Shared by the slot scripts: the server's clock in ms, and `KEYS[1]`'s counter set to `v`
+/// keeping the longer of its TTL and `ARGV` lease `lease` (a Python holder's TTL may be the
+/// longer one).
+const SLOT_PRELUDE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function set_count(v, lease)
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl < lease then ttl = lease end
+  if ttl > 0 then redis.call('SET', KEYS[1], v, 'PX', ttl) else redis.call('SET', KEYS[1], v, 'KEEPTTL') end
+end
+";
+
+/// Takes a slot of `KEYS[1]` (Dramatiq's counter) for holder `ARGV[1]`, limit `ARGV[2]`,
+/// lease `ARGV[3]` ms, tracking Troupe's holders in the sorted set `KEYS[2]` (score: lease
+/// end): expired holders are dropped and their counts given back first, so a killed Troupe
+/// holder's slot frees itself even while others keep the key busy. Python holders only touch
+/// the counter, as Dramatiq's `RedisBackend` does.
+fn slot_take_script() -> &'static redis::Script {
+    SLOT_TAKE.get_or_init(|| {
+        redis::Script::new(&format!(
+            r"{SLOT_PRELUDE}
+local lease = tonumber(ARGV[3])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+if #dead > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  local c = redis.call('GET', KEYS[1])
+  if c then
+    local v = tonumber(c) - #dead
+    if v < 0 then v = 0 end
+    set_count(v, 0)
+  end
+end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('ZADD', KEYS[2], now + lease, ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], lease)
+  return 1
+end
+local v = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
+if v > tonumber(ARGV[2]) then return 0 end
+set_count(v, lease)
+redis.call('ZADD', KEYS[2], now + lease, ARGV[1])
+local zttl = redis.call('PTTL', KEYS[2])
+if zttl < lease then redis.call('PEXPIRE', KEYS[2], lease) end
+return 1"
+        ))
+    })
+}
+
+/// Extends holder `ARGV[1]`'s lease to `ARGV[2]` ms from now, with the counter's TTL; 0 when
+/// it no longer holds a slot.
+fn slot_renew_script() -> &'static redis::Script {
+    SLOT_RENEW.get_or_init(|| {
+        redis::Script::new(&format!(
+            r"{SLOT_PRELUDE}
+local lease = tonumber(ARGV[2])
+local expiry = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not expiry or tonumber(expiry) <= now then return 0 end
+redis.call('ZADD', KEYS[2], now + lease, ARGV[1])
+local zttl = redis.call('PTTL', KEYS[2])
+if zttl < lease then redis.call('PEXPIRE', KEYS[2], lease) end
+local c = redis.call('GET', KEYS[1])
+if c then set_count(tonumber(c), lease) end
+return 1"
+        ))
+    })
+}
+
+/// Gives back holder `ARGV[1]`'s slot: the counter goes down by one (never below 0) only when
+/// the holder was still tracked, so a release after the lease ran out takes nothing from others.
+fn slot_give_script() -> &'static redis::Script {
+    SLOT_GIVE.get_or_init(|| {
+        redis::Script::new(&format!(
+            r"{SLOT_PRELUDE}
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+local c = redis.call('GET', KEYS[1])
+if c then
+  local v = tonumber(c) - 1
+  if v < 0 then v = 0 end
+  set_count(v, 0)
+end
+return 1"
+        ))
+    })
+}
+
+/// The sorted set of Troupe's holders of the slots of `key`.
+fn holders_key(key: &str) -> String {
+    format!("{key}@holders")
+}
+
 /// Atomic counters and events in Redis, and a task store (task states, cancellation requests
 /// compatible with Python's dramatiq-abort, unique keys).
 #[derive(Clone)]
@@ -168,6 +263,45 @@ impl StateBackend for RedisState {
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| redis_error("notify an event", e))
+    }
+
+    async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let taken: i64 = slot_take_script()
+            .key(key)
+            .key(holders_key(key))
+            .arg(holder)
+            .arg(limit)
+            .arg(ms(lease).max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("take a rate-limit slot", e))?;
+        Ok(taken == 1)
+    }
+
+    async fn renew_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let renewed: i64 = slot_renew_script()
+            .key(key)
+            .key(holders_key(key))
+            .arg(holder)
+            .arg(ms(lease).max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("renew a rate-limit slot", e))?;
+        Ok(renewed == 1)
+    }
+
+    async fn release_slot(&self, key: &str, holder: &str, _lease: Duration) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = slot_give_script()
+            .key(key)
+            .key(holders_key(key))
+            .arg(holder)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("release a rate-limit slot", e))?;
+        Ok(())
     }
 
     fn tasks(&self) -> Option<&dyn TaskStore> {

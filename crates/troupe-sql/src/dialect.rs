@@ -257,6 +257,23 @@ pub trait Store: Clone + Debug + Send + Sync + 'static {
     /// The live cancellation requests among `message_ids`: (message id, mode).
     fn cancels(&self, message_ids: &[String]) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
 
+    /// Takes one of `limit` slots of `key` for `holder` until `lease` from now (dropping the
+    /// key's expired holders first), or renews the holder's; whether it holds one. Atomic
+    /// under the database's lock.
+    fn acquire_slot(
+        &self,
+        key: &str,
+        holder: &str,
+        limit: i64,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Extends a live slot to `lease` from now; whether the holder still had it.
+    fn renew_slot(&self, key: &str, holder: &str, lease: Duration) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Deletes a holder's slot.
+    fn release_slot(&self, key: &str, holder: &str) -> impl Future<Output = Result<()>> + Send;
+
     /// In one atomic step: takes `key` for `message_id` for `ttl` unless another message
     /// holds it live; returns the holder after the step (`message_id` when it took the key).
     fn claim_unique(&self, key: &str, message_id: &str, ttl: Duration) -> impl Future<Output = Result<String>> + Send;

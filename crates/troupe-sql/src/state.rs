@@ -106,6 +106,18 @@ impl<S: Store> StateBackend for SqlState<S> {
         Ok(())
     }
 
+    async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
+        self.store.acquire_slot(key, holder, limit, lease).await
+    }
+
+    async fn renew_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<bool> {
+        self.store.renew_slot(key, holder, lease).await
+    }
+
+    async fn release_slot(&self, key: &str, holder: &str, _lease: Duration) -> Result<()> {
+        self.store.release_slot(key, holder).await
+    }
+
     fn tasks(&self) -> Option<&dyn TaskStore> {
         Some(self)
     }

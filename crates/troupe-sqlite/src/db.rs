@@ -13,7 +13,7 @@ use troupe_sql::{SqlOptions, parse_query};
 pub(crate) const BACKEND: &str = "sqlite";
 
 /// The schema version this crate writes; older files are migrated on connect.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// How SQLite syncs to disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -227,6 +227,13 @@ const MIGRATIONS: &[&str] = &[
         expires_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS troupe_unique_expiry ON troupe_unique (expires_at);",
+    // 3: the holders of concurrent rate-limit slots, each with its lease's end.
+    "CREATE TABLE IF NOT EXISTS troupe_slots (
+        key TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (key, holder)
+    ) WITHOUT ROWID;",
 ];
 
 /// Pool settings shared by every pool of this crate: sqlx's default pings a connection (a

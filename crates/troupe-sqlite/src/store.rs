@@ -179,6 +179,65 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
+        // BEGIN IMMEDIATE holds the write lock across the count and the insert.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| db_error("begin a slot acquire", e))?;
+        let t = now();
+        sqlx::query("DELETE FROM troupe_slots WHERE key = ?1 AND expires_at <= ?2")
+            .bind(key)
+            .bind(t)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("drop expired slots", e))?;
+        let taken = sqlx::query(
+            "INSERT INTO troupe_slots (key, holder, expires_at)
+             SELECT ?1, ?2, ?3 WHERE (SELECT COUNT(*) FROM troupe_slots WHERE key = ?1 AND holder <> ?2) < ?4
+             ON CONFLICT (key, holder) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(holder)
+        .bind(t.saturating_add(ms(lease)))
+        .bind(limit)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("take a slot", e))?
+        .rows_affected();
+        tx.commit().await.map_err(|e| db_error("commit a slot acquire", e))?;
+        Ok(taken == 1)
+    }
+
+    async fn renew_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<bool> {
+        let t = now();
+        let renewed = self
+            .exec(
+                "renew a slot",
+                sqlx::query(
+                    "UPDATE troupe_slots SET expires_at = ?3 WHERE key = ?1 AND holder = ?2 AND expires_at > ?4",
+                )
+                .bind(key)
+                .bind(holder)
+                .bind(t.saturating_add(ms(lease)))
+                .bind(t),
+            )
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    async fn release_slot(&self, key: &str, holder: &str) -> Result<()> {
+        self.exec(
+            "release a slot",
+            sqlx::query("DELETE FROM troupe_slots WHERE key = ?1 AND holder = ?2")
+                .bind(key)
+                .bind(holder),
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn counter(&self, key: &str) -> Result<Option<i64>> {
         let mut conn = self.pool.acquire().await.map_err(|e| db_error("read a counter", e))?;
         Self::current(&mut conn, key, now()).await

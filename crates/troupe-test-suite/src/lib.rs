@@ -15,6 +15,7 @@
 
 pub mod backends;
 pub mod cases;
+pub mod coordination;
 pub mod kill;
 pub mod lifecycle;
 mod support;
@@ -189,8 +190,8 @@ macro_rules! results_conformance {
     };
 }
 
-/// Stamps one `#[tokio::test]` per state-backend case, the task-store cases ([`tasks`])
-/// included; `$setup` is an async expression giving an `Arc<dyn StateBackend>`.
+/// Stamps one `#[tokio::test]` per state-backend case, the task-store cases ([`tasks`]) and
+/// the rate-limit and barrier cases ([`coordination`]) included; `$setup` is an async expression giving an `Arc<dyn StateBackend>`.
 #[macro_export]
 macro_rules! state_conformance {
     ($setup:expr) => {
@@ -214,6 +215,18 @@ macro_rules! state_conformance {
             cancel_requests_wake_a_watcher,
             unique_keys_are_claimed_once,
             unique_claims_race_to_one_winner
+        );
+        $crate::__backend_cases!(
+            $setup, coordination;
+            rate_limit_concurrent_admits_up_to_its_limit,
+            rate_limit_concurrent_guard_releases_on_drop_panic_and_cancel,
+            rate_limit_concurrent_dead_holder_frees_with_its_lease,
+            rate_limit_concurrent_contention_never_exceeds_its_limit,
+            rate_limit_when_limited_retries_skips_or_waits,
+            rate_limit_bucket_admits_its_limit_per_bucket,
+            rate_limit_window_admits_its_limit_per_window,
+            barrier_clears_when_every_party_arrives,
+            barrier_wait_times_out
         );
     };
 }

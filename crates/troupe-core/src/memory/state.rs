@@ -19,6 +19,8 @@ pub struct MemoryState {
 struct Inner {
     counters: Mutex<HashMap<String, (i64, Instant)>>,
     events: Mutex<HashMap<String, Instant>>,
+    /// Slot holders per key, with their lease's end.
+    slots: Mutex<HashMap<String, HashMap<String, Instant>>>,
     notify: Notify,
     tasks: super::tasks::MemoryTasks,
 }
@@ -39,6 +41,23 @@ impl MemoryState {
         let now = Instant::now();
         map.retain(|_, (_, expires)| *expires > now);
         Ok(map)
+    }
+
+    /// The live holders of `key` (expired leases dropped), under the slots lock.
+    fn with_slots<T>(&self, key: &str, f: impl FnOnce(&mut HashMap<String, Instant>) -> T) -> Result<T> {
+        let mut slots = self
+            .inner
+            .slots
+            .lock()
+            .map_err(|_| Error::backend("memory", ErrorKind::Other, "state lock poisoned"))?;
+        let now = Instant::now();
+        let holders = slots.entry(key.to_owned()).or_default();
+        holders.retain(|_, until| *until > now);
+        let out = f(holders);
+        if holders.is_empty() {
+            slots.remove(key);
+        }
+        Ok(out)
     }
 
     fn event_set(&self, key: &str) -> bool {
@@ -121,6 +140,28 @@ impl StateBackend for MemoryState {
             .insert(key.to_owned(), Instant::now() + ttl);
         self.inner.notify.notify_waiters();
         Ok(())
+    }
+
+    async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
+        let until = Instant::now() + lease;
+        self.with_slots(key, |holders| {
+            let taken = holders.contains_key(holder) || i64::try_from(holders.len()).unwrap_or(i64::MAX) < limit;
+            if taken {
+                holders.insert(holder.to_owned(), until);
+            }
+            taken
+        })
+    }
+
+    async fn renew_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<bool> {
+        let until = Instant::now() + lease;
+        self.with_slots(key, |holders| holders.get_mut(holder).map(|h| *h = until).is_some())
+    }
+
+    async fn release_slot(&self, key: &str, holder: &str, _lease: Duration) -> Result<()> {
+        self.with_slots(key, |holders| {
+            holders.remove(holder);
+        })
     }
 
     fn tasks(&self) -> Option<&dyn crate::tasks::TaskStore> {
