@@ -11,6 +11,7 @@
 //! | `echo(value)` | `value`, unchanged (any JSON) | `store_results` |
 //! | `fail_always()` | fails with `ValueError` | `store_results`, `max_retries = 2`, `min_backoff = 100ms`, `max_backoff = 1s` |
 //! | `sleep_ms(ms)` | `ms`, after sleeping that long | `store_results` |
+//! | `mutex_sleep(key, ms)` | `[start_ms, end_ms]`: holds the `ConcurrentRateLimiter` `key` (limit 1) for `ms` | `store_results`, `max_retries = 1000`, `min_backoff = 20ms`, `max_backoff = 200ms` |
 //!
 //! ```text
 //! # a Troupe worker for Python producers (results in the same Redis by default):
@@ -48,6 +49,16 @@
 //! #   python: Abortable(backend=RedisBackend(client=redis.Redis())) on the broker
 //! ```
 //!
+//! # A mutex shared with Python
+//!
+//! `mutex_sleep(key, ms)` holds the `ConcurrentRateLimiter` named `key` (limit 1) in the state
+//! backend of `--state-url` for `ms` milliseconds and returns `[start_ms, end_ms]` (ms since the
+//! epoch, taken inside the hold). On Redis that limiter is Dramatiq's (its `RedisBackend`: the
+//! counter under the raw key), so Python's `mutex_sleep` of the peer, holding
+//! `ConcurrentRateLimiter(RedisBackend(...), key, limit=1)` on the same Redis, and Troupe's
+//! exclude each other. While the mutex is taken the actor waits up to 1 s, then fails with
+//! `RateLimitExceeded` and is retried after 20-200 ms, as Python's is.
+//!
 //! On RabbitMQ (`amqp://`), as Python users run Dramatiq (`RabbitmqBroker` with a Redis
 //! `RedisBackend`), the results go to the Redis that `--results-url` names; it is required,
 //! since an `amqp://` broker keeps no results. Queues declared with `max_priority` by Python must
@@ -69,6 +80,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Map, Number, Value, json};
+use troupe::limits::{ConcurrentRateLimiter, WhenLimited};
 use troupe::now_ms;
 use troupe::prelude::*;
 use troupe::worker::WorkerArgs;
@@ -258,7 +270,33 @@ pub async fn sleep_ms(ms: u64) -> u64 {
     ms
 }
 
-/// The app of a worker: the four actors, results in `results`.
+/// Holds the `ConcurrentRateLimiter` named `key` (limit 1) in the app's state backend for `ms`
+/// milliseconds; returns `[start_ms, end_ms]`, both taken while it holds the mutex. Waits up
+/// to 1 s for it, then fails with `RateLimitExceeded` and is retried with a short backoff.
+#[troupe::actor(
+    store_results = true,
+    max_retries = 1000,
+    min_backoff = "20ms",
+    max_backoff = "200ms"
+)]
+pub async fn mutex_sleep(key: String, ms: u64) -> Result<Vec<u64>, ActorError> {
+    let state = current_app()?.state().cloned().ok_or_else(|| {
+        ActorError::fail_permanently(ActorError::new(
+            "RuntimeError",
+            "mutex_sleep needs a state backend: give the worker --state-url",
+        ))
+    })?;
+    let mutex = ConcurrentRateLimiter::new(state, key.clone(), 1);
+    let slot = mutex.acquire(WhenLimited::Wait(Duration::from_secs(1))).await?;
+    let start = now_ms();
+    record("mutex_sleep", json!({"key": key, "ms": ms}));
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let end = now_ms();
+    slot.release().await?;
+    Ok(vec![start, end])
+}
+
+/// The app of a worker: the interop actors, results in `results`.
 ///
 /// # Errors
 /// As [`App::builder`]'s `build`.
@@ -266,7 +304,7 @@ pub fn build_app(broker: Arc<dyn Broker>, results: Arc<dyn ResultBackend>) -> tr
     build_app_on(broker, results, "default")
 }
 
-/// The app of a worker with the four actors on `queue` instead of `default`.
+/// The app of a worker with the interop actors on `queue` instead of `default`.
 ///
 /// # Errors
 /// As [`App::builder`]'s `build`.
@@ -274,8 +312,9 @@ pub fn build_app_on(broker: Arc<dyn Broker>, results: Arc<dyn ResultBackend>, qu
     build_app_with(broker, results, None, queue)
 }
 
-/// The app of a worker with the four actors on `queue`, and the state backend `state` when
-/// given: then its workers honour cancellation requests (dramatiq-abort's too, on Redis).
+/// The app of a worker with the interop actors on `queue`, and the state backend `state` when
+/// given: then its workers honour cancellation requests (dramatiq-abort's too, on Redis) and
+/// `mutex_sleep` can take its mutex.
 ///
 /// # Errors
 /// As [`App::builder`]'s `build`.
@@ -294,6 +333,7 @@ pub fn build_app_with(
         .actor(OnQueue::new(Echo, queue))
         .actor(OnQueue::new(FailAlways, queue))
         .actor(OnQueue::new(SleepMs, queue))
+        .actor(OnQueue::new(MutexSleep, queue))
         .build()
 }
 

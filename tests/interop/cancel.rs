@@ -25,7 +25,7 @@ const LONG_SLEEP_MS: &str = "20000";
 
 /// A Troupe worker (in this process) with the example's actors and the state backend the
 /// example's `worker` command connects when given no `--state-url`.
-async fn troupe_worker_with_state(env: &Env) -> WorkerHandle {
+pub(super) async fn troupe_worker_with_state(env: &Env) -> WorkerHandle {
     let cli = <interop::Cli as clap::Parser>::try_parse_from(["interop", "worker", "--broker-url", &env.url]).unwrap();
     let interop::Command::Worker(mut command) = cli.command else {
         panic!("parsed as another command")

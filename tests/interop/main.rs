@@ -1,7 +1,8 @@
 //! Redis interoperability with the real Python Dramatiq (2.2.1), both directions: messages,
 //! results, delays, retries into the dead letters, and a queue shared by a Troupe worker and a
 //! Python worker at once. The same on RabbitMQ (results in Redis) in `rabbitmq.rs`;
-//! cancellation with Python's dramatiq-abort (1.2.1) in `cancel.rs`.
+//! cancellation with Python's dramatiq-abort (1.2.1) in `cancel.rs`; a rate-limit mutex shared
+//! with Python's `ConcurrentRateLimiter` in `limits.rs`.
 //!
 //! The Python side is `tests/interop/peer.py`, run with `TROUPE_DRAMATIQ_PYTHON` (scripts/test
 //! makes that venv, with dramatiq-abort) or `~/.cache/troupe/venv-dramatiq/bin/python`. The Redis server is
@@ -14,6 +15,7 @@ mod cancel;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../examples/interop.rs"]
 mod interop;
+mod limits;
 mod rabbitmq;
 
 use std::collections::{HashMap, HashSet};

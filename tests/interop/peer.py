@@ -26,8 +26,11 @@ Every command takes:
 On RabbitMQ the broker is `RabbitmqBroker(url=..., confirm_delivery=True, max_priority=...)`.
 Output is JSON on stdout, one document per line.
 
-The actors are those of examples/interop.rs: add(a, b), echo(value), fail_always() and
-sleep_ms(ms). Each records what it received; `worker` prints those records when it stops
+The actors are those of examples/interop.rs: add(a, b), echo(value), fail_always(),
+sleep_ms(ms) and mutex_sleep(key, ms); the last holds Dramatiq's ConcurrentRateLimiter `key`
+(limit 1, its Redis rate-limit backend on --results-url, where a Troupe worker's --state-url
+points) for ms milliseconds and returns [start_ms, end_ms]; while the mutex is taken it raises
+RateLimitExceeded and is retried after 20-200 ms. Each records what it received; `worker` prints those records when it stops
 (with --print-starts it also prints {"call_started": {"actor", "message_id"}} as each call
 starts).
 
@@ -57,6 +60,8 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.errors import QueueJoinTimeout
 from dramatiq.middleware import CurrentMessage
+from dramatiq.rate_limits import ConcurrentRateLimiter
+from dramatiq.rate_limits.backends import RedisBackend as RateLimitBackend
 from dramatiq.results import Results, ResultFailure, ResultMissing, ResultTimeout
 from dramatiq.results.backends import RedisBackend
 from dramatiq_abort import Abort, Abortable, abort
@@ -169,7 +174,18 @@ def setup(opts):
             time.sleep(min(left, 0.02))
         return ms
 
-    actors = {"add": add, "echo": echo, "fail_always": fail_always, "sleep_ms": sleep_ms}
+    limits = RateLimitBackend(client=redis.Redis.from_url(opts.results_url))
+
+    @dramatiq.actor(store_results=True, queue_name=queue, max_retries=1000, min_backoff=20, max_backoff=200)
+    def mutex_sleep(key, ms):
+        with ConcurrentRateLimiter(limits, key, limit=1).acquire():
+            start = int(time.time() * 1000)
+            record("mutex_sleep", key=key, ms=ms)
+            time.sleep(ms / 1000)
+            end = int(time.time() * 1000)
+        return [start, end]
+
+    actors = {"add": add, "echo": echo, "fail_always": fail_always, "sleep_ms": sleep_ms, "mutex_sleep": mutex_sleep}
     return broker, backend, actors
 
 

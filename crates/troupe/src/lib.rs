@@ -63,7 +63,7 @@ pub use troupe_core::{
     CancelMode, CancelOutcome, StopReason, TaskCounts, TaskCursor, TaskFilter, TaskHandle, TaskPage, TaskQuery,
     TaskRecord, TaskStatus, TaskStore, current_task,
 };
-pub use troupe_core::{memory, middleware, option_keys, options, queue, tasks};
+pub use troupe_core::{limits, memory, middleware, option_keys, options, queue, tasks};
 
 /// The `#[actor]` attribute: turns a function into an actor.
 ///
@@ -119,6 +119,7 @@ pub mod prelude {
     pub use crate::Worker;
     #[cfg(feature = "macros")]
     pub use crate::actor;
+    pub use crate::limits::{Barrier, BucketRateLimiter, ConcurrentRateLimiter, WhenLimited, WindowRateLimiter};
     pub use crate::{
         Actor, ActorError, ActorOptions, App, Broker, JoinOptions, MemoryBroker, MemoryResults, Message, Middleware,
         Next, Outcome, ProcessContext, ResultBackend, SendOptions, Sent, StateBackend, async_trait, connect,
