@@ -128,11 +128,11 @@ async fn concurrent_starts_migrate_once() {
         .fetch_one(broker.pool())
         .await
         .expect("version");
-    assert_eq!(version, "2");
+    assert_eq!(version, "3");
 }
 
-/// A schema of version 1 (before task records) is migrated on connect: the task tables
-/// appear, what it held stays, and the task store works.
+/// A schema of version 1 (before task records and rate-limit slots) is migrated on connect: the
+/// task and slot tables appear, what it held stays, and the task store and slots work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_of_version_1_gains_the_task_tables() {
     use troupe_core::{Broker, Message, StateBackend, TaskStatus, TaskUpdate};
@@ -142,9 +142,9 @@ async fn a_schema_of_version_1_gains_the_task_tables() {
         let broker = PostgresBroker::open(options.clone()).await.expect("PostgreSQL");
         broker.declare_queue("q").await.unwrap();
         broker.enqueue(message.clone(), None).await.unwrap();
-        // Back to version 1: what migration 2 adds, gone.
+        // Back to version 1: what migrations 2 and 3 add, gone.
         sqlx::raw_sql(
-            "DROP TABLE tasks; DROP TABLE cancels; DROP TABLE unique_keys;
+            "DROP TABLE tasks; DROP TABLE cancels; DROP TABLE unique_keys; DROP TABLE slots;
              UPDATE meta SET value = '1' WHERE key = 'schema_version'",
         )
         .execute(broker.pool())
@@ -157,9 +157,15 @@ async fn a_schema_of_version_1_gains_the_task_tables() {
         .fetch_one(broker.pool())
         .await
         .unwrap();
-    assert_eq!(version, "2");
+    assert_eq!(version, "3");
     assert_eq!(broker.stats("q").await.unwrap().ready, 1, "the queue is kept");
     let state = PostgresState::from_pool(broker.pool().clone());
+    assert!(
+        state
+            .acquire_slot("k", "holder", 1, Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
     let tasks = state.tasks().expect("a task store");
     let update = TaskUpdate::new(&message.message_id, "a", "q", TaskStatus::Enqueued, 0);
     assert!(tasks.record(&update, Duration::from_secs(60)).await.unwrap());

@@ -127,8 +127,8 @@ async fn opening_twice_migrates_once_and_messages_survive_a_reopen() {
     );
 }
 
-/// A file of schema 1 (before task records) is migrated on open: the task tables appear, what
-/// it held stays, and the task store works.
+/// A file of schema 1 (before task records and rate-limit slots) is migrated on open: the task
+/// and slot tables appear, what it held stays, and the task store and slots work.
 #[tokio::test]
 async fn a_database_of_schema_1_gains_the_task_tables() {
     let dir = tempfile::tempdir().unwrap();
@@ -138,9 +138,9 @@ async fn a_database_of_schema_1_gains_the_task_tables() {
         let broker = SqliteBroker::open(SqliteOptions::new(&path)).await.unwrap();
         broker.declare_queue("q").await.unwrap();
         broker.enqueue(message.clone(), None).await.unwrap();
-        // Back to schema 1: what migration 2 adds, gone.
+        // Back to schema 1: what migrations 2 and 3 add, gone.
         sqlx::raw_sql(
-            "DROP TABLE troupe_tasks; DROP TABLE troupe_cancels; DROP TABLE troupe_unique;
+            "DROP TABLE troupe_tasks; DROP TABLE troupe_cancels; DROP TABLE troupe_unique; DROP TABLE troupe_slots;
              UPDATE troupe_meta SET value = '1' WHERE key = 'schema_version'",
         )
         .execute(broker.pool())
@@ -153,9 +153,14 @@ async fn a_database_of_schema_1_gains_the_task_tables() {
         .fetch_one(broker.pool())
         .await
         .unwrap();
-    assert_eq!(version, "2");
+    assert_eq!(version, "3");
     assert_eq!(broker.stats("q").await.unwrap().ready, 1, "the queue is kept");
     let state = troupe_sqlite::SqliteState::from_pool(broker.pool().clone());
+    assert!(
+        troupe_core::StateBackend::acquire_slot(&state, "k", "holder", 1, Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
     let tasks = troupe_core::StateBackend::tasks(&state).expect("a task store");
     let update = troupe_core::TaskUpdate::new(&message.message_id, "a", "q", troupe_core::TaskStatus::Enqueued, 0);
     assert!(tasks.record(&update, Duration::from_secs(60)).await.unwrap());
