@@ -2,7 +2,8 @@
 //! results, delays, retries into the dead letters, and a queue shared by a Troupe worker and a
 //! Python worker at once. The same on RabbitMQ (results in Redis) in `rabbitmq.rs`;
 //! cancellation with Python's dramatiq-abort (1.2.1) in `cancel.rs`; a rate-limit mutex shared
-//! with Python's `ConcurrentRateLimiter` in `limits.rs`.
+//! with Python's `ConcurrentRateLimiter` in `limits.rs`; group completion callbacks with Python's
+//! `GroupCallbacks` in `groups.rs`.
 //!
 //! The Python side is `tests/interop/peer.py`, run with `TROUPE_DRAMATIQ_PYTHON` (scripts/test
 //! makes that venv, with dramatiq-abort) or `~/.cache/troupe/venv-dramatiq/bin/python`. The Redis server is
@@ -12,6 +13,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod cancel;
+mod groups;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../examples/interop.rs"]
 mod interop;

@@ -11,6 +11,7 @@ dramatiq-abort 1.2.1):
     peer.py dlq QUEUE
     peer.py declare QUEUE
     peer.py abort MESSAGE_ID [--mode abort|cancel]        (Redis only)
+    peer.py group --children JSON --callback JSON          (Redis only)
 
 Every command takes:
 
@@ -42,6 +43,12 @@ it starts and aborts a running one. `sleep_ms` sleeps in 20 ms slices: dramatiq-
 an `Abort` failure as its result). `abort` is dramatiq-abort's `abort(message_id, mode=...)`,
 which prints {"abort": MESSAGE_ID, "mode": MODE}.
 
+The broker has Dramatiq's `GroupCallbacks` with the rate-limit `RedisBackend` on --results-url
+(where a Troupe worker's --state-url points), so a group's completion callbacks fire through the
+barrier both sides share. `group` runs `group([...]).add_completion_callback(...)`: --children
+is a JSON list of {"actor", "args"}, --callback one such object; it prints {"children": [message
+dicts], "callback": message dict}.
+
 `worker --until-empty QUEUE` stops once nothing is left to do. On Redis that is Dramatiq's own
 `broker.join` (it counts the messages in flight). RabbitMQ's `join` does not count unacked
 messages, so there the peer waits until QUEUE and QUEUE.DQ hold no ready message (passive
@@ -59,7 +66,7 @@ import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.errors import QueueJoinTimeout
-from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware import CurrentMessage, GroupCallbacks
 from dramatiq.rate_limits import ConcurrentRateLimiter
 from dramatiq.rate_limits.backends import RedisBackend as RateLimitBackend
 from dramatiq.results import Results, ResultFailure, ResultMissing, ResultTimeout
@@ -144,6 +151,8 @@ def setup(opts):
     backend = RedisBackend(url=opts.results_url)
     broker.add_middleware(Results(backend=backend))
     broker.add_middleware(CurrentMessage())
+    limits = RateLimitBackend(client=redis.Redis.from_url(opts.results_url))
+    broker.add_middleware(GroupCallbacks(limits))
     if opts.broker == "redis":
         broker.add_middleware(Abortable(backend=AbortBackend(client=redis.Redis.from_url(opts.url))))
     dramatiq.set_broker(broker)
@@ -173,8 +182,6 @@ def setup(opts):
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.02))
         return ms
-
-    limits = RateLimitBackend(client=redis.Redis.from_url(opts.results_url))
 
     @dramatiq.actor(store_results=True, queue_name=queue, max_retries=1000, min_backoff=20, max_backoff=200)
     def mutex_sleep(key, ms):
@@ -380,6 +387,21 @@ def cmd_abort(broker, backend, actors, opts):
     emit({"abort": opts.message_id, "mode": mode.value})
 
 
+def cmd_group(broker, backend, actors, opts):
+    """group([...]).add_completion_callback(...).run(); prints the messages it built."""
+    def build(spec):
+        if spec["actor"] not in actors:
+            raise SystemExit(f"peer.py group: unknown actor {spec['actor']!r}")
+        return actors[spec["actor"]].message(*spec.get("args", []))
+
+    children = [build(spec) for spec in json.loads(opts.children)]
+    callback = build(json.loads(opts.callback))
+    g = dramatiq.group(children)
+    g.add_completion_callback(callback)
+    g.run()
+    emit({"children": [m.asdict() for m in children], "callback": callback.asdict()})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -429,6 +451,11 @@ def main():
     abort_.add_argument("message_id")
     abort_.add_argument("--mode", choices=[m.value for m in AbortMode], default=AbortMode.ABORT.value)
     abort_.set_defaults(run=cmd_abort)
+
+    group_ = sub.add_parser("group", parents=[common], help="run a group with a completion callback")
+    group_.add_argument("--children", required=True, help='a JSON list of {"actor", "args"}')
+    group_.add_argument("--callback", required=True, help='one {"actor", "args"}')
+    group_.set_defaults(run=cmd_group)
 
     opts = parser.parse_args()
     if opts.command == "worker" and not (opts.seconds or opts.until_empty):

@@ -14,7 +14,8 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::message::{Message, duration_ms, option_keys};
 use crate::middleware::{
-    Cancellation, CurrentMessage, Middleware, MiddlewareStack, Results, Retries, TaskLifecycle, TaskTracking,
+    Cancellation, CurrentMessage, GroupCallbacks, Middleware, MiddlewareStack, Results, Retries, TaskLifecycle,
+    TaskTracking,
 };
 use crate::queue::{q_name, validate_queue_name};
 use crate::results::{ResultBackend, unwrap_result};
@@ -821,6 +822,12 @@ impl AppBuilder {
             )),
             _ => None,
         };
+        // Group callbacks act on a child's final outcome, so outside Retries; the lifecycle
+        // (pushed after, so outermost) records the state after them.
+        if self.state.is_some() && !self.middleware.contains::<GroupCallbacks>() {
+            self.middleware
+                .push_front_arc(Arc::new(GroupCallbacks::default()) as Arc<dyn Middleware>);
+        }
         if let Some(lifecycle) = &lifecycle {
             self.middleware
                 .push_front_arc(Arc::clone(lifecycle) as Arc<dyn Middleware>);

@@ -31,7 +31,7 @@ pub use broker::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DEFAULT_MAX_MESSAGE_SIZE, DeadLetter, Delivery,
     QueueStats, decode_delivery, encode_checked, prepare_for_delay_queue,
 };
-pub use composition::{Pipeline, pipeline};
+pub use composition::{GROUP_BARRIER_TTL, Group, GroupChild, Pipeline, group, pipeline};
 pub use encoder::{Encoder, JsonEncoder, MsgPackEncoder, python_float_repr};
 pub use error::{BoxError, Error, ErrorKind, Result, redact_url};
 pub use memory::{MemoryBroker, MemoryResults, MemoryState};
@@ -43,7 +43,7 @@ pub use middleware::{
 pub use results::{
     DEFAULT_RESULT_TTL, FAILURE_CANARY, RESULTS_NAMESPACE, ResultBackend, result_key, unwrap_result, wrap_failure,
 };
-pub use state::StateBackend;
+pub use state::{Arrival, StateBackend};
 pub use tasks::{
     CancelMode, CancelOutcome, TaskCounts, TaskCursor, TaskFilter, TaskPage, TaskQuery, TaskRecord, TaskStatus,
     TaskStore, TaskUpdate,

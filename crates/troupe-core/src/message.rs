@@ -65,6 +65,15 @@ pub mod option_keys {
     pub const UNIQUE_KEY: &str = "troupe_unique_key";
     /// The unique key the message holds (set when it was sent; its worker frees it at the end).
     pub const UNIQUE_HELD: &str = "troupe_unique";
+    /// The group (its barrier's key) a child message belongs to (Dramatiq's).
+    pub const GROUP_COMPLETION_UUID: &str = "group_completion_uuid";
+    /// The messages to send once every child of the group succeeded (Dramatiq's; message dicts).
+    pub const GROUP_COMPLETION_CALLBACKS: &str = "group_completion_callbacks";
+    /// The messages to send once every child of the group finished, failed or not, each given
+    /// the children's outcomes as its last argument (message dicts).
+    pub const GROUP_FINISHED_CALLBACKS: &str = "troupe_group_finished";
+    /// A child's position in its group (orders the outcomes the finished callbacks get).
+    pub const GROUP_INDEX: &str = "troupe_group_index";
 }
 
 /// A message, as it travels between producers and workers.

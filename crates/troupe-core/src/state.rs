@@ -6,8 +6,27 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tasks::TaskStore;
+
+/// What [`StateBackend::arrive`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Arrival {
+    /// The party had not arrived before: it was counted now.
+    pub counted: bool,
+    /// The barrier is cleared: every party arrived (or, as in Dramatiq, the barrier expired or
+    /// never existed).
+    pub cleared: bool,
+}
+
+impl Arrival {
+    /// An arrival that was `counted` (or not) and found the barrier `cleared` (or not).
+    #[must_use]
+    pub fn new(counted: bool, cleared: bool) -> Self {
+        Self { counted, cleared }
+    }
+}
 
 /// Atomic counter operations with TTLs. Every call either applies entirely or not at all.
 #[async_trait]
@@ -66,6 +85,35 @@ pub trait StateBackend: Send + Sync + fmt::Debug + 'static {
     async fn release_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<()> {
         let _ = holder;
         self.decr(key, 1, 0, lease).await.map(|_| ())
+    }
+
+    /// Party `party` arrives at the barrier `key` (made by `add(key, parties, ttl)`), counted at
+    /// most once however often it arrives, with `outcome` kept for [`arrivals`](Self::arrivals):
+    /// Dramatiq's barrier step (`decr(key, 1, minimum 1)`; when that fails the barrier is
+    /// cleared and `"<key>@events"` notified) made idempotent per party, so a party redelivered
+    /// after a crash is not counted twice. A duplicate arrival counts nothing and reports
+    /// whether the barrier is cleared (its `@events` key exists). Parties that arrive the plain
+    /// Dramatiq way (a Python worker's `decr`) share the count.
+    ///
+    /// # Errors
+    /// The default: [`Error::Config`], for backends that keep no barriers of parties (Troupe's
+    /// memory, SQLite, Redis and PostgreSQL backends do).
+    async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<Arrival> {
+        let _ = (key, party, outcome, ttl);
+        Err(Error::Config(format!(
+            "{self:?} keeps no group barriers: use the memory, SQLite, Redis or PostgreSQL state backend"
+        )))
+    }
+
+    /// The `(party, outcome)` of every [`arrive`](Self::arrive) at barrier `key` still kept.
+    ///
+    /// # Errors
+    /// As [`arrive`](Self::arrive).
+    async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
+        let _ = key;
+        Err(Error::Config(format!(
+            "{self:?} keeps no group barriers: use the memory, SQLite, Redis or PostgreSQL state backend"
+        )))
     }
 
     /// The task store of this backend (task states, cancellation, unique keys), when it keeps

@@ -353,11 +353,16 @@ fn migrations(schema: &str) -> Vec<String> {
         );
         CREATE INDEX IF NOT EXISTS unique_keys_expiry ON {schema}.unique_keys (expires_at);"
         ),
-        // 3: the holders of concurrent rate-limit slots, each with its lease's end.
+        // 3: the holders of concurrent rate-limit slots, each with its lease's end, and the
+        // parties that arrived at group barriers, with their outcomes.
         format!(
             "CREATE TABLE IF NOT EXISTS {schema}.slots (
             key text NOT NULL, holder text NOT NULL, expires_at timestamptz NOT NULL,
             PRIMARY KEY (key, holder)
+        );
+        CREATE TABLE IF NOT EXISTS {schema}.arrivals (
+            key text NOT NULL, party text NOT NULL, outcome text NOT NULL, expires_at timestamptz NOT NULL,
+            PRIMARY KEY (key, party)
         );"
         ),
     ]

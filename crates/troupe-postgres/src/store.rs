@@ -156,6 +156,93 @@ impl Store for PostgresStore {
         Ok(true)
     }
 
+    async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<(bool, bool)> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_error("begin a barrier arrival", e))?;
+        // Serialise the arrivals at this barrier (and with Python-style counter updates, which
+        // lock its state row).
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('troupe arrivals'), hashtext($1))")
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("lock a barrier", e))?;
+        let events = format!("{key}@events");
+        sqlx::query("DELETE FROM arrivals WHERE key = $1 AND expires_at <= now()")
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("drop expired arrivals", e))?;
+        let counted = sqlx::query(
+            "INSERT INTO arrivals (key, party, outcome, expires_at)
+             VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond') ON CONFLICT (key, party) DO NOTHING",
+        )
+        .bind(key)
+        .bind(party)
+        .bind(outcome)
+        .bind(ms(ttl))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("record an arrival", e))?
+        .rows_affected()
+            == 1;
+        let cleared = if counted {
+            sqlx::query("UPDATE arrivals SET expires_at = now() + $2 * interval '1 millisecond' WHERE key = $1")
+                .bind(key)
+                .bind(ms(ttl))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("record an arrival", e))?;
+            // Dramatiq's step: down by one unless that goes below 1 (the row is locked).
+            let stepped = sqlx::query(
+                "UPDATE state SET value = value - 1, expires_at = now() + $2 * interval '1 millisecond'
+                 WHERE key = $1 AND expires_at > now() AND value - 1 >= 1",
+            )
+            .bind(key)
+            .bind(ms(ttl))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("count an arrival", e))?
+            .rows_affected()
+                == 1;
+            if !stepped {
+                sqlx::query(
+                    "INSERT INTO events (key, expires_at) VALUES ($1, now() + $2 * interval '1 millisecond')
+                     ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+                )
+                .bind(&events)
+                .bind(ms(ttl))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("clear a barrier", e))?;
+            }
+            !stepped
+        } else {
+            sqlx::query("SELECT 1 FROM events WHERE key = $1 AND expires_at > now()")
+                .bind(&events)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| db_error("read a barrier", e))?
+                .is_some()
+        };
+        tx.commit().await.map_err(|e| db_error("commit a barrier arrival", e))?;
+        Ok((counted, cleared))
+    }
+
+    async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT party, outcome FROM arrivals WHERE key = $1 AND expires_at > now()")
+            .bind(key)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_error("read arrivals", e))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read arrivals", e))
+    }
+
     async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
         let mut tx = self
             .pool

@@ -257,6 +257,19 @@ pub trait Store: Clone + Debug + Send + Sync + 'static {
     /// The live cancellation requests among `message_ids`: (message id, mode).
     fn cancels(&self, message_ids: &[String]) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
 
+    /// Party `party` arrives at barrier `key` with `outcome` (see `StateBackend::arrive`), in one
+    /// transaction under the database's lock: (counted, cleared).
+    fn arrive(
+        &self,
+        key: &str,
+        party: &str,
+        outcome: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(bool, bool)>> + Send;
+
+    /// The live `(party, outcome)` arrivals at barrier `key`.
+    fn arrivals(&self, key: &str) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
+
     /// Takes one of `limit` slots of `key` for `holder` until `lease` from now (dropping the
     /// key's expired holders first), or renews the holder's; whether it holds one. Atomic
     /// under the database's lock.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 use troupe_core::support::poll_until;
-use troupe_core::{Result, StateBackend, TaskStore};
+use troupe_core::{Arrival, Result, StateBackend, TaskStore};
 
 use crate::dialect::Store;
 
@@ -104,6 +104,19 @@ impl<S: Store> StateBackend for SqlState<S> {
         self.store.write_event(key, ttl).await?;
         self.notified.notify_waiters();
         Ok(())
+    }
+
+    async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<Arrival> {
+        let (counted, cleared) = self.store.arrive(key, party, outcome, ttl).await?;
+        if counted && cleared {
+            // Wake this process's waiters on the barrier's events at once.
+            self.notified.notify_waiters();
+        }
+        Ok(Arrival::new(counted, cleared))
+    }
+
+    async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
+        self.store.arrivals(key).await
     }
 
     async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {

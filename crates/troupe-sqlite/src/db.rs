@@ -227,12 +227,20 @@ const MIGRATIONS: &[&str] = &[
         expires_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS troupe_unique_expiry ON troupe_unique (expires_at);",
-    // 3: the holders of concurrent rate-limit slots, each with its lease's end.
+    // 3: the holders of concurrent rate-limit slots, each with its lease's end, and the parties
+    // that arrived at group barriers, with their outcomes.
     "CREATE TABLE IF NOT EXISTS troupe_slots (
         key TEXT NOT NULL,
         holder TEXT NOT NULL,
         expires_at INTEGER NOT NULL,
         PRIMARY KEY (key, holder)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS troupe_arrivals (
+        key TEXT NOT NULL,
+        party TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (key, party)
     ) WITHOUT ROWID;",
 ];
 

@@ -179,6 +179,83 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<(bool, bool)> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| db_error("begin a barrier arrival", e))?;
+        let t = now();
+        let until = t.saturating_add(ms(ttl));
+        let events = format!("{key}@events");
+        sqlx::query("DELETE FROM troupe_arrivals WHERE key = ?1 AND expires_at <= ?2")
+            .bind(key)
+            .bind(t)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("drop expired arrivals", e))?;
+        let counted = sqlx::query(
+            "INSERT INTO troupe_arrivals (key, party, outcome, expires_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (key, party) DO NOTHING",
+        )
+        .bind(key)
+        .bind(party)
+        .bind(outcome)
+        .bind(until)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("record an arrival", e))?
+        .rows_affected()
+            == 1;
+        let cleared = if counted {
+            sqlx::query("UPDATE troupe_arrivals SET expires_at = ?2 WHERE key = ?1")
+                .bind(key)
+                .bind(until)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("record an arrival", e))?;
+            let left = Self::current(&mut tx, key, t).await?.unwrap_or(0).saturating_sub(1);
+            if left >= 1 {
+                Self::set(&mut tx, key, left, until).await?;
+                false
+            } else {
+                sqlx::query(
+                    "INSERT INTO troupe_events (key, expires_at) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+                )
+                .bind(&events)
+                .bind(until)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("clear a barrier", e))?;
+                true
+            }
+        } else {
+            sqlx::query("SELECT 1 FROM troupe_events WHERE key = ?1 AND expires_at > ?2")
+                .bind(&events)
+                .bind(t)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| db_error("read a barrier", e))?
+                .is_some()
+        };
+        tx.commit().await.map_err(|e| db_error("commit a barrier arrival", e))?;
+        Ok((counted, cleared))
+    }
+
+    async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT party, outcome FROM troupe_arrivals WHERE key = ?1 AND expires_at > ?2")
+            .bind(key)
+            .bind(now())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_error("read arrivals", e))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read arrivals", e))
+    }
+
     async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
         // BEGIN IMMEDIATE holds the write lock across the count and the insert.
         let mut tx = self

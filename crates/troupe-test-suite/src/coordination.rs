@@ -265,3 +265,48 @@ pub async fn barrier_wait_times_out(backend: Arc<dyn StateBackend>) {
     assert!(!barrier.wait(Duration::from_millis(200)).await.expect("wait"));
     assert!(barrier.arrive().await.expect("the second clears it"));
 }
+
+/// A party's arrival counts once however often it comes (a child redelivered after a crash),
+/// keeps its outcome, and mixes with Dramatiq's plain counter steps (a Python worker's).
+pub async fn barrier_arrivals_count_each_party_once(backend: Arc<dyn StateBackend>) {
+    let ttl = Duration::from_secs(60);
+    let k = key("arrive");
+    let barrier = Barrier::new(Arc::clone(&backend), k.clone()).ttl(ttl);
+    assert!(barrier.create(3).await.expect("create"));
+    let a = backend.arrive(&k, "a", "\"first\"", ttl).await.expect("arrive");
+    assert_eq!((a.counted, a.cleared), (true, false));
+    let again = backend.arrive(&k, "a", "\"again\"", ttl).await.expect("arrive");
+    assert_eq!(
+        (again.counted, again.cleared),
+        (false, false),
+        "a repeated arrival counts nothing"
+    );
+    // A Python party: Dramatiq's `decr(key, 1, minimum=1)`.
+    assert!(backend.decr(&k, 1, 1, ttl).await.expect("decr"));
+    let c = backend.arrive(&k, "c", "\"third\"", ttl).await.expect("arrive");
+    assert_eq!((c.counted, c.cleared), (true, true), "the last party clears it");
+    let late = backend.arrive(&k, "c", "\"third\"", ttl).await.expect("arrive");
+    assert_eq!(
+        (late.counted, late.cleared),
+        (false, true),
+        "a repeat after clearing sees it cleared"
+    );
+    assert!(
+        backend
+            .wait(&format!("{k}@events"), Duration::from_millis(100))
+            .await
+            .expect("wait"),
+        "clearing notifies the barrier's events"
+    );
+    let mut arrivals = backend.arrivals(&k).await.expect("arrivals");
+    arrivals.sort();
+    assert_eq!(
+        arrivals,
+        [
+            ("a".to_owned(), "\"first\"".to_owned()),
+            ("c".to_owned(), "\"third\"".to_owned())
+        ]
+    );
+    let other = key("arrive");
+    assert!(backend.arrivals(&other).await.expect("arrivals").is_empty());
+}

@@ -16,6 +16,7 @@
 pub mod backends;
 pub mod cases;
 pub mod coordination;
+pub mod groups;
 pub mod kill;
 pub mod lifecycle;
 mod support;
@@ -172,6 +173,13 @@ macro_rules! broker_conformance {
             progress_is_readable_while_the_task_runs,
             progress_soft_time_limit_tells_the_actor
         );
+        $crate::__conformance_cases!(
+            $harness, groups;
+            group_results_come_in_order,
+            group_completion_callback_fires_once_after_every_child,
+            group_finished_callback_gets_every_outcome,
+            group_callbacks_are_refused_without_their_needs
+        );
     };
 }
 
@@ -226,7 +234,8 @@ macro_rules! state_conformance {
             rate_limit_bucket_admits_its_limit_per_bucket,
             rate_limit_window_admits_its_limit_per_window,
             barrier_clears_when_every_party_arrives,
-            barrier_wait_times_out
+            barrier_wait_times_out,
+            barrier_arrivals_count_each_party_once
         );
     };
 }

@@ -7,7 +7,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::state::StateBackend;
+use crate::state::{Arrival, StateBackend};
+
+/// The parties that arrived at a barrier (with their outcomes), and when they expire.
+type Parties = (HashMap<String, String>, Instant);
 
 /// In-memory [`StateBackend`].
 #[derive(Clone, Debug, Default)]
@@ -19,6 +22,8 @@ pub struct MemoryState {
 struct Inner {
     counters: Mutex<HashMap<String, (i64, Instant)>>,
     events: Mutex<HashMap<String, Instant>>,
+    /// Barrier arrivals per key: each party's outcome, and when the key expires.
+    arrivals: Mutex<HashMap<String, Parties>>,
     /// Slot holders per key, with their lease's end.
     slots: Mutex<HashMap<String, HashMap<String, Instant>>>,
     notify: Notify,
@@ -140,6 +145,49 @@ impl StateBackend for MemoryState {
             .insert(key.to_owned(), Instant::now() + ttl);
         self.inner.notify.notify_waiters();
         Ok(())
+    }
+
+    async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<Arrival> {
+        let now = Instant::now();
+        let lost = || Error::backend("memory", ErrorKind::Other, "state lock poisoned");
+        // Lock order: arrivals, then counters, then events (as nowhere else takes two).
+        let mut arrivals = self.inner.arrivals.lock().map_err(|_| lost())?;
+        arrivals.retain(|_, (_, expires)| *expires > now);
+        let (parties, expires) = arrivals
+            .entry(key.to_owned())
+            .or_insert_with(|| (HashMap::new(), now + ttl));
+        if parties.contains_key(party) {
+            return Ok(Arrival::new(false, self.event_set(&format!("{key}@events"))));
+        }
+        parties.insert(party.to_owned(), outcome.to_owned());
+        *expires = now + ttl;
+        let mut counters = self.counters()?;
+        let left = counters.get(key).map_or(0, |(v, _)| *v) - 1;
+        if left >= 1 {
+            counters.insert(key.to_owned(), (left, now + ttl));
+            return Ok(Arrival::new(true, false));
+        }
+        drop(counters);
+        self.inner
+            .events
+            .lock()
+            .map_err(|_| lost())?
+            .insert(format!("{key}@events"), now + ttl);
+        self.inner.notify.notify_waiters();
+        Ok(Arrival::new(true, true))
+    }
+
+    async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
+        let arrivals = self
+            .inner
+            .arrivals
+            .lock()
+            .map_err(|_| Error::backend("memory", ErrorKind::Other, "state lock poisoned"))?;
+        Ok(arrivals
+            .get(key)
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(parties, _)| parties.iter().map(|(p, o)| (p.clone(), o.clone())).collect())
+            .unwrap_or_default())
     }
 
     async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {

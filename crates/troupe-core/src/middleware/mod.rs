@@ -23,6 +23,7 @@
 mod age_limit;
 mod callbacks;
 pub(crate) mod current_message;
+mod group_callbacks;
 mod lifecycle;
 mod pipelines;
 mod results;
@@ -48,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 pub use age_limit::AgeLimit;
 pub use callbacks::Callbacks;
 pub use current_message::{CurrentMessage, current_app, current_message, current_task};
+pub use group_callbacks::GroupCallbacks;
 pub use lifecycle::{Cancellation, TaskLifecycle, TaskTracking, worker_id};
 pub use pipelines::Pipelines;
 pub use results::Results;
