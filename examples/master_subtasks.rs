@@ -1,21 +1,28 @@
-//! Master task, subtasks and dedicated workers, after a team generating images with Dramatiq:
-//! a `master` actor (queue `master`) takes a generation request and fans it out into subtasks,
-//! standard-model ones on queue `subtask` and Lumina ones on queue `subtask_ops`. Each queue has
-//! its own worker, as the team ran one worker process per queue.
+//! Master tasks, subtasks and dedicated workers, after a team generating images with Dramatiq:
+//! a master actor takes a generation request and fans it out into subtasks as one group:
+//! `master` (queue `master`) spreads them over the standard model (queue `subtask`) and Lumina
+//! (queue `subtask_ops`), `master_ops` (queue `master_ops`) sends all of them to Lumina. Each
+//! queue has its own worker, as the team ran one worker process per queue.
 //!
-//! A `CatchExceptions` middleware reports failures to a webhook (the team's Feishu bot): every
-//! failed attempt, and every message that ends in the dead letters, is POSTed as a small JSON
-//! document. Some subtasks time out once and succeed on the retry; some are rejected by
-//! moderation and fail permanently (`ActorError::fail_permanently`).
+//! When every subtask of a request has finished, failed ones included, the group's finished
+//! callback `batch_done` (queue `master`) POSTs the batch's outcome to the webhook once:
+//! `{"event": "batch_done", "task_id", "subtasks", "succeeded", "images", "failed": [{"message_id",
+//! "error_type", "error"}]}`. The group's barrier lives in the state backend (the broker's
+//! database by default), so it holds across worker processes and crashes.
+//!
+//! A `CatchExceptions` middleware also reports failures to the webhook (the team's Feishu bot):
+//! every failed attempt, and every message that ends in the dead letters. Some subtasks time out
+//! once and succeed on the retry; some are rejected by moderation and fail permanently
+//! (`ActorError::fail_permanently`).
 //!
 //! ```text
-//! cargo run --example master_subtasks                          # all-in-one: three workers, one process
+//! cargo run --example master_subtasks                          # all-in-one: four workers, one process
 //! cargo run --example master_subtasks -- run --subtasks 20 --webhook http://127.0.0.1:8080/hook
 //!
 //! # dedicated worker processes, one per queue, on a shared database:
 //! cargo run --example master_subtasks -- worker --queues subtask --broker-url sqlite://shared.db
 //! cargo run --example master_subtasks -- worker --queues subtask_ops --broker-url sqlite://shared.db
-//! cargo run --example master_subtasks -- run --worker-queues master --broker-url sqlite://shared.db
+//! cargo run --example master_subtasks -- run --worker-queues master,master_ops --broker-url sqlite://shared.db
 //! ```
 //!
 //! The webhook is plain `http://` (a minimal HTTP/1.1 POST over a TCP stream, no TLS); without
@@ -37,8 +44,8 @@ use troupe::worker::WorkerArgs;
 /// The error type of `run`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The three queues, each with its dedicated worker.
-pub const QUEUES: [&str; 3] = ["master", "subtask", "subtask_ops"];
+/// The four queues, each with its dedicated worker.
+pub const QUEUES: [&str; 4] = ["master", "master_ops", "subtask", "subtask_ops"];
 
 /// The broker used when no `--broker-url` is given.
 pub const DEFAULT_BROKER_URL: &str = "sqlite://troupe-master-subtasks.db";
@@ -76,7 +83,7 @@ pub struct Args {
     /// Where to POST failure reports (http:// only); printed when not given.
     #[arg(long)]
     pub webhook: Option<String>,
-    /// Master tasks to send.
+    /// Master tasks to send (odd ones to `master`, even ones to `master_ops`).
     #[arg(long, default_value_t = 1)]
     pub tasks: u32,
     /// Subtasks per master task.
@@ -88,7 +95,8 @@ pub struct Args {
     pub worker_queues: Vec<String>,
 }
 
-/// Flags of `worker`: the standard worker flags and the webhook.
+/// Flags of `worker`: the standard worker flags (the state backend defaults to the broker's
+/// URL) and the webhook.
 #[derive(Debug, clap::Args)]
 pub struct WorkerCommand {
     /// The standard worker flags (`--queues`, `--concurrency`, `--broker-url`, ...).
@@ -102,20 +110,99 @@ pub struct WorkerCommand {
 // The seed team's default was MAX_RETRIES=0 with polling intervals of seconds; two quick retries
 // (100 ms backoff) here show both a failure that recovers and one that does not.
 
-/// Takes a generation request and creates its subtasks: even ones on the standard model
-/// (queue `subtask`), odd ones on Lumina (queue `subtask_ops`). Returns how many it created.
+/// Takes a generation request and creates its subtasks as one group: even ones on the standard
+/// model (queue `subtask`), odd ones on Lumina (queue `subtask_ops`). Returns how many it created.
 #[troupe::actor(queue_name = "master", max_retries = 0)]
-async fn master(task_id: String, prompt: String, subtasks: u32) -> Result<u32, ActorError> {
+async fn master(task_id: String, prompt: String, subtasks: u32, webhook: Option<String>) -> Result<u32, ActorError> {
+    fan_out(&task_id, &prompt, subtasks, webhook, |index| index % 2 == 1).await
+}
+
+/// Takes a Lumina generation request: every subtask on queue `subtask_ops`.
+#[troupe::actor(queue_name = "master_ops", max_retries = 0)]
+async fn master_ops(
+    task_id: String,
+    prompt: String,
+    subtasks: u32,
+    webhook: Option<String>,
+) -> Result<u32, ActorError> {
+    fan_out(&task_id, &prompt, subtasks, webhook, |_| true).await
+}
+
+/// Sends the subtasks of `task_id` as a group (on Lumina where `lumina(index)`), with
+/// `batch_done` as its finished callback.
+async fn fan_out(
+    task_id: &str,
+    prompt: &str,
+    subtasks: u32,
+    webhook: Option<String>,
+    lumina: impl Fn(u32) -> bool,
+) -> Result<u32, ActorError> {
     let app = current_app()?;
+    let mut children = Vec::new();
     for index in 0..subtasks {
-        let variant = format!("{prompt}, variant {index}");
-        if index % 2 == 0 {
-            RunSubtask.send(&app, task_id.clone(), index, variant).await?;
+        let args = (task_id.to_owned(), index, format!("{prompt}, variant {index}"));
+        children.push(if lumina(index) {
+            App::message(&RunSubtaskOps, &args)?
         } else {
-            RunSubtaskOps.send(&app, task_id.clone(), index, variant).await?;
-        }
+            App::message(&RunSubtask, &args)?
+        });
     }
+    // `batch_done(task_id, webhook)`; the group appends the subtasks' outcomes.
+    let done = Message::new(
+        "master",
+        "batch_done",
+        vec![json!(task_id), json!(webhook)],
+        serde_json::Map::new(),
+    );
+    group(children).add_finished_callback(done).run(&app, None).await?;
     Ok(subtasks)
+}
+
+/// The batch outcomes `batch_done` made in this process (the summary of `run` reports them).
+static BATCHES: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+
+/// The group's finished callback: POSTs the batch's outcome to the webhook (or prints it), once
+/// per master task, when every subtask has finished.
+#[troupe::actor(queue_name = "master", max_retries = 3, min_backoff = "100ms")]
+async fn batch_done(task_id: String, webhook: Option<String>, outcomes: Vec<Value>) -> Result<Value, ActorError> {
+    let images: Vec<&Value> = outcomes
+        .iter()
+        .filter(|o| o["ok"] == true)
+        .map(|o| &o["result"])
+        .collect();
+    let failed: Vec<Value> = outcomes
+        .iter()
+        .filter(|o| o["ok"] != true)
+        .map(|o| {
+            json!({
+                "message_id": o["message_id"],
+                "error_type": o["error"]["type"],
+                "error": o["error"]["message"],
+            })
+        })
+        .collect();
+    let document = json!({
+        "event": "batch_done",
+        "task_id": task_id,
+        "subtasks": outcomes.len(),
+        "succeeded": images.len(),
+        "images": images,
+        "failed": failed,
+    });
+    match &webhook {
+        // A webhook that is down fails the callback, which is retried.
+        Some(url) => {
+            post_json(url, &document.to_string())
+                .await
+                .map_err(|e| ActorError::new("WebhookError", e))?;
+        }
+        None => println!("{document}"),
+    }
+    BATCHES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(document.clone());
+    Ok(document)
 }
 
 /// Generates one image on the standard model.
@@ -295,13 +382,17 @@ async fn post_json(url: &str, body: &str) -> Result<u16, BoxError> {
     }
 }
 
-/// Builds the app, with the reporting middleware it uses.
-fn build_app(broker: Arc<dyn Broker>, reports: CatchExceptions) -> troupe::Result<App> {
+/// Builds the app, with the reporting middleware it uses and the state backend that keeps the
+/// groups' barriers.
+fn build_app(broker: Arc<dyn Broker>, state: Arc<dyn StateBackend>, reports: CatchExceptions) -> troupe::Result<App> {
     App::builder(broker)
+        .state(state)
         .middleware(reports)
         .actor(Master)
+        .actor(MasterOps)
         .actor(RunSubtask)
         .actor(RunSubtaskOps)
+        .actor(BatchDone)
         .build()
 }
 
@@ -312,6 +403,8 @@ pub struct Summary {
     pub tasks: u32,
     /// Subtasks they created.
     pub subtasks: u32,
+    /// The batch outcomes `batch_done` made (posted or printed), one per master task.
+    pub batches: Vec<Value>,
     /// Per queue: attempts that succeeded and that failed, in this process.
     pub by_queue: BTreeMap<String, (u64, u64)>,
     /// Every failure report, in the order they were made.
@@ -328,8 +421,9 @@ pub struct Summary {
 pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
     let started = Instant::now();
     let broker = troupe::connect(&args.broker_url).await?;
+    let state = troupe::connect_state(&args.broker_url).await?;
     let reports = CatchExceptions::new(args.webhook.clone(), false);
-    let app = build_app(broker, reports.clone())?;
+    let app = build_app(broker, state, reports.clone())?;
     writeln!(out, "broker: {}", redact_url(&args.broker_url))?;
     match &args.webhook {
         Some(url) => writeln!(out, "failure reports go to {url}")?,
@@ -356,11 +450,16 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
         writeln!(out, "expecting dedicated worker processes for {external:?}")?;
     }
 
+    let mut batches = Vec::new();
     for n in 1..=args.tasks {
         let task_id = format!("task-{n}");
-        Master
-            .send(&app, task_id, format!("a lighthouse at dusk #{n}"), args.subtasks)
-            .await?;
+        let prompt = format!("a lighthouse at dusk #{n}");
+        let webhook = args.webhook.clone();
+        if n % 2 == 1 {
+            Master.send(&app, task_id, prompt, args.subtasks, webhook).await?;
+        } else {
+            MasterOps.send(&app, task_id, prompt, args.subtasks, webhook).await?;
+        }
     }
     writeln!(
         out,
@@ -391,10 +490,25 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
     for (queue, (ok, failed)) in &by_queue {
         writeln!(out, "  {queue:<12} {ok:>4} {failed:>7}")?;
     }
+    for batch in BATCHES.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+        batches.push(batch);
+    }
+    writeln!(out, "\nbatches done ({}):", batches.len())?;
+    for batch in &batches {
+        writeln!(
+            out,
+            "  {} {}/{} images, failed: {}",
+            batch["task_id"].as_str().unwrap_or("?"),
+            batch["succeeded"],
+            batch["subtasks"],
+            batch["failed"].as_array().map_or(0, Vec::len)
+        )?;
+    }
     writeln!(out, "\ndone in {:.1?}", started.elapsed())?;
     Ok(Summary {
         tasks: args.tasks,
         subtasks: args.tasks * args.subtasks,
+        batches,
         by_queue,
         reports: documents,
         delivered,
@@ -404,9 +518,11 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<Summary, BoxError> {
 /// Waits until no message of [`QUEUES`] is ready, delayed or in flight ([`App::join`]).
 async fn wait_until_drained(app: &App, timeout: Duration) -> Result<(), BoxError> {
     let deadline = Instant::now() + timeout;
-    // Messages only flow forward through QUEUES (master sends subtasks), so once each queue is
-    // joined in that order, all are drained. Failures are expected: no fail-fast.
-    for queue in QUEUES {
+    // Messages flow forward through QUEUES (the masters send subtasks), then back to `master`
+    // (the last subtask of a group sends its `batch_done` before it is acked), so once each queue
+    // is joined in that order and `master` again, all are drained. Failures are expected: no
+    // fail-fast.
+    for queue in QUEUES.into_iter().chain(["master"]) {
         let left = deadline.saturating_duration_since(Instant::now());
         app.join_with(queue, left, JoinOptions::new().fail_fast(false)).await?;
     }
@@ -418,9 +534,19 @@ async fn main() -> Result<ExitCode, BoxError> {
     let cli = <Cli as clap::Parser>::parse();
     match cli.command {
         Some(Command::Worker(WorkerCommand { mut worker, webhook })) => {
-            worker.broker_url.get_or_insert_with(|| DEFAULT_BROKER_URL.to_owned());
+            let broker_url = worker
+                .broker_url
+                .get_or_insert_with(|| DEFAULT_BROKER_URL.to_owned())
+                .clone();
+            worker.state_url.get_or_insert(broker_url);
             let reports = CatchExceptions::new(webhook, true);
-            Ok(troupe::run_worker(worker, |broker| build_app(broker, reports)).await)
+            Ok(troupe::run_worker_with(worker, |backends| {
+                let state = backends
+                    .state
+                    .ok_or_else(|| troupe::Error::Config("the groups need a state backend (--state-url)".into()))?;
+                build_app(backends.broker, state, reports)
+            })
+            .await)
         }
         Some(Command::Run(args)) => run_and_check(args).await,
         None => run_and_check(cli.run).await,

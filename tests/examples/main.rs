@@ -129,7 +129,7 @@ async fn webhook_server() -> (String, Arc<Mutex<Vec<Value>>>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn master_subtasks_reports_failures_to_the_webhook() {
+async fn master_subtasks_posts_each_batch_once_and_reports_failures_to_the_webhook() {
     let (_dir, url) = temp_db();
     let (webhook, received) = webhook_server().await;
     let mut out = Vec::new();
@@ -146,17 +146,54 @@ async fn master_subtasks_reports_failures_to_the_webhook() {
         .unwrap();
     let text = String::from_utf8(out).unwrap();
 
-    // Per task: subtasks 0-9, even ones standard, odd ones Lumina; 2 and 7 time out once, 4 and
-    // 9 are rejected for good.
+    // task-1 (`master`): subtasks 0-9, even ones standard, odd ones Lumina; task-2 (`master_ops`):
+    // all ten on Lumina. 2 and 7 time out once, 4 and 9 are rejected for good.
     assert_eq!(summary.subtasks, 20);
     let counts: BTreeMap<&str, (u64, u64)> = summary.by_queue.iter().map(|(q, c)| (q.as_str(), *c)).collect();
     assert_eq!(
         counts,
-        BTreeMap::from([("master", (2, 0)), ("subtask", (8, 4)), ("subtask_ops", (8, 4))]),
+        BTreeMap::from([
+            ("master", (3, 0)), // task-1's master and both batch_done callbacks
+            ("master_ops", (1, 0)),
+            ("subtask", (4, 2)),
+            ("subtask_ops", (12, 6))
+        ]),
         "{text}"
     );
 
-    let received = received.lock().unwrap().clone();
+    let all = received.lock().unwrap().clone();
+    // Each master task's batch outcome was posted once, failed subtasks included.
+    let batches: Vec<&Value> = all.iter().filter(|d| d["event"] == "batch_done").collect();
+    assert_eq!(batches.len(), 2, "one batch_done per master task: {batches:#?}");
+    for task in ["task-1", "task-2"] {
+        let batch = batches
+            .iter()
+            .find(|b| b["task_id"] == task)
+            .unwrap_or_else(|| panic!("no batch_done for {task}: {batches:#?}"));
+        assert_eq!(
+            (batch["subtasks"].as_u64(), batch["succeeded"].as_u64()),
+            (Some(10), Some(8)),
+            "{batch}"
+        );
+        let failed = batch["failed"].as_array().unwrap();
+        assert_eq!(failed.len(), 2, "{batch}");
+        for f in failed {
+            assert_eq!(f["error_type"], "ContentRejected", "{batch}");
+            let error = f["error"].as_str().unwrap();
+            assert!(
+                error.starts_with(&format!("subtask 4 of {task}"))
+                    || error.starts_with(&format!("subtask 9 of {task}")),
+                "{error}"
+            );
+        }
+        assert_eq!(batch["images"].as_array().unwrap().len(), 8);
+    }
+    let mut posted: Vec<String> = batches.iter().map(|b| b.to_string()).collect();
+    let mut made: Vec<String> = summary.batches.iter().map(Value::to_string).collect();
+    posted.sort();
+    made.sort();
+    assert_eq!(posted, made, "the webhook got exactly the batch outcomes made");
+    let received: Vec<Value> = all.into_iter().filter(|d| d["event"] != "batch_done").collect();
     assert_eq!(summary.delivered, 12, "{text}");
     assert_eq!(received.len(), 12, "{received:#?}");
     let sorted = |docs: &[Value]| {
@@ -189,12 +226,12 @@ async fn master_subtasks_reports_failures_to_the_webhook() {
     assert_eq!(
         kinds,
         BTreeMap::from([
-            expected("failure", "run_subtask", "ApiTimeout", 2),
-            expected("failure", "run_subtask", "ContentRejected", 2),
-            expected("failure", "run_subtask_ops", "ApiTimeout", 2),
-            expected("failure", "run_subtask_ops", "ContentRejected", 2),
-            expected("dead_lettered", "run_subtask", "ContentRejected", 2),
-            expected("dead_lettered", "run_subtask_ops", "ContentRejected", 2),
+            expected("failure", "run_subtask", "ApiTimeout", 1),
+            expected("failure", "run_subtask", "ContentRejected", 1),
+            expected("failure", "run_subtask_ops", "ApiTimeout", 3),
+            expected("failure", "run_subtask_ops", "ContentRejected", 3),
+            expected("dead_lettered", "run_subtask", "ContentRejected", 1),
+            expected("dead_lettered", "run_subtask_ops", "ContentRejected", 3),
         ]),
         "{received:#?}"
     );

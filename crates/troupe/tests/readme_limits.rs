@@ -10,10 +10,8 @@ use troupe::prelude::*;
 
 #[troupe::actor(max_retries = 100, min_backoff = "1s")]
 async fn call_image_api(prompt: String) -> Result<usize, ActorError> {
-    let state = current_app()?
-        .state()
-        .cloned()
-        .ok_or_else(|| ActorError::msg("no state backend"))?;
+    #[rustfmt::skip] // the README's line, as it reads there
+    let state = current_app()?.state().cloned().ok_or_else(|| ActorError::msg("no state backend"))?;
     // At most 2 calls at once across every worker: wait up to 10 s, else retry later.
     let _slot = ConcurrentRateLimiter::new(state.clone(), "image-api", 2)
         .acquire(WhenLimited::Wait(Duration::from_secs(10)))
@@ -46,4 +44,23 @@ async fn the_readme_rate_limit_example_runs() {
         left += 1;
     }
     assert_eq!(left, 45);
+}
+
+#[test]
+fn every_line_of_the_readme_block_is_in_this_file() {
+    let readme = include_str!("../../../README.md");
+    let this = include_str!("readme_limits.rs");
+    let start = readme
+        .find("#[troupe::actor(max_retries = 100, min_backoff = \"1s\")]")
+        .expect("the README shows a rate-limited actor");
+    let block = &readme[start..];
+    let block = &block[..block.find("```").expect("the block ends")];
+    let here: Vec<&str> = this.lines().map(str::trim).collect();
+    let missing: Vec<&str> = block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| !here.iter().any(|h| h.contains(l)))
+        .collect();
+    assert!(missing.is_empty(), "README lines not run by this test: {missing:#?}");
 }
