@@ -207,3 +207,19 @@ async fn unique_messages_across_processes() {
     troupe_test_suite::kill::unique_across_processes(&Postgres, &schema, QUEUE, 200).await;
     FileRuns::temp(&schema).remove();
 }
+
+/// Two processes share one `ConcurrentRateLimiter` (limit 1): no two holds overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_mutex_across_processes() {
+    let schema = schema();
+    troupe_test_suite::kill::mutex_across_processes(&Postgres, &schema, "mutex", 40).await;
+    FileRuns::temp(&schema).remove();
+}
+
+/// A group across a SIGKILL mid-group: every child runs, the completion callback once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_survives_a_sigkill_mid_group() {
+    let schema = schema();
+    troupe_test_suite::kill::group_across_a_kill(&Postgres, &schema, "group", 200).await;
+    FileRuns::temp(&schema).remove();
+}

@@ -220,3 +220,17 @@ async fn unique_messages_across_processes() {
     let ns = format!("troupe-unique-{}", uuid::Uuid::new_v4().simple());
     troupe_test_suite::kill::unique_across_processes(&Redis, &ns, QUEUE, 200).await;
 }
+
+/// Two processes share one `ConcurrentRateLimiter` (limit 1): no two holds overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_mutex_across_processes() {
+    let ns = format!("troupe-coord-{}", uuid::Uuid::new_v4().simple());
+    troupe_test_suite::kill::mutex_across_processes(&Redis, &ns, "mutex", 40).await;
+}
+
+/// A group across a SIGKILL mid-group: every child runs, the completion callback once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_survives_a_sigkill_mid_group() {
+    let ns = format!("troupe-coord-{}", uuid::Uuid::new_v4().simple());
+    troupe_test_suite::kill::group_across_a_kill(&Redis, &ns, "group", 200).await;
+}

@@ -140,3 +140,17 @@ async fn unique_messages_across_processes() {
     let (_dir, path) = db();
     kill::unique_across_processes(&Sqlite, &path, "unique", 200).await;
 }
+
+/// Two processes share one `ConcurrentRateLimiter` (limit 1): no two holds overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_mutex_across_processes() {
+    let (_dir, path) = db();
+    kill::mutex_across_processes(&Sqlite, &path, "mutex", 40).await;
+}
+
+/// A group across a SIGKILL mid-group: every child runs, the completion callback once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_survives_a_sigkill_mid_group() {
+    let (_dir, path) = db();
+    kill::group_across_a_kill(&Sqlite, &path, "group", 200).await;
+}

@@ -38,9 +38,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use troupe_core::limits::{ConcurrentRateLimiter, WhenLimited};
 use troupe_core::middleware::TaskTracking;
 use troupe_core::{
-    Actor, ActorError, ActorOptions, App, AppBuilder, Broker, QueueStats, SendOptions, StateBackend, TaskStatus,
+    Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Message, QueueStats, SendOptions, StateBackend,
+    TaskStatus, group, now_ms,
 };
 use troupe_worker::{Worker, WorkerBuilder};
 
@@ -236,6 +238,24 @@ pub enum Role {
     /// Sends `record(n)` for each `n` of the range as a unique message (`unique_for` an hour;
     /// needs the backend's [`KillBackend::state`]), then exits.
     UniqueProducer(Range<u64>),
+    /// Takes the `ConcurrentRateLimiter` named after the place and queue (limit 1, in the backend's
+    /// [`KillBackend::state`]) this many times, holding it 10 ms each, and records each hold's
+    /// interval ([`hold_code`]), then exits.
+    Holder(u64),
+}
+
+/// One hold's interval `[start, end]` (ms since the epoch) as the one number a [`Runs`] keeps:
+/// the start in the high bits, the length (under 2^20 ms) in the low 20.
+#[must_use]
+pub fn hold_code(start: u64, end: u64) -> u64 {
+    (start << 20) | (end.saturating_sub(start) & 0xF_FFFF)
+}
+
+/// The interval of a [`hold_code`].
+#[must_use]
+pub fn hold_interval(code: u64) -> (u64, u64) {
+    let start = code >> 20;
+    (start, start + (code & 0xF_FFFF))
 }
 
 /// The body of a test binary's `child` test: does nothing when the binary was not started as a
@@ -281,6 +301,23 @@ pub fn child<B: KillBackend>(backend: &B) {
                         .expect("enqueue");
                 }
                 eprintln!("child: produced {from}..{to}");
+            }
+            "holder" => {
+                let rounds: u64 = var(FROM).parse().expect("a number");
+                let state = backend.state(&place).await.expect("a state backend for the holders");
+                let mutex = ConcurrentRateLimiter::new(state, format!("{place}-{queue}-mutex"), 1);
+                for _ in 0..rounds {
+                    let slot = mutex
+                        .acquire(WhenLimited::Wait(Duration::from_secs(30)))
+                        .await
+                        .expect("the mutex within 30 s");
+                    let start = now_ms();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let end = now_ms();
+                    slot.release().await.expect("release");
+                    record.runs.record(hold_code(start, end)).await.expect("record");
+                }
+                eprintln!("child: held the mutex {rounds} times");
             }
             other => panic!("unknown role {other}"),
         }
@@ -359,6 +396,110 @@ pub async fn unique_across_processes<B: KillBackend>(backend: &B, place: &str, q
     );
 }
 
+/// Two processes take one `ConcurrentRateLimiter` (limit 1) `rounds` times each, at once: no
+/// two of their holds overlap, and every hold happens. Needs the backend's
+/// [`KillBackend::state`].
+///
+/// # Panics
+/// On overlapping holds, a missing one, or a child that fails.
+pub async fn mutex_across_processes<B: KillBackend>(backend: &B, place: &str, queue: &str, rounds: u64) {
+    let (_broker, runs) = backend.open(place).await;
+    assert!(backend.state(place).await.is_some(), "{} keeps no state", B::NAME);
+    runs.prepare().await;
+    let mut holders = [
+        spawn(&Role::Holder(rounds), place, queue),
+        spawn(&Role::Holder(rounds), place, queue),
+    ];
+    for holder in &mut holders {
+        let status = holder.wait();
+        assert!(status.success(), "a holder failed: {}", holder.log());
+    }
+    let codes = runs.counts().await;
+    let mut holds: Vec<(u64, u64)> = codes
+        .iter()
+        .flat_map(|(code, n)| std::iter::repeat_n(hold_interval(*code), usize::try_from(*n).unwrap_or(0)))
+        .collect();
+    holds.sort_unstable();
+    assert_eq!(
+        holds.len(),
+        usize::try_from(2 * rounds).expect("a count"),
+        "every hold was recorded"
+    );
+    let overlaps: Vec<_> = holds.windows(2).filter(|w| w[0].1 > w[1].0).collect();
+    let span = holds.last().map_or(0, |l| l.1) - holds.first().map_or(0, |f| f.0);
+    eprintln!(
+        "{}: 2 processes x {rounds} holds of one mutex over {span} ms, {} overlapping",
+        B::NAME,
+        overlaps.len()
+    );
+    assert!(overlaps.is_empty(), "two holders at once: {overlaps:?}");
+}
+
+/// A group's completion callback across a SIGKILL: `children` `record(n)` messages are sent
+/// as a group whose completion callback is `record(children)`; a worker process is killed
+/// while it holds some of them, a fresh one finishes the rest. Every child runs, and the
+/// callback runs once, after all of them (a redelivered child is not counted twice, which would
+/// clear the barrier early and send the callback again). Needs the backend's
+/// [`KillBackend::state`].
+///
+/// # Panics
+/// On a lost child, a callback sent twice, never or early, or a child that fails.
+pub async fn group_across_a_kill<B: KillBackend>(backend: &B, place: &str, queue: &str, children: u64) {
+    let (broker, runs) = backend.open(place).await;
+    let state = backend
+        .state(place)
+        .await
+        .expect("a state backend for the group's barrier");
+    runs.prepare().await;
+    let runs = Arc::new(runs);
+    let record = Record::new(queue, Arc::clone(&runs));
+    let app = App::builder(Arc::new(broker.clone()))
+        .state(state)
+        .actor(record.clone())
+        .build()
+        .expect("app");
+    let message = |n: u64| Message::new(queue, "record", vec![n.into()], serde_json::Map::new());
+    group((0..children).map(message))
+        .add_completion_callback(message(children))
+        .run(&app, None)
+        .await
+        .expect("run the group");
+
+    let mut first = spawn(&Role::Worker, place, queue);
+    let before_kill = usize::try_from(children / 4).expect("a count");
+    let before = wait_runs(runs.as_ref(), before_kill, Duration::from_secs(30)).await;
+    assert!(
+        before.len() >= before_kill,
+        "the first worker ran {} children: {}",
+        before.len(),
+        first.log()
+    );
+    first.kill();
+    let mut second = spawn(&Role::Worker, place, queue);
+    let all = usize::try_from(children + 1).expect("a count");
+    let _ = wait_runs(runs.as_ref(), all, Duration::from_secs(60)).await;
+    // Let a second callback, had there been one, run too.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let done = runs.counts().await;
+    second.kill();
+    let missing: Vec<u64> = (0..children).filter(|n| !done.contains_key(n)).collect();
+    assert!(missing.is_empty(), "children never ran: {missing:?}");
+    let redelivered: u64 = (0..children)
+        .map(|n| done.get(&n).copied().unwrap_or(0).saturating_sub(1))
+        .sum();
+    eprintln!(
+        "{}: a group of {children} across a SIGKILL ({} run before it, {redelivered} run again after it), callback run {} time(s)",
+        B::NAME,
+        before.len(),
+        done.get(&children).copied().unwrap_or(0)
+    );
+    assert_eq!(
+        done.get(&children).copied(),
+        Some(1),
+        "the completion callback ran exactly once"
+    );
+}
+
 /// A child process and the lines of its stderr so far. Dropping it kills the process.
 #[derive(Debug)]
 pub struct Spawned {
@@ -427,6 +568,9 @@ pub fn spawn(role: &Role, place: &str, queue: &str) -> Spawned {
             cmd.env(ROLE, "unique-producer")
                 .env(FROM, range.start.to_string())
                 .env(TO, range.end.to_string());
+        }
+        Role::Holder(rounds) => {
+            cmd.env(ROLE, "holder").env(FROM, rounds.to_string());
         }
     }
     let mut child = cmd.spawn().expect("spawn the child");

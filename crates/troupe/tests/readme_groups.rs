@@ -37,7 +37,7 @@ async fn report(batch: String, outcomes: Value) {
         .push(json!({"batch": batch, "outcomes": outcomes}));
 }
 
-async fn readme(app: &App) -> troupe::Result<Vec<String>> {
+async fn readme(app: App) -> troupe::Result<Vec<String>> {
     let batch = group([
         App::message(&Render, &(1,))?,
         App::message(&Render, &(2,))?,
@@ -67,7 +67,7 @@ async fn the_readme_group_example_runs() {
         .actor(Report)
         .build()
         .unwrap();
-    let ids = readme(&app).await.unwrap();
+    let ids = readme(app.clone()).await.unwrap();
     let worker = Worker::builder(app.clone()).concurrency(4).start().await.unwrap();
     app.join_with("default", Duration::from_secs(10), JoinOptions::new().fail_fast(false))
         .await
