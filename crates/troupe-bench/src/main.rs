@@ -89,6 +89,10 @@ struct Args {
     /// Runs of each task query.
     #[arg(long, default_value_t = 20)]
     query_runs: usize,
+    /// Acquire/release cycles of each rate limiter to time on the state backend, alone and
+    /// from 16 tasks at once (0: no limiter figures).
+    #[arg(long, default_value_t = 0)]
+    limiter_ops: u64,
     /// Leave the `--task-records` records in place (drop the database, schema or namespace
     /// yourself; deleting a million records one by one takes minutes).
     #[arg(long)]
@@ -97,7 +101,7 @@ struct Args {
 
 /// The state backend the flags name, when tracking or task queries are asked for.
 async fn state_backend(args: &Args) -> Result<Option<Arc<dyn StateBackend>>, Box<dyn std::error::Error>> {
-    if !args.track_tasks && args.task_records == 0 {
+    if !args.track_tasks && args.task_records == 0 && args.limiter_ops == 0 {
         return Ok(None);
     }
     let url = match &args.state_url {
@@ -693,6 +697,10 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         Some(state) if args.task_records > 0 => task_queries(state, args, &progress).await?,
         _ => json!(null),
     };
+    let limiters = match &state {
+        Some(state) if args.limiter_ops > 0 => limiter_rates(state, args.limiter_ops, &progress).await?,
+        _ => json!(null),
+    };
 
     let (distinct, extra) = SEEN
         .lock()
@@ -753,9 +761,120 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         "track_tasks": args.track_tasks,
         "cancellation": args.track_tasks.then_some(args.cancellation),
         "task_queries": queries,
+        "limiters": limiters,
         "lost": args.messages.saturating_sub(distinct) + steady_lost,
         "duplicates": runs.saturating_sub(distinct) + steady_duplicates,
     }))
+}
+
+/// Tasks of the contended limiter figures.
+const CONTENDERS: u64 = 16;
+
+/// Operations per second, rounded.
+#[allow(clippy::cast_precision_loss)]
+fn per_sec(count: u64, secs: f64) -> serde_json::Value {
+    if secs <= 0.0 {
+        json!(null)
+    } else {
+        json!((count as f64 / secs).round())
+    }
+}
+
+/// Times `ops` operations of each limiter on `state`: a `ConcurrentRateLimiter` acquire and
+/// release one after another, then from 16 tasks at once on a limit of 4 (attempts, and how
+/// many took a slot); `BucketRateLimiter` and `WindowRateLimiter` acquires (limits too high to
+/// be reached) alone and from 16 tasks.
+async fn limiter_rates(
+    state: &Arc<dyn StateBackend>,
+    ops: u64,
+    progress: &Progress,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let key = |what: &str| format!("troupe-bench-{what}-{}", now_ms());
+    progress.phase("limiters", ops * 6);
+    let mutex = ConcurrentRateLimiter::new(Arc::clone(state), key("mutex"), 1);
+    let (mut acquire, mut release) = (Duration::ZERO, Duration::ZERO);
+    for i in 0..ops {
+        let t = Instant::now();
+        let slot = mutex.try_acquire().await?.ok_or("the bench's own mutex was taken")?;
+        acquire += t.elapsed();
+        let t = Instant::now();
+        slot.release().await?;
+        release += t.elapsed();
+        progress.set(i + 1);
+    }
+    let shared = ConcurrentRateLimiter::new(Arc::clone(state), key("shared"), 4);
+    let started = Instant::now();
+    let taken = std::sync::atomic::AtomicU64::new(0);
+    let each = ops.div_ceil(CONTENDERS);
+    let contend = (0..CONTENDERS).map(|_| async {
+        for _ in 0..each {
+            if let Some(slot) = shared.try_acquire().await? {
+                taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                slot.release().await?;
+            }
+        }
+        Ok::<_, troupe::Error>(())
+    });
+    for r in futures::future::join_all(contend).await {
+        r?;
+    }
+    let contended_secs = started.elapsed().as_secs_f64();
+    progress.set(ops * 2);
+    let mut figures = serde_json::Map::new();
+    figures.insert("ops".into(), json!(ops));
+    figures.insert(
+        "concurrent".into(),
+        json!({
+            "acquire_per_sec": per_sec(ops, acquire.as_secs_f64()),
+            "release_per_sec": per_sec(ops, release.as_secs_f64()),
+            "contended_attempts_per_sec": per_sec(each * CONTENDERS, contended_secs),
+            "contended_taken_per_sec": per_sec(taken.into_inner(), contended_secs),
+        }),
+    );
+    let bucket = BucketRateLimiter::new(Arc::clone(state), key("bucket"), u32::MAX, Duration::from_secs(60));
+    let window = WindowRateLimiter::new(Arc::clone(state), key("window"), u32::MAX, Duration::from_secs(1));
+    let bucket_alone = time_acquires(ops, 1, || bucket.try_acquire()).await?;
+    let bucket_contended = time_acquires(ops, CONTENDERS, || bucket.try_acquire()).await?;
+    progress.set(ops * 4);
+    let window_alone = time_acquires(ops, 1, || window.try_acquire()).await?;
+    let window_contended = time_acquires(ops, CONTENDERS, || window.try_acquire()).await?;
+    progress.set(ops * 6);
+    progress.finish();
+    figures.insert(
+        "bucket".into(),
+        json!({"acquire_per_sec": bucket_alone, "contended_acquire_per_sec": bucket_contended}),
+    );
+    figures.insert(
+        "window".into(),
+        json!({"acquire_per_sec": window_alone, "contended_acquire_per_sec": window_contended}),
+    );
+    Ok(serde_json::Value::Object(figures))
+}
+
+/// Runs `ops` acquires (every one must get room) from `tasks` tasks at once; their rate.
+async fn time_acquires<F, Fut>(
+    ops: u64,
+    tasks: u64,
+    acquire: F,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = troupe::Result<bool>>,
+{
+    let each = ops.div_ceil(tasks);
+    let started = Instant::now();
+    let runs = (0..tasks).map(|_| async {
+        for _ in 0..each {
+            if !acquire().await? {
+                return Err(troupe::Error::Config("a bench limiter reached its limit".into()));
+            }
+        }
+        Ok(())
+    });
+    for r in futures::future::join_all(runs).await {
+        r?;
+    }
+    Ok(per_sec(each * tasks, started.elapsed().as_secs_f64()))
 }
 
 /// Actors and queues the seeded task records spread over.
