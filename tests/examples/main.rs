@@ -27,6 +27,10 @@ mod publish_priorities;
 #[path = "../../examples/brokers/shop.rs"]
 mod shop;
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../examples/throttled_api.rs"]
+mod throttled_api;
+
 /// A temporary directory and the `sqlite://` URL of a file in it.
 fn temp_db() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -456,4 +460,65 @@ async fn shop_on_rabbitmq() {
         "redis://127.0.0.1:6379/15?namespace=troupe-example-shop-rmq",
     )
     .await;
+}
+
+/// The worker processes of `throttled_api_holds_the_rate_across_two_processes`: this test
+/// binary, run again filtered to this test with `THROTTLED_API_URL` set, plays the example's
+/// `worker` command; otherwise it does nothing.
+#[test]
+fn throttled_api_child() {
+    let Ok(url) = std::env::var("THROTTLED_API_URL") else {
+        return;
+    };
+    let number = |name: &str| std::env::var(name).unwrap().parse::<u32>().unwrap();
+    let args = throttled_api::WorkerArgs {
+        broker_url: url,
+        limit: number("THROTTLED_API_LIMIT"),
+        exit_after: Some(number("THROTTLED_API_CALLS")),
+    };
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(throttled_api::worker(args))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_api_holds_the_rate_across_two_processes() {
+    let (_dir, url) = temp_db();
+    let args = throttled_api::RunArgs {
+        broker_url: url,
+        calls: 24,
+        limit: 6,
+        processes: 2,
+    };
+    let child = |w: &throttled_api::WorkerArgs| {
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["throttled_api_child", "--exact", "--nocapture", "--test-threads", "1"])
+            .env("THROTTLED_API_URL", &w.broker_url)
+            .env("THROTTLED_API_LIMIT", w.limit.to_string())
+            .env("THROTTLED_API_CALLS", w.exit_after.unwrap().to_string());
+        command
+    };
+    let mut out = Vec::new();
+    let report = tokio::time::timeout(Duration::from_secs(60), throttled_api::run(args, child, &mut out))
+        .await
+        .expect("the example finishes")
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(report.calls.len(), 24, "every call was made once: {text}");
+    assert_eq!(
+        report.per_second.values().sum::<u32>(),
+        24,
+        "no call was made twice: {text}"
+    );
+    assert!(
+        report.per_second.values().all(|n| *n <= 6),
+        "a second saw more than 6 calls: {text}"
+    );
+    assert!(
+        report.per_second.len() >= 4,
+        "24 calls at 6 a second take 4 seconds at least: {text}"
+    );
+    assert_eq!(report.per_process.len(), 2, "both processes made calls: {text}");
 }

@@ -284,24 +284,32 @@ impl BucketRateLimiter {
     /// # Errors
     /// The state backend's.
     pub async fn try_acquire(&self) -> Result<bool> {
-        let size = crate::message::duration_ms(self.bucket).max(1);
-        let now = now_ms();
-        let key = format!("{}@{}", self.key, now - now % size);
-        if self.backend.add(&key, 1, self.bucket).await? {
-            return Ok(true);
-        }
-        self.backend.incr(&key, 1, self.limit, self.bucket).await
+        Ok(self.try_acquire_bucket().await?.is_some())
     }
 
-    /// Counts one acquire, or does what `when` says while the bucket is full.
+    /// Counts one acquire in the current bucket if it has room; the bucket's start (ms since
+    /// the epoch) when it did.
+    ///
+    /// # Errors
+    /// The state backend's.
+    pub async fn try_acquire_bucket(&self) -> Result<Option<u64>> {
+        let size = crate::message::duration_ms(self.bucket).max(1);
+        let now = now_ms();
+        let start = now - now % size;
+        let key = format!("{}@{start}", self.key);
+        if self.backend.add(&key, 1, self.bucket).await? || self.backend.incr(&key, 1, self.limit, self.bucket).await? {
+            return Ok(Some(start));
+        }
+        Ok(None)
+    }
+
+    /// Counts one acquire, or does what `when` says while the bucket is full; the start (ms
+    /// since the epoch) of the bucket it counted in.
     ///
     /// # Errors
     /// As [`ConcurrentRateLimiter::acquire`].
-    pub async fn acquire(&self, when: WhenLimited) -> std::result::Result<(), ActorError> {
-        acquire_with(&self.key, when, || async {
-            Ok(self.try_acquire().await?.then_some(()))
-        })
-        .await
+    pub async fn acquire(&self, when: WhenLimited) -> std::result::Result<u64, ActorError> {
+        acquire_with(&self.key, when, || self.try_acquire_bucket()).await
     }
 }
 

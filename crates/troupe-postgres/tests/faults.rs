@@ -223,3 +223,11 @@ async fn group_survives_a_sigkill_mid_group() {
     troupe_test_suite::kill::group_across_a_kill(&Postgres, &schema, "group", 200).await;
     FileRuns::temp(&schema).remove();
 }
+
+/// Two processes hammer a bucket limiter, then a window limiter: no second over the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_bucket_and_window_across_processes() {
+    let schema = schema();
+    troupe_test_suite::kill::limits_across_processes(&Postgres, &schema, "limits").await;
+    FileRuns::temp(&schema).remove();
+}

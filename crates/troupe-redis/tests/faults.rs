@@ -234,3 +234,10 @@ async fn group_survives_a_sigkill_mid_group() {
     let ns = format!("troupe-coord-{}", uuid::Uuid::new_v4().simple());
     troupe_test_suite::kill::group_across_a_kill(&Redis, &ns, "group", 200).await;
 }
+
+/// Two processes hammer a bucket limiter, then a window limiter: no second over the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_bucket_and_window_across_processes() {
+    let ns = format!("troupe-coord-{}", uuid::Uuid::new_v4().simple());
+    troupe_test_suite::kill::limits_across_processes(&Redis, &ns, "limits").await;
+}

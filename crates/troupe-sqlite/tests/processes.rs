@@ -154,3 +154,10 @@ async fn group_survives_a_sigkill_mid_group() {
     let (_dir, path) = db();
     kill::group_across_a_kill(&Sqlite, &path, "group", 200).await;
 }
+
+/// Two processes hammer a bucket limiter, then a window limiter: no second over the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_bucket_and_window_across_processes() {
+    let (_dir, path) = db();
+    kill::limits_across_processes(&Sqlite, &path, "limits").await;
+}

@@ -38,7 +38,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use troupe_core::limits::{ConcurrentRateLimiter, WhenLimited};
+use troupe_core::limits::{BucketRateLimiter, ConcurrentRateLimiter, WhenLimited, WindowRateLimiter};
 use troupe_core::middleware::TaskTracking;
 use troupe_core::{
     Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Message, QueueStats, SendOptions, StateBackend,
@@ -242,7 +242,14 @@ pub enum Role {
     /// [`KillBackend::state`]) this many times, holding it 10 ms each, and records each hold's
     /// interval ([`hold_code`]), then exits.
     Holder(u64),
+    /// Tries a bucket (`"bucket"`) or window (`"window"`) limiter of 5 a second, named after
+    /// the place and queue, as fast as it can for 1.5 s, and records the second (unix) of each
+    /// acquire it can place in one.
+    Limited(&'static str),
 }
+
+/// Acquires per second the limiters of [`Role::Limited`] allow.
+pub const LIMITED_PER_SECOND: u32 = 5;
 
 /// One hold's interval `[start, end]` (ms since the epoch) as the one number a [`Runs`] keeps:
 /// the start in the high bits, the length (under 2^20 ms) in the low 20.
@@ -318,6 +325,38 @@ pub fn child<B: KillBackend>(backend: &B) {
                     record.runs.record(hold_code(start, end)).await.expect("record");
                 }
                 eprintln!("child: held the mutex {rounds} times");
+            }
+            "bucket" | "window" => {
+                let state = backend.state(&place).await.expect("a state backend for the limiters");
+                let key = format!("{place}-{queue}-{role}");
+                let bucket = BucketRateLimiter::new(
+                    Arc::clone(&state),
+                    key.clone(),
+                    LIMITED_PER_SECOND,
+                    Duration::from_secs(1),
+                );
+                let window = WindowRateLimiter::new(state, key, LIMITED_PER_SECOND, Duration::from_secs(1));
+                let until = Instant::now() + Duration::from_millis(1500);
+                let mut taken = 0;
+                while Instant::now() < until {
+                    let second = if role == "bucket" {
+                        bucket
+                            .try_acquire_bucket()
+                            .await
+                            .expect("acquire")
+                            .map(|start| start / 1000)
+                    } else {
+                        let before = now_ms() / 1000;
+                        let got = window.try_acquire().await.expect("acquire");
+                        // Only an acquire that stayed within one second can be placed in it.
+                        (got && now_ms() / 1000 == before).then_some(before)
+                    };
+                    if let Some(second) = second {
+                        taken += 1;
+                        record.runs.record(second).await.expect("record");
+                    }
+                }
+                eprintln!("child: {taken} {role} acquires");
             }
             other => panic!("unknown role {other}"),
         }
@@ -433,6 +472,51 @@ pub async fn mutex_across_processes<B: KillBackend>(backend: &B, place: &str, qu
         overlaps.len()
     );
     assert!(overlaps.is_empty(), "two holders at once: {overlaps:?}");
+}
+
+/// Two processes hammer one bucket limiter, then one window limiter, of
+/// [`LIMITED_PER_SECOND`]: no second gets more acquires than the limit (no lost update under
+/// the database's locking), and some second gets exactly the limit (the processes did contend
+/// for it). Needs the backend's [`KillBackend::state`].
+///
+/// # Panics
+/// On a second over the limit, no saturated second, or a child that fails.
+pub async fn limits_across_processes<B: KillBackend>(backend: &B, place: &str, queue: &str) {
+    let (_broker, runs) = backend.open(place).await;
+    assert!(backend.state(place).await.is_some(), "{} keeps no state", B::NAME);
+    runs.prepare().await;
+    for kind in ["bucket", "window"] {
+        let queue = format!("{queue}-{kind}");
+        let before = runs.counts().await;
+        let mut children = [
+            spawn(&Role::Limited(kind), place, &queue),
+            spawn(&Role::Limited(kind), place, &queue),
+        ];
+        for child in &mut children {
+            let status = child.wait();
+            assert!(status.success(), "a {kind} child failed: {}", child.log());
+        }
+        let mut per_second = runs.counts().await;
+        for (second, n) in before {
+            if let Some(c) = per_second.get_mut(&second) {
+                *c -= n;
+            }
+        }
+        per_second.retain(|_, n| *n > 0);
+        eprintln!(
+            "{}: {kind} limiter of {LIMITED_PER_SECOND}/s from 2 processes: {per_second:?}",
+            B::NAME
+        );
+        let over: Vec<_> = per_second
+            .iter()
+            .filter(|(_, n)| **n > u64::from(LIMITED_PER_SECOND))
+            .collect();
+        assert!(over.is_empty(), "{kind}: seconds over the limit: {over:?}");
+        assert!(
+            per_second.values().any(|n| *n == u64::from(LIMITED_PER_SECOND)),
+            "{kind}: no second reached the limit, so the processes never contended: {per_second:?}"
+        );
+    }
 }
 
 /// A group's completion callback across a SIGKILL: `children` `record(n)` messages are sent
@@ -571,6 +655,9 @@ pub fn spawn(role: &Role, place: &str, queue: &str) -> Spawned {
         }
         Role::Holder(rounds) => {
             cmd.env(ROLE, "holder").env(FROM, rounds.to_string());
+        }
+        Role::Limited(kind) => {
+            cmd.env(ROLE, *kind);
         }
     }
     let mut child = cmd.spawn().expect("spawn the child");
