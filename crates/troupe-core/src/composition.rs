@@ -9,78 +9,160 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::message::{Message, option_keys};
 
-/// A chain of messages run one after another; each stage's result is appended to the next
+/// A stage of a [`Pipeline`]: a message, or a group of messages run in parallel.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Stage {
+    /// One message.
+    Message(Message),
+    /// A group of messages (messages only); the next stage gets the list of their results.
+    Group(Group),
+}
+
+impl From<Message> for Stage {
+    fn from(message: Message) -> Self {
+        Self::Message(message)
+    }
+}
+
+impl From<Group> for Stage {
+    fn from(group: Group) -> Self {
+        Self::Group(group)
+    }
+}
+
+/// A chain of stages run one after another; each stage's result is appended to the next
 /// stage's arguments (unless that stage has `pipe_ignore`). A failure stops the chain.
 ///
 /// Built as Dramatiq builds it (`options.pipe_target` nests the rest of the chain), so a Python
-/// worker can run a pipeline Troupe enqueued and the reverse.
+/// worker can run a pipeline of messages Troupe enqueued and the reverse. A stage may also be a
+/// group of messages (which Dramatiq cannot do): each of its messages gets the previous stage's
+/// result, they run in parallel, and once all succeeded the next stage gets the list of their
+/// results, in order (a failed one stops the chain). The stage before a group carries it in
+/// `troupe_pipe_group`; the group's barrier needs the app's state backend.
 #[derive(Clone, Debug)]
 pub struct Pipeline {
-    messages: Vec<Message>,
+    stages: Vec<Stage>,
 }
 
 impl Pipeline {
-    /// A pipeline of `messages`, in order.
+    /// A pipeline of `stages`, in order: messages (`pipeline(vec![a, b])`), or
+    /// [`Stage`]s mixing messages and groups of messages.
     ///
     /// # Errors
-    /// [`Error::Config`] when there is no message.
-    pub fn new(messages: Vec<Message>) -> Result<Self> {
-        if messages.is_empty() {
-            return Err(Error::Config("a pipeline needs at least one message".into()));
+    /// [`Error::Config`] when there is no stage, a group stage is empty or holds a pipeline or
+    /// a group, or two group stages follow each other.
+    pub fn new<S: Into<Stage>>(stages: impl IntoIterator<Item = S>) -> Result<Self> {
+        let stages: Vec<Stage> = stages.into_iter().map(Into::into).collect();
+        if stages.is_empty() {
+            return Err(Error::Config("a pipeline needs at least one stage".into()));
         }
-        let mut chained: Vec<Message> = Vec::with_capacity(messages.len());
-        let mut next: Option<Message> = None;
-        for mut message in messages.into_iter().rev() {
-            if let Some(target) = next.take() {
-                message.set_pipe_target(&target);
+        for (i, stage) in stages.iter().enumerate() {
+            if let Stage::Group(group) = stage {
+                if group.is_empty() || group.children().iter().any(|c| !matches!(c, GroupChild::Message(_))) {
+                    return Err(Error::Config(format!(
+                        "stage {i} of the pipeline is a group: it must hold messages, and at least one"
+                    )));
+                }
+                if matches!(stages.get(i + 1), Some(Stage::Group(_))) {
+                    return Err(Error::Config(format!(
+                        "stages {i} and {} of the pipeline are both groups; put a message between them",
+                        i + 1
+                    )));
+                }
             }
-            next = Some(message.clone());
-            chained.push(message);
+        }
+        let mut chained: Vec<Stage> = Vec::with_capacity(stages.len());
+        let mut next: Option<Stage> = None;
+        for stage in stages.into_iter().rev() {
+            let stage = match stage {
+                Stage::Message(mut message) => {
+                    match &next {
+                        Some(Stage::Message(target)) => message.set_pipe_target(target),
+                        Some(Stage::Group(group)) => {
+                            message
+                                .options
+                                .insert(option_keys::PIPE_GROUP.into(), group.as_pipe_group());
+                        }
+                        None => {}
+                    }
+                    Stage::Message(message)
+                }
+                Stage::Group(mut group) => {
+                    group.then = match &next {
+                        Some(Stage::Message(target)) => Some(target.clone()),
+                        _ => None,
+                    };
+                    Stage::Group(group)
+                }
+            };
+            next = Some(stage.clone());
+            chained.push(stage);
         }
         chained.reverse();
-        Ok(Self { messages: chained })
+        Ok(Self { stages: chained })
     }
 
-    /// The stages, each with its `pipe_target` set.
+    /// The stages, chained (each message with its `pipe_target` or `troupe_pipe_group` set).
     #[must_use]
-    pub fn messages(&self) -> &[Message] {
-        &self.messages
+    pub fn stages(&self) -> &[Stage] {
+        &self.stages
+    }
+
+    /// The message stages, in order.
+    #[must_use]
+    pub fn messages(&self) -> Vec<&Message> {
+        self.stages
+            .iter()
+            .filter_map(|s| match s {
+                Stage::Message(m) => Some(m),
+                Stage::Group(_) => None,
+            })
+            .collect()
     }
 
     /// Enqueues the first stage (after the larger of `delay` and its own `delay` option).
     ///
     /// # Errors
-    /// As [`App::enqueue`].
-    pub async fn run(&self, app: &App, delay: Option<Duration>) -> Result<Message> {
-        let first = self.messages[0].clone();
-        let own = first.delay();
-        let delay = match (delay, own) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
+    /// As [`App::enqueue`], or [`Group::run`] when the first stage is a group.
+    pub async fn run(&self, app: &App, delay: Option<Duration>) -> Result<()> {
+        match &self.stages[0] {
+            Stage::Message(first) => {
+                let own = first.delay();
+                let delay = match (delay, own) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                }
+                .filter(|d| !d.is_zero());
+                app.enqueue(first.clone(), delay).await?;
+            }
+            Stage::Group(group) => {
+                group.run(app, delay).await?;
+            }
         }
-        .filter(|d| !d.is_zero());
-        app.enqueue(first, delay).await
+        Ok(())
     }
 
-    /// The last stage's result.
+    /// The last stage's result (a group's: the list of its results).
     ///
     /// # Errors
     /// As [`App::get_result`].
     pub async fn get_result(&self, app: &App, timeout: Option<Duration>) -> Result<Value> {
-        let last = self
-            .messages
-            .last()
-            .ok_or_else(|| Error::Config("empty pipeline".into()))?;
-        app.get_result(last, timeout).await
+        match self.stages.last() {
+            Some(Stage::Message(last)) => app.get_result(last, timeout).await,
+            Some(Stage::Group(group)) => Ok(Value::Array(group.results(app, timeout).await?)),
+            None => Err(Error::Config("empty pipeline".into())),
+        }
     }
 }
 
-/// A pipeline of `messages` (Dramatiq's `pipeline([...])`).
+/// A pipeline of `stages` (Dramatiq's `pipeline([...])`): messages, or [`Stage`]s mixing
+/// messages and groups.
 ///
 /// # Errors
-/// [`Error::Config`] when there is no message.
-pub fn pipeline(messages: Vec<Message>) -> Result<Pipeline> {
-    Pipeline::new(messages)
+/// As [`Pipeline::new`].
+pub fn pipeline<S: Into<Stage>>(stages: impl IntoIterator<Item = S>) -> Result<Pipeline> {
+    Pipeline::new(stages)
 }
 
 /// How long a group's barrier lives after its last arrival (Dramatiq's `GroupCallbacks`
@@ -137,6 +219,9 @@ pub struct Group {
     completion: Vec<Message>,
     finished: Vec<Message>,
     barrier_ttl: Duration,
+    /// As a pipeline stage: the next stage, sent with the children's results once all
+    /// succeeded.
+    then: Option<Message>,
 }
 
 /// A group of `children` (Dramatiq's `group([...])`).
@@ -152,7 +237,51 @@ impl Group {
             completion: Vec::new(),
             finished: Vec::new(),
             barrier_ttl: GROUP_BARRIER_TTL,
+            then: None,
         }
+    }
+
+    /// The group as the `troupe_pipe_group` option of the stage before it: its messages and
+    /// the stage after it.
+    fn as_pipe_group(&self) -> Value {
+        let children: Vec<Value> = self
+            .children
+            .iter()
+            .filter_map(|c| match c {
+                GroupChild::Message(m) => Some(m.to_value()),
+                _ => None,
+            })
+            .collect();
+        serde_json::json!({
+            "children": children,
+            "then": self.then.as_ref().map(Message::to_value),
+        })
+    }
+
+    /// The group a `troupe_pipe_group` option describes, each message given `result` (unless
+    /// it ignores results), with the next stage as its results callback.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] when the option is not such a group.
+    pub(crate) fn from_pipe_group(option: &Value, result: Option<&Value>) -> Result<Self> {
+        let bad = |what: &str| Error::Decode(format!("troupe_pipe_group: {what}"));
+        let children = option["children"].as_array().ok_or_else(|| bad("no children"))?;
+        let mut messages = Vec::with_capacity(children.len());
+        for child in children {
+            let mut message = Message::from_value(child.clone())?;
+            if let Some(result) = result.filter(|_| !message.pipe_ignore().unwrap_or(false)) {
+                message.args.push(result.clone());
+            }
+            messages.push(message);
+        }
+        let mut group = Group::new(messages);
+        if let Some(then) = option.get("then").filter(|t| !t.is_null()) {
+            let mut then = Message::from_value(then.clone())?;
+            then.options
+                .insert(option_keys::GROUP_RESULTS.into(), Value::Bool(true));
+            group = group.add_finished_callback(then);
+        }
+        Ok(group)
     }
 
     /// Sends `message` once every child succeeded (Dramatiq's `add_completion_callback`).
@@ -205,6 +334,16 @@ impl Group {
     /// [`Error::Config`] for callbacks without a state backend, or on a group that holds a
     /// group; the broker's and state backend's errors.
     pub async fn run(&self, app: &App, delay: Option<Duration>) -> Result<Option<String>> {
+        if let Some(then) = &self.then {
+            // A pipeline's group stage: the next stage is its results callback.
+            let mut then = then.clone();
+            then.options
+                .insert(option_keys::GROUP_RESULTS.into(), Value::Bool(true));
+            let mut group = self.clone();
+            group.then = None;
+            group.finished.push(then);
+            return Box::pin(group.run(app, delay)).await;
+        }
         if self.completion.is_empty() && self.finished.is_empty() {
             for child in &self.children {
                 run_child(child, app, delay).await?;
@@ -257,9 +396,14 @@ impl Group {
                 }
                 // The last stage arrives at the barrier.
                 GroupChild::Pipeline(pipeline) => {
-                    let mut stages = pipeline.messages().to_vec();
-                    if let Some(last) = stages.last_mut() {
-                        mark(last, index);
+                    let mut stages = pipeline.stages().to_vec();
+                    match stages.last_mut() {
+                        Some(Stage::Message(last)) => mark(last, index),
+                        _ => {
+                            return Err(Error::Config(
+                                "a pipeline that ends in a group cannot be a member of a group with callbacks".into(),
+                            ));
+                        }
                     }
                     GroupChild::Pipeline(Pipeline::new(stages)?)
                 }

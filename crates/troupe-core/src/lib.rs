@@ -31,7 +31,7 @@ pub use broker::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DEFAULT_MAX_MESSAGE_SIZE, DeadLetter, Delivery,
     QueueStats, decode_delivery, encode_checked, prepare_for_delay_queue,
 };
-pub use composition::{GROUP_BARRIER_TTL, Group, GroupChild, Pipeline, group, pipeline};
+pub use composition::{GROUP_BARRIER_TTL, Group, GroupChild, Pipeline, Stage, group, pipeline};
 pub use encoder::{Encoder, JsonEncoder, MsgPackEncoder, python_float_repr};
 pub use error::{BoxError, Error, ErrorKind, Result, redact_url};
 pub use memory::{MemoryBroker, MemoryResults, MemoryState};

@@ -74,6 +74,11 @@ pub mod option_keys {
     pub const GROUP_FINISHED_CALLBACKS: &str = "troupe_group_finished";
     /// A child's position in its group (orders the outcomes the finished callbacks get).
     pub const GROUP_INDEX: &str = "troupe_group_index";
+    /// On a finished callback: send it only if every child succeeded, with the list of their
+    /// results (in order) instead of the outcomes (a pipeline's stage after a group).
+    pub const GROUP_RESULTS: &str = "troupe_group_results";
+    /// The group that is a pipeline's next stage: `{"children": [messages], "then": message}`.
+    pub const PIPE_GROUP: &str = "troupe_pipe_group";
 }
 
 /// A message, as it travels between producers and workers.

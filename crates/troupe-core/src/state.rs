@@ -18,13 +18,21 @@ pub struct Arrival {
     /// The barrier is cleared: every party arrived (or, as in Dramatiq, the barrier expired or
     /// never existed).
     pub cleared: bool,
+    /// This party's arrival is the one that cleared the barrier (now, or before when this is a
+    /// repeat): the one party that sends what waits for the barrier.
+    pub clearer: bool,
 }
 
 impl Arrival {
-    /// An arrival that was `counted` (or not) and found the barrier `cleared` (or not).
+    /// An arrival that was `counted` (or not), found the barrier `cleared` (or not), and is (or
+    /// is not) its `clearer`.
     #[must_use]
-    pub fn new(counted: bool, cleared: bool) -> Self {
-        Self { counted, cleared }
+    pub fn new(counted: bool, cleared: bool, clearer: bool) -> Self {
+        Self {
+            counted,
+            cleared,
+            clearer,
+        }
     }
 }
 
@@ -92,7 +100,8 @@ pub trait StateBackend: Send + Sync + fmt::Debug + 'static {
     /// Dramatiq's barrier step (`decr(key, 1, minimum 1)`; when that fails the barrier is
     /// cleared and `"<key>@events"` notified) made idempotent per party, so a party redelivered
     /// after a crash is not counted twice. A duplicate arrival counts nothing and reports
-    /// whether the barrier is cleared (its `@events` key exists). Parties that arrive the plain
+    /// whether the barrier is cleared (its `@events` key exists) and whether this party is the
+    /// one that cleared it (kept with the arrivals). Parties that arrive the plain
     /// Dramatiq way (a Python worker's `decr`) share the count.
     ///
     /// # Errors

@@ -134,23 +134,27 @@ static ARRIVE: OnceLock<redis::Script> = OnceLock::new();
 /// Party `ARGV[1]` arrives at barrier `KEYS[1]` with outcome `ARGV[2]`, TTL `ARGV[3]` ms: at
 /// most once (the hash `KEYS[2]` of arrivals), then Dramatiq's step: the counter goes down by
 /// one unless that goes below 1; else the barrier is cleared and `KEYS[3]` (its `@events`
-/// list) gets an `"x"`, as Dramatiq's `wait_notify` writes it. Returns {counted, cleared}.
+/// list) gets an `"x"`, as Dramatiq's `wait_notify` writes it, and the hash's empty field names
+/// the clearing party. Returns {counted, cleared, clearer}.
 fn arrive_script() -> &'static redis::Script {
     ARRIVE.get_or_init(|| {
         redis::Script::new(
             r"local ttl = tonumber(ARGV[3])
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then
-  return {0, redis.call('EXISTS', KEYS[3])}
+  local clearer = 0
+  if redis.call('HGET', KEYS[2], '') == ARGV[1] then clearer = 1 end
+  return {0, redis.call('EXISTS', KEYS[3]), clearer}
 end
 redis.call('PEXPIRE', KEYS[2], ttl)
 local left = tonumber(redis.call('GET', KEYS[1]) or '0') - 1
 if left >= 1 then
   redis.call('SET', KEYS[1], left, 'PX', ttl)
-  return {1, 0}
+  return {1, 0, 0}
 end
 redis.call('RPUSH', KEYS[3], 'x')
 redis.call('PEXPIRE', KEYS[3], ttl)
-return {1, 1}",
+redis.call('HSET', KEYS[2], '', ARGV[1])
+return {1, 1, 1}",
         )
     })
 }
@@ -293,7 +297,7 @@ impl StateBackend for RedisState {
 
     async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<Arrival> {
         let mut conn = self.conn.clone();
-        let (counted, cleared): (i64, i64) = arrive_script()
+        let (counted, cleared, clearer): (i64, i64, i64) = arrive_script()
             .key(key)
             .key(format!("{key}@arrived"))
             .key(format!("{key}@events"))
@@ -303,7 +307,7 @@ impl StateBackend for RedisState {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| redis_error("arrive at a barrier", e))?;
-        Ok(Arrival::new(counted == 1, cleared == 1))
+        Ok(Arrival::new(counted == 1, cleared == 1, clearer == 1))
     }
 
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
@@ -313,7 +317,8 @@ impl StateBackend for RedisState {
             .query_async(&mut conn)
             .await
             .map_err(|e| redis_error("read barrier arrivals", e))?;
-        Ok(all.into_iter().collect())
+        // The empty field names the party that cleared the barrier.
+        Ok(all.into_iter().filter(|(party, _)| !party.is_empty()).collect())
     }
 
     async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {

@@ -258,16 +258,17 @@ pub trait Store: Clone + Debug + Send + Sync + 'static {
     fn cancels(&self, message_ids: &[String]) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
 
     /// Party `party` arrives at barrier `key` with `outcome` (see `StateBackend::arrive`), in one
-    /// transaction under the database's lock: (counted, cleared).
+    /// transaction under the database's lock: (counted, cleared, clearer). The clearing party is
+    /// kept as the arrival of the empty party, its id as the outcome.
     fn arrive(
         &self,
         key: &str,
         party: &str,
         outcome: &str,
         ttl: Duration,
-    ) -> impl Future<Output = Result<(bool, bool)>> + Send;
+    ) -> impl Future<Output = Result<(bool, bool, bool)>> + Send;
 
-    /// The live `(party, outcome)` arrivals at barrier `key`.
+    /// The live `(party, outcome)` arrivals at barrier `key` (not the clearer's record).
     fn arrivals(&self, key: &str) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
 
     /// Takes one of `limit` slots of `key` for `holder` until `lease` from now (dropping the

@@ -107,12 +107,12 @@ impl<S: Store> StateBackend for SqlState<S> {
     }
 
     async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<Arrival> {
-        let (counted, cleared) = self.store.arrive(key, party, outcome, ttl).await?;
+        let (counted, cleared, clearer) = self.store.arrive(key, party, outcome, ttl).await?;
         if counted && cleared {
             // Wake this process's waiters on the barrier's events at once.
             self.notified.notify_waiters();
         }
-        Ok(Arrival::new(counted, cleared))
+        Ok(Arrival::new(counted, cleared, clearer))
     }
 
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {

@@ -179,7 +179,7 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
-    async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<(bool, bool)> {
+    async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<(bool, bool, bool)> {
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -228,6 +228,16 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error("clear a barrier", e))?;
+                sqlx::query(
+                    "INSERT INTO troupe_arrivals (key, party, outcome, expires_at) VALUES (?1, '', ?2, ?3)
+                     ON CONFLICT (key, party) DO UPDATE SET outcome = excluded.outcome, expires_at = excluded.expires_at",
+                )
+                .bind(key)
+                .bind(party)
+                .bind(until)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("clear a barrier", e))?;
                 true
             }
         } else {
@@ -239,17 +249,27 @@ impl Store for SqliteStore {
                 .map_err(|e| db_error("read a barrier", e))?
                 .is_some()
         };
+        let clearer = cleared
+            && sqlx::query("SELECT 1 FROM troupe_arrivals WHERE key = ?1 AND party = '' AND outcome = ?2")
+                .bind(key)
+                .bind(party)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| db_error("read a barrier", e))?
+                .is_some();
         tx.commit().await.map_err(|e| db_error("commit a barrier arrival", e))?;
-        Ok((counted, cleared))
+        Ok((counted, cleared, clearer))
     }
 
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
-        let rows = sqlx::query("SELECT party, outcome FROM troupe_arrivals WHERE key = ?1 AND expires_at > ?2")
-            .bind(key)
-            .bind(now())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| db_error("read arrivals", e))?;
+        let rows = sqlx::query(
+            "SELECT party, outcome FROM troupe_arrivals WHERE key = ?1 AND party <> '' AND expires_at > ?2",
+        )
+        .bind(key)
+        .bind(now())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error("read arrivals", e))?;
         rows.iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect::<sqlx::Result<_>>()

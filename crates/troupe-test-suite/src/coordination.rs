@@ -274,7 +274,7 @@ pub async fn barrier_arrivals_count_each_party_once(backend: Arc<dyn StateBacken
     let barrier = Barrier::new(Arc::clone(&backend), k.clone()).ttl(ttl);
     assert!(barrier.create(3).await.expect("create"));
     let a = backend.arrive(&k, "a", "\"first\"", ttl).await.expect("arrive");
-    assert_eq!((a.counted, a.cleared), (true, false));
+    assert_eq!((a.counted, a.cleared, a.clearer), (true, false, false));
     let again = backend.arrive(&k, "a", "\"again\"", ttl).await.expect("arrive");
     assert_eq!(
         (again.counted, again.cleared),
@@ -284,12 +284,22 @@ pub async fn barrier_arrivals_count_each_party_once(backend: Arc<dyn StateBacken
     // A Python party: Dramatiq's `decr(key, 1, minimum=1)`.
     assert!(backend.decr(&k, 1, 1, ttl).await.expect("decr"));
     let c = backend.arrive(&k, "c", "\"third\"", ttl).await.expect("arrive");
-    assert_eq!((c.counted, c.cleared), (true, true), "the last party clears it");
+    assert_eq!(
+        (c.counted, c.cleared, c.clearer),
+        (true, true, true),
+        "the last party clears it"
+    );
     let late = backend.arrive(&k, "c", "\"third\"", ttl).await.expect("arrive");
     assert_eq!(
-        (late.counted, late.cleared),
-        (false, true),
-        "a repeat after clearing sees it cleared"
+        (late.counted, late.cleared, late.clearer),
+        (false, true, true),
+        "a repeat of the clearer sees it cleared, by itself"
+    );
+    let other = backend.arrive(&k, "a", "\"again\"", ttl).await.expect("arrive");
+    assert_eq!(
+        (other.counted, other.cleared, other.clearer),
+        (false, true, false),
+        "a repeat of another party sees it cleared, not by itself"
     );
     assert!(
         backend

@@ -203,3 +203,74 @@ pub async fn group_callbacks_are_refused_without_their_needs(tb: &TestBroker) {
     let pending = tb.broker.stats(&q).await.map(|s| s.pending()).unwrap_or(0);
     assert_eq!(pending, 0, "nothing was sent");
 }
+
+/// A group is a pipeline stage: each of its messages gets the previous stage's result, and the
+/// next stage gets the list of their results once all succeeded; a pipeline ending in a group
+/// gives that list as its result; a child that fails for good stops the pipeline.
+pub async fn group_inside_a_pipeline_feeds_the_next_stage(tb: &TestBroker) {
+    let q = unique_queue("group");
+    let first = TestActor::new("gp_first", &q).behaviour(|_, _| async { Ok(json!(5)) });
+    // [k, previous] -> k * previous
+    let multiply = TestActor::new("gp_mul", &q)
+        .options(|o| o.store_results(true))
+        .behaviour(|_, args| async move {
+            let (k, by) = (args[0].as_i64().unwrap_or(0), args[1].as_i64().unwrap_or(0));
+            if k < 0 {
+                return Err(ActorError::fail_permanently(ActorError::new("Negative", "no")));
+            }
+            Ok(json!(k * by))
+        });
+    // [label, [results]] -> label and the sum
+    let total = TestActor::new("gp_sum", &q)
+        .options(|o| o.store_results(true))
+        .behaviour(|_, args| async move {
+            let sum: i64 = args[1]
+                .as_array()
+                .map_or(0, |r| r.iter().filter_map(Value::as_i64).sum());
+            Ok(json!({"label": args[0], "sum": sum}))
+        });
+    let app = app(tb, &[&first, &multiply, &total]);
+    let mul = |k: i64| message(&multiply, &q, vec![json!(k)]);
+    let whole = pipeline(vec![
+        troupe_core::Stage::from(message(&first, &q, vec![])),
+        group([mul(1), mul(2), mul(3)]).into(),
+        message(&total, &q, vec![json!("total")]).into(),
+    ])
+    .expect("pipeline");
+    let ending = pipeline(vec![
+        troupe_core::Stage::from(message(&first, &q, vec![])),
+        group([mul(4), mul(5)]).into(),
+    ])
+    .expect("pipeline");
+    let stopped = pipeline(vec![
+        troupe_core::Stage::from(message(&first, &q, vec![])),
+        group([mul(6), mul(-1)]).into(),
+        message(&total, &q, vec![json!("never")]).into(),
+    ])
+    .expect("pipeline");
+    for p in [&whole, &ending, &stopped] {
+        p.run(&app, None).await.expect("run");
+    }
+    let worker = start(&app).await;
+    assert_eq!(
+        whole
+            .get_result(&app, Some(WAIT))
+            .await
+            .expect("the last stage's result"),
+        json!({"label": "total", "sum": 30})
+    );
+    assert_eq!(
+        ending.get_result(&app, Some(WAIT)).await.expect("the group's results"),
+        json!([20, 25])
+    );
+    // The failing child's group never sends the last stage.
+    called(&multiply, 7).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let never = total.calls().iter().filter(|c| c.args[0] == "never").count();
+    assert_eq!(never, 0, "a failed child stops the pipeline");
+    assert_eq!(total.count(), 1);
+    worker.stop().await;
+    let e = pipeline(vec![troupe_core::Stage::from(group([mul(1)])), group([mul(2)]).into()])
+        .expect_err("two groups in a row");
+    assert!(e.to_string().contains("both groups"), "{e}");
+}

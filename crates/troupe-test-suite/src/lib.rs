@@ -178,7 +178,8 @@ macro_rules! broker_conformance {
             group_results_come_in_order,
             group_completion_callback_fires_once_after_every_child,
             group_finished_callback_gets_every_outcome,
-            group_callbacks_are_refused_without_their_needs
+            group_callbacks_are_refused_without_their_needs,
+            group_inside_a_pipeline_feeds_the_next_stage
         );
     };
 }

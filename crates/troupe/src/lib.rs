@@ -56,8 +56,8 @@ pub use troupe_core::{
     Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter,
     Delivery, Encoder, Error, ErrorAction, ErrorKind, Group, GroupChild, JoinOptions, JsonEncoder, MemoryBroker,
     MemoryResults, MemoryState, Message, Middleware, MiddlewareStack, MsgPackEncoder, Next, Outcome, Pipeline,
-    ProcessContext, QueueStats, Result, ResultBackend, SendOptions, Sent, StateBackend, async_trait, current_app,
-    current_message, group, now_ms, pipeline, redact_url, result_key, unwrap_result, wrap_failure,
+    ProcessContext, QueueStats, Result, ResultBackend, SendOptions, Sent, Stage, StateBackend, async_trait,
+    current_app, current_message, group, now_ms, pipeline, redact_url, result_key, unwrap_result, wrap_failure,
 };
 pub use troupe_core::{
     CancelMode, CancelOutcome, StopReason, TaskCounts, TaskCursor, TaskFilter, TaskHandle, TaskPage, TaskQuery,
@@ -122,7 +122,7 @@ pub mod prelude {
     pub use crate::limits::{Barrier, BucketRateLimiter, ConcurrentRateLimiter, WhenLimited, WindowRateLimiter};
     pub use crate::{
         Actor, ActorError, ActorOptions, App, Broker, JoinOptions, MemoryBroker, MemoryResults, Message, Middleware,
-        Next, Outcome, ProcessContext, ResultBackend, SendOptions, Sent, StateBackend, async_trait, connect,
+        Next, Outcome, ProcessContext, ResultBackend, SendOptions, Sent, Stage, StateBackend, async_trait, connect,
         connect_results, connect_state, current_app, current_message, group, pipeline,
     };
     pub use crate::{CancelMode, CancelOutcome, TaskFilter, TaskQuery, TaskStatus, TaskTracking, current_task};

@@ -9,6 +9,10 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorKind, Result};
 use crate::state::{Arrival, StateBackend};
 
+/// The party name under which a barrier's arrivals keep the party that cleared it (no party's
+/// id is empty).
+const CLEARER: &str = "";
+
 /// The parties that arrived at a barrier (with their outcomes), and when they expire.
 type Parties = (HashMap<String, String>, Instant);
 
@@ -157,7 +161,8 @@ impl StateBackend for MemoryState {
             .entry(key.to_owned())
             .or_insert_with(|| (HashMap::new(), now + ttl));
         if parties.contains_key(party) {
-            return Ok(Arrival::new(false, self.event_set(&format!("{key}@events"))));
+            let clearer = parties.get(CLEARER).is_some_and(|p| p == party);
+            return Ok(Arrival::new(false, self.event_set(&format!("{key}@events")), clearer));
         }
         parties.insert(party.to_owned(), outcome.to_owned());
         *expires = now + ttl;
@@ -165,16 +170,17 @@ impl StateBackend for MemoryState {
         let left = counters.get(key).map_or(0, |(v, _)| *v) - 1;
         if left >= 1 {
             counters.insert(key.to_owned(), (left, now + ttl));
-            return Ok(Arrival::new(true, false));
+            return Ok(Arrival::new(true, false, false));
         }
         drop(counters);
+        parties.insert(CLEARER.to_owned(), party.to_owned());
         self.inner
             .events
             .lock()
             .map_err(|_| lost())?
             .insert(format!("{key}@events"), now + ttl);
         self.inner.notify.notify_waiters();
-        Ok(Arrival::new(true, true))
+        Ok(Arrival::new(true, true, true))
     }
 
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
@@ -186,7 +192,13 @@ impl StateBackend for MemoryState {
         Ok(arrivals
             .get(key)
             .filter(|(_, expires)| *expires > Instant::now())
-            .map(|(parties, _)| parties.iter().map(|(p, o)| (p.clone(), o.clone())).collect())
+            .map(|(parties, _)| {
+                parties
+                    .iter()
+                    .filter(|(p, _)| p.as_str() != CLEARER)
+                    .map(|(p, o)| (p.clone(), o.clone()))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 

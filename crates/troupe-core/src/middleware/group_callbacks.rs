@@ -20,8 +20,9 @@ use crate::state::StateBackend;
 /// A child arrives once, at its final outcome (after the last retry), with an arrival that
 /// counts each message id once, so a child redelivered after a crash is not counted twice. The
 /// arrival and the callbacks' enqueue are written before the child is acked (a failure
-/// requeues the child); a callback whose send was interrupted by a crash is sent when the
-/// redelivered child arrives again.
+/// requeues the child). Only the child whose arrival cleared the barrier sends the callbacks;
+/// if its send was interrupted (a crash, a failed enqueue), it sends them when it is redelivered
+/// and arrives again.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct GroupCallbacks {
@@ -127,11 +128,12 @@ impl Arrive {
     /// children's outcomes appended when `with_outcomes`) unless a send is known done.
     async fn arrive(&self, barrier: &str, outcome: &str, callbacks: Vec<Value>, with_outcomes: bool) -> Result<()> {
         let arrival = self.state.arrive(barrier, &self.party, outcome, self.ttl).await?;
-        if !arrival.cleared {
+        // Only the child whose arrival cleared the barrier sends.
+        if !arrival.cleared || !arrival.clearer {
             return Ok(());
         }
         let sent = format!("{barrier}@sent");
-        // A repeated arrival (a redelivered child) sends only if the first send never finished.
+        // Its repeat (it was redelivered) sends only if its first send never finished.
         if !arrival.counted && self.state.get(&sent).await?.is_some() {
             return Ok(());
         }
@@ -163,9 +165,29 @@ impl Arrive {
                 }
             };
             if let Some(outcomes) = &outcomes {
-                message.args.push(outcomes.clone());
+                if message.option_bool(option_keys::GROUP_RESULTS) == Some(true) {
+                    // A pipeline's stage after a group: every child's result, or no stage.
+                    let all = outcomes.as_array().map(Vec::as_slice).unwrap_or_default();
+                    if all.iter().any(|o| o["ok"] != true) {
+                        tracing::info!(barrier = %barrier, "a child of a pipeline's group failed: the pipeline stops");
+                        continue;
+                    }
+                    if !message.pipe_ignore().unwrap_or(false) {
+                        message
+                            .args
+                            .push(Value::Array(all.iter().map(|o| o["result"].clone()).collect()));
+                    }
+                } else {
+                    message.args.push(outcomes.clone());
+                }
             }
-            self.app.enqueue(message, None).await?;
+            // A pipeline stage keeps its delay, as `Pipelines` sends one.
+            let delay = message
+                .option_bool(option_keys::GROUP_RESULTS)
+                .filter(|r| *r)
+                .and_then(|_| message.delay())
+                .filter(|d| !d.is_zero());
+            self.app.enqueue(message, delay).await?;
         }
         self.state.add(&sent, 1, self.ttl).await?;
         Ok(())

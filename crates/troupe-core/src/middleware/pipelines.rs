@@ -1,10 +1,12 @@
 use async_trait::async_trait;
 
 use super::{Middleware, Next, Outcome, ProcessContext};
-use crate::message::Message;
+use crate::composition::Group;
+use crate::message::{Message, option_keys};
 
 /// Enqueues a pipeline's next stage (`options.pipe_target`) after a success, with the result
-/// appended to its arguments unless `pipe_ignore` is set.
+/// appended to its arguments unless `pipe_ignore` is set; or runs it, when it is a group
+/// (`options.troupe_pipe_group`), each of its messages given the result.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pipelines;
 
@@ -20,6 +22,21 @@ impl Middleware for Pipelines {
             return outcome;
         };
         if cx.is_failed() {
+            return outcome;
+        }
+        if let Some(next) = cx.message().options.get(option_keys::PIPE_GROUP).cloned() {
+            // The next stage is a group: its messages get the result, run in parallel, and the
+            // stage after it gets their results once all succeeded.
+            let ignore = cx.actor().is_some_and(|a| a.options().pipe_ignore);
+            let group = Group::from_pipe_group(&next, (!ignore).then_some(result));
+            match group {
+                Ok(group) => {
+                    if let Err(e) = group.run(cx.app(), None).await {
+                        tracing::error!(error = %e, "could not run the pipeline's next stage (a group)");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "options.troupe_pipe_group is not a group of messages"),
+            }
             return outcome;
         }
         let Some(target) = cx.message().pipe_target().cloned() else {
