@@ -59,6 +59,21 @@
 //! exclude each other. While the mutex is taken the actor waits up to 1 s, then fails with
 //! `RateLimitExceeded` and is retried after 20-200 ms, as Python's is.
 //!
+//! # Groups with Python's `GroupCallbacks`
+//!
+//! `group` runs `group([...]).add_completion_callback(...)` with Dramatiq's options and barrier
+//! (the group's uuid as a raw key in the `--state-url` Redis), so Python workers with
+//! `GroupCallbacks(RedisBackend(...))` on that Redis, Troupe workers, or both, run the children
+//! and whichever runs the last one sends the callback, once; it prints
+//! `{"group", "children": [ids], "callback": id}`. The worker arrives at Python groups' barriers
+//! the same way.
+//!
+//! ```text
+//! cargo run -p troupe --all-features --example interop -- group \
+//!     --children '[{"actor": "add", "args": [1, 2]}, {"actor": "echo", "args": ["x"]}]' \
+//!     --callback '{"actor": "echo", "args": ["done"]}'
+//! ```
+//!
 //! On RabbitMQ (`amqp://`), as Python users run Dramatiq (`RabbitmqBroker` with a Redis
 //! `RedisBackend`), the results go to the Redis that `--results-url` names; it is required,
 //! since an `amqp://` broker keeps no results. Queues declared with `max_priority` by Python must
@@ -91,7 +106,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The broker used when no `--broker-url` is given.
 pub const DEFAULT_BROKER_URL: &str = "redis://127.0.0.1:6379/0";
 
-/// Command line: `worker`, `send` or `cancel`.
+/// Command line: `worker`, `send`, `cancel` or `group`.
 #[derive(Debug, clap::Parser)]
 #[command(about = "Troupe and Python Dramatiq on one Redis or RabbitMQ: a worker, a producer, or a cancellation")]
 pub struct Cli {
@@ -109,6 +124,30 @@ pub enum Command {
     Send(SendArgs),
     /// Cancel a message (as dramatiq-abort's `abort`) and print the outcome.
     Cancel(CancelArgs),
+    /// Run a group of messages with a completion callback (Dramatiq's options and barrier) and
+    /// print its messages' ids.
+    Group(GroupArgs),
+}
+
+/// Flags of `group`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct GroupArgs {
+    /// Broker URL, as `send` takes it.
+    #[arg(long, env = "TROUPE_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
+    pub broker_url: String,
+    /// The state backend of the group's barrier: the Redis where Python's `GroupCallbacks`
+    /// (its rate-limit `RedisBackend`) and Troupe workers' `--state-url` keep it.
+    #[arg(long, env = "TROUPE_STATE_URL", default_value = DEFAULT_BROKER_URL)]
+    pub state_url: String,
+    /// The children: a JSON list of `{"actor", "args"}` (queue `--queue`).
+    #[arg(long)]
+    pub children: String,
+    /// The completion callback, sent once every child succeeded: one `{"actor", "args"}`.
+    #[arg(long)]
+    pub callback: String,
+    /// The queue of the children and the callback.
+    #[arg(long, default_value = "default")]
+    pub queue: String,
 }
 
 /// Flags of `worker`: the standard worker flags and the actors' queue.
@@ -472,6 +511,38 @@ pub async fn cancel(args: CancelArgs, out: &mut dyn Write) -> Result<CancelOutco
     Ok(outcome)
 }
 
+/// Runs the group `args` describe (`group([...]).add_completion_callback(...)`) through an app
+/// with the state backend of `--state-url` and no actors, prints
+/// `{"group", "children": [ids], "callback": id}` on `out` and returns it.
+///
+/// # Errors
+/// Bad JSON in `--children` or `--callback`, a bad URL, or a broker or state backend error.
+pub async fn run_group(args: GroupArgs, out: &mut dyn Write) -> Result<Value, BoxError> {
+    let message = |spec: &Value| -> Result<Message, BoxError> {
+        let actor = spec["actor"].as_str().ok_or("each message needs an \"actor\"")?;
+        let positional = spec.get("args").and_then(Value::as_array).cloned().unwrap_or_default();
+        Ok(Message::new(args.queue.clone(), actor, positional, Map::new()))
+    };
+    let children: Vec<Value> =
+        serde_json::from_str(&args.children).map_err(|e| format!("--children must be a JSON list: {e}"))?;
+    let children = children.iter().map(message).collect::<Result<Vec<_>, _>>()?;
+    let callback: Value =
+        serde_json::from_str(&args.callback).map_err(|e| format!("--callback must be a JSON object: {e}"))?;
+    let callback = message(&callback)?;
+    let state = connect_state(&args.state_url).await?;
+    let app = App::builder(troupe::connect(&args.broker_url).await?)
+        .state(state)
+        .build()?;
+    let ids: Vec<String> = children.iter().map(|m| m.message_id.clone()).collect();
+    let id = troupe::group(children)
+        .add_completion_callback(callback.clone())
+        .run(&app, None)
+        .await?;
+    let printed = json!({"group": id, "children": ids, "callback": callback.message_id});
+    writeln!(out, "{printed}")?;
+    Ok(printed)
+}
+
 /// The word `cancel` prints for `outcome`.
 #[must_use]
 pub fn outcome_word(outcome: &CancelOutcome) -> String {
@@ -495,6 +566,10 @@ async fn main() -> Result<ExitCode, BoxError> {
         }
         Command::Cancel(args) => {
             cancel(args, &mut std::io::stdout()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Group(args) => {
+            run_group(args, &mut std::io::stdout()).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

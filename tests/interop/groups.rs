@@ -68,33 +68,44 @@ async fn a_python_group_run_by_troupe_sends_its_callback_once() {
     );
 }
 
-/// A Troupe group whose children run in a Python worker: Python's `GroupCallbacks` arrives at
-/// the barrier Troupe created and sends Troupe's callback message, once.
+/// A Troupe group whose children run in a Python worker (the example's `group` command):
+/// Python's `GroupCallbacks` arrives at the barrier Troupe created and sends Troupe's callback
+/// message, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_troupe_group_run_by_python_sends_its_callback_once() {
     let env = Env::new().await;
-    let state = troupe::connect_state(&env.url).await.unwrap();
-    let app = interop::build_app_with(
-        Arc::new(env.broker.clone()),
-        Arc::clone(&env.results),
-        Some(Arc::clone(&state)),
-        "default",
-    )
+    let cli = <interop::Cli as clap::Parser>::try_parse_from([
+        "interop",
+        "group",
+        "--broker-url",
+        &env.url,
+        "--state-url",
+        &env.url,
+        "--children",
+        r#"[{"actor": "add", "args": [1, 2]}, {"actor": "add", "args": [5, 6]}, {"actor": "echo", "args": ["y"]}]"#,
+        "--callback",
+        r#"{"actor": "echo", "args": ["the troupe group is done"]}"#,
+    ])
     .unwrap();
-    let child = |actor: &str, args: Vec<Value>| Message::new("default", actor, args, Map::new());
-    let children = vec![
-        child("add", vec![json!(1), json!(2)]),
-        child("add", vec![json!(5), json!(6)]),
-        child("echo", vec![json!("y")]),
-    ];
-    let callback = child("echo", vec![json!("the troupe group is done")]);
-    let ids: Vec<String> = children.iter().map(|m| m.message_id.clone()).collect();
-    let barrier = group(children)
-        .add_completion_callback(callback.clone())
-        .run(&app, None)
-        .await
+    let interop::Command::Group(args) = cli.command else {
+        panic!("parsed as another command")
+    };
+    let mut out = Vec::new();
+    let printed = interop::run_group(args, &mut out).await.unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out).unwrap(),
+        printed,
+        "it prints what it ran"
+    );
+    let barrier = printed["group"].as_str().expect("a barrier").to_owned();
+    let callback = printed["callback"].as_str().unwrap().to_owned();
+    let ids: Vec<String> = printed["children"]
+        .as_array()
         .unwrap()
-        .expect("a barrier");
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    let state = troupe::connect_state(&env.url).await.unwrap();
     assert_eq!(
         state.get(&barrier).await.unwrap(),
         Some(3),
@@ -103,18 +114,11 @@ async fn a_troupe_group_run_by_python_sends_its_callback_once() {
 
     let records = env.run_python_worker().await;
     let of = |id: &str| records.iter().filter(|r| r["message_id"] == id).count();
-    assert_eq!(
-        of(&callback.message_id),
-        1,
-        "Python sent and ran the callback once: {records:?}"
-    );
+    assert_eq!(of(&callback), 1, "Python sent and ran the callback once: {records:?}");
     for id in &ids {
         assert_eq!(of(id), 1, "child {id} ran once");
     }
-    let callback_record = records
-        .iter()
-        .find(|r| r["message_id"] == callback.message_id.as_str())
-        .unwrap();
+    let callback_record = records.iter().find(|r| r["message_id"] == callback.as_str()).unwrap();
     assert_eq!(
         callback_record["received"],
         json!({"value": "the troupe group is done"})
