@@ -297,7 +297,10 @@ impl BucketRateLimiter {
         let now = now_ms();
         let start = now - now % size;
         let key = format!("{}@{start}", self.key);
-        if self.backend.add(&key, 1, self.bucket).await? || self.backend.incr(&key, 1, self.limit, self.bucket).await? {
+        // Kept for two buckets (Dramatiq keeps it one): an attempt that reaches the store late
+        // (a busy database) must still find its bucket's count, not an expired key read as 0.
+        let ttl = self.bucket.saturating_mul(2);
+        if self.backend.add(&key, 1, ttl).await? || self.backend.incr(&key, 1, self.limit, ttl).await? {
             return Ok(Some(start));
         }
         Ok(None)
@@ -356,8 +359,10 @@ impl WindowRateLimiter {
         let keys: Vec<String> = (0..self.window)
             .map(|i| format!("{}@{}", self.key, now.saturating_sub(i)))
             .collect();
+        // Kept a second longer than the window (Dramatiq keeps them the window): an attempt that
+        // reaches the store late must still find every second it sums.
         self.backend
-            .incr_and_sum(&keys[0], &keys, 1, self.limit, Duration::from_secs(self.window))
+            .incr_and_sum(&keys[0], &keys, 1, self.limit, Duration::from_secs(self.window + 1))
             .await
     }
 

@@ -270,7 +270,12 @@ async fn the_worker_survives_closed_connections() {
     );
     assert!(duplicates <= 12, "too many duplicates: {duplicates}");
     log.remove();
-    broker.delete_queue(&queue).await.unwrap();
+    // Cleanup only: once (1 run in many) the deletion's reply never came after the reconnect
+    // and the test hung here; the queue is unique and harmless if left.
+    match tokio::time::timeout(Duration::from_secs(10), broker.delete_queue(&queue)).await {
+        Ok(deleted) => deleted.unwrap(),
+        Err(_) => eprintln!("cleanup: deleting {queue} got no reply within 10 s; left in place"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
