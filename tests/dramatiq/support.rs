@@ -49,7 +49,11 @@ pub(crate) async fn join_all(broker: &MemoryBroker, queue: &str) {
 pub(crate) async fn join_failed(broker: &MemoryBroker, queue: &str) -> String {
     match broker.join(queue, WAIT).await {
         Err(Error::MessageFailed { reason, .. }) => reason,
-        other => panic!("expected the join to re-raise a failed message, got {other:?}"),
+        other => panic!(
+            "expected the join to re-raise a failed message, got {other:?}; dead letters {:?}, stats {:?}",
+            broker.dead_letters_of(queue),
+            troupe::Broker::stats(broker, queue).await
+        ),
     }
 }
 

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 use troupe_core::middleware::Retries;
 use troupe_core::{ActorError, App, Message, group, pipeline};
-use troupe_worker::{Worker, WorkerHandle};
 
 use crate::TestBroker;
+use crate::lifecycle::start;
 use crate::support::{TestActor, unique_queue};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -23,16 +23,6 @@ fn app(tb: &TestBroker, actors: &[&TestActor]) -> App {
         builder = builder.actor((*actor).clone());
     }
     builder.build().expect("app")
-}
-
-async fn start(app: &App) -> WorkerHandle {
-    Worker::builder(app.clone())
-        .concurrency(4)
-        .fetch_timeout(Duration::from_millis(200))
-        .shutdown_timeout(Duration::from_secs(5))
-        .start()
-        .await
-        .expect("worker starts")
 }
 
 fn message(actor: &TestActor, queue: &str, args: Vec<Value>) -> Message {

@@ -31,7 +31,8 @@ fn app(tb: &TestBroker, actors: &[&TestActor]) -> App {
     builder.build().expect("app")
 }
 
-async fn start(app: &App) -> WorkerHandle {
+/// A worker for the lifecycle and group cases: concurrency 4, quick fetches and shutdown.
+pub(crate) async fn start(app: &App) -> WorkerHandle {
     Worker::builder(app.clone())
         .concurrency(4)
         .fetch_timeout(Duration::from_millis(200))

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -65,23 +67,12 @@ async fn the_readme_middleware_gathers_per_actor_outcomes() {
 
 #[test]
 fn every_line_of_the_readme_block_is_in_this_file() {
-    let readme = include_str!("../../../README.md");
-    let this = include_str!("readme.rs");
-    let start = readme
-        .find("struct TaskMonitoringMiddleware")
-        .expect("the README shows TaskMonitoringMiddleware");
-    let block = &readme[start..];
-    let block = &block[..block.find("```").expect("the block ends")];
-    let here: Vec<&str> = this.lines().map(str::trim).collect();
-    let missing: Vec<&str> = block
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("//"))
-        .filter(|l| {
-            // The README's `?` stands for the test's unwrap.
-            let l = l.replace(".build()?;", ".build().unwrap();");
-            !here.iter().any(|h| h.contains(l.as_str()))
-        })
-        .collect();
+    let missing = common::missing_lines(
+        include_str!("../../../README.md"),
+        "struct TaskMonitoringMiddleware",
+        include_str!("readme.rs"),
+        |l| l.starts_with("//"),
+        |l| l.replace(".build()?;", ".build().unwrap();"),
+    );
     assert!(missing.is_empty(), "README lines not run by this test: {missing:#?}");
 }

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -88,17 +90,12 @@ async fn the_readme_group_example_runs() {
 
 #[test]
 fn every_line_of_the_readme_block_is_in_this_file() {
-    let readme = include_str!("../../../README.md");
-    let this = include_str!("readme_groups.rs");
-    let start = readme.find("let batch = group([").expect("the README shows a group");
-    let block = &readme[start..];
-    let block = &block[..block.find("```").expect("the block ends")];
-    let here: Vec<&str> = this.lines().map(str::trim).collect();
-    let missing: Vec<&str> = block
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("// [{"))
-        .filter(|l| !here.iter().any(|h| h.contains(l)))
-        .collect();
+    let missing = common::missing_lines(
+        include_str!("../../../README.md"),
+        "let batch = group([",
+        include_str!("readme_groups.rs"),
+        |l| l.starts_with("// [{"),
+        str::to_owned,
+    );
     assert!(missing.is_empty(), "README lines not run by this test: {missing:#?}");
 }

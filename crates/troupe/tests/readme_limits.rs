@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,19 +50,12 @@ async fn the_readme_rate_limit_example_runs() {
 
 #[test]
 fn every_line_of_the_readme_block_is_in_this_file() {
-    let readme = include_str!("../../../README.md");
-    let this = include_str!("readme_limits.rs");
-    let start = readme
-        .find("#[troupe::actor(max_retries = 100, min_backoff = \"1s\")]")
-        .expect("the README shows a rate-limited actor");
-    let block = &readme[start..];
-    let block = &block[..block.find("```").expect("the block ends")];
-    let here: Vec<&str> = this.lines().map(str::trim).collect();
-    let missing: Vec<&str> = block
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .filter(|l| !here.iter().any(|h| h.contains(l)))
-        .collect();
+    let missing = common::missing_lines(
+        include_str!("../../../README.md"),
+        "#[troupe::actor(max_retries = 100, min_backoff = \"1s\")]",
+        include_str!("readme_limits.rs"),
+        |_| false,
+        str::to_owned,
+    );
     assert!(missing.is_empty(), "README lines not run by this test: {missing:#?}");
 }
