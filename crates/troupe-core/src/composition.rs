@@ -299,9 +299,9 @@ impl Group {
         self
     }
 
-    /// How long the barrier lives after its last arrival (default 24 hours): a group whose
-    /// children take longer in all must raise it. The workers refresh it with their
-    /// `GroupCallbacks` TTL at each arrival.
+    /// How long the barrier lives (default 24 hours): a group whose children take longer in
+    /// all must raise it. The workers refresh the barrier with their `GroupCallbacks` TTL at
+    /// each arrival, and keep each child's arrival that long after it.
     #[must_use]
     pub fn barrier_ttl(mut self, ttl: Duration) -> Self {
         self.barrier_ttl = ttl.max(Duration::from_millis(1));

@@ -189,12 +189,6 @@ impl Store for PostgresStore {
         .rows_affected()
             == 1;
         let cleared = if counted {
-            sqlx::query("UPDATE arrivals SET expires_at = now() + $2 * interval '1 millisecond' WHERE key = $1")
-                .bind(key)
-                .bind(ms(ttl))
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_error("record an arrival", e))?;
             // Dramatiq's step: down by one unless that goes below 1 (the row is locked).
             let stepped = sqlx::query(
                 "UPDATE state SET value = value - 1, expires_at = now() + $2 * interval '1 millisecond'
@@ -238,14 +232,19 @@ impl Store for PostgresStore {
                 .map_err(|e| db_error("read a barrier", e))?
                 .is_some()
         };
-        let clearer = cleared
-            && sqlx::query("SELECT 1 FROM arrivals WHERE key = $1 AND party = '' AND outcome = $2")
-                .bind(key)
-                .bind(party)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| db_error("read a barrier", e))?
-                .is_some();
+        // A counted arrival that cleared the barrier is its clearer; a repeat asks who was.
+        let clearer = if counted {
+            cleared
+        } else {
+            cleared
+                && sqlx::query("SELECT 1 FROM arrivals WHERE key = $1 AND party = '' AND outcome = $2")
+                    .bind(key)
+                    .bind(party)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| db_error("read a barrier", e))?
+                    .is_some()
+        };
         tx.commit().await.map_err(|e| db_error("commit a barrier arrival", e))?;
         Ok((counted, cleared, clearer))
     }

@@ -208,12 +208,6 @@ impl Store for SqliteStore {
         .rows_affected()
             == 1;
         let cleared = if counted {
-            sqlx::query("UPDATE troupe_arrivals SET expires_at = ?2 WHERE key = ?1")
-                .bind(key)
-                .bind(until)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_error("record an arrival", e))?;
             let left = Self::current(&mut tx, key, t).await?.unwrap_or(0).saturating_sub(1);
             if left >= 1 {
                 Self::set(&mut tx, key, left, until).await?;
@@ -249,14 +243,19 @@ impl Store for SqliteStore {
                 .map_err(|e| db_error("read a barrier", e))?
                 .is_some()
         };
-        let clearer = cleared
-            && sqlx::query("SELECT 1 FROM troupe_arrivals WHERE key = ?1 AND party = '' AND outcome = ?2")
-                .bind(key)
-                .bind(party)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| db_error("read a barrier", e))?
-                .is_some();
+        // A counted arrival that cleared the barrier is its clearer; a repeat asks who was.
+        let clearer = if counted {
+            cleared
+        } else {
+            cleared
+                && sqlx::query("SELECT 1 FROM troupe_arrivals WHERE key = ?1 AND party = '' AND outcome = ?2")
+                    .bind(key)
+                    .bind(party)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| db_error("read a barrier", e))?
+                    .is_some()
+        };
         tx.commit().await.map_err(|e| db_error("commit a barrier arrival", e))?;
         Ok((counted, cleared, clearer))
     }
