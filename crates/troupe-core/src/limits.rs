@@ -20,7 +20,6 @@
 //! PostgreSQL, each update applied atomically by the backend (a Lua script, or the database's
 //! own locking), never as a read-modify-write from the client.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,22 +82,12 @@ where
 /// released when it drops. A holder killed outright (SIGKILL) stops renewing: its slot frees
 /// itself when its lease runs out (30 s by default). On Redis the slot count is Dramatiq's
 /// counter under the raw key, so Python holders of the same key count too.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ConcurrentRateLimiter {
     backend: Arc<dyn StateBackend>,
     key: String,
     limit: i64,
     lease: Duration,
-}
-
-impl fmt::Debug for ConcurrentRateLimiter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConcurrentRateLimiter")
-            .field("key", &self.key)
-            .field("limit", &self.limit)
-            .field("lease", &self.lease)
-            .finish_non_exhaustive()
-    }
 }
 
 impl ConcurrentRateLimiter {
@@ -154,21 +143,13 @@ impl ConcurrentRateLimiter {
 
 /// A slot of a [`ConcurrentRateLimiter`]: renewed while it lives, released when dropped (or
 /// by [`release`](Self::release), which waits for the backend).
+#[derive(Debug)]
 pub struct ConcurrentGuard {
     backend: Arc<dyn StateBackend>,
     key: String,
     holder: String,
     lease: Duration,
     renew: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl fmt::Debug for ConcurrentGuard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConcurrentGuard")
-            .field("key", &self.key)
-            .field("holder", &self.holder)
-            .finish_non_exhaustive()
-    }
 }
 
 impl ConcurrentGuard {
@@ -250,22 +231,12 @@ impl Drop for ConcurrentGuard {
 /// At most `limit` acquires per fixed time bucket (Dramatiq's `BucketRateLimiter`): the key
 /// of a bucket is `"<key>@<bucket start in ms>"`. Nothing to release; bursts of up to twice
 /// the limit are possible across a bucket's edge (use [`WindowRateLimiter`] to avoid them).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct BucketRateLimiter {
     backend: Arc<dyn StateBackend>,
     key: String,
     limit: i64,
     bucket: Duration,
-}
-
-impl fmt::Debug for BucketRateLimiter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BucketRateLimiter")
-            .field("key", &self.key)
-            .field("limit", &self.limit)
-            .field("bucket", &self.bucket)
-            .finish_non_exhaustive()
-    }
 }
 
 impl BucketRateLimiter {
@@ -319,22 +290,12 @@ impl BucketRateLimiter {
 /// At most `limit` acquires in any sliding window of whole seconds (Dramatiq's
 /// `WindowRateLimiter`): one counter per second, `"<key>@<unix seconds>"`, summed over the
 /// window.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct WindowRateLimiter {
     backend: Arc<dyn StateBackend>,
     key: String,
     limit: i64,
     window: u64,
-}
-
-impl fmt::Debug for WindowRateLimiter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WindowRateLimiter")
-            .field("key", &self.key)
-            .field("limit", &self.limit)
-            .field("window_secs", &self.window)
-            .finish_non_exhaustive()
-    }
 }
 
 impl WindowRateLimiter {
@@ -381,20 +342,11 @@ impl WindowRateLimiter {
 /// A barrier of a number of parties (Dramatiq's `Barrier`): a counter under the raw key,
 /// decremented by each arrival, with `"<key>@events"` notified when the last party arrives.
 /// It is the base of group completion callbacks.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Barrier {
     backend: Arc<dyn StateBackend>,
     key: String,
     ttl: Duration,
-}
-
-impl fmt::Debug for Barrier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Barrier")
-            .field("key", &self.key)
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Barrier {

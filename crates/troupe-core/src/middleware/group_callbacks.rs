@@ -164,8 +164,10 @@ impl Arrive {
                     continue;
                 }
             };
+            // A pipeline's stage after a group (it keeps its delay, as `Pipelines` sends one).
+            let pipe_stage = message.option_bool(option_keys::GROUP_RESULTS) == Some(true);
             if let Some(outcomes) = &outcomes {
-                if message.option_bool(option_keys::GROUP_RESULTS) == Some(true) {
+                if pipe_stage {
                     // A pipeline's stage after a group: every child's result, or no stage.
                     let all = outcomes.as_array().map(Vec::as_slice).unwrap_or_default();
                     if all.iter().any(|o| o["ok"] != true) {
@@ -181,12 +183,7 @@ impl Arrive {
                     message.args.push(outcomes.clone());
                 }
             }
-            // A pipeline stage keeps its delay, as `Pipelines` sends one.
-            let delay = message
-                .option_bool(option_keys::GROUP_RESULTS)
-                .filter(|r| *r)
-                .and_then(|_| message.delay())
-                .filter(|d| !d.is_zero());
+            let delay = message.delay().filter(|d| pipe_stage && !d.is_zero());
             self.app.enqueue(message, delay).await?;
         }
         self.state.add(&sent, 1, self.ttl).await?;
