@@ -268,8 +268,95 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Deletes the dead letters of `queue`. Returns how many.
     async fn purge_dead_letters(&self, queue: &str) -> Result<u64>;
 
+    /// Deletes the dead letters of `queue` with these ids (as in [`DeadLetter::id`]). Returns
+    /// how many. An empty `ids` deletes nothing (see [`purge_dead_letters`](Self::purge_dead_letters)).
+    async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64>;
+
+    /// The queues this broker knows of (canonical names, sorted, without `.DQ`/`.XQ`): declared
+    /// ones on SQL brokers, those holding messages or consumed by a live worker on Redis, and
+    /// those live workers consume on RabbitMQ (AMQP cannot list a server's queues).
+    async fn queue_names(&self) -> Result<Vec<String>>;
+
+    /// Records a live worker's heartbeat: [`workers`](Self::workers) lists it until
+    /// `worker.expires_at` passes without another beat.
+    async fn beat(&self, worker: &WorkerInfo) -> Result<()>;
+
+    /// Removes a worker from [`workers`](Self::workers) (it stopped).
+    async fn forget_worker(&self, id: &str) -> Result<()>;
+
+    /// The live workers (their latest heartbeats that have not expired), by id.
+    async fn workers(&self) -> Result<Vec<WorkerInfo>>;
+
     /// Closes connections. Further calls fail.
     async fn close(&self) -> Result<()>;
+}
+
+/// A worker's heartbeat, as [`Broker::beat`] stores it and [`Broker::workers`] lists it.
+/// Serialized as JSON with these field names (the `troupe workers --json` document).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct WorkerInfo {
+    /// Unique per worker run (a UUID).
+    pub id: String,
+    /// The host name.
+    pub hostname: String,
+    /// The process id.
+    pub pid: u32,
+    /// The queues it consumes (canonical names).
+    pub queues: Vec<String>,
+    /// Messages it holds per queue: prefetched, running or being acked.
+    pub in_flight: std::collections::BTreeMap<String, u64>,
+    /// Actors it runs at once.
+    pub concurrency: u64,
+    /// Messages it has finished since it started.
+    #[serde(default)]
+    pub processed: u64,
+    /// When it started, ms since the epoch.
+    pub started_at: u64,
+    /// When this heartbeat was sent, ms since the epoch.
+    pub beat_at: u64,
+    /// When it counts as dead without another beat, ms since the epoch.
+    pub expires_at: u64,
+    /// The Troupe version it runs.
+    pub version: String,
+}
+
+impl WorkerInfo {
+    /// A heartbeat of this process (host name and pid filled in) at `now`, live for `ttl`.
+    #[must_use]
+    pub fn new(id: impl Into<String>, queues: Vec<String>, concurrency: u64, ttl: Duration) -> Self {
+        let now = now_ms();
+        let (hostname, pid) = crate::middleware::worker_id()
+            .rsplit_once(':')
+            .map_or(("localhost".to_owned(), std::process::id()), |(h, p)| {
+                (h.to_owned(), p.parse().unwrap_or_else(|_| std::process::id()))
+            });
+        Self {
+            id: id.into(),
+            hostname,
+            pid,
+            queues,
+            in_flight: std::collections::BTreeMap::new(),
+            concurrency,
+            processed: 0,
+            started_at: now,
+            beat_at: now,
+            expires_at: now.saturating_add(duration_ms(ttl)),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    /// Whether it is still live at `now` (ms since the epoch).
+    #[must_use]
+    pub fn live_at(&self, now: u64) -> bool {
+        self.expires_at > now
+    }
+
+    /// Messages it holds on every queue.
+    #[must_use]
+    pub fn total_in_flight(&self) -> u64 {
+        self.in_flight.values().sum()
+    }
 }
 
 /// Prepares a message for a delay-queue broker: `queue_name` becomes `q.DQ` and `options.eta`

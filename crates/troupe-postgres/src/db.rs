@@ -11,7 +11,7 @@ use troupe_sql::{SqlOptions, parse_query};
 pub(crate) const BACKEND: &str = "postgres";
 
 /// The schema version this crate writes; older schemas are migrated on connect.
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 /// Settings of a PostgreSQL database used by Troupe.
 #[derive(Clone)]
@@ -363,6 +363,12 @@ fn migrations(schema: &str) -> Vec<String> {
         CREATE TABLE IF NOT EXISTS {schema}.arrivals (
             key text NOT NULL, party text NOT NULL, outcome text NOT NULL, expires_at timestamptz NOT NULL,
             PRIMARY KEY (key, party)
+        );"
+        ),
+        // 4: live workers' latest heartbeats (JSON), for `troupe workers` and the dashboard.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.workers (
+            id text PRIMARY KEY, info text NOT NULL, expires_at bigint NOT NULL
         );"
         ),
     ]

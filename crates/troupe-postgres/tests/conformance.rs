@@ -128,7 +128,7 @@ async fn concurrent_starts_migrate_once() {
         .fetch_one(broker.pool())
         .await
         .expect("version");
-    assert_eq!(version, "3");
+    assert_eq!(version, "4");
 }
 
 /// A schema of version 1 (before task records and rate-limit slots) is migrated on connect: the
@@ -157,7 +157,7 @@ async fn a_schema_of_version_1_gains_the_task_tables() {
         .fetch_one(broker.pool())
         .await
         .unwrap();
-    assert_eq!(version, "3");
+    assert_eq!(version, "4");
     assert_eq!(broker.stats("q").await.unwrap().ready, 1, "the queue is kept");
     let state = PostgresState::from_pool(broker.pool().clone());
     assert!(

@@ -174,6 +174,21 @@ impl Inner {
     /// [`Broker::requeue_dead_letters`](troupe_core::Broker::requeue_dead_letters): moves those
     /// with these ids (all of them when `ids` is empty) back to `queue`.
     pub(crate) async fn requeue_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        self.take_dead_letters(queue, ids, true).await
+    }
+
+    /// [`Broker::delete_dead_letters`](troupe_core::Broker::delete_dead_letters).
+    pub(crate) async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.take_dead_letters(queue, ids, false).await
+    }
+
+    /// Takes the dead letters with these ids (all of them when `ids` is empty) out of the
+    /// dead-letter queue, putting each back on `queue` first when `requeue` (undecodable bytes
+    /// can only be deleted).
+    async fn take_dead_letters(&self, queue: &str, ids: &[String], requeue: bool) -> Result<u64> {
         self.check_open()?;
         let canonical = q_name(queue);
         validate_queue_name(canonical)?;
@@ -196,18 +211,20 @@ impl Inner {
                 if !all && !wanted.remove(letter.id.as_str()) {
                     continue;
                 }
-                // Undecodable bytes stay in the dead letters.
-                let Ok(mut message) = letter.message else { continue };
-                message.options.insert("retries".into(), 0.into());
-                message.queue_name = canonical.to_owned();
-                let message = prepare_for_delay_queue(message, None);
-                let body = self.encoder.encode(&message)?;
-                // Confirmed before the dead letter is removed.
-                self.publish(canonical, canonical, &body, self.properties(&message), true)
-                    .await?;
+                if requeue {
+                    // Undecodable bytes stay in the dead letters.
+                    let Ok(mut message) = letter.message else { continue };
+                    message.options.insert("retries".into(), 0.into());
+                    message.queue_name = canonical.to_owned();
+                    let message = prepare_for_delay_queue(message, None);
+                    let body = self.encoder.encode(&message)?;
+                    // Confirmed before the dead letter is removed.
+                    self.publish(canonical, canonical, &body, self.properties(&message), true)
+                        .await?;
+                }
                 timed(
                     self.timeout(),
-                    "remove a requeued dead letter",
+                    "remove a dead letter",
                     got.delivery.acker.ack(BasicAckOptions::default()),
                 )
                 .await?;
@@ -216,7 +233,7 @@ impl Inner {
             Ok::<_, Error>(())
         }
         .await;
-        // The dead letters read but not moved go back, in order.
+        // The dead letters read but not taken go back, in order.
         self.close_channel(ch).await;
         result.map(|()| moved)
     }

@@ -11,6 +11,7 @@ use lapin::{Channel, Connection};
 use troupe_core::queue::{dq_name, q_name, validate_queue_name, xq_name};
 use troupe_core::{
     Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, JsonEncoder, Message, QueueStats, Result,
+    WorkerInfo,
 };
 
 use crate::conn::{BACKEND, Link, RabbitmqOptions, closed_error, timed};
@@ -267,6 +268,37 @@ impl Broker for RabbitmqBroker {
 
     async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
         self.inner.purge_dead_letters(queue).await
+    }
+
+    async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        self.inner.delete_dead_letters(queue, ids).await
+    }
+
+    async fn queue_names(&self) -> Result<Vec<String>> {
+        // AMQP cannot list a server's queues: those this broker declared and those live
+        // workers consume.
+        let mut names: std::collections::BTreeSet<String> = self
+            .inner
+            .declared
+            .lock()
+            .map(|d| d.iter().cloned().collect())
+            .unwrap_or_default();
+        for worker in self.inner.workers().await? {
+            names.extend(worker.queues);
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    async fn beat(&self, worker: &WorkerInfo) -> Result<()> {
+        self.inner.beat(worker).await
+    }
+
+    async fn forget_worker(&self, id: &str) -> Result<()> {
+        self.inner.forget_worker(id).await
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.inner.workers().await
     }
 
     async fn close(&self) -> Result<()> {

@@ -95,6 +95,7 @@ mod conn;
 mod consumer;
 mod publish;
 mod topology;
+mod workers;
 
 pub use broker::RabbitmqBroker;
 pub use conn::RabbitmqOptions;

@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use troupe_core::queue::q_name;
-use troupe_core::{Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, Message, QueueStats, Result};
+use troupe_core::{
+    Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, Message, QueueStats, Result, WorkerInfo,
+};
 use troupe_rabbitmq::{RabbitmqBroker, RabbitmqOptions};
 use troupe_test_suite::{Harness, RawEnqueue, TestBroker};
 
@@ -152,6 +154,26 @@ impl Broker for Cleanup {
 
     async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
         self.broker.purge_dead_letters(queue).await
+    }
+
+    async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        self.broker.delete_dead_letters(queue, ids).await
+    }
+
+    async fn queue_names(&self) -> Result<Vec<String>> {
+        self.broker.queue_names().await
+    }
+
+    async fn beat(&self, worker: &WorkerInfo) -> Result<()> {
+        self.broker.beat(worker).await
+    }
+
+    async fn forget_worker(&self, id: &str) -> Result<()> {
+        self.broker.forget_worker(id).await
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.broker.workers().await
     }
 
     async fn close(&self) -> Result<()> {

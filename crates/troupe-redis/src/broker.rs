@@ -13,7 +13,8 @@ use troupe_core::queue::{dq_name, q_name, validate_queue_name, xq_name};
 use troupe_core::support::{Batcher, Wakers};
 use troupe_core::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind,
-    JsonEncoder, Message, QueueStats, Result, decode_delivery, encode_checked, prepare_for_delay_queue,
+    JsonEncoder, Message, QueueStats, Result, WorkerInfo, decode_delivery, encode_checked, now_ms,
+    prepare_for_delay_queue,
 };
 
 use crate::conn::{BACKEND, RedisOptions, ms, now, redis_error};
@@ -376,8 +377,18 @@ impl Broker for RedisBroker {
 
     async fn declare_queue(&self, queue: &str) -> Result<()> {
         self.check_open()?;
-        // Queues exist implicitly in Redis, as in Dramatiq.
-        validate_queue_name(q_name(queue))
+        // Queues exist implicitly in Redis, as in Dramatiq; Troupe also names them in a set of
+        // its own so `queue_names` lists a queue before it holds a message.
+        let queue = q_name(queue);
+        validate_queue_name(queue)?;
+        let mut conn = self.inner.conn.clone();
+        let _: () = redis::cmd("SADD")
+            .arg(self.key(QUEUES_KEY))
+            .arg(queue)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("declare a queue", e))?;
+        Ok(())
     }
 
     async fn enqueue(&self, message: Message, delay: Option<Duration>) -> Result<Message> {
@@ -505,12 +516,139 @@ impl Broker for RedisBroker {
         Ok(count)
     }
 
+    async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        self.check_open()?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let xq = self.key(&xq_name(queue));
+        let rids: Vec<String> = read_dead(self, queue, usize::MAX)
+            .await?
+            .into_iter()
+            .filter(|(_, letter)| ids.contains(&letter.id))
+            .map(|(rid, _)| rid)
+            .collect();
+        if rids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.inner.conn.clone();
+        let (removed, ()): (u64, ()) = redis::pipe()
+            .atomic()
+            .zrem(&xq, &rids)
+            .hdel(format!("{xq}.msgs"), &rids)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("delete dead letters", e))?;
+        Ok(removed)
+    }
+
+    async fn queue_names(&self) -> Result<Vec<String>> {
+        self.check_open()?;
+        let mut conn = self.inner.conn.clone();
+        let prefix = self.key("");
+        let mut names: std::collections::BTreeSet<String> = redis::cmd("SMEMBERS")
+            .arg(self.key(QUEUES_KEY))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("list queues", e))?;
+        // Queues of Python peers (or from before the set): every body hash names its queue.
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*.msgs"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("scan for queues", e))?;
+            for key in keys {
+                let Some(name) = key.strip_prefix(&prefix).and_then(|k| k.strip_suffix(".msgs")) else {
+                    continue;
+                };
+                let name = q_name(name.strip_suffix(".XQ").unwrap_or(name));
+                if !name.starts_with("__") && validate_queue_name(name).is_ok() {
+                    names.insert(name.to_owned());
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    async fn beat(&self, worker: &WorkerInfo) -> Result<()> {
+        self.check_open()?;
+        let info = serde_json::to_string(worker).map_err(|e| Error::Encode(e.to_string()))?;
+        let mut conn = self.inner.conn.clone();
+        let _: () = redis::pipe()
+            .hset(self.key(WORKERS_KEY), &worker.id, info)
+            .zadd(self.key(WORKERS_EXPIRY_KEY), &worker.id, worker.expires_at)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("store a worker heartbeat", e))?;
+        Ok(())
+    }
+
+    async fn forget_worker(&self, id: &str) -> Result<()> {
+        self.check_open()?;
+        let mut conn = self.inner.conn.clone();
+        let _: () = redis::pipe()
+            .hdel(self.key(WORKERS_KEY), id)
+            .zrem(self.key(WORKERS_EXPIRY_KEY), id)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("delete a worker heartbeat", e))?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.check_open()?;
+        let mut conn = self.inner.conn.clone();
+        let now = now_ms();
+        let expired: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.key(WORKERS_EXPIRY_KEY))
+            .arg("-inf")
+            .arg(now)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("list expired workers", e))?;
+        if !expired.is_empty() {
+            let _: () = redis::pipe()
+                .hdel(self.key(WORKERS_KEY), &expired)
+                .zrem(self.key(WORKERS_EXPIRY_KEY), &expired)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("delete expired worker heartbeats", e))?;
+        }
+        let infos: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.key(WORKERS_KEY))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("list workers", e))?;
+        Ok(infos
+            .values()
+            .filter_map(|info| serde_json::from_str::<WorkerInfo>(info).ok())
+            .filter(|w| w.live_at(now))
+            .collect())
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Relaxed);
         self.inner.wakers.wake_all();
         Ok(())
     }
 }
+
+/// Troupe's set of declared queue names (Python Dramatiq neither reads nor writes it).
+const QUEUES_KEY: &str = "__troupe_queues__";
+/// Live workers' latest heartbeats: a hash of worker id -> JSON.
+const WORKERS_KEY: &str = "__troupe_workers__";
+/// When each worker's heartbeat expires: a sorted set of worker id by ms.
+const WORKERS_EXPIRY_KEY: &str = "__troupe_workers__.expiry";
 
 async fn read_dead(broker: &RedisBroker, queue: &str, limit: usize) -> Result<Vec<(String, DeadLetter)>> {
     let xq = broker.key(&xq_name(queue));

@@ -11,7 +11,7 @@ use troupe_core::queue::{is_delay_queue, q_name, validate_queue_name};
 use troupe_core::support::{Batcher, Settle, Wakers};
 use troupe_core::{
     Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, Error, ErrorKind, JsonEncoder, Message,
-    QueueStats, Result, decode_delivery, encode_checked,
+    QueueStats, Result, WorkerInfo, decode_delivery, encode_checked, now_ms,
 };
 
 use crate::consumer::SqlConsumer;
@@ -437,6 +437,60 @@ impl<D: Dialect> Broker for SqlBroker<D> {
     async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
         self.shared.check_open()?;
         self.shared.dialect.purge_dead(q_name(queue)).await
+    }
+
+    async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        self.shared.check_open()?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let queue = q_name(queue);
+        let mut rows = Vec::new();
+        for row in self.shared.dialect.dead_rows(queue, None).await? {
+            let row_key = format!("row-{}", row.id);
+            let matches = ids.contains(&row_key)
+                || self
+                    .encoder
+                    .decode(&row.body)
+                    .is_ok_and(|m| ids.contains(&m.message_id));
+            if matches {
+                rows.push(row.id);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        self.shared.dialect.delete_dead(queue, &rows).await
+    }
+
+    async fn queue_names(&self) -> Result<Vec<String>> {
+        self.shared.check_open()?;
+        self.shared.dialect.queues().await
+    }
+
+    async fn beat(&self, worker: &WorkerInfo) -> Result<()> {
+        self.shared.check_open()?;
+        let info = serde_json::to_string(worker).map_err(|e| Error::Encode(e.to_string()))?;
+        let expires = i64::try_from(worker.expires_at).unwrap_or(i64::MAX);
+        self.shared.dialect.beat(&worker.id, &info, expires).await
+    }
+
+    async fn forget_worker(&self, id: &str) -> Result<()> {
+        self.shared.check_open()?;
+        self.shared.dialect.forget_worker(id).await
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.shared.check_open()?;
+        let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+        Ok(self
+            .shared
+            .dialect
+            .workers(now)
+            .await?
+            .iter()
+            .filter_map(|info| serde_json::from_str(info).ok())
+            .collect())
     }
 
     async fn close(&self) -> Result<()> {

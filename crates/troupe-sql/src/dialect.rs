@@ -388,6 +388,21 @@ pub trait Dialect: Debug + Send + Sync + Sized + 'static {
     /// Deletes a queue's dead letters; how many.
     fn purge_dead(&self, queue: &str) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Deletes these dead rows of `queue`; how many.
+    fn delete_dead(&self, queue: &str, ids: &[i64]) -> impl Future<Output = Result<u64>> + Send;
+
+    /// The declared queues, sorted.
+    fn queues(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Stores a worker's latest heartbeat (`info`, JSON) until `expires_ms`.
+    fn beat(&self, id: &str, info: &str, expires_ms: i64) -> impl Future<Output = Result<()>> + Send;
+
+    /// Deletes a worker's heartbeat.
+    fn forget_worker(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// The heartbeats that expire after `now_ms` (JSON); expired ones are deleted.
+    fn workers(&self, now_ms: i64) -> impl Future<Output = Result<Vec<String>>> + Send;
+
     /// The backend's own wake-up source, started with the first consumer: a task that calls
     /// [`Wake::queue`] when the server says a queue got messages, until the broker is gone.
     /// `None` where the server has none (consumers then poll, and are woken at once by

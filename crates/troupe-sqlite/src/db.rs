@@ -13,7 +13,7 @@ use troupe_sql::{SqlOptions, parse_query};
 pub(crate) const BACKEND: &str = "sqlite";
 
 /// The schema version this crate writes; older files are migrated on connect.
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 /// How SQLite syncs to disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -241,6 +241,12 @@ const MIGRATIONS: &[&str] = &[
         outcome TEXT NOT NULL,
         expires_at INTEGER NOT NULL,
         PRIMARY KEY (key, party)
+    ) WITHOUT ROWID;",
+    // 4: live workers' latest heartbeats (JSON), for `troupe workers` and the dashboard.
+    "CREATE TABLE IF NOT EXISTS troupe_workers (
+        id TEXT PRIMARY KEY,
+        info TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
     ) WITHOUT ROWID;",
 ];
 

@@ -404,6 +404,74 @@ impl Dialect for SqliteDialect {
         .await
     }
 
+    async fn delete_dead(&self, queue: &str, ids: &[i64]) -> Result<u64> {
+        let ids = serde_json::to_string(ids).map_err(|e| Error::Encode(e.to_string()))?;
+        self.exec(
+            "delete dead letters",
+            sqlx::query(
+                "DELETE FROM troupe_jobs WHERE queue = ?1 AND state = 2 AND id IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(queue)
+            .bind(ids),
+        )
+        .await
+    }
+
+    async fn queues(&self) -> Result<Vec<String>> {
+        let rows = self
+            .rows(
+                "list queues",
+                sqlx::query("SELECT name FROM troupe_queues ORDER BY name"),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read a queue name", e))
+    }
+
+    async fn beat(&self, id: &str, info: &str, expires_ms: i64) -> Result<()> {
+        self.exec(
+            "store a worker heartbeat",
+            sqlx::query(
+                "INSERT INTO troupe_workers (id, info, expires_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET info = excluded.info, expires_at = excluded.expires_at",
+            )
+            .bind(id)
+            .bind(info)
+            .bind(expires_ms),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn forget_worker(&self, id: &str) -> Result<()> {
+        self.exec(
+            "delete a worker heartbeat",
+            sqlx::query("DELETE FROM troupe_workers WHERE id = ?1").bind(id),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn workers(&self, now_ms: i64) -> Result<Vec<String>> {
+        self.exec(
+            "delete expired worker heartbeats",
+            sqlx::query("DELETE FROM troupe_workers WHERE expires_at <= ?1").bind(now_ms),
+        )
+        .await?;
+        let rows = self
+            .rows(
+                "list workers",
+                sqlx::query("SELECT info FROM troupe_workers WHERE expires_at > ?1 ORDER BY id").bind(now_ms),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read a worker heartbeat", e))
+    }
+
     fn listen(&self, _wake: Wake) -> Option<impl Future<Output = ()> + Send + 'static> {
         // No server to announce other processes' messages: consumers poll.
         None::<std::future::Ready<()>>

@@ -153,7 +153,7 @@ async fn a_database_of_schema_1_gains_the_task_tables() {
         .fetch_one(broker.pool())
         .await
         .unwrap();
-    assert_eq!(version, "3");
+    assert_eq!(version, "4");
     assert_eq!(broker.stats("q").await.unwrap().ready, 1, "the queue is kept");
     let state = troupe_sqlite::SqliteState::from_pool(broker.pool().clone());
     assert!(

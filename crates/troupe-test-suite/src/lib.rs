@@ -19,6 +19,7 @@ pub mod coordination;
 pub mod groups;
 pub mod kill;
 pub mod lifecycle;
+pub mod operations;
 mod support;
 pub mod tasks;
 
@@ -180,6 +181,13 @@ macro_rules! broker_conformance {
             group_finished_callback_gets_every_outcome,
             group_callbacks_are_refused_without_their_needs,
             group_inside_a_pipeline_feeds_the_next_stage
+        );
+        $crate::__conformance_cases!(
+            $harness, operations;
+            dead_letters_are_deleted_by_id,
+            declared_queues_are_listed,
+            worker_heartbeats_are_listed_until_they_expire,
+            a_running_worker_is_listed_with_what_it_holds
         );
     };
 }

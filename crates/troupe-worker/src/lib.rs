@@ -15,4 +15,4 @@ mod work;
 mod worker;
 
 pub use args::{WorkerArgs, exit_code, init_logging};
-pub use worker::{Worker, WorkerBuilder, WorkerHandle};
+pub use worker::{DEFAULT_HEARTBEAT, Worker, WorkerBuilder, WorkerHandle};

@@ -1,7 +1,7 @@
 //! The worker: consumers, executors, the delay mover and shutdown.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use troupe_core::queue::{dq_name, is_delay_queue};
-use troupe_core::{App, Consumer, ConsumerOptions, Error, Result, now_ms};
+use troupe_core::{App, Consumer, ConsumerOptions, Error, Result, WorkerInfo, now_ms};
 
 use crate::delay::{DelayHolder, Held};
 use crate::process::process;
@@ -31,6 +31,7 @@ impl Worker {
             delay_prefetch: None,
             fetch_timeout: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(600),
+            heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 }
@@ -46,7 +47,11 @@ pub struct WorkerBuilder {
     delay_prefetch: Option<usize>,
     fetch_timeout: Duration,
     shutdown_timeout: Duration,
+    heartbeat: Duration,
 }
+
+/// How often a worker tells the broker it is alive (see [`WorkerBuilder::heartbeat`]).
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl WorkerBuilder {
     /// How many messages run at once (default 8 per core).
@@ -86,6 +91,14 @@ impl WorkerBuilder {
     /// How long a graceful shutdown waits for running actors (default 10 minutes).
     pub fn shutdown_timeout(mut self, d: Duration) -> Self {
         self.shutdown_timeout = d;
+        self
+    }
+
+    /// How often the worker records its heartbeat on the broker (default 5 s), for
+    /// `troupe workers` and the dashboard: its queues, the messages it holds on each, what it
+    /// has processed. A worker missing three beats counts as gone.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every.max(Duration::from_millis(10));
         self
     }
 
@@ -137,8 +150,10 @@ impl WorkerBuilder {
             fetch_timeout: self.fetch_timeout,
             settling: Arc::new(Semaphore::new(prefetch.saturating_mul(queues.len()).max(1))),
             settles: TaskTracker::new(),
+            processed: AtomicU64::new(0),
         });
         let mut consumers = Vec::new();
+        let mut windows = Vec::new();
         for queue in &queues {
             let mut names = vec![(queue.clone(), prefetch)];
             if !native_delays {
@@ -148,8 +163,15 @@ impl WorkerBuilder {
                 let consumer = app.broker().consume(&name, ConsumerOptions::new(window)).await?;
                 let shared = Arc::clone(&shared);
                 let slots = Arc::new(Semaphore::new(window));
+                let fetching = Arc::new(AtomicUsize::new(0));
+                windows.push(Window {
+                    name: name.clone(),
+                    size: window,
+                    slots: Arc::clone(&slots),
+                    fetching: Arc::clone(&fetching),
+                });
                 consumers.push(tokio::spawn(async move {
-                    consume_loop(shared, name, window, slots, consumer).await
+                    consume_loop(shared, name, window, slots, fetching, consumer).await
                 }));
             }
         }
@@ -163,11 +185,24 @@ impl WorkerBuilder {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move { shared.delays.run_mover(&shared.app, &shared.stop_fetch).await })
         };
+        let beat = WorkerInfo::new(
+            uuid::Uuid::new_v4().to_string(),
+            queues.clone(),
+            concurrency as u64,
+            self.heartbeat * 3,
+        );
+        let worker_id = beat.id.clone();
+        let heart = {
+            let shared = Arc::clone(&shared);
+            let every = self.heartbeat;
+            tokio::spawn(async move { heartbeat_loop(shared, beat, windows, every).await })
+        };
         tracing::info!(
             ?queues,
             concurrency,
             prefetch,
             broker = app.broker().backend(),
+            worker = %worker_id,
             "worker started"
         );
         Ok(WorkerHandle {
@@ -175,6 +210,8 @@ impl WorkerBuilder {
             consumers,
             executors,
             mover,
+            heart,
+            worker_id,
             shutdown_timeout: self.shutdown_timeout,
         })
     }
@@ -234,6 +271,54 @@ struct Shared {
     settling: Arc<Semaphore>,
     /// The settlements in flight; shutdown waits for them before closing the consumers.
     settles: TaskTracker,
+    /// Messages processed (settled or abandoned) since the start.
+    processed: AtomicU64,
+}
+
+/// One consumer's prefetch window, as the heartbeat reads it.
+struct Window {
+    name: String,
+    size: usize,
+    /// Free places in the window.
+    slots: Arc<Semaphore>,
+    /// Places taken for a fetch still under way (no message in them yet).
+    fetching: Arc<AtomicUsize>,
+}
+
+impl Window {
+    /// Messages held: prefetched, running or settling.
+    fn held(&self) -> u64 {
+        let taken = self.size.saturating_sub(self.slots.available_permits());
+        taken.saturating_sub(self.fetching.load(Ordering::Relaxed)) as u64
+    }
+}
+
+/// Records the worker's heartbeat every `every` until the worker stops.
+async fn heartbeat_loop(shared: Arc<Shared>, mut beat: WorkerInfo, windows: Vec<Window>, every: Duration) {
+    let ttl = every * 3;
+    let mut failing = false;
+    loop {
+        let now = now_ms();
+        beat.beat_at = now;
+        beat.expires_at = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        beat.processed = shared.processed.load(Ordering::Relaxed);
+        beat.in_flight = windows.iter().map(|w| (w.name.clone(), w.held())).collect();
+        match shared.app.broker().beat(&beat).await {
+            Ok(()) if failing => {
+                tracing::info!("worker heartbeat recorded again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "could not record the worker heartbeat; `troupe workers` may not list this worker");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        // Beats go on through a graceful shutdown (running actors still hold messages); the
+        // handle aborts this task once the worker stopped.
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// A running worker.
@@ -243,6 +328,8 @@ pub struct WorkerHandle {
     consumers: Vec<JoinHandle<Option<Box<dyn Consumer>>>>,
     executors: Vec<JoinHandle<()>>,
     mover: JoinHandle<()>,
+    heart: JoinHandle<()>,
+    worker_id: String,
     shutdown_timeout: Duration,
 }
 
@@ -251,6 +338,12 @@ impl WorkerHandle {
     #[must_use]
     pub fn held(&self) -> (usize, usize) {
         (self.shared.work.len(), self.shared.delays.len())
+    }
+
+    /// This run's id, as `troupe workers` lists it.
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.worker_id
     }
 
     /// Shuts down gracefully with the configured timeout.
@@ -315,6 +408,10 @@ impl WorkerHandle {
                 tracing::warn!(error = %e, "error closing a consumer");
             }
         }
+        self.heart.abort();
+        if let Err(e) = app.broker().forget_worker(&self.worker_id).await {
+            tracing::debug!(error = %e, "could not remove the worker's heartbeat; it expires by itself");
+        }
         tracing::info!(returned, "worker stopped");
     }
 }
@@ -334,6 +431,7 @@ async fn execute_loop(shared: Arc<Shared>) {
         };
         let run = std::panic::AssertUnwindSafe(process(&shared.app, delivery, &shared.hard_stop)).catch_unwind();
         let settlement = run.await;
+        shared.processed.fetch_add(1, Ordering::Relaxed);
         // The message is done with: its prefetch slot goes back to the consumer now, while
         // the broker commits the ack (which batches with other executors' acks).
         drop(permit);
@@ -356,6 +454,7 @@ async fn consume_loop(
     queue: String,
     window: usize,
     slots: Arc<Semaphore>,
+    fetching: Arc<AtomicUsize>,
     consumer: Box<dyn Consumer>,
 ) -> Option<Box<dyn Consumer>> {
     let mut consumer = Some(consumer);
@@ -404,6 +503,7 @@ async fn consume_loop(
                 }
             },
         };
+        fetching.store(permits.len(), Ordering::Relaxed);
         let fetched = tokio::select! {
             () = shared.stop_fetch.cancelled() => return consumer,
             r = current.fetch(permits.len(), shared.fetch_timeout) => r,
@@ -411,12 +511,17 @@ async fn consume_loop(
         match fetched {
             Ok(deliveries) => {
                 backoff = Duration::from_millis(100);
-                for (delivery, permit) in deliveries.into_iter().zip(permits.drain(..)) {
+                let mut permits = permits.into_iter();
+                for (delivery, permit) in deliveries.into_iter().zip(permits.by_ref()) {
+                    fetching.fetch_sub(1, Ordering::Relaxed);
                     route(&shared, delivery, permit, delay_queue).await;
                 }
+                drop(permits);
+                fetching.store(0, Ordering::Relaxed);
             }
             Err(e) => {
                 drop(permits);
+                fetching.store(0, Ordering::Relaxed);
                 if e.is_transient() {
                     tracing::warn!(%queue, error = %e, "lost the broker; reconnecting in {backoff:?}");
                     if let Some(old) = consumer.take() {

@@ -7,7 +7,7 @@ use tokio::sync::Notify;
 
 use crate::broker::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DEFAULT_MAX_MESSAGE_SIZE, DeadLetter, Delivery,
-    QueueStats, decode_delivery, encode_checked, prepare_for_delay_queue,
+    QueueStats, WorkerInfo, decode_delivery, encode_checked, prepare_for_delay_queue,
 };
 use crate::encoder::{Encoder, JsonEncoder};
 use crate::error::{Error, ErrorKind, Result};
@@ -40,6 +40,7 @@ struct Inner {
 struct State {
     queues: HashMap<String, QueueState>,
     dead: HashMap<String, Vec<DeadLetter>>,
+    workers: HashMap<String, WorkerInfo>,
     next_id: u64,
     consumers: u64,
     closed: bool,
@@ -430,6 +431,50 @@ impl Broker for MemoryBroker {
             .dead
             .get_mut(q_name(queue))
             .map_or(0, |d| d.drain(..).count() as u64))
+    }
+
+    async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
+        let mut state = self.lock()?;
+        let Some(dead) = state.dead.get_mut(q_name(queue)) else {
+            return Ok(0);
+        };
+        let before = dead.len();
+        dead.retain(|d| !ids.contains(&d.id));
+        Ok((before - dead.len()) as u64)
+    }
+
+    async fn queue_names(&self) -> Result<Vec<String>> {
+        let state = self.lock()?;
+        let mut names: Vec<String> = state
+            .queues
+            .keys()
+            .chain(state.dead.keys())
+            .filter(|q| !q.ends_with(".DQ") && !q.ends_with(".XQ"))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn beat(&self, worker: &WorkerInfo) -> Result<()> {
+        self.lock()?.workers.insert(worker.id.clone(), worker.clone());
+        Ok(())
+    }
+
+    async fn forget_worker(&self, id: &str) -> Result<()> {
+        self.lock()?.workers.remove(id);
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        let now = now_ms();
+        let mut state = self.lock()?;
+        state.workers.retain(|_, w| w.live_at(now));
+        let mut workers: Vec<WorkerInfo> = state.workers.values().cloned().collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(workers)
     }
 
     async fn close(&self) -> Result<()> {
