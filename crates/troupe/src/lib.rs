@@ -56,14 +56,14 @@ pub use troupe_core::{
     Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter,
     Delivery, Encoder, Error, ErrorAction, ErrorKind, Group, GroupChild, JoinOptions, JsonEncoder, MemoryBroker,
     MemoryResults, MemoryState, Message, Middleware, MiddlewareStack, MsgPackEncoder, Next, Outcome, Pipeline,
-    ProcessContext, QueueStats, Result, ResultBackend, SendOptions, Sent, Stage, StateBackend, async_trait,
+    ProcessContext, QueueStats, Result, ResultBackend, SendOptions, Sent, Stage, StateBackend, WorkerInfo, async_trait,
     current_app, current_message, group, now_ms, pipeline, redact_url, result_key, unwrap_result, wrap_failure,
 };
 pub use troupe_core::{
     CancelMode, CancelOutcome, StopReason, TaskCounts, TaskCursor, TaskFilter, TaskHandle, TaskPage, TaskQuery,
     TaskRecord, TaskStatus, TaskStore, current_task,
 };
-pub use troupe_core::{limits, memory, middleware, option_keys, options, queue, tasks};
+pub use troupe_core::{limits, memory, middleware, option_keys, options, priority, queue, tasks};
 
 /// The `#[actor]` attribute: turns a function into an actor.
 ///
