@@ -289,3 +289,160 @@ fn results_and_state_url_errors_exit_with_code_2_and_hide_passwords() {
         assert!(!stderr.contains("hunter2"), "{flags}: {stderr}");
     }
 }
+
+/// A free port on 127.0.0.1 (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` on `port`; the body.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} not in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Sends `n` nap messages to the SQLite broker at `url`.
+fn send_naps(url: &str, n: usize, ms: u64) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let app = App::builder(troupe::connect(url).await.unwrap())
+            .actor(Nap)
+            .build()
+            .unwrap();
+        for _ in 0..n {
+            Nap.send(&app, ms).await.unwrap();
+        }
+    });
+}
+
+/// The queue's counts and the live workers, read from the broker at `url`.
+fn look(url: &str) -> (troupe::QueueStats, Vec<troupe::WorkerInfo>) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let broker = troupe::connect(url).await.unwrap();
+        let stats = broker.stats("cli").await.unwrap();
+        let workers = broker.workers().await.unwrap();
+        broker.close().await.unwrap();
+        (stats, workers)
+    })
+}
+
+fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `--processes 2 --metrics-bind`: two worker processes share the queue, and the supervisor's
+/// `/metrics` is the sum of theirs: exactly the messages that ran.
+#[test]
+fn processes_share_the_work_and_their_metrics_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("procs.db").display());
+    send_naps(&url, 120, 5);
+    let port = free_port();
+    let mut supervisor = spawn(
+        &format!("--broker-url {url} --processes 2 --concurrency 4 --metrics-bind 127.0.0.1:{port}"),
+        None,
+    );
+    let mut pids = std::collections::BTreeSet::new();
+    wait_until("two worker processes", Duration::from_secs(20), || {
+        let (_, workers) = look(&url);
+        pids.extend(workers.iter().map(|w| w.pid));
+        pids.len() >= 2
+    });
+    assert!(!pids.contains(&supervisor.id()), "the supervisor runs no worker itself");
+    wait_until("the queue to drain", Duration::from_secs(30), || {
+        look(&url).0.pending() == 0
+    });
+    // The processes write their metrics every second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let text = scrape(port);
+    let labels = r#"{actor_name="nap",queue_name="cli"}"#;
+    assert_eq!(
+        metric(&text, &format!("dramatiq_messages_total{labels}")),
+        120.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, &format!("dramatiq_message_duration_milliseconds_count{labels}")),
+        120.0
+    );
+    assert_eq!(metric(&text, &format!("dramatiq_messages_inprogress{labels}")), 0.0);
+    assert_eq!(
+        metric(&text, r#"troupe_queue_messages{queue_name="cli",state="ready"}"#),
+        0.0
+    );
+    signal(&supervisor, "TERM");
+    assert_eq!(wait_with_timeout(&mut supervisor, Duration::from_secs(20)), Some(0));
+    let (_, workers) = look(&url);
+    assert!(
+        workers.iter().all(|w| !pids.contains(&w.pid)),
+        "every worker process stopped: {workers:?}"
+    );
+}
+
+/// A worker process killed with SIGKILL is replaced, and its messages still run: none lost.
+#[test]
+fn a_killed_worker_process_is_replaced_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?lease=2s", dir.path().join("kill.db").display());
+    send_naps(&url, 400, 100);
+    let mut supervisor = spawn(&format!("--broker-url {url} --processes 2 --concurrency 4"), None);
+    let mut first = Vec::new();
+    wait_until("two worker processes", Duration::from_secs(20), || {
+        let (_, workers) = look(&url);
+        first = workers.iter().map(|w| w.pid).collect();
+        first.len() == 2
+    });
+    // Both are busy: 400 messages of 100 ms take 5 s on 8 slots.
+    std::thread::sleep(Duration::from_millis(500));
+    let victim = first[0];
+    let killed = Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
+    assert!(killed.success());
+    wait_until("a replacement process", Duration::from_secs(20), || {
+        let (_, workers) = look(&url);
+        workers.iter().any(|w| !first.contains(&w.pid))
+    });
+    wait_until("every message to run", Duration::from_secs(60), || {
+        look(&url).0.pending() == 0
+    });
+    let (stats, _) = look(&url);
+    assert_eq!(stats.dead, 0, "{stats:?}");
+    signal(&supervisor, "TERM");
+    assert_eq!(wait_with_timeout(&mut supervisor, Duration::from_secs(20)), Some(0));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut supervisor.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("pid={victim}")) && stderr.contains("was killed by signal 9"),
+        "the supervisor says which process died: {stderr}"
+    );
+}
+
+/// A worker process that cannot reach its broker stops the supervisor with Dramatiq's code 3.
+#[test]
+fn processes_that_cannot_start_stop_the_supervisor_with_their_code() {
+    let (code, stderr) = run_to_end(child_command("--broker-url redis://127.0.0.1:1/0 --processes 2", None));
+    assert_eq!(code, Some(3), "{stderr}");
+}

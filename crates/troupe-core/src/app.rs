@@ -84,6 +84,29 @@ impl App {
         &self.inner.middleware
     }
 
+    /// This app with `middleware` first in its list (outermost: its `process` sees every
+    /// attempt, its hooks run first), sharing the broker, the backends and the actors: for
+    /// middleware a worker binary adds to the app its user built, such as the metrics of
+    /// `--metrics-bind`. The app it was made from is unchanged.
+    #[must_use]
+    pub fn with_outer_middleware(&self, middleware: Arc<dyn Middleware>) -> App {
+        let mut list = Vec::with_capacity(self.inner.middleware.len() + 1);
+        list.push(middleware);
+        list.extend(self.inner.middleware.iter().cloned());
+        let declared = self.inner.declared.lock().map(|d| d.clone()).unwrap_or_default();
+        App {
+            inner: Arc::new(Inner {
+                broker: Arc::clone(&self.inner.broker),
+                middleware: list,
+                actors: self.inner.actors.clone(),
+                results: self.inner.results.clone(),
+                state: self.inner.state.clone(),
+                lifecycle: self.inner.lifecycle.clone(),
+                declared: Mutex::new(declared),
+            }),
+        }
+    }
+
     /// The results backend, if any.
     #[must_use]
     pub fn results(&self) -> Option<&Arc<dyn ResultBackend>> {

@@ -68,6 +68,17 @@ pub struct WorkerArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
     pub shutdown_timeout: Duration,
 
+    /// Run this many worker processes of this binary, supervised: one that dies is started
+    /// again, SIGINT/SIGTERM reach all of them (Dramatiq's `--processes`; default 1, no
+    /// supervisor).
+    #[arg(short = 'p', long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub processes: u16,
+
+    /// Serve Prometheus metrics (Dramatiq's names) on this address at `/metrics`, e.g.
+    /// `127.0.0.1:9191` (Dramatiq's port); with `--processes`, the sum over the processes.
+    #[arg(long, env = "TROUPE_METRICS_BIND")]
+    pub metrics_bind: Option<std::net::SocketAddr>,
+
     /// More logging: -v for debug, -vv for trace.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -96,7 +107,8 @@ impl WorkerArgs {
 }
 
 /// Sets up logging to stderr: info by default, debug with `verbose` 1, trace with 2;
-/// `RUST_LOG` overrides. Does nothing if a subscriber is already set.
+/// `RUST_LOG` overrides; colours only when stderr is a terminal. Does nothing if a subscriber
+/// is already set.
 pub fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => "info",
@@ -108,5 +120,7 @@ pub fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: piped or collected logs stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -11,8 +11,10 @@
 mod args;
 mod delay;
 mod process;
+mod supervise;
 mod work;
 mod worker;
 
 pub use args::{WorkerArgs, exit_code, init_logging};
+pub use supervise::{PROCESS_ENV, Supervisor, is_supervised};
 pub use worker::{DEFAULT_HEARTBEAT, Worker, WorkerBuilder, WorkerHandle};

@@ -121,6 +121,9 @@ where
     F: FnOnce(Backends) -> Result<App>,
 {
     init_logging(args.verbose);
+    if args.processes > 1 && !troupe_worker::is_supervised() {
+        return supervise(&args).await;
+    }
     let url = args.broker_url.clone().unwrap_or_else(|| DEFAULT_BROKER_URL.to_owned());
     let broker = match crate::connect(&url).await {
         Ok(broker) => broker,
@@ -147,6 +150,10 @@ where
             return exit_code::BAD_ARGUMENTS;
         }
     };
+    let (app, _metrics) = match with_metrics(&args, app).await {
+        Ok(with) => with,
+        Err(code) => return code,
+    };
     match args.apply(Worker::builder(app)).run().await {
         Ok(()) => exit_code::OK,
         Err(e) if e.kind() == ErrorKind::Config => {
@@ -169,5 +176,91 @@ fn start_failure(what: &str, url: &str, e: &Error) -> u8 {
     } else {
         eprintln!("error: cannot reach {what} at {}: {e}", redact_url(url));
         exit_code::BROKER_UNREACHABLE
+    }
+}
+
+/// Where a supervisor (`--processes`) tells its worker processes to write their metrics.
+#[cfg(feature = "prometheus")]
+const METRICS_DIR_ENV: &str = "TROUPE_METRICS_DIR";
+
+/// `--processes N`: runs N worker processes of this binary (see [`troupe_worker::Supervisor`]);
+/// with `--metrics-bind`, serves the sum of their metrics.
+async fn supervise(args: &WorkerArgs) -> u8 {
+    let supervisor = troupe_worker::Supervisor::new(usize::from(args.processes));
+    let Some(bind) = args.metrics_bind else {
+        return supervisor.run(|_| {}).await;
+    };
+    #[cfg(feature = "prometheus")]
+    {
+        let dir = std::env::temp_dir().join(format!("troupe-metrics-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            eprintln!("error: cannot create {} for the processes' metrics: {e}", dir.display());
+            return exit_code::BAD_ARGUMENTS;
+        }
+        let server = match troupe_prometheus::serve_merged(bind, dir.clone()).await {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit_code::BAD_ARGUMENTS;
+            }
+        };
+        tracing::info!(addr = %server.local_addr(), "serving the worker processes' metrics at /metrics");
+        let exited = dir.clone();
+        let code = supervisor
+            .env(METRICS_DIR_ENV, dir.as_os_str())
+            .run(move |pid| troupe_prometheus::mark_exited(&exited, pid))
+            .await;
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+        code
+    }
+    #[cfg(not(feature = "prometheus"))]
+    {
+        let _ = (bind, supervisor);
+        eprintln!("error: --metrics-bind needs troupe's `prometheus` feature; enable it in Cargo.toml");
+        exit_code::BAD_ARGUMENTS
+    }
+}
+
+/// `--metrics-bind`: the app with the metrics middleware first, and what keeps the metrics
+/// served (or, in a supervised process, written for the supervisor) while it lives.
+async fn with_metrics(
+    args: &WorkerArgs,
+    app: App,
+) -> std::result::Result<(App, Option<Box<dyn std::any::Any + Send>>), u8> {
+    let Some(bind) = args.metrics_bind else {
+        return Ok((app, None));
+    };
+    #[cfg(feature = "prometheus")]
+    {
+        let metrics = match troupe_prometheus::Prometheus::new() {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Err(exit_code::BAD_ARGUMENTS);
+            }
+        };
+        let app = app.with_outer_middleware(metrics.middleware());
+        if let Some(dir) = std::env::var_os(METRICS_DIR_ENV).filter(|_| troupe_worker::is_supervised()) {
+            let file = troupe_prometheus::live_file(std::path::Path::new(&dir), std::process::id());
+            let writer = metrics.write_every(&file, std::time::Duration::from_secs(1), app.clone());
+            return Ok((app, Some(Box::new(writer))));
+        }
+        match metrics.serve(bind, app.clone()).await {
+            Ok(server) => {
+                tracing::info!(addr = %server.local_addr(), "serving metrics at /metrics");
+                Ok((app, Some(Box::new(server))))
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Err(exit_code::BAD_ARGUMENTS)
+            }
+        }
+    }
+    #[cfg(not(feature = "prometheus"))]
+    {
+        let _ = (bind, app);
+        eprintln!("error: --metrics-bind needs troupe's `prometheus` feature; enable it in Cargo.toml");
+        Err(exit_code::BAD_ARGUMENTS)
     }
 }

@@ -65,6 +65,12 @@ pub use troupe_core::{
 };
 pub use troupe_core::{limits, memory, middleware, option_keys, options, priority, queue, tasks};
 
+/// Prometheus metrics with Dramatiq's names ([`troupe_prometheus`]).
+#[cfg(feature = "prometheus")]
+pub mod prometheus {
+    pub use troupe_prometheus::*;
+}
+
 /// The `#[actor]` attribute: turns a function into an actor.
 ///
 /// See the crate docs for an example.
