@@ -47,6 +47,8 @@
 //! | `broker-postgres` | no | the PostgreSQL broker (`postgres://`), transactional enqueue |
 //! | `results-postgres` | no | PostgreSQL results and state backends |
 //! | `broker-rabbitmq` | no | the RabbitMQ broker (`amqp://`), Dramatiq's topology |
+//! | `prometheus` | no | Prometheus metrics with Dramatiq's names ([`prometheus`]), the worker flag `--metrics-bind` |
+//! | `opentelemetry` | no | OpenTelemetry tracing across the queue ([`otel`]) |
 //! | `full` | no | everything above |
 //!
 //! The in-memory broker is always available.
@@ -69,6 +71,12 @@ pub use troupe_core::{limits, memory, middleware, option_keys, options, priority
 #[cfg(feature = "prometheus")]
 pub mod prometheus {
     pub use troupe_prometheus::*;
+}
+
+/// OpenTelemetry tracing across the queue ([`troupe_otel`]).
+#[cfg(feature = "opentelemetry")]
+pub mod otel {
+    pub use troupe_otel::*;
 }
 
 /// The `#[actor]` attribute: turns a function into an actor.
