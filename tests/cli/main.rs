@@ -21,6 +21,21 @@ async fn double(x: i64) -> i64 {
     x * 2
 }
 
+/// A periodic actor (the child's app when TROUPE_CLI_TICKS names a file): appends its tick to
+/// that file, one line per run.
+#[troupe::actor(queue_name = "cli", every = "1s")]
+async fn tick() {
+    use std::io::Write;
+    let tick = troupe::current_message()
+        .and_then(|m| m.options.get("troupe_tick").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0);
+    if let Ok(path) = std::env::var("TROUPE_CLI_TICKS")
+        && let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path)
+    {
+        let _ = writeln!(file, "{tick} {}", std::process::id());
+    }
+}
+
 /// The child's app when TROUPE_CLI_BACKENDS is set (`run_worker_with`): it says which backends
 /// it was given, then sends itself `double(21)`, waits for the result through the results
 /// backend, puts it in the state backend under "answer" and prints `child: stored ID VALUE`.
@@ -69,6 +84,11 @@ fn child() {
                 return 2;
             }
         };
+        if std::env::var("TROUPE_CLI_TICKS").is_ok() {
+            return i32::from(
+                troupe::run_worker_status_with(args, |backends| backends.app_builder().actor(Tick).build()).await,
+            );
+        }
         if with_backends {
             return i32::from(troupe::run_worker_status_with(args, build_with_backends).await);
         }
@@ -445,4 +465,35 @@ fn a_killed_worker_process_is_replaced_and_nothing_is_lost() {
 fn processes_that_cannot_start_stop_the_supervisor_with_their_code() {
     let (code, stderr) = run_to_end(child_command("--broker-url redis://127.0.0.1:1/0 --processes 2", None));
     assert_eq!(code, Some(3), "{stderr}");
+}
+
+/// Three worker processes with a periodic actor: each tick runs once, whichever process wins it.
+#[test]
+fn a_periodic_actor_ticks_once_across_three_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ticks.db").display());
+    let ticks = dir.path().join("ticks.txt");
+    let mut supervisor = child_command(&format!("--broker-url {url} --state-url {url} --processes 3"), None)
+        .env("TROUPE_CLI_TICKS", &ticks)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(5500));
+    signal(&supervisor, "TERM");
+    assert_eq!(wait_with_timeout(&mut supervisor, Duration::from_secs(20)), Some(0));
+    let text = std::fs::read_to_string(&ticks).unwrap_or_default();
+    let mut runs: Vec<(u64, u32)> = text
+        .lines()
+        .map(|l| {
+            let (tick, pid) = l.split_once(' ').unwrap();
+            (tick.parse().unwrap(), pid.parse().unwrap())
+        })
+        .collect();
+    runs.sort_unstable();
+    let ticks: Vec<u64> = runs.iter().map(|(t, _)| *t).collect();
+    assert!(ticks.len() >= 3, "about one tick a second: {runs:?}");
+    for pair in ticks.windows(2) {
+        assert_eq!(pair[1] - pair[0], 1000, "each tick once, none skipped: {runs:?}");
+    }
+    let pids: std::collections::BTreeSet<u32> = runs.iter().map(|(_, p)| *p).collect();
+    assert!(!pids.contains(&supervisor.id()), "worker processes ran them: {runs:?}");
 }

@@ -76,6 +76,14 @@ pub struct ActorOptions {
     pub pipe_ignore: bool,
     /// Cancel the actor when the worker begins to shut down (ShutdownNotifications middleware).
     pub notify_shutdown: bool,
+    /// A periodic actor's cron expression, with seconds (see [`crate::periodic`]).
+    pub cron: Option<String>,
+    /// A periodic actor's period, counted from the Unix epoch (see [`crate::periodic`]).
+    pub every: Option<Duration>,
+    /// The IANA time zone `cron` is read in (default UTC).
+    pub timezone: Option<String>,
+    /// What a periodic actor does with ticks missed while no worker ran (default skip).
+    pub missed: Option<crate::periodic::MissedTicks>,
     /// Options for user middleware, checked against every middleware's `actor_options()` when
     /// the app is built.
     pub extra: Map<String, Value>,
@@ -102,6 +110,10 @@ impl Default for ActorOptions {
             on_failure: None,
             pipe_ignore: false,
             notify_shutdown: false,
+            cron: None,
+            every: None,
+            timezone: None,
+            missed: None,
             extra: Map::new(),
         }
     }
@@ -128,6 +140,10 @@ impl fmt::Debug for ActorOptions {
             .field("on_failure", &self.on_failure)
             .field("pipe_ignore", &self.pipe_ignore)
             .field("notify_shutdown", &self.notify_shutdown)
+            .field("cron", &self.cron)
+            .field("every", &self.every)
+            .field("timezone", &self.timezone)
+            .field("missed", &self.missed)
             .field("extra", &self.extra)
             .finish()
     }
@@ -187,6 +203,14 @@ impl ActorOptions {
         pipe_ignore: bool => pipe_ignore = |v| v;
         /// Sets `notify_shutdown`.
         notify_shutdown: bool => notify_shutdown = |v| v;
+        /// Makes the actor periodic on a cron schedule, with seconds (`"0 */5 * * * *"`).
+        cron: impl Into<String> => cron = |v: _| Some(Into::into(v));
+        /// Makes the actor periodic: a message every `period`, counted from the Unix epoch.
+        every: Duration => every = Some;
+        /// Sets the time zone `cron` is read in (an IANA name such as `"Europe/Paris"`).
+        timezone: impl Into<String> => timezone = |v: _| Some(Into::into(v));
+        /// Sets what a periodic actor does with ticks missed while no worker ran.
+        missed: crate::periodic::MissedTicks => missed = Some;
     }
 
     /// Retries only while `f(retries_so_far, error)` is true.
@@ -236,6 +260,10 @@ impl ActorOptions {
             on_failure,
             pipe_ignore,
             notify_shutdown,
+            cron,
+            every,
+            timezone,
+            missed,
             extra,
         } = self;
         [
@@ -257,6 +285,10 @@ impl ActorOptions {
             ("on_retry_exhausted", on_retry_exhausted.is_some()),
             ("retry_when", retry_when.is_some()),
             ("throws", throws.is_some()),
+            ("cron", cron.is_some()),
+            ("every", every.is_some()),
+            ("timezone", timezone.is_some()),
+            ("missed", missed.is_some()),
         ]
         .into_iter()
         .filter(|(_, set)| *set)
@@ -800,7 +832,11 @@ mod tests {
             .on_failure("b")
             .on_retry_exhausted("c")
             .retry_when(|_, _| true)
-            .throws(|_| true);
+            .throws(|_| true)
+            .cron("0 * * * * *")
+            .every(Duration::from_secs(1))
+            .timezone("UTC")
+            .missed(crate::periodic::MissedTicks::RunOnce);
         let table: Vec<&str> = troupe_options::ACTOR_OPTIONS
             .iter()
             .filter(|o| o.in_actor_options())

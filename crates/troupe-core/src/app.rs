@@ -905,6 +905,7 @@ fn check_options(actor: &str, options: &crate::ActorOptions, known: &HashSet<&st
              its own ActorOptions method"
         )));
     }
+    crate::periodic::Periodic::of(actor, options)?;
     let Some(unknown) = options.option_names().into_iter().find(|k| !known.contains(k)) else {
         return Ok(());
     };

@@ -13,6 +13,7 @@ mod encoder;
 mod error;
 pub mod limits;
 pub mod memory;
+pub mod periodic;
 mod message;
 pub mod middleware;
 pub mod priority;
@@ -58,6 +59,7 @@ pub use troupe_options as options;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::middleware::current_message::Scope;
+    pub use crate::periodic::MissedTicks;
     pub use futures::future::BoxFuture;
     pub use serde;
     pub use serde_json;

@@ -57,6 +57,10 @@ use proc_macro::TokenStream;
 /// | `on_retry_exhausted` | an actor's name | none | `Retries` | The actor sent `(message, {"retries", "max_retries"})` when retries run out. |
 /// | `retry_when` | a closure (`ActorOptions` only) | none | `Retries` | `Fn(retries, &ActorError) -> bool`: retry only while it returns true (instead of `max_retries`). |
 /// | `throws` | a closure (`ActorOptions` only) | none | `Retries` | `Fn(&ActorError) -> bool`: errors it matches fail without retry. |
+/// | `cron` | a cron expression with seconds, such as `"0 */5 * * * *"` | none | the app | Makes the actor periodic: a worker consuming its queue sends it one message (no arguments) at each tick, once across all workers (needs a state backend). |
+/// | `every` | a duration | none | the app | Makes the actor periodic with a fixed period counted from the Unix epoch (`"5m"` ticks at :00, :05, ...), as `cron` does. |
+/// | `timezone` | an IANA time zone, such as `"Europe/Paris"` | `"UTC"` | the app | The time zone `cron` is read in. |
+/// | `missed` | `"skip"` or `"run_once"` | `"skip"` | the app | What a periodic actor does with ticks missed while no worker ran: skip them, or run once for them. |
 /// | `crate` | a path such as `"::troupe"` | `"::troupe"` | the macro | `#[actor]` only: the path of the `troupe` crate, for a renamed dependency. |
 ///
 /// A duration is a `Duration` in `ActorOptions`; in `#[actor]`, a string such as `"500ms"`, `"30s"`, `"5m"` or `"7days"`, or an integer number of milliseconds.

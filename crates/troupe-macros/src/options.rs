@@ -26,6 +26,8 @@ pub(crate) enum OptionValue {
     Millis(u64),
     /// A `bool`.
     Bool(bool),
+    /// A missed-ticks policy: run once (else skip).
+    Missed(bool),
 }
 
 /// One `ActorOptions` setter call: `.key(value)`.
@@ -50,6 +52,8 @@ impl Setting {
                 quote!(#krate::__private::Duration::from_millis(#ms))
             }
             OptionValue::Bool(b) => quote!(#b),
+            OptionValue::Missed(true) => quote!(#krate::__private::MissedTicks::RunOnce),
+            OptionValue::Missed(false) => quote!(#krate::__private::MissedTicks::Skip),
         };
         quote!(.#key(#value))
     }
@@ -109,6 +113,9 @@ pub(crate) fn parse_options(attr: TokenStream) -> syn::Result<ActorArgs> {
                 Kind::Priority | Kind::Count => "3",
                 Kind::Duration => "\"30s\"",
                 Kind::CratePath => "\"::troupe\"",
+                Kind::Cron => "\"0 */5 * * * *\"",
+                Kind::TimeZone => "\"UTC\"",
+                Kind::Missed => "\"run_once\"",
                 _ => "\"...\"",
             };
             push_error(
@@ -332,6 +339,39 @@ fn check_value(kind: Kind, key: &str, expr: &Expr) -> syn::Result<Checked> {
             Some(Lit::Bool(b)) => Ok(Checked::Setting(OptionValue::Bool(b.value))),
             _ => Err(wrong("`true` or `false`")),
         },
+        Kind::Cron => {
+            let s = string(expr).ok_or_else(|| wrong("a cron expression as a string, such as \"0 */5 * * * *\""))?;
+            let value = s.value();
+            match <cron::Schedule as std::str::FromStr>::from_str(&value) {
+                Ok(_) => Ok(Checked::Setting(OptionValue::Str(value))),
+                Err(e) => Err(syn::Error::new(
+                    s.span(),
+                    format!(
+                        "invalid cron expression {value:?} for `{key}`: {e}; expected six or seven fields with seconds first, \
+                         such as \"0 */5 * * * *\" (every five minutes)"
+                    ),
+                )),
+            }
+        }
+        Kind::TimeZone => {
+            let s =
+                string(expr).ok_or_else(|| wrong("an IANA time zone name as a string, such as \"Europe/Paris\""))?;
+            let value = s.value();
+            match <chrono_tz::Tz as std::str::FromStr>::from_str(&value) {
+                Ok(_) => Ok(Checked::Setting(OptionValue::Str(value))),
+                Err(_) => Err(syn::Error::new(
+                    s.span(),
+                    format!(
+                        "unknown time zone {value:?} for `{key}`; use an IANA name such as \"UTC\" or \"Europe/Paris\""
+                    ),
+                )),
+            }
+        }
+        Kind::Missed => match string(expr).map(LitStr::value).as_deref() {
+            Some("skip") => Ok(Checked::Setting(OptionValue::Missed(false))),
+            Some("run_once") => Ok(Checked::Setting(OptionValue::Missed(true))),
+            _ => Err(wrong("\"skip\" or \"run_once\"")),
+        },
         Kind::CratePath => match expr {
             Expr::Path(path) if path.qself.is_none() && path.attrs.is_empty() => Ok(Checked::Crate(path.path.clone())),
             _ => {
@@ -539,6 +579,9 @@ mod tests {
                 Kind::Duration => quote!("30s"),
                 Kind::Bool => quote!(true),
                 Kind::CratePath => quote!(::troupe),
+                Kind::Cron => quote!("0 */5 * * * *"),
+                Kind::TimeZone => quote!("Europe/Paris"),
+                Kind::Missed => quote!("run_once"),
                 other => panic!(
                     "option `{}` has a kind the macro does not check: {other:?}",
                     option.name

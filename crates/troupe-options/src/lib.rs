@@ -90,6 +90,12 @@ pub enum Kind {
     ActorName,
     /// A closure, set with its `ActorOptions` method; `#[actor]` cannot express it.
     Predicate,
+    /// A cron expression with seconds: a string such as `"0 */5 * * * *"`.
+    Cron,
+    /// An IANA time zone name: a string such as `"Europe/Paris"`.
+    TimeZone,
+    /// A missed-ticks policy: `"skip"` or `"run_once"`.
+    Missed,
     /// The path of the `troupe` crate: an argument of `#[actor]` itself, not an actor option.
     CratePath,
 }
@@ -107,6 +113,9 @@ impl Kind {
             Self::Bool => "`true` or `false`",
             Self::ActorName => "an actor's name",
             Self::Predicate => "a closure (`ActorOptions` only)",
+            Self::Cron => "a cron expression with seconds, such as `\"0 */5 * * * *\"`",
+            Self::TimeZone => "an IANA time zone, such as `\"Europe/Paris\"`",
+            Self::Missed => "`\"skip\"` or `\"run_once\"`",
             Self::CratePath => "a path such as `\"::troupe\"`",
         }
     }
@@ -352,6 +361,34 @@ pub const ACTOR_OPTIONS: &[OptionSpec] = &[
         DefaultValue::None,
         Reader::Middleware(middleware::RETRIES),
         "`Fn(&ActorError) -> bool`: errors it matches fail without retry.",
+    ),
+    spec(
+        "cron",
+        Kind::Cron,
+        DefaultValue::None,
+        Reader::App,
+        "Makes the actor periodic: a worker consuming its queue sends it one message (no arguments) at each tick, once across all workers (needs a state backend).",
+    ),
+    spec(
+        "every",
+        Kind::Duration,
+        DefaultValue::None,
+        Reader::App,
+        "Makes the actor periodic with a fixed period counted from the Unix epoch (`\"5m\"` ticks at :00, :05, ...), as `cron` does.",
+    ),
+    spec(
+        "timezone",
+        Kind::TimeZone,
+        DefaultValue::Str("UTC"),
+        Reader::App,
+        "The time zone `cron` is read in.",
+    ),
+    spec(
+        "missed",
+        Kind::Missed,
+        DefaultValue::Str("skip"),
+        Reader::App,
+        "What a periodic actor does with ticks missed while no worker ran: skip them, or run once for them.",
     ),
     spec(
         "crate",

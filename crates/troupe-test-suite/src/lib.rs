@@ -20,6 +20,7 @@ pub mod groups;
 pub mod kill;
 pub mod lifecycle;
 pub mod operations;
+pub mod periodic;
 mod support;
 pub mod tasks;
 
@@ -188,6 +189,11 @@ macro_rules! broker_conformance {
             declared_queues_are_listed,
             worker_heartbeats_are_listed_until_they_expire,
             a_running_worker_is_listed_with_what_it_holds
+        );
+        $crate::__conformance_cases!(
+            $harness, periodic;
+            periodic_actor_runs_once_per_tick_across_workers,
+            missed_ticks_are_skipped_or_run_once
         );
     };
 }

@@ -10,6 +10,7 @@
 
 mod args;
 mod delay;
+mod periodic;
 mod process;
 mod supervise;
 mod work;

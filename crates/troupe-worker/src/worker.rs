@@ -13,8 +13,10 @@ use troupe_core::queue::{dq_name, is_delay_queue};
 use troupe_core::{App, Consumer, ConsumerOptions, Error, Result, WorkerInfo, now_ms};
 
 use crate::delay::{DelayHolder, Held};
+use crate::periodic::Scheduler;
 use crate::process::process;
 use crate::work::{WorkItem, WorkQueue};
+use troupe_core::periodic::Periodic;
 
 /// Runs actors: consumes their queues and processes the messages.
 #[derive(Debug)]
@@ -135,6 +137,30 @@ impl WorkerBuilder {
         for queue in &queues {
             app.declare_queue(queue).await?;
         }
+        let mut schedulers = Vec::new();
+        for actor in app.actors() {
+            let Some(periodic) = Periodic::of(actor.name(), actor.options())? else {
+                continue;
+            };
+            let queue = actor.options().queue_name.clone();
+            if !queues.contains(&queue) {
+                continue;
+            }
+            let Some(state) = app.state() else {
+                return Err(Error::Config(format!(
+                    "the periodic actor {} needs a state backend, so that one message per tick is sent across workers; \
+                     give the app one (--state-url)",
+                    actor.name()
+                )));
+            };
+            schedulers.push(Scheduler {
+                app: app.clone(),
+                state: Arc::clone(state),
+                actor: actor.name().to_owned(),
+                queue,
+                periodic,
+            });
+        }
         for m in app.middleware() {
             (**m).on_worker_boot(&app).await;
         }
@@ -192,6 +218,10 @@ impl WorkerBuilder {
             self.heartbeat * 3,
         );
         let worker_id = beat.id.clone();
+        for scheduler in schedulers {
+            let stop = shared.stop_fetch.clone();
+            tokio::spawn(scheduler.run(stop));
+        }
         let heart = {
             let shared = Arc::clone(&shared);
             let every = self.heartbeat;
