@@ -22,6 +22,12 @@ pub const TICK_OPTION: &str = "troupe_tick";
 /// The message option set on a message that stands for missed ticks.
 pub const MISSED_OPTION: &str = "troupe_missed";
 
+/// The state-backend key holding a periodic actor's last sent tick (ms since the epoch).
+#[must_use]
+pub fn last_tick_key(actor: &str) -> String {
+    format!("troupe-periodic:{actor}")
+}
+
 /// What a periodic actor does with ticks missed while no worker ran.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]

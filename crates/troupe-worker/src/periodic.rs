@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
-use troupe_core::periodic::{MISSED_OPTION, MissedTicks, Periodic, TICK_OPTION};
+use troupe_core::periodic::{MISSED_OPTION, MissedTicks, Periodic, TICK_OPTION, last_tick_key};
 use troupe_core::{App, Message, StateBackend, now_ms};
 
 /// How late a tick may be seen and still be sent as due (not missed): a worker wakes on time,
@@ -15,11 +15,6 @@ const GRACE: Duration = Duration::from_secs(60);
 
 /// The longest sleep between two looks at the schedule (clock changes, a long cron period).
 const MAX_SLEEP: Duration = Duration::from_secs(60);
-
-/// The state key holding an actor's last sent tick.
-fn last_tick_key(actor: &str) -> String {
-    format!("troupe-periodic:{actor}")
-}
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
