@@ -751,9 +751,23 @@ async fn the_example_worker_command_serves_python_until_sigterm() {
     let env = Env::new().await;
     // Our own SIGTERM listener: from now on the signal is caught, never fatal to the test.
     let mut sigterm = signal(SignalKind::terminate()).unwrap();
-    let cli =
-        <interop::Cli as clap::Parser>::try_parse_from(["interop", "worker", "--broker-url", &env.url, "-c", "2"])
-            .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let cli = <interop::Cli as clap::Parser>::try_parse_from([
+        "interop",
+        "worker",
+        "--broker-url",
+        &env.url,
+        "-c",
+        "2",
+        "--metrics-bind",
+        &metrics,
+    ])
+    .unwrap();
     let interop::Command::Worker(command) = cli.command else {
         panic!("parsed as another command")
     };
@@ -763,6 +777,23 @@ async fn the_example_worker_command_serves_python_until_sigterm() {
     let message = Message::from_value(sent[0].clone()).unwrap();
     let results = env.python_results(&[message]).await;
     assert_eq!(results, [json!({"ok": 42})]);
+    // The worker's metrics count the Python message, under Dramatiq's names.
+    let scraped = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&metrics).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    };
+    let total = scraped
+        .lines()
+        .find(|l| l.starts_with("dramatiq_messages_total{") && l.contains(r#"actor_name="add""#))
+        .unwrap_or_else(|| panic!("no dramatiq_messages_total for add: {scraped}"));
+    assert!(total.ends_with(" 1"), "{total}");
 
     let pid = std::process::id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
