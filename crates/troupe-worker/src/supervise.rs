@@ -117,16 +117,10 @@ impl Supervisor {
         let mut signals = Signals::new();
         loop {
             let exited = {
-                let waits: FuturesUnordered<_> = running
-                    .iter_mut()
-                    .enumerate()
-                    .filter_map(|(i, r)| r.as_mut().map(|r| (i, r)))
-                    .map(|(i, r)| async move { (i, r.child.wait().await) })
-                    .collect();
                 tokio::select! {
                     signal = signals.next() => Err(signal),
                     Some(index) = restarts.next() => Ok(Err(index)),
-                    Some((i, status)) = first(waits) => Ok(Ok((i, status))),
+                    Some((i, status)) = first_exit(&mut running) => Ok(Ok((i, status))),
                 }
             };
             match exited {
@@ -193,9 +187,15 @@ impl Supervisor {
     }
 }
 
-/// The first of `futures` to finish.
-async fn first<F: std::future::Future>(mut futures: FuturesUnordered<F>) -> Option<F::Output> {
-    futures.next().await
+/// The first of the running processes to exit: its index and status (`None` when none runs).
+async fn first_exit(running: &mut [Option<Running>]) -> Option<(usize, std::io::Result<std::process::ExitStatus>)> {
+    let mut waits: FuturesUnordered<_> = running
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_mut().map(|r| (i, r)))
+        .map(|(i, r)| async move { (i, r.child.wait().await) })
+        .collect();
+    waits.next().await
 }
 
 fn describe(status: &std::process::ExitStatus) -> String {
@@ -221,18 +221,12 @@ async fn shut_down(
 ) -> u8 {
     let mut code = exit_code::OK;
     loop {
-        let waits: FuturesUnordered<_> = running
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(i, r)| r.as_mut().map(|r| (i, r)))
-            .map(|(i, r)| async move { (i, r.child.wait().await) })
-            .collect();
-        if waits.is_empty() {
+        if running.iter().all(Option::is_none) {
             return code;
         }
         let next = tokio::select! {
             signal = signals.next() => Err(signal),
-            Some(done) = first(waits) => Ok(done),
+            Some(done) = first_exit(running) => Ok(done),
         };
         match next {
             Err(signal) => {
