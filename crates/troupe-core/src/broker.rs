@@ -268,6 +268,14 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Deletes the dead letters of `queue`. Returns how many.
     async fn purge_dead_letters(&self, queue: &str) -> Result<u64>;
 
+    /// Up to `limit` messages of `queue` waiting in `which` state, after the first `offset`:
+    /// ready ones in delivery order, delayed ones as the broker keeps them (by eta on SQL
+    /// brokers, in arrival order in a delay queue). For inspection (the dashboard): they stay
+    /// where they are, except that RabbitMQ, which can only read a queue by taking from it,
+    /// returns them at once (they then count as redelivered). Undecodable bodies are left out;
+    /// delayed messages a worker already holds until their eta are not in the queue.
+    async fn peek(&self, queue: &str, which: Waiting, offset: usize, limit: usize) -> Result<Vec<Message>>;
+
     /// Deletes the dead letters of `queue` with these ids (as in [`DeadLetter::id`]). Returns
     /// how many. An empty `ids` deletes nothing (see [`purge_dead_letters`](Self::purge_dead_letters)).
     async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64>;
@@ -289,6 +297,16 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
 
     /// Closes connections. Further calls fail.
     async fn close(&self) -> Result<()>;
+}
+
+/// Which waiting messages [`Broker::peek`] lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Waiting {
+    /// Ready to be consumed.
+    Ready,
+    /// Waiting for their eta.
+    Delayed,
 }
 
 /// A worker's heartbeat, as [`Broker::beat`] stores it and [`Broker::workers`] lists it.

@@ -30,7 +30,7 @@ pub use actor::{
 pub use app::{App, AppBuilder, JoinOptions, SendOptions, Sent};
 pub use broker::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DEFAULT_MAX_MESSAGE_SIZE, DeadLetter, Delivery,
-    QueueStats, WorkerInfo, decode_delivery, encode_checked, prepare_for_delay_queue,
+    QueueStats, Waiting, WorkerInfo, decode_delivery, encode_checked, prepare_for_delay_queue,
 };
 pub use composition::{GROUP_BARRIER_TTL, Group, GroupChild, Pipeline, Stage, group, pipeline};
 pub use encoder::{Encoder, JsonEncoder, MsgPackEncoder, python_float_repr};

@@ -438,6 +438,25 @@ impl Dialect for PostgresDialect {
         .await
     }
 
+    async fn peek(&self, queue: &str, state: i64, offset: usize, limit: usize) -> Result<Vec<Vec<u8>>> {
+        let order = if state == 0 { "priority, id" } else { "available_at, id" };
+        let sql = format!("SELECT body FROM jobs WHERE queue = $1 AND state = $2 ORDER BY {order} LIMIT $3 OFFSET $4");
+        let rows = self
+            .rows(
+                "list messages",
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(queue)
+                    .bind(i16::try_from(state).unwrap_or(0))
+                    .bind(bigint(limit))
+                    .bind(bigint(offset)),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read a message", e))
+    }
+
     async fn delete_dead(&self, queue: &str, ids: &[i64]) -> Result<u64> {
         self.exec(
             "delete dead letters",

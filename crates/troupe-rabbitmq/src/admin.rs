@@ -9,7 +9,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use md5::{Digest, Md5};
 use troupe_core::queue::{dq_name, q_name, validate_queue_name, xq_name};
-use troupe_core::{DeadLetter, Error, QueueStats, Result, decode_delivery, prepare_for_delay_queue};
+use troupe_core::{DeadLetter, Error, Message, QueueStats, Result, Waiting, decode_delivery, prepare_for_delay_queue};
 
 use crate::broker::Inner;
 use crate::conn::{is_not_found, timed};
@@ -159,6 +159,48 @@ impl Inner {
             .await
             {
                 Ok(Some(got)) => out.push(self.dead_letter_of(&got.delivery)),
+                Ok(None) => break,
+                Err(e) if is_not_found(&e) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.close_channel(ch).await;
+        result.map(|()| out)
+    }
+
+    /// [`Broker::peek`](troupe_core::Broker::peek): reads up to `offset + limit` messages of
+    /// the queue without acking them and closes the channel, which puts them all back.
+    pub(crate) async fn peek(&self, queue: &str, which: Waiting, offset: usize, limit: usize) -> Result<Vec<Message>> {
+        self.check_open()?;
+        let canonical = q_name(queue);
+        validate_queue_name(canonical)?;
+        let name = match which {
+            Waiting::Delayed => dq_name(canonical),
+            _ => canonical.to_owned(),
+        };
+        let name = short(&name)?;
+        let ch = self.temp_channel().await?;
+        let (mut seen, mut out, mut result) = (0, Vec::new(), Ok(()));
+        while out.len() < limit {
+            match timed(
+                self.timeout(),
+                "read the queue",
+                ch.basic_get(name.clone(), BasicGetOptions { no_ack: false }),
+            )
+            .await
+            {
+                Ok(Some(got)) => {
+                    seen += 1;
+                    if seen > offset
+                        && let Ok(mut m) = self.encoder.decode(&got.delivery.data)
+                    {
+                        m.queue_name = canonical.to_owned();
+                        out.push(m);
+                    }
+                }
                 Ok(None) => break,
                 Err(e) if is_not_found(&e) => break,
                 Err(e) => {

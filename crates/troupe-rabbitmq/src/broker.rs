@@ -11,7 +11,7 @@ use lapin::{Channel, Connection};
 use troupe_core::queue::{dq_name, q_name, validate_queue_name, xq_name};
 use troupe_core::{
     Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, JsonEncoder, Message, QueueStats, Result,
-    WorkerInfo,
+    Waiting, WorkerInfo,
 };
 
 use crate::conn::{BACKEND, Link, RabbitmqOptions, closed_error, timed};
@@ -268,6 +268,10 @@ impl Broker for RabbitmqBroker {
 
     async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
         self.inner.purge_dead_letters(queue).await
+    }
+
+    async fn peek(&self, queue: &str, which: Waiting, offset: usize, limit: usize) -> Result<Vec<Message>> {
+        self.inner.peek(queue, which, offset, limit).await
     }
 
     async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {

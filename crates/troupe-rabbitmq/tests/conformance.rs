@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use troupe_core::queue::q_name;
 use troupe_core::{
-    Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, Message, QueueStats, Result, WorkerInfo,
+    Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, Message, QueueStats, Result, Waiting,
+    WorkerInfo,
 };
 use troupe_rabbitmq::{RabbitmqBroker, RabbitmqOptions};
 use troupe_test_suite::{Harness, RawEnqueue, TestBroker};
@@ -154,6 +155,10 @@ impl Broker for Cleanup {
 
     async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
         self.broker.purge_dead_letters(queue).await
+    }
+
+    async fn peek(&self, queue: &str, which: Waiting, offset: usize, limit: usize) -> Result<Vec<Message>> {
+        self.broker.peek(queue, which, offset, limit).await
     }
 
     async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {

@@ -13,7 +13,7 @@ use troupe_core::queue::{dq_name, q_name, validate_queue_name, xq_name};
 use troupe_core::support::{Batcher, Wakers};
 use troupe_core::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Delivery, Encoder, Error, ErrorKind,
-    JsonEncoder, Message, QueueStats, Result, WorkerInfo, decode_delivery, encode_checked, now_ms,
+    JsonEncoder, Message, QueueStats, Result, Waiting, WorkerInfo, decode_delivery, encode_checked, now_ms,
     prepare_for_delay_queue,
 };
 
@@ -514,6 +514,74 @@ impl Broker for RedisBroker {
             .await
             .map_err(|e| redis_error("purge dead letters", e))?;
         Ok(count)
+    }
+
+    async fn peek(&self, queue: &str, which: Waiting, offset: usize, limit: usize) -> Result<Vec<Message>> {
+        self.check_open()?;
+        let canonical = q_name(queue);
+        let base = self.key(&match which {
+            Waiting::Delayed => dq_name(canonical),
+            _ => canonical.to_owned(),
+        });
+        let mut conn = self.inner.conn.clone();
+        // Delivery order: the negative lanes, the plain list, the positive lanes.
+        let lanes: Vec<i64> = redis::cmd("ZRANGE")
+            .arg(format!("{base}.lanes"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("list priority lanes", e))?;
+        let mut lists: Vec<String> = lanes
+            .iter()
+            .filter(|p| **p < 0)
+            .map(|p| format!("{base}.P{p}"))
+            .collect();
+        lists.push(base.clone());
+        lists.extend(lanes.iter().filter(|p| **p > 0).map(|p| format!("{base}.P{p}")));
+        let (mut skip, mut rids) = (offset, Vec::new());
+        for list in lists {
+            if rids.len() >= limit {
+                break;
+            }
+            let len: usize = redis::cmd("LLEN")
+                .arg(&list)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("count a queue", e))?;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let stop = skip + (limit - rids.len()) - 1;
+            let got: Vec<String> = redis::cmd("LRANGE")
+                .arg(&list)
+                .arg(skip)
+                .arg(stop)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("list a queue", e))?;
+            skip = 0;
+            rids.extend(got);
+        }
+        if rids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bodies: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+            .arg(format!("{base}.msgs"))
+            .arg(&rids)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("read messages", e))?;
+        Ok(bodies
+            .into_iter()
+            .flatten()
+            .filter_map(|b| self.inner.encoder.decode(&b).ok())
+            .map(|mut m| {
+                m.queue_name = canonical.to_owned();
+                m
+            })
+            .collect())
     }
 
     async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {

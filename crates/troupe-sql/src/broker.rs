@@ -11,7 +11,7 @@ use troupe_core::queue::{is_delay_queue, q_name, validate_queue_name};
 use troupe_core::support::{Batcher, Settle, Wakers};
 use troupe_core::{
     Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, Error, ErrorKind, JsonEncoder, Message,
-    QueueStats, Result, WorkerInfo, decode_delivery, encode_checked, now_ms,
+    QueueStats, Result, Waiting, WorkerInfo, decode_delivery, encode_checked, now_ms,
 };
 
 use crate::consumer::SqlConsumer;
@@ -437,6 +437,13 @@ impl<D: Dialect> Broker for SqlBroker<D> {
     async fn purge_dead_letters(&self, queue: &str) -> Result<u64> {
         self.shared.check_open()?;
         self.shared.dialect.purge_dead(q_name(queue)).await
+    }
+
+    async fn peek(&self, queue: &str, which: Waiting, offset: usize, limit: usize) -> Result<Vec<Message>> {
+        self.shared.check_open()?;
+        let state = if which == Waiting::Delayed { DELAYED } else { READY };
+        let bodies = self.shared.dialect.peek(q_name(queue), state, offset, limit).await?;
+        Ok(bodies.iter().filter_map(|b| self.encoder.decode(b).ok()).collect())
     }
 
     async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {

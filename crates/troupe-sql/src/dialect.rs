@@ -388,6 +388,16 @@ pub trait Dialect: Debug + Send + Sync + Sized + 'static {
     /// Deletes a queue's dead letters; how many.
     fn purge_dead(&self, queue: &str) -> impl Future<Output = Result<u64>> + Send;
 
+    /// The bodies of up to `limit` rows of `queue` in `state` (ready: in claim order; delayed:
+    /// by due time), after the first `offset`.
+    fn peek(
+        &self,
+        queue: &str,
+        state: i64,
+        offset: usize,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>>> + Send;
+
     /// Deletes these dead rows of `queue`; how many.
     fn delete_dead(&self, queue: &str, ids: &[i64]) -> impl Future<Output = Result<u64>> + Send;
 

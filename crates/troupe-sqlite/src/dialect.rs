@@ -404,6 +404,26 @@ impl Dialect for SqliteDialect {
         .await
     }
 
+    async fn peek(&self, queue: &str, state: i64, offset: usize, limit: usize) -> Result<Vec<Vec<u8>>> {
+        let order = if state == 0 { "priority, id" } else { "available_at, id" };
+        let sql =
+            format!("SELECT body FROM troupe_jobs WHERE queue = ?1 AND state = ?2 ORDER BY {order} LIMIT ?3 OFFSET ?4");
+        let rows = self
+            .rows(
+                "list messages",
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(queue)
+                    .bind(state)
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(offset).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read a message", e))
+    }
+
     async fn delete_dead(&self, queue: &str, ids: &[i64]) -> Result<u64> {
         let ids = serde_json::to_string(ids).map_err(|e| Error::Encode(e.to_string()))?;
         self.exec(

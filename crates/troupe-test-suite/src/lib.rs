@@ -188,7 +188,8 @@ macro_rules! broker_conformance {
             dead_letters_are_deleted_by_id,
             declared_queues_are_listed,
             worker_heartbeats_are_listed_until_they_expire,
-            a_running_worker_is_listed_with_what_it_holds
+            a_running_worker_is_listed_with_what_it_holds,
+            peek_pages_through_waiting_messages
         );
         $crate::__conformance_cases!(
             $harness, periodic;

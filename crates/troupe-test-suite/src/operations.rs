@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, json};
-use troupe_core::{App, ConsumerOptions, Message, WorkerInfo, now_ms};
+use troupe_core::{App, ConsumerOptions, Message, Waiting, WorkerInfo, now_ms};
 use troupe_worker::Worker;
 
 use crate::TestBroker;
@@ -195,4 +195,65 @@ pub async fn a_running_worker_is_listed_with_what_it_holds(tb: &TestBroker) {
         listed.iter().all(|w| w.id != id),
         "a stopped worker is not listed: {listed:?}"
     );
+}
+
+/// `peek` pages through ready messages in delivery order and lists delayed ones, leaving them
+/// in the queue.
+pub async fn peek_pages_through_waiting_messages(tb: &TestBroker) {
+    let q = unique_queue("peek");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let mut ready = Vec::new();
+    for i in 0..5 {
+        let sent = tb
+            .broker
+            .enqueue(Message::new(&q, "a", vec![json!(i)], Map::new()), None)
+            .await
+            .expect("enqueue");
+        ready.push(sent.message_id);
+    }
+    let mut delayed = Vec::new();
+    for i in 0..2 {
+        let sent = tb
+            .broker
+            .enqueue(
+                Message::new(&q, "a", vec![json!(i)], Map::new()),
+                Some(Duration::from_secs(600)),
+            )
+            .await
+            .expect("enqueue delayed");
+        delayed.push(sent.message_id);
+    }
+    let ids = |ms: Vec<Message>| ms.into_iter().map(|m| m.message_id).collect::<Vec<_>>();
+    let first = ids(tb.broker.peek(&q, Waiting::Ready, 0, 3).await.expect("peek"));
+    assert_eq!(first, ready[..3], "the first page, in delivery order");
+    let rest = ids(tb.broker.peek(&q, Waiting::Ready, 3, 10).await.expect("peek"));
+    assert_eq!(rest, ready[3..], "the second page");
+    assert!(
+        tb.broker
+            .peek(&q, Waiting::Ready, 5, 10)
+            .await
+            .expect("peek")
+            .is_empty()
+    );
+    let mut waiting = ids(tb.broker.peek(&q, Waiting::Delayed, 0, 10).await.expect("peek delayed"));
+    waiting.sort();
+    let mut want = delayed.clone();
+    want.sort();
+    assert_eq!(waiting, want, "the delayed messages");
+    let peeked = tb.broker.peek(&q, Waiting::Delayed, 0, 1).await.expect("peek delayed");
+    assert_eq!(peeked[0].queue_name, q, "by their canonical queue");
+    // Nothing moved.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = tb.broker.stats(&q).await.expect("stats");
+        if (stats.ready, stats.delayed) == (5, 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the messages stay where they were: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tb.broker.purge(&q).await.expect("purge");
 }

@@ -7,7 +7,7 @@ use tokio::sync::Notify;
 
 use crate::broker::{
     AckHandle, Broker, Capabilities, Consumer, ConsumerOptions, DEFAULT_MAX_MESSAGE_SIZE, DeadLetter, Delivery,
-    QueueStats, WorkerInfo, decode_delivery, encode_checked, prepare_for_delay_queue,
+    QueueStats, Waiting, WorkerInfo, decode_delivery, encode_checked, prepare_for_delay_queue,
 };
 use crate::encoder::{Encoder, JsonEncoder};
 use crate::error::{Error, ErrorKind, Result};
@@ -431,6 +431,34 @@ impl Broker for MemoryBroker {
             .dead
             .get_mut(q_name(queue))
             .map_or(0, |d| d.drain(..).count() as u64))
+    }
+
+    async fn peek(&self, queue: &str, which: Waiting, offset: usize, limit: usize) -> Result<Vec<Message>> {
+        let name = match which {
+            Waiting::Delayed => dq_name(q_name(queue)),
+            _ => q_name(queue).to_owned(),
+        };
+        let bytes: Vec<Arc<[u8]>> = {
+            let state = self.lock()?;
+            state.queues.get(&name).map_or_else(Vec::new, |q| {
+                q.ready
+                    .lanes
+                    .values()
+                    .flatten()
+                    .skip(offset)
+                    .take(limit)
+                    .map(|e| Arc::clone(&e.bytes))
+                    .collect()
+            })
+        };
+        Ok(bytes
+            .iter()
+            .filter_map(|b| self.inner.encoder.decode(b).ok())
+            .map(|mut m| {
+                m.queue_name = q_name(&m.queue_name).to_owned();
+                m
+            })
+            .collect())
     }
 
     async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {
