@@ -82,12 +82,29 @@ venv_failed() { # what failed
   echo "scripts/test: warning: $1; the interop tests will fail" >&2
 }
 
+# The dashboard's browser tests drive Debian's Chromium through chromedriver.
+ensure_chromium() {
+  if command -v chromedriver >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "scripts/test: installing chromium and chromium-driver (one time)" >&2
+  local log
+  log="$(mktemp)"
+  if ! { apt-get install -y chromium chromium-driver >"$log" 2>&1 \
+    || { apt-get update >>"$log" 2>&1 && apt-get install -y chromium chromium-driver >>"$log" 2>&1; }; }; then
+    service_failed "chromedriver" "apt-get install chromium chromium-driver failed: $(tail -n1 "$log")"
+  fi
+  rm -f "$log"
+}
+
 # Tests leave namespaces and schemas of their own behind (one per case); drop old ones so the
 # servers do not fill up across runs.
 cleanup_test_data() {
   if command -v redis-cli >/dev/null 2>&1; then
     redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'troupe-test-*' 2>/dev/null | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null 2>&1 || true
     redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'troupe-crash-*' 2>/dev/null | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null 2>&1 || true
+    redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'troupe-cli-*' 2>/dev/null | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null 2>&1 || true
+    redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'troupe-dash-*' 2>/dev/null | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null 2>&1 || true
   fi
   if command -v psql >/dev/null 2>&1; then
     psql -h 127.0.0.1 -U postgres -d test -qAt -c "SELECT 'DROP SCHEMA ' || nspname || ' CASCADE;' FROM pg_namespace WHERE nspname LIKE 'troupe\_t\_%'" 2>/dev/null \
@@ -101,5 +118,6 @@ ensure_services() {
   ensure_redis
   ensure_rabbitmq
   ensure_dramatiq_venv
+  ensure_chromium
   cleanup_test_data
 }

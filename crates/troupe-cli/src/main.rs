@@ -63,6 +63,8 @@ enum Command {
     Workers,
     /// Deletes every message of a queue: ready, delayed and dead.
     Purge(PurgeArgs),
+    /// Serves the web dashboard: queues, messages, dead letters, task states, workers.
+    Dashboard(DashboardArgs),
     /// Prints a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -96,6 +98,16 @@ struct EnqueueArgs {
     /// `troupe tasks show ID` finds it before a worker takes it (needs a state backend).
     #[arg(long)]
     track: bool,
+}
+
+#[derive(Debug, Args)]
+struct DashboardArgs {
+    /// Where to listen; any address but loopback needs --token.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    bind: std::net::SocketAddr,
+    /// The token to ask for (asked once on a login page).
+    #[arg(long, env = "TROUPE_DASHBOARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +171,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::Tasks(command) => tasks::run(&ctx, command).await,
         Command::Workers => queues::workers(&ctx).await,
         Command::Purge(args) => purge(&ctx, &args).await,
+        Command::Dashboard(args) => dashboard(&ctx, args).await,
         Command::Completions { .. } => Ok(()),
     };
     ctx.close().await;
@@ -223,6 +236,23 @@ async fn enqueue(ctx: &Context, args: EnqueueArgs) -> Outcome {
     } else {
         println!("{}", sent.message_id);
     }
+    Ok(())
+}
+
+async fn dashboard(ctx: &Context, args: DashboardArgs) -> Outcome {
+    let mut dashboard = troupe_dashboard::Dashboard::new(ctx.app().clone());
+    if let Some(token) = args.token {
+        dashboard = dashboard.token(token);
+    }
+    let server = dashboard.start(args.bind).await.map_err(|e| match e {
+        troupe::Error::Config(m) => Failure::Usage(m),
+        other => Failure::from(other),
+    })?;
+    eprintln!(
+        "troupe: the dashboard is on http://{}/ (Ctrl-C stops it)",
+        server.local_addr()
+    );
+    let _ = tokio::signal::ctrl_c().await;
     Ok(())
 }
 

@@ -442,8 +442,19 @@ impl<D: Dialect> Broker for SqlBroker<D> {
     async fn peek(&self, queue: &str, which: Waiting, offset: usize, limit: usize) -> Result<Vec<Message>> {
         self.shared.check_open()?;
         let state = if which == Waiting::Delayed { DELAYED } else { READY };
-        let bodies = self.shared.dialect.peek(q_name(queue), state, offset, limit).await?;
-        Ok(bodies.iter().filter_map(|b| self.encoder.decode(b).ok()).collect())
+        let rows = self.shared.dialect.peek(q_name(queue), state, offset, limit).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|(body, due)| {
+                let mut message = self.encoder.decode(body).ok()?;
+                // A delayed row's eta is its due time (the body carries none: the database
+                // delays it).
+                if which == Waiting::Delayed && message.eta().is_none() {
+                    message.set_eta(u64::try_from(*due).unwrap_or(0));
+                }
+                Some(message)
+            })
+            .collect())
     }
 
     async fn delete_dead_letters(&self, queue: &str, ids: &[String]) -> Result<u64> {

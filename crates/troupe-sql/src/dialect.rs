@@ -389,14 +389,14 @@ pub trait Dialect: Debug + Send + Sync + Sized + 'static {
     fn purge_dead(&self, queue: &str) -> impl Future<Output = Result<u64>> + Send;
 
     /// The bodies of up to `limit` rows of `queue` in `state` (ready: in claim order; delayed:
-    /// by due time), after the first `offset`.
+    /// by due time), after the first `offset`, each with its due time (ms since the epoch).
     fn peek(
         &self,
         queue: &str,
         state: i64,
         offset: usize,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<Vec<u8>>>> + Send;
+    ) -> impl Future<Output = Result<Vec<(Vec<u8>, i64)>>> + Send;
 
     /// Deletes these dead rows of `queue`; how many.
     fn delete_dead(&self, queue: &str, ids: &[i64]) -> impl Future<Output = Result<u64>> + Send;

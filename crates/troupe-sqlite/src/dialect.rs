@@ -404,10 +404,11 @@ impl Dialect for SqliteDialect {
         .await
     }
 
-    async fn peek(&self, queue: &str, state: i64, offset: usize, limit: usize) -> Result<Vec<Vec<u8>>> {
+    async fn peek(&self, queue: &str, state: i64, offset: usize, limit: usize) -> Result<Vec<(Vec<u8>, i64)>> {
         let order = if state == 0 { "priority, id" } else { "available_at, id" };
-        let sql =
-            format!("SELECT body FROM troupe_jobs WHERE queue = ?1 AND state = ?2 ORDER BY {order} LIMIT ?3 OFFSET ?4");
+        let sql = format!(
+            "SELECT body, available_at FROM troupe_jobs WHERE queue = ?1 AND state = ?2 ORDER BY {order} LIMIT ?3 OFFSET ?4"
+        );
         let rows = self
             .rows(
                 "list messages",
@@ -419,7 +420,7 @@ impl Dialect for SqliteDialect {
             )
             .await?;
         rows.iter()
-            .map(|row| row.try_get(0))
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect::<sqlx::Result<_>>()
             .map_err(|e| db_error("read a message", e))
     }

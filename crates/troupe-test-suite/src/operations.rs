@@ -242,6 +242,11 @@ pub async fn peek_pages_through_waiting_messages(tb: &TestBroker) {
     assert_eq!(waiting, want, "the delayed messages");
     let peeked = tb.broker.peek(&q, Waiting::Delayed, 0, 1).await.expect("peek delayed");
     assert_eq!(peeked[0].queue_name, q, "by their canonical queue");
+    let eta = peeked[0].eta().expect("a delayed message shows its eta");
+    assert!(
+        eta > now_ms() + 500_000 && eta <= now_ms() + 600_000,
+        "its eta is ten minutes ahead: {eta}"
+    );
     // Nothing moved.
     let deadline = Instant::now() + WAIT;
     loop {
