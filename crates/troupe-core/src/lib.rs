@@ -44,7 +44,7 @@ pub use middleware::{
 pub use results::{
     DEFAULT_RESULT_TTL, FAILURE_CANARY, RESULTS_NAMESPACE, ResultBackend, result_key, unwrap_result, wrap_failure,
 };
-pub use state::{Arrival, StateBackend};
+pub use state::{Arrival, BarrierKey, Coordination, SlotKey, StateBackend};
 pub use tasks::{
     CancelMode, CancelOutcome, TaskCounts, TaskCursor, TaskFilter, TaskPage, TaskQuery, TaskRecord, TaskStatus,
     TaskStore, TaskUpdate,

@@ -125,11 +125,75 @@ pub trait StateBackend: Send + Sync + fmt::Debug + 'static {
         )))
     }
 
+    /// The concurrent rate limiters with live holders and the group barriers with arrivals
+    /// (at most `limit` of each, by key), for inspection (the dashboard). The default knows
+    /// none.
+    async fn coordination(&self, limit: usize) -> Result<Coordination> {
+        let _ = limit;
+        Ok(Coordination::default())
+    }
+
     /// The task store of this backend (task states, cancellation, unique keys), when it keeps
     /// one. Troupe's backends of memory, SQLite, Redis and PostgreSQL do; a third-party backend
     /// that does not leaves the default, and an app asked to track tasks on it says so when it
     /// is built.
     fn tasks(&self) -> Option<&dyn TaskStore> {
         None
+    }
+}
+
+/// What [`StateBackend::coordination`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Coordination {
+    /// Concurrent rate limiters: each key with its live holders, by key.
+    pub slots: Vec<SlotKey>,
+    /// Group barriers: each key with its arrivals, by key.
+    pub barriers: Vec<BarrierKey>,
+}
+
+/// A concurrent rate limiter's key and its live holders.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SlotKey {
+    /// The limiter's key.
+    pub key: String,
+    /// Who holds its slots (the holders' ids), sorted.
+    pub holders: Vec<String>,
+}
+
+impl SlotKey {
+    /// A key and its holders (sorted here).
+    #[must_use]
+    pub fn new(key: impl Into<String>, mut holders: Vec<String>) -> Self {
+        holders.sort();
+        Self {
+            key: key.into(),
+            holders,
+        }
+    }
+}
+
+/// A group barrier's key and how far it got.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BarrierKey {
+    /// The barrier's key.
+    pub key: String,
+    /// Parties that arrived (each counted once).
+    pub arrived: u64,
+    /// Whether it cleared (every party arrived).
+    pub cleared: bool,
+}
+
+impl BarrierKey {
+    /// A barrier's state.
+    #[must_use]
+    pub fn new(key: impl Into<String>, arrived: u64, cleared: bool) -> Self {
+        Self {
+            key: key.into(),
+            arrived,
+            cleared,
+        }
     }
 }

@@ -129,6 +129,7 @@ impl Dashboard {
             .route("/dead/requeue", post(requeue_dead))
             .route("/dead/delete", post(delete_dead))
             .route("/tasks", get(tasks_page))
+            .route("/coordination", get(coordination_page))
             .layer(axum::middleware::from_fn_with_state(Arc::clone(&self.shared), guard));
         Router::new()
             .merge(protected)
@@ -1012,6 +1013,42 @@ fn parse_window(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(unit)
+}
+
+async fn coordination_page(State(shared): State<Arc<Shared>>, jar: CookieJar) -> Result<Response, Problem> {
+    let (kept, slots, barriers) = match shared.app.state() {
+        Some(state) => {
+            let seen = state.coordination(PAGE * 4).await?;
+            let slots = seen
+                .slots
+                .into_iter()
+                .map(|s| pages::SlotRow {
+                    count: s.holders.len(),
+                    holders: s.holders.join(", "),
+                    key: s.key,
+                })
+                .collect();
+            let barriers = seen
+                .barriers
+                .into_iter()
+                .map(|b| pages::BarrierRow {
+                    key: b.key,
+                    arrived: b.arrived,
+                    cleared: b.cleared,
+                })
+                .collect();
+            (true, slots, barriers)
+        }
+        None => (false, Vec::new(), Vec::new()),
+    };
+    let (jar, _) = csrf(&shared, jar);
+    let page = pages::CoordinationPage {
+        base: shared.prefix.clone(),
+        kept,
+        slots,
+        barriers,
+    };
+    Ok((jar, render(&page)).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -165,3 +165,26 @@ pub(crate) struct ProblemPage {
     pub(crate) title: String,
     pub(crate) message: String,
 }
+
+#[derive(Debug)]
+pub(crate) struct SlotRow {
+    pub(crate) key: String,
+    pub(crate) count: usize,
+    pub(crate) holders: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct BarrierRow {
+    pub(crate) key: String,
+    pub(crate) arrived: u64,
+    pub(crate) cleared: bool,
+}
+
+#[derive(Template)]
+#[template(path = "coordination.html")]
+pub(crate) struct CoordinationPage {
+    pub(crate) base: String,
+    pub(crate) kept: bool,
+    pub(crate) slots: Vec<SlotRow>,
+    pub(crate) barriers: Vec<BarrierRow>,
+}

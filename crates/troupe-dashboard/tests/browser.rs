@@ -286,6 +286,21 @@ async fn overview_shows_the_broker_counts(backend: &str) {
     assert_eq!(delayed.lines().count(), 2, "{delayed}");
     assert!(delayed.contains("UTC") && delayed.contains("in "), "etas: {delayed}");
     browser.screenshot(&format!("queue-delayed-{backend}")).await;
+    // Rate limiters and group barriers, from the state backend.
+    let state = s.app.state().unwrap();
+    let limiter = format!("{}-limiter", s.queue);
+    let barrier = format!("{}-barrier", s.queue);
+    let lease = Duration::from_secs(60);
+    assert!(state.acquire_slot(&limiter, "holder-1", 2, lease).await.unwrap());
+    assert!(state.add(&barrier, 3, lease).await.unwrap());
+    state.arrive(&barrier, "child-1", "ok", lease).await.unwrap();
+    browser.client.goto(&s.url("/coordination")).await.unwrap();
+    let slots = browser.text("#slots").await;
+    assert!(slots.contains(&limiter) && slots.contains("holder-1"), "{slots}");
+    let barriers = browser.text("#barriers").await;
+    assert!(barriers.contains(&format!("{barrier} 1 not yet")), "{barriers}");
+    browser.screenshot(&format!("coordination-{backend}")).await;
+    state.release_slot(&limiter, "holder-1", lease).await.unwrap();
 }
 
 /// A dead letter appears on the open dead-letters page while a worker runs; requeued from the

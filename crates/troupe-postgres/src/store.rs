@@ -249,6 +249,38 @@ impl Store for PostgresStore {
         Ok((counted, cleared, clearer))
     }
 
+    async fn coordination(&self, limit: usize) -> Result<troupe_sql::dialect::CoordinationRows> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let slots = sqlx::query(
+            "SELECT key, holder FROM slots WHERE expires_at > now()
+             AND key IN (SELECT DISTINCT key FROM slots WHERE expires_at > now() ORDER BY key LIMIT $1)
+             ORDER BY key, holder",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error("list slot holders", e))?;
+        let barriers = sqlx::query(
+            "SELECT key, COUNT(*) FILTER (WHERE party <> ''), bool_or(party = '') FROM arrivals
+             WHERE expires_at > now() GROUP BY key ORDER BY key LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error("list barriers", e))?;
+        let slots = slots
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read slot holders", e))?;
+        let barriers = barriers
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read barriers", e))?;
+        Ok((slots, barriers))
+    }
+
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
         let rows =
             sqlx::query("SELECT party, outcome FROM arrivals WHERE key = $1 AND party <> '' AND expires_at > now()")

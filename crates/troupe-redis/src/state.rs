@@ -310,6 +310,64 @@ impl StateBackend for RedisState {
         Ok(Arrival::new(counted == 1, cleared == 1, clearer == 1))
     }
 
+    async fn coordination(&self, limit: usize) -> Result<troupe_core::Coordination> {
+        let mut conn = self.conn.clone();
+        let scan = |pattern: &'static str| {
+            let mut conn = self.conn.clone();
+            async move {
+                let mut keys = std::collections::BTreeSet::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| redis_error("scan for rate limiters and barriers", e))?;
+                    keys.extend(found);
+                    if next == 0 {
+                        return Ok::<_, troupe_core::Error>(keys);
+                    }
+                    cursor = next;
+                }
+            }
+        };
+        let mut coordination = troupe_core::Coordination::default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        for holders_key in scan("*@holders").await?.into_iter().take(limit) {
+            let holders: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&holders_key)
+                .arg(format!("({now}"))
+                .arg("+inf")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("read slot holders", e))?;
+            if !holders.is_empty() {
+                let key = holders_key.strip_suffix("@holders").unwrap_or(&holders_key);
+                coordination.slots.push(troupe_core::SlotKey::new(key, holders));
+            }
+        }
+        for arrived_key in scan("*@arrived").await?.into_iter().take(limit) {
+            let parties: Vec<String> = redis::cmd("HKEYS")
+                .arg(&arrived_key)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("read barrier arrivals", e))?;
+            let key = arrived_key.strip_suffix("@arrived").unwrap_or(&arrived_key);
+            let cleared = parties.iter().any(String::is_empty);
+            let arrived = parties.iter().filter(|p| !p.is_empty()).count() as u64;
+            coordination
+                .barriers
+                .push(troupe_core::BarrierKey::new(key, arrived, cleared));
+        }
+        Ok(coordination)
+    }
+
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
         let mut conn = self.conn.clone();
         let all: std::collections::HashMap<String, String> = redis::cmd("HGETALL")

@@ -138,6 +138,10 @@ impl Wake {
     }
 }
 
+/// What [`Store::coordination`] reads: the live `(key, holder)` slots, and per barrier key
+/// `(key, arrived, cleared)`.
+pub type CoordinationRows = (Vec<(String, String)>, Vec<(String, i64, bool)>);
+
 /// Results, state and task statements of a SQL backend, over one connection pool.
 ///
 /// Every statement is atomic under concurrency (one statement, or one transaction holding the
@@ -267,6 +271,13 @@ pub trait Store: Clone + Debug + Send + Sync + 'static {
         outcome: &str,
         ttl: Duration,
     ) -> impl Future<Output = Result<(bool, bool, bool)>> + Send;
+
+    /// For inspection, at most `limit` of each: the live `(key, holder)` slots, and per barrier
+    /// key its live arrivals and whether it cleared (`(key, arrived, cleared)`), by key.
+    fn coordination(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<CoordinationRows>> + Send;
 
     /// The live `(party, outcome)` arrivals at barrier `key` (not the clearer's record).
     fn arrivals(&self, key: &str) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;

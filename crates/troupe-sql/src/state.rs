@@ -119,6 +119,30 @@ impl<S: Store> StateBackend for SqlState<S> {
         self.store.arrivals(key).await
     }
 
+    async fn coordination(&self, limit: usize) -> Result<troupe_core::Coordination> {
+        let (slots, barriers) = self.store.coordination(limit).await?;
+        let mut by_key: Vec<troupe_core::SlotKey> = Vec::new();
+        for (key, holder) in slots {
+            match by_key.last_mut() {
+                Some(last) if last.key == key => last.holders.push(holder),
+                _ => by_key.push(troupe_core::SlotKey::new(key, vec![holder])),
+            }
+        }
+        let mut coordination = troupe_core::Coordination::default();
+        coordination.slots = by_key
+            .into_iter()
+            .take(limit)
+            .map(|s| troupe_core::SlotKey::new(s.key, s.holders))
+            .collect();
+        coordination.barriers = barriers
+            .into_iter()
+            .map(|(key, arrived, cleared)| {
+                troupe_core::BarrierKey::new(key, u64::try_from(arrived).unwrap_or(0), cleared)
+            })
+            .collect();
+        Ok(coordination)
+    }
+
     async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
         self.store.acquire_slot(key, holder, limit, lease).await
     }

@@ -260,6 +260,41 @@ impl Store for SqliteStore {
         Ok((counted, cleared, clearer))
     }
 
+    async fn coordination(&self, limit: usize) -> Result<troupe_sql::dialect::CoordinationRows> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let t = now();
+        let slots = sqlx::query(
+            "SELECT key, holder FROM troupe_slots WHERE expires_at > ?1
+             AND key IN (SELECT DISTINCT key FROM troupe_slots WHERE expires_at > ?1 ORDER BY key LIMIT ?2)
+             ORDER BY key, holder",
+        )
+        .bind(t)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error("list slot holders", e))?;
+        let barriers = sqlx::query(
+            "SELECT key, SUM(party <> ''), MAX(party = '') FROM troupe_arrivals WHERE expires_at > ?1
+             GROUP BY key ORDER BY key LIMIT ?2",
+        )
+        .bind(t)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error("list barriers", e))?;
+        let slots = slots
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read slot holders", e))?;
+        let barriers = barriers
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get::<i64, _>(2)? != 0)))
+            .collect::<sqlx::Result<_>>()
+            .map_err(|e| db_error("read barriers", e))?;
+        Ok((slots, barriers))
+    }
+
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
         let rows = sqlx::query(
             "SELECT party, outcome FROM troupe_arrivals WHERE key = ?1 AND party <> '' AND expires_at > ?2",

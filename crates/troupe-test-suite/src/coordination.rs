@@ -320,3 +320,55 @@ pub async fn barrier_arrivals_count_each_party_once(backend: Arc<dyn StateBacken
     let other = key("arrive");
     assert!(backend.arrivals(&other).await.expect("arrivals").is_empty());
 }
+
+/// `coordination` lists a limiter's live holders and a barrier's arrivals, for the dashboard.
+pub async fn coordination_lists_holders_and_arrivals(backend: Arc<dyn StateBackend>) {
+    let slots = key("held");
+    let lease = Duration::from_secs(60);
+    assert!(
+        backend
+            .acquire_slot(&slots, "holder-a", 3, lease)
+            .await
+            .expect("acquire")
+    );
+    assert!(
+        backend
+            .acquire_slot(&slots, "holder-b", 3, lease)
+            .await
+            .expect("acquire")
+    );
+    let barrier = key("gate");
+    let ttl = Duration::from_secs(60);
+    assert!(backend.add(&barrier, 3, ttl).await.expect("create"));
+    backend.arrive(&barrier, "party-1", "ok", ttl).await.expect("arrive");
+    backend.arrive(&barrier, "party-2", "ok", ttl).await.expect("arrive");
+    let seen = backend.coordination(100_000).await.expect("coordination");
+    let held = seen
+        .slots
+        .iter()
+        .find(|s| s.key == slots)
+        .expect("the limiter is listed");
+    assert_eq!(held.holders, ["holder-a", "holder-b"]);
+    let gate = seen
+        .barriers
+        .iter()
+        .find(|b| b.key == barrier)
+        .expect("the barrier is listed");
+    assert_eq!((gate.arrived, gate.cleared), (2, false));
+    backend.arrive(&barrier, "party-3", "ok", ttl).await.expect("arrive");
+    backend.release_slot(&slots, "holder-a", lease).await.expect("release");
+    let seen = backend.coordination(100_000).await.expect("coordination");
+    let gate = seen
+        .barriers
+        .iter()
+        .find(|b| b.key == barrier)
+        .expect("the barrier is listed");
+    assert_eq!((gate.arrived, gate.cleared), (3, true));
+    let held = seen
+        .slots
+        .iter()
+        .find(|s| s.key == slots)
+        .expect("the limiter is listed");
+    assert_eq!(held.holders, ["holder-b"], "a released slot is gone");
+    backend.release_slot(&slots, "holder-b", lease).await.expect("release");
+}

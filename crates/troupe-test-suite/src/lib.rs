@@ -251,7 +251,8 @@ macro_rules! state_conformance {
             rate_limit_window_admits_its_limit_per_window,
             barrier_clears_when_every_party_arrives,
             barrier_wait_times_out,
-            barrier_arrivals_count_each_party_once
+            barrier_arrivals_count_each_party_once,
+            coordination_lists_holders_and_arrivals
         );
     };
 }

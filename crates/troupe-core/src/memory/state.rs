@@ -7,7 +7,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::state::{Arrival, StateBackend};
+use crate::state::{Arrival, BarrierKey, Coordination, SlotKey, StateBackend};
 
 /// The party name under which a barrier's arrivals keep the party that cleared it (no party's
 /// id is empty).
@@ -181,6 +181,41 @@ impl StateBackend for MemoryState {
             .insert(format!("{key}@events"), now + ttl);
         self.inner.notify.notify_waiters();
         Ok(Arrival::new(true, true, true))
+    }
+
+    async fn coordination(&self, limit: usize) -> Result<Coordination> {
+        let now = Instant::now();
+        let lost = || Error::backend("memory", ErrorKind::Other, "a state lock was poisoned");
+        let mut slots: Vec<SlotKey> = {
+            let slots = self.inner.slots.lock().map_err(|_| lost())?;
+            slots
+                .iter()
+                .map(|(key, holders)| {
+                    let live = holders
+                        .iter()
+                        .filter(|(_, until)| **until > now)
+                        .map(|(h, _)| h.clone());
+                    SlotKey::new(key.clone(), live.collect())
+                })
+                .filter(|s| !s.holders.is_empty())
+                .collect()
+        };
+        slots.sort_by(|a, b| a.key.cmp(&b.key));
+        slots.truncate(limit);
+        let mut barriers: Vec<BarrierKey> = {
+            let arrivals = self.inner.arrivals.lock().map_err(|_| lost())?;
+            arrivals
+                .iter()
+                .filter(|(_, (_, expires))| *expires > now)
+                .map(|(key, (parties, _))| {
+                    let arrived = parties.keys().filter(|p| p.as_str() != CLEARER).count() as u64;
+                    BarrierKey::new(key.clone(), arrived, parties.contains_key(CLEARER))
+                })
+                .collect()
+        };
+        barriers.sort_by(|a, b| a.key.cmp(&b.key));
+        barriers.truncate(limit);
+        Ok(Coordination { slots, barriers })
     }
 
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
