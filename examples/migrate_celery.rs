@@ -337,7 +337,10 @@ pub async fn run(url: &str, out: &mut dyn Write) -> Result<Report, BoxError> {
 
     // Read the states back, as Celery's AsyncResult(id).state would.
     let mut report_tracked = Vec::new();
-    writeln!(out, "\ntask states (Troupe status, the Celery name, attempts, last error):")?;
+    writeln!(
+        out,
+        "\ntask states (Troupe status, the Celery name, attempts, last error):"
+    )?;
     for (label, message_id) in tracked {
         let record = app.task(&message_id).await?;
         match &record {

@@ -24,6 +24,15 @@ mod master_subtasks;
 mod publish_priorities;
 
 #[allow(dead_code, unreachable_pub)]
+#[path = "../../examples/migrate_celery.rs"]
+mod migrate_celery;
+
+#[cfg(all(feature = "broker-postgres", feature = "results-postgres"))]
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../examples/migrate_pg_table.rs"]
+mod migrate_pg_table;
+
+#[allow(dead_code, unreachable_pub)]
 #[path = "../../examples/brokers/shop.rs"]
 mod shop;
 
@@ -521,4 +530,168 @@ async fn throttled_api_holds_the_rate_across_two_processes() {
         "24 calls at 6 a second take 4 seconds at least: {text}"
     );
     assert_eq!(report.per_process.len(), 2, "both processes made calls: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_celery_tracks_states_cancels_a_pending_task_and_calls_back_once() {
+    use troupe::{CancelOutcome, TaskStatus};
+
+    let (_dir, url) = temp_db();
+    let mut out = Vec::new();
+    let report = tokio::time::timeout(Duration::from_secs(60), migrate_celery::run(&url, &mut out))
+        .await
+        .expect("the example finishes")
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let status = |label: &str| {
+        let record = report
+            .record(label)
+            .unwrap_or_else(|| panic!("no record of {label}: {text}"));
+        (record.status, record.attempts, record.error_type.clone())
+    };
+
+    // Priorities: Celery-on-Redis 0 ran before 9 (one message at a time).
+    let urgent = report.position("publish", "urgent-1").expect("urgent-1 ran");
+    let low = report.position("publish", "low-1").expect("low-1 ran");
+    assert!(urgent < low, "{text}");
+    assert_eq!(report.urgent_result, "urgent-1 published");
+    assert_eq!(status("urgent"), (TaskStatus::Succeeded, 1, None), "{text}");
+    assert_eq!(status("low"), (TaskStatus::Succeeded, 1, None), "{text}");
+
+    // The countdown: it started no earlier than 300 ms after it was sent.
+    let later = report.record("countdown").unwrap();
+    assert_eq!(later.status, TaskStatus::Succeeded, "{text}");
+    let started = later.started_at.expect("started");
+    assert!(started >= later.enqueued_at + 300, "{later:?}");
+
+    // autoretry: the second attempt succeeded; the record keeps the first attempt's error.
+    assert_eq!(
+        status("flaky"),
+        (TaskStatus::Succeeded, 2, Some("ConnectionError".to_owned())),
+        "{text}"
+    );
+    assert_eq!(report.runs("publish", "flaky-1"), 2, "{text}");
+    // FAILURE: no retry, one attempt.
+    assert_eq!(
+        status("broken"),
+        (TaskStatus::Failed, 1, Some("FeedGone".to_owned())),
+        "{text}"
+    );
+    assert_eq!(report.runs("import_feed", "https://example.com/gone.rss"), 1);
+
+    // revoke: cancelled while pending, never ran.
+    assert_eq!(report.cancelled, CancelOutcome::Cancelled);
+    assert_eq!(status("withdrawn"), (TaskStatus::Cancelled, 0, None), "{text}");
+    assert_eq!(report.runs("publish", "withdrawn-1"), 0, "{text}");
+
+    // The group: each member once, the completion callback once, after all of them.
+    for image in ["a.jpg", "b.jpg", "c.jpg"] {
+        assert_eq!(report.runs("thumbnail", image), 1, "{text}");
+    }
+    assert_eq!(report.runs("notify", "holiday"), 1, "{text}");
+    let notify = report.position("notify", "holiday").unwrap();
+    for image in ["a.jpg", "b.jpg", "c.jpg"] {
+        assert!(report.position("thumbnail", image).unwrap() < notify, "{text}");
+    }
+    assert_eq!(report.notify_records.len(), 1, "{:?}", report.notify_records);
+    assert_eq!(report.notify_records[0].status, TaskStatus::Succeeded);
+
+    // The chord: the body got the members' results, in order, once.
+    assert_eq!(report.album, serde_json::json!("trip: x.jpg.thumb, y.jpg.thumb"));
+    assert_eq!(report.runs("make_album", "trip"), 1, "{text}");
+    // Every attempt is accounted for: 5 publish runs (4 posts, one of them retried), 1 import,
+    // 5 thumbnails, 1 notify, 1 album.
+    assert_eq!(report.ran.len(), 13, "{text}");
+    assert!(
+        text.contains("withdrawn-1 cancelled while pending: Cancelled"),
+        "{text}"
+    );
+}
+
+/// Needs the machine's PostgreSQL (`TROUPE_POSTGRES_URL`, default
+/// postgres://postgres@127.0.0.1:5432/test); fails when it cannot be reached.
+#[cfg(all(feature = "broker-postgres", feature = "results-postgres"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_pg_table_moves_each_legacy_job_once_in_one_transaction() {
+    use troupe::TaskStatus;
+
+    let args = migrate_pg_table::Args {
+        database_url: migrate_pg_table::database_url(),
+        keep: false,
+    };
+    let mut out = Vec::new();
+    let report = tokio::time::timeout(Duration::from_secs(60), migrate_pg_table::run(args, &mut out))
+        .await
+        .expect("the example finishes")
+        .unwrap_or_else(|e| panic!("the example failed (is PostgreSQL running?): {e}"));
+    let text = String::from_utf8(out).unwrap();
+
+    // The rolled-back drain had moved four rows; none of it remained.
+    assert_eq!(report.rolled_back_drain.moved.len(), 4, "{text}");
+    assert_eq!(
+        report.after_rollback,
+        migrate_pg_table::Snapshot {
+            messages: 0,
+            moved_rows: 0
+        },
+        "{text}"
+    );
+    // While the real drain's transaction was open, no one else saw its messages.
+    assert_eq!(report.drain.visible_before_commit, 0, "{text}");
+
+    // Moved: exactly the pending and running rows whose task type has an actor.
+    let movable: Vec<i64> = report
+        .before
+        .iter()
+        .filter(|r| {
+            ["pending", "running"].contains(&r.status.as_str())
+                && ["process_email", "ocr_document"].contains(&r.task_type.as_str())
+        })
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(movable.len(), 4);
+    let mut moved_ids: Vec<i64> = report.drain.moved.iter().map(|(id, _)| *id).collect();
+    moved_ids.sort_unstable();
+    assert_eq!(moved_ids, movable, "{text}");
+    assert_eq!(report.drain.left.len(), 1, "{text}");
+    for row in &report.rows {
+        let before = report.before.iter().find(|b| b.id == row.id).unwrap();
+        if movable.contains(&row.id) {
+            // Marked in the drain's own transaction, with the message it became.
+            assert_eq!(row.status, "moved", "{row:?}");
+            assert_eq!(row.moved_txid, Some(report.drain.txid), "{row:?}");
+            let message_id = row.moved_to.as_deref().expect("moved_to");
+            assert!(report.drain.moved.contains(&(row.id, message_id.to_owned())), "{row:?}");
+            // It ran exactly once, as that message.
+            let runs: Vec<_> = report.ran.iter().filter(|r| r.message_id == message_id).collect();
+            assert_eq!(runs.len(), 1, "row {} ran {} times: {text}", row.id, runs.len());
+            // A row due later did not run before its run_at.
+            let ran_at = i64::try_from(runs[0].at_ms).unwrap();
+            assert!(ran_at + 5 >= before.run_at_ms, "{row:?} ran early: {text}");
+        } else {
+            // Finished, failed and unknown rows stay as they were.
+            assert_eq!(row.status, before.status, "{row:?}");
+            assert_eq!((row.moved_to.as_deref(), row.moved_txid), (None, None), "{row:?}");
+        }
+    }
+    assert_eq!(report.ran.len(), 4, "nothing else ran: {text}");
+    // Priority carried over: the urgent email (priority -5, sent last) ran before the other
+    // email of its queue.
+    let emails: Vec<&str> = report
+        .ran
+        .iter()
+        .filter(|r| r.actor == "process_email")
+        .map(|r| r.subject.as_str())
+        .collect();
+    assert_eq!(emails, ["URGENT: password reset", "invoice 17"], "{text}");
+    // The worker recorded each moved message's state, though the messages were enqueued
+    // outside the app.
+    assert!(
+        report
+            .records
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.status == TaskStatus::Succeeded)),
+        "{:?}",
+        report.records
+    );
 }
