@@ -231,7 +231,10 @@ async fn enqueue(ctx: &Context, args: EnqueueArgs) -> Outcome {
             "message_id": sent.message_id,
             "queue": troupe::queue::q_name(&sent.queue_name),
             "actor": sent.actor_name,
-            "eta": sent.options.get("eta"),
+            // SQL brokers delay in the database and leave no eta in the message.
+            "eta": sent.options.get("eta").cloned().or_else(|| {
+                args.delay.map(|d| serde_json::Value::from(troupe::now_ms() + u64::try_from(d.as_millis()).unwrap_or(0)))
+            }),
         }));
     } else {
         println!("{}", sent.message_id);
@@ -252,6 +255,17 @@ async fn dashboard(ctx: &Context, args: DashboardArgs) -> Outcome {
         "troupe: the dashboard is on http://{}/ (Ctrl-C stops it)",
         server.local_addr()
     );
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return Ok(());
+        }
+    }
     let _ = tokio::signal::ctrl_c().await;
     Ok(())
 }

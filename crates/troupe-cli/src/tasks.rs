@@ -34,10 +34,14 @@ pub(crate) enum TasksCommand {
         #[arg(long)]
         pending_only: bool,
     },
-    /// Counts per status, actor and queue.
+    /// Counts per status, actor and queue (of every task kept, or of one actor or queue).
     Stats {
-        #[command(flatten)]
-        filter: Filter,
+        /// Only tasks of this actor.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only tasks of this queue.
+        #[arg(long = "queue", short = 'q')]
+        queue: Option<String>,
     },
 }
 
@@ -170,7 +174,13 @@ pub(crate) async fn run(ctx: &Context, command: TasksCommand) -> Outcome {
             }
             Ok(())
         }
-        TasksCommand::Stats { filter } => {
+        TasksCommand::Stats { actor, queue } => {
+            let filter = Filter {
+                status: None,
+                actor,
+                queue,
+                since: None,
+            };
             let counts = app.task_counts(&filter.to_filter()).await?;
             if ctx.json {
                 output::print_json(&json!({

@@ -13,7 +13,7 @@
 //! | `troupe_queue_messages` | gauge (the broker's counts, read at each scrape) | `queue_name`, `state` = ready, delayed, in_flight, dead |
 //!
 //! [`Prometheus`] is the middleware; [`Prometheus::serve`] answers `GET /metrics` (Dramatiq's
-//! exposition server listens on `127.0.0.1:9191`). Worker binaries get both from the
+//! exposition server listens on port 9191, on every interface). Worker binaries get both from the
 //! `--metrics-bind ADDR` flag (`troupe::run_worker`), summed over the processes of
 //! `--processes` ([`merge`]).
 //!
@@ -25,9 +25,10 @@
 //! use troupe_prometheus::Prometheus;
 //!
 //! let metrics = Prometheus::new()?;
+//! // First in the list (outermost), as Dramatiq places it: it sees every attempt.
 //! let app = App::builder(MemoryBroker::new().into_dyn())
-//!     .middleware_arc(metrics.middleware())
-//!     .build()?;
+//!     .build()?
+//!     .with_outer_middleware(metrics.middleware());
 //! let server = metrics.serve("127.0.0.1:0".parse()?, app).await?;
 //! println!("metrics on http://{}/metrics", server.local_addr());
 //! # Ok(()) }

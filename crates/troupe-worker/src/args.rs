@@ -75,7 +75,8 @@ pub struct WorkerArgs {
     pub processes: u16,
 
     /// Serve Prometheus metrics (Dramatiq's names) on this address at `/metrics`, e.g.
-    /// `127.0.0.1:9191` (Dramatiq's port); with `--processes`, the sum over the processes.
+    /// `127.0.0.1:9191` (Dramatiq's port is 9191); with `--processes`, the sum over the
+    /// processes.
     #[arg(long, env = "TROUPE_METRICS_BIND")]
     pub metrics_bind: Option<std::net::SocketAddr>,
 

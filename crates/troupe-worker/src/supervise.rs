@@ -83,6 +83,11 @@ impl Supervisor {
         command
             .args(std::env::args_os().skip(1))
             .env(PROCESS_ENV, index.to_string());
+        // A process group of their own: a terminal's Ctrl-C (sent to the foreground group)
+        // reaches the supervisor alone, which forwards it once; a process seeing it twice
+        // would take it for the second signal and exit at once.
+        #[cfg(unix)]
+        command.process_group(0);
         for (k, v) in &self.env {
             command.env(k, v);
         }
