@@ -97,6 +97,14 @@ struct Args {
     /// yourself; deleting a million records one by one takes minutes).
     #[arg(long)]
     keep_task_records: bool,
+    /// Instead of the drain: put this many messages in one queue (a tenth of them delayed) and
+    /// as many task records in the state backend, then time the dashboard's pages (overview, a
+    /// page of the queue, the task states) over HTTP. Use a dedicated database or namespace.
+    #[arg(long, default_value_t = 0)]
+    dashboard_backlog: u64,
+    /// Requests per dashboard page timed.
+    #[arg(long, default_value_t = 20)]
+    page_runs: usize,
 }
 
 /// The state backend the flags name, when tracking or task queries are asked for.
@@ -303,6 +311,18 @@ impl Progress {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let _ = SCENARIO.set(args.scenario);
+    if args.dashboard_backlog > 0 {
+        return match dashboard_pages(&args).await {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if args.worker_only {
         return match worker_only(&args).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -1019,4 +1039,146 @@ fn date() -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// `--dashboard-backlog N`: N messages in one queue and N task records, then the dashboard's
+/// pages timed over HTTP (one request at a time, a fresh connection each, as a browser's first
+/// load).
+async fn dashboard_pages(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let n = args.dashboard_backlog;
+    let progress = Progress::new(!args.json);
+    let broker = troupe::connect(&args.broker_url).await?;
+    let state_url = args.state_url.clone().unwrap_or_else(|| args.broker_url.clone());
+    let state = troupe::connect_state(&state_url).await?;
+    let store = state.tasks().ok_or("this state backend keeps no task states")?;
+    let queue = "dashboard_bench";
+    broker.declare_queue(queue).await?;
+    let have = broker.stats(queue).await?;
+    let backlog = n.saturating_sub(have.ready + have.delayed);
+    progress.phase("messages", backlog);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < backlog {
+        let end = (sent + 5000).min(backlog);
+        let batch: Vec<(Message, Option<Duration>)> = (sent..end)
+            .map(|i| {
+                let message = Message::new(
+                    queue,
+                    format!("actor_{}", i % 20),
+                    vec![json!(i), json!("some text")],
+                    Default::default(),
+                );
+                let delay = i.is_multiple_of(10).then(|| Duration::from_secs(86_400));
+                (message, delay)
+            })
+            .collect();
+        broker.enqueue_many(batch).await?;
+        sent = end;
+        progress.set(sent);
+    }
+    let enqueue_secs = started.elapsed().as_secs_f64();
+    let counts = store.task_counts(&troupe::TaskFilter::new()).await?;
+    let records = n.saturating_sub(counts.total());
+    progress.phase("task records", records);
+    let first = now_ms().saturating_sub(records);
+    let run = format!("{:x}", epoch_us());
+    let mut written = 0;
+    while written < records {
+        let end = (written + 1000).min(records);
+        let batch: Vec<troupe::tasks::TaskUpdate> = (written..end)
+            .map(|i| {
+                let status = TaskStatus::ALL[usize::try_from(i % 8).unwrap_or(0)];
+                let mut u = troupe::tasks::TaskUpdate::new(
+                    format!("dash-{run}-{i}"),
+                    format!("actor_{}", i % 20),
+                    queue.to_owned(),
+                    status,
+                    if status.is_final() { 2 } else { 0 },
+                );
+                u.at = first + i;
+                u
+            })
+            .collect();
+        store.record_many(&batch, Duration::from_secs(7 * 86_400)).await?;
+        written = end;
+        progress.set(written);
+    }
+    progress.finish();
+    if state_url.starts_with("postgres") {
+        use troupe::postgres::sqlx;
+        let options = troupe::postgres::PostgresOptions::from_url(&state_url)?;
+        let pool = sqlx::PgPool::connect(&options.url).await?;
+        for table in ["tasks", "jobs"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}.{table}", options.schema)))
+                .execute(&pool)
+                .await?;
+        }
+    }
+    let app = App::builder(Arc::clone(&broker)).state(Arc::clone(&state)).build()?;
+    let server = troupe_dashboard::Dashboard::new(app)
+        .start("127.0.0.1:0".parse()?)
+        .await?;
+    let addr = server.local_addr();
+    let mut pages = serde_json::Map::new();
+    for (name, path) in [
+        ("overview", "/".to_owned()),
+        ("queue_page", format!("/queues/{queue}")),
+        ("queue_page_100", format!("/queues/{queue}?page=100")),
+        ("delayed_page", format!("/queues/{queue}?state=delayed")),
+        ("dead_letters", "/dead".to_owned()),
+        ("tasks", "/tasks".to_owned()),
+        ("tasks_failed", "/tasks?status=failed".to_owned()),
+    ] {
+        let mut ms = Vec::with_capacity(args.page_runs);
+        for _ in 0..args.page_runs.max(1) {
+            let t = Instant::now();
+            let (status, bytes) = http_get(addr, &path).await?;
+            if status != 200 {
+                return Err(format!("GET {path} answered {status}").into());
+            }
+            ms.push((t.elapsed().as_secs_f64() * 1000.0, bytes));
+        }
+        ms.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let at = |q: f64| {
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss
+            )]
+            let i = ((ms.len() - 1) as f64 * q).round() as usize;
+            (ms[i].0 * 10.0).round() / 10.0
+        };
+        pages.insert(
+            name.to_owned(),
+            json!({"path": path, "p50_ms": at(0.5), "p95_ms": at(0.95), "max_ms": at(1.0), "bytes": ms[0].1}),
+        );
+    }
+    let stats = broker.stats(queue).await?;
+    Ok(json!({
+        "broker": broker.backend(),
+        "dashboard": {
+            "queued": stats.ready + stats.delayed,
+            "ready": stats.ready,
+            "delayed": stats.delayed,
+            "task_records": store.task_counts(&troupe::TaskFilter::new()).await?.total(),
+            "enqueue_secs": (enqueue_secs * 10.0).round() / 10.0,
+            "runs": args.page_runs,
+            "pages": pages,
+        }
+    }))
+}
+
+/// `GET path` on a fresh connection: the status and the body's size.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, usize), Box<dyn std::error::Error>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+    Ok((status, body))
 }

@@ -569,6 +569,14 @@ pub trait TaskStore: Send + Sync + fmt::Debug {
     /// and `until` are not used: counts cover every status and time).
     async fn task_counts(&self, filter: &TaskFilter) -> Result<TaskCounts>;
 
+    /// How many tasks there are in each status, within `filter`'s actor and queue (its other
+    /// fields are not used): what a dashboard shows. SQL stores count each status on its index
+    /// (records expired since the last sweep may still count); the default takes the
+    /// `by_status` of [`task_counts`](Self::task_counts).
+    async fn status_counts(&self, filter: &TaskFilter) -> Result<BTreeMap<TaskStatus, u64>> {
+        Ok(self.task_counts(filter).await?.by_status)
+    }
+
     /// Deletes one task's record. Returns whether there was one.
     async fn delete_task(&self, message_id: &str) -> Result<bool>;
 

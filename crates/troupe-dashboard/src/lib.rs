@@ -962,11 +962,11 @@ async fn tasks_page(
     }
     let (tracked, counts, tasks) = match shared.app.task_store() {
         Ok(_) => {
-            let counts = shared.app.task_counts(&filter).await?;
+            let counts = shared.app.task_store()?.status_counts(&filter).await?;
             let page = shared.app.tasks(&TaskQuery::new(filter).limit(PAGE)).await?;
             let counts = TaskStatus::ALL
                 .iter()
-                .map(|s| (s.to_string(), counts.status(*s)))
+                .map(|s| (s.to_string(), counts.get(s).copied().unwrap_or(0)))
                 .collect::<Vec<_>>();
             (true, counts, page.tasks)
         }

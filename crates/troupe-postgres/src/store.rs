@@ -412,6 +412,23 @@ impl Store for PostgresStore {
         tasks::task_counts(&self.pool, scope).await
     }
 
+    async fn task_status_count(&self, status: &str, scope: &TaskFilter) -> Result<i64> {
+        // One of the (status, ...) indexes answers it (an index-only scan once vacuumed).
+        let sql = match (&scope.actor, &scope.queue) {
+            (Some(_), Some(_)) => "SELECT count(*) FROM tasks WHERE status = $1 AND actor = $2 AND queue = $3",
+            (Some(_), None) => "SELECT count(*) FROM tasks WHERE status = $1 AND actor = $2 AND $3 = $3",
+            (None, Some(_)) => "SELECT count(*) FROM tasks WHERE status = $1 AND queue = $3 AND $2 = $2",
+            (None, None) => "SELECT count(*) FROM tasks WHERE status = $1 AND $2 = $2 AND $3 = $3",
+        };
+        sqlx::query_scalar::<_, i64>(sql)
+            .bind(status)
+            .bind(scope.actor.as_deref().unwrap_or_default())
+            .bind(scope.queue.as_deref().unwrap_or_default())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_error("count tasks", e))
+    }
+
     async fn delete_task(&self, message_id: &str) -> Result<bool> {
         tasks::delete_task(&self.pool, message_id).await
     }

@@ -237,6 +237,10 @@ pub trait Store: Clone + Debug + Send + Sync + 'static {
     /// sets applies; the shared code sets only its actor and queue).
     fn task_counts(&self, scope: &TaskFilter) -> impl Future<Output = Result<Vec<TaskCountRow>>> + Send;
 
+    /// Records in `status` among those of `scope`'s actor and queue, counted on an index
+    /// (records expired since the last sweep included).
+    fn task_status_count(&self, status: &str, scope: &TaskFilter) -> impl Future<Output = Result<i64>> + Send;
+
     /// Deletes the record of `message_id`; whether it was live.
     fn delete_task(&self, message_id: &str) -> impl Future<Output = Result<bool>> + Send;
 
@@ -274,10 +278,7 @@ pub trait Store: Clone + Debug + Send + Sync + 'static {
 
     /// For inspection, at most `limit` of each: the live `(key, holder)` slots, and per barrier
     /// key its live arrivals and whether it cleared (`(key, arrived, cleared)`), by key.
-    fn coordination(
-        &self,
-        limit: usize,
-    ) -> impl Future<Output = Result<CoordinationRows>> + Send;
+    fn coordination(&self, limit: usize) -> impl Future<Output = Result<CoordinationRows>> + Send;
 
     /// The live `(party, outcome)` arrivals at barrier `key` (not the clearer's record).
     fn arrivals(&self, key: &str) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;

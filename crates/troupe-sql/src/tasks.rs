@@ -320,6 +320,20 @@ impl<S: Store> TaskStore for SqlState<S> {
         Ok(TaskPage::new(tasks, query.page_size()))
     }
 
+    async fn status_counts(&self, filter: &TaskFilter) -> Result<std::collections::BTreeMap<TaskStatus, u64>> {
+        let mut scope = TaskFilter::new();
+        scope.actor.clone_from(&filter.actor);
+        scope.queue.clone_from(&filter.queue);
+        let mut counts = std::collections::BTreeMap::new();
+        for status in TaskStatus::ALL {
+            let n = uint(self.store.task_status_count(status.as_str(), &scope).await?);
+            if n > 0 {
+                counts.insert(status, n);
+            }
+        }
+        Ok(counts)
+    }
+
     async fn task_counts(&self, filter: &TaskFilter) -> Result<TaskCounts> {
         // Counts cover every status and time: only the actor and the queue apply.
         let mut scope = TaskFilter::new();

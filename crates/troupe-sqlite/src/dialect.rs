@@ -332,7 +332,14 @@ impl Dialect for SqliteDialect {
         let rows = self
             .rows(
                 "count messages",
-                sqlx::query("SELECT state, COUNT(*) FROM troupe_jobs WHERE queue = ?1 GROUP BY state").bind(queue),
+                // One count per state, each on its partial index (a GROUP BY reads every row).
+                sqlx::query(
+                    "SELECT 0, (SELECT COUNT(*) FROM troupe_jobs WHERE queue = ?1 AND state = 0)
+                     UNION ALL SELECT 1, (SELECT COUNT(*) FROM troupe_jobs WHERE queue = ?1 AND state = 1)
+                     UNION ALL SELECT 2, (SELECT COUNT(*) FROM troupe_jobs WHERE queue = ?1 AND state = 2)
+                     UNION ALL SELECT 3, (SELECT COUNT(*) FROM troupe_jobs WHERE queue = ?1 AND state = 3)",
+                )
+                .bind(queue),
             )
             .await?;
         rows.iter()

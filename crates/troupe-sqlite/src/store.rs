@@ -420,6 +420,23 @@ impl Store for SqliteStore {
         tasks::task_counts(&self.pool, scope).await
     }
 
+    async fn task_status_count(&self, status: &str, scope: &TaskFilter) -> Result<i64> {
+        // One of the (status, ...) indexes answers it without reading the records.
+        let sql = match (&scope.actor, &scope.queue) {
+            (Some(_), Some(_)) => "SELECT count(*) FROM troupe_tasks WHERE status = ?1 AND actor = ?2 AND queue = ?3",
+            (Some(_), None) => "SELECT count(*) FROM troupe_tasks WHERE status = ?1 AND actor = ?2",
+            (None, Some(_)) => "SELECT count(*) FROM troupe_tasks WHERE status = ?1 AND queue = ?3",
+            (None, None) => "SELECT count(*) FROM troupe_tasks WHERE status = ?1",
+        };
+        let mut query = sqlx::query_scalar::<_, i64>(sql).bind(status);
+        query = query.bind(scope.actor.as_deref().unwrap_or_default());
+        query = query.bind(scope.queue.as_deref().unwrap_or_default());
+        query
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_error("count tasks", e))
+    }
+
     async fn delete_task(&self, message_id: &str) -> Result<bool> {
         tasks::delete_task(&self.pool, message_id).await
     }

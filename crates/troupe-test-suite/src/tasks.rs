@@ -293,6 +293,19 @@ pub async fn task_state_counts_per_status_actor_and_queue(backend: Arc<dyn State
     assert_eq!(of_a.by_queue.get(&q1).copied(), Some(2));
     assert_eq!(of_a.by_queue.get(&q2).copied(), Some(1));
     assert_eq!(of_a.by_actor.len(), 1);
+    // The per-status counts a dashboard reads agree, for every scope.
+    for scope in [
+        TaskFilter::new().queue(q1.clone()),
+        TaskFilter::new().actor(a.clone()),
+        TaskFilter::new().actor(a.clone()).queue(q2.clone()),
+    ] {
+        let full = tasks.task_counts(&scope).await.expect("counts").by_status;
+        assert_eq!(
+            tasks.status_counts(&scope).await.expect("status counts"),
+            full,
+            "{scope:?}"
+        );
+    }
 
     let running = update(&moving, &a, &q1, TaskStatus::Running, 1, t0 + 1);
     assert!(tasks.record(&running, KEEP).await.expect("record"));
