@@ -329,6 +329,10 @@ pub struct WorkerInfo {
     /// Messages it has finished since it started.
     #[serde(default)]
     pub processed: u64,
+    /// Its last hour, per minute with activity: `[minute since the epoch, messages processed,
+    /// messages dead-lettered]`, oldest first.
+    #[serde(default)]
+    pub minutes: Vec<[u64; 3]>,
     /// When it started, ms since the epoch.
     pub started_at: u64,
     /// When this heartbeat was sent, ms since the epoch.
@@ -357,6 +361,7 @@ impl WorkerInfo {
             in_flight: std::collections::BTreeMap::new(),
             concurrency,
             processed: 0,
+            minutes: Vec::new(),
             started_at: now,
             beat_at: now,
             expires_at: now.saturating_add(duration_ms(ttl)),

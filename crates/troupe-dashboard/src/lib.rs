@@ -30,7 +30,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use askama::Template;
 use axum::Router;
@@ -48,8 +48,6 @@ use troupe_core::{
 
 mod history;
 mod pages;
-
-use history::History;
 
 /// How many rows a page shows.
 const PAGE: usize = 50;
@@ -71,7 +69,6 @@ struct Shared {
     app: App,
     token: Option<String>,
     prefix: String,
-    history: Mutex<History>,
 }
 
 impl Dashboard {
@@ -83,7 +80,6 @@ impl Dashboard {
                 app,
                 token: None,
                 prefix: String::new(),
-                history: Mutex::new(History::default()),
             }),
         }
     }
@@ -93,7 +89,6 @@ impl Dashboard {
             app: shared.app.clone(),
             token: shared.token.clone(),
             prefix: shared.prefix.clone(),
-            history: Mutex::new(History::default()),
         });
         f(&mut shared);
         Self {
@@ -116,10 +111,8 @@ impl Dashboard {
         self.edit(|s| s.prefix = prefix)
     }
 
-    /// The dashboard's routes, to serve or to nest under [`prefix`](Self::prefix). Starts the
-    /// throughput sampler (every 10 s while the router lives).
+    /// The dashboard's routes, to serve or to nest under [`prefix`](Self::prefix).
     pub fn router(&self) -> Router {
-        history::start_sampler(Arc::downgrade(&self.shared));
         let protected = Router::new()
             .route("/", get(overview))
             .route("/queues/{queue}", get(queue_page))
@@ -456,6 +449,7 @@ async fn queue_rows(app: &App) -> Result<(Vec<pages::QueueRow>, Vec<WorkerInfo>)
 
 async fn overview(State(shared): State<Arc<Shared>>, jar: CookieJar) -> Result<Response, Problem> {
     let (queues, workers) = queue_rows(&shared.app).await?;
+    let chart = history::chart(&workers);
     let workers = workers
         .iter()
         .map(|w| pages::WorkerRow {
@@ -474,7 +468,6 @@ async fn overview(State(shared): State<Arc<Shared>>, jar: CookieJar) -> Result<R
             beat: ago(w.beat_at),
         })
         .collect();
-    let chart = shared.history.lock().map(|h| h.chart()).unwrap_or_default();
     let (jar, _) = csrf(&shared, jar);
     let page = pages::Overview {
         base: shared.prefix.clone(),

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -11,6 +12,8 @@ use tracing::Instrument;
 use troupe_core::middleware::{Next, Outcome, ProcessContext};
 use troupe_core::{ActorError, App, Delivery, ErrorAction, Result};
 
+use crate::worker::Minutes;
+
 /// What is left of a processed message: settling it with the broker (ack, nack or requeue,
 /// retried while transient) and the middleware's after-hooks. The worker runs it off the
 /// executor, so an executor takes the next message while the broker commits the ack.
@@ -18,13 +21,20 @@ pub(crate) type Settlement = BoxFuture<'static, ()>;
 
 /// Processes one delivery: runs it through the middleware and the actor, and returns what is
 /// left to settle it.
-pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &CancellationToken) -> Settlement {
+pub(crate) async fn process(
+    app: &App,
+    mut delivery: Delivery,
+    hard_stop: &CancellationToken,
+    minutes: &Arc<Minutes>,
+) -> Settlement {
     let hard_stop = hard_stop.clone();
+    let minutes = Arc::clone(minutes);
     let message = match delivery.take_message() {
         Ok(message) => message,
         Err(reason) => {
             tracing::error!(queue = %delivery.queue(), %reason, "undecodable message; dead-lettering it");
             let reason = format!("undecodable message: {reason}");
+            minutes.failed();
             return Box::pin(async move { settle(&hard_stop, "nack", || delivery.nack(None, &reason)).await });
         }
     };
@@ -93,6 +103,7 @@ pub(crate) async fn process(app: &App, mut delivery: Delivery, hard_stop: &Cance
                 settle(&hard_stop, "requeue", || delivery.requeue()).await;
             } else if let Some(reason) = cx.failure_reason().map(str::to_owned) {
                 settle(&hard_stop, "nack", || delivery.nack(Some(cx.message()), &reason)).await;
+                minutes.failed();
                 for m in app.middleware().iter().rev() {
                     (**m).after_nack(&cx, &outcome).await;
                 }

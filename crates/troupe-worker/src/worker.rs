@@ -177,6 +177,7 @@ impl WorkerBuilder {
             settling: Arc::new(Semaphore::new(prefetch.saturating_mul(queues.len()).max(1))),
             settles: TaskTracker::new(),
             processed: AtomicU64::new(0),
+            minutes: Arc::default(),
         });
         let mut consumers = Vec::new();
         let mut windows = Vec::new();
@@ -303,6 +304,50 @@ struct Shared {
     settles: TaskTracker,
     /// Messages processed (settled or abandoned) since the start.
     processed: AtomicU64,
+    /// Per-minute counts of the last hour, for the heartbeat.
+    minutes: Arc<Minutes>,
+}
+
+/// Messages processed and dead-lettered per minute over the last hour.
+#[derive(Debug, Default)]
+pub(crate) struct Minutes {
+    counts: std::sync::Mutex<std::collections::VecDeque<[u64; 3]>>,
+}
+
+impl Minutes {
+    fn add(&self, processed: u64, failed: u64) {
+        let minute = now_ms() / 60_000;
+        if let Ok(mut counts) = self.counts.lock() {
+            match counts.back_mut() {
+                Some(last) if last[0] == minute => {
+                    last[1] += processed;
+                    last[2] += failed;
+                }
+                _ => counts.push_back([minute, processed, failed]),
+            }
+            while counts.front().is_some_and(|c| c[0] + 60 <= minute) {
+                counts.pop_front();
+            }
+        }
+    }
+
+    /// A message was processed.
+    pub(crate) fn processed(&self) {
+        self.add(1, 0);
+    }
+
+    /// A message was dead-lettered.
+    pub(crate) fn failed(&self) {
+        self.add(0, 1);
+    }
+
+    fn last_hour(&self) -> Vec<[u64; 3]> {
+        let minute = now_ms() / 60_000;
+        self.counts
+            .lock()
+            .map(|c| c.iter().filter(|c| c[0] + 60 > minute).copied().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// One consumer's prefetch window, as the heartbeat reads it.
@@ -332,6 +377,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut beat: WorkerInfo, windows: Vec<
         beat.beat_at = now;
         beat.expires_at = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         beat.processed = shared.processed.load(Ordering::Relaxed);
+        beat.minutes = shared.minutes.last_hour();
         beat.in_flight = windows.iter().map(|w| (w.name.clone(), w.held())).collect();
         match shared.app.broker().beat(&beat).await {
             Ok(()) if failing => {
@@ -459,9 +505,11 @@ async fn execute_loop(shared: Arc<Shared>) {
         let Ok(settle_slot) = Arc::clone(&shared.settling).acquire_owned().await else {
             return;
         };
-        let run = std::panic::AssertUnwindSafe(process(&shared.app, delivery, &shared.hard_stop)).catch_unwind();
+        let run = std::panic::AssertUnwindSafe(process(&shared.app, delivery, &shared.hard_stop, &shared.minutes))
+            .catch_unwind();
         let settlement = run.await;
         shared.processed.fetch_add(1, Ordering::Relaxed);
+        shared.minutes.processed();
         // The message is done with: its prefetch slot goes back to the consumer now, while
         // the broker commits the ack (which batches with other executors' acks).
         drop(permit);
