@@ -433,7 +433,7 @@ async fn queue_rows(app: &App) -> Result<(Vec<pages::QueueRow>, Vec<WorkerInfo>)
     }
     let mut rows = Vec::new();
     for name in names {
-        let mut stats: QueueStats = broker.stats(&name).await?;
+        let mut stats: QueueStats = broker.quick_stats(&name).await?;
         stats.in_flight = stats.in_flight.max(held.get(name.as_str()).copied().unwrap_or(0));
         rows.push(pages::QueueRow {
             url: url(&name),
@@ -442,6 +442,7 @@ async fn queue_rows(app: &App) -> Result<(Vec<pages::QueueRow>, Vec<WorkerInfo>)
             delayed: stats.delayed,
             in_flight: stats.in_flight,
             dead: stats.dead,
+            approximate: stats.approximate,
         });
     }
     Ok((rows, workers))
@@ -510,7 +511,7 @@ async fn queue_page(
     let page = query.page.unwrap_or(0);
     let actor = query.actor.clone().filter(|a| !a.is_empty());
     let search = query.id.clone().filter(|i| !i.is_empty());
-    let stats = broker.stats(&queue).await?;
+    let stats = broker.quick_stats(&queue).await?;
     // A filter or a search reads further than one page to fill it.
     let (offset, limit) = if actor.is_some() || search.is_some() {
         (0, 10_000)
@@ -561,6 +562,7 @@ async fn queue_page(
         stats_ready: stats.ready,
         stats_delayed: stats.delayed,
         stats_dead: stats.dead,
+        approximate: stats.approximate,
         messages: rows,
         actor: actor.unwrap_or_default(),
         search: search.unwrap_or_default(),

@@ -22,6 +22,7 @@ pub(crate) struct QueueRow {
     pub(crate) delayed: u64,
     pub(crate) in_flight: u64,
     pub(crate) dead: u64,
+    pub(crate) approximate: bool,
 }
 
 #[derive(Debug)]
@@ -65,6 +66,7 @@ pub(crate) struct QueuePage {
     pub(crate) stats_ready: u64,
     pub(crate) stats_delayed: u64,
     pub(crate) stats_dead: u64,
+    pub(crate) approximate: bool,
     pub(crate) messages: Vec<MessageRow>,
     pub(crate) actor: String,
     pub(crate) search: String,

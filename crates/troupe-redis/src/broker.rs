@@ -620,6 +620,14 @@ impl Broker for RedisBroker {
             .await
             .map_err(|e| redis_error("list queues", e))?;
         // Queues of Python peers (or from before the set): every body hash names its queue.
+        // Scanning reads the whole keyspace, so only a small database is scanned.
+        let keys: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("count keys", e))?;
+        if keys > SCAN_QUEUES_UP_TO {
+            return Ok(names.into_iter().collect());
+        }
         let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -710,6 +718,10 @@ impl Broker for RedisBroker {
         Ok(())
     }
 }
+
+/// `queue_names` scans for queues only Python peers use when the database holds at most this
+/// many keys (a scan reads every key).
+const SCAN_QUEUES_UP_TO: u64 = 100_000;
 
 /// Troupe's set of declared queue names (Python Dramatiq neither reads nor writes it).
 const QUEUES_KEY: &str = "__troupe_queues__";

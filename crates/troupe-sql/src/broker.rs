@@ -379,17 +379,14 @@ impl<D: Dialect> Broker for SqlBroker<D> {
 
     async fn stats(&self, queue: &str) -> Result<QueueStats> {
         self.shared.check_open()?;
-        let (mut ready, mut delayed, mut in_flight, mut dead) = (0, 0, 0, 0);
-        for (state, count) in self.shared.dialect.counts(q_name(queue)).await? {
-            match state {
-                READY => ready = count,
-                DELAYED => delayed = count,
-                IN_FLIGHT => in_flight = count,
-                DEAD => dead = count,
-                _ => {}
-            }
-        }
-        Ok(QueueStats::new(ready, delayed, in_flight, dead))
+        let counts = self.shared.dialect.counts(q_name(queue)).await?;
+        Ok(queue_stats(&counts, false))
+    }
+
+    async fn quick_stats(&self, queue: &str) -> Result<QueueStats> {
+        self.shared.check_open()?;
+        let (counts, approximate) = self.shared.dialect.quick_counts(q_name(queue)).await?;
+        Ok(queue_stats(&counts, approximate))
     }
 
     async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
@@ -517,4 +514,21 @@ impl<D: Dialect> Broker for SqlBroker<D> {
         self.shared.dialect.close().await;
         Ok(())
     }
+}
+
+/// Queue counts from per-state rows.
+fn queue_stats(counts: &[(i64, u64)], approximate: bool) -> QueueStats {
+    let (mut ready, mut delayed, mut in_flight, mut dead) = (0, 0, 0, 0);
+    for &(state, count) in counts {
+        match state {
+            READY => ready = count,
+            DELAYED => delayed = count,
+            IN_FLIGHT => in_flight = count,
+            DEAD => dead = count,
+            _ => {}
+        }
+    }
+    let mut stats = QueueStats::new(ready, delayed, in_flight, dead);
+    stats.approximate = approximate;
+    stats
 }

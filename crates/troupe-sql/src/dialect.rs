@@ -390,6 +390,12 @@ pub trait Dialect: Debug + Send + Sync + Sized + 'static {
     /// Rows of a queue per state.
     fn counts(&self, queue: &str) -> impl Future<Output = Result<Vec<(i64, u64)>>> + Send;
 
+    /// Per-state counts for a quick display: `counts`, unless the backend estimates big ones
+    /// (the flag says whether any count is an estimate).
+    fn quick_counts(&self, queue: &str) -> impl Future<Output = Result<(Vec<(i64, u64)>, bool)>> + Send {
+        async move { Ok((self.counts(queue).await?, false)) }
+    }
+
     /// A queue's dead letters, oldest failure first (all of them without a limit).
     fn dead_rows(&self, queue: &str, limit: Option<usize>) -> impl Future<Output = Result<Vec<DeadRow>>> + Send;
 

@@ -252,6 +252,8 @@ pub async fn peek_pages_through_waiting_messages(tb: &TestBroker) {
     loop {
         let stats = tb.broker.stats(&q).await.expect("stats");
         if (stats.ready, stats.delayed) == (5, 2) {
+            let quick = tb.broker.quick_stats(&q).await.expect("quick stats");
+            assert_eq!(quick, stats, "a short queue's quick counts are exact");
             break;
         }
         assert!(
