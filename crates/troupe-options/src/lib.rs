@@ -524,7 +524,16 @@ mod tests {
         assert!(read_by("Unknown").is_empty());
         assert_eq!(
             app_options().collect::<Vec<_>>(),
-            ["name", "queue_name", "priority", "unique_for", "cron", "every", "timezone", "missed"]
+            [
+                "name",
+                "queue_name",
+                "priority",
+                "unique_for",
+                "cron",
+                "every",
+                "timezone",
+                "missed"
+            ]
         );
         assert_eq!(read_by(middleware::TIME_LIMIT), ["time_limit", "soft_time_limit"]);
     }
