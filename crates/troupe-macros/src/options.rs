@@ -431,6 +431,32 @@ mod tests {
         }
     }
 
+    /// Schedules are checked when the actor compiles.
+    #[test]
+    fn schedules_are_checked() {
+        let errors = messages(quote!(cron = "*/5 * * * *"));
+        assert!(
+            errors[0].contains("invalid cron expression") && errors[0].contains("seconds first"),
+            "{errors:?}"
+        );
+        let errors = messages(quote!(cron = "0 * * * * *", timezone = "Mars/Olympus"));
+        assert!(errors[0].contains("unknown time zone"), "{errors:?}");
+        let errors = messages(quote!(every = "1m", missed = "later"));
+        assert!(errors[0].contains("\"skip\" or \"run_once\""), "{errors:?}");
+        let args = parse(quote!(
+            cron = "0 0 9 * * Mon-Fri",
+            timezone = "Europe/Paris",
+            missed = "run_once"
+        ))
+        .unwrap();
+        let values = values(&args);
+        assert_eq!(
+            values[0],
+            ("cron".to_owned(), OptionValue::Str("0 0 9 * * Mon-Fri".into()))
+        );
+        assert_eq!(values[2], ("missed".to_owned(), OptionValue::Missed(true)));
+    }
+
     fn values(args: &ActorArgs) -> Vec<(String, OptionValue)> {
         args.settings
             .iter()
