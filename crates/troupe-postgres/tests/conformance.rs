@@ -16,7 +16,9 @@ fn options() -> PostgresOptions {
     PostgresOptions::from_url(&url)
         .expect("TROUPE_POSTGRES_URL")
         .schema(format!("troupe_t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
-        .lease(Duration::from_millis(600))
+        // Short enough to test redelivery quickly, long enough that a loaded CI machine renews
+        // in time (600 ms let a starved consumer's batch be redelivered mid-test).
+        .lease(Duration::from_millis(1000))
         .poll_interval(Duration::from_millis(50))
         .max_message_size(64 * 1024)
         .max_connections(4)
@@ -39,7 +41,7 @@ impl Harness for PostgresHarness {
             });
             let results = PostgresResults::from_pool(broker.pool().clone()).into_dyn();
             let state = PostgresState::from_pool(broker.pool().clone()).into_dyn();
-            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(1500), limit)
+            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(2500), limit)
                 .with_results(results)
                 .with_state(state)
         })

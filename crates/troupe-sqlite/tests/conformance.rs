@@ -21,7 +21,8 @@ impl Harness for SqliteHarness {
             std::mem::forget(dir);
             let limit = 64 * 1024;
             let options = SqliteOptions::new(path)
-                .lease(Duration::from_millis(600))
+                // As PostgreSQL's: long enough that a loaded CI machine renews in time.
+                .lease(Duration::from_millis(1000))
                 .max_message_size(limit);
             let broker = SqliteBroker::open(options).await.expect("open the SQLite broker");
             let raw_broker = broker.clone();
@@ -31,7 +32,7 @@ impl Harness for SqliteHarness {
             });
             let results = troupe_sqlite::SqliteResults::from_pool(broker.pool().clone()).into_dyn();
             let state = troupe_sqlite::SqliteState::from_pool(broker.pool().clone()).into_dyn();
-            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(1500), limit)
+            TestBroker::new(Arc::new(broker), raw, Duration::from_millis(2500), limit)
                 .with_results(results)
                 .with_state(state)
         })
