@@ -78,6 +78,9 @@ pub(crate) async fn process(
                 (**m).after_skip(&cx).await;
             }
         }
+        for m in app.middleware().iter().rev() {
+            (**m).after_process(&mut cx, &outcome).await;
+        }
         (cx, outcome)
     }
     .instrument(span.clone())
@@ -97,7 +100,15 @@ pub(crate) async fn process(
                         return;
                     }
                 };
-                requeue |= written.iter().any(Result::is_err);
+                for error in written.into_iter().filter_map(Result::err) {
+                    if error.is_transient() {
+                        requeue = true;
+                    } else if !cx.is_failed() {
+                        // Retrying would fail the same way: the message goes to the dead letters
+                        // with the reason, where it can be requeued once the cause is fixed.
+                        cx.fail(format!("StoreError: {error}"));
+                    }
+                }
             }
             if requeue {
                 settle(&hard_stop, "requeue", || delivery.requeue()).await;

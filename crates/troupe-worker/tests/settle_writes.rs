@@ -1,7 +1,8 @@
 //! The worker's side of two middleware hooks: `on_prefetch` is called for a ready message
 //! before it is processed, and the writes a middleware leaves with
-//! `ProcessContext::before_settle` are awaited before the ack; when one fails the message is
-//! returned to its queue and runs again.
+//! `ProcessContext::before_settle` are awaited before the ack; when one fails on a transient
+//! error the message is returned to its queue and runs again, on any other error it is
+//! dead-lettered with the error as its reason.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use troupe_core::middleware::{Next, Outcome, ProcessContext};
 use troupe_core::{
-    Actor, ActorError, ActorOptions, App, Broker, Error, MemoryBroker, Message, Middleware, async_trait,
+    Actor, ActorError, ActorOptions, App, Broker, Error, ErrorKind, MemoryBroker, Message, Middleware, async_trait,
 };
 use troupe_worker::Worker;
 
@@ -38,11 +39,13 @@ impl Actor for Counted {
     }
 }
 
-/// Logs the hooks in the order they ran; its settle write fails the first `failures` times.
+/// Logs the hooks in the order they ran; its settle write fails the first `failures` times,
+/// with a transient (connection) error unless `permanent`.
 #[derive(Debug, Default)]
 struct Log {
     events: Arc<Mutex<Vec<String>>>,
     failures: usize,
+    permanent: bool,
     writes: Arc<AtomicUsize>,
 }
 
@@ -62,11 +65,19 @@ impl Middleware for Log {
         Self::push(&self.events, "process");
         let outcome = next.run(cx).await;
         let (events, writes, failures) = (Arc::clone(&self.events), Arc::clone(&self.writes), self.failures);
+        let permanent = self.permanent;
         cx.before_settle(async move {
             let n = writes.fetch_add(1, Ordering::SeqCst);
             if n < failures {
                 Self::push(&events, "write failed");
-                return Err(Error::Config("the store refused the write".into()));
+                if permanent {
+                    return Err(Error::Config("the store refused the write".into()));
+                }
+                return Err(Error::backend(
+                    "test",
+                    ErrorKind::Connection,
+                    "the store's connection dropped",
+                ));
             }
             Self::push(&events, "write");
             Ok(())
@@ -77,12 +88,21 @@ impl Middleware for Log {
     async fn after_ack(&self, _cx: &ProcessContext, _outcome: &Outcome) {
         Self::push(&self.events, "ack");
     }
+
+    async fn after_nack(&self, _cx: &ProcessContext, _outcome: &Outcome) {
+        Self::push(&self.events, "nack");
+    }
 }
 
 async fn run(failures: usize) -> (Vec<String>, usize, MemoryBroker) {
+    run_with(failures, false).await
+}
+
+async fn run_with(failures: usize, permanent: bool) -> (Vec<String>, usize, MemoryBroker) {
     let runs = Arc::new(AtomicUsize::new(0));
     let log = Arc::new(Log {
         failures,
+        permanent,
         ..Log::default()
     });
     let broker = MemoryBroker::new();
@@ -107,7 +127,8 @@ async fn run(failures: usize) -> (Vec<String>, usize, MemoryBroker) {
         .start()
         .await
         .unwrap();
-    app.join("settle", Duration::from_secs(10)).await.unwrap();
+    let joined = app.join("settle", Duration::from_secs(10)).await;
+    assert_eq!(joined.is_err(), permanent, "{joined:?}");
     worker.stop().await;
     let events = log.events.lock().unwrap().clone();
     (events, runs.load(Ordering::SeqCst), broker)
@@ -139,4 +160,18 @@ async fn a_failed_settle_write_returns_the_message_to_its_queue() {
         ]
     );
     assert_eq!(broker.stats("settle").await.unwrap().dead, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_write_that_cannot_succeed_dead_letters_the_message_with_its_reason() {
+    let (events, runs, broker) = run_with(usize::MAX, true).await;
+    assert_eq!(runs, 1, "not run again: the same write would fail again");
+    assert_eq!(events, ["prefetch", "process", "write failed", "nack"]);
+    let dead = broker.dead_letters("settle", 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.contains("the store refused the write"),
+        "{}",
+        dead[0].reason
+    );
 }

@@ -42,9 +42,12 @@ impl Middleware for Callbacks {
         let key = if success { "on_success" } else { "on_failure" };
         if let Some(target) = callback(cx, success) {
             let args: Vec<Value> = vec![cx.message().to_value(), payload];
-            if let Err(e) = cx.app().send_to(&target, args).await {
-                tracing::error!(callback = %target, error = %e, "could not send the {key} callback");
-            }
+            let what = format!("send the {key} callback ({target})");
+            super::follow_up(cx, &what, |app| {
+                let (target, args) = (target.clone(), args.clone());
+                async move { app.send_to(&target, args).await }
+            })
+            .await;
         }
         outcome
     }

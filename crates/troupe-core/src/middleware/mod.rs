@@ -110,6 +110,33 @@ pub struct ProcessContext {
     before_settle: BeforeSettle,
 }
 
+/// How long an enqueue that a processed message's waiters need (a pipeline's next stage, a
+/// callback) retries transient errors before the message is returned to its queue instead.
+const FOLLOW_UP_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Runs an enqueue the message's waiters need (a pipeline's next stage, a callback) while the
+/// message is processed: transient errors are retried with backoff for up to 30 s; if it still
+/// fails on one, the message is returned to its queue (its actor runs again) rather than acked
+/// with the follow-up lost. Other errors (a malformed target) are logged: retrying cannot help.
+pub(crate) async fn follow_up<T, F, Fut>(cx: &mut ProcessContext, what: &str, op: F)
+where
+    F: Fn(App) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let app = cx.app().clone();
+    let backoff = (Duration::from_millis(100), Duration::from_secs(5));
+    let done =
+        crate::support::retry_transient(what, backoff, Some(FOLLOW_UP_RETRY_FOR), None, || op(app.clone())).await;
+    match done {
+        Ok(_) => {}
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, "could not {what}; the message goes back to its queue to run again");
+            cx.requeue();
+        }
+        Err(e) => tracing::error!(error = %e, "could not {what}"),
+    }
+}
+
 /// Writes the worker awaits before it settles a message (see
 /// [`ProcessContext::before_settle`]).
 /// (A mutex only so that the context is `Sync`: it is only reached through `&mut`.)
@@ -152,7 +179,8 @@ impl ProcessContext {
     /// Adds a write the worker awaits after the chain returns and before it acks or nacks the
     /// message (a state the user waits on, stored without holding an executor: the executor
     /// takes its next message meanwhile, and writes of many messages go in one batch). When
-    /// one fails, the message is returned to its queue instead. The write runs after every
+    /// one fails on a transient error, the message is returned to its queue instead; on any
+    /// other error it is dead-lettered with the error as its reason. The write runs after every
     /// `process` hook returned, so it must own what it needs.
     pub fn before_settle(&mut self, write: impl Future<Output = Result<()>> + Send + 'static) {
         self.before_settle.writes().push(Box::pin(write));
@@ -498,6 +526,14 @@ pub trait Middleware: Send + Sync + fmt::Debug + 'static {
     /// After a message was skipped, before it is acked or nacked.
     async fn after_skip(&self, _cx: &ProcessContext) {}
 
+    /// Once the chain returned and the message's fate is decided ([`ProcessContext::failure_reason`]
+    /// says whether it will be dead-lettered, [`ProcessContext::wants_requeue`] whether it goes
+    /// back to its queue; otherwise it will be acked), before it is settled. A middleware adds
+    /// here the writes the message's waiters need (a result, say) with
+    /// [`ProcessContext::before_settle`], so the message is settled only once they are stored.
+    /// Runs for every outcome, after [`after_skip`](Self::after_skip).
+    async fn after_process(&self, _cx: &mut ProcessContext, _outcome: &Outcome) {}
+
     /// After a message was acked.
     async fn after_ack(&self, _cx: &ProcessContext, _outcome: &Outcome) {}
 
@@ -552,6 +588,10 @@ macro_rules! forward_middleware {
 
             async fn after_skip(&self, cx: &ProcessContext) {
                 (**self).after_skip(cx).await;
+            }
+
+            async fn after_process(&self, cx: &mut ProcessContext, outcome: &Outcome) {
+                (**self).after_process(cx, outcome).await;
             }
 
             async fn after_ack(&self, cx: &ProcessContext, outcome: &Outcome) {

@@ -31,9 +31,11 @@ impl Middleware for Pipelines {
             let group = Group::from_pipe_group(&next, (!ignore).then_some(result));
             match group {
                 Ok(group) => {
-                    if let Err(e) = group.run(cx.app(), None).await {
-                        tracing::error!(error = %e, "could not run the pipeline's next stage (a group)");
-                    }
+                    super::follow_up(cx, "run the pipeline's next stage (a group)", |app| {
+                        let group = group.clone();
+                        async move { group.run(&app, None).await }
+                    })
+                    .await;
                 }
                 Err(e) => tracing::error!(error = %e, "options.troupe_pipe_group is not a group of messages"),
             }
@@ -51,9 +53,11 @@ impl Middleware for Pipelines {
                     next_message.args.push(result.clone());
                 }
                 let delay = next_message.delay().filter(|d| !d.is_zero());
-                if let Err(e) = cx.app().enqueue(next_message, delay).await {
-                    tracing::error!(error = %e, "could not enqueue the next pipeline stage");
-                }
+                super::follow_up(cx, "enqueue the next pipeline stage", |app| {
+                    let next_message = next_message.clone();
+                    async move { app.enqueue(next_message, delay).await }
+                })
+                .await;
             }
             Err(e) => tracing::error!(error = %e, "options.pipe_target is not a message"),
         }

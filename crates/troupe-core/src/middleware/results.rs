@@ -4,7 +4,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::{Middleware, Next, Outcome, ProcessContext};
+use super::{Middleware, Outcome, ProcessContext};
 use crate::results::{DEFAULT_RESULT_TTL, ResultBackend, wrap_failure};
 
 /// Stores actors' results (when `store_results` is on) and final failures in a results backend.
@@ -44,10 +44,23 @@ impl Results {
         (store, ttl)
     }
 
-    async fn store(&self, cx: &ProcessContext, value: Value, ttl: Duration) {
-        if let Err(e) = self.backend.store(cx.message(), value, ttl).await {
-            tracing::error!(message_id = %cx.message().message_id, error = %e, "could not store the result");
-        }
+    /// Stores `value` as the message's result before the message is settled: transient errors
+    /// (a dropped or stalled connection) are retried with backoff until it is stored or the
+    /// worker stops hard (then the message is redelivered, its result not yet stored); any
+    /// other error dead-letters the message with the error as its reason.
+    fn store_before_settle(&self, cx: &mut ProcessContext, value: Value, ttl: Duration) {
+        let backend = Arc::clone(&self.backend);
+        let message = cx.message().clone();
+        cx.before_settle(async move {
+            let backoff = (Duration::from_millis(100), Duration::from_secs(5));
+            crate::support::retry_transient("store the result", backoff, None, None, || {
+                backend.store(&message, value.clone(), ttl)
+            })
+            .await
+            .inspect_err(
+                |e| tracing::error!(message_id = %message.message_id, error = %e, "could not store the result"),
+            )
+        });
     }
 }
 
@@ -57,38 +70,24 @@ impl super::Middleware for Results {
         troupe_options::read_by(troupe_options::middleware::RESULTS)
     }
 
-    async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
-        let outcome = next.run(cx).await;
-        if let Outcome::Success(value) = &outcome {
-            let (store, ttl) = self.lookup(cx);
-            if store {
-                self.store(cx, value.clone(), ttl).await;
-            }
-        }
-        outcome
-    }
-
-    async fn after_skip(&self, cx: &ProcessContext) {
+    async fn after_process(&self, cx: &mut ProcessContext, outcome: &Outcome) {
         let (store, ttl) = self.lookup(cx);
-        if store && !cx.is_failed() {
-            self.store(cx, Value::Null, ttl).await;
-        }
-    }
-
-    async fn after_nack(&self, cx: &ProcessContext, outcome: &Outcome) {
-        let (store, ttl) = self.lookup(cx);
-        if !store {
+        if !store || cx.wants_requeue() {
             return;
         }
-        let value = match outcome {
-            Outcome::Failure(e) => wrap_failure(e.type_name(), e.message()),
-            _ => {
-                let reason = cx.failure_reason().unwrap_or("message failed");
+        // A failure is stored only when the message is dead-lettered (not when it is retried),
+        // a skipped message's result is None.
+        let value = match (cx.failure_reason(), outcome) {
+            (Some(_), Outcome::Failure(e)) => wrap_failure(e.type_name(), e.message()),
+            (Some(reason), _) => {
                 let (t, m) = reason.split_once(": ").unwrap_or(("Exception", reason));
                 wrap_failure(t, m)
             }
+            (None, Outcome::Success(value)) => value.clone(),
+            (None, Outcome::Skipped) => Value::Null,
+            (None, Outcome::Failure(_)) => return,
         };
-        self.store(cx, value, ttl).await;
+        self.store_before_settle(cx, value, ttl);
     }
 }
 
