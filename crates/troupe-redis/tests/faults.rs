@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use troupe_core::{Actor, ActorError, ActorOptions, App};
 use troupe_redis::{RedisBroker, RedisOptions};
+use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, KillBackend, MidBatchKill, Runs};
 use troupe_worker::Worker;
 
@@ -61,7 +62,8 @@ impl KillBackend for Redis {
     const NAME: &'static str = "Redis";
 
     async fn open(&self, ns: &str) -> (RedisBroker, Processed) {
-        let options = RedisOptions::from_url(&url())
+        // A chaos round's workers reach Redis through its fault proxy; the runs go direct.
+        let options = RedisOptions::from_url(&chaos::behind_proxy(&url()))
             .unwrap()
             .namespace(ns)
             .heartbeat_timeout(Duration::from_secs(1))
@@ -78,6 +80,13 @@ impl KillBackend for Redis {
         let options = RedisOptions::from_url(&url()).unwrap().namespace(ns);
         Some(troupe_redis::RedisState::open(options).await.unwrap().into_dyn())
     }
+
+    async fn results(&self, ns: &str) -> Option<std::sync::Arc<dyn troupe_core::ResultBackend>> {
+        let options = RedisOptions::from_url(&chaos::behind_proxy(&url()))
+            .unwrap()
+            .namespace(ns);
+        Some(troupe_redis::RedisResults::open(options).await.unwrap().into_dyn())
+    }
 }
 
 /// The worker process of the crash test.
@@ -90,6 +99,32 @@ fn child() {
 async fn sigkill_mid_batch_loses_nothing() {
     let ns = format!("troupe-crash-{}", uuid::Uuid::new_v4().simple());
     MidBatchKill::default().run(&Redis, &ns, QUEUE).await;
+}
+
+/// Chaos rounds (`troupe_test_suite::chaos`): a worker SIGKILLed, the link cut, the link
+/// stalled then cut, each while two worker processes run a mix of messages that store results.
+async fn chaos(fault: Fault, name: &str) {
+    let ns = format!("troupe-chaos-{}", uuid::Uuid::new_v4().simple());
+    let server = chaos::server_of(&url(), 6379).await;
+    ChaosRounds::new(fault)
+        .run(&Redis, &ns, name, Some(server))
+        .await
+        .assert_nothing_lost();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_sigkill_a_worker() {
+    chaos(Fault::KillWorker, "chaos-kill").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_link_cut() {
+    chaos(Fault::CutLink, "chaos-cut").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_link_stalled_then_cut() {
+    chaos(Fault::StallLink(Duration::from_secs(3)), "chaos-stall").await;
 }
 
 fn free_port() -> u16 {

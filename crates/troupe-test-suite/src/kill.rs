@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 use troupe_core::limits::{BucketRateLimiter, ConcurrentRateLimiter, WhenLimited, WindowRateLimiter};
 use troupe_core::middleware::TaskTracking;
 use troupe_core::{
-    Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Message, QueueStats, SendOptions, StateBackend,
-    TaskStatus, group, now_ms,
+    Actor, ActorError, ActorOptions, App, AppBuilder, Broker, Message, QueueStats, ResultBackend, SendOptions,
+    StateBackend, TaskStatus, group, now_ms,
 };
 use troupe_worker::{Worker, WorkerBuilder};
 
@@ -217,6 +217,12 @@ pub trait KillBackend: Send + Sync + 'static {
     fn state(&self, _place: &str) -> impl Future<Output = Option<Arc<dyn StateBackend>>> + Send {
         async { None }
     }
+
+    /// The result backend of `place`, when the backend has one: the chaos rounds
+    /// ([`crate::chaos`]) then check that every message's result was stored, across the fault.
+    fn results(&self, _place: &str) -> impl Future<Output = Option<Arc<dyn ResultBackend>>> + Send {
+        async { None }
+    }
 }
 
 /// The app of the test, tracking task states when the backend keeps them.
@@ -279,11 +285,15 @@ pub fn child<B: KillBackend>(backend: &B) {
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async move {
         let (broker, runs) = backend.open(&place).await;
-        let record = Record::new(&queue, Arc::new(runs));
-        let app = app_builder(Arc::new(broker), backend.state(&place).await)
+        let runs = Arc::new(runs);
+        let record = Record::new(&queue, Arc::clone(&runs));
+        let mut builder = app_builder(Arc::new(broker), backend.state(&place).await)
             .actor(record.clone())
-            .build()
-            .expect("app");
+            .actor(crate::chaos::Chaos::new(&queue, runs));
+        if let Some(results) = backend.results(&place).await {
+            builder = builder.results(results);
+        }
+        let app = builder.build().expect("app");
         match role.as_str() {
             "worker" => {
                 let _worker = backend
@@ -632,7 +642,17 @@ impl Drop for Spawned {
 /// When the process cannot be started.
 #[must_use]
 pub fn spawn(role: &Role, place: &str, queue: &str) -> Spawned {
+    spawn_with(role, place, queue, &[])
+}
+
+/// [`spawn`], with more environment variables for the child (a proxy's address, say).
+///
+/// # Panics
+/// When the process cannot be started.
+#[must_use]
+pub fn spawn_with(role: &Role, place: &str, queue: &str, env: &[(&str, String)]) -> Spawned {
     let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
     cmd.args(["child", "--exact", "--nocapture", "--test-threads", "1"])
         .env(PLACE, place)
         .env(QUEUE, queue)

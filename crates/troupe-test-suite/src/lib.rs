@@ -15,6 +15,7 @@
 
 pub mod backends;
 pub mod cases;
+pub mod chaos;
 pub mod coordination;
 pub mod groups;
 pub mod kill;

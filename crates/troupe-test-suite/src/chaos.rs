@@ -1,0 +1,617 @@
+//! Chaos rounds: a fault injected again and again under load, with every message's runs and
+//! result counted.
+//!
+//! A round sends a mix of messages ([`Chaos`]: fast, slow, failing once, delayed), starts two
+//! worker processes ([`kill::spawn`](crate::kill::spawn)), injects the [`Fault`] once a third
+//! of them have run, and waits until every message has run. It counts messages never run
+//! (lost), runs beyond the first (duplicates), results that were not stored, and the time
+//! from the end of the fault until the last message ran (recovery: how long the fault held
+//! work up, the redelivery of what a dead worker held included).
+//!
+//! Link faults put a [`FaultProxy`] between the workers and the server: the children are
+//! started with [`SERVER`] set and the backend's [`KillBackend::open`] passes its URL through
+//! [`behind_proxy`]. Runs are recorded where the fault cannot reach (the backend's
+//! [`Runs`], opened directly, or a file).
+//!
+//! The number of rounds is [`ChaosRounds::rounds`], or `TROUPE_CHAOS_ROUNDS` when set (CI runs
+//! a few; `TROUPE_CHAOS_ROUNDS=10` is the published setting). When `TROUPE_CHAOS_REPORT` names
+//! a file, each run appends its summary there as one JSON line.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinHandle};
+use troupe_core::middleware::current_message;
+use troupe_core::{Actor, ActorError, ActorOptions, Message, SendOptions};
+
+use crate::kill::{self, KillBackend, Role, Runs, Spawned};
+
+/// The environment variable that tells a child the proxy's address (`host:port`) to use in
+/// place of its server's.
+pub const SERVER: &str = "TROUPE_CHAOS_SERVER";
+
+/// The address of the server `url` names (its host resolved, its port or `default_port`).
+///
+/// # Panics
+/// When the URL has no host or the host does not resolve.
+pub async fn server_of(url: &str, default_port: u16) -> SocketAddr {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let target = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:{default_port}")
+    };
+    tokio::net::lookup_host(&target)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .unwrap_or_else(|| panic!("{target} resolves"))
+}
+
+/// `url` with its host and port replaced by the proxy's when this process was started behind
+/// one ([`SERVER`] set), else `url` unchanged. User, password, path and query are kept.
+#[must_use]
+pub fn behind_proxy(url: &str) -> String {
+    match std::env::var(SERVER) {
+        Ok(addr) => with_server(url, &addr),
+        Err(_) => url.to_owned(),
+    }
+}
+
+/// `url` with the host and port of its authority replaced by `addr`.
+#[must_use]
+pub fn with_server(url: &str, addr: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}{addr}{tail}")
+}
+
+/// A TCP proxy on loopback that forwards to one server until told to fail: it can stop
+/// forwarding while keeping every connection open (a stalled link: nothing is closed, nothing
+/// arrives) and cut every connection it carries (a dropped link). New connections are
+/// accepted throughout; while stalled, they carry nothing either.
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    forwarding: watch::Sender<bool>,
+    links: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` on a free loopback port.
+    ///
+    /// # Panics
+    /// When no loopback port can be bound.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let addr = listener.local_addr().expect("the proxy's address");
+        let (forwarding, _) = watch::channel(true);
+        let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (forwarding, links) = (forwarding.clone(), Arc::clone(&links));
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let link = tokio::spawn(carry(client, upstream, forwarding.subscribe()));
+                    if let Ok(mut links) = links.lock() {
+                        links.retain(|l| !l.is_finished());
+                        links.push(link.abort_handle());
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            forwarding,
+            links,
+            accept,
+        }
+    }
+
+    /// Where clients connect.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops forwarding; every connection stays open.
+    pub fn stall(&self) {
+        self.forwarding.send_replace(false);
+    }
+
+    /// Forwards again.
+    pub fn resume(&self) {
+        self.forwarding.send_replace(true);
+    }
+
+    /// Closes every connection it carries (new ones are accepted).
+    pub fn cut(&self) {
+        if let Ok(mut links) = self.links.lock() {
+            for link in links.drain(..) {
+                link.abort();
+            }
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Carries one connection both ways while forwarding is on; ends (closing both sides) when
+/// either side closes.
+async fn carry(client: TcpStream, upstream: SocketAddr, forwarding: watch::Receiver<bool>) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    tokio::select! {
+        () = pump(client_read, server_write, forwarding.clone()) => {}
+        () = pump(server_read, client_write, forwarding) => {}
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut forwarding: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0_u8; 64 * 1024];
+    loop {
+        if forwarding.wait_for(|on| *on).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // A stall that began during the read holds what was read.
+        if forwarding.wait_for(|on| *on).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What the messages of a round do, by kind ([`Chaos`]'s second argument).
+pub mod kinds {
+    /// Runs for about 5 ms.
+    pub const FAST: u64 = 0;
+    /// Runs for about 150 ms.
+    pub const SLOW: u64 = 1;
+    /// Fails its first attempt (retried after 100 ms), then runs fast.
+    pub const FAILING: u64 = 2;
+    /// Sent with a 300 ms delay, then runs fast.
+    pub const DELAYED: u64 = 3;
+}
+
+/// The actor of the chaos rounds: `chaos(n, kind)` behaves as its [`kinds`] says, records one
+/// run of `n` and returns `n` (stored as its result when the app has a result backend).
+pub struct Chaos<R> {
+    queue: String,
+    runs: Arc<R>,
+}
+
+impl<R> Clone for Chaos<R> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+            runs: Arc::clone(&self.runs),
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for Chaos<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chaos")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Runs> Chaos<R> {
+    /// The actor on `queue`, recording into `runs`.
+    #[must_use]
+    pub fn new(queue: &str, runs: Arc<R>) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            runs,
+        }
+    }
+}
+
+impl<R: Runs> Actor for Chaos<R> {
+    type Args = (u64, u64);
+    type Output = u64;
+
+    fn name(&self) -> &str {
+        "chaos"
+    }
+
+    fn arg_names(&self) -> &[&str] {
+        &["n", "kind"]
+    }
+
+    fn options(&self) -> ActorOptions {
+        ActorOptions::new().queue_name(self.queue.clone()).store_results(true)
+    }
+
+    async fn call(&self, (n, kind): (u64, u64)) -> Result<u64, ActorError> {
+        match kind {
+            kinds::SLOW => tokio::time::sleep(Duration::from_millis(150)).await,
+            kinds::FAILING if current_message().is_none_or(|m| m.retries() == 0) => {
+                return Err(ActorError::new("Flaky", "fails its first attempt"));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+        self.runs.record(n).await?;
+        Ok(n)
+    }
+}
+
+/// The fault a round injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// SIGKILL one of the two worker processes mid-batch, and start another in its place.
+    KillWorker,
+    /// Close every connection between the workers and the server (they reconnect).
+    CutLink,
+    /// Stop forwarding between the workers and the server for this long without closing
+    /// anything, then close every connection (what a failed network path does before TCP or
+    /// a timeout notices).
+    StallLink(Duration),
+}
+
+impl Fault {
+    /// Its name in reports.
+    #[must_use]
+    pub fn name(&self) -> String {
+        match self {
+            Self::KillWorker => "SIGKILL a worker".into(),
+            Self::CutLink => "link cut".into(),
+            Self::StallLink(d) => format!("link stalled {} s, then cut", d.as_secs_f64()),
+        }
+    }
+
+    fn needs_proxy(self) -> bool {
+        !matches!(self, Self::KillWorker)
+    }
+}
+
+/// A number of rounds of one fault.
+#[derive(Clone, Copy, Debug)]
+pub struct ChaosRounds {
+    fault: Fault,
+    rounds: u32,
+    messages: u64,
+}
+
+/// What [`ChaosRounds::run`] counted.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ChaosReport {
+    /// The backend's name.
+    pub broker: &'static str,
+    /// The fault's name.
+    pub fault: String,
+    /// Rounds run.
+    pub rounds: u32,
+    /// Messages sent over all rounds.
+    pub messages: u64,
+    /// Messages that never ran.
+    pub lost: u64,
+    /// Runs beyond a message's first, over all rounds.
+    pub duplicates: u64,
+    /// Results that were not stored (when the backend has a result backend).
+    pub results_missing: u64,
+    /// Per round, the time from the end of the fault until the last message had run.
+    pub recovery: Vec<Duration>,
+}
+
+impl ChaosReport {
+    /// Panics when a message or a result was lost.
+    ///
+    /// # Panics
+    /// On a lost message or a missing result.
+    pub fn assert_nothing_lost(&self) {
+        assert_eq!(
+            (self.lost, self.results_missing),
+            (0, 0),
+            "{} under {}: lost messages and missing results",
+            self.broker,
+            self.fault
+        );
+    }
+
+    /// The longest recovery of the rounds.
+    #[must_use]
+    pub fn max_recovery(&self) -> Duration {
+        self.recovery.iter().copied().max().unwrap_or_default()
+    }
+
+    /// The median recovery of the rounds.
+    #[must_use]
+    pub fn median_recovery(&self) -> Duration {
+        let mut all = self.recovery.clone();
+        all.sort_unstable();
+        all.get(all.len() / 2).copied().unwrap_or_default()
+    }
+}
+
+impl ChaosRounds {
+    /// `fault`, three rounds (or `TROUPE_CHAOS_ROUNDS`) of 200 messages.
+    #[must_use]
+    pub fn new(fault: Fault) -> Self {
+        let rounds = std::env::var("TROUPE_CHAOS_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(3);
+        Self {
+            fault,
+            rounds,
+            messages: 200,
+        }
+    }
+
+    /// Runs `rounds` rounds unless `TROUPE_CHAOS_ROUNDS` is set.
+    #[must_use]
+    pub fn rounds(mut self, rounds: u32) -> Self {
+        if std::env::var("TROUPE_CHAOS_ROUNDS").is_err() {
+            self.rounds = rounds;
+        }
+        self
+    }
+
+    /// Sends `messages` per round.
+    #[must_use]
+    pub fn messages(mut self, messages: u64) -> Self {
+        self.messages = messages;
+        self
+    }
+
+    /// Runs the rounds on `place`, each on a queue of its own named after `queue`; `server` is
+    /// the address a link fault's proxy forwards to. Returns the counts; the caller asserts
+    /// what its broker promises ([`ChaosReport::assert_nothing_lost`]).
+    ///
+    /// # Panics
+    /// When the broker or the children fail, or a link fault is asked for without `server`.
+    pub async fn run<B: KillBackend>(
+        &self,
+        backend: &B,
+        place: &str,
+        queue: &str,
+        server: Option<SocketAddr>,
+    ) -> ChaosReport {
+        let (broker, runs) = backend.open(place).await;
+        runs.prepare().await;
+        let runs = Arc::new(runs);
+        let results = backend.results(place).await;
+        let proxy = match (self.fault.needs_proxy(), server) {
+            (true, Some(server)) => Some(FaultProxy::start(server).await),
+            (true, None) => panic!("{} needs the server's address for its proxy", self.fault.name()),
+            (false, _) => None,
+        };
+        let env: Vec<(&str, String)> = proxy.iter().map(|p| (SERVER, p.addr().to_string())).collect();
+        let mut report = ChaosReport {
+            broker: B::NAME,
+            fault: self.fault.name(),
+            rounds: self.rounds,
+            messages: 0,
+            lost: 0,
+            duplicates: 0,
+            results_missing: 0,
+            recovery: Vec::new(),
+        };
+        for round in 0..self.rounds {
+            let queue = format!("{queue}-{round}");
+            let chaos = Chaos::new(&queue, Arc::clone(&runs));
+            let mut builder = troupe_core::App::builder(Arc::new(broker.clone())).actor(chaos.clone());
+            if let Some(results) = &results {
+                builder = builder.results(Arc::clone(results));
+            }
+            let app = builder.build().expect("app");
+            let base = (u64::from(round) + 1) * 1_000_000;
+            let mut sent: Vec<(u64, Message)> = Vec::new();
+            for k in 0..self.messages {
+                let n = base + k;
+                let kind = k % 4;
+                let mut options = SendOptions::new()
+                    .min_backoff(Duration::from_millis(100))
+                    .max_backoff(Duration::from_secs(1))
+                    .max_retries(100);
+                if kind == kinds::DELAYED {
+                    options = options.delay(Duration::from_millis(300));
+                }
+                let message = app.send_with_options(&chaos, (n, kind), options).await.expect("send");
+                sent.push((n, message.message().clone()));
+            }
+            let all = usize::try_from(self.messages).expect("a count");
+            let in_round = |counts: HashMap<u64, u64>| -> HashMap<u64, u64> {
+                counts
+                    .into_iter()
+                    .filter(|(n, _)| (base..base + self.messages).contains(n))
+                    .collect()
+            };
+            let mut workers: Vec<Spawned> = (0..2)
+                .map(|_| kill::spawn_with(&Role::Worker, place, &queue, &env))
+                .collect();
+
+            // Inject the fault once a third have run.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while in_round(runs.counts().await).len() < all / 3 {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: the workers ran too little in 60 s: {}",
+                    workers.iter().map(Spawned::log).collect::<Vec<_>>().join("\n")
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            match self.fault {
+                Fault::KillWorker => {
+                    workers[0].kill();
+                    workers[0] = kill::spawn_with(&Role::Worker, place, &queue, &env);
+                }
+                Fault::CutLink => proxy.as_ref().expect("a proxy").cut(),
+                Fault::StallLink(stall) => {
+                    let proxy = proxy.as_ref().expect("a proxy");
+                    proxy.stall();
+                    tokio::time::sleep(stall).await;
+                    proxy.cut();
+                    proxy.resume();
+                }
+            }
+            let fault_ended = Instant::now();
+
+            let deadline = fault_ended + Duration::from_secs(120);
+            let mut done = in_round(runs.counts().await);
+            while done.len() < all && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                done = in_round(runs.counts().await);
+            }
+            let recovered = fault_ended.elapsed();
+            // Results are stored before the ack: wait for them before the workers go.
+            let mut results_missing = 0;
+            if let Some(backend) = &results {
+                for (n, message) in &sent {
+                    match backend.get(message, Some(Duration::from_secs(10))).await {
+                        Ok(value) if value == json!(n) => {}
+                        other => {
+                            results_missing += 1;
+                            eprintln!("round {round}: the result of {n} is {other:?}");
+                        }
+                    }
+                }
+            }
+            // Late duplicates (a redelivery racing the end) are counted too.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let done = in_round(runs.counts().await);
+            let logs: Vec<String> = workers.iter().map(Spawned::log).collect();
+            for worker in &mut workers {
+                worker.kill();
+            }
+            let lost = self.messages - u64::try_from(done.len()).expect("a count");
+            let duplicates: u64 = done.values().map(|c| c - 1).sum();
+            if lost > 0 {
+                eprintln!("round {round}: {lost} lost; the workers said:\n{}", logs.join("\n"));
+            }
+            report.messages += self.messages;
+            report.lost += lost;
+            report.duplicates += duplicates;
+            report.results_missing += results_missing;
+            report.recovery.push(recovered);
+        }
+        eprintln!(
+            "CHAOS {} | {} | rounds {} | messages {} | lost {} | duplicates {} | results missing {} | recovery median {:.2} s, max {:.2} s",
+            report.broker,
+            report.fault,
+            report.rounds,
+            report.messages,
+            report.lost,
+            report.duplicates,
+            report.results_missing,
+            report.median_recovery().as_secs_f64(),
+            report.max_recovery().as_secs_f64(),
+        );
+        if let Ok(path) = std::env::var("TROUPE_CHAOS_REPORT") {
+            let line = json!({
+                "broker": report.broker,
+                "fault": report.fault,
+                "rounds": report.rounds,
+                "messages": report.messages,
+                "lost": report.lost,
+                "duplicates": report.duplicates,
+                "results_missing": report.results_missing,
+                "recovery_median_s": report.median_recovery().as_secs_f64(),
+                "recovery_max_s": report.max_recovery().as_secs_f64(),
+            });
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .expect("the chaos report file");
+            std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes()).expect("write the chaos report");
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_is_replaced_and_the_rest_kept() {
+        assert_eq!(
+            with_server("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=5", "127.0.0.1:4000"),
+            "amqp://guest:guest@127.0.0.1:4000/%2f?heartbeat=5"
+        );
+        assert_eq!(
+            with_server("redis://127.0.0.1:6379", "127.0.0.1:4000"),
+            "redis://127.0.0.1:4000"
+        );
+        assert_eq!(
+            with_server("postgres://postgres@localhost/test", "127.0.0.1:4000"),
+            "postgres://postgres@127.0.0.1:4000/test"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_proxy_forwards_stalls_and_cuts() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0_u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let proxy = FaultProxy::start(upstream).await;
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        let mut buf = [0_u8; 5];
+        client.write_all(b"hello").await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+
+        proxy.stall();
+        client.write_all(b"again").await.unwrap();
+        let stalled = tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut buf)).await;
+        assert!(stalled.is_err(), "nothing comes back while stalled");
+        proxy.resume();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"again");
+
+        proxy.cut();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(matches!(n, Ok(0) | Err(_)), "the connection is closed: {n:?}");
+    }
+}
