@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use troupe_core::{Actor, ActorError, ActorOptions, App, Broker};
 use troupe_postgres::{PostgresBroker, PostgresOptions};
+use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, FileRuns, KillBackend, MidBatchKill};
 use troupe_worker::Worker;
 
@@ -25,7 +26,8 @@ fn url() -> String {
 }
 
 fn options(schema: &str) -> PostgresOptions {
-    PostgresOptions::from_url(&url())
+    // A chaos round's workers reach the server through its fault proxy.
+    PostgresOptions::from_url(&chaos::behind_proxy(&url()))
         .unwrap()
         .schema(schema)
         .lease(Duration::from_secs(1))
@@ -51,6 +53,11 @@ impl KillBackend for Postgres {
         let pool = troupe_postgres::open(&options(schema)).await.unwrap();
         Some(troupe_postgres::PostgresState::from_pool(pool).into_dyn())
     }
+
+    async fn results(&self, schema: &str) -> Option<std::sync::Arc<dyn troupe_core::ResultBackend>> {
+        let pool = troupe_postgres::open(&options(schema)).await.unwrap();
+        Some(troupe_postgres::PostgresResults::from_pool(pool).into_dyn())
+    }
 }
 
 /// The worker process of the crash test.
@@ -68,6 +75,33 @@ async fn sigkill_mid_batch_loses_nothing() {
     let schema = schema();
     MidBatchKill::default().run(&Postgres, &schema, QUEUE).await;
     FileRuns::temp(&schema).remove();
+}
+
+/// Chaos rounds (`troupe_test_suite::chaos`): a worker SIGKILLed, the link cut, the link
+/// stalled then cut, each while two worker processes run a mix of messages that store results.
+async fn chaos(fault: Fault, name: &str) {
+    let schema = schema();
+    let server = chaos::server_of(&url(), 5432).await;
+    let report = ChaosRounds::new(fault)
+        .run(&Postgres, &schema, name, Some(server))
+        .await;
+    FileRuns::temp(&schema).remove();
+    report.assert_nothing_lost();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_sigkill_a_worker() {
+    chaos(Fault::KillWorker, "chaos-kill").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_link_cut() {
+    chaos(Fault::CutLink, "chaos-cut").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_link_stalled_then_cut() {
+    chaos(Fault::StallLink(Duration::from_secs(3)), "chaos-stall").await;
 }
 
 struct Count(Arc<std::sync::atomic::AtomicUsize>);

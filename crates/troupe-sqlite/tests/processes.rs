@@ -13,6 +13,7 @@ use std::time::Duration;
 use sqlx::{Row, SqlitePool};
 use troupe_core::{ActorError, Broker};
 use troupe_sqlite::{SqliteBroker, SqliteOptions};
+use troupe_test_suite::chaos::{ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, KillBackend, MidBatchKill, Role, Runs};
 use troupe_worker::WorkerBuilder;
 
@@ -70,6 +71,11 @@ impl KillBackend for Sqlite {
         let pool = troupe_sqlite::open(&SqliteOptions::new(path)).await.expect("open");
         Some(troupe_sqlite::SqliteState::from_pool(pool).into_dyn())
     }
+
+    async fn results(&self, path: &str) -> Option<std::sync::Arc<dyn troupe_core::ResultBackend>> {
+        let pool = troupe_sqlite::open(&SqliteOptions::new(path)).await.expect("open");
+        Some(troupe_sqlite::SqliteResults::from_pool(pool).into_dyn())
+    }
 }
 
 /// The child processes: workers that run until killed, and producers.
@@ -96,6 +102,17 @@ async fn sigkill_mid_batch_loses_nothing() {
     let stats = report.broker.stats(QUEUE).await.unwrap();
     assert_eq!((stats.pending(), stats.dead), (0, 0), "{stats:?}");
     assert!(!report.log.contains("locked"), "{}", report.log);
+}
+
+/// Chaos rounds (`troupe_test_suite::chaos`): one of two worker processes SIGKILLed while they
+/// run a mix of messages that store results (a file has no link to cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_sigkill_a_worker() {
+    let (_dir, path) = db();
+    ChaosRounds::new(Fault::KillWorker)
+        .run(&Sqlite, &path, "chaos-kill", None)
+        .await
+        .assert_nothing_lost();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

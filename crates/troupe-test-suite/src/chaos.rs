@@ -211,6 +211,7 @@ pub mod kinds {
 pub struct Chaos<R> {
     queue: String,
     runs: Arc<R>,
+    store_results: bool,
 }
 
 impl<R> Clone for Chaos<R> {
@@ -218,6 +219,7 @@ impl<R> Clone for Chaos<R> {
         Self {
             queue: self.queue.clone(),
             runs: Arc::clone(&self.runs),
+            store_results: self.store_results,
         }
     }
 }
@@ -231,12 +233,14 @@ impl<R> std::fmt::Debug for Chaos<R> {
 }
 
 impl<R: Runs> Chaos<R> {
-    /// The actor on `queue`, recording into `runs`.
+    /// The actor on `queue`, recording into `runs`, storing its results when `store_results`
+    /// (its app must then have a result backend).
     #[must_use]
-    pub fn new(queue: &str, runs: Arc<R>) -> Self {
+    pub fn new(queue: &str, runs: Arc<R>, store_results: bool) -> Self {
         Self {
             queue: queue.to_owned(),
             runs,
+            store_results,
         }
     }
 }
@@ -254,7 +258,12 @@ impl<R: Runs> Actor for Chaos<R> {
     }
 
     fn options(&self) -> ActorOptions {
-        ActorOptions::new().queue_name(self.queue.clone()).store_results(true)
+        let options = ActorOptions::new().queue_name(self.queue.clone());
+        if self.store_results {
+            options.store_results(true)
+        } else {
+            options
+        }
     }
 
     async fn call(&self, (n, kind): (u64, u64)) -> Result<u64, ActorError> {
@@ -426,7 +435,7 @@ impl ChaosRounds {
         };
         for round in 0..self.rounds {
             let queue = format!("{queue}-{round}");
-            let chaos = Chaos::new(&queue, Arc::clone(&runs));
+            let chaos = Chaos::new(&queue, Arc::clone(&runs), results.is_some());
             let mut builder = troupe_core::App::builder(Arc::new(broker.clone())).actor(chaos.clone());
             if let Some(results) = &results {
                 builder = builder.results(Arc::clone(results));

@@ -287,10 +287,12 @@ pub fn child<B: KillBackend>(backend: &B) {
         let (broker, runs) = backend.open(&place).await;
         let runs = Arc::new(runs);
         let record = Record::new(&queue, Arc::clone(&runs));
+        let results = backend.results(&place).await;
+        let chaos = crate::chaos::Chaos::new(&queue, runs, results.is_some());
         let mut builder = app_builder(Arc::new(broker), backend.state(&place).await)
             .actor(record.clone())
-            .actor(crate::chaos::Chaos::new(&queue, runs));
-        if let Some(results) = backend.results(&place).await {
+            .actor(chaos);
+        if let Some(results) = results {
             builder = builder.results(results);
         }
         let app = builder.build().expect("app");
