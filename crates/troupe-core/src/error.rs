@@ -131,10 +131,20 @@ impl fmt::Display for Error {
                 f,
                 "message of {size} bytes is over the {limit}-byte limit; send an id and keep the payload elsewhere, or raise the limit"
             ),
-            Self::InvalidQueueName(q) => write!(
-                f,
-                "invalid queue name {q:?}: queue names must match [a-zA-Z_][a-zA-Z0-9._-]*"
-            ),
+            Self::InvalidQueueName(q) => {
+                // A long name is shown by its start and length.
+                let shown: String = q.chars().take(64).collect();
+                let more = if shown.len() < q.len() {
+                    format!("... ({} bytes)", q.len())
+                } else {
+                    String::new()
+                };
+                write!(
+                    f,
+                    "invalid queue name {shown:?}{more}: queue names must match [a-zA-Z_][a-zA-Z0-9._-]* and be at most {} bytes",
+                    crate::queue::MAX_QUEUE_NAME_LEN
+                )
+            }
             Self::QueueNotFound(q) => write!(f, "queue {q:?} was not declared on this broker"),
             Self::ActorNotFound(a) => write!(f, "no actor named {a:?} is registered"),
             Self::Config(m) => f.write_str(m),

@@ -7,18 +7,24 @@ pub const DELAY_SUFFIX: &str = ".DQ";
 /// The suffix of a queue's dead-letter queue.
 pub const DEAD_LETTER_SUFFIX: &str = ".XQ";
 
-/// Checks that `name` matches `[a-zA-Z_][a-zA-Z0-9._-]*`, as Dramatiq requires.
+/// The longest queue name: RabbitMQ's limit of 255 bytes, less the `.XQ` suffix of the
+/// dead-letter queue (so a queue valid on one broker is valid on every broker).
+pub const MAX_QUEUE_NAME_LEN: usize = 255 - DEAD_LETTER_SUFFIX.len();
+
+/// Checks that `name` matches `[a-zA-Z_][a-zA-Z0-9._-]*`, as Dramatiq requires, and is at
+/// most [`MAX_QUEUE_NAME_LEN`] bytes.
 ///
 /// # Errors
 /// [`Error::InvalidQueueName`] when it does not.
 pub fn validate_queue_name(name: &str) -> Result<()> {
     let mut chars = name.chars();
-    let ok = match chars.next() {
-        Some(c) if c.is_ascii_alphabetic() || c == '_' => {
-            chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        }
-        _ => false,
-    };
+    let ok = name.len() <= MAX_QUEUE_NAME_LEN
+        && match chars.next() {
+            Some(c) if c.is_ascii_alphabetic() || c == '_' => {
+                chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            }
+            _ => false,
+        };
     if ok {
         Ok(())
     } else {

@@ -27,9 +27,13 @@ fn url() -> String {
 
 fn options(schema: &str) -> PostgresOptions {
     // A chaos round's workers reach the server through its fault proxy.
-    PostgresOptions::from_url(&chaos::behind_proxy(&url()))
+    let options = PostgresOptions::from_url(&chaos::behind_proxy(&url()))
         .unwrap()
-        .schema(schema)
+        .schema(schema);
+    if chaos::at_defaults() {
+        return options;
+    }
+    options
         .lease(Duration::from_secs(1))
         .poll_interval(Duration::from_millis(50))
 }

@@ -63,11 +63,14 @@ impl KillBackend for Redis {
 
     async fn open(&self, ns: &str) -> (RedisBroker, Processed) {
         // A chaos round's workers reach Redis through its fault proxy; the runs go direct.
-        let options = RedisOptions::from_url(&chaos::behind_proxy(&url()))
+        let mut options = RedisOptions::from_url(&chaos::behind_proxy(&url()))
             .unwrap()
-            .namespace(ns)
-            .heartbeat_timeout(Duration::from_secs(1))
-            .maintenance_interval(Duration::from_millis(200));
+            .namespace(ns);
+        if !chaos::at_defaults() {
+            options = options
+                .heartbeat_timeout(Duration::from_secs(1))
+                .maintenance_interval(Duration::from_millis(200));
+        }
         let client = redis::Client::open(url()).unwrap();
         let runs = Processed {
             key: format!("{ns}:processed"),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use sqlx::{Row, SqlitePool};
 use troupe_core::{ActorError, Broker};
 use troupe_sqlite::{SqliteBroker, SqliteOptions};
-use troupe_test_suite::chaos::{ChaosRounds, Fault};
+use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, KillBackend, MidBatchKill, Role, Runs};
 use troupe_worker::WorkerBuilder;
 
@@ -57,7 +57,11 @@ impl KillBackend for Sqlite {
     const NAME: &'static str = "SQLite";
 
     async fn open(&self, path: &str) -> (SqliteBroker, Processed) {
-        let options = SqliteOptions::new(path).lease(Duration::from_secs(1));
+        let options = if chaos::at_defaults() {
+            SqliteOptions::new(path)
+        } else {
+            SqliteOptions::new(path).lease(Duration::from_secs(1))
+        };
         let broker = SqliteBroker::open(options).await.expect("open");
         let runs = Processed(broker.pool().clone());
         (broker, runs)

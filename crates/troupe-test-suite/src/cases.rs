@@ -739,6 +739,167 @@ pub async fn fail_permanently_skips_retries(tb: &TestBroker) {
     assert!(dead[0].reason.contains("Invalid: bad input"), "{:?}", dead[0].reason);
 }
 
+/// The bad-input corpus (docs/reliability.md): bytes no producer should send and values no
+/// actor expects. Each raw input ends in the dead letters with a reason; each bad enqueue is
+/// refused with an error that names the problem; messages with extreme option values run or are
+/// dead-lettered without harming the worker; the worker keeps running throughout.
+pub async fn bad_input_corpus_is_dead_lettered_or_refused(tb: &TestBroker) {
+    #[derive(Clone)]
+    struct Typed(String, Arc<std::sync::atomic::AtomicUsize>);
+    impl Actor for Typed {
+        type Args = (i64, String);
+        type Output = ();
+        fn name(&self) -> &str {
+            "typed"
+        }
+        fn arg_names(&self) -> &[&str] {
+            &["n", "s"]
+        }
+        fn options(&self) -> ActorOptions {
+            ActorOptions::new().queue_name(self.0.clone())
+        }
+        async fn call(&self, _: (i64, String)) -> Result<(), ActorError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let q = unique_queue("corpus");
+    let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = App::builder(Arc::clone(&tb.broker))
+        .retries(fast_retries().max_retries(Some(1)))
+        .actor(Typed(q.clone(), Arc::clone(&ran)))
+        .build()
+        .expect("app");
+    app.declare_queue(&q).await.expect("declare");
+    let worker = start(&app, 2).await;
+
+    // Raw bytes on the queue: every one is dead-lettered with a reason.
+    let good = serde_json::to_value(message(&q, "typed", vec![json!(1), json!("s")])).expect("a message value");
+    let encoded = serde_json::to_vec(&good).expect("encode");
+    let mut raw: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), Vec::new()),
+        ("garbage bytes".into(), (0..=255_u8).rev().cycle().take(4096).collect()),
+        ("truncated JSON".into(), encoded[..encoded.len() / 2].to_vec()),
+        ("JSON null".into(), b"null".to_vec()),
+        ("a JSON array".into(), b"[1, 2, 3]".to_vec()),
+        ("a JSON string".into(), br#""typed""#.to_vec()),
+        ("NaN".into(), format!(r#"{{"queue_name":"{q}","actor_name":"typed","args":[NaN, "s"],"kwargs":{{}},"options":{{}},"message_id":"a","message_timestamp":1}}"#).into_bytes()),
+        ("Infinity".into(), format!(r#"{{"queue_name":"{q}","actor_name":"typed","args":[Infinity, "s"],"kwargs":{{}},"options":{{}},"message_id":"b","message_timestamp":1}}"#).into_bytes()),
+        ("a number out of range".into(), format!(r#"{{"queue_name":"{q}","actor_name":"typed","args":[1e400, "s"],"kwargs":{{}},"options":{{}},"message_id":"c","message_timestamp":1}}"#).into_bytes()),
+        ("nested 100,000 deep".into(), {
+            let mut v = format!(r#"{{"queue_name":"{q}","actor_name":"typed","args":"#).into_bytes();
+            v.extend(std::iter::repeat_n(b'[', 100_000));
+            v.extend(std::iter::repeat_n(b']', 100_000));
+            v.extend_from_slice(br#","kwargs":{},"options":{},"message_id":"d","message_timestamp":1}"#);
+            v
+        }),
+    ];
+    // Every field with a value of the wrong type.
+    let wrong: [(&str, Value); 7] = [
+        ("queue_name", json!(7)),
+        ("actor_name", json!(null)),
+        ("args", json!({"n": 1})),
+        ("kwargs", json!([1, 2])),
+        ("options", json!("none")),
+        ("message_id", json!(12)),
+        ("message_timestamp", json!("yesterday")),
+    ];
+    for (field, value) in wrong {
+        let mut bad = good.clone();
+        bad[field] = value;
+        raw.push((
+            format!("{field} of the wrong type"),
+            serde_json::to_vec(&bad).expect("encode"),
+        ));
+    }
+    for (_, bytes) in &raw {
+        (tb.raw)(q.clone(), bytes.clone()).await.expect("raw");
+    }
+    let dead = wait_dead(tb, &q, raw.len()).await;
+    assert_eq!(dead.len(), raw.len(), "each raw input is dead-lettered once: {dead:#?}");
+    assert!(
+        dead.iter().all(|d| !d.reason.trim().is_empty()),
+        "each with a reason: {dead:#?}"
+    );
+
+    // Enqueues that are refused, each with an error that says why.
+    let huge = "x".repeat(10 * 1024 * 1024);
+    let refused: Vec<(&str, Message, &str)> = vec![
+        (
+            "a 10 MiB argument",
+            message(&q, "typed", vec![json!(1), json!(huge)]),
+            "limit",
+        ),
+        ("an empty queue name", message("", "typed", vec![]), "queue name"),
+        (
+            "a queue name with a space",
+            message("two words", "typed", vec![]),
+            "queue name",
+        ),
+        (
+            "a queue name with a slash",
+            message("a/b", "typed", vec![]),
+            "queue name",
+        ),
+        (
+            "a 300-byte queue name",
+            message(&"q".repeat(300), "typed", vec![]),
+            "queue name",
+        ),
+    ];
+    for (what, bad, needle) in refused {
+        let error = app.enqueue(bad, None).await.expect_err(what).to_string();
+        assert!(error.contains(needle) && !error.contains('\n'), "{what}: {error}");
+    }
+
+    // Extreme option values: the message runs (or is dead-lettered with a reason); nothing panics.
+    let extremes: [(&str, Value); 6] = [
+        ("retries", json!(u64::MAX)),
+        ("max_retries", json!(-1)),
+        ("time_limit", json!(1e300)),
+        ("min_backoff", json!(-5)),
+        ("max_backoff", json!(1e300)),
+        ("priority", json!(1e300)),
+    ];
+    for (key, value) in &extremes {
+        let mut m = message(&q, "typed", vec![json!(1), json!("s")]);
+        m.options.insert((*key).into(), value.clone());
+        app.enqueue(m, None).await.expect("an extreme option value is accepted");
+    }
+    let settled = eventually(WAIT, || ran.load(std::sync::atomic::Ordering::SeqCst) >= 1).await;
+    assert!(settled, "messages with extreme option values ran");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = tb.broker.stats(&q).await.expect("stats");
+        let done = u64::try_from(ran.load(std::sync::atomic::Ordering::SeqCst)).expect("a count") + stats.dead
+            - u64::try_from(raw.len()).expect("a count");
+        if done >= u64::try_from(extremes.len()).expect("a count") && stats.pending() == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "messages with extreme options did not settle: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Still alive: a good message runs.
+    let before = ran.load(std::sync::atomic::Ordering::SeqCst);
+    app.enqueue(message(&q, "typed", vec![json!(2), json!("ok")]), None)
+        .await
+        .expect("good");
+    assert!(
+        eventually(WAIT, || ran.load(std::sync::atomic::Ordering::SeqCst) == before + 1).await,
+        "the worker still runs"
+    );
+    worker.stop().await;
+    eprintln!(
+        "bad-input corpus: {} raw inputs dead-lettered, 5 enqueues refused, {} extreme option values settled",
+        raw.len(),
+        extremes.len()
+    );
+}
+
 /// Undecodable bytes, an unknown actor, wrong argument types, missing and surplus arguments,
 /// and an oversized payload all go to the dead letters with a reason; the worker keeps running.
 pub async fn bad_input_goes_to_dead_letters(tb: &TestBroker) {

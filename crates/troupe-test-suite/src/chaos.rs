@@ -15,7 +15,9 @@
 //!
 //! The number of rounds is [`ChaosRounds::rounds`], or `TROUPE_CHAOS_ROUNDS` when set (CI runs
 //! a few; `TROUPE_CHAOS_ROUNDS=10` is the published setting). When `TROUPE_CHAOS_REPORT` names
-//! a file, each run appends its summary there as one JSON line.
+//! a file, each run appends its summary there as one JSON line. With `TROUPE_CHAOS_AT_DEFAULTS`
+//! set, the backends open their brokers at the default lease and heartbeat timeouts
+//! ([`at_defaults`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 use troupe_core::middleware::current_message;
-use troupe_core::{Actor, ActorError, ActorOptions, Message, SendOptions};
+use troupe_core::{Actor, ActorError, ActorOptions, Broker, Message, SendOptions};
 
 use crate::kill::{self, KillBackend, Role, Runs, Spawned};
 
@@ -54,6 +56,14 @@ pub async fn server_of(url: &str, default_port: u16) -> SocketAddr {
         .ok()
         .and_then(|mut addrs| addrs.next())
         .unwrap_or_else(|| panic!("{target} resolves"))
+}
+
+/// Whether `TROUPE_CHAOS_AT_DEFAULTS` is set: the backends' tests then open their brokers with
+/// the default lease or heartbeat timeout rather than the short ones that keep the suite quick,
+/// to measure the recovery users get (a dead worker's messages come back after it).
+#[must_use]
+pub fn at_defaults() -> bool {
+    std::env::var_os("TROUPE_CHAOS_AT_DEFAULTS").is_some()
 }
 
 /// `url` with its host and port replaced by the proxy's when this process was started behind
@@ -335,6 +345,9 @@ pub struct ChaosReport {
     pub duplicates: u64,
     /// Results that were not stored (when the backend has a result backend).
     pub results_missing: u64,
+    /// Messages dead-lettered (none of the round's messages should be: the failing ones
+    /// succeed on their retry).
+    pub dead: u64,
     /// Per round, the time from the end of the fault until the last message had run.
     pub recovery: Vec<Duration>,
 }
@@ -346,9 +359,9 @@ impl ChaosReport {
     /// On a lost message or a missing result.
     pub fn assert_nothing_lost(&self) {
         assert_eq!(
-            (self.lost, self.results_missing),
-            (0, 0),
-            "{} under {}: lost messages and missing results",
+            (self.lost, self.results_missing, self.dead),
+            (0, 0, 0),
+            "{} under {}: lost messages, missing results, dead letters",
             self.broker,
             self.fault
         );
@@ -431,6 +444,7 @@ impl ChaosRounds {
             lost: 0,
             duplicates: 0,
             results_missing: 0,
+            dead: 0,
             recovery: Vec::new(),
         };
         for round in 0..self.rounds {
@@ -504,11 +518,14 @@ impl ChaosRounds {
             let mut results_missing = 0;
             if let Some(backend) = &results {
                 for (n, message) in &sent {
-                    match backend.get(message, Some(Duration::from_secs(10))).await {
+                    // A store still retrying after the fault holds its message unacked: wait
+                    // for it rather than count a late result as lost.
+                    match backend.get(message, Some(Duration::from_secs(30))).await {
                         Ok(value) if value == json!(n) => {}
                         other => {
                             results_missing += 1;
-                            eprintln!("round {round}: the result of {n} is {other:?}");
+                            let stats = broker.stats(&queue).await;
+                            eprintln!("round {round}: the result of {n} is {other:?}; the queue: {stats:?}");
                         }
                     }
                 }
@@ -529,10 +546,15 @@ impl ChaosRounds {
             report.lost += lost;
             report.duplicates += duplicates;
             report.results_missing += results_missing;
+            let dead = broker.dead_letters(&queue, 10_000).await.expect("dead letters");
+            for letter in dead.iter().take(5) {
+                eprintln!("round {round}: dead-lettered {}: {}", letter.id, letter.reason);
+            }
+            report.dead += u64::try_from(dead.len()).expect("a count");
             report.recovery.push(recovered);
         }
         eprintln!(
-            "CHAOS {} | {} | rounds {} | messages {} | lost {} | duplicates {} | results missing {} | recovery median {:.2} s, max {:.2} s",
+            "CHAOS {} | {} | rounds {} | messages {} | lost {} | duplicates {} | results missing {} | dead-lettered {} | recovery median {:.2} s, max {:.2} s",
             report.broker,
             report.fault,
             report.rounds,
@@ -540,6 +562,7 @@ impl ChaosRounds {
             report.lost,
             report.duplicates,
             report.results_missing,
+            report.dead,
             report.median_recovery().as_secs_f64(),
             report.max_recovery().as_secs_f64(),
         );
@@ -552,6 +575,7 @@ impl ChaosRounds {
                 "lost": report.lost,
                 "duplicates": report.duplicates,
                 "results_missing": report.results_missing,
+                "dead": report.dead,
                 "recovery_median_s": report.median_recovery().as_secs_f64(),
                 "recovery_max_s": report.max_recovery().as_secs_f64(),
             });

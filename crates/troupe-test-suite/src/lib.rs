@@ -154,6 +154,7 @@ macro_rules! broker_conformance {
             retries_exhausted_go_to_dead_letters,
             fail_permanently_skips_retries,
             bad_input_goes_to_dead_letters,
+            bad_input_corpus_is_dead_lettered_or_refused,
             actor_priority_orders_prefetched_work,
             broker_delivers_lower_priorities_first,
             urgent_message_overtakes_a_backlog,
