@@ -2,7 +2,7 @@
 //! result counted.
 //!
 //! A round sends a mix of messages ([`Chaos`]: fast, slow, failing once, delayed), starts two
-//! worker processes ([`kill::spawn`](crate::kill::spawn)), injects the [`Fault`] once a third
+//! worker processes ([`kill::spawn`]), injects the [`Fault`] once a third
 //! of them have run, and waits until every message has run. It counts messages never run
 //! (lost), runs beyond the first (duplicates), results that were not stored, and the time
 //! from the end of the fault until the last message ran (recovery: how long the fault held
