@@ -497,3 +497,130 @@ fn a_periodic_actor_ticks_once_across_three_processes() {
     let pids: std::collections::BTreeSet<u32> = runs.iter().map(|(_, p)| *p).collect();
     assert!(!pids.contains(&supervisor.id()), "worker processes ran them: {runs:?}");
 }
+
+/// A private `redis-server` on `port` that requires `password` (nothing kept on disk).
+fn start_redis_with_password(port: u16, password: &str) -> std::process::Child {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--requirepass", password])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (it is on the project's machines)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Everything a worker prints while things go wrong, at debug level, never contains a password:
+/// a worker whose Redis (password-protected; broker, results and state on it) is killed and
+/// restarted under it, its metrics, and workers refused for a wrong password or an unreachable
+/// server on each broker; and the options' `Debug` output.
+#[test]
+fn passwords_never_appear_in_what_a_failing_run_prints() {
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let port = free_port();
+    let mut redis = start_redis_with_password(port, &password);
+    let url = format!("redis://:{password}@127.0.0.1:{port}/0");
+    let metrics = free_port();
+    let mut cmd = child_command(
+        &format!("--broker-url {url} --results-url {url} --state-url {url} --metrics-bind 127.0.0.1:{metrics}"),
+        None,
+    );
+    let mut worker = cmd
+        .env("TROUPE_CLI_BACKENDS", "1")
+        .env("RUST_LOG", "debug")
+        .spawn()
+        .unwrap();
+    let stderr = worker.stderr.take().unwrap();
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = std::thread::spawn({
+        let printed = std::sync::Arc::clone(&printed);
+        move || {
+            use std::io::{BufRead, BufReader};
+            for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
+                let mut all = printed.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        }
+    });
+    wait_until("the worker stored its answer", Duration::from_secs(20), || {
+        printed.lock().unwrap().contains("child: stored")
+    });
+
+    // The server dies under the worker and comes back: connection errors are logged.
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut redis = start_redis_with_password(port, &password);
+    std::thread::sleep(Duration::from_secs(2));
+    let scraped = scrape(metrics);
+    signal(&worker, "TERM");
+    assert!(
+        wait_with_timeout(&mut worker, Duration::from_secs(20)).is_some(),
+        "the worker stopped"
+    );
+    reader.join().unwrap();
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let printed = printed.lock().unwrap().clone();
+    assert!(
+        printed.contains("connection error") && printed.contains("reconnected"),
+        "the worker logged the outage: {printed}"
+    );
+
+    // Workers that cannot start: a wrong password, and servers that are not there.
+    let wrong = format!("wrong-{}", uuid::Uuid::new_v4().simple());
+    let refused_port = free_port();
+    let mut refused = String::new();
+    for flags in [
+        format!("--broker-url redis://:{wrong}@127.0.0.1:{port}/0"),
+        format!("--broker-url amqp://guest:{wrong}@127.0.0.1:5672/%2f"),
+        format!("--broker-url amqp://guest:{wrong}@127.0.0.1:{refused_port}/%2f"),
+        format!("--broker-url postgres://postgres:{wrong}@127.0.0.1:{refused_port}/test"),
+        format!("--broker-url redis://:{wrong}@127.0.0.1:{refused_port}/0"),
+    ] {
+        let mut cmd = child_command(&flags, None);
+        cmd.env("RUST_LOG", "debug");
+        let (code, stderr) = run_to_end(cmd);
+        assert_ne!(code, Some(0), "{flags}: {stderr}");
+        refused.push_str(&stderr);
+    }
+
+    let debug = [
+        format!("{:?}", troupe::redis::RedisOptions::from_url(&url).unwrap()),
+        format!(
+            "{:?}",
+            troupe::rabbitmq::RabbitmqOptions::from_url(&format!("amqp://guest:{password}@127.0.0.1:5672/%2f"))
+                .unwrap()
+        ),
+        format!(
+            "{:?}",
+            troupe::postgres::PostgresOptions::from_url(&format!("postgres://postgres:{password}@127.0.0.1:5432/test"))
+                .unwrap()
+        ),
+    ]
+    .join("\n");
+    for (what, text) in [
+        ("the worker's log", &printed),
+        ("the metrics", &scraped),
+        ("the refused workers' output", &refused),
+        ("the options' Debug", &debug),
+    ] {
+        assert!(!text.contains(&password), "{what} shows the password: {text}");
+        assert!(!text.contains(&wrong), "{what} shows the wrong password: {text}");
+    }
+}
