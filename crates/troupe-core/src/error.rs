@@ -255,7 +255,11 @@ impl Error {
 #[must_use]
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        // Not a URL (a piece of one, say): anything before an `@` may be credentials.
+        return match url.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => url.to_owned(),
+        };
     };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     match authority.rsplit_once('@') {
@@ -349,5 +353,8 @@ mod tests {
         );
         assert_eq!(redact_url("redis://h"), "redis://h");
         assert_eq!(redact_url("postgres://u:p@w@h/db"), "postgres://u:***@h/db");
+        // Found by the broker_urls fuzz target: a piece of a `;`-separated list has no scheme.
+        assert_eq!(redact_url("est:secret@host"), "***@host");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 }

@@ -836,21 +836,48 @@ impl Consumer for RedisConsumer {
     }
 }
 
+/// The fetch script's answer, read: each fetched id with its message (or why its bytes did
+/// not decode), and the ids whose bodies were gone.
+pub(crate) struct FetchReply {
+    pub(crate) fetched: Vec<(String, std::result::Result<Message, String>)>,
+    pub(crate) missing: Vec<String>,
+}
+
+/// Reads the fetch script's answer: a flat list of (id, body or nil) pairs. A reply of another
+/// shape is an error; a body that does not decode is kept with its reason (it goes to the dead
+/// letters).
+pub(crate) fn read_fetch_reply(
+    encoder: &dyn troupe_core::Encoder,
+    values: Vec<redis::Value>,
+    max_message_size: usize,
+) -> Result<FetchReply> {
+    let mut reply = FetchReply {
+        fetched: Vec::with_capacity(values.len() / 2),
+        missing: Vec::new(),
+    };
+    let mut it = values.into_iter();
+    while let (Some(rid), Some(body)) = (it.next(), it.next()) {
+        let rid: String = redis::from_redis_value(rid).map_err(|e| parse_error("read a fetched id", &e))?;
+        let body: Option<Vec<u8>> =
+            redis::from_redis_value(body).map_err(|e| parse_error("read a fetched message", &e))?;
+        match body {
+            Some(body) => {
+                let message = decode_delivery(encoder, &body, max_message_size);
+                reply.fetched.push((rid, message));
+            }
+            // An id whose body is gone (Dramatiq #266): dropped from the consumer's ack set.
+            None => reply.missing.push(rid),
+        }
+    }
+    Ok(reply)
+}
+
 impl RedisConsumer {
     async fn deliveries(&self, inner: &Arc<Inner>, values: Vec<redis::Value>) -> Result<Vec<Delivery>> {
-        let mut out = Vec::with_capacity(values.len() / 2);
-        let mut missing = Vec::new();
-        let mut it = values.into_iter();
-        while let (Some(rid), Some(body)) = (it.next(), it.next()) {
-            let rid: String = redis::from_redis_value(rid).map_err(|e| parse_error("read a fetched id", &e))?;
-            let body: Option<Vec<u8>> =
-                redis::from_redis_value(body).map_err(|e| parse_error("read a fetched message", &e))?;
-            let Some(body) = body else {
-                // An id whose body is gone (Dramatiq #266): drop it from our ack set.
-                missing.push(rid);
-                continue;
-            };
-            let message = decode_delivery(inner.encoder.as_ref(), &body, inner.options.max_message_size);
+        let FetchReply { fetched, missing } =
+            read_fetch_reply(inner.encoder.as_ref(), values, inner.options.max_message_size)?;
+        let mut out = Vec::with_capacity(fetched.len());
+        for (rid, message) in fetched {
             let handle = RedisAck {
                 settle: inner.settle.clone(),
                 worker: self.worker.clone(),

@@ -40,3 +40,31 @@ pub use state::RedisState;
 
 /// The redis client this crate is built on.
 pub use redis;
+
+/// Entry points for the fuzz targets in `fuzz/` (not part of the API: they may change in any
+/// release).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses `bytes` as a RESP reply and reads it as Redis answers are read: as the fetch
+    /// script's (id, body) pairs and as a task record's `HGETALL` fields. Returns whether the
+    /// bytes parsed as a reply; must never panic.
+    #[must_use]
+    pub fn redis_reply(bytes: &[u8]) -> bool {
+        let Ok(value) = redis::parse_redis_value(bytes) else {
+            return false;
+        };
+        #[cfg(feature = "broker")]
+        if let Ok(values) = redis::from_redis_value::<Vec<redis::Value>>(value.clone()) {
+            let _ = crate::broker::read_fetch_reply(
+                &troupe_core::JsonEncoder,
+                values,
+                troupe_core::DEFAULT_MAX_MESSAGE_SIZE,
+            );
+        }
+        #[cfg(feature = "results")]
+        if let Ok(fields) = redis::from_redis_value::<std::collections::HashMap<String, String>>(value) {
+            let _ = crate::tasks::parse_record(&fields);
+        }
+        true
+    }
+}

@@ -457,7 +457,7 @@ fn bad(id: &str, field: &str, value: &str) -> Error {
 }
 
 /// A record from its hash's fields (an `HGETALL` answer).
-fn parse_record(fields: &HashMap<String, String>) -> Result<TaskRecord> {
+pub(crate) fn parse_record(fields: &HashMap<String, String>) -> Result<TaskRecord> {
     let text = |name: &str| fields.get(name).map(String::as_str);
     let id = text("message_id").unwrap_or_default();
     let number = |name: &str| -> Result<Option<u64>> {

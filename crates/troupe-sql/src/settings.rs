@@ -215,7 +215,9 @@ pub fn parse_query<'q>(
         }
         let known: Vec<&str> = Common::KEYS.iter().chain(other_keys).copied().collect();
         return Err(Error::Config(format!(
-            "unknown setting `{key}` in the {backend} URL; known: {}",
+            "unknown setting `{}` in the {backend} URL; known: {}",
+            // Escaped: a key with a line break must not break the one-line error.
+            key.escape_debug(),
             known.join(", ")
         )));
     }

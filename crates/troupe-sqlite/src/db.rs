@@ -82,7 +82,8 @@ impl SqliteOptions {
             .or_else(|| url.strip_prefix("sqlite:"))
             .ok_or_else(|| {
                 Error::Config(format!(
-                    "{url:?} is not an SQLite URL; use sqlite://PATH, e.g. sqlite://troupe.db"
+                    "{:?} is not an SQLite URL; use sqlite://PATH, e.g. sqlite://troupe.db",
+                    troupe_core::redact_url(url)
                 ))
             })?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -402,5 +403,10 @@ mod tests {
         assert!(e.contains("unknown setting `nope`"), "{e}");
         assert!(SqliteOptions::from_url("sqlite://").is_err());
         assert!(SqliteOptions::from_url("redis://x").is_err());
+        // Found by the broker_urls fuzz target: another scheme's URL was echoed with its password.
+        let e = SqliteOptions::from_url("rediss://user:hunter2hunter2@redis.example:6380")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an SQLite URL") && !e.contains("hunter2"), "{e}");
     }
 }
