@@ -38,7 +38,7 @@ fn password_of(url: &str) -> Option<&str> {
     if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') {
         return None;
     }
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
     let userinfo = authority.rsplit_once('@')?.0;
     Some(userinfo.split_once(':')?.1)
 }

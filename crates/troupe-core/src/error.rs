@@ -254,7 +254,12 @@ impl Error {
 /// The URL with any password replaced by `***`, for error messages and logs.
 #[must_use]
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let is_scheme = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    };
+    let Some((scheme, rest)) = url.split_once("://").filter(|(scheme, _)| is_scheme(scheme)) else {
         // Not a URL (a piece of one, say): anything before an `@` may be credentials.
         return match url.rsplit_once('@') {
             Some((_, host)) => format!("***@{host}"),
@@ -356,5 +361,6 @@ mod tests {
         // Found by the broker_urls fuzz target: a piece of a `;`-separated list has no scheme.
         assert_eq!(redact_url("est:secret@host"), "***@host");
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(redact_url("u:secret@db/x?y=sqlite:///t"), "***@db/x?y=sqlite:///t");
     }
 }
