@@ -84,10 +84,11 @@ pub(crate) async fn run(
         sent.push((item, Price.send(&app, item.to_owned(), quantity).await?));
     }
     let delay = Duration::from_millis(500);
+    // Timed from the call: its eta is set when the message is built, before the send returns.
+    let late_sent = Instant::now();
     let late = Price
         .send_with_options(&app, "late-fig".to_owned(), 4, SendOptions::new().delay(delay))
         .await?;
-    let late_sent = Instant::now();
     writeln!(out, "sent {} messages, one delayed by {delay:?}", items.len() + 1)?;
 
     // Wait until nothing is ready, delayed or in flight; the broken item is expected to fail,

@@ -162,9 +162,13 @@ pub(crate) fn db_error(what: &str, e: sqlx::Error) -> Error {
 fn kind_of(e: &sqlx::Error) -> ErrorKind {
     match e {
         sqlx::Error::PoolTimedOut => ErrorKind::Timeout,
-        sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed | sqlx::Error::Tls(_) => {
-            ErrorKind::Connection
-        }
+        // A protocol error is a connection out of step with the server (a reply cut off when
+        // the link dropped): worth retrying, like the I/O error it usually follows.
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => ErrorKind::Connection,
         sqlx::Error::Database(db) => match db.code().as_deref() {
             // connection exceptions, admin shutdown, cannot connect now, crash shutdown
             Some(code) if code.starts_with("08") || code.starts_with("57P") => ErrorKind::Connection,
