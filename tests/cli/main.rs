@@ -561,12 +561,16 @@ fn passwords_never_appear_in_what_a_failing_run_prints() {
         printed.lock().unwrap().contains("child: stored")
     });
 
-    // The server dies under the worker and comes back: connection errors are logged.
+    // The server dies under the worker and stays down until the worker has logged the outage.
     redis.kill().unwrap();
     redis.wait().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_until("the worker logged the outage", Duration::from_secs(20), || {
+        printed.lock().unwrap().contains("connection error")
+    });
     let mut redis = start_redis_with_password(port, &password);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_until("the worker reconnected", Duration::from_secs(20), || {
+        printed.lock().unwrap().contains("reconnected")
+    });
     let scraped = scrape(metrics);
     signal(&worker, "TERM");
     assert!(

@@ -97,7 +97,7 @@ async fn sigkill_mid_batch_loses_nothing() {
 /// Chaos rounds (`troupe_test_suite::chaos`): a worker SIGKILLed, the link cut, the link
 /// stalled then cut, each while two worker processes run a mix of messages. (No result backend
 /// here: RabbitMQ keeps none; the Redis one is tested in troupe-redis.)
-async fn chaos(fault: Fault) {
+async fn chaos(fault: Fault, _name: &str) {
     let place = unique("chaos");
     let server = chaos::server_of(&url(), 5672).await;
     let rounds = ChaosRounds::new(fault);
@@ -110,20 +110,7 @@ async fn chaos(fault: Fault) {
     report.assert_nothing_lost();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_sigkill_a_worker() {
-    chaos(Fault::KillWorker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_link_cut() {
-    chaos(Fault::CutLink).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_link_stalled_then_cut() {
-    chaos(Fault::StallLink(Duration::from_secs(3))).await;
-}
+troupe_test_suite::network_chaos_tests!(chaos);
 
 /// pika's arguments for Dramatiq's queues: strings as long strings (`S`), ints as signed 32-bit
 /// ints (`I`).

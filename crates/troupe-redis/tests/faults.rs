@@ -115,20 +115,7 @@ async fn chaos(fault: Fault, name: &str) {
         .assert_nothing_lost();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_sigkill_a_worker() {
-    chaos(Fault::KillWorker, "chaos-kill").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_link_cut() {
-    chaos(Fault::CutLink, "chaos-cut").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_link_stalled_then_cut() {
-    chaos(Fault::StallLink(Duration::from_secs(3)), "chaos-stall").await;
-}
+troupe_test_suite::network_chaos_tests!(chaos);
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -739,30 +739,34 @@ pub async fn fail_permanently_skips_retries(tb: &TestBroker) {
     assert!(dead[0].reason.contains("Invalid: bad input"), "{:?}", dead[0].reason);
 }
 
+/// The bad-input cases' actor: `typed(n: i64, s: String)` on a queue of the case's, counting
+/// its runs (a bad message must never reach it).
+#[derive(Clone)]
+struct Typed(String, Arc<std::sync::atomic::AtomicUsize>);
+
+impl Actor for Typed {
+    type Args = (i64, String);
+    type Output = ();
+    fn name(&self) -> &str {
+        "typed"
+    }
+    fn arg_names(&self) -> &[&str] {
+        &["n", "s"]
+    }
+    fn options(&self) -> ActorOptions {
+        ActorOptions::new().queue_name(self.0.clone())
+    }
+    async fn call(&self, _: (i64, String)) -> Result<(), ActorError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 /// The bad-input corpus (docs/reliability.md): bytes no producer should send and values no
 /// actor expects. Each raw input ends in the dead letters with a reason; each bad enqueue is
 /// refused with an error that names the problem; messages with extreme option values run or are
 /// dead-lettered without harming the worker; the worker keeps running throughout.
 pub async fn bad_input_corpus_is_dead_lettered_or_refused(tb: &TestBroker) {
-    #[derive(Clone)]
-    struct Typed(String, Arc<std::sync::atomic::AtomicUsize>);
-    impl Actor for Typed {
-        type Args = (i64, String);
-        type Output = ();
-        fn name(&self) -> &str {
-            "typed"
-        }
-        fn arg_names(&self) -> &[&str] {
-            &["n", "s"]
-        }
-        fn options(&self) -> ActorOptions {
-            ActorOptions::new().queue_name(self.0.clone())
-        }
-        async fn call(&self, _: (i64, String)) -> Result<(), ActorError> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-    }
     let q = unique_queue("corpus");
     let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = App::builder(Arc::clone(&tb.broker))
@@ -903,25 +907,6 @@ pub async fn bad_input_corpus_is_dead_lettered_or_refused(tb: &TestBroker) {
 /// Undecodable bytes, an unknown actor, wrong argument types, missing and surplus arguments,
 /// and an oversized payload all go to the dead letters with a reason; the worker keeps running.
 pub async fn bad_input_goes_to_dead_letters(tb: &TestBroker) {
-    #[derive(Clone)]
-    struct Typed(String, Arc<std::sync::atomic::AtomicUsize>);
-    impl Actor for Typed {
-        type Args = (i64, String);
-        type Output = ();
-        fn name(&self) -> &str {
-            "typed"
-        }
-        fn arg_names(&self) -> &[&str] {
-            &["n", "s"]
-        }
-        fn options(&self) -> ActorOptions {
-            ActorOptions::new().queue_name(self.0.clone())
-        }
-        async fn call(&self, _: (i64, String)) -> Result<(), ActorError> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-    }
     let q = unique_queue("bad");
     let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = App::builder(Arc::clone(&tb.broker))

@@ -204,6 +204,36 @@ async fn pump(
     }
 }
 
+/// The network brokers' chaos tests, the same three everywhere: `run(fault, name)` runs the
+/// rounds of one fault (`name` names its queues) and asserts what the broker promises.
+///
+/// ```text
+/// troupe_test_suite::network_chaos_tests!(chaos);
+/// ```
+#[macro_export]
+macro_rules! network_chaos_tests {
+    ($run:path) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn chaos_sigkill_a_worker() {
+            $run($crate::chaos::Fault::KillWorker, "chaos-kill").await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn chaos_link_cut() {
+            $run($crate::chaos::Fault::CutLink, "chaos-cut").await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn chaos_link_stalled_then_cut() {
+            $run(
+                $crate::chaos::Fault::StallLink(::std::time::Duration::from_secs(3)),
+                "chaos-stall",
+            )
+            .await;
+        }
+    };
+}
+
 /// What the messages of a round do, by kind ([`Chaos`]'s second argument).
 pub mod kinds {
     /// Runs for about 5 ms.
