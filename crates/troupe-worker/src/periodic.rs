@@ -35,7 +35,11 @@ impl Scheduler {
         tracing::info!(actor = %self.actor, "periodic actor scheduled");
         let mut failing = false;
         loop {
-            match self.tick().await {
+            // The next look is planned from when this one began: a tick that falls due while
+            // this one sends (a slow backend, a loaded machine) is looked at right after, not
+            // passed over and later counted as missed.
+            let began = now_ms();
+            match self.tick(began).await {
                 Ok(()) if failing => {
                     tracing::info!(actor = %self.actor, "periodic actor scheduling again");
                     failing = false;
@@ -49,7 +53,7 @@ impl Scheduler {
                 }
             }
             let now = now_ms();
-            let wait = match self.periodic.schedule.next_after(now) {
+            let wait = match self.periodic.schedule.next_after(began) {
                 Some(next) => Duration::from_millis(next.saturating_sub(now)).min(MAX_SLEEP),
                 None => MAX_SLEEP,
             };
@@ -67,8 +71,7 @@ impl Scheduler {
 
     /// Looks at the schedule once: sends the due tick (and a catch-up for missed ticks, by the
     /// policy) when this worker wins it.
-    async fn tick(&self) -> troupe_core::Result<()> {
-        let now = now_ms();
+    async fn tick(&self, now: u64) -> troupe_core::Result<()> {
         let schedule = &self.periodic.schedule;
         let Some(due) = schedule.latest_at_or_before(now) else {
             return Ok(());
