@@ -22,6 +22,7 @@ mod results;
 mod state;
 pub mod support;
 pub mod tasks;
+pub mod tls;
 
 pub use actor::{
     Actor, ActorError, ActorOptions, BAD_ARGUMENTS, DEFAULT_QUEUE, DynActor, ErrorAction, ErrorPredicate, RetryWhen,

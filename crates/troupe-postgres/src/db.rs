@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, Row};
+use troupe_core::tls::{TlsFiles, TlsSettingNames, path_from_query, tls_hint};
 use troupe_core::{Error, ErrorKind, redact_url};
 use troupe_sql::{SqlOptions, parse_query};
 
@@ -87,10 +88,23 @@ impl PostgresOptions {
         let mut options = Self::new(base);
         let mut passthrough = Vec::new();
         let mut common = options.common();
+        let mut tls = TlsFiles::default();
         parse_query("PostgreSQL", query, &mut common, &[], |s| {
             match s.key {
                 "schema" => options.schema = s.value.to_owned(),
                 "connect_timeout" => options.connect_timeout = s.duration()?,
+                // The driver's, checked here so a missing file is named before connecting.
+                "sslrootcert" | "sslcert" | "sslkey" => {
+                    if s.value != "system" {
+                        let path = Some(path_from_query(s.value));
+                        match s.key {
+                            "sslrootcert" => tls.ca_file = path,
+                            "sslcert" => tls.cert_file = path,
+                            _ => tls.key_file = path,
+                        }
+                    }
+                    passthrough.push(s.pair);
+                }
                 // Anything else (sslmode, ...) is the driver's.
                 _ => passthrough.push(s.pair),
             }
@@ -101,6 +115,7 @@ impl PostgresOptions {
             options.url = format!("{base}?{}", passthrough.join("&"));
         }
         validate_schema(&options.schema)?;
+        tls.read(&TLS_NAMES)?;
         options.connect_options()?;
         Ok(options)
     }
@@ -184,16 +199,26 @@ fn kind_of(e: &sqlx::Error) -> ErrorKind {
     }
 }
 
+/// The TLS settings' names in a PostgreSQL URL: libpq's, which the driver reads.
+const TLS_NAMES: TlsSettingNames = TlsSettingNames::new("PostgreSQL", "sslrootcert", "sslcert", "sslkey");
+
 fn connect_error(options: &PostgresOptions, e: sqlx::Error) -> Error {
     let url = redact_url(&options.url);
     let code = match &e {
         sqlx::Error::Database(db) => db.code().map(|c| c.to_string()),
         _ => None,
     };
+    let tls = tls_hint(&format!("{e} {e:?}"), &TLS_NAMES);
     let hint = match code.as_deref() {
+        _ if tls.is_some() => tls.as_deref().unwrap_or_default(),
         Some("3D000") => "the database does not exist; create it (createdb) or fix the URL",
-        Some("28000" | "28P01") => "authentication failed; check the user and password in the URL",
+        Some("28000" | "28P01") => {
+            "authentication failed; check the user and password in the URL (or the client certificate `sslcert` the server's pg_hba.conf asks for)"
+        }
         Some("42501") => "the role lacks a privilege Troupe needs (CREATE on the database, or on the schema)",
+        _ if matches!(e, sqlx::Error::Tls(_)) => {
+            "the TLS handshake failed; check `sslmode`, `sslrootcert`, `sslcert` and `sslkey` in the URL"
+        }
         _ if matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => {
             "check that the server runs and the host and port are right"
         }

@@ -6,12 +6,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::{AMQPScheme, AMQPUri};
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Connect, Connection, ConnectionProperties};
 use tokio::time::Instant;
+use troupe_core::tls::{TlsFiles, TlsSettingNames, closed_without_client_cert_hint, path_from_query, tls_hint};
 use troupe_core::{Error, ErrorKind, redact_url};
 
 pub(crate) const BACKEND: &str = "rabbitmq";
+
+/// The TLS settings' names in a RabbitMQ URL: those of RabbitMQ's URI query parameters.
+const TLS_NAMES: TlsSettingNames = TlsSettingNames::new("RabbitMQ", "cacertfile", "certfile", "keyfile");
 
 /// The first reconnect delay; it doubles after each failed attempt up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -54,6 +59,9 @@ pub struct RabbitmqOptions {
     /// management UI; the broker adds ` publish` and ` consume` to it (default
     /// `troupe-<pid>-<random>`).
     pub connection_name: Option<String>,
+    /// A CA to trust (added to the public roots) and a client certificate for `amqps://`
+    /// (default none).
+    pub tls: TlsFiles,
 }
 
 impl std::fmt::Debug for RabbitmqOptions {
@@ -69,6 +77,7 @@ impl std::fmt::Debug for RabbitmqOptions {
             .field("heartbeat", &self.heartbeat)
             .field("operation_timeout", &self.operation_timeout)
             .field("connection_name", &self.connection_name)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -97,6 +106,7 @@ impl RabbitmqOptions {
             heartbeat: None,
             operation_timeout: Duration::from_secs(30),
             connection_name: None,
+            tls: TlsFiles::default(),
         }
     }
 
@@ -107,7 +117,9 @@ impl RabbitmqOptions {
     /// Troupe settings in the query: `max_priority` (1..=255), `confirm_delivery`
     /// (`true`/`false`), `dead_message_ttl`, `connect_timeout`, `operation_timeout` (durations
     /// such as `30s`; a bare number is milliseconds), `heartbeat` (a duration; a bare number is
-    /// seconds, as in pika), `max_message_size` (bytes) and `connection_name`. Other query
+    /// seconds, as in pika), `max_message_size` (bytes) and `connection_name`; for `amqps://`,
+    /// RabbitMQ's URI parameters `cacertfile` (a PEM file of the CA to trust, besides the
+    /// public roots), `certfile` and `keyfile` (a client certificate and its key). Other query
     /// settings (`frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism`) go to the
     /// AMQP client; unknown ones (pika's `connection_attempts`, ...) are ignored.
     ///
@@ -139,6 +151,7 @@ impl RabbitmqOptions {
             amqp_uri(&url, &options)?;
             options.urls.push(url);
         }
+        options.check_tls()?;
         Ok(options)
     }
 
@@ -173,6 +186,9 @@ impl RabbitmqOptions {
             }
             "heartbeat" => self.heartbeat = Some(parse_duration(value, Duration::from_secs).map_err(|e| bad(&e))?),
             "max_message_size" => self.max_message_size = value.parse().map_err(|e| bad(&e))?,
+            "cacertfile" => self.tls.ca_file = Some(path_from_query(value)),
+            "certfile" => self.tls.cert_file = Some(path_from_query(value)),
+            "keyfile" => self.tls.key_file = Some(path_from_query(value)),
             "connection_name" => {
                 if value.is_empty() {
                     return Err(bad(&"it is empty"));
@@ -182,6 +198,57 @@ impl RabbitmqOptions {
             _ => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// Trusts the CA certificates in the PEM file `path` for `amqps://`, besides the public
+    /// roots (as RabbitMQ's `cacertfile`).
+    #[must_use]
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// Presents a client certificate and its private key (PEM files) for `amqps://` (as
+    /// RabbitMQ's `certfile` and `keyfile`).
+    #[must_use]
+    pub fn tls_client_cert(mut self, cert: impl Into<std::path::PathBuf>, key: impl Into<std::path::PathBuf>) -> Self {
+        self.tls = self.tls.client_cert(cert, key);
+        self
+    }
+
+    /// TLS files only make sense with `amqps://` URLs, and a certificate needs its key.
+    fn check_tls(&self) -> Result<(), Error> {
+        if self.tls.is_empty() {
+            return Ok(());
+        }
+        if let Some(plain) = self
+            .urls
+            .iter()
+            .find(|u| !u.to_ascii_lowercase().starts_with("amqps://"))
+        {
+            return Err(Error::Config(format!(
+                "`cacertfile`, `certfile` and `keyfile` need TLS: use amqps:// instead of {:?}",
+                redact_url(plain)
+            )));
+        }
+        self.tls.validate(&TLS_NAMES)
+    }
+
+    /// lapin's TLS settings, the files read now (a renewed certificate counts on reconnect).
+    fn tls_config(&self) -> Result<OwnedTLSConfig, Error> {
+        if self.tls.is_empty() {
+            return Ok(OwnedTLSConfig::default());
+        }
+        self.check_tls()?;
+        let pem = self.tls.read(&TLS_NAMES)?;
+        let mut config = OwnedTLSConfig::default();
+        if let Some(ca) = pem.ca {
+            config.cert_chain = Some(String::from_utf8_lossy(&ca).into_owned());
+        }
+        if let (Some(pem), Some(key)) = (pem.cert, pem.key) {
+            config.identity = Some(OwnedIdentity::PKCS8 { pem, key });
+        }
+        Ok(config)
     }
 
     /// Sets the URLs tried in order on every (re)connect.
@@ -486,17 +553,28 @@ impl Link {
         let properties = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let mut failures = Vec::new();
         let mut kind = ErrorKind::Connection;
+        let mut fix = None;
+        let tls = self.options.tls_config()?;
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| Error::Config(format!("RabbitMQ needs a Tokio runtime to connect: {e}")))?;
         for url in &self.options.urls {
             let uri = amqp_uri(url, &self.options)?;
             let attempt = tokio::time::timeout(
                 self.options.connect_timeout,
-                Connection::connect_uri(uri, properties.clone()),
+                uri.connect_with_config(properties.clone(), tls.clone(), runtime.clone()),
             )
             .await;
             match attempt {
                 Ok(Ok(conn)) => return Ok(conn),
                 Ok(Err(e)) => {
                     kind = kind_of(&e);
+                    let text = format!("{e} {e:?}");
+                    fix = fix.or_else(|| tls_hint(&text, &TLS_NAMES)).or_else(|| {
+                        let tls = url.to_ascii_lowercase().starts_with("amqps://");
+                        (tls && self.options.tls.cert_file.is_none())
+                            .then(|| closed_without_client_cert_hint(&text, &TLS_NAMES))
+                            .flatten()
+                    });
                     failures.push(format!("{}: {e}", redact_url(url)));
                 }
                 Err(_) => {
@@ -514,12 +592,11 @@ impl Link {
         } else {
             format!("any of {}", failures.join("; "))
         };
+        let fix = fix.unwrap_or_else(|| "check that the server runs, and the URL, user, password and vhost".into());
         Err(Error::backend(
             BACKEND,
             kind,
-            format!(
-                "cannot connect to RabbitMQ at {target}; check that the server runs, and the URL, user, password and vhost"
-            ),
+            format!("cannot connect to RabbitMQ at {target}; {fix}"),
         ))
     }
 

@@ -15,8 +15,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,7 @@ use troupe_core::{App, Broker, ConsumerOptions, ErrorKind, Message};
 use troupe_rabbitmq::{RabbitmqBroker, RabbitmqOptions};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, FileRuns, KillBackend, MidBatchKill, Record, Runs, wait_runs};
+use troupe_test_suite::servers::{RabbitmqNode, free_port};
 use troupe_worker::Worker;
 
 fn url() -> String {
@@ -364,14 +364,6 @@ async fn a_deleted_queue_is_declared_again_on_the_next_publish() {
     broker.delete_queue(&q).await.unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn unreachable_servers_fail_in_one_clear_line_without_the_password() {
     let port = free_port();
@@ -484,96 +476,9 @@ async fn broker_priority_and_publishing_without_confirms() {
     broker.delete_queue(&q).await.unwrap();
 }
 
-/// A RabbitMQ node of this test's own (its own port, name and data directory), so it can be
-/// crashed and restarted without touching the machine's RabbitMQ that the other tests use.
-struct PrivateNode {
-    dir: PathBuf,
-    port: u16,
-    dist_port: u16,
-    name: String,
-}
-
-impl PrivateNode {
-    fn new() -> Self {
-        let name = unique("troupe-node");
-        let dir = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
-        let status = Command::new("chown")
-            .args(["-R", "rabbitmq:rabbitmq"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(status.success(), "chown {dir:?}");
-        Self {
-            dir,
-            port: free_port(),
-            dist_port: free_port(),
-            name,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    /// Starts the node (again, on the same data) and waits until it listens.
-    fn start(&self) {
-        let _ = std::fs::remove_file(self.dir.join("pid"));
-        let dir = self.dir.display();
-        let script = format!(
-            "cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq RABBITMQ_NODENAME={name}@localhost \
-             RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT={port} RABBITMQ_DIST_PORT={dist} \
-             RABBITMQ_MNESIA_BASE={dir}/mnesia RABBITMQ_LOG_BASE={dir}/log \
-             RABBITMQ_ENABLED_PLUGINS_FILE={dir}/enabled_plugins RABBITMQ_CONFIG_FILE={dir}/rabbitmq \
-             RABBITMQ_PID_FILE={dir}/pid /usr/lib/rabbitmq/bin/rabbitmq-server -detached",
-            name = self.name,
-            port = self.port,
-            dist = self.dist_port,
-        );
-        // The Debian scripts run the server as the rabbitmq user.
-        let status = Command::new("su")
-            .args(["rabbitmq", "-s", "/bin/sh", "-c", &script])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("su and rabbitmq-server must be installed (they are on the project's machines)");
-        assert!(status.success(), "rabbitmq-server -detached failed");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the private RabbitMQ node did not start; see {dir}/log"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// SIGKILLs the node: a crash, not a clean stop.
-    fn kill(&self) {
-        let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) else {
-            return;
-        };
-        let pid = pid.trim().to_owned();
-        let _ = Command::new("kill").args(["-9", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = std::fs::remove_file(self.dir.join("pid"));
-    }
-}
-
-impl Drop for PrivateNode {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_survives_a_rabbitmq_crash_and_restart() {
-    let node = PrivateNode::new();
+    let node = RabbitmqNode::new();
     node.start();
     let queue = unique("restart");
     let log = file_runs(&queue);

@@ -3,9 +3,13 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use troupe_core::tls::{TlsFiles, TlsSettingNames, closed_without_client_cert_hint, path_from_query, tls_hint};
 use troupe_core::{Error, ErrorKind, redact_url};
 
 pub(crate) const BACKEND: &str = "redis";
+
+/// The TLS settings' names in a Redis URL: redis-py's.
+const TLS_NAMES: TlsSettingNames = TlsSettingNames::new("Redis", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile");
 
 /// dramatiq-abort's default key prefix (`dramatiq_abort.backends.redis.DEFAULT_NAMESPACE`).
 pub(crate) const DEFAULT_ABORT_NAMESPACE: &str = "dramatiq:aborts:";
@@ -36,6 +40,9 @@ pub struct RedisOptions {
     /// Key prefix of the cancellation requests Python's dramatiq-abort reads and writes
     /// (default `dramatiq:aborts:`, its `RedisBackend` default, independent of `namespace`).
     pub abort_namespace: String,
+    /// A CA to trust and a client certificate for `rediss://` (default none: the public roots,
+    /// no client certificate).
+    pub tls: TlsFiles,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -50,6 +57,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("max_message_size", &self.max_message_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("abort_namespace", &self.abort_namespace)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -68,14 +76,16 @@ impl RedisOptions {
             max_message_size: troupe_core::DEFAULT_MAX_MESSAGE_SIZE,
             connect_timeout: Duration::from_secs(5),
             abort_namespace: DEFAULT_ABORT_NAMESPACE.into(),
+            tls: TlsFiles::default(),
         }
     }
 
     /// Parses `redis://[:password@]host[:port][/db]` or `rediss://…` with optional Troupe
     /// settings in the query: `namespace`, `abort_namespace`, `heartbeat_timeout`,
     /// `dead_message_ttl`, `maintenance_interval`, `max_poll_interval`, `connect_timeout`
-    /// (durations such as `30s`) and `max_message_size` (bytes). Other query settings go to the
-    /// redis client.
+    /// (durations such as `30s`) and `max_message_size` (bytes); for `rediss://`, redis-py's
+    /// `ssl_ca_certs` (a PEM file of the CA to trust), `ssl_certfile` and `ssl_keyfile` (a
+    /// client certificate and its key). Other query settings go to the redis client.
     ///
     /// # Errors
     /// [`Error::Config`] naming the bad part (passwords redacted).
@@ -109,6 +119,9 @@ impl RedisOptions {
                 "maintenance_interval" => options.maintenance_interval = duration()?,
                 "max_poll_interval" => options.max_poll_interval = duration()?,
                 "connect_timeout" => options.connect_timeout = duration()?,
+                "ssl_ca_certs" => options.tls.ca_file = Some(path_from_query(value)),
+                "ssl_certfile" => options.tls.cert_file = Some(path_from_query(value)),
+                "ssl_keyfile" => options.tls.key_file = Some(path_from_query(value)),
                 "max_message_size" => {
                     options.max_message_size = value.parse().map_err(|e| {
                         Error::Config(format!(
@@ -124,6 +137,7 @@ impl RedisOptions {
         }
         redis::Client::open(options.url.as_str())
             .map_err(|e| Error::Config(format!("bad Redis URL {:?}: {e}", redact_url(&options.url))))?;
+        options.check_tls()?;
         Ok(options)
     }
 
@@ -171,9 +185,66 @@ impl RedisOptions {
         self
     }
 
+    /// Trusts the CA certificates in the PEM file `path` for `rediss://` (as redis-py's
+    /// `ssl_ca_certs`).
+    #[must_use]
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// Presents a client certificate and its private key (PEM files) for `rediss://` (as
+    /// redis-py's `ssl_certfile` and `ssl_keyfile`).
+    #[must_use]
+    pub fn tls_client_cert(mut self, cert: impl Into<std::path::PathBuf>, key: impl Into<std::path::PathBuf>) -> Self {
+        self.tls = self.tls.client_cert(cert, key);
+        self
+    }
+
+    /// TLS files only make sense on `rediss://`, and a certificate needs its key.
+    fn check_tls(&self) -> Result<(), Error> {
+        if self.tls.is_empty() {
+            return Ok(());
+        }
+        if !self.url.to_ascii_lowercase().starts_with("rediss://") {
+            return Err(Error::Config(format!(
+                "`ssl_ca_certs`, `ssl_certfile` and `ssl_keyfile` need TLS: use rediss:// instead of {:?}",
+                redact_url(&self.url)
+            )));
+        }
+        self.tls.validate(&TLS_NAMES)
+    }
+
     pub(crate) fn client(&self) -> Result<redis::Client, Error> {
-        redis::Client::open(self.url.as_str())
-            .map_err(|e| Error::Config(format!("bad Redis URL {:?}: {e}", redact_url(&self.url))))
+        let bad = |e: redis::RedisError| Error::Config(format!("bad Redis URL {:?}: {e}", redact_url(&self.url)));
+        if self.url.to_ascii_lowercase().starts_with("rediss://") {
+            install_crypto_provider();
+        }
+        if self.tls.is_empty() {
+            return redis::Client::open(self.url.as_str()).map_err(bad);
+        }
+        self.check_tls()?;
+        let pem = self.tls.read(&TLS_NAMES)?;
+        let client_tls = match (pem.cert, pem.key) {
+            (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+            _ => None,
+        };
+        redis::Client::build_with_tls(
+            self.url.as_str(),
+            redis::TlsCertificates {
+                client_tls,
+                root_cert: pem.ca,
+            },
+        )
+        .map_err(|e| {
+            Error::Config(format!(
+                "cannot use the TLS files of the Redis URL {:?}: {e}",
+                redact_url(&self.url)
+            ))
+        })
     }
 
     /// A connection manager: multiplexed, reconnecting on its own after a failure.
@@ -201,15 +272,31 @@ impl RedisOptions {
 
     pub(crate) fn connect_error(&self, e: redis::RedisError) -> Error {
         let kind = kind_of(&e);
+        let text = format!("{e} {e:?}");
+        let tls = self.url.to_ascii_lowercase().starts_with("rediss://");
+        let fix = tls_hint(&text, &TLS_NAMES)
+            .or_else(|| {
+                (tls && self.tls.cert_file.is_none())
+                    .then(|| closed_without_client_cert_hint(&text, &TLS_NAMES))
+                    .flatten()
+            })
+            .unwrap_or_else(|| "check that the server runs and the URL is right".into());
         Error::backend_with_source(
             BACKEND,
             kind,
-            format!(
-                "cannot connect to Redis at {}: {e}; check that the server runs and the URL is right",
-                redact_url(&self.url)
-            ),
+            format!("cannot connect to Redis at {}: {e}; {fix}", redact_url(&self.url)),
             e,
         )
+    }
+}
+
+/// The redis client builds its rustls configuration from the process's default crypto
+/// provider, which rustls picks on its own only when exactly one provider is compiled in:
+/// installs ring (the provider every Troupe backend uses) unless the application installed one.
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may install one first: either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 

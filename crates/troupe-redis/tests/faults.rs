@@ -17,6 +17,7 @@ use troupe_core::{Actor, ActorError, ActorOptions, App};
 use troupe_redis::{RedisBroker, RedisOptions};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, KillBackend, MidBatchKill, Runs};
+use troupe_test_suite::servers::free_port;
 use troupe_worker::Worker;
 
 const QUEUE: &str = "faults";
@@ -116,14 +117,6 @@ async fn chaos(fault: Fault, name: &str) {
 }
 
 troupe_test_suite::network_chaos_tests!(chaos);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn start_redis(port: u16) -> Child {
     let child = Command::new("redis-server")

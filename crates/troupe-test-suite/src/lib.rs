@@ -22,8 +22,10 @@ pub mod kill;
 pub mod lifecycle;
 pub mod operations;
 pub mod periodic;
+pub mod servers;
 mod support;
 pub mod tasks;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;

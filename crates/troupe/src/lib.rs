@@ -65,7 +65,7 @@ pub use troupe_core::{
     CancelMode, CancelOutcome, StopReason, TaskCounts, TaskCursor, TaskFilter, TaskHandle, TaskPage, TaskQuery,
     TaskRecord, TaskStatus, TaskStore, current_task,
 };
-pub use troupe_core::{limits, memory, middleware, option_keys, options, periodic, priority, queue, tasks};
+pub use troupe_core::{limits, memory, middleware, option_keys, options, periodic, priority, queue, tasks, tls};
 
 /// Prometheus metrics with Dramatiq's names ([`troupe_prometheus`]).
 #[cfg(feature = "prometheus")]
