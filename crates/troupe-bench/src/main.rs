@@ -105,6 +105,24 @@ struct Args {
     /// Requests per dashboard page timed.
     #[arg(long, default_value_t = 20)]
     page_runs: usize,
+    /// Instead of the drain: put this many messages (of `--payload-bytes`) in the `bench`
+    /// queue, then start one worker process at the default settings and sample its resident
+    /// memory until the queue is drained (ready messages) or for `--memory-secs` (delayed
+    /// ones). Use a dedicated database or namespace: the queue is purged first and after.
+    #[arg(long, default_value_t = 0)]
+    memory_backlog: u64,
+    /// With `--memory-backlog`: delay every message by this many seconds (86400: due in a day);
+    /// 0 sends them ready.
+    #[arg(long, default_value_t = 0)]
+    memory_delay_secs: u64,
+    /// With `--memory-backlog`: how long to watch a worker holding delayed messages, and the
+    /// longest a drain of ready ones may take.
+    #[arg(long, default_value_t = 30.0)]
+    memory_secs: f64,
+    /// Run as the worker of `--memory-backlog` (used by it): the default settings, and nothing
+    /// kept per message.
+    #[arg(long, hide = true)]
+    lean_worker: bool,
 }
 
 /// The state backend the flags name, when tracking or task queries are asked for.
@@ -177,7 +195,12 @@ async fn work(n: u64) {
 
 /// A field of /proc/self/status in KiB (`VmRSS`, `VmHWM`; Linux), 0 when unreadable.
 fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    proc_status_kib("self", field)
+}
+
+/// A field of /proc/PID/status in KiB, 0 when unreadable.
+fn proc_status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -323,6 +346,18 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if args.memory_backlog > 0 && !args.worker_only {
+        return match memory_backlog(&args).await {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if args.worker_only {
         return match worker_only(&args).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -358,18 +393,24 @@ async fn main() -> ExitCode {
 /// A worker process for `--processes`: runs until SIGTERM, then prints the numbers it ran and
 /// its resident memory (idle by then) and peak.
 async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    if let Ok(mut seen) = SEEN.lock() {
+    if !args.lean_worker
+        && let Ok(mut seen) = SEEN.lock()
+    {
         *seen = Some(HashSet::new());
     }
     let broker = troupe::connect(&args.broker_url).await?;
     let state = state_backend(args).await?;
     let app = builder(broker, state.as_ref(), args).actor(Noop).build()?;
-    let worker = Worker::builder(app)
-        .concurrency(args.concurrency)
-        .fetch_timeout(Duration::from_millis(100))
-        .queues(["bench"])
-        .start()
-        .await?;
+    let worker = if args.lean_worker {
+        Worker::builder(app).queues(["bench"]).start().await?
+    } else {
+        Worker::builder(app)
+            .concurrency(args.concurrency)
+            .fetch_timeout(Duration::from_millis(100))
+            .queues(["bench"])
+            .start()
+            .await?
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     term.recv().await;
     let rss_idle = status_kib("VmRSS");
@@ -385,6 +426,107 @@ async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         json!({"runs": runs, "seen": seen, "rss_idle_kib": rss_idle, "rss_peak_kib": status_kib("VmHWM")})
     );
     Ok(())
+}
+
+/// `--memory-backlog`: a worker process's resident memory with a backlog waiting.
+async fn memory_backlog(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    if let Some(path) = args.broker_url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or(path);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{path}{suffix}"));
+        }
+    }
+    let progress = Progress::new(!args.json);
+    let broker = troupe::connect(&args.broker_url).await?;
+    let app = App::builder(Arc::clone(&broker)).actor(Noop).build()?;
+    app.declare_queue("bench").await?;
+    broker.purge("bench").await?;
+    let delay = (args.memory_delay_secs > 0).then(|| Duration::from_secs(args.memory_delay_secs));
+    let payload = serde_json::Value::String("x".repeat(args.payload_bytes));
+
+    progress.phase("enqueue", args.memory_backlog);
+    let started = Instant::now();
+    let mut n = 0;
+    while n < args.memory_backlog {
+        let end = (n + args.batch_size.max(1) as u64).min(args.memory_backlog);
+        let batch = (n..end)
+            .map(|i| {
+                let message =
+                    troupe::Message::new("bench", "noop", vec![json!(i), payload.clone()], serde_json::Map::new());
+                (message, delay)
+            })
+            .collect();
+        app.enqueue_many(batch).await?;
+        n = end;
+        progress.set(n);
+    }
+    let fill_secs = started.elapsed().as_secs_f64();
+
+    progress.phase("worker", 0);
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--worker-only", "--lean-worker", "--broker-url", &args.broker_url])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().ok_or("the worker process exited at once")?.to_string();
+    let started = Instant::now();
+    let watch = Duration::from_secs_f64(args.memory_secs);
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let mut drained_secs = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(status) = child.try_wait()? {
+            return Err(format!("the worker process exited with {status}").into());
+        }
+        let rss = proc_status_kib(&pid, "VmRSS");
+        samples.push((started.elapsed().as_secs_f64(), rss));
+        if delay.is_none() {
+            let pending = broker.stats("bench").await?.pending();
+            progress.set(args.memory_backlog.saturating_sub(pending));
+            if pending == 0 {
+                drained_secs = Some(started.elapsed().as_secs_f64());
+                break;
+            }
+            if started.elapsed() > watch {
+                break;
+            }
+        } else if started.elapsed() > watch {
+            break;
+        }
+    }
+    let peak_kib = proc_status_kib(&pid, "VmHWM");
+    let _ = std::process::Command::new("kill").args(["-s", "TERM", &pid]).status();
+    let out = child.wait_with_output().await?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    progress.finish();
+    broker.purge("bench").await?;
+
+    // The largest sample in each tenth of the watch: flat when memory is bounded.
+    let mb = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+    let slices: Vec<f64> = (0..10)
+        .map(|i| {
+            let lo = samples.len() * i / 10;
+            let hi = (samples.len() * (i + 1) / 10).max(lo + 1).min(samples.len());
+            samples
+                .get(lo..hi)
+                .and_then(|s| s.iter().map(|(_, k)| *k).max())
+                .map_or(0.0, mb)
+        })
+        .collect();
+    Ok(json!({
+        "broker": broker.backend(),
+        "messages": args.memory_backlog,
+        "payload_bytes": args.payload_bytes,
+        "delay_secs": args.memory_delay_secs,
+        "fill_secs": (fill_secs * 10.0).round() / 10.0,
+        "fill_per_sec": (args.memory_backlog as f64 / fill_secs).round(),
+        "worker_runs": report["runs"],
+        "drained_secs": drained_secs.map(|s| (s * 10.0).round() / 10.0),
+        "worker_rss_peak_mb": mb(peak_kib.max(samples.iter().map(|(_, k)| *k).max().unwrap_or(0))),
+        "worker_rss_end_mb": mb(samples.last().map_or(0, |(_, k)| *k)),
+        "worker_rss_by_tenth_mb": slices,
+        "settings": "worker defaults (concurrency 8 per core, prefetch 2 x concurrency, delay prefetch min(1000 x concurrency, 8000))",
+    }))
 }
 
 /// Redis only: script calls and server time so far (`INFO commandstats`, EVAL and EVALSHA).

@@ -81,6 +81,18 @@ async fn sigkill_mid_batch_loses_nothing() {
     FileRuns::temp(&schema).remove();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
+    let schema = schema();
+    let report = kill::producer_kill(&Postgres, &schema, QUEUE).await;
+    // One transaction per call: the call cut short sent all of its messages or none.
+    assert!(
+        report.unconfirmed_ran.iter().all(|n| n % kill::PRODUCER_BATCH == 0),
+        "a send_many call is all or nothing: {report:?}"
+    );
+    FileRuns::temp(&schema).remove();
+}
+
 /// Chaos rounds (`troupe_test_suite::chaos`): a worker SIGKILLed, the link cut, the link
 /// stalled then cut, each while two worker processes run a mix of messages that store results.
 async fn chaos(fault: Fault, name: &str) {

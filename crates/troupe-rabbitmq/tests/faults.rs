@@ -94,6 +94,14 @@ async fn sigkill_mid_batch_loses_nothing() {
     report.broker.delete_queue(&queue).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
+    let queue = unique("producer");
+    kill::producer_kill(&Rabbitmq, &queue, &queue).await;
+    FileRuns::temp(&queue).remove();
+    broker("cleanup").await.delete_queue(&queue).await.unwrap();
+}
+
 /// Chaos rounds (`troupe_test_suite::chaos`): a worker SIGKILLed, the link cut, the link
 /// stalled then cut, each while two worker processes run a mix of messages. (No result backend
 /// here: RabbitMQ keeps none; the Redis one is tested in troupe-redis.)

@@ -105,6 +105,12 @@ async fn sigkill_mid_batch_loses_nothing() {
     MidBatchKill::default().run(&Redis, &ns, QUEUE).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
+    let ns = format!("troupe-producer-{}", uuid::Uuid::new_v4().simple());
+    kill::producer_kill(&Redis, &ns, QUEUE).await;
+}
+
 /// Chaos rounds (`troupe_test_suite::chaos`): a worker SIGKILLed, the link cut, the link
 /// stalled then cut, each while two worker processes run a mix of messages that store results.
 async fn chaos(fault: Fault, name: &str) {

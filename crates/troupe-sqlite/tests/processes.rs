@@ -95,6 +95,17 @@ fn db() -> (tempfile::TempDir, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
+    let (_dir, path) = db();
+    let report = kill::producer_kill(&Sqlite, &path, QUEUE).await;
+    // One transaction per call: the call cut short sent all of its messages or none.
+    assert!(
+        report.unconfirmed_ran.iter().all(|n| n % kill::PRODUCER_BATCH == 0),
+        "a send_many call is all or nothing: {report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing() {
     let (_dir, path) = db();
     let report = MidBatchKill::default().while_holding().run(&Sqlite, &path, QUEUE).await;

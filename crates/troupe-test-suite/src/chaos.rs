@@ -416,10 +416,7 @@ impl ChaosRounds {
     /// `fault`, three rounds (or `TROUPE_CHAOS_ROUNDS`) of 200 messages.
     #[must_use]
     pub fn new(fault: Fault) -> Self {
-        let rounds = std::env::var("TROUPE_CHAOS_ROUNDS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(3);
+        let rounds = rounds_from_env(3);
         Self {
             fault,
             rounds,
@@ -609,15 +606,29 @@ impl ChaosRounds {
                 "recovery_median_s": report.median_recovery().as_secs_f64(),
                 "recovery_max_s": report.max_recovery().as_secs_f64(),
             });
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .expect("the chaos report file");
-            std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes()).expect("write the chaos report");
+            append_report(&path, &line);
         }
         report
     }
+}
+
+/// The rounds a chaos test runs: `TROUPE_CHAOS_ROUNDS`, else `default`.
+#[must_use]
+pub fn rounds_from_env(default: u32) -> u32 {
+    std::env::var("TROUPE_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Appends `line` to the report file `path` (`TROUPE_CHAOS_REPORT`).
+pub(crate) fn append_report(path: &str, line: &serde_json::Value) {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("the chaos report file");
+    std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes()).expect("write the chaos report");
 }
 
 #[cfg(test)]

@@ -241,6 +241,10 @@ pub enum Role {
     Worker,
     /// Sends `record(n)` for each `n` of the range, then exits.
     Producer(Range<u64>),
+    /// Sends `record(n)` for each `n` of the range with `send_many`, [`PRODUCER_BATCH`] at a
+    /// time, saying on stderr how far it has sent after each call returns (`child: sent
+    /// through N`), then exits.
+    BatchProducer(Range<u64>),
     /// Sends `record(n)` for each `n` of the range as a unique message (`unique_for` an hour;
     /// needs the backend's [`KillBackend::state`]), then exits.
     UniqueProducer(Range<u64>),
@@ -320,6 +324,17 @@ pub fn child<B: KillBackend>(backend: &B) {
                         .expect("enqueue");
                 }
                 eprintln!("child: produced {from}..{to}");
+            }
+            "batch-producer" => {
+                let from: u64 = var(FROM).parse().expect("a number");
+                let to: u64 = var(TO).parse().expect("a number");
+                let mut n = from;
+                while n < to {
+                    let end = (n + PRODUCER_BATCH).min(to);
+                    app.send_many(&record, (n..end).map(|i| (i,))).await.expect("enqueue");
+                    eprintln!("child: sent through {end}");
+                    n = end;
+                }
             }
             "holder" => {
                 let rounds: u64 = var(FROM).parse().expect("a number");
@@ -670,6 +685,11 @@ pub fn spawn_with(role: &Role, place: &str, queue: &str, env: &[(&str, String)])
                 .env(FROM, range.start.to_string())
                 .env(TO, range.end.to_string());
         }
+        Role::BatchProducer(range) => {
+            cmd.env(ROLE, "batch-producer")
+                .env(FROM, range.start.to_string())
+                .env(TO, range.end.to_string());
+        }
         Role::UniqueProducer(range) => {
             cmd.env(ROLE, "unique-producer")
                 .env(FROM, range.start.to_string())
@@ -695,6 +715,151 @@ pub fn spawn_with(role: &Role, place: &str, queue: &str, env: &[(&str, String)])
         });
     }
     Spawned { child, log }
+}
+
+/// Messages per `send_many` call of a [`Role::BatchProducer`].
+pub const PRODUCER_BATCH: u64 = 25;
+
+/// What [`producer_kill`] saw, over its rounds.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ProducerKillReport {
+    /// Rounds run.
+    pub rounds: u32,
+    /// Messages whose `send_many` call had returned when the producer was killed.
+    pub confirmed: u64,
+    /// Confirmed messages that never ran (must be 0).
+    pub lost: u64,
+    /// Messages past the confirmed ones that ran anyway, per round: the call the kill cut
+    /// short, and one that returned just before it but had not said so (at most 2 ×
+    /// [`PRODUCER_BATCH`] each).
+    pub unconfirmed_ran: Vec<u64>,
+    /// Runs beyond the first.
+    pub duplicates: u64,
+}
+
+/// The producer SIGKILL test, in rounds (three, or `TROUPE_CHAOS_ROUNDS`): a producer process
+/// sends 20,000 messages in `send_many` calls of [`PRODUCER_BATCH`] and is SIGKILLed once a
+/// thousand or more were confirmed, mid-call most likely; then a worker process runs what
+/// arrived. Every message of a call that returned must run; those of the call cut short may or
+/// may not (counted). The summary line (and `TROUPE_CHAOS_REPORT`) is a chaos table row.
+///
+/// # Panics
+/// When a confirmed message is lost, or the children fail.
+pub async fn producer_kill<B: KillBackend>(backend: &B, place: &str, queue: &str) -> ProducerKillReport {
+    let (_broker, runs) = backend.open(place).await;
+    runs.prepare().await;
+    let sent_through = |log: &str| -> u64 {
+        log.lines()
+            .filter_map(|l| l.strip_prefix("child: sent through "))
+            .filter_map(|n| n.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let rounds = crate::chaos::rounds_from_env(3);
+    let mut report = ProducerKillReport {
+        rounds,
+        confirmed: 0,
+        lost: 0,
+        unconfirmed_ran: Vec::new(),
+        duplicates: 0,
+    };
+    let mut recovery = Vec::new();
+    for round in 0..rounds {
+        let queue = format!("{queue}-{round}");
+        let base = (u64::from(round) + 1) * 1_000_000;
+        let total = 20_000;
+        let mut producer = spawn(&Role::BatchProducer(base..base + total), place, &queue);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sent_through(&producer.log()) < base + 1_000 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the producer sent too little in 60 s: {}",
+                producer.log()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        producer.kill();
+        // The last lines may still be on their way through the pipe.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let confirmed = sent_through(&producer.log()) - base;
+        assert!(
+            confirmed < total,
+            "round {round}: the producer finished before the kill"
+        );
+
+        let killed = Instant::now();
+        let mut worker = spawn(&Role::Worker, place, &queue);
+        let in_round = |counts: HashMap<u64, u64>| -> HashMap<u64, u64> {
+            counts
+                .into_iter()
+                .filter(|(n, _)| (base..base + total).contains(n))
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut done = in_round(runs.counts().await);
+        while (base..base + confirmed).any(|n| !done.contains_key(&n)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            done = in_round(runs.counts().await);
+        }
+        recovery.push(killed.elapsed());
+        // Let the rest of what arrived run too.
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = in_round(runs.counts().await);
+            if now.len() == done.len() {
+                break;
+            }
+            done = now;
+        }
+        worker.kill();
+        let lost: Vec<u64> = (base..base + confirmed).filter(|n| !done.contains_key(n)).collect();
+        let unconfirmed_ran = done.keys().filter(|n| **n >= base + confirmed).count() as u64;
+        assert!(
+            lost.is_empty(),
+            "round {round}: confirmed sends lost: {lost:?}; the worker said {}",
+            worker.log()
+        );
+        // The call cut short, and one that returned just before the kill but had not said so.
+        assert!(
+            unconfirmed_ran <= 2 * PRODUCER_BATCH,
+            "round {round}: only the calls around the kill may have sent unconfirmed messages: {unconfirmed_ran}"
+        );
+        report.confirmed += confirmed;
+        report.lost += lost.len() as u64;
+        report.unconfirmed_ran.push(unconfirmed_ran);
+        report.duplicates += done.values().map(|c| c - 1).sum::<u64>();
+    }
+    recovery.sort();
+    let median = recovery.get(recovery.len() / 2).copied().unwrap_or_default();
+    let max = recovery.last().copied().unwrap_or_default();
+    eprintln!(
+        "CHAOS {} | producer SIGKILL mid-send_many | rounds {rounds} | messages {} (confirmed) | lost {} | duplicates {} | unconfirmed that ran, per round {:?} | recovery median {:.2} s, max {:.2} s",
+        B::NAME,
+        report.confirmed,
+        report.lost,
+        report.duplicates,
+        report.unconfirmed_ran,
+        median.as_secs_f64(),
+        max.as_secs_f64(),
+    );
+    if let Ok(path) = std::env::var("TROUPE_CHAOS_REPORT") {
+        crate::chaos::append_report(
+            &path,
+            &serde_json::json!({
+                "broker": B::NAME,
+                "fault": "producer SIGKILL mid-send_many",
+                "rounds": rounds,
+                "messages": report.confirmed,
+                "lost": report.lost,
+                "duplicates": report.duplicates,
+                "unconfirmed_ran": report.unconfirmed_ran,
+                "recovery_median_s": median.as_secs_f64(),
+                "recovery_max_s": max.as_secs_f64(),
+            }),
+        );
+    }
+    report
 }
 
 /// The SIGKILL test: `messages` messages are sent; a worker process runs until at least

@@ -64,6 +64,11 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub prefetch: Option<usize>,
 
+    /// Delayed messages held per queue until their eta (default min(1000 × concurrency,
+    /// 8000); Dramatiq's `dramatiq_delay_queue_prefetch`).
+    #[arg(long)]
+    pub delay_prefetch: Option<usize>,
+
     /// How long a graceful shutdown waits for running actors ("30s", "10m").
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
     pub shutdown_timeout: Duration,
@@ -102,6 +107,9 @@ impl WorkerArgs {
         }
         if let Some(n) = self.prefetch {
             builder = builder.prefetch(n);
+        }
+        if let Some(n) = self.delay_prefetch {
+            builder = builder.delay_prefetch(n);
         }
         builder.shutdown_timeout(self.shutdown_timeout)
     }

@@ -52,6 +52,10 @@ pub struct WorkerBuilder {
     heartbeat: Duration,
 }
 
+/// The most delayed messages a worker holds per queue by default (see
+/// [`WorkerBuilder::delay_prefetch`]).
+pub const DEFAULT_MAX_DELAY_PREFETCH: usize = 8_000;
+
 /// How often a worker tells the broker it is alive (see [`WorkerBuilder::heartbeat`]).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
@@ -78,7 +82,9 @@ impl WorkerBuilder {
         self
     }
 
-    /// Delayed messages held per queue (default min(1000 × concurrency, 65535)).
+    /// Delayed messages held per queue (default min(1000 × concurrency, 8000): Dramatiq's
+    /// 1000 per thread, at most what its default 8 threads hold, so a worker's memory does not
+    /// grow with the machine's cores).
     pub fn delay_prefetch(mut self, n: usize) -> Self {
         self.delay_prefetch = Some(n.max(1));
         self
@@ -117,7 +123,9 @@ impl WorkerBuilder {
     pub async fn start(self) -> Result<WorkerHandle> {
         let concurrency = self.resolved_concurrency();
         let prefetch = self.prefetch.unwrap_or(2 * concurrency);
-        let delay_prefetch = self.delay_prefetch.unwrap_or((1000 * concurrency).min(65_535));
+        let delay_prefetch = self
+            .delay_prefetch
+            .unwrap_or((1000 * concurrency).min(DEFAULT_MAX_DELAY_PREFETCH));
         let app = self.app;
         let mut queues = app.queues();
         if let Some(whitelist) = &self.queues {
@@ -658,14 +666,9 @@ async fn route(
             for m in shared.app.middleware() {
                 (**m).before_delay_message(&shared.app, &message).await;
             }
-            shared.delays.hold(
-                eta.unwrap_or(now),
-                Held {
-                    delivery,
-                    message,
-                    permit,
-                },
-            );
+            shared
+                .delays
+                .hold(eta.unwrap_or(now), Held::new(delivery, message, permit));
         }
         return;
     }
