@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use troupe_core::queue::{dq_name, q_name, validate_queue_name, xq_name};
 use troupe_core::support::{Batcher, Wakers};
@@ -17,7 +16,7 @@ use troupe_core::{
     prepare_for_delay_queue,
 };
 
-use crate::conn::{BACKEND, RedisOptions, ms, now, redis_error};
+use crate::conn::{BACKEND, RedisConnection, RedisOptions, ms, now, redis_error};
 
 /// Most rids settled in one script call.
 const SETTLE_BATCH: usize = 500;
@@ -39,7 +38,7 @@ pub struct RedisBroker {
 
 struct Inner {
     options: RedisOptions,
-    conn: ConnectionManager,
+    conn: RedisConnection,
     encoder: Arc<dyn Encoder>,
     process_id: String,
     consumers: AtomicU64,
@@ -90,7 +89,7 @@ impl RedisBroker {
     /// # Errors
     /// An unreachable server.
     pub async fn open(options: RedisOptions) -> Result<Self> {
-        let mut conn = options.manager().await?;
+        let mut conn = options.connection().await?;
         dispatch()
             .load_async(&mut conn)
             .await
@@ -123,9 +122,9 @@ impl RedisBroker {
         &self.inner.options
     }
 
-    /// A shared connection (multiplexed, reconnecting).
+    /// A shared connection (multiplexed, reconnecting, healing a silent link).
     #[must_use]
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConnection {
         self.inner.conn.clone()
     }
 
@@ -320,7 +319,7 @@ async fn wake_loop(weak: Weak<Inner>) {
 }
 
 /// Settles a batch: one script call per (consumer, queue, kind), pipelined together.
-async fn settle(mut conn: ConnectionManager, namespace: &str, batch: Vec<Settle>) -> Result<()> {
+async fn settle(mut conn: RedisConnection, namespace: &str, batch: Vec<Settle>) -> Result<()> {
     let mut groups: HashMap<(String, String, &'static str), Vec<Settle>> = HashMap::new();
     for s in batch {
         let kind = match s.op {

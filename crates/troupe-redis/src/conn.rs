@@ -1,5 +1,7 @@
 //! URL parsing, connections and error mapping shared by the broker and the backends.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -252,11 +254,23 @@ impl RedisOptions {
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(1)
             .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_max_delay(Duration::from_secs(2));
         ConnectionManager::new_with_config(self.client()?, config)
             .await
             .map_err(|e| self.connect_error(e))
+    }
+
+    /// A shared connection that also heals a silent link (see [`RedisConnection`]).
+    pub(crate) async fn connection(&self) -> Result<RedisConnection, Error> {
+        let manager = self.manager().await?;
+        Ok(RedisConnection {
+            healing: Arc::new(Healing {
+                current: RwLock::new((0, manager)),
+                options: self.clone(),
+                rebuilding: AtomicBool::new(false),
+            }),
+        })
     }
 
     /// A dedicated connection for blocking commands (no response time-out).
@@ -297,6 +311,100 @@ fn install_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Another thread may install one first: either is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// How long a command may go unanswered before its connection counts as dead.
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A shared connection to Redis (multiplexed), as redis-rs's `ConnectionManager`, which
+/// reconnects after a dropped link, and which also replaces a link that went silent: a
+/// connection stalled by a failed network path or a stuck proxy closes nothing, so the
+/// manager would keep it, and every command on it would time out forever. After a command
+/// gets no answer within 30 s, the next ones go to a fresh connection.
+#[derive(Clone)]
+pub struct RedisConnection {
+    healing: Arc<Healing>,
+}
+
+struct Healing {
+    /// The connection in use and its generation.
+    current: RwLock<(u64, ConnectionManager)>,
+    options: RedisOptions,
+    rebuilding: AtomicBool,
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConnection")
+            .field("url", &redact_url(&self.healing.options.url))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisConnection {
+    fn current(&self) -> (u64, ConnectionManager) {
+        let current = self.healing.current.read().unwrap_or_else(PoisonError::into_inner);
+        (current.0, current.1.clone())
+    }
+
+    /// After a time-out on the connection of `generation`, connects afresh (once, in the
+    /// background) and puts the new connection in its place.
+    fn heal(&self, generation: u64, e: &redis::RedisError) {
+        if !e.is_timeout() || self.healing.rebuilding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let healing = Arc::clone(&self.healing);
+        tokio::spawn(async move {
+            match healing.options.manager().await {
+                Ok(fresh) => {
+                    let mut current = healing.current.write().unwrap_or_else(PoisonError::into_inner);
+                    if current.0 == generation {
+                        tracing::warn!(
+                            "Redis did not answer within {RESPONSE_TIMEOUT:?}; a fresh connection replaces the silent one"
+                        );
+                        *current = (generation + 1, fresh);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reconnect to Redis after a time-out; trying again on the next one")
+                }
+            }
+            healing.rebuilding.store(false, Ordering::Release);
+        });
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let (generation, mut conn) = self.current();
+            let result = conn.req_packed_command(cmd).await;
+            if let Err(e) = &result {
+                self.heal(generation, e);
+            }
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let (generation, mut conn) = self.current();
+            let result = conn.req_packed_commands(cmd, offset, count).await;
+            if let Err(e) = &result {
+                self.heal(generation, e);
+            }
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current().1.get_db()
     }
 }
 
@@ -375,7 +483,7 @@ impl BlockingPool {
     ) -> Result<Option<Vec<u8>>, Error> {
         let mut cmd = redis::cmd("BLMOVE");
         cmd.arg(key).arg(key).arg("RIGHT").arg("LEFT").arg(seconds(timeout));
-        self.run(options, &cmd, what).await
+        self.run(options, &cmd, timeout, what).await
     }
 
     /// `BLPOP keys… timeout`: waits up to `timeout` (sub-second honoured, Redis 6 or later) for
@@ -389,19 +497,32 @@ impl BlockingPool {
     ) -> Result<Option<(String, Vec<u8>)>, Error> {
         let mut cmd = redis::cmd("BLPOP");
         cmd.arg(keys).arg(seconds(timeout));
-        self.run(options, &cmd, what).await
+        self.run(options, &cmd, timeout, what).await
     }
 
-    /// Runs a blocking command on a connection of the pool (one dropped on error, as the
-    /// command may still be pending on it).
+    /// Runs a command that blocks the server for up to `block` on a connection of the pool
+    /// (one dropped on error, as the command may still be pending on it). A server silent for
+    /// [`RESPONSE_TIMEOUT`] past `block` is a dead link: the connection is dropped.
     async fn run<T: redis::FromRedisValue>(
         &self,
         options: &RedisOptions,
         cmd: &redis::Cmd,
+        block: Duration,
         what: &str,
     ) -> Result<T, Error> {
         let mut conn = self.take(options).await?;
-        let got = cmd.query_async(&mut conn).await.map_err(|e| redis_error(what, e))?;
+        let got = match tokio::time::timeout(block + RESPONSE_TIMEOUT, cmd.query_async(&mut conn)).await {
+            Ok(got) => got.map_err(|e| redis_error(what, e))?,
+            Err(_) => {
+                return Err(Error::backend(
+                    BACKEND,
+                    ErrorKind::Timeout,
+                    format!(
+                        "{what}: no answer from Redis within {RESPONSE_TIMEOUT:?} of the command's own time-out; the link is dropped"
+                    ),
+                ));
+            }
+        };
         self.give_back(conn);
         Ok(got)
     }

@@ -32,7 +32,7 @@ mod tasks;
 
 #[cfg(feature = "broker")]
 pub use broker::RedisBroker;
-pub use conn::RedisOptions;
+pub use conn::{RedisConnection, RedisOptions};
 #[cfg(feature = "results")]
 pub use results::RedisResults;
 #[cfg(feature = "results")]

@@ -6,17 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use serde_json::Value;
 use troupe_core::{Encoder, Error, JsonEncoder, Message, Result, ResultBackend, result_key};
 
-use crate::conn::{BlockingPool, RedisOptions, ms, redis_error};
+use crate::conn::{BlockingPool, RedisConnection, RedisOptions, ms, redis_error};
 
 /// Results in Redis, as Dramatiq's `RedisBackend` stores them.
 #[derive(Clone)]
 pub struct RedisResults {
     options: RedisOptions,
-    conn: ConnectionManager,
+    conn: RedisConnection,
     encoder: Arc<dyn Encoder>,
     blocking: BlockingPool,
 }
@@ -43,7 +42,7 @@ impl RedisResults {
     /// # Errors
     /// An unreachable server.
     pub async fn open(options: RedisOptions) -> Result<Self> {
-        let conn = options.manager().await?;
+        let conn = options.connection().await?;
         Ok(Self {
             options,
             conn,

@@ -5,10 +5,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use troupe_core::{Arrival, Result, StateBackend, TaskStore};
 
-use crate::conn::{BlockingPool, RedisOptions, ms, redis_error};
+use crate::conn::{BlockingPool, RedisConnection, RedisOptions, ms, redis_error};
 
 static INCR: OnceLock<redis::Script> = OnceLock::new();
 static SUM: OnceLock<redis::Script> = OnceLock::new();
@@ -169,7 +168,7 @@ fn holders_key(key: &str) -> String {
 #[derive(Clone)]
 pub struct RedisState {
     pub(crate) options: RedisOptions,
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: RedisConnection,
     pub(crate) blocking: BlockingPool,
 }
 
@@ -195,7 +194,7 @@ impl RedisState {
     /// # Errors
     /// An unreachable server.
     pub async fn open(options: RedisOptions) -> Result<Self> {
-        let conn = options.manager().await?;
+        let conn = options.connection().await?;
         Ok(Self {
             options,
             conn,

@@ -124,6 +124,13 @@ async fn chaos(fault: Fault, name: &str) {
 
 troupe_test_suite::network_chaos_tests!(chaos);
 
+/// Every connection black-holed (open, silent, for good): commands time out after 30 s, and
+/// the connection heals itself (`RedisConnection`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_link_stalled_for_good() {
+    chaos(Fault::BlackHoleLink, "chaos-blackhole").await;
+}
+
 fn start_redis(port: u16) -> Child {
     let child = Command::new("redis-server")
         .args([

@@ -7,14 +7,14 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use serde_json::{Map, json};
 use troupe_core::{Broker, Consumer, ConsumerOptions, Delivery, Message};
+use troupe_redis::RedisConnection;
 use troupe_redis::{RedisBroker, RedisOptions};
 
 const FETCH: Duration = Duration::from_millis(300);
 
-async fn broker() -> (RedisBroker, String, ConnectionManager) {
+async fn broker() -> (RedisBroker, String, RedisConnection) {
     let url = std::env::var("TROUPE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let ns = format!("troupe-lanes-{}", uuid::Uuid::new_v4().simple());
     let options = RedisOptions::from_url(&url)
@@ -52,7 +52,7 @@ async fn fetch(consumer: &mut Box<dyn Consumer>, n: usize) -> Vec<Delivery> {
     consumer.fetch(n, FETCH).await.unwrap()
 }
 
-async fn list(conn: &mut ConnectionManager, key: &str) -> Vec<String> {
+async fn list(conn: &mut RedisConnection, key: &str) -> Vec<String> {
     redis::cmd("LRANGE")
         .arg(key)
         .arg(0)
@@ -62,7 +62,7 @@ async fn list(conn: &mut ConnectionManager, key: &str) -> Vec<String> {
         .unwrap()
 }
 
-async fn lanes(conn: &mut ConnectionManager, ns: &str) -> Vec<String> {
+async fn lanes(conn: &mut RedisConnection, ns: &str) -> Vec<String> {
     redis::cmd("ZRANGE")
         .arg(format!("{ns}:q.lanes"))
         .arg(0)

@@ -94,11 +94,14 @@ pub fn with_server(url: &str, addr: &str) -> String {
 /// A TCP proxy on loopback that forwards to one server until told to fail: it can stop
 /// forwarding while keeping every connection open (a stalled link: nothing is closed, nothing
 /// arrives) and cut every connection it carries (a dropped link). New connections are
-/// accepted throughout; while stalled, they carry nothing either.
+/// accepted throughout; while stalled, they carry nothing either. It can also black-hole the
+/// connections it carries now: they stay open and carry nothing, for good, while new ones work
+/// (a path that died without a word, which only a time-out or a heartbeat can notice).
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
-    forwarding: watch::Sender<bool>,
+    /// Forwarding on, and the black-hole generation: a link born in an earlier one is dead.
+    forwarding: watch::Sender<(bool, u64)>,
     links: Arc<Mutex<Vec<AbortHandle>>>,
     accept: JoinHandle<()>,
 }
@@ -111,13 +114,14 @@ impl FaultProxy {
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
         let addr = listener.local_addr().expect("the proxy's address");
-        let (forwarding, _) = watch::channel(true);
+        let (forwarding, _) = watch::channel((true, 0_u64));
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let accept = tokio::spawn({
             let (forwarding, links) = (forwarding.clone(), Arc::clone(&links));
             async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    let link = tokio::spawn(carry(client, upstream, forwarding.subscribe()));
+                    let born = forwarding.borrow().1;
+                    let link = tokio::spawn(carry(client, upstream, forwarding.subscribe(), born));
                     if let Ok(mut links) = links.lock() {
                         links.retain(|l| !l.is_finished());
                         links.push(link.abort_handle());
@@ -141,12 +145,18 @@ impl FaultProxy {
 
     /// Stops forwarding; every connection stays open.
     pub fn stall(&self) {
-        self.forwarding.send_replace(false);
+        self.forwarding.send_modify(|(on, _)| *on = false);
     }
 
     /// Forwards again.
     pub fn resume(&self) {
-        self.forwarding.send_replace(true);
+        self.forwarding.send_modify(|(on, _)| *on = true);
+    }
+
+    /// The connections carried now forward nothing from here on and are never closed by the
+    /// proxy; connections made after it are carried as usual.
+    pub fn black_hole(&self) {
+        self.forwarding.send_modify(|(_, generation)| *generation += 1);
     }
 
     /// Closes every connection it carries (new ones are accepted).
@@ -168,26 +178,28 @@ impl Drop for FaultProxy {
 
 /// Carries one connection both ways while forwarding is on; ends (closing both sides) when
 /// either side closes.
-async fn carry(client: TcpStream, upstream: SocketAddr, forwarding: watch::Receiver<bool>) {
+async fn carry(client: TcpStream, upstream: SocketAddr, forwarding: watch::Receiver<(bool, u64)>, born: u64) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     tokio::select! {
-        () = pump(client_read, server_write, forwarding.clone()) => {}
-        () = pump(server_read, client_write, forwarding) => {}
+        () = pump(client_read, server_write, forwarding.clone(), born) => {}
+        () = pump(server_read, client_write, forwarding, born) => {}
     }
 }
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut forwarding: watch::Receiver<bool>,
+    mut forwarding: watch::Receiver<(bool, u64)>,
+    born: u64,
 ) {
     let mut buf = vec![0_u8; 64 * 1024];
+    let live = move |(on, generation): &(bool, u64)| *on && *generation == born;
     loop {
-        if forwarding.wait_for(|on| *on).await.is_err() {
+        if forwarding.wait_for(live).await.is_err() {
             return;
         }
         let n = match from.read(&mut buf).await {
@@ -195,7 +207,7 @@ async fn pump(
             Ok(n) => n,
         };
         // A stall that began during the read holds what was read.
-        if forwarding.wait_for(|on| *on).await.is_err() {
+        if forwarding.wait_for(live).await.is_err() {
             return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
@@ -205,7 +217,9 @@ async fn pump(
 }
 
 /// The network brokers' chaos tests, the same three everywhere: `run(fault, name)` runs the
-/// rounds of one fault (`name` names its queues) and asserts what the broker promises.
+/// rounds of one fault (`name` names its queues) and asserts what the broker promises. The
+/// fourth, [`Fault::BlackHoleLink`], each backend writes out itself (`chaos_link_stalled_for_good`),
+/// as it does not pass on every broker yet.
 ///
 /// ```text
 /// troupe_test_suite::network_chaos_tests!(chaos);
@@ -331,6 +345,9 @@ pub enum Fault {
     /// anything, then close every connection (what a failed network path does before TCP or
     /// a timeout notices).
     StallLink(Duration),
+    /// Black-hole every connection between the workers and the server: open, silent, for good
+    /// (new connections work). Recovery is how long the workers take to notice and reconnect.
+    BlackHoleLink,
 }
 
 impl Fault {
@@ -341,6 +358,7 @@ impl Fault {
             Self::KillWorker => "SIGKILL a worker".into(),
             Self::CutLink => "link cut".into(),
             Self::StallLink(d) => format!("link stalled {} s, then cut", d.as_secs_f64()),
+            Self::BlackHoleLink => "link stalled for good (never cut)".into(),
         }
     }
 
@@ -524,6 +542,7 @@ impl ChaosRounds {
                     workers[0] = kill::spawn_with(&Role::Worker, place, &queue, &env);
                 }
                 Fault::CutLink => proxy.as_ref().expect("a proxy").cut(),
+                Fault::BlackHoleLink => proxy.as_ref().expect("a proxy").black_hole(),
                 Fault::StallLink(stall) => {
                     let proxy = proxy.as_ref().expect("a proxy");
                     proxy.stall();
@@ -544,10 +563,14 @@ impl ChaosRounds {
             // Results are stored before the ack: wait for them before the workers go.
             let mut results_missing = 0;
             if let Some(backend) = &results {
+                // A store still retrying after the fault holds its message unacked: wait for
+                // it rather than count a late result as lost (30 s in all, not per result).
+                let results_deadline = Instant::now() + Duration::from_secs(30);
                 for (n, message) in &sent {
-                    // A store still retrying after the fault holds its message unacked: wait
-                    // for it rather than count a late result as lost.
-                    match backend.get(message, Some(Duration::from_secs(30))).await {
+                    let wait = results_deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(10));
+                    match backend.get(message, Some(wait)).await {
                         Ok(value) if value == json!(n) => {}
                         other => {
                             results_missing += 1;
@@ -681,6 +704,15 @@ mod tests {
         proxy.resume();
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"again");
+
+        proxy.black_hole();
+        client.write_all(b"never").await.unwrap();
+        let silent = tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut buf)).await;
+        assert!(silent.is_err(), "nothing comes back through a black hole");
+        let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
+        fresh.write_all(b"fresh").await.unwrap();
+        fresh.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"fresh", "a new connection is carried");
 
         proxy.cut();
         let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
