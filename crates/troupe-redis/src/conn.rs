@@ -264,13 +264,15 @@ impl RedisOptions {
     /// A shared connection that also heals a silent link (see [`RedisConnection`]).
     pub(crate) async fn connection(&self) -> Result<RedisConnection, Error> {
         let manager = self.manager().await?;
-        Ok(RedisConnection {
+        let connection = RedisConnection {
             healing: Arc::new(Healing {
                 current: RwLock::new((0, manager)),
                 options: self.clone(),
                 rebuilding: AtomicBool::new(false),
             }),
-        })
+        };
+        tokio::spawn(probe(Arc::downgrade(&connection.healing)));
+        Ok(connection)
     }
 
     /// A dedicated connection for blocking commands (no response time-out).
@@ -320,8 +322,9 @@ pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A shared connection to Redis (multiplexed), as redis-rs's `ConnectionManager`, which
 /// reconnects after a dropped link, and which also replaces a link that went silent: a
 /// connection stalled by a failed network path or a stuck proxy closes nothing, so the
-/// manager would keep it, and every command on it would time out forever. After a command
-/// gets no answer within 30 s, the next ones go to a fresh connection.
+/// manager would keep it, and every command on it would time out forever. A `PING` every 5 s
+/// left unanswered for 10 s, or a command for 30 s, sends the next commands to a fresh
+/// connection.
 #[derive(Clone)]
 pub struct RedisConnection {
     healing: Arc<Healing>,
@@ -348,31 +351,61 @@ impl RedisConnection {
         (current.0, current.1.clone())
     }
 
-    /// After a time-out on the connection of `generation`, connects afresh (once, in the
-    /// background) and puts the new connection in its place.
+    /// After a time-out on the connection of `generation`, replaces it.
     fn heal(&self, generation: u64, e: &redis::RedisError) {
-        if !e.is_timeout() || self.healing.rebuilding.swap(true, Ordering::AcqRel) {
-            return;
+        if e.is_timeout() {
+            replace(&self.healing, generation);
         }
-        let healing = Arc::clone(&self.healing);
-        tokio::spawn(async move {
-            match healing.options.manager().await {
-                Ok(fresh) => {
-                    let mut current = healing.current.write().unwrap_or_else(PoisonError::into_inner);
-                    if current.0 == generation {
-                        tracing::warn!(
-                            "Redis did not answer within {RESPONSE_TIMEOUT:?}; a fresh connection replaces the silent one"
-                        );
-                        *current = (generation + 1, fresh);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot reconnect to Redis after a time-out; trying again on the next one")
+    }
+}
+
+/// How often a [`RedisConnection`] is checked, and how long its `PING` may take: a silent link
+/// is replaced within about 15 s, even one nothing else is sent on (a worker's result
+/// connection while its broker connection is the one waiting).
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pings the connection every [`PROBE_EVERY`] until it is dropped; one unanswered within
+/// [`PROBE_TIMEOUT`] is replaced.
+async fn probe(healing: std::sync::Weak<Healing>) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let Some(strong) = healing.upgrade() else { return };
+        let (generation, mut conn) = {
+            let current = strong.current.read().unwrap_or_else(PoisonError::into_inner);
+            (current.0, current.1.clone())
+        };
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(PROBE_TIMEOUT, ping.query_async::<()>(&mut conn)).await {
+            Err(_) => replace(&strong, generation),
+            Ok(Err(e)) if e.is_timeout() => replace(&strong, generation),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Connects afresh (once at a time, in the background) and puts the new connection in place of
+/// the one of `generation`, unless that one was replaced already.
+fn replace(healing: &Arc<Healing>, generation: u64) {
+    if healing.rebuilding.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let healing = Arc::clone(healing);
+    tokio::spawn(async move {
+        match healing.options.manager().await {
+            Ok(fresh) => {
+                let mut current = healing.current.write().unwrap_or_else(PoisonError::into_inner);
+                if current.0 == generation {
+                    tracing::warn!("Redis went silent on a connection; a fresh connection replaces it");
+                    *current = (generation + 1, fresh);
                 }
             }
-            healing.rebuilding.store(false, Ordering::Release);
-        });
-    }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reconnect to Redis after a time-out; trying again on the next one");
+            }
+        }
+        healing.rebuilding.store(false, Ordering::Release);
+    });
 }
 
 impl redis::aio::ConnectionLike for RedisConnection {

@@ -138,6 +138,9 @@ pub(crate) fn db_error(what: &str, e: sqlx::Error) -> Error {
         sqlx::Error::Database(db) => match db.code().as_deref() {
             // SQLITE_BUSY, SQLITE_LOCKED and their extended codes: another writer holds the lock.
             Some(code) if matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5 | 6)) => ErrorKind::Timeout,
+            // SQLITE_FULL: the disk is full. Freed space makes the same write succeed, so it is
+            // retried like a busy lock (a worker requeues rather than dead-letters).
+            Some(code) if matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(13)) => ErrorKind::Timeout,
             _ => ErrorKind::Other,
         },
         sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => ErrorKind::Serialization,

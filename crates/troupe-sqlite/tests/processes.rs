@@ -94,6 +94,104 @@ fn db() -> (tempfile::TempDir, String) {
     (dir, path)
 }
 
+/// Unmounts a filesystem the test mounted (lazily, whatever still has it open).
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The disk under SQLite fills up under load (a 4 MiB tmpfs this test mounts; mounting needs
+/// root, as on the project's machines and CI): sends fail with a one-line error while it is
+/// full, the worker process keeps running, and once space is freed every confirmed message runs
+/// and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "found 2026-12-03, not fixed: once the disk was full, the worker process's SQLite connections keep failing with SQLITE_FULL (claims and maintenance, every 100 ms for over 60 s) after space is freed, while another process writes to the same file; sends are refused clearly, nothing is dead-lettered or lost, but the worker runs nothing until restarted"]
+async fn a_full_disk_refuses_sends_clearly_and_loses_nothing() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("small");
+    std::fs::create_dir(&mount).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mount)
+        .status()
+        .expect("mount must be installed");
+    assert!(
+        status.success(),
+        "mounting a 4 MiB tmpfs needs root (the project's machines and CI run as root)"
+    );
+    let _unmount = Unmount(mount.clone());
+    let path = mount.join("troupe.db").to_string_lossy().into_owned();
+    let (broker, runs) = Sqlite.open(&path).await;
+    runs.prepare().await;
+    let runs = std::sync::Arc::new(runs);
+    let record = kill::Record::new(QUEUE, std::sync::Arc::clone(&runs));
+    let app = troupe_core::App::builder(std::sync::Arc::new(broker.clone()))
+        .actor(record.clone())
+        .build()
+        .unwrap();
+    app.declare_queue(QUEUE).await.unwrap();
+    let mut worker = kill::spawn(&Role::Worker, &path, QUEUE);
+
+    // Take all but 256 KiB of the space.
+    let filler = mount.join("filler");
+    {
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0_u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let len = file.metadata().unwrap().len();
+        file.set_len(len.saturating_sub(256 * 1024)).unwrap();
+    }
+
+    let mut confirmed: Vec<u64> = Vec::new();
+    let mut refused = None;
+    for n in 0..100_000 {
+        match app.send(&record, (n,)).await {
+            Ok(_) => confirmed.push(n),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("the disk filled up").to_string();
+    eprintln!("full: {err}");
+    assert!(err.contains("full"), "{err}");
+    assert!(!err.contains('\n'), "{err}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(worker.is_running(), "the worker survives a full disk: {}", worker.log());
+
+    // Space freed: sends succeed again, and everything confirmed runs.
+    std::fs::remove_file(&filler).unwrap();
+    let first_after = confirmed.len() as u64 + 1_000_000;
+    for n in first_after..first_after + 100 {
+        app.send(&record, (n,)).await.expect("a send once space was freed");
+        confirmed.push(n);
+    }
+    let done = kill::wait_runs(runs.as_ref(), confirmed.len(), Duration::from_secs(60)).await;
+    let lost: Vec<u64> = confirmed.iter().copied().filter(|n| !done.contains_key(n)).collect();
+    let duplicates: u64 = done.values().map(|c| c - 1).sum();
+    assert!(worker.is_running(), "the worker kept running: {}", worker.log());
+    let log = worker.log();
+    worker.kill();
+    let dead = broker.dead_letters(QUEUE, 100).await.unwrap();
+    eprintln!(
+        "CHAOS SQLite | disk full, then freed | messages {} (confirmed) | lost {} | duplicates {duplicates} | dead-lettered {}",
+        confirmed.len(),
+        lost.len(),
+        dead.len()
+    );
+    assert!(lost.is_empty(), "confirmed sends lost: {lost:?}; the worker said:\n{log}\nthe queue: {:?}", broker.stats(QUEUE).await);
+    assert!(
+        dead.is_empty(),
+        "nothing is dead-lettered for a full disk: {:?}",
+        dead.iter().map(|d| &d.reason).collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
     let (_dir, path) = db();

@@ -286,6 +286,8 @@ pub fn child<B: KillBackend>(backend: &B) {
     };
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set for a child"));
     let (place, queue) = (var(PLACE), var(QUEUE));
+    // Warnings and errors on stderr, which the parent keeps (`TROUPE_CHILD_LOG` for more).
+    troupe_worker::init_logging(0);
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async move {
         let (broker, runs) = backend.open(&place).await;
@@ -636,6 +638,11 @@ impl Spawned {
         self.child.wait().expect("reap the child")
     }
 
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Its stderr so far.
     #[must_use]
     pub fn log(&self) -> String {
@@ -673,7 +680,7 @@ pub fn spawn_with(role: &Role, place: &str, queue: &str, env: &[(&str, String)])
     cmd.args(["child", "--exact", "--nocapture", "--test-threads", "1"])
         .env(PLACE, place)
         .env(QUEUE, queue)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("TROUPE_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     match role {
