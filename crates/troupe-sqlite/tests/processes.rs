@@ -184,7 +184,11 @@ async fn a_full_disk_refuses_sends_clearly_and_loses_nothing() {
         lost.len(),
         dead.len()
     );
-    assert!(lost.is_empty(), "confirmed sends lost: {lost:?}; the worker said:\n{log}\nthe queue: {:?}", broker.stats(QUEUE).await);
+    assert!(
+        lost.is_empty(),
+        "confirmed sends lost: {lost:?}; the worker said:\n{log}\nthe queue: {:?}",
+        broker.stats(QUEUE).await
+    );
     assert!(
         dead.is_empty(),
         "nothing is dead-lettered for a full disk: {:?}",

@@ -680,7 +680,10 @@ pub fn spawn_with(role: &Role, place: &str, queue: &str, env: &[(&str, String)])
     cmd.args(["child", "--exact", "--nocapture", "--test-threads", "1"])
         .env(PLACE, place)
         .env(QUEUE, queue)
-        .env("RUST_LOG", std::env::var("TROUPE_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("TROUPE_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     match role {
