@@ -72,6 +72,19 @@ impl KillBackend for Rabbitmq {
     async fn open(&self, queue: &str) -> (RabbitmqBroker, FileRuns) {
         (broker(&unique("troupe-crash")).await, FileRuns::temp(queue))
     }
+
+    /// Results in Redis, as RabbitMQ users keep them (a namespace per place; not behind the
+    /// fault proxy, which carries the RabbitMQ link only).
+    async fn results(&self, queue: &str) -> Option<std::sync::Arc<dyn troupe_core::ResultBackend>> {
+        let url = std::env::var("TROUPE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        let options = troupe_redis::RedisOptions::from_url(&url)
+            .expect("TROUPE_REDIS_URL")
+            .namespace(format!("troupe-chaos-{queue}"));
+        let results = troupe_redis::RedisResults::open(options)
+            .await
+            .expect("Redis must be running for the RabbitMQ chaos rounds' results (scripts/test starts it)");
+        Some(results.into_dyn())
+    }
 }
 
 /// The worker process of the crash test.
@@ -103,8 +116,8 @@ async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
 }
 
 /// Chaos rounds (`troupe_test_suite::chaos`): a worker SIGKILLed, the link cut, the link
-/// stalled then cut, each while two worker processes run a mix of messages. (No result backend
-/// here: RabbitMQ keeps none; the Redis one is tested in troupe-redis.)
+/// stalled then cut, each while two worker processes run a mix of messages that store their
+/// results in Redis (RabbitMQ keeps none).
 async fn chaos(fault: Fault, _name: &str) {
     let place = unique("chaos");
     let server = chaos::server_of(&url(), 5672).await;

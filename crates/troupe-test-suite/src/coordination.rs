@@ -243,7 +243,8 @@ pub async fn rate_limit_window_admits_its_limit_per_window(backend: Arc<dyn Stat
 
 /// A barrier clears when its last party arrives, waking the parties that wait.
 pub async fn barrier_clears_when_every_party_arrives(backend: Arc<dyn StateBackend>) {
-    let barrier = Barrier::new(backend, key("barrier")).ttl(Duration::from_secs(60));
+    let k = key("barrier");
+    let barrier = Barrier::new(Arc::clone(&backend), k.clone()).ttl(Duration::from_secs(60));
     assert!(barrier.create(3).await.expect("create"));
     assert!(
         !barrier.create(3).await.expect("create again"),
@@ -253,7 +254,13 @@ pub async fn barrier_clears_when_every_party_arrives(backend: Arc<dyn StateBacke
         let b = barrier.clone();
         tokio::spawn(async move { b.wait(Duration::from_secs(20)).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The waiter is the first party: its arrival counts the barrier down to 2 (a fixed sleep
+    // was too short on a loaded machine).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while backend.get(&k).await.expect("get") != Some(2) {
+        assert!(tokio::time::Instant::now() < deadline, "the waiter arrived within 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert!(!barrier.arrive().await.expect("arrive"), "the second of three");
     assert!(!waiter.is_finished(), "the waiter waits for the third");
     assert!(barrier.arrive().await.expect("arrive"), "the third clears it");
