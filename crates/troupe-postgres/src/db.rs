@@ -3,7 +3,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
 use sqlx::{AssertSqlSafe, Executor, Row};
 use troupe_core::tls::{TlsFiles, TlsSettingNames, path_from_query, tls_hint};
 use troupe_core::{Error, ErrorKind, redact_url};
@@ -168,6 +169,105 @@ fn validate_schema(schema: &str) -> Result<(), Error> {
     }
 }
 
+/// How long one statement (or one transaction) of Troupe's may wait for the server. A link
+/// that stalls for good (a silent firewall, a dead NAT entry, a frozen VM) leaves a statement
+/// waiting until TCP gives up, which with nothing unsent is never; and sqlx pings a connection
+/// that went back to its pool with no time-out, so the pool slot would be lost with it. Past
+/// this, the statement fails as a transient error and its connection is dropped.
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the ping of a connection that sat idle may take before the connection is closed
+/// and another is used.
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a timed statement returned, as a Troupe result: sqlx's errors get `what` as context.
+pub(crate) trait Outcome {
+    /// The value of a success.
+    type Value;
+    /// `self` with sqlx's errors mapped.
+    fn into_result(self, what: &str) -> Result<Self::Value, Error>;
+}
+
+impl<T> Outcome for Result<T, sqlx::Error> {
+    type Value = T;
+    fn into_result(self, what: &str) -> Result<T, Error> {
+        self.map_err(|e| db_error(what, e))
+    }
+}
+
+impl<T> Outcome for Result<T, Error> {
+    type Value = T;
+    fn into_result(self, _: &str) -> Result<T, Error> {
+        self
+    }
+}
+
+/// A connection of a pool held by [`timed!`]. Unless its statement finished, dropping it closes
+/// the connection instead of returning it to the pool: a statement cut short (by the time-out,
+/// or by a caller that stopped waiting) leaves the connection mid-reply, and sqlx would ping
+/// it on its way back with no time-out, holding the pool slot for good on a silent link.
+pub(crate) struct Held {
+    conn: PoolConnection<Postgres>,
+    finished: bool,
+}
+
+impl Held {
+    /// A connection of `pool` (the pool's acquire time-out bounds the wait).
+    pub(crate) async fn acquire(pool: &PgPool, what: &str) -> Result<Self, Error> {
+        let conn = pool.acquire().await.map_err(|e| db_error(what, e))?;
+        Ok(Self { conn, finished: false })
+    }
+
+    /// The connection, for the statement.
+    pub(crate) fn conn(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.conn
+    }
+
+    /// The statement's outcome, or a transient time-out error (the connection is then closed).
+    pub(crate) fn finish<O: Outcome>(
+        mut self,
+        outcome: Result<O, tokio::time::error::Elapsed>,
+        what: &str,
+    ) -> Result<O::Value, Error> {
+        let Ok(done) = outcome else {
+            return Err(Error::backend(
+                BACKEND,
+                ErrorKind::Timeout,
+                format!(
+                    "{what}: PostgreSQL did not answer in {} s; the connection was closed (a stalled link?) and the work is retried",
+                    QUERY_TIMEOUT.as_secs()
+                ),
+            ));
+        };
+        self.finished = true;
+        done.into_result(what)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// Runs `$body`, a future using `$conn: &mut PgConnection` (a connection of `$pool`) and
+/// returning an sqlx or a Troupe result, within [`QUERY_TIMEOUT`]; see [`Held`]. Every
+/// statement of this crate on a pool runs through it.
+macro_rules! timed {
+    ($pool:expr, $what:expr, |$conn:ident| $body:expr) => {{
+        let what: &str = $what;
+        let mut held = $crate::db::Held::acquire($pool, what).await?;
+        let outcome = {
+            let $conn = held.conn();
+            ::tokio::time::timeout($crate::db::QUERY_TIMEOUT, $body).await
+        };
+        held.finish(outcome, what)
+    }};
+}
+pub(crate) use timed;
+
 /// Maps an sqlx error to a Troupe error with `what` as context.
 pub(crate) fn db_error(what: &str, e: sqlx::Error) -> Error {
     let kind = kind_of(&e);
@@ -243,7 +343,10 @@ pub(crate) fn pool_options() -> PgPoolOptions {
         .before_acquire(|conn, meta| {
             Box::pin(async move {
                 if meta.idle_for >= PING_IDLE_AFTER {
-                    sqlx::Connection::ping(conn).await?;
+                    // A silent link fails the ping; the pool closes the connection.
+                    tokio::time::timeout(PING_TIMEOUT, sqlx::Connection::ping(conn))
+                        .await
+                        .map_err(|_| sqlx::Error::PoolTimedOut)??;
                 }
                 Ok(true)
             })

@@ -7,13 +7,13 @@ use std::time::Duration;
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::query::Query;
-use sqlx::{AssertSqlSafe, PgConnection, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use troupe_core::support::{Settle, SettleOp};
 use troupe_core::{Error, Result};
 use troupe_sql::dialect::CLEANUP_BATCH;
 use troupe_sql::{Claimed, DeadRow, Dialect, Job, Key, Store, Wake, ms};
 
-use crate::db::{self, BACKEND, PostgresOptions, Side, db_error};
+use crate::db::{self, BACKEND, PostgresOptions, Side, db_error, timed};
 use crate::store::PostgresStore;
 
 /// PostgreSQL's statements for the shared SQL broker ([`crate::PostgresBroker`]). Not used
@@ -65,10 +65,10 @@ impl PostgresDialect {
             "EXPLAIN SELECT 1 FROM jobs WHERE queue = '{}' AND state = {state}",
             queue.replace('\'', "''")
         );
-        let plan: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
-            .fetch_all(self.pool())
-            .await
-            .map_err(|e| db_error("estimate a count", e))?;
+        let plan: Vec<String> = timed!(self.pool(), "estimate a count", |c| sqlx::query_scalar(AssertSqlSafe(
+            sql
+        ))
+        .fetch_all(c))?;
         // The top node's line: "... (cost=0.42..31.45 rows=900000 width=4)".
         Ok(plan
             .first()
@@ -87,12 +87,12 @@ fn bigint(n: impl TryInto<i64>) -> i64 {
 impl PostgresDialect {
     /// Runs one query on the main pool; its rows.
     async fn rows(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<Vec<PgRow>> {
-        query.fetch_all(self.pool()).await.map_err(|e| db_error(what, e))
+        timed!(self.pool(), what, |c| query.fetch_all(c))
     }
 
     /// Runs one statement on the main pool; how many rows it changed.
     async fn exec(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<u64> {
-        let done = query.execute(self.pool()).await.map_err(|e| db_error(what, e))?;
+        let done = timed!(self.pool(), what, |c| query.execute(c))?;
         Ok(done.rows_affected())
     }
 
@@ -196,12 +196,7 @@ impl Dialect for PostgresDialect {
     }
 
     async fn insert(&self, jobs: &[Job]) -> Result<()> {
-        let mut conn = self
-            .pool()
-            .acquire()
-            .await
-            .map_err(|e| db_error("enqueue messages", e))?;
-        self.insert_into(&mut conn, "jobs", jobs).await
+        timed!(self.pool(), "enqueue messages", |c| self.insert_into(c, "jobs", jobs))
     }
 
     async fn insert_on(&self, conn: &mut PgConnection, jobs: &[Job]) -> Result<()> {
@@ -223,30 +218,28 @@ impl Dialect for PostgresDialect {
     }
 
     async fn look(&self, queue: &str) -> Result<(bool, bool)> {
-        let row = sqlx::query(
+        let row = timed!(&self.claims, "look for messages", |c| sqlx::query(
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND queue = $1),
                     EXISTS (SELECT 1 FROM jobs WHERE state = 3 AND queue = $1 AND available_at <= now())",
         )
         .bind(queue)
-        .fetch_one(&self.claims)
-        .await
-        .map_err(|e| db_error("look for messages", e))?;
+        .fetch_one(c))?;
         let ready: bool = row.try_get(0).map_err(|e| db_error("look for messages", e))?;
         let due: bool = row.try_get(1).map_err(|e| db_error("look for messages", e))?;
         Ok((ready, due))
     }
 
     async fn release_due(&self, queue: &str) -> Result<()> {
-        sqlx::query("UPDATE jobs SET state = 0 WHERE state = 3 AND queue = $1 AND available_at <= now()")
-            .bind(queue)
-            .execute(&self.claims)
-            .await
-            .map_err(|e| db_error("release due delayed messages", e))?;
+        timed!(&self.claims, "release due delayed messages", |c| sqlx::query(
+            "UPDATE jobs SET state = 0 WHERE state = 3 AND queue = $1 AND available_at <= now()"
+        )
+        .bind(queue)
+        .execute(c))?;
         Ok(())
     }
 
     async fn claim(&self, queue: &str, owner: &str, lease: Duration, max: usize) -> Result<Vec<Claimed>> {
-        let rows = sqlx::query(
+        let rows = timed!(&self.claims, "claim messages", |c| sqlx::query(
             "WITH claimed AS (
                 SELECT id FROM jobs WHERE state = 0 AND queue = $1 ORDER BY priority, id LIMIT $2 FOR UPDATE SKIP LOCKED
              )
@@ -259,9 +252,7 @@ impl Dialect for PostgresDialect {
         .bind(bigint(max))
         .bind(owner)
         .bind(ms(lease))
-        .fetch_all(&self.claims)
-        .await
-        .map_err(|e| db_error("claim messages", e))?;
+        .fetch_all(c))?;
         rows.iter()
             .map(|r| {
                 let attempt: i32 = r.try_get("attempt")?;
@@ -289,39 +280,38 @@ impl Dialect for PostgresDialect {
         let (ack_ids, ack_attempts) = arrays(&acks);
         // The common case, acks only: one statement, no explicit transaction (one round trip).
         if acks.len() == batch.len() {
-            sqlx::query(ACK_SQL)
+            timed!(&self.writer, "ack messages", |c| sqlx::query(ACK_SQL)
                 .bind(&ack_ids)
                 .bind(&ack_attempts)
-                .execute(&self.writer)
-                .await
-                .map_err(|e| db_error("ack messages", e))?;
+                .execute(c))?;
             return Ok(());
         }
-        let mut tx = self.writer.begin().await.map_err(|e| db_error("begin a write", e))?;
-        if !acks.is_empty() {
-            sqlx::query(ACK_SQL)
-                .bind(&ack_ids)
-                .bind(&ack_attempts)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_error("ack messages", e))?;
-        }
-        if !back.is_empty() {
-            let (back_ids, back_attempts) = arrays(&back);
-            sqlx::query(
-                "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+        timed!(&self.writer, "settle messages", |conn| async move {
+            let mut tx = conn.begin().await.map_err(|e| db_error("begin a write", e))?;
+            if !acks.is_empty() {
+                sqlx::query(ACK_SQL)
+                    .bind(&ack_ids)
+                    .bind(&ack_attempts)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error("ack messages", e))?;
+            }
+            if !back.is_empty() {
+                let (back_ids, back_attempts) = arrays(&back);
+                sqlx::query(
+                    "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
                  FROM unnest($1::bigint[], $2::int[]) AS settled(id, attempt)
                  WHERE jobs.id = settled.id AND jobs.attempt = settled.attempt AND jobs.state = 1",
-            )
-            .bind(&back_ids)
-            .bind(&back_attempts)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("requeue messages", e))?;
-        }
-        for w in batch {
-            if let SettleOp::Nack { body, reason } = &w.op {
-                sqlx::query(
+                )
+                .bind(&back_ids)
+                .bind(&back_attempts)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("requeue messages", e))?;
+            }
+            for w in batch {
+                if let SettleOp::Nack { body, reason } = &w.op {
+                    sqlx::query(
                     "UPDATE jobs SET state = 2, lease_owner = NULL, lease_until = NULL, reason = $3, failed_at = now(),
                      body = COALESCE($4, body) WHERE id = $1 AND attempt = $2 AND state = 1",
                 )
@@ -332,9 +322,10 @@ impl Dialect for PostgresDialect {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error("dead-letter a message", e))?;
+                }
             }
-        }
-        tx.commit().await.map_err(|e| db_error("commit settled messages", e))
+            tx.commit().await.map_err(|e| db_error("commit settled messages", e))
+        })
     }
 
     async fn renew(&self, owners: &[String], lease: Duration) -> Result<()> {
@@ -418,15 +409,13 @@ impl Dialect for PostgresDialect {
         let mut approximate = false;
         for state in 0i16..4 {
             // Counting stops at the threshold: a long queue is estimated instead.
-            let capped: i64 = sqlx::query_scalar(
+            let capped: i64 = timed!(self.pool(), "count messages", |c| sqlx::query_scalar(
                 "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE queue = $1 AND state = $2 LIMIT $3) AS capped",
             )
             .bind(queue)
             .bind(state)
             .bind(QUICK_COUNT_LIMIT + 1)
-            .fetch_one(self.pool())
-            .await
-            .map_err(|e| db_error("count messages", e))?;
+            .fetch_one(c))?;
             let count = if capped > QUICK_COUNT_LIMIT {
                 approximate = true;
                 self.estimate(queue, state).await?.max(capped)
@@ -464,28 +453,30 @@ impl Dialect for PostgresDialect {
     }
 
     async fn revive(&self, queue: &str, rows: &[(i64, Vec<u8>)]) -> Result<u64> {
-        let mut tx = self.pool().begin().await.map_err(|e| db_error("begin a requeue", e))?;
-        let mut moved = 0;
-        for (id, body) in rows {
-            moved += sqlx::query(
-                "UPDATE jobs SET state = 0, body = $2, attempt = 0, available_at = now(), reason = NULL,
+        timed!(self.pool(), "requeue dead letters", |conn| async move {
+            let mut tx = conn.begin().await.map_err(|e| db_error("begin a requeue", e))?;
+            let mut moved = 0;
+            for (id, body) in rows {
+                moved += sqlx::query(
+                    "UPDATE jobs SET state = 0, body = $2, attempt = 0, available_at = now(), reason = NULL,
                  failed_at = NULL WHERE id = $1 AND state = 2",
-            )
-            .bind(id)
-            .bind(body.as_slice())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("requeue a dead letter", e))?
-            .rows_affected();
-        }
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(&self.channel)
-            .bind(queue)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("notify", e))?;
-        tx.commit().await.map_err(|e| db_error("commit the requeue", e))?;
-        Ok(moved)
+                )
+                .bind(id)
+                .bind(body.as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("requeue a dead letter", e))?
+                .rows_affected();
+            }
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(&self.channel)
+                .bind(queue)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("notify", e))?;
+            tx.commit().await.map_err(|e| db_error("commit the requeue", e))?;
+            Ok::<_, Error>(moved)
+        })
     }
 
     async fn purge_dead(&self, queue: &str) -> Result<u64> {
@@ -590,6 +581,9 @@ impl Dialect for PostgresDialect {
     }
 }
 
+/// How long the LISTEN connection may hear nothing before it is probed.
+const LISTEN_PROBE_AFTER: Duration = Duration::from_secs(30);
+
 /// LISTENs for enqueue notifications and wakes that queue's consumers, reconnecting with
 /// backoff, until the broker is gone. Notifications are hints only: consumers also poll.
 async fn listen_loop(connect: PgConnectOptions, channel: String, wake: Wake) {
@@ -598,6 +592,16 @@ async fn listen_loop(connect: PgConnectOptions, channel: String, wake: Wake) {
         let listener = async {
             let pool = PgPoolOptions::new()
                 .max_connections(1)
+                // The listener's connection goes back to this pool when a silent link is
+                // abandoned; sqlx's own ping there has no time-out.
+                .after_release(|conn, _| {
+                    Box::pin(async move {
+                        tokio::time::timeout(db::PING_TIMEOUT, conn.ping())
+                            .await
+                            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                        Ok(true)
+                    })
+                })
                 .connect_with(connect.clone())
                 .await
                 .map_err(|e| db_error("connect the listener", e))?;
@@ -612,7 +616,20 @@ async fn listen_loop(connect: PgConnectOptions, channel: String, wake: Wake) {
             Ok(mut listener) => {
                 backoff = Duration::from_millis(100);
                 loop {
-                    match listener.try_recv().await {
+                    let Ok(received) = tokio::time::timeout(LISTEN_PROBE_AFTER, listener.try_recv()).await else {
+                        // Nothing heard for a while: a link that went silent is replaced.
+                        let probe =
+                            tokio::time::timeout(db::PING_TIMEOUT, sqlx::query("SELECT 1").execute(&mut listener));
+                        if matches!(probe.await, Ok(Ok(_))) {
+                            if wake.alive() {
+                                continue;
+                            }
+                            return;
+                        }
+                        tracing::debug!("the LISTEN connection went silent; reconnecting (consumers poll meanwhile)");
+                        break;
+                    };
+                    match received {
                         Ok(Some(n)) => {
                             if !wake.queue(n.payload()) {
                                 return;

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::query::Query;
-use sqlx::{PgPool, Row};
+use sqlx::{Connection, PgPool, Row};
 use troupe_core::{Result, TaskFilter, TaskQuery};
 use troupe_sql::tasks::{TaskCountRow, TaskRow, TaskWrite};
 use troupe_sql::{Store, dialect::CLEANUP_BATCH, ms};
 
-use crate::db::{BACKEND, db_error};
+use crate::db::{BACKEND, db_error, timed};
 use crate::tasks;
 
 /// PostgreSQL's results, state and task statements, for [`crate::PostgresResults`] and
@@ -24,12 +24,12 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Runs one query on the pool; its row, if any.
     async fn row(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<Option<PgRow>> {
-        query.fetch_optional(&self.pool).await.map_err(|e| db_error(what, e))
+        timed!(&self.pool, what, |c| query.fetch_optional(c))
     }
 
     /// Runs one statement on the pool; how many rows it changed.
     async fn exec(&self, what: &str, query: Query<'_, Postgres, PgArguments>) -> Result<u64> {
-        let done = query.execute(&self.pool).await.map_err(|e| db_error(what, e))?;
+        let done = timed!(&self.pool, what, |c| query.execute(c))?;
         Ok(done.rows_affected())
     }
 }
@@ -118,100 +118,96 @@ impl Store for PostgresStore {
     }
 
     async fn incr_and_sum(&self, key: &str, keys: &[String], amount: i64, max: i64, ttl: Duration) -> Result<bool> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_error("begin a window update", e))?;
-        // Serialise updates of this window: lock its first key's advisory lock.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("lock a window", e))?;
-        let sum: i64 =
-            sqlx::query("SELECT COALESCE(SUM(value), 0)::bigint FROM state WHERE key = ANY($1) AND expires_at > now()")
-                .bind(keys)
-                .fetch_one(&mut *tx)
+        timed!(&self.pool, "a window update", |conn| async move {
+            let mut tx = conn.begin().await.map_err(|e| db_error("begin a window update", e))?;
+            // Serialise updates of this window: lock its first key's advisory lock.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(key)
+                .execute(&mut *tx)
                 .await
-                .map_err(|e| db_error("sum a window", e))?
-                .try_get(0)
-                .map_err(|e| db_error("sum a window", e))?;
-        if sum.saturating_add(amount) > max {
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO state AS s (key, value, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+                .map_err(|e| db_error("lock a window", e))?;
+            let sum: i64 = sqlx::query(
+                "SELECT COALESCE(SUM(value), 0)::bigint FROM state WHERE key = ANY($1) AND expires_at > now()",
+            )
+            .bind(keys)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_error("sum a window", e))?
+            .try_get(0)
+            .map_err(|e| db_error("sum a window", e))?;
+            if sum.saturating_add(amount) > max {
+                return Ok(false);
+            }
+            sqlx::query(
+                "INSERT INTO state AS s (key, value, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
              ON CONFLICT (key) DO UPDATE
                SET value = (CASE WHEN s.expires_at > now() THEN s.value ELSE 0 END) + $2,
                    expires_at = excluded.expires_at",
-        )
-        .bind(key)
-        .bind(amount)
-        .bind(ms(ttl))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error("update a window", e))?;
-        tx.commit().await.map_err(|e| db_error("commit a window update", e))?;
-        Ok(true)
-    }
-
-    async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<(bool, bool, bool)> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_error("begin a barrier arrival", e))?;
-        // Serialise the arrivals at this barrier (and with Python-style counter updates, which
-        // lock its state row).
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('troupe arrivals'), hashtext($1))")
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("lock a barrier", e))?;
-        let events = format!("{key}@events");
-        sqlx::query("DELETE FROM arrivals WHERE key = $1 AND expires_at <= now()")
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("drop expired arrivals", e))?;
-        let counted = sqlx::query(
-            "INSERT INTO arrivals (key, party, outcome, expires_at)
-             VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond') ON CONFLICT (key, party) DO NOTHING",
-        )
-        .bind(key)
-        .bind(party)
-        .bind(outcome)
-        .bind(ms(ttl))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error("record an arrival", e))?
-        .rows_affected()
-            == 1;
-        let cleared = if counted {
-            // Dramatiq's step: down by one unless that goes below 1 (the row is locked).
-            let stepped = sqlx::query(
-                "UPDATE state SET value = value - 1, expires_at = now() + $2 * interval '1 millisecond'
-                 WHERE key = $1 AND expires_at > now() AND value - 1 >= 1",
             )
             .bind(key)
+            .bind(amount)
             .bind(ms(ttl))
             .execute(&mut *tx)
             .await
-            .map_err(|e| db_error("count an arrival", e))?
+            .map_err(|e| db_error("update a window", e))?;
+            tx.commit().await.map_err(|e| db_error("commit a window update", e))?;
+            Ok::<_, troupe_core::Error>(true)
+        })
+    }
+
+    async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<(bool, bool, bool)> {
+        timed!(&self.pool, "a barrier arrival", |conn| async move {
+            let mut tx = conn.begin().await.map_err(|e| db_error("begin a barrier arrival", e))?;
+            // Serialise the arrivals at this barrier (and with Python-style counter updates, which
+            // lock its state row).
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('troupe arrivals'), hashtext($1))")
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("lock a barrier", e))?;
+            let events = format!("{key}@events");
+            sqlx::query("DELETE FROM arrivals WHERE key = $1 AND expires_at <= now()")
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("drop expired arrivals", e))?;
+            let counted = sqlx::query(
+                "INSERT INTO arrivals (key, party, outcome, expires_at)
+             VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond') ON CONFLICT (key, party) DO NOTHING",
+            )
+            .bind(key)
+            .bind(party)
+            .bind(outcome)
+            .bind(ms(ttl))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("record an arrival", e))?
             .rows_affected()
                 == 1;
-            if !stepped {
-                sqlx::query(
-                    "INSERT INTO events (key, expires_at) VALUES ($1, now() + $2 * interval '1 millisecond')
-                     ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+            let cleared = if counted {
+                // Dramatiq's step: down by one unless that goes below 1 (the row is locked).
+                let stepped = sqlx::query(
+                    "UPDATE state SET value = value - 1, expires_at = now() + $2 * interval '1 millisecond'
+                 WHERE key = $1 AND expires_at > now() AND value - 1 >= 1",
                 )
-                .bind(&events)
+                .bind(key)
                 .bind(ms(ttl))
                 .execute(&mut *tx)
                 .await
-                .map_err(|e| db_error("clear a barrier", e))?;
-                sqlx::query(
+                .map_err(|e| db_error("count an arrival", e))?
+                .rows_affected()
+                    == 1;
+                if !stepped {
+                    sqlx::query(
+                        "INSERT INTO events (key, expires_at) VALUES ($1, now() + $2 * interval '1 millisecond')
+                     ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+                    )
+                    .bind(&events)
+                    .bind(ms(ttl))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error("clear a barrier", e))?;
+                    sqlx::query(
                     "INSERT INTO arrivals (key, party, outcome, expires_at)
                      VALUES ($1, '', $2, now() + $3 * interval '1 millisecond')
                      ON CONFLICT (key, party) DO UPDATE SET outcome = excluded.outcome, expires_at = excluded.expires_at",
@@ -222,52 +218,49 @@ impl Store for PostgresStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error("clear a barrier", e))?;
-            }
-            !stepped
-        } else {
-            sqlx::query("SELECT 1 FROM events WHERE key = $1 AND expires_at > now()")
-                .bind(&events)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| db_error("read a barrier", e))?
-                .is_some()
-        };
-        // A counted arrival that cleared the barrier is its clearer; a repeat asks who was.
-        let clearer = if counted {
-            cleared
-        } else {
-            cleared
-                && sqlx::query("SELECT 1 FROM arrivals WHERE key = $1 AND party = '' AND outcome = $2")
-                    .bind(key)
-                    .bind(party)
+                }
+                !stepped
+            } else {
+                sqlx::query("SELECT 1 FROM events WHERE key = $1 AND expires_at > now()")
+                    .bind(&events)
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(|e| db_error("read a barrier", e))?
                     .is_some()
-        };
-        tx.commit().await.map_err(|e| db_error("commit a barrier arrival", e))?;
-        Ok((counted, cleared, clearer))
+            };
+            // A counted arrival that cleared the barrier is its clearer; a repeat asks who was.
+            let clearer = if counted {
+                cleared
+            } else {
+                cleared
+                    && sqlx::query("SELECT 1 FROM arrivals WHERE key = $1 AND party = '' AND outcome = $2")
+                        .bind(key)
+                        .bind(party)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(|e| db_error("read a barrier", e))?
+                        .is_some()
+            };
+            tx.commit().await.map_err(|e| db_error("commit a barrier arrival", e))?;
+            Ok::<_, troupe_core::Error>((counted, cleared, clearer))
+        })
     }
 
     async fn coordination(&self, limit: usize) -> Result<troupe_sql::dialect::CoordinationRows> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let slots = sqlx::query(
+        let slots = timed!(&self.pool, "list slot holders", |c| sqlx::query(
             "SELECT key, holder FROM slots WHERE expires_at > now()
              AND key IN (SELECT DISTINCT key FROM slots WHERE expires_at > now() ORDER BY key LIMIT $1)
              ORDER BY key, holder",
         )
         .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db_error("list slot holders", e))?;
-        let barriers = sqlx::query(
+        .fetch_all(c))?;
+        let barriers = timed!(&self.pool, "list barriers", |c| sqlx::query(
             "SELECT key, COUNT(*) FILTER (WHERE party <> ''), bool_or(party = '') FROM arrivals
              WHERE expires_at > now() GROUP BY key ORDER BY key LIMIT $1",
         )
         .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db_error("list barriers", e))?;
+        .fetch_all(c))?;
         let slots = slots
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
@@ -282,12 +275,11 @@ impl Store for PostgresStore {
     }
 
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
-        let rows =
-            sqlx::query("SELECT party, outcome FROM arrivals WHERE key = $1 AND party <> '' AND expires_at > now()")
-                .bind(key)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| db_error("read arrivals", e))?;
+        let rows = timed!(&self.pool, "read arrivals", |c| sqlx::query(
+            "SELECT party, outcome FROM arrivals WHERE key = $1 AND party <> '' AND expires_at > now()"
+        )
+        .bind(key)
+        .fetch_all(c))?;
         rows.iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect::<sqlx::Result<_>>()
@@ -295,38 +287,36 @@ impl Store for PostgresStore {
     }
 
     async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_error("begin a slot acquire", e))?;
-        // Serialise the acquires of this key: the count and the insert see every other's.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('troupe slots'), hashtext($1))")
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("lock a slot key", e))?;
-        sqlx::query("DELETE FROM slots WHERE key = $1 AND expires_at <= now()")
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("drop expired slots", e))?;
-        let taken = sqlx::query(
-            "INSERT INTO slots (key, holder, expires_at)
+        timed!(&self.pool, "a slot acquire", |conn| async move {
+            let mut tx = conn.begin().await.map_err(|e| db_error("begin a slot acquire", e))?;
+            // Serialise the acquires of this key: the count and the insert see every other's.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('troupe slots'), hashtext($1))")
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("lock a slot key", e))?;
+            sqlx::query("DELETE FROM slots WHERE key = $1 AND expires_at <= now()")
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error("drop expired slots", e))?;
+            let taken = sqlx::query(
+                "INSERT INTO slots (key, holder, expires_at)
              SELECT $1, $2, now() + $3 * interval '1 millisecond'
              WHERE (SELECT count(*) FROM slots WHERE key = $1 AND holder <> $2) < $4
              ON CONFLICT (key, holder) DO UPDATE SET expires_at = excluded.expires_at",
-        )
-        .bind(key)
-        .bind(holder)
-        .bind(ms(lease))
-        .bind(limit)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error("take a slot", e))?
-        .rows_affected();
-        tx.commit().await.map_err(|e| db_error("commit a slot acquire", e))?;
-        Ok(taken == 1)
+            )
+            .bind(key)
+            .bind(holder)
+            .bind(ms(lease))
+            .bind(limit)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("take a slot", e))?
+            .rows_affected();
+            tx.commit().await.map_err(|e| db_error("commit a slot acquire", e))?;
+            Ok::<_, troupe_core::Error>(taken == 1)
+        })
     }
 
     async fn renew_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<bool> {
@@ -393,36 +383,36 @@ impl Store for PostgresStore {
     }
 
     async fn record_tasks(&self, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
-        tasks::record(&self.pool, writes, retention).await
+        timed!(&self.pool, "record tasks", |c| tasks::record(c, writes, retention))
     }
 
     async fn set_progress(&self, message_id: &str, progress: &str, at: i64, retention: Duration) -> Result<bool> {
-        tasks::set_progress(&self.pool, message_id, progress, at, retention).await
+        timed!(&self.pool, "store a task's progress", |c| tasks::set_progress(
+            c, message_id, progress, at, retention
+        ))
     }
 
     async fn task(&self, message_id: &str) -> Result<Option<TaskRow>> {
-        tasks::task(&self.pool, message_id).await
+        timed!(&self.pool, "read a task", |c| tasks::task(c, message_id))
     }
 
     async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRow>> {
-        tasks::tasks(&self.pool, query).await
+        timed!(&self.pool, "read a page of tasks", |c| tasks::tasks(c, query))
     }
 
     async fn task_counts(&self, scope: &TaskFilter) -> Result<Vec<TaskCountRow>> {
-        tasks::task_counts(&self.pool, scope).await
+        timed!(&self.pool, "count tasks", |c| tasks::task_counts(c, scope))
     }
 
     async fn task_status_count(&self, status: &str, scope: &TaskFilter) -> Result<i64> {
         if scope.actor.is_none() && scope.queue.is_none() {
             // Counting stops at 10,000; past it the planner's estimate stands in (a count of
             // a million rows takes a fifth of a second).
-            let capped: i64 = sqlx::query_scalar(
+            let capped: i64 = timed!(&self.pool, "count tasks", |c| sqlx::query_scalar(
                 "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE status = $1 LIMIT 10001) AS capped",
             )
             .bind(status)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| db_error("count tasks", e))?;
+            .fetch_one(c))?;
             if capped <= 10_000 {
                 return Ok(capped);
             }
@@ -431,10 +421,10 @@ impl Store for PostgresStore {
                 "EXPLAIN SELECT 1 FROM tasks WHERE status = '{}'",
                 status.replace('\'', "''")
             );
-            let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| db_error("estimate a count", e))?;
+            let plan: Vec<String> = timed!(&self.pool, "estimate a count", |c| sqlx::query_scalar(
+                sqlx::AssertSqlSafe(sql)
+            )
+            .fetch_all(c))?;
             let estimate = plan
                 .first()
                 .and_then(|line| line.split("rows=").nth(1))
@@ -450,40 +440,49 @@ impl Store for PostgresStore {
             (None, Some(_)) => "SELECT count(*) FROM tasks WHERE status = $1 AND queue = $3 AND $2 = $2",
             (None, None) => "SELECT count(*) FROM tasks WHERE status = $1 AND $2 = $2 AND $3 = $3",
         };
-        sqlx::query_scalar::<_, i64>(sql)
+        timed!(&self.pool, "count tasks", |c| sqlx::query_scalar::<_, i64>(sql)
             .bind(status)
             .bind(scope.actor.as_deref().unwrap_or_default())
             .bind(scope.queue.as_deref().unwrap_or_default())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| db_error("count tasks", e))
+            .fetch_one(c))
     }
 
     async fn delete_task(&self, message_id: &str) -> Result<bool> {
-        tasks::delete_task(&self.pool, message_id).await
+        timed!(&self.pool, "delete a task", |c| tasks::delete_task(c, message_id))
     }
 
     async fn expire_tasks(&self, limit: i64) -> Result<u64> {
-        tasks::expire_tasks(&self.pool, limit).await
+        timed!(&self.pool, "expire tasks", |c| tasks::expire_tasks(c, limit))
     }
 
     async fn mark_cancelled(&self, message_id: &str, at: i64, retention: Duration) -> Result<Option<String>> {
-        tasks::mark_cancelled(&self.pool, message_id, at, retention).await
+        timed!(&self.pool, "cancel a task", |c| tasks::mark_cancelled(
+            c, message_id, at, retention
+        ))
     }
 
     async fn request_cancel(&self, message_id: &str, mode: &str, ttl: Duration) -> Result<()> {
-        tasks::request_cancel(&self.pool, message_id, mode, ttl).await
+        timed!(&self.pool, "request a cancellation", |c| tasks::request_cancel(
+            c, message_id, mode, ttl
+        ))
     }
 
     async fn cancels(&self, message_ids: &[String]) -> Result<Vec<(String, String)>> {
-        tasks::cancels(&self.pool, message_ids).await
+        timed!(&self.pool, "read cancellation requests", |c| tasks::cancels(
+            c,
+            message_ids
+        ))
     }
 
     async fn claim_unique(&self, key: &str, message_id: &str, ttl: Duration) -> Result<String> {
-        tasks::claim_unique(&self.pool, key, message_id, ttl).await
+        timed!(&self.pool, "claim a unique key", |c| tasks::claim_unique(
+            c, key, message_id, ttl
+        ))
     }
 
     async fn release_unique(&self, key: &str, message_id: &str) -> Result<()> {
-        tasks::release_unique(&self.pool, key, message_id).await
+        timed!(&self.pool, "release a unique key", |c| tasks::release_unique(
+            c, key, message_id
+        ))
     }
 }

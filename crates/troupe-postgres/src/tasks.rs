@@ -1,5 +1,6 @@
 //! The task store's statements on PostgreSQL (`tasks`, `cancels`, `unique_keys` in Troupe's
-//! schema), called by [`PostgresStore`](crate::PostgresStore)'s `Store` methods. Record times
+//! schema), called by [`PostgresStore`](crate::PostgresStore)'s `Store` methods on a connection
+//! they hold within the statement time-out (`db::timed!`). Record times
 //! are the milliseconds the tracking wrote; expiries are the server's (`now()`), as for results
 //! and state. Every write is one statement, atomic under concurrency (batches of records are
 //! one transaction).
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::query::Query;
-use sqlx::{AssertSqlSafe, PgPool, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use troupe_core::{Result, TaskFilter, TaskQuery};
 use troupe_sql::ms;
 use troupe_sql::tasks::{SqlArg, TaskCountRow, TaskRow, TaskWhere, TaskWrite, distinct_records};
@@ -124,10 +125,14 @@ fn record_many_query<'q>(writes: &[TaskWrite<'_>], retention: Duration) -> Query
 
 /// Writes task records: one statement for one write or for a batch of distinct records, else
 /// one statement per write in one transaction, in order (each then sees the one before).
-pub(crate) async fn record(pool: &PgPool, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
+pub(crate) async fn record(
+    conn: &mut PgConnection,
+    writes: &[TaskWrite<'_>],
+    retention: Duration,
+) -> Result<Vec<bool>> {
     if let [w] = writes {
         let done = record_query(w, retention)
-            .execute(pool)
+            .execute(&mut *conn)
             .await
             .map_err(|e| db_error("record a task", e))?;
         return Ok(vec![done.rows_affected() == 1]);
@@ -135,7 +140,7 @@ pub(crate) async fn record(pool: &PgPool, writes: &[TaskWrite<'_>], retention: D
     let distinct = distinct_records(writes);
     if distinct {
         let rows = record_many_query(writes, retention)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(|e| db_error("record tasks", e))?;
         let written = rows
@@ -145,7 +150,7 @@ pub(crate) async fn record(pool: &PgPool, writes: &[TaskWrite<'_>], retention: D
             .map_err(|e| db_error("record tasks", e))?;
         return Ok(writes.iter().map(|w| written.contains(w.message_id)).collect());
     }
-    let mut tx = pool.begin().await.map_err(|e| db_error("begin recording tasks", e))?;
+    let mut tx = conn.begin().await.map_err(|e| db_error("begin recording tasks", e))?;
     let mut applied = Vec::with_capacity(writes.len());
     for w in writes {
         let done = record_query(w, retention)
@@ -159,7 +164,7 @@ pub(crate) async fn record(pool: &PgPool, writes: &[TaskWrite<'_>], retention: D
 }
 
 pub(crate) async fn set_progress(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     message_id: &str,
     progress: &str,
     at: i64,
@@ -173,7 +178,7 @@ pub(crate) async fn set_progress(
     .bind(progress)
     .bind(at)
     .bind(ms(retention))
-    .execute(pool)
+    .execute(&mut *conn)
     .await
     .map_err(|e| db_error("store a task's progress", e))?;
     Ok(done.rows_affected() == 1)
@@ -199,14 +204,14 @@ fn task_row(r: &PgRow) -> std::result::Result<TaskRow, sqlx::Error> {
     })
 }
 
-pub(crate) async fn task(pool: &PgPool, message_id: &str) -> Result<Option<TaskRow>> {
+pub(crate) async fn task(conn: &mut PgConnection, message_id: &str) -> Result<Option<TaskRow>> {
     let row = sqlx::query(concat!(
         "SELECT ",
         task_columns!(),
         " FROM tasks WHERE message_id = $1 AND expires_at > now()"
     ))
     .bind(message_id)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await
     .map_err(|e| db_error("read a task", e))?;
     row.as_ref()
@@ -230,7 +235,7 @@ fn bind_where<'q>(mut query: Query<'q, Postgres, PgArguments>, w: &TaskWhere) ->
     query
 }
 
-pub(crate) async fn tasks(pool: &PgPool, query: &TaskQuery) -> Result<Vec<TaskRow>> {
+pub(crate) async fn tasks(conn: &mut PgConnection, query: &TaskQuery) -> Result<Vec<TaskRow>> {
     let w = TaskWhere::new(&query.filter, query.after.as_ref(), 1, mark);
     // Only placeholders are formatted in: every value is bound.
     let sql = format!(
@@ -245,7 +250,7 @@ pub(crate) async fn tasks(pool: &PgPool, query: &TaskQuery) -> Result<Vec<TaskRo
     let limit = i64::try_from(query.page_size()).unwrap_or(i64::MAX);
     let rows = bind_where(sqlx::query(AssertSqlSafe(sql)), &w)
         .bind(limit)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(|e| db_error("read a page of tasks", e))?;
     rows.iter()
@@ -254,7 +259,7 @@ pub(crate) async fn tasks(pool: &PgPool, query: &TaskQuery) -> Result<Vec<TaskRo
         .map_err(|e| db_error("read a page of tasks", e))
 }
 
-pub(crate) async fn task_counts(pool: &PgPool, scope: &TaskFilter) -> Result<Vec<TaskCountRow>> {
+pub(crate) async fn task_counts(conn: &mut PgConnection, scope: &TaskFilter) -> Result<Vec<TaskCountRow>> {
     let w = TaskWhere::new(scope, None, 1, mark);
     // Only placeholders are formatted in: every value is bound.
     let sql = format!(
@@ -262,7 +267,7 @@ pub(crate) async fn task_counts(pool: &PgPool, scope: &TaskFilter) -> Result<Vec
         w.sql
     );
     let rows = bind_where(sqlx::query(AssertSqlSafe(sql)), &w)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(|e| db_error("count tasks", e))?;
     rows.iter()
@@ -271,16 +276,16 @@ pub(crate) async fn task_counts(pool: &PgPool, scope: &TaskFilter) -> Result<Vec
         .map_err(|e| db_error("count tasks", e))
 }
 
-pub(crate) async fn delete_task(pool: &PgPool, message_id: &str) -> Result<bool> {
+pub(crate) async fn delete_task(conn: &mut PgConnection, message_id: &str) -> Result<bool> {
     let live: Option<bool> = sqlx::query_scalar("DELETE FROM tasks WHERE message_id = $1 RETURNING expires_at > now()")
         .bind(message_id)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(|e| db_error("delete a task", e))?;
     Ok(live.unwrap_or(false))
 }
 
-pub(crate) async fn expire_tasks(pool: &PgPool, limit: i64) -> Result<u64> {
+pub(crate) async fn expire_tasks(conn: &mut PgConnection, limit: i64) -> Result<u64> {
     let mut deleted = 0;
     for (i, (what, sql)) in [
         (
@@ -304,7 +309,7 @@ pub(crate) async fn expire_tasks(pool: &PgPool, limit: i64) -> Result<u64> {
     {
         let done = sqlx::query(sql)
             .bind(limit)
-            .execute(pool)
+            .execute(&mut *conn)
             .await
             .map_err(|e| db_error(what, e))?;
         if i == 0 {
@@ -315,7 +320,7 @@ pub(crate) async fn expire_tasks(pool: &PgPool, limit: i64) -> Result<u64> {
 }
 
 pub(crate) async fn mark_cancelled(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     message_id: &str,
     at: i64,
     retention: Duration,
@@ -336,12 +341,12 @@ pub(crate) async fn mark_cancelled(
     .bind(message_id)
     .bind(at)
     .bind(ms(retention))
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await
     .map_err(|e| db_error("cancel a task", e))
 }
 
-pub(crate) async fn request_cancel(pool: &PgPool, message_id: &str, mode: &str, ttl: Duration) -> Result<()> {
+pub(crate) async fn request_cancel(conn: &mut PgConnection, message_id: &str, mode: &str, ttl: Duration) -> Result<()> {
     sqlx::query(
         "INSERT INTO cancels (message_id, mode, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
          ON CONFLICT (message_id) DO UPDATE SET mode = excluded.mode, expires_at = excluded.expires_at",
@@ -349,16 +354,16 @@ pub(crate) async fn request_cancel(pool: &PgPool, message_id: &str, mode: &str, 
     .bind(message_id)
     .bind(mode)
     .bind(ms(ttl))
-    .execute(pool)
+    .execute(&mut *conn)
     .await
     .map_err(|e| db_error("request a cancellation", e))?;
     Ok(())
 }
 
-pub(crate) async fn cancels(pool: &PgPool, message_ids: &[String]) -> Result<Vec<(String, String)>> {
+pub(crate) async fn cancels(conn: &mut PgConnection, message_ids: &[String]) -> Result<Vec<(String, String)>> {
     let rows = sqlx::query("SELECT message_id, mode FROM cancels WHERE message_id = ANY($1) AND expires_at > now()")
         .bind(message_ids)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(|e| db_error("read cancellation requests", e))?;
     rows.iter()
@@ -367,7 +372,12 @@ pub(crate) async fn cancels(pool: &PgPool, message_ids: &[String]) -> Result<Vec
         .map_err(|e| db_error("read cancellation requests", e))
 }
 
-pub(crate) async fn claim_unique(pool: &PgPool, key: &str, message_id: &str, ttl: Duration) -> Result<String> {
+pub(crate) async fn claim_unique(
+    conn: &mut PgConnection,
+    key: &str,
+    message_id: &str,
+    ttl: Duration,
+) -> Result<String> {
     // One statement: the conflict branch locks the current row (a concurrent claim's, once it
     // commits) and keeps a live holder, or takes the key over when it expired or is ours;
     // either way the row returned names the holder. (A plain read after a refused upsert could
@@ -385,16 +395,16 @@ pub(crate) async fn claim_unique(pool: &PgPool, key: &str, message_id: &str, ttl
     .bind(key)
     .bind(message_id)
     .bind(ms(ttl))
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await
     .map_err(|e| db_error("claim a unique key", e))
 }
 
-pub(crate) async fn release_unique(pool: &PgPool, key: &str, message_id: &str) -> Result<()> {
+pub(crate) async fn release_unique(conn: &mut PgConnection, key: &str, message_id: &str) -> Result<()> {
     sqlx::query("DELETE FROM unique_keys WHERE key = $1 AND message_id = $2")
         .bind(key)
         .bind(message_id)
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .map_err(|e| db_error("release a unique key", e))?;
     Ok(())

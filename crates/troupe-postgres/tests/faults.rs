@@ -33,12 +33,20 @@ fn options(schema: &str) -> PostgresOptions {
     if chaos::at_defaults() {
         return options;
     }
+    // The crash test bounds its duplicates to the killed worker's prefetch window, so its lease
+    // (3 s, renewed every 1 s) outlasts the pauses of a loaded CI machine: with 1 s, the live
+    // worker's renewal once came late and its own claimed messages ran twice.
+    let lease = if schema.starts_with(KILL_SCHEMA) { 3 } else { 1 };
     options
-        .lease(Duration::from_secs(1))
+        .lease(Duration::from_secs(lease))
         .poll_interval(Duration::from_millis(50))
 }
 
-/// A schema (the place) with a 1 s lease; runs are recorded in `<temp dir>/<schema>.log`.
+/// The schema prefix of the crash test (a longer lease, see `options`).
+const KILL_SCHEMA: &str = "troupe_k_";
+
+/// A schema (the place) with a 1 s lease (3 s for the crash test); runs are recorded in
+/// `<temp dir>/<schema>.log`.
 struct Postgres;
 
 impl KillBackend for Postgres {
@@ -76,7 +84,7 @@ fn schema() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing() {
-    let schema = schema();
+    let schema = schema().replacen("troupe_t_", KILL_SCHEMA, 1);
     MidBatchKill::default().run(&Postgres, &schema, QUEUE).await;
     FileRuns::temp(&schema).remove();
 }
@@ -107,9 +115,9 @@ async fn chaos(fault: Fault, name: &str) {
 
 troupe_test_suite::network_chaos_tests!(chaos);
 
-/// Every connection black-holed (open, silent, for good).
+/// Every connection black-holed (open, silent, for good): statements time out after 30 s and
+/// their connections are dropped (`db::timed!`); idle ones fail their ping on acquire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a black-holed link hangs PostgreSQL workers: sqlx has no statement time-out and pings a connection returned to its pool with none either, so a silent connection holds its pool slot for good (measured: nothing recovered in 120 s); client-side statement time-outs that close the connection are needed"]
 async fn chaos_link_stalled_for_good() {
     chaos(Fault::BlackHoleLink, "chaos-blackhole").await;
 }

@@ -18,6 +18,9 @@ pub(crate) const BACKEND: &str = "rabbitmq";
 /// The TLS settings' names in a RabbitMQ URL: those of RabbitMQ's URI query parameters.
 const TLS_NAMES: TlsSettingNames = TlsSettingNames::new("RabbitMQ", "cacertfile", "certfile", "keyfile");
 
+/// The AMQP heartbeat Troupe asks for (see [`RabbitmqOptions::heartbeat`]).
+pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// The first reconnect delay; it doubles after each failed attempt up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest delay between two reconnect attempts.
@@ -49,7 +52,9 @@ pub struct RabbitmqOptions {
     /// How long connecting to one URL may take (default 5 s).
     pub connect_timeout: Duration,
     /// The AMQP heartbeat; `None` accepts the server's proposal (RabbitMQ: 60 s), zero disables
-    /// it (default `None`).
+    /// it (default 10 s, within the 5 to 20 s RabbitMQ recommends). A connection that hears
+    /// nothing from the server for twice this is closed and the broker reconnects: a link that
+    /// stalls for good without closing is noticed in 20 s (with the server's 60 s, in 120 s).
     pub heartbeat: Option<Duration>,
     /// How long one operation (a publish and its confirm, a declare, a get) may take before it
     /// fails with a time-out, for instance while RabbitMQ blocks publishers on a resource alarm
@@ -103,7 +108,7 @@ impl RabbitmqOptions {
             dead_message_ttl,
             max_message_size: troupe_core::DEFAULT_MAX_MESSAGE_SIZE,
             connect_timeout: Duration::from_secs(5),
-            heartbeat: None,
+            heartbeat: Some(DEFAULT_HEARTBEAT),
             operation_timeout: Duration::from_secs(30),
             connection_name: None,
             tls: TlsFiles::default(),

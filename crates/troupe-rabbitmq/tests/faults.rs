@@ -133,9 +133,9 @@ async fn chaos(fault: Fault, _name: &str) {
 
 troupe_test_suite::network_chaos_tests!(chaos);
 
-/// Every connection black-holed (open, silent, for good).
+/// Every connection black-holed (open, silent, for good): the 10 s AMQP heartbeat closes a
+/// connection that heard nothing for 20 s, and the broker reconnects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a black-holed link hangs RabbitMQ workers: measured, nothing recovered in 120 s with the server's 60 s heartbeat; the connection is not closed when the server falls silent, so Troupe needs a liveness check of its own"]
 async fn chaos_link_stalled_for_good() {
     chaos(Fault::BlackHoleLink, "chaos-blackhole").await;
 }

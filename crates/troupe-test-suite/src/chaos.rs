@@ -153,8 +153,9 @@ impl FaultProxy {
         self.forwarding.send_modify(|(on, _)| *on = true);
     }
 
-    /// The connections carried now forward nothing from here on and are never closed by the
-    /// proxy; connections made after it are carried as usual.
+    /// The connections carried now forward nothing from here on and their client side is never
+    /// closed by the proxy (its server side closes 20 s later, as a server notices a silent
+    /// peer); connections made after it are carried as usual.
     pub fn black_hole(&self) {
         self.forwarding.send_modify(|(_, generation)| *generation += 1);
     }
@@ -182,17 +183,34 @@ async fn carry(client: TcpStream, upstream: SocketAddr, forwarding: watch::Recei
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let mut superseded = forwarding.clone();
     tokio::select! {
-        () = pump(client_read, server_write, forwarding.clone(), born) => {}
-        () = pump(server_read, client_write, forwarding, born) => {}
+        () = pump(&mut client_read, &mut server_write, forwarding.clone(), born) => return,
+        () = pump(&mut server_read, &mut client_write, forwarding, born) => return,
+        () = async {
+            let _ = superseded.wait_for(|(_, generation)| *generation != born).await;
+            tokio::time::sleep(SERVER_NOTICES_SILENCE).await;
+        } => {}
     }
+    // Black-holed: the server's side closes (it noticed the silence); the client's side stays
+    // open and silent until the proxy cuts it.
+    drop((server_read, server_write));
+    std::future::pending::<()>().await;
+    drop((client_read, client_write));
 }
 
+/// How long after a black hole the server's side of each connection closes, as a server
+/// notices a silent peer: RabbitMQ after two missed heartbeats (20 s at Troupe's 10 s),
+/// PostgreSQL by TCP keepalives when the server sets them, Redis with its `timeout`. (The
+/// proxy's kernel answers keepalives, so without this the server would hold every black-holed
+/// connection for good, and PostgreSQL would run out of connection slots after a few rounds.)
+const SERVER_NOTICES_SILENCE: Duration = Duration::from_secs(20);
+
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
     mut forwarding: watch::Receiver<(bool, u64)>,
     born: u64,
 ) {
@@ -346,7 +364,9 @@ pub enum Fault {
     /// a timeout notices).
     StallLink(Duration),
     /// Black-hole every connection between the workers and the server: open, silent, for good
-    /// (new connections work). Recovery is how long the workers take to notice and reconnect.
+    /// on the workers' side (new connections work; the server's side closes after 20 s, as a
+    /// server notices a silent peer). Recovery is how long the workers take to notice and
+    /// reconnect.
     BlackHoleLink,
 }
 
