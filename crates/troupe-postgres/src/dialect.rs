@@ -53,6 +53,9 @@ fn arrays(keys: &[Key]) -> (Vec<i64>, Vec<i32>) {
         .unzip()
 }
 
+/// Dead letters requeued per transaction.
+const REVIVE_CHUNK: usize = 1000;
+
 /// Past this many rows, `quick_counts` estimates a count from the planner's statistics.
 const QUICK_COUNT_LIMIT: i64 = 10_000;
 
@@ -453,30 +456,36 @@ impl Dialect for PostgresDialect {
     }
 
     async fn revive(&self, queue: &str, rows: &[(i64, Vec<u8>)]) -> Result<u64> {
-        timed!(self.pool(), "requeue dead letters", |conn| async move {
-            let mut tx = conn.begin().await.map_err(|e| db_error("begin a requeue", e))?;
-            let mut moved = 0;
-            for (id, body) in rows {
-                moved += sqlx::query(
-                    "UPDATE jobs SET state = 0, body = $2, attempt = 0, available_at = now(), reason = NULL,
-                 failed_at = NULL WHERE id = $1 AND state = 2",
-                )
-                .bind(id)
-                .bind(body.as_slice())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_error("requeue a dead letter", e))?
-                .rows_affected();
-            }
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(&self.channel)
-                .bind(queue)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_error("notify", e))?;
-            tx.commit().await.map_err(|e| db_error("commit the requeue", e))?;
-            Ok::<_, Error>(moved)
-        })
+        // One transaction per chunk, each well within the statement time-out however many
+        // dead letters are requeued (a row already requeued is not matched again).
+        let mut moved = 0;
+        for chunk in rows.chunks(REVIVE_CHUNK) {
+            moved += timed!(self.pool(), "requeue dead letters", |conn| async move {
+                let mut tx = conn.begin().await.map_err(|e| db_error("begin a requeue", e))?;
+                let mut moved = 0;
+                for (id, body) in chunk {
+                    moved += sqlx::query(
+                        "UPDATE jobs SET state = 0, body = $2, attempt = 0, available_at = now(), reason = NULL,
+                     failed_at = NULL WHERE id = $1 AND state = 2",
+                    )
+                    .bind(id)
+                    .bind(body.as_slice())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error("requeue a dead letter", e))?
+                    .rows_affected();
+                }
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(&self.channel)
+                    .bind(queue)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error("notify", e))?;
+                tx.commit().await.map_err(|e| db_error("commit the requeue", e))?;
+                Ok::<_, Error>(moved)
+            })?;
+        }
+        Ok(moved)
     }
 
     async fn purge_dead(&self, queue: &str) -> Result<u64> {

@@ -17,6 +17,7 @@ use troupe_core::{Actor, ActorError, ActorOptions, App, Broker};
 use troupe_postgres::{PostgresBroker, PostgresOptions};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, FileRuns, KillBackend, MidBatchKill};
+use troupe_test_suite::servers::PostgresNode;
 use troupe_worker::Worker;
 
 const QUEUE: &str = "faults";
@@ -27,9 +28,11 @@ fn url() -> String {
 
 fn options(schema: &str) -> PostgresOptions {
     // A chaos round's workers reach the server through its fault proxy.
-    let options = PostgresOptions::from_url(&chaos::behind_proxy(&url()))
-        .unwrap()
-        .schema(schema);
+    options_at(&chaos::behind_proxy(&url()), schema)
+}
+
+fn options_at(url: &str, schema: &str) -> PostgresOptions {
+    let options = PostgresOptions::from_url(url).unwrap().schema(schema);
     if chaos::at_defaults() {
         return options;
     }
@@ -46,8 +49,21 @@ fn options(schema: &str) -> PostgresOptions {
 const KILL_SCHEMA: &str = "troupe_k_";
 
 /// A schema (the place) with a 1 s lease (3 s for the crash test); runs are recorded in
-/// `<temp dir>/<schema>.log`.
-struct Postgres;
+/// `<temp dir>/<schema>.log`. On the machine's server (through the chaos proxy in a chaos
+/// round's worker processes), or on `server` (a private one).
+#[derive(Default)]
+struct Postgres {
+    server: Option<String>,
+}
+
+impl Postgres {
+    fn options(&self, schema: &str) -> PostgresOptions {
+        match &self.server {
+            Some(url) => options_at(url, schema),
+            None => options(schema),
+        }
+    }
+}
 
 impl KillBackend for Postgres {
     type Broker = PostgresBroker;
@@ -56,18 +72,18 @@ impl KillBackend for Postgres {
 
     async fn open(&self, schema: &str) -> (PostgresBroker, FileRuns) {
         (
-            PostgresBroker::open(options(schema)).await.unwrap(),
+            PostgresBroker::open(self.options(schema)).await.unwrap(),
             FileRuns::temp(schema),
         )
     }
 
     async fn state(&self, schema: &str) -> Option<std::sync::Arc<dyn troupe_core::StateBackend>> {
-        let pool = troupe_postgres::open(&options(schema)).await.unwrap();
+        let pool = troupe_postgres::open(&self.options(schema)).await.unwrap();
         Some(troupe_postgres::PostgresState::from_pool(pool).into_dyn())
     }
 
     async fn results(&self, schema: &str) -> Option<std::sync::Arc<dyn troupe_core::ResultBackend>> {
-        let pool = troupe_postgres::open(&options(schema)).await.unwrap();
+        let pool = troupe_postgres::open(&self.options(schema)).await.unwrap();
         Some(troupe_postgres::PostgresResults::from_pool(pool).into_dyn())
     }
 }
@@ -75,7 +91,7 @@ impl KillBackend for Postgres {
 /// The worker process of the crash test.
 #[test]
 fn child() {
-    kill::child(&Postgres);
+    kill::child(&Postgres::default());
 }
 
 fn schema() -> String {
@@ -85,14 +101,14 @@ fn schema() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing() {
     let schema = schema().replacen("troupe_t_", KILL_SCHEMA, 1);
-    MidBatchKill::default().run(&Postgres, &schema, QUEUE).await;
+    MidBatchKill::default().run(&Postgres::default(), &schema, QUEUE).await;
     FileRuns::temp(&schema).remove();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
     let schema = schema();
-    let report = kill::producer_kill(&Postgres, &schema, QUEUE).await;
+    let report = kill::producer_kill(&Postgres::default(), &schema, QUEUE).await;
     // One transaction per call: the call cut short sent all of its messages or none.
     assert!(
         report.unconfirmed_ran.iter().all(|n| n % kill::PRODUCER_BATCH == 0),
@@ -107,13 +123,55 @@ async fn chaos(fault: Fault, name: &str) {
     let schema = schema();
     let server = chaos::server_of(&url(), 5432).await;
     let report = ChaosRounds::new(fault)
-        .run(&Postgres, &schema, name, Some(server))
+        .run(&Postgres::default(), &schema, name, Some(server))
         .await;
     FileRuns::temp(&schema).remove();
     report.assert_nothing_lost();
 }
 
 troupe_test_suite::network_chaos_tests!(chaos);
+
+/// Chaos rounds of a PostgreSQL crash: a private server stopped as a crash stops it
+/// (`pg_ctl stop -m immediate`) and started again on its data (recovering from its WAL) while
+/// two workers run. Nothing committed may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_server_restarted() {
+    let node = Arc::new(PostgresNode::new());
+    node.start();
+    // The workers' URL is the machine's with the proxy's address: the same database name.
+    let database = url()
+        .rsplit_once('/')
+        .map(|(_, db)| db.split('?').next().unwrap_or("test").to_owned())
+        .unwrap();
+    let admin = PgPool::connect(&node.url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/{database}", node.port());
+    let schema = schema();
+    let restart = {
+        let node = Arc::clone(&node);
+        move || {
+            node.kill();
+            node.start();
+        }
+    };
+    let report = ChaosRounds::new(Fault::RestartServer)
+        .restart_with(restart)
+        .run(
+            &Postgres {
+                server: Some(url.clone()),
+            },
+            &schema,
+            "chaos-restart",
+            Some(chaos::server_of(&url, node.port()).await),
+        )
+        .await;
+    FileRuns::temp(&schema).remove();
+    report.assert_nothing_lost();
+}
 
 /// Every connection black-holed (open, silent, for good): statements time out after 30 s and
 /// their connections are dropped (`db::timed!`); idle ones fail their ping on acquire.
@@ -256,7 +314,7 @@ async fn bad_urls_missing_databases_and_privileges_are_one_clear_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unique_messages_across_processes() {
     let schema = schema();
-    troupe_test_suite::kill::unique_across_processes(&Postgres, &schema, QUEUE, 200).await;
+    troupe_test_suite::kill::unique_across_processes(&Postgres::default(), &schema, QUEUE, 200).await;
     FileRuns::temp(&schema).remove();
 }
 
@@ -264,7 +322,7 @@ async fn unique_messages_across_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_mutex_across_processes() {
     let schema = schema();
-    troupe_test_suite::kill::mutex_across_processes(&Postgres, &schema, "mutex", 40).await;
+    troupe_test_suite::kill::mutex_across_processes(&Postgres::default(), &schema, "mutex", 40).await;
     FileRuns::temp(&schema).remove();
 }
 
@@ -272,7 +330,7 @@ async fn rate_limit_mutex_across_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_survives_a_sigkill_mid_group() {
     let schema = schema();
-    troupe_test_suite::kill::group_across_a_kill(&Postgres, &schema, "group", 200).await;
+    troupe_test_suite::kill::group_across_a_kill(&Postgres::default(), &schema, "group", 200).await;
     FileRuns::temp(&schema).remove();
 }
 
@@ -280,6 +338,6 @@ async fn group_survives_a_sigkill_mid_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_bucket_and_window_across_processes() {
     let schema = schema();
-    troupe_test_suite::kill::limits_across_processes(&Postgres, &schema, "limits").await;
+    troupe_test_suite::kill::limits_across_processes(&Postgres::default(), &schema, "limits").await;
     FileRuns::temp(&schema).remove();
 }

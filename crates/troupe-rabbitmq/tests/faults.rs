@@ -61,8 +61,13 @@ fn file_runs(queue: &str) -> Arc<FileRuns> {
     Arc::new(FileRuns::temp(queue))
 }
 
-/// A queue (the place) on a connection of its own; runs are recorded in `<temp dir>/<queue>.log`.
-struct Rabbitmq;
+/// A queue (the place) on a connection of its own, on the machine's RabbitMQ (through the chaos
+/// proxy in a chaos round's worker processes) or on `server` (a private node); runs are
+/// recorded in `<temp dir>/<queue>.log`.
+#[derive(Default)]
+struct Rabbitmq {
+    server: Option<String>,
+}
 
 impl KillBackend for Rabbitmq {
     type Broker = RabbitmqBroker;
@@ -70,7 +75,13 @@ impl KillBackend for Rabbitmq {
     const NAME: &'static str = "RabbitMQ";
 
     async fn open(&self, queue: &str) -> (RabbitmqBroker, FileRuns) {
-        (broker(&unique("troupe-crash")).await, FileRuns::temp(queue))
+        let broker = match &self.server {
+            None => broker(&unique("troupe-crash")).await,
+            Some(url) => RabbitmqBroker::open(RabbitmqOptions::from_url(url).unwrap())
+                .await
+                .expect("the private node"),
+        };
+        (broker, FileRuns::temp(queue))
     }
 
     /// Results in Redis, as RabbitMQ users keep them (a namespace per place; not behind the
@@ -90,7 +101,7 @@ impl KillBackend for Rabbitmq {
 /// The worker process of the crash test.
 #[test]
 fn child() {
-    kill::child(&Rabbitmq);
+    kill::child(&Rabbitmq::default());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +112,7 @@ async fn sigkill_mid_batch_loses_nothing() {
     // (concurrency 4, prefetch 8) can run twice.
     let report = MidBatchKill::default()
         .max_duplicates(12)
-        .run(&Rabbitmq, &queue, &queue)
+        .run(&Rabbitmq::default(), &queue, &queue)
         .await;
     FileRuns::temp(&queue).remove();
     report.broker.delete_queue(&queue).await.unwrap();
@@ -110,7 +121,7 @@ async fn sigkill_mid_batch_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
     let queue = unique("producer");
-    kill::producer_kill(&Rabbitmq, &queue, &queue).await;
+    kill::producer_kill(&Rabbitmq::default(), &queue, &queue).await;
     FileRuns::temp(&queue).remove();
     broker("cleanup").await.delete_queue(&queue).await.unwrap();
 }
@@ -122,7 +133,7 @@ async fn chaos(fault: Fault, _name: &str) {
     let place = unique("chaos");
     let server = chaos::server_of(&url(), 5672).await;
     let rounds = ChaosRounds::new(fault);
-    let report = rounds.run(&Rabbitmq, &place, &place, Some(server)).await;
+    let report = rounds.run(&Rabbitmq::default(), &place, &place, Some(server)).await;
     FileRuns::temp(&place).remove();
     let cleanup = broker(&unique("troupe-chaos-cleanup")).await;
     for round in 0..report.rounds {
@@ -132,6 +143,47 @@ async fn chaos(fault: Fault, _name: &str) {
 }
 
 troupe_test_suite::network_chaos_tests!(chaos);
+
+/// Chaos rounds of a RabbitMQ crash: a private node killed with SIGKILL and started again on
+/// its data while two workers run. Durable queues, persistent messages and publisher confirms:
+/// nothing confirmed may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_server_restarted() {
+    let node = Arc::new(RabbitmqNode::new());
+    node.start();
+    let url = node.url();
+    // The node listens a moment before it accepts logins.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while RabbitmqBroker::open(RabbitmqOptions::from_url(&url).unwrap())
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the private node accepts no login");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let place = unique("chaos");
+    let restart = {
+        let node = Arc::clone(&node);
+        move || {
+            node.kill();
+            node.start();
+        }
+    };
+    let report = ChaosRounds::new(Fault::RestartServer)
+        .restart_with(restart)
+        .run(
+            &Rabbitmq {
+                server: Some(url.clone()),
+            },
+            &place,
+            &place,
+            Some(chaos::server_of(&url, node.port()).await),
+        )
+        .await;
+    node.kill();
+    FileRuns::temp(&place).remove();
+    report.assert_nothing_lost();
+}
 
 /// Every connection black-holed (open, silent, for good): the 10 s AMQP heartbeat closes a
 /// connection that heard nothing for 20 s, and the broker reconnects.

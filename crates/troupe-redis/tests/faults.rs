@@ -54,8 +54,20 @@ impl Runs for Processed {
     }
 }
 
-/// A namespace (the place) with a 1 s heartbeat timeout.
-struct Redis;
+/// A namespace (the place) with a 1 s heartbeat timeout, on the machine's Redis (through the
+/// chaos proxy in a chaos round's worker processes) or on `server` (a private one); runs are
+/// recorded on the machine's Redis either way.
+#[derive(Default)]
+struct Redis {
+    server: Option<String>,
+}
+
+impl Redis {
+    /// The broker's and result backend's URL.
+    fn broker_url(&self) -> String {
+        self.server.clone().unwrap_or_else(|| chaos::behind_proxy(&url()))
+    }
+}
 
 impl KillBackend for Redis {
     type Broker = RedisBroker;
@@ -64,9 +76,7 @@ impl KillBackend for Redis {
 
     async fn open(&self, ns: &str) -> (RedisBroker, Processed) {
         // A chaos round's workers reach Redis through its fault proxy; the runs go direct.
-        let mut options = RedisOptions::from_url(&chaos::behind_proxy(&url()))
-            .unwrap()
-            .namespace(ns);
+        let mut options = RedisOptions::from_url(&self.broker_url()).unwrap().namespace(ns);
         if !chaos::at_defaults() {
             options = options
                 .heartbeat_timeout(Duration::from_secs(1))
@@ -81,14 +91,14 @@ impl KillBackend for Redis {
     }
 
     async fn state(&self, ns: &str) -> Option<std::sync::Arc<dyn troupe_core::StateBackend>> {
-        let options = RedisOptions::from_url(&url()).unwrap().namespace(ns);
+        let options = RedisOptions::from_url(&self.server.clone().unwrap_or_else(url))
+            .unwrap()
+            .namespace(ns);
         Some(troupe_redis::RedisState::open(options).await.unwrap().into_dyn())
     }
 
     async fn results(&self, ns: &str) -> Option<std::sync::Arc<dyn troupe_core::ResultBackend>> {
-        let options = RedisOptions::from_url(&chaos::behind_proxy(&url()))
-            .unwrap()
-            .namespace(ns);
+        let options = RedisOptions::from_url(&self.broker_url()).unwrap().namespace(ns);
         Some(troupe_redis::RedisResults::open(options).await.unwrap().into_dyn())
     }
 }
@@ -96,19 +106,19 @@ impl KillBackend for Redis {
 /// The worker process of the crash test.
 #[test]
 fn child() {
-    kill::child(&Redis);
+    kill::child(&Redis::default());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing() {
     let ns = format!("troupe-crash-{}", uuid::Uuid::new_v4().simple());
-    MidBatchKill::default().run(&Redis, &ns, QUEUE).await;
+    MidBatchKill::default().run(&Redis::default(), &ns, QUEUE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
     let ns = format!("troupe-producer-{}", uuid::Uuid::new_v4().simple());
-    kill::producer_kill(&Redis, &ns, QUEUE).await;
+    kill::producer_kill(&Redis::default(), &ns, QUEUE).await;
 }
 
 /// Chaos rounds (`troupe_test_suite::chaos`): a worker SIGKILLed, the link cut, the link
@@ -117,9 +127,47 @@ async fn chaos(fault: Fault, name: &str) {
     let ns = format!("troupe-chaos-{}", uuid::Uuid::new_v4().simple());
     let server = chaos::server_of(&url(), 6379).await;
     ChaosRounds::new(fault)
-        .run(&Redis, &ns, name, Some(server))
+        .run(&Redis::default(), &ns, name, Some(server))
         .await
         .assert_nothing_lost();
+}
+
+/// Chaos rounds of a Redis restart: a private server with the append-only file synced on every
+/// write (`appendfsync always`), killed with SIGKILL and started again on its data while two
+/// workers run. Nothing acknowledged may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_server_restarted() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let start = {
+        let dir = dir.path().to_owned();
+        move || start_redis_with(port, &["--appendonly", "yes", "--appendfsync", "always"], &dir)
+    };
+    let server = Arc::new(std::sync::Mutex::new(start()));
+    let ns = format!("troupe-chaos-{}", uuid::Uuid::new_v4().simple());
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let restart = {
+        let server = Arc::clone(&server);
+        move || {
+            let mut server = server.lock().unwrap();
+            server.kill().unwrap();
+            server.wait().unwrap();
+            *server = start();
+        }
+    };
+    let report = ChaosRounds::new(Fault::RestartServer)
+        .restart_with(restart)
+        .run(
+            &Redis { server: Some(url) },
+            &ns,
+            "chaos-restart",
+            Some(chaos::server_of(&format!("redis://127.0.0.1:{port}"), port).await),
+        )
+        .await;
+    let mut server = server.lock().unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    report.assert_nothing_lost();
 }
 
 troupe_test_suite::network_chaos_tests!(chaos);
@@ -132,17 +180,16 @@ async fn chaos_link_stalled_for_good() {
 }
 
 fn start_redis(port: u16) -> Child {
+    start_redis_with(port, &["--appendonly", "no"], &std::env::temp_dir())
+}
+
+/// A private `redis-server` on `port` with `args`, its files in `dir`; returns once it answers.
+fn start_redis_with(port: u16, args: &[&str], dir: &std::path::Path) -> Child {
     let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -249,26 +296,26 @@ async fn passwords_never_appear_in_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unique_messages_across_processes() {
     let ns = format!("troupe-unique-{}", uuid::Uuid::new_v4().simple());
-    troupe_test_suite::kill::unique_across_processes(&Redis, &ns, QUEUE, 200).await;
+    troupe_test_suite::kill::unique_across_processes(&Redis::default(), &ns, QUEUE, 200).await;
 }
 
 /// Two processes share one `ConcurrentRateLimiter` (limit 1): no two holds overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_mutex_across_processes() {
     let ns = format!("troupe-coord-{}", uuid::Uuid::new_v4().simple());
-    troupe_test_suite::kill::mutex_across_processes(&Redis, &ns, "mutex", 40).await;
+    troupe_test_suite::kill::mutex_across_processes(&Redis::default(), &ns, "mutex", 40).await;
 }
 
 /// A group across a SIGKILL mid-group: every child runs, the completion callback once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_survives_a_sigkill_mid_group() {
     let ns = format!("troupe-coord-{}", uuid::Uuid::new_v4().simple());
-    troupe_test_suite::kill::group_across_a_kill(&Redis, &ns, "group", 200).await;
+    troupe_test_suite::kill::group_across_a_kill(&Redis::default(), &ns, "group", 200).await;
 }
 
 /// Two processes hammer a bucket limiter, then a window limiter: no second over the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_bucket_and_window_across_processes() {
     let ns = format!("troupe-coord-{}", uuid::Uuid::new_v4().simple());
-    troupe_test_suite::kill::limits_across_processes(&Redis, &ns, "limits").await;
+    troupe_test_suite::kill::limits_across_processes(&Redis::default(), &ns, "limits").await;
 }

@@ -368,6 +368,9 @@ pub enum Fault {
     /// server notices a silent peer). Recovery is how long the workers take to notice and
     /// reconnect.
     BlackHoleLink,
+    /// Restart the server (the backend's test kills it with SIGKILL and starts it again on the
+    /// same port and data, with persistence on); see [`ChaosRounds::restart_with`].
+    RestartServer,
 }
 
 impl Fault {
@@ -379,6 +382,7 @@ impl Fault {
             Self::CutLink => "link cut".into(),
             Self::StallLink(d) => format!("link stalled {} s, then cut", d.as_secs_f64()),
             Self::BlackHoleLink => "link stalled for good (never cut)".into(),
+            Self::RestartServer => "server killed and restarted".into(),
         }
     }
 
@@ -388,11 +392,23 @@ impl Fault {
 }
 
 /// A number of rounds of one fault.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ChaosRounds {
     fault: Fault,
     rounds: u32,
     messages: u64,
+    restart: Option<Restart>,
+}
+
+/// How a test restarts its server, for [`Fault::RestartServer`]: returns once the server
+/// accepts connections again.
+#[derive(Clone)]
+struct Restart(Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Restart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Restart")
+    }
 }
 
 /// What [`ChaosRounds::run`] counted.
@@ -459,7 +475,17 @@ impl ChaosRounds {
             fault,
             rounds,
             messages: 200,
+            restart: None,
         }
+    }
+
+    /// How [`Fault::RestartServer`] restarts the server: `restart` kills it and starts it again
+    /// (same port, same data), returning once it accepts connections. The workers reach it
+    /// through the proxy, which injects nothing in this fault.
+    #[must_use]
+    pub fn restart_with(mut self, restart: impl Fn() + Send + Sync + 'static) -> Self {
+        self.restart = Some(Restart(Arc::new(restart)));
+        self
     }
 
     /// Runs `rounds` rounds unless `TROUPE_CHAOS_ROUNDS` is set.
@@ -563,6 +589,18 @@ impl ChaosRounds {
                 }
                 Fault::CutLink => proxy.as_ref().expect("a proxy").cut(),
                 Fault::BlackHoleLink => proxy.as_ref().expect("a proxy").black_hole(),
+                Fault::RestartServer => {
+                    let restart = Arc::clone(
+                        &self
+                            .restart
+                            .as_ref()
+                            .expect("ChaosRounds::restart_with for a restart")
+                            .0,
+                    );
+                    tokio::task::spawn_blocking(move || restart())
+                        .await
+                        .expect("the restart");
+                }
                 Fault::StallLink(stall) => {
                     let proxy = proxy.as_ref().expect("a proxy");
                     proxy.stall();
@@ -587,10 +625,19 @@ impl ChaosRounds {
                 // it rather than count a late result as lost (30 s in all, not per result).
                 let results_deadline = Instant::now() + Duration::from_secs(30);
                 for (n, message) in &sent {
-                    let wait = results_deadline
-                        .saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(10));
-                    match backend.get(message, Some(wait)).await {
+                    let result = loop {
+                        let wait = results_deadline
+                            .saturating_duration_since(Instant::now())
+                            .max(Duration::from_millis(10));
+                        // This process's own connections see a server restart too.
+                        match backend.get(message, Some(wait)).await {
+                            Err(e) if e.is_transient() && Instant::now() < results_deadline => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            other => break other,
+                        }
+                    };
+                    match result {
                         Ok(value) if value == json!(n) => {}
                         other => {
                             results_missing += 1;
@@ -616,7 +663,17 @@ impl ChaosRounds {
             report.lost += lost;
             report.duplicates += duplicates;
             report.results_missing += results_missing;
-            let dead = broker.dead_letters(&queue, 10_000).await.expect("dead letters");
+            let dead = {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match broker.dead_letters(&queue, 10_000).await {
+                        Err(e) if e.is_transient() && Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        other => break other.expect("dead letters"),
+                    }
+                }
+            };
             for letter in dead.iter().take(5) {
                 eprintln!("round {round}: dead-lettered {}: {}", letter.id, letter.reason);
             }

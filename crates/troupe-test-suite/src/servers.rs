@@ -164,3 +164,175 @@ impl Drop for RabbitmqNode {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Sets `path`'s permission bits.
+pub(crate) fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    check(
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)),
+        "permissions",
+    );
+}
+
+pub(crate) fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn uid_of(user: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, user]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// Runs `program` as `user` when this process is root (the servers refuse to run as root, or
+/// switch users themselves), as is otherwise.
+pub(crate) fn command_as(user: &str, program: &str) -> Command {
+    if running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", user, "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Gives `path` (and what is under it) to `user` when running as root.
+pub(crate) fn give_to(user: &str, path: &Path) {
+    if !running_as_root() {
+        return;
+    }
+    let Some((uid, gid)) = uid_of(user) else {
+        panic!("the user {user} does not exist; install the server's package")
+    };
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        check(std::os::unix::fs::chown(&p, Some(uid), Some(gid)), "chown");
+        if p.is_dir() {
+            for entry in check(std::fs::read_dir(&p), "read_dir").flatten() {
+                stack.push(entry.path());
+            }
+        }
+    }
+}
+
+/// A PostgreSQL instance of a test's own (`initdb` in a temporary directory, user `postgres`,
+/// trust authentication on loopback), started on a free port; stopped on drop. It runs as the
+/// `postgres` user when the test runs as root.
+#[derive(Debug)]
+pub struct PostgresNode {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl PostgresNode {
+    /// A new data directory (not started yet).
+    ///
+    /// # Panics
+    /// When `initdb` is missing or fails.
+    #[must_use]
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "troupe-pg-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        check(std::fs::create_dir_all(&dir), "node directory");
+        set_mode(&dir, 0o755);
+        give_to("postgres", &dir);
+        let out = check(
+            command_as("postgres", "initdb")
+                .args([
+                    "-D",
+                    &dir.join("data").display().to_string(),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                ])
+                .output(),
+            "initdb must be installed (PostgreSQL's server package)",
+        );
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir, port: free_port() }
+    }
+
+    /// The port it serves on.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its URL (database `postgres`, user `postgres`).
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server (again, on the same data: after [`PostgresNode::kill`], it recovers
+    /// from its WAL first) and waits until it accepts connections.
+    ///
+    /// # Panics
+    /// When `pg_ctl` is missing or the server does not start within 60 s.
+    pub fn start(&self) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("postgres.log");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            self.port,
+            data.display()
+        );
+        let out = check(
+            command_as("postgres", "pg_ctl")
+                .args(["-D", &data.display().to_string(), "-l", &log.display().to_string()])
+                .args(["-o", &options, "-w", "-t", "60", "start"])
+                .output(),
+            "pg_ctl must be installed (PostgreSQL's server package)",
+        );
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!(
+                "PostgreSQL did not start: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// Stops the server as a crash does (`pg_ctl stop -m immediate`: no checkpoint, every
+    /// connection dropped at once).
+    pub fn kill(&self) {
+        let _ = command_as("postgres", "pg_ctl")
+            .args([
+                "-D",
+                &self.dir.join("data").display().to_string(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Default for PostgresNode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PostgresNode {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
-use crate::servers::{RabbitmqNode, check, free_port, wait_for_port};
+use crate::servers::{RabbitmqNode, check, command_as, free_port, give_to, set_mode, wait_for_port};
 
 /// A test PKI in a directory of its own (removed on drop).
 #[derive(Debug)]
@@ -93,60 +93,6 @@ impl Pki {
 impl Drop for Pki {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt as _;
-    check(
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)),
-        "permissions",
-    );
-}
-
-fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-fn uid_of(user: &str) -> Option<(u32, u32)> {
-    let id = |flag: &str| -> Option<u32> {
-        let out = Command::new("id").args([flag, user]).output().ok()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
-    Some((id("-u")?, id("-g")?))
-}
-
-/// Runs `program` as `user` when this process is root (the servers refuse to run as root, or
-/// switch users themselves), as is otherwise.
-fn command_as(user: &str, program: &str) -> Command {
-    if running_as_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", user, "--", program]);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-/// Gives `path` (and what is under it) to `user` when running as root.
-fn give_to(user: &str, path: &Path) {
-    if !running_as_root() {
-        return;
-    }
-    let Some((uid, gid)) = uid_of(user) else {
-        panic!("the user {user} does not exist; install the server's package")
-    };
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        check(std::os::unix::fs::chown(&p, Some(uid), Some(gid)), "chown");
-        if p.is_dir() {
-            for entry in check(std::fs::read_dir(&p), "read_dir").flatten() {
-                stack.push(entry.path());
-            }
-        }
     }
 }
 
