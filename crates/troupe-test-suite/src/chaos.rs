@@ -234,10 +234,10 @@ async fn pump(
     }
 }
 
-/// The network brokers' chaos tests, the same three everywhere: `run(fault, name)` runs the
-/// rounds of one fault (`name` names its queues) and asserts what the broker promises. The
-/// fourth, [`Fault::BlackHoleLink`], each backend writes out itself (`chaos_link_stalled_for_good`),
-/// as it does not pass on every broker yet.
+/// The network brokers' link chaos tests, the same four everywhere: `run(fault, name)` runs the
+/// rounds of one fault (`name` names its queues) and asserts what the broker promises. A
+/// server restart ([`Fault::RestartServer`]) needs a private server, which each backend's test
+/// starts itself (`chaos_server_restarted`).
 ///
 /// ```text
 /// troupe_test_suite::network_chaos_tests!(chaos);
@@ -262,6 +262,13 @@ macro_rules! network_chaos_tests {
                 "chaos-stall",
             )
             .await;
+        }
+
+        /// Every connection black-holed (open, silent, for good): the workers must notice
+        /// by a time-out or a heartbeat and reconnect.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn chaos_link_stalled_for_good() {
+            $run($crate::chaos::Fault::BlackHoleLink, "chaos-blackhole").await;
         }
     };
 }
