@@ -108,7 +108,7 @@ impl Drop for Unmount {
 /// full, the worker process keeps running, and once space is freed every confirmed message runs
 /// and nothing is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "found 2026-12-03, not fixed: once the disk was full, the worker process's SQLite connections keep failing with SQLITE_FULL (claims and maintenance, every 100 ms for over 60 s) after space is freed, while another process writes to the same file; sends are refused clearly, nothing is dead-lettered or lost, but the worker runs nothing until restarted"]
+#[ignore = "found 2026-12-03, not fixed: once the disk was full, the worker process's SQLite connections keep failing with SQLITE_FULL (claims and maintenance, every 100 ms for over 60 s) after space is freed, while another process writes to the same file; a failed COMMIT leaves sqlx's transaction depth off (the log says: begin_with at non-zero transaction depth), but closing connections after a disk error did not cure it; sends are refused clearly, nothing is dead-lettered or lost, but the worker runs nothing until restarted"]
 async fn a_full_disk_refuses_sends_clearly_and_loses_nothing() {
     use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
