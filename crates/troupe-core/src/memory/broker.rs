@@ -621,21 +621,28 @@ impl AckHandle for MemoryAck {
     }
 
     async fn nack(&self, message: Option<&Message>, reason: &str) -> Result<()> {
-        if self.finish()? {
-            let encoder = self.broker.inner.encoder.as_ref();
-            let message = match message {
-                Some(m) => Ok(m.clone()),
-                None => decode_delivery(encoder, &self.bytes, usize::MAX),
-            };
-            let id = message
-                .as_ref()
-                .map_or_else(|_| format!("raw-{}", self.id), |m| m.message_id.clone());
+        let encoder = self.broker.inner.encoder.as_ref();
+        let message = match message {
+            Some(m) => Ok(m.clone()),
+            None => decode_delivery(encoder, &self.bytes, usize::MAX),
+        };
+        let id = message
+            .as_ref()
+            .map_or_else(|_| format!("raw-{}", self.id), |m| m.message_id.clone());
+        if let Ok(mut delivered) = self.delivered.lock() {
+            delivered.remove(&self.id);
+        }
+        {
+            // One lock for both steps: a join never sees the message neither in flight nor
+            // dead (it returned Ok before the dead letter was there).
             let mut state = self.broker.lock()?;
-            state
-                .dead
-                .entry(q_name(&self.queue).to_owned())
-                .or_default()
-                .push(DeadLetter::new(id, message, reason.to_owned(), now_ms()));
+            if state.queue(&self.queue)?.unacked.remove(&self.id).is_some() {
+                state
+                    .dead
+                    .entry(q_name(&self.queue).to_owned())
+                    .or_default()
+                    .push(DeadLetter::new(id, message, reason.to_owned(), now_ms()));
+            }
         }
         self.broker.inner.changed.notify_waiters();
         Ok(())
