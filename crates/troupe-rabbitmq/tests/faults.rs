@@ -47,6 +47,24 @@ async fn broker(name: &str) -> RabbitmqBroker {
         .expect("RabbitMQ must be running for these tests (scripts/test starts it)")
 }
 
+/// A broker on a private node just started: the node listens a moment before it accepts
+/// logins, so connecting is retried for up to 30 s.
+async fn open_when_ready(options: RabbitmqOptions) -> RabbitmqBroker {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match RabbitmqBroker::open(options.clone()).await {
+            Ok(broker) => return broker,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the private node never accepted a connection: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 /// A plain lapin connection, as another client (Python's pika) would have.
 async fn plain_channel() -> (Connection, lapin::Channel) {
     let conn = Connection::connect(&url(), ConnectionProperties::default())
@@ -153,15 +171,7 @@ async fn chaos_server_restarted() {
     let node = Arc::new(RabbitmqNode::new());
     node.start();
     let url = node.url();
-    // The node listens a moment before it accepts logins.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while RabbitmqBroker::open(RabbitmqOptions::from_url(&url).unwrap())
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the private node accepts no login");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    open_when_ready(RabbitmqOptions::from_url(&url).unwrap()).await;
     let place = unique("chaos");
     let restart = {
         let node = Arc::clone(&node);
@@ -559,20 +569,7 @@ async fn the_worker_survives_a_rabbitmq_crash_and_restart() {
     let options = RabbitmqOptions::from_url(&node.url())
         .unwrap()
         .connect_timeout(Duration::from_secs(2));
-    // The node listens a moment before it accepts logins.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let broker = loop {
-        match RabbitmqBroker::open(options.clone()).await {
-            Ok(b) => break b,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the private node never accepted a connection: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let broker = open_when_ready(options.clone()).await;
     let record = || Record::new(&queue, log.clone());
     let app = App::builder(Arc::new(broker.clone())).actor(record()).build().unwrap();
     let worker = Worker::builder(app.clone())
