@@ -230,16 +230,24 @@ pub struct PostgresNode {
 }
 
 impl PostgresNode {
-    /// A new data directory (not started yet).
+    /// A new data directory in a temporary directory (not started yet).
     ///
     /// # Panics
     /// When `initdb` is missing or fails.
     #[must_use]
     pub fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!(
+        Self::in_dir(std::env::temp_dir().join(format!(
             "troupe-pg-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
-        ));
+        )))
+    }
+
+    /// A new data directory, `dir/data` (not started yet); `dir` is removed on drop.
+    ///
+    /// # Panics
+    /// When `initdb` is missing or fails.
+    #[must_use]
+    pub fn in_dir(dir: PathBuf) -> Self {
         check(std::fs::create_dir_all(&dir), "node directory");
         set_mode(&dir, 0o755);
         give_to("postgres", &dir);
@@ -265,6 +273,12 @@ impl PostgresNode {
         Self { dir, port: free_port() }
     }
 
+    /// Its data directory (the configuration files, and certificates a configuration names).
+    #[must_use]
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
     /// The port it serves on.
     #[must_use]
     pub fn port(&self) -> u16 {
@@ -283,10 +297,18 @@ impl PostgresNode {
     /// # Panics
     /// When `pg_ctl` is missing or the server does not start within 60 s.
     pub fn start(&self) {
-        let data = self.dir.join("data");
+        self.start_with("-c max_connections=200");
+    }
+
+    /// [`PostgresNode::start`] with other server options (`-c name=value ...`).
+    ///
+    /// # Panics
+    /// As [`PostgresNode::start`].
+    pub fn start_with(&self, options: &str) {
+        let data = self.data();
         let log = self.dir.join("postgres.log");
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {options}",
             self.port,
             data.display()
         );
@@ -312,7 +334,7 @@ impl PostgresNode {
         let _ = command_as("postgres", "pg_ctl")
             .args([
                 "-D",
-                &self.dir.join("data").display().to_string(),
+                &self.data().display().to_string(),
                 "-m",
                 "immediate",
                 "-w",

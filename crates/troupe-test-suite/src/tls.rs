@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
-use crate::servers::{RabbitmqNode, check, command_as, free_port, give_to, set_mode, wait_for_port};
+use crate::servers::{PostgresNode, RabbitmqNode, check, free_port, give_to, set_mode, wait_for_port};
 
 /// A test PKI in a directory of its own (removed on drop).
 #[derive(Debug)]
@@ -98,7 +98,7 @@ impl Drop for Pki {
 
 enum Kind {
     Redis(Child),
-    Postgres { data: PathBuf },
+    Postgres(PostgresNode),
     Rabbitmq(RabbitmqNode),
 }
 
@@ -166,29 +166,9 @@ impl TlsServer {
     /// When `initdb` or `pg_ctl` are missing or the server does not start.
     #[must_use]
     pub fn postgres(pki: &Pki) -> Self {
-        let port = free_port();
         let dir = server_dir(pki, "postgres");
-        let data = dir.join("data");
-        give_to("postgres", &dir);
-        let out = check(
-            command_as("postgres", "initdb")
-                .args([
-                    "-D",
-                    &data.display().to_string(),
-                    "-A",
-                    "trust",
-                    "-U",
-                    "postgres",
-                    "--no-sync",
-                ])
-                .output(),
-            "initdb must be installed (PostgreSQL's server package)",
-        );
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let node = PostgresNode::in_dir(dir.clone());
+        let data = node.data();
         // The server's key must belong to the server's user, readable by it alone.
         for (from, name) in [
             (&pki.server_cert, "server.crt"),
@@ -209,32 +189,15 @@ impl TlsServer {
         );
         give_to("postgres", &dir);
         set_mode(&data.join("server.key"), 0o600);
-        let log = dir.join("postgres.log");
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file=server.crt \
-             -c ssl_key_file=server.key -c ssl_ca_file=root.crt -c fsync=off -c max_connections=50",
-            data.display()
+        node.start_with(
+            "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key -c ssl_ca_file=root.crt \
+             -c fsync=off -c max_connections=50",
         );
-        let out = check(
-            command_as("postgres", "pg_ctl")
-                .args(["-D", &data.display().to_string(), "-l", &log.display().to_string()])
-                .args(["-o", &options, "-w", "-t", "30", "start"])
-                .output(),
-            "pg_ctl must be installed (PostgreSQL's server package)",
-        );
-        let server = Self {
-            port,
+        Self {
+            port: node.port(),
             dir,
-            kind: Kind::Postgres { data },
-        };
-        if !out.status.success() {
-            let log = std::fs::read_to_string(&log).unwrap_or_default();
-            panic!(
-                "PostgreSQL (TLS) did not start: {}\n{log}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            kind: Kind::Postgres(node),
         }
-        server
     }
 
     /// A RabbitMQ node of its own ([`RabbitmqNode`]) whose only AMQP listener is TLS, asking
@@ -274,13 +237,8 @@ impl Drop for TlsServer {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            Kind::Postgres { data } => {
-                let _ = command_as("postgres", "pg_ctl")
-                    .args(["-D", &data.display().to_string(), "-m", "immediate", "-w", "stop"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            // Stopped before its directory goes.
+            Kind::Postgres(node) => node.kill(),
             Kind::Rabbitmq(node) => node.kill(),
         }
         let _ = std::fs::remove_dir_all(&self.dir);
