@@ -257,11 +257,22 @@ const MIGRATIONS: &[&str] = &[
 /// Pool settings shared by every pool of this crate: sqlx's default pings a connection (a
 /// round trip to its SQLite thread) before each acquire; here only connections idle for a
 /// while are pinged.
+///
+/// A connection still inside a transaction when it is next acquired is closed instead: when a
+/// `COMMIT` fails on a full disk (`SQLITE_FULL`) SQLite may already have rolled the
+/// transaction back, so sqlx's `ROLLBACK` fails too and its transaction depth stays at 1, and
+/// every later `BEGIN IMMEDIATE` on that connection would fail ("begin_with at non-zero
+/// transaction depth") long after the disk has space again. The pool pings a released
+/// connection, which runs its pending rollback, so the depth read here is settled.
 pub(crate) fn pool_options() -> SqlitePoolOptions {
     SqlitePoolOptions::new()
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
+                if sqlx::Connection::is_in_transaction(conn) {
+                    tracing::warn!("closing an SQLite connection left inside a failed transaction (a full disk?)");
+                    return Ok(false);
+                }
                 if meta.idle_for >= Duration::from_secs(5) {
                     sqlx::Connection::ping(conn).await?;
                 }

@@ -103,25 +103,24 @@ impl Drop for Unmount {
     }
 }
 
-/// The disk under SQLite fills up under load (a 4 MiB tmpfs this test mounts; mounting needs
+/// The disk under SQLite fills up under load (a 32 MiB tmpfs this test mounts; mounting needs
 /// root, as on the project's machines and CI): sends fail with a one-line error while it is
 /// full, the worker process keeps running, and once space is freed every confirmed message runs
 /// and nothing is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "found 2026-12-03, not fixed: once the disk was full, the worker process's SQLite connections keep failing with SQLITE_FULL (claims and maintenance, every 100 ms for over 60 s) after space is freed, while another process writes to the same file; a failed COMMIT leaves sqlx's transaction depth off (the log says: begin_with at non-zero transaction depth), but closing connections after a disk error did not cure it; sends are refused clearly, nothing is dead-lettered or lost, but the worker runs nothing until restarted"]
 async fn a_full_disk_refuses_sends_clearly_and_loses_nothing() {
     use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
     let mount = dir.path().join("small");
     std::fs::create_dir(&mount).unwrap();
     let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
         .arg(&mount)
         .status()
         .expect("mount must be installed");
     assert!(
         status.success(),
-        "mounting a 4 MiB tmpfs needs root (the project's machines and CI run as root)"
+        "mounting a 32 MiB tmpfs needs root (the project's machines and CI run as root)"
     );
     let _unmount = Unmount(mount.clone());
     let path = mount.join("troupe.db").to_string_lossy().into_owned();
@@ -135,6 +134,12 @@ async fn a_full_disk_refuses_sends_clearly_and_loses_nothing() {
         .unwrap();
     app.declare_queue(QUEUE).await.unwrap();
     let mut worker = kill::spawn(&Role::Worker, &path, QUEUE);
+    // Under load: a backlog the worker is still working through when the disk fills.
+    let mut confirmed: Vec<u64> = Vec::new();
+    for n in 0..2_000 {
+        app.send(&record, (n,)).await.expect("a send before the disk fills");
+        confirmed.push(n);
+    }
 
     // Take all but 256 KiB of the space.
     let filler = mount.join("filler");
@@ -146,9 +151,8 @@ async fn a_full_disk_refuses_sends_clearly_and_loses_nothing() {
         file.set_len(len.saturating_sub(256 * 1024)).unwrap();
     }
 
-    let mut confirmed: Vec<u64> = Vec::new();
     let mut refused = None;
-    for n in 0..100_000 {
+    for n in 2_000..100_000 {
         match app.send(&record, (n,)).await {
             Ok(_) => confirmed.push(n),
             Err(e) => {
@@ -177,6 +181,10 @@ async fn a_full_disk_refuses_sends_clearly_and_loses_nothing() {
     assert!(worker.is_running(), "the worker kept running: {}", worker.log());
     let log = worker.log();
     worker.kill();
+    assert!(
+        log.contains("disk is full"),
+        "the worker met the full disk (else this test proved nothing): {log}"
+    );
     let dead = broker.dead_letters(QUEUE, 100).await.unwrap();
     eprintln!(
         "CHAOS SQLite | disk full, then freed | messages {} (confirmed) | lost {} | duplicates {duplicates} | dead-lettered {}",
