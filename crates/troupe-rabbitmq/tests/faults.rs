@@ -193,6 +193,13 @@ async fn chaos_server_restarted() {
         .await;
     node.kill();
     FileRuns::temp(&place).remove();
+    if report.lost > 0 {
+        // Whether RabbitMQ itself dropped messages it had confirmed when it recovered.
+        eprintln!(
+            "the node's log on its recoveries:\n{}",
+            node.log_lines(&["unclean", "dropped", "crash", "rror"]).join("\n")
+        );
+    }
     report.assert_nothing_lost();
 }
 

@@ -664,7 +664,15 @@ impl ChaosRounds {
             let lost = self.messages - u64::try_from(done.len()).expect("a count");
             let duplicates: u64 = done.values().map(|c| c - 1).sum();
             if lost > 0 {
-                eprintln!("round {round}: {lost} lost; the workers said:\n{}", logs.join("\n"));
+                let missing: Vec<(u64, u64)> = (base..base + self.messages)
+                    .filter(|n| !done.contains_key(n))
+                    .map(|n| (n, (n - base) % 4))
+                    .collect();
+                eprintln!(
+                    "round {round}: {lost} lost (number, kind): {missing:?}; the queue: {:?}; the workers said:\n{}",
+                    broker.stats(&queue).await,
+                    logs.join("\n")
+                );
             }
             report.messages += self.messages;
             report.lost += lost;

@@ -138,6 +138,19 @@ impl RabbitmqNode {
         wait_for_port(self.port, Duration::from_secs(90), "the private RabbitMQ node", &log);
     }
 
+    /// The lines of the node's log (every start so far) that contain one of `needles`: what
+    /// RabbitMQ said about its recovery after a kill, say ("unclean shutdown").
+    #[must_use]
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        let log = self.dir.join("log").join(format!("{}.log", self.name()));
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| needles.iter().any(|n| line.contains(n)))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// SIGKILLs the node (a crash, not a clean stop) and waits until its port is closed.
     pub fn kill(&self) {
         let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) else {
