@@ -23,8 +23,9 @@ pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// The first reconnect delay; it doubles after each failed attempt up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// The longest delay between two reconnect attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The longest delay between two reconnect attempts: short, so a restarted node is in use
+/// again within about 2 s of accepting connections (a refused connect costs little).
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Settings of a [`RabbitmqBroker`](crate::RabbitmqBroker). Its `Debug` output redacts passwords.
 #[derive(Clone)]

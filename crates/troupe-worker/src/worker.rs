@@ -52,6 +52,11 @@ pub struct WorkerBuilder {
     heartbeat: Duration,
 }
 
+/// The longest wait between two attempts to reconnect a consumer (the wait starts at 100 ms
+/// and doubles). Short, so a restarted server is back in use within seconds of answering;
+/// Dramatiq's consumers wait 3 s between attempts.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
 /// The most delayed messages a worker holds per queue by default (see
 /// [`WorkerBuilder::delay_prefetch`]).
 pub const DEFAULT_MAX_DELAY_PREFETCH: usize = 8_000;
@@ -584,7 +589,7 @@ async fn consume_loop(
                     if sleep_or_stop(&shared.stop_fetch, backoff).await {
                         return None;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
                     continue;
                 }
             },
@@ -619,7 +624,7 @@ async fn consume_loop(
                 if sleep_or_stop(&shared.stop_fetch, backoff).await {
                     return consumer;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
         }
     }
