@@ -22,19 +22,37 @@ pub struct Capabilities {
     /// broker uses Dramatiq's delay queues (`q.DQ` with `eta`) and the worker holds delayed
     /// messages until due.
     pub native_delays: bool,
+    /// The broker delivers a queue's ready messages by priority, most urgent first (FIFO
+    /// within a priority). False when it delivers in arrival order whatever the priority
+    /// (RabbitMQ without `max_priority`, or with quorum queues); a worker still orders what it
+    /// has prefetched.
+    pub broker_priorities: bool,
 }
 
 impl Capabilities {
     /// Capabilities of a broker that uses delay queues.
     #[must_use]
     pub fn delay_queues() -> Self {
-        Self { native_delays: false }
+        Self {
+            native_delays: false,
+            broker_priorities: true,
+        }
     }
 
     /// Capabilities of a broker that delays messages server-side.
     #[must_use]
     pub fn native_delays() -> Self {
-        Self { native_delays: true }
+        Self {
+            native_delays: true,
+            broker_priorities: true,
+        }
+    }
+
+    /// The same, for a broker that delivers in arrival order whatever the priority.
+    #[must_use]
+    pub fn without_broker_priorities(mut self) -> Self {
+        self.broker_priorities = false;
+        self
     }
 }
 

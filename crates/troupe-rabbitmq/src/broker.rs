@@ -201,7 +201,11 @@ impl Broker for RabbitmqBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::delay_queues()
+        if self.inner.options.max_priority.is_some() {
+            Capabilities::delay_queues()
+        } else {
+            Capabilities::delay_queues().without_broker_priorities()
+        }
     }
 
     fn encoder(&self) -> Arc<dyn Encoder> {

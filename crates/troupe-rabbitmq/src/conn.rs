@@ -27,6 +27,36 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// again within about 2 s of accepting connections (a refused connect costs little).
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// The kind of queue a broker declares (see [`RabbitmqOptions::queue_type`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueType {
+    /// Classic queues with Dramatiq's exact arguments: what Python Dramatiq declares, so both
+    /// can share a queue (the default).
+    #[default]
+    Classic,
+    /// Quorum queues (`x-queue-type: quorum`): replicated over the nodes of a cluster by Raft,
+    /// so a queue survives the loss of a minority of its nodes, with a delivery limit that
+    /// dead-letters a message redelivered too often (one that kills its worker, say). No
+    /// priorities on RabbitMQ 3.x. Every producer and worker of a queue, Python ones included,
+    /// must declare it the same way.
+    Quorum,
+}
+
+impl QueueType {
+    /// Its name in URLs and in `x-queue-type`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
+}
+
+/// The delivery limit of quorum queues when none is set (RabbitMQ 4's default).
+pub(crate) const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
 /// Settings of a [`RabbitmqBroker`](crate::RabbitmqBroker). Its `Debug` output redacts passwords.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -41,6 +71,15 @@ pub struct RabbitmqOptions {
     /// (default none, Dramatiq's exact arguments: priorities are then not honoured, and a
     /// prioritized message logs one warning per queue).
     pub max_priority: Option<u8>,
+    /// The kind of queue declared for `Q`, `Q.DQ` and `Q.XQ` (default [`QueueType::Classic`],
+    /// Dramatiq's).
+    pub queue_type: QueueType,
+    /// With quorum queues, how many times RabbitMQ delivers a message of `Q` before it
+    /// dead-letters it to `Q.XQ` (reason `delivery_limit`): every redelivery counts (a worker
+    /// that died or lost its link holding it, a message returned at shutdown), retries do not
+    /// (a retry is a new message). `None` means 20; `Some(0)` means no limit. Not applied to
+    /// `Q.DQ`, whose messages are held and returned without running. Classic queues have none.
+    pub delivery_limit: Option<u32>,
     /// Publisher confirms: an enqueue returns once RabbitMQ has taken the message (default
     /// true). When off, enqueues do not wait (as Dramatiq's default); dead letters are still
     /// published with confirms, since the original is acked only after.
@@ -76,6 +115,8 @@ impl std::fmt::Debug for RabbitmqOptions {
         f.debug_struct("RabbitmqOptions")
             .field("urls", &urls)
             .field("max_priority", &self.max_priority)
+            .field("queue_type", &self.queue_type)
+            .field("delivery_limit", &self.delivery_limit)
             .field("confirm_delivery", &self.confirm_delivery)
             .field("dead_message_ttl", &self.dead_message_ttl)
             .field("max_message_size", &self.max_message_size)
@@ -105,6 +146,8 @@ impl RabbitmqOptions {
         Self {
             urls: split_urls(&url),
             max_priority: None,
+            queue_type: QueueType::Classic,
+            delivery_limit: None,
             confirm_delivery: true,
             dead_message_ttl,
             max_message_size: troupe_core::DEFAULT_MAX_MESSAGE_SIZE,
@@ -120,7 +163,8 @@ impl RabbitmqOptions {
     /// webpki roots); several URLs separated by `;` give failover, as in Dramatiq. An empty
     /// vhost (`amqp://host/`) means `/`, as pika reads it.
     ///
-    /// Troupe settings in the query: `max_priority` (1..=255), `confirm_delivery`
+    /// Troupe settings in the query: `max_priority` (1..=255), `queue_type` (`classic` or
+    /// `quorum`), `delivery_limit` (quorum queues; 0 for none), `confirm_delivery`
     /// (`true`/`false`), `dead_message_ttl`, `connect_timeout`, `operation_timeout` (durations
     /// such as `30s`; a bare number is milliseconds), `heartbeat` (a duration; a bare number is
     /// seconds, as in pika), `max_message_size` (bytes) and `connection_name`; for `amqps://`,
@@ -158,6 +202,7 @@ impl RabbitmqOptions {
             options.urls.push(url);
         }
         options.check_tls()?;
+        options.check_queue_type()?;
         Ok(options)
     }
 
@@ -174,6 +219,14 @@ impl RabbitmqOptions {
                 }
                 self.max_priority = Some(n);
             }
+            "queue_type" => {
+                self.queue_type = match value.to_ascii_lowercase().as_str() {
+                    "classic" => QueueType::Classic,
+                    "quorum" => QueueType::Quorum,
+                    _ => return Err(bad(&"expected classic or quorum")),
+                };
+            }
+            "delivery_limit" => self.delivery_limit = Some(value.parse().map_err(|e| bad(&e))?),
             "confirm_delivery" => {
                 self.confirm_delivery = match value.to_ascii_lowercase().as_str() {
                     "true" | "1" | "yes" | "on" => true,
@@ -271,6 +324,21 @@ impl RabbitmqOptions {
         self
     }
 
+    /// The kind of queue to declare (see [`QueueType`]).
+    #[must_use]
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// With quorum queues, how many deliveries of a message before RabbitMQ dead-letters it
+    /// (see [`RabbitmqOptions::delivery_limit`]; 0 for no limit).
+    #[must_use]
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
     /// Turns publisher confirms on or off.
     #[must_use]
     pub fn confirm_delivery(mut self, on: bool) -> Self {
@@ -330,10 +398,32 @@ impl RabbitmqOptions {
         if self.max_priority == Some(0) {
             return Err(Error::Config("max_priority must be between 1 and 255".into()));
         }
+        self.check_queue_type()?;
         for url in &self.urls {
             amqp_uri(url, self)?;
         }
         Ok(())
+    }
+
+    /// Settings that only one kind of queue takes.
+    fn check_queue_type(&self) -> Result<(), Error> {
+        match self.queue_type {
+            QueueType::Quorum if self.max_priority.is_some() => Err(Error::Config(
+                "max_priority cannot be used with queue_type=quorum: quorum queues have no priorities on RabbitMQ 3.x; use classic queues (the default) for priorities".into(),
+            )),
+            QueueType::Classic if self.delivery_limit.is_some() => Err(Error::Config(
+                "delivery_limit applies to quorum queues only: add queue_type=quorum, or remove delivery_limit".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The delivery limit `Q` is declared with: quorum queues only, none when 0.
+    pub(crate) fn effective_delivery_limit(&self) -> Option<u32> {
+        match self.queue_type {
+            QueueType::Quorum => Some(self.delivery_limit.unwrap_or(DEFAULT_DELIVERY_LIMIT)).filter(|n| *n > 0),
+            QueueType::Classic => None,
+        }
     }
 
     /// The dead-letter TTL in ms, as RabbitMQ's `x-message-ttl` wants it.

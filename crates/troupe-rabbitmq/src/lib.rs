@@ -75,6 +75,20 @@
 //! only the deliveries held unacked by **this broker instance's** consumers: AMQP does not show
 //! other connections' unacked messages (the management API does).
 //!
+//! # Quorum queues
+//!
+//! With `?queue_type=quorum` ([`QueueType::Quorum`]) the broker declares `Q`, `Q.DQ` and `Q.XQ`
+//! as quorum queues (Dramatiq's arguments plus `x-queue-type`): replicated over a cluster's
+//! nodes by Raft, so a queue and its confirmed messages survive the loss of a minority of them.
+//! `Q` also gets `x-delivery-limit` (default 20; `?delivery_limit=N`, 0 for none): a message
+//! delivered that many times without being settled (its worker died, lost its link, or was
+//! stopped while holding it) is dead-lettered to `Q.XQ` by RabbitMQ, reason `delivery_limit`,
+//! a guard against a message that kills its worker. Retries do not count (each is a new
+//! message); a peek does (it reads and returns the messages it shows), so an operator who
+//! peeks a queue often should raise the limit. Quorum queues have no priorities on RabbitMQ
+//! 3.x: `max_priority` is refused with them. Every producer and worker of a queue, Python ones
+//! included, must declare it the same way (RabbitMQ refuses a declaration of another type).
+//!
 //! # Long-running actors and `consumer_timeout`
 //!
 //! RabbitMQ 3.8.15+ closes a channel whose delivery stays unacked longer than
@@ -98,7 +112,7 @@ mod topology;
 mod workers;
 
 pub use broker::RabbitmqBroker;
-pub use conn::RabbitmqOptions;
+pub use conn::{QueueType, RabbitmqOptions};
 
 /// The AMQP client this crate is built on.
 pub use lapin;

@@ -10,7 +10,7 @@ use troupe_core::queue::validate_queue_name;
 use troupe_core::{Error, ErrorKind, Message, Result, encode_checked, prepare_for_delay_queue, priority};
 
 use crate::broker::Inner;
-use crate::conn::{BACKEND, timed};
+use crate::conn::{BACKEND, QueueType, timed};
 use crate::topology::short;
 
 /// Publishes are attempted this many times on connection errors (as Dramatiq's
@@ -70,7 +70,13 @@ impl Inner {
                 .lock()
                 .map(|mut warned| warned.insert(canonical.to_owned()))
                 .unwrap_or(false);
-            if first {
+            if first && self.options.queue_type == QueueType::Quorum {
+                tracing::warn!(
+                    queue = canonical,
+                    priority = message.priority(),
+                    "a prioritized message was published to a quorum queue, which has no priorities on RabbitMQ 3.x, so RabbitMQ delivers it in arrival order: use classic queues with max_priority for priorities"
+                );
+            } else if first {
                 tracing::warn!(
                     queue = canonical,
                     priority = message.priority(),

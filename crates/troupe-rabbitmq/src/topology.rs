@@ -8,7 +8,7 @@ use troupe_core::queue::{dq_name, xq_name};
 use troupe_core::{Error, Result};
 
 use crate::broker::Inner;
-use crate::conn::timed;
+use crate::conn::{QueueType, timed};
 
 /// A queue name as AMQP wants it (at most 255 bytes).
 pub(crate) fn short(name: &str) -> Result<ShortString> {
@@ -22,9 +22,10 @@ fn int_argument(v: i64) -> AMQPValue {
 }
 
 impl Inner {
-    /// Dramatiq's arguments of `Q` and `Q.DQ`.
+    /// Dramatiq's arguments of `Q.DQ` (and of `Q`, less its delivery limit): dead letters go
+    /// to `Q.XQ`; with quorum queues, `x-queue-type`.
     fn queue_arguments(&self, canonical: &str) -> FieldTable {
-        let mut args = FieldTable::default();
+        let mut args = self.typed_arguments();
         args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
         args.insert(
             "x-dead-letter-routing-key".into(),
@@ -36,10 +37,22 @@ impl Inner {
         args
     }
 
-    /// Dramatiq's arguments of `Q.XQ`.
+    /// Dramatiq's arguments of `Q.XQ` (with quorum queues, `x-queue-type`).
     fn dead_letter_arguments(&self) -> FieldTable {
-        let mut args = FieldTable::default();
+        let mut args = self.typed_arguments();
         args.insert("x-message-ttl".into(), int_argument(self.options.dead_message_ttl_ms()));
+        args
+    }
+
+    /// `x-queue-type` for quorum queues; nothing for classic ones (Dramatiq declares none).
+    fn typed_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if self.options.queue_type == QueueType::Quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(QueueType::Quorum.as_str().into()),
+            );
+        }
         args
     }
 
@@ -50,8 +63,12 @@ impl Inner {
             ..QueueDeclareOptions::default()
         };
         let args = self.queue_arguments(canonical);
+        let mut canonical_args = args.clone();
+        if let Some(limit) = self.options.effective_delivery_limit() {
+            canonical_args.insert("x-delivery-limit".into(), int_argument(i64::from(limit)));
+        }
         for (name, args) in [
-            (canonical.to_owned(), args.clone()),
+            (canonical.to_owned(), canonical_args),
             (dq_name(canonical), args),
             (xq_name(canonical), self.dead_letter_arguments()),
         ] {

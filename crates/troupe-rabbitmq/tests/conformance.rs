@@ -1,5 +1,6 @@
 //! The conformance suite against the machine's RabbitMQ (`TROUPE_RABBITMQ_URL`, default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`), with `max_priority` 10 unless the URL sets one.
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`), with `max_priority` 10 unless the URL sets one;
+//! then again with quorum queues (module `quorum`: no priorities, delivery limit 20).
 //! Every case uses queue names of its own, and deletes them when it ends (the broker under test
 //! is wrapped in [`Cleanup`]). A missing server fails the tests; it never skips them.
 
@@ -16,7 +17,7 @@ use troupe_core::{
     Broker, Capabilities, Consumer, ConsumerOptions, DeadLetter, Encoder, Message, QueueStats, Result, Waiting,
     WorkerInfo,
 };
-use troupe_rabbitmq::{RabbitmqBroker, RabbitmqOptions};
+use troupe_rabbitmq::{QueueType, RabbitmqBroker, RabbitmqOptions};
 use troupe_test_suite::{Harness, RawEnqueue, TestBroker};
 
 /// The broker's options: the URL's, with priority queues (`max_priority` 10 unless the URL sets
@@ -32,12 +33,17 @@ fn options() -> RabbitmqOptions {
         .connection_name(format!("troupe-conformance-{}", uuid::Uuid::new_v4().simple()))
 }
 
-struct RabbitmqHarness;
+struct RabbitmqHarness {
+    queue_type: QueueType,
+}
 
 impl Harness for RabbitmqHarness {
     fn setup(&self) -> BoxFuture<'_, TestBroker> {
         Box::pin(async {
-            let options = options();
+            let options = match self.queue_type {
+                QueueType::Quorum => options().max_priority(None).queue_type(QueueType::Quorum),
+                _ => options(),
+            };
             let limit = options.max_message_size;
             let broker = RabbitmqBroker::open(options)
                 .await
@@ -57,7 +63,18 @@ impl Harness for RabbitmqHarness {
     }
 }
 
-troupe_test_suite::broker_conformance!(RabbitmqHarness);
+troupe_test_suite::broker_conformance!(RabbitmqHarness {
+    queue_type: QueueType::Classic
+});
+
+/// The same cases on quorum queues.
+mod quorum {
+    use super::{QueueType, RabbitmqHarness};
+
+    troupe_test_suite::broker_conformance!(RabbitmqHarness {
+        queue_type: QueueType::Quorum
+    });
+}
 
 /// The broker under test, remembering the queues a case uses so it can delete them (with their
 /// `.DQ` and `.XQ`) when the case drops its last handle on it.
