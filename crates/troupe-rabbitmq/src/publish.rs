@@ -57,6 +57,19 @@ pub(crate) fn properties_of(message: &Message, max_priority: Option<u8>) -> Basi
     }
 }
 
+/// A negative publisher confirm: RabbitMQ could not take the message now (a quorum queue
+/// without a leader while its cluster elects one, a queue whose process or node is down). A
+/// transient error: publishing again later succeeds once the queue is back.
+fn refused(routing_key: &str) -> Error {
+    Error::backend(
+        BACKEND,
+        ErrorKind::Connection,
+        format!(
+            "RabbitMQ refused the message for {routing_key} for now (negative publisher confirm: the queue is unavailable, e.g. a quorum queue electing a leader or a node down)"
+        ),
+    )
+}
+
 impl Inner {
     /// The properties `message` is published with (see [`amqp_priority`]). A message more urgent
     /// than default (priority < 0) on a broker without `max_priority` gets none, and one warning
@@ -110,6 +123,20 @@ impl Inner {
         Ok(ch)
     }
 
+    /// Stops using `ch` for publishing (a later publish opens a new channel) and closes it.
+    /// After a negative confirm: on RabbitMQ 3.10, a channel that began publishing to a quorum
+    /// queue while the queue was electing a leader went on being refused after the election
+    /// (seen in the cluster chaos rounds), while a new channel is accepted.
+    pub(crate) async fn discard_publisher(&self, ch: &Channel, confirm: bool) {
+        {
+            let mut slot = if confirm { &self.confirming } else { &self.plain }.lock().await;
+            if slot.as_ref().is_some_and(|current| current.id() == ch.id()) {
+                *slot = None;
+            }
+        }
+        self.close_channel(ch.clone()).await;
+    }
+
     async fn publish_once(
         &self,
         routing_key: &str,
@@ -131,11 +158,10 @@ impl Inner {
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Published::Stored),
             Confirmation::Ack(Some(_)) => Ok(Published::Returned),
-            Confirmation::Nack(_) => Err(Error::backend(
-                BACKEND,
-                ErrorKind::Other,
-                format!("RabbitMQ refused the message for {routing_key} (negative publisher confirm)"),
-            )),
+            Confirmation::Nack(_) => {
+                self.discard_publisher(&ch, confirm).await;
+                Err(refused(routing_key))
+            }
         }
     }
 
@@ -177,8 +203,9 @@ impl Inner {
                         ));
                     }
                 }
-                // A lost connection is retried on a new one. A time-out is not: RabbitMQ may
-                // have the message already, or be blocking publishers on a resource alarm.
+                // A lost connection is retried on a new one, a refusal (negative confirm) after
+                // a pause. A time-out is not: RabbitMQ may have the message already, or be
+                // blocking publishers on a resource alarm.
                 Err(e) if e.kind() == ErrorKind::Connection && attempt < MAX_PUBLISH_ATTEMPTS => {
                     tracing::warn!(queue = routing_key, error = %e, "publish failed; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
@@ -193,7 +220,7 @@ impl Inner {
     /// Publishes a batch (canonical queue, routing key, body, properties) on the shared
     /// channel without waiting between messages, then waits for every confirm, as a batched
     /// confirm loop does. A message the server returned as unroutable, or one whose publish
-    /// met a lost connection, is sent again alone through [`Inner::publish`] with its retries.
+    /// met a lost connection or a negative confirm, is sent again alone through [`Inner::publish`] with its retries.
     pub(crate) async fn publish_many(
         &self,
         items: &[(String, String, Vec<u8>, BasicProperties)],
@@ -230,11 +257,9 @@ impl Inner {
             match confirmed {
                 Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {}
                 Ok(Confirmation::Nack(_)) => {
-                    return Err(Error::backend(
-                        BACKEND,
-                        ErrorKind::Other,
-                        format!("RabbitMQ refused the message for {routing_key} (negative publisher confirm)"),
-                    ));
+                    self.discard_publisher(&ch, confirm).await;
+                    self.publish(canonical, routing_key, body, props.clone(), confirm)
+                        .await?;
                 }
                 Ok(Confirmation::Ack(Some(_))) => {
                     self.publish(canonical, routing_key, body, props.clone(), confirm)

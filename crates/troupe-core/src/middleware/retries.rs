@@ -8,6 +8,10 @@ use super::{Middleware, Next, Outcome, ProcessContext};
 use crate::actor::{ErrorAction, RetryWhen};
 use crate::message::{duration_ms, now_ms};
 
+/// How long a retry's enqueue is tried again through transient broker errors before the
+/// message is returned to its queue instead.
+const ENQUEUE_PATIENCE: Duration = Duration::from_secs(30);
+
 /// The longest backoff Dramatiq allows (7 days).
 pub const MAX_BACKOFF_CAP: Duration = Duration::from_millis(troupe_options::defaults::MAX_BACKOFF_MS);
 
@@ -188,7 +192,19 @@ impl Middleware for Retries {
         tracing::info!(%message_id, retries = retries + 1, delay_ms = duration_ms(delay), "retrying message");
         let mut retry = cx.message().clone();
         retry.queue_name = retry.canonical_queue().to_owned();
-        if let Err(e) = cx.app().enqueue(retry, Some(delay)).await {
+        // A broker briefly unable to take the retry (a restart, a failover, a queue electing a
+        // leader) is waited for: returning the message to its queue at once would run it again
+        // at once, and on RabbitMQ quorum queues every return counts toward the delivery limit.
+        let app = cx.app().clone();
+        let enqueued = crate::support::retry_transient(
+            "enqueue the retry",
+            (Duration::from_millis(200), Duration::from_secs(5)),
+            Some(ENQUEUE_PATIENCE),
+            None,
+            || app.enqueue(retry.clone(), Some(delay)),
+        )
+        .await;
+        if let Err(e) = enqueued {
             tracing::error!(%message_id, error = %e, "could not enqueue the retry; returning the message to its queue instead");
             cx.requeue();
         }
