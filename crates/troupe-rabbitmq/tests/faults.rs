@@ -17,6 +17,7 @@
 
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -26,7 +27,7 @@ use troupe_core::{App, Broker, ConsumerOptions, ErrorKind, Message};
 use troupe_rabbitmq::{RabbitmqBroker, RabbitmqOptions};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, FileRuns, KillBackend, MidBatchKill, Record, Runs, wait_runs};
-use troupe_test_suite::servers::{RabbitmqNode, free_port};
+use troupe_test_suite::servers::{RabbitmqCluster, RabbitmqNode, free_port};
 use troupe_worker::Worker;
 
 fn url() -> String {
@@ -199,6 +200,52 @@ async fn chaos_server_restarted() {
             "the node's log on its recoveries:\n{}",
             node.log_lines(&["unclean", "dropped", "crash", "rror"]).join("\n")
         );
+    }
+    report.assert_nothing_lost();
+}
+
+/// Chaos rounds on a three-node cluster with quorum queues: each round SIGKILLs one node (the
+/// next in turn, the workers' own in the first round) under load, and starts it again once the
+/// round is counted, so a majority is always up. The workers' URL names every node, so they
+/// fail over to another, and the quorum queues keep every confirmed message. Recovery counts
+/// from the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_cluster_node_killed_with_quorum_queues() {
+    let cluster = Arc::new(RabbitmqCluster::start(3));
+    let url = cluster.url("?queue_type=quorum");
+    open_when_ready(RabbitmqOptions::from_url(&url).unwrap()).await;
+    let place = unique("chaos");
+    let round = Arc::new(AtomicUsize::new(0));
+    let kill = {
+        let (cluster, round) = (Arc::clone(&cluster), Arc::clone(&round));
+        move || {
+            let nodes = cluster.nodes();
+            nodes[round.load(Ordering::Relaxed) % nodes.len()].kill();
+        }
+    };
+    let start_again = {
+        let cluster = Arc::clone(&cluster);
+        move || {
+            let nodes = cluster.nodes();
+            nodes[round.fetch_add(1, Ordering::Relaxed) % nodes.len()].start();
+        }
+    };
+    let report = ChaosRounds::new(Fault::RestartServer)
+        .named("a node of 3 killed (quorum queues)")
+        .restart_with(kill)
+        .after_round(start_again)
+        .child_env("TROUPE_RABBITMQ_URL", url.clone())
+        .run(&Rabbitmq { server: Some(url) }, &place, &place, None)
+        .await;
+    FileRuns::temp(&place).remove();
+    if report.lost > 0 {
+        for node in cluster.nodes() {
+            eprintln!(
+                "{} logged:\n{}",
+                node.name(),
+                node.log_lines(&["unclean", "dropped", "crash", "rror"]).join("\n")
+            );
+        }
     }
     report.assert_nothing_lost();
 }

@@ -392,10 +392,6 @@ impl Fault {
             Self::RestartServer => "server killed and restarted".into(),
         }
     }
-
-    fn needs_proxy(self) -> bool {
-        !matches!(self, Self::KillWorker)
-    }
 }
 
 /// A number of rounds of one fault.
@@ -405,6 +401,9 @@ pub struct ChaosRounds {
     rounds: u32,
     messages: u64,
     restart: Option<Restart>,
+    child_env: Vec<(&'static str, String)>,
+    name: Option<String>,
+    after_round: Option<Restart>,
 }
 
 /// How a test restarts its server, for [`Fault::RestartServer`]: returns once the server
@@ -483,12 +482,40 @@ impl ChaosRounds {
             rounds,
             messages: 200,
             restart: None,
+            child_env: Vec::new(),
+            name: None,
+            after_round: None,
         }
+    }
+
+    /// Runs `after` at the end of every round, once its counts are taken: to start again a
+    /// node the round's fault killed, say, so that the fault itself is only the kill.
+    #[must_use]
+    pub fn after_round(mut self, after: impl Fn() + Send + Sync + 'static) -> Self {
+        self.after_round = Some(Restart(Arc::new(after)));
+        self
+    }
+
+    /// Names the fault in the report (default [`Fault::name`]).
+    #[must_use]
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets `key` to `value` in the worker processes' environment (a URL naming every node of a
+    /// cluster, say, for a restart without a proxy).
+    #[must_use]
+    pub fn child_env(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.child_env.push((key, value.into()));
+        self
     }
 
     /// How [`Fault::RestartServer`] restarts the server: `restart` kills it and starts it again
     /// (same port, same data), returning once it accepts connections. The workers reach it
-    /// through the proxy, which injects nothing in this fault.
+    /// through the proxy (which injects nothing in this fault) when [`ChaosRounds::run`] is
+    /// given the server's address, else directly (a cluster, whose URL names every node: see
+    /// [`ChaosRounds::child_env`]).
     #[must_use]
     pub fn restart_with(mut self, restart: impl Fn() + Send + Sync + 'static) -> Self {
         self.restart = Some(Restart(Arc::new(restart)));
@@ -528,15 +555,16 @@ impl ChaosRounds {
         runs.prepare().await;
         let runs = Arc::new(runs);
         let results = backend.results(place).await;
-        let proxy = match (self.fault.needs_proxy(), server) {
-            (true, Some(server)) => Some(FaultProxy::start(server).await),
-            (true, None) => panic!("{} needs the server's address for its proxy", self.fault.name()),
-            (false, _) => None,
+        let proxy = match (self.fault, server) {
+            (Fault::KillWorker, _) | (Fault::RestartServer, None) => None,
+            (_, Some(server)) => Some(FaultProxy::start(server).await),
+            (_, None) => panic!("{} needs the server's address for its proxy", self.fault.name()),
         };
-        let env: Vec<(&str, String)> = proxy.iter().map(|p| (SERVER, p.addr().to_string())).collect();
+        let mut env: Vec<(&str, String)> = proxy.iter().map(|p| (SERVER, p.addr().to_string())).collect();
+        env.extend(self.child_env.iter().cloned());
         let mut report = ChaosReport {
             broker: B::NAME,
-            fault: self.fault.name(),
+            fault: self.name.clone().unwrap_or_else(|| self.fault.name()),
             rounds: self.rounds,
             messages: 0,
             lost: 0,
@@ -694,6 +722,12 @@ impl ChaosRounds {
             }
             report.dead += u64::try_from(dead.len()).expect("a count");
             report.recovery.push(recovered);
+            if let Some(after) = &self.after_round {
+                let after = Arc::clone(&after.0);
+                tokio::task::spawn_blocking(move || after())
+                    .await
+                    .expect("the end of the round");
+            }
         }
         eprintln!(
             "CHAOS {} | {} | rounds {} | messages {} | lost {} | duplicates {} | results missing {} | dead-lettered {} | recovery median {:.2} s, max {:.2} s",

@@ -151,6 +151,32 @@ impl RabbitmqNode {
             .collect()
     }
 
+    /// Runs `rabbitmqctl -n NODE ARGS` as the `rabbitmq` user (whose Erlang cookie every node
+    /// shares).
+    ///
+    /// # Panics
+    /// When it fails, with what it printed.
+    pub fn ctl(&self, args: &[&str]) {
+        let command = format!(
+            "cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq /usr/lib/rabbitmq/bin/rabbitmqctl -n {} {}",
+            self.name(),
+            args.join(" ")
+        );
+        let out = check(
+            Command::new("su")
+                .args(["rabbitmq", "-s", "/bin/sh", "-c", &command])
+                .output(),
+            "su and rabbitmqctl must be installed (they are on the project's machines)",
+        );
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?} on {} failed: {}{}",
+            self.name(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// SIGKILLs the node (a crash, not a clean stop) and waits until its port is closed.
     pub fn kill(&self) {
         let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) else {
@@ -162,6 +188,55 @@ impl RabbitmqNode {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = std::fs::remove_file(self.dir.join("pid"));
+    }
+}
+
+/// A RabbitMQ cluster of a test's own: [`RabbitmqNode`]s on loopback (one Erlang cookie, the
+/// `rabbitmq` user's), the first started alone and the others joined to it.
+#[derive(Debug)]
+pub struct RabbitmqCluster {
+    nodes: Vec<RabbitmqNode>,
+}
+
+impl RabbitmqCluster {
+    /// Starts `size` nodes and joins them into one cluster.
+    ///
+    /// # Panics
+    /// When a node does not start or `rabbitmqctl` cannot join it.
+    #[must_use]
+    pub fn start(size: usize) -> Self {
+        let nodes: Vec<RabbitmqNode> = (0..size.max(1)).map(|_| RabbitmqNode::new()).collect();
+        for node in &nodes {
+            node.start();
+        }
+        let first = nodes[0].name();
+        for node in &nodes[1..] {
+            for args in [
+                vec!["stop_app"],
+                vec!["join_cluster", first.as_str()],
+                vec!["start_app"],
+            ] {
+                node.ctl(&args);
+            }
+        }
+        Self { nodes }
+    }
+
+    /// Its nodes, the first one first.
+    #[must_use]
+    pub fn nodes(&self) -> &[RabbitmqNode] {
+        &self.nodes
+    }
+
+    /// One URL per node, separated by `;` (Troupe's failover URL), each with `query` (such as
+    /// `?queue_type=quorum`, or empty).
+    #[must_use]
+    pub fn url(&self, query: &str) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}{query}", n.url()))
+            .collect::<Vec<_>>()
+            .join(";")
     }
 }
 
