@@ -17,7 +17,9 @@
 //! a few; `TROUPE_CHAOS_ROUNDS=10` is the published setting). When `TROUPE_CHAOS_REPORT` names
 //! a file, each run appends its summary there as one JSON line. With `TROUPE_CHAOS_AT_DEFAULTS`
 //! set, the backends open their brokers at the default lease and heartbeat timeouts
-//! ([`at_defaults`]).
+//! ([`at_defaults`]). With `TROUPE_CHAOS_LOGS` set, every round prints what its workers logged
+//! (a round that loses messages always does; `TROUPE_CHILD_LOG` sets their level, default
+//! `warn`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -691,6 +693,9 @@ impl ChaosRounds {
             }
             let lost = self.messages - u64::try_from(done.len()).expect("a count");
             let duplicates: u64 = done.values().map(|c| c - 1).sum();
+            if lost == 0 && std::env::var_os("TROUPE_CHAOS_LOGS").is_some() {
+                eprintln!("round {round}: the workers said:\n{}", logs.join("\n"));
+            }
             if lost > 0 {
                 let missing: Vec<(u64, u64)> = (base..base + self.messages)
                     .filter(|n| !done.contains_key(n))
