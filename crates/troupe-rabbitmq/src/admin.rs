@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Weak;
+use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -12,7 +13,7 @@ use troupe_core::queue::{dq_name, q_name, validate_queue_name, xq_name};
 use troupe_core::{DeadLetter, Error, Message, QueueStats, Result, Waiting, decode_delivery, prepare_for_delay_queue};
 
 use crate::broker::Inner;
-use crate::conn::{is_not_found, timed};
+use crate::conn::{QueueType, is_not_found, timed};
 use crate::topology::short;
 
 impl Inner {
@@ -29,6 +30,28 @@ impl Inner {
                     .sum()
             })
             .unwrap_or(0)
+    }
+
+    /// Closes `ch`, which puts back the `returned` messages it read unacked from `queue`. A
+    /// classic queue has them back before it confirms the close; a quorum queue applies the
+    /// return through its Raft log a moment later, so this waits (up to 2 s) until `queue`
+    /// counts at least `returned` messages again, so that a count or a read right after sees
+    /// them.
+    async fn close_returning(&self, ch: Channel, queue: &str, returned: u64) {
+        self.close_channel(ch).await;
+        if self.options.queue_type != QueueType::Quorum || returned == 0 {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let names = [queue.to_owned()];
+        while tokio::time::Instant::now() < deadline {
+            match self.counts(&names).await {
+                Ok(counts) if counts.first().copied().unwrap_or(0) < returned => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => return,
+            }
+        }
     }
 
     /// Message counts of `names` (0 for a queue that does not exist), by passive declares.
@@ -167,7 +190,8 @@ impl Inner {
                 }
             }
         }
-        self.close_channel(ch).await;
+        self.close_returning(ch, xq.as_str(), u64::try_from(out.len()).unwrap_or(u64::MAX))
+            .await;
         result.map(|()| out)
     }
 
@@ -183,7 +207,7 @@ impl Inner {
         };
         let name = short(&name)?;
         let ch = self.temp_channel().await?;
-        let (mut seen, mut out, mut result) = (0, Vec::new(), Ok(()));
+        let (mut seen, mut out, mut result) = (0_u64, Vec::new(), Ok(()));
         while out.len() < limit {
             match timed(
                 self.timeout(),
@@ -194,7 +218,7 @@ impl Inner {
             {
                 Ok(Some(got)) => {
                     seen += 1;
-                    if seen > offset
+                    if usize::try_from(seen).unwrap_or(usize::MAX) > offset
                         && let Ok(mut m) = self.encoder.decode(&got.delivery.data)
                     {
                         m.queue_name = canonical.to_owned();
@@ -209,7 +233,7 @@ impl Inner {
                 }
             }
         }
-        self.close_channel(ch).await;
+        self.close_returning(ch, name.as_str(), seen).await;
         result.map(|()| out)
     }
 
@@ -239,7 +263,7 @@ impl Inner {
         let mut wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
         let all = ids.is_empty();
         let ch = self.temp_channel().await?;
-        let mut moved = 0;
+        let (mut moved, mut kept) = (0, 0_u64);
         let result = async {
             while all || !wanted.is_empty() {
                 let got = timed(
@@ -251,11 +275,15 @@ impl Inner {
                 let Some(got) = got else { break };
                 let letter = self.dead_letter_of(&got.delivery);
                 if !all && !wanted.remove(letter.id.as_str()) {
+                    kept += 1;
                     continue;
                 }
                 if requeue {
                     // Undecodable bytes stay in the dead letters.
-                    let Ok(mut message) = letter.message else { continue };
+                    let Ok(mut message) = letter.message else {
+                        kept += 1;
+                        continue;
+                    };
                     message.options.insert("retries".into(), 0.into());
                     message.queue_name = canonical.to_owned();
                     let message = prepare_for_delay_queue(message, None);
@@ -276,7 +304,7 @@ impl Inner {
         }
         .await;
         // The dead letters read but not taken go back, in order.
-        self.close_channel(ch).await;
+        self.close_returning(ch, xq.as_str(), kept).await;
         result.map(|()| moved)
     }
 
