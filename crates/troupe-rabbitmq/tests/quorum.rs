@@ -6,18 +6,15 @@
 
 use std::time::Duration;
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use troupe_core::{Broker, ConsumerOptions, Message};
 use troupe_rabbitmq::{QueueType, RabbitmqBroker, RabbitmqOptions};
+use troupe_test_suite::unique_queue;
 
 fn url() -> String {
     std::env::var("TROUPE_RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
 async fn quorum_broker(url: &str) -> RabbitmqBroker {
@@ -26,22 +23,9 @@ async fn quorum_broker(url: &str) -> RabbitmqBroker {
         .expect("RabbitMQ must be running for these tests (scripts/test starts it)")
 }
 
-async fn delete(queue: &str) {
-    let conn = Connection::connect(&url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be running for these tests");
-    let ch = conn.create_channel().await.unwrap();
-    for name in [queue.to_owned(), format!("{queue}.DQ"), format!("{queue}.XQ")] {
-        ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
-    conn.close(200, "done".into()).await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_queues_are_declared_as_quorum_queues() {
-    let queue = unique("quorum_declared");
+    let queue = unique_queue("quorum_declared");
     let broker = quorum_broker(&format!("{}?queue_type=quorum", url())).await;
     broker.declare_queue(&queue).await.unwrap();
     // Declaring the same names as classic queues (Dramatiq's arguments) is refused: RabbitMQ
@@ -70,15 +54,15 @@ async fn quorum_queues_are_declared_as_quorum_queues() {
         assert!(err.to_string().contains("x-queue-type"), "{name}: {err}");
     }
     conn.close(200, "done".into()).await.unwrap();
+    broker.delete_queue(&queue).await.unwrap();
     broker.close().await.unwrap();
-    delete(&queue).await;
 }
 
 /// A message whose worker never settles it (it dies, or loses its link, each time) comes back
 /// until the delivery limit, then RabbitMQ dead-letters it to `Q.XQ` with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_redelivered_past_the_delivery_limit_is_dead_lettered() {
-    let queue = unique("quorum_limit");
+    let queue = unique_queue("quorum_limit");
     let broker = quorum_broker(&format!("{}?queue_type=quorum&delivery_limit=2", url())).await;
     let message = Message::new(&queue, "poison", vec![], serde_json::Map::new());
     broker.enqueue(message.clone(), None).await.unwrap();
@@ -106,8 +90,8 @@ async fn a_message_redelivered_past_the_delivery_limit_is_dead_lettered() {
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].id, message.message_id);
     assert!(dead[0].reason.contains("delivery_limit"), "{}", dead[0].reason);
+    broker.delete_queue(&queue).await.unwrap();
     broker.close().await.unwrap();
-    delete(&queue).await;
 }
 
 #[test]
