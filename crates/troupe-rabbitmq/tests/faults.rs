@@ -196,10 +196,7 @@ async fn chaos_server_restarted() {
     FileRuns::temp(&place).remove();
     if report.lost > 0 {
         // Whether RabbitMQ itself dropped messages it had confirmed when it recovered.
-        eprintln!(
-            "the node's log on its recoveries:\n{}",
-            node.log_lines(&["unclean", "dropped", "crash", "rror"]).join("\n")
-        );
+        eprintln!("the node's log on its recoveries:\n{}", node.recovery_log().join("\n"));
     }
     report.assert_nothing_lost();
 }
@@ -240,11 +237,7 @@ async fn chaos_cluster_node_killed_with_quorum_queues() {
     FileRuns::temp(&place).remove();
     if report.lost > 0 {
         for node in cluster.nodes() {
-            eprintln!(
-                "{} logged:\n{}",
-                node.name(),
-                node.log_lines(&["unclean", "dropped", "crash", "rror"]).join("\n")
-            );
+            eprintln!("{} logged:\n{}", node.name(), node.recovery_log().join("\n"));
         }
     }
     report.assert_nothing_lost();

@@ -116,7 +116,7 @@ impl RabbitmqNode {
         let _ = std::fs::remove_file(self.dir.join("pid"));
         let dir = self.dir.display();
         let script = format!(
-            "cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq RABBITMQ_NODENAME={name} \
+            "RABBITMQ_NODENAME={name} \
              RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT={port} RABBITMQ_DIST_PORT={dist} \
              RABBITMQ_MNESIA_BASE={dir}/mnesia RABBITMQ_LOG_BASE={dir}/log \
              RABBITMQ_ENABLED_PLUGINS_FILE={dir}/enabled_plugins RABBITMQ_CONFIG_FILE={dir}/rabbitmq \
@@ -126,27 +126,34 @@ impl RabbitmqNode {
             dist = self.dist_port,
         );
         let status = check(
-            Command::new("su")
-                .args(["rabbitmq", "-s", "/bin/sh", "-c", &script])
+            as_rabbitmq(&script)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status(),
             "su and rabbitmq-server must be installed (they are on the project's machines)",
         );
         assert!(status.success(), "rabbitmq-server -detached failed");
-        let log = self.dir.join("log").join(format!("{}.log", self.name()));
-        wait_for_port(self.port, Duration::from_secs(90), "the private RabbitMQ node", &log);
+        wait_for_port(
+            self.port,
+            Duration::from_secs(90),
+            "the private RabbitMQ node",
+            &self.log_path(),
+        );
     }
 
-    /// The lines of the node's log (every start so far) that contain one of `needles`: what
-    /// RabbitMQ said about its recovery after a kill, say ("unclean shutdown").
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("log").join(format!("{}.log", self.name()))
+    }
+
+    /// What the node logged (every start so far) about its recoveries and errors: after a
+    /// kill, RabbitMQ says which messages it dropped ("... after unclean shutdown").
     #[must_use]
-    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
-        let log = self.dir.join("log").join(format!("{}.log", self.name()));
-        std::fs::read_to_string(log)
+    pub fn recovery_log(&self) -> Vec<String> {
+        const NEEDLES: [&str; 4] = ["unclean", "dropped", "crash", "rror"];
+        std::fs::read_to_string(self.log_path())
             .unwrap_or_default()
             .lines()
-            .filter(|line| needles.iter().any(|n| line.contains(n)))
+            .filter(|line| NEEDLES.iter().any(|n| line.contains(n)))
             .map(str::to_owned)
             .collect()
     }
@@ -158,14 +165,12 @@ impl RabbitmqNode {
     /// When it fails, with what it printed.
     pub fn ctl(&self, args: &[&str]) {
         let command = format!(
-            "cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq /usr/lib/rabbitmq/bin/rabbitmqctl -n {} {}",
+            "/usr/lib/rabbitmq/bin/rabbitmqctl -n {} {}",
             self.name(),
             args.join(" ")
         );
         let out = check(
-            Command::new("su")
-                .args(["rabbitmq", "-s", "/bin/sh", "-c", &command])
-                .output(),
+            as_rabbitmq(&command).output(),
             "su and rabbitmqctl must be installed (they are on the project's machines)",
         );
         assert!(
@@ -189,6 +194,20 @@ impl RabbitmqNode {
         }
         let _ = std::fs::remove_file(self.dir.join("pid"));
     }
+}
+
+/// `sh -c command` as the `rabbitmq` user in its home, as the Debian scripts and `rabbitmqctl`
+/// want (its Erlang cookie is every node's).
+fn as_rabbitmq(command: &str) -> Command {
+    let mut cmd = Command::new("su");
+    cmd.args([
+        "rabbitmq",
+        "-s",
+        "/bin/sh",
+        "-c",
+        &format!("cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq {command}"),
+    ]);
+    cmd
 }
 
 /// A RabbitMQ cluster of a test's own: [`RabbitmqNode`]s on loopback (one Erlang cookie, the
