@@ -83,17 +83,19 @@ impl Inner {
                 .lock()
                 .map(|mut warned| warned.insert(canonical.to_owned()))
                 .unwrap_or(false);
-            if first && self.options.queue_type == QueueType::Quorum {
+            if first {
+                let fix = match self.options.queue_type {
+                    QueueType::Quorum => {
+                        "quorum queues have no priorities on RabbitMQ 3.x: use classic queues with max_priority for priorities"
+                    }
+                    _ => {
+                        "set max_priority in the broker URL (e.g. ?max_priority=10) on every producer and worker of this queue (queues declared without it must be deleted first)"
+                    }
+                };
                 tracing::warn!(
                     queue = canonical,
                     priority = message.priority(),
-                    "a prioritized message was published to a quorum queue, which has no priorities on RabbitMQ 3.x, so RabbitMQ delivers it in arrival order: use classic queues with max_priority for priorities"
-                );
-            } else if first {
-                tracing::warn!(
-                    queue = canonical,
-                    priority = message.priority(),
-                    "a prioritized message was published to a queue without priorities, so RabbitMQ delivers it in arrival order: set max_priority in the broker URL (e.g. ?max_priority=10) on every producer and worker of this queue (queues declared without it must be deleted first)"
+                    "a prioritized message was published to a queue without priorities, so RabbitMQ delivers it in arrival order: {fix}"
                 );
             }
         }
