@@ -42,16 +42,30 @@ impl Inner {
         if self.options.queue_type != QueueType::Quorum || returned == 0 {
             return;
         }
+        let Ok(ch) = self.temp_channel().await else { return };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        let names = [queue.to_owned()];
         while tokio::time::Instant::now() < deadline {
-            match self.counts(&names).await {
-                Ok(counts) if counts.first().copied().unwrap_or(0) < returned => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                _ => return,
+            match self.count_on(&ch, queue).await {
+                Ok(count) if count < returned => tokio::time::sleep(Duration::from_millis(20)).await,
+                _ => break,
             }
         }
+        self.close_channel(ch).await;
+    }
+
+    /// The message count of `name` by a passive declare on `ch` (a 404 closes `ch`).
+    async fn count_on(&self, ch: &Channel, name: &str) -> Result<u64> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = timed(
+            self.timeout(),
+            &format!("count the messages of {name}"),
+            ch.queue_declare(short(name)?, passive, FieldTable::default()),
+        )
+        .await?;
+        Ok(u64::from(q.message_count()))
     }
 
     /// Message counts of `names` (0 for a queue that does not exist), by passive declares.
@@ -63,18 +77,8 @@ impl Inner {
                 Some(c) if c.status().connected() => c,
                 _ => self.temp_channel().await?,
             };
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
-            match timed(
-                self.timeout(),
-                &format!("count the messages of {name}"),
-                channel.queue_declare(short(name)?, passive, FieldTable::default()),
-            )
-            .await
-            {
-                Ok(q) => out.push(u64::from(q.message_count())),
+            match self.count_on(&channel, name).await {
+                Ok(count) => out.push(count),
                 // 404 closed the channel; the next name opens another.
                 Err(e) if is_not_found(&e) => out.push(0),
                 Err(e) => {
