@@ -123,11 +123,7 @@ where
     F: Fn(App) -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let app = cx.app().clone();
-    let backoff = (Duration::from_millis(100), Duration::from_secs(5));
-    let done =
-        crate::support::retry_transient(what, backoff, Some(FOLLOW_UP_RETRY_FOR), None, || op(app.clone())).await;
-    match done {
+    match retry_follow_up(cx, what, op).await {
         Ok(_) => {}
         Err(e) if e.is_transient() => {
             tracing::warn!(error = %e, "could not {what}; the message goes back to its queue to run again");
@@ -135,6 +131,18 @@ where
         }
         Err(e) => tracing::error!(error = %e, "could not {what}"),
     }
+}
+
+/// Runs an enqueue a processed message needs (a follow-up, a retry), retrying transient errors
+/// with backoff for up to 30 s; returns its last outcome.
+pub(crate) async fn retry_follow_up<T, F, Fut>(cx: &ProcessContext, what: &str, op: F) -> Result<T>
+where
+    F: Fn(App) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let app = cx.app().clone();
+    let backoff = (Duration::from_millis(100), Duration::from_secs(5));
+    crate::support::retry_transient(what, backoff, Some(FOLLOW_UP_RETRY_FOR), None, || op(app.clone())).await
 }
 
 /// Writes the worker awaits before it settles a message (see

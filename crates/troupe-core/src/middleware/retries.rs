@@ -8,10 +8,6 @@ use super::{Middleware, Next, Outcome, ProcessContext};
 use crate::actor::{ErrorAction, RetryWhen};
 use crate::message::{duration_ms, now_ms};
 
-/// How long a retry's enqueue is tried again through transient broker errors before the
-/// message is returned to its queue instead.
-const ENQUEUE_PATIENCE: Duration = Duration::from_secs(30);
-
 /// The longest backoff Dramatiq allows (7 days).
 pub const MAX_BACKOFF_CAP: Duration = Duration::from_millis(troupe_options::defaults::MAX_BACKOFF_MS);
 
@@ -193,16 +189,13 @@ impl Middleware for Retries {
         let mut retry = cx.message().clone();
         retry.queue_name = retry.canonical_queue().to_owned();
         // A broker briefly unable to take the retry (a restart, a failover, a queue electing a
-        // leader) is waited for: returning the message to its queue at once would run it again
-        // at once, and on RabbitMQ quorum queues every return counts toward the delivery limit.
-        let app = cx.app().clone();
-        let enqueued = crate::support::retry_transient(
-            "enqueue the retry",
-            (Duration::from_millis(200), Duration::from_secs(5)),
-            Some(ENQUEUE_PATIENCE),
-            None,
-            || app.enqueue(retry.clone(), Some(delay)),
-        )
+        // leader) is waited for, as a follow-up is: returning the message to its queue at once
+        // would run it again at once, and on RabbitMQ quorum queues every return counts toward
+        // the delivery limit. Unlike a follow-up, any error left returns the message.
+        let enqueued = super::retry_follow_up(cx, "enqueue the retry", |app| {
+            let retry = retry.clone();
+            async move { app.enqueue(retry, Some(delay)).await }
+        })
         .await;
         if let Err(e) = enqueued {
             tracing::error!(%message_id, error = %e, "could not enqueue the retry; returning the message to its queue instead");
