@@ -408,10 +408,20 @@ pub struct ChaosRounds {
     after_round: Option<Restart>,
 }
 
-/// How a test restarts its server, for [`Fault::RestartServer`]: returns once the server
-/// accepts connections again.
+/// A blocking step a test supplies: how it restarts its server for [`Fault::RestartServer`]
+/// (returning once the server accepts connections again), or what it does after each round.
 #[derive(Clone)]
 struct Restart(Arc<dyn Fn() + Send + Sync>);
+
+impl Restart {
+    /// Runs the step off the async threads.
+    async fn run(&self, what: &str) {
+        let step = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || step())
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+}
 
 impl std::fmt::Debug for Restart {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -627,16 +637,11 @@ impl ChaosRounds {
                 Fault::CutLink => proxy.as_ref().expect("a proxy").cut(),
                 Fault::BlackHoleLink => proxy.as_ref().expect("a proxy").black_hole(),
                 Fault::RestartServer => {
-                    let restart = Arc::clone(
-                        &self
-                            .restart
-                            .as_ref()
-                            .expect("ChaosRounds::restart_with for a restart")
-                            .0,
-                    );
-                    tokio::task::spawn_blocking(move || restart())
-                        .await
-                        .expect("the restart");
+                    self.restart
+                        .as_ref()
+                        .expect("ChaosRounds::restart_with for a restart")
+                        .run("the restart")
+                        .await;
                 }
                 Fault::StallLink(stall) => {
                     let proxy = proxy.as_ref().expect("a proxy");
@@ -728,10 +733,7 @@ impl ChaosRounds {
             report.dead += u64::try_from(dead.len()).expect("a count");
             report.recovery.push(recovered);
             if let Some(after) = &self.after_round {
-                let after = Arc::clone(&after.0);
-                tokio::task::spawn_blocking(move || after())
-                    .await
-                    .expect("the end of the round");
+                after.run("the end of the round").await;
             }
         }
         eprintln!(
