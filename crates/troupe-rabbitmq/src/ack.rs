@@ -37,9 +37,32 @@ impl std::fmt::Debug for RabbitmqAck {
 impl RabbitmqAck {
     /// Runs one of ack, nack or reject. A delivery tag only means something on its channel, so
     /// no failure here is transient: once the channel is gone, RabbitMQ redelivers the message.
+    ///
+    /// Bounded by the operation time-out: the frame is only written, never answered, so a
+    /// settle that does not finish met a connection dying under it (seen after a dropped link:
+    /// an ack that never returned held up a worker's delayed messages until it was restarted).
     async fn settle(&self, what: &str, op: impl std::future::Future<Output = lapin::Result<bool>>) -> Result<()> {
-        let poisoned = self.acker.poisoned();
-        let result = op.await;
+        let poisoned = self.acker.poisoned() || !self.consumer.channel.status().connected();
+        let result = if poisoned {
+            Ok(false)
+        } else {
+            let limit = self.broker.timeout();
+            match tokio::time::timeout(limit, op).await {
+                Ok(result) => result,
+                Err(_) => {
+                    if !self.settled.swap(true, Ordering::SeqCst) {
+                        self.consumer.settled();
+                    }
+                    return Err(Error::backend(
+                        BACKEND,
+                        ErrorKind::Other,
+                        format!(
+                            "cannot {what} the message: its channel did not take the {what} within {limit:?} (a lost or stalled connection); RabbitMQ redelivers it"
+                        ),
+                    ));
+                }
+            }
+        };
         if !self.settled.swap(true, Ordering::SeqCst) {
             self.consumer.settled();
         }

@@ -57,7 +57,9 @@
 //! (the worker then makes a new consumer, which reconnects); RabbitMQ itself redelivers the
 //! messages that were unacked on it, flagged [`Delivery::redelivered`](troupe_core::Delivery).
 //! An ack or nack on a channel that is gone fails with a non-transient error, since delivery
-//! tags are per channel: the message is redelivered.
+//! tags are per channel: the message is redelivered. An ack, nack or requeue that does not
+//! finish within the operation time-out (its channel's connection died as it was written)
+//! fails the same way.
 //!
 //! # Dead letters
 //!

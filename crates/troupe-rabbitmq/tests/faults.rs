@@ -167,7 +167,6 @@ troupe_test_suite::network_chaos_tests!(chaos);
 /// its data while two workers run. Durable queues, persistent messages and publisher confirms:
 /// nothing confirmed may be lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open finding (2026-12-03): in CI, one round lost 8 of 200 messages, all of the kind that fails once and is retried: the retry never ran (36 local rounds since lost none; a lost round now prints the node's recovery log); the retry's path across a node kill (publish to the delay queue with confirms, the original's ack) is under investigation"]
 async fn chaos_server_restarted() {
     let node = Arc::new(RabbitmqNode::new());
     node.start();

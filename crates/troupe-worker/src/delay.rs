@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use troupe_core::{App, Delivery, Encoder as _, Message, MsgPackEncoder, now_ms, queue::q_name};
 
 /// A delayed delivery waiting for its eta. A worker may hold thousands (its delay prefetch per
@@ -105,7 +106,9 @@ impl DelayHolder {
     }
 
     /// Moves due messages to their canonical queue (then acks the held delivery) until `stop`.
-    pub(crate) async fn run_mover(&self, app: &App, stop: &CancellationToken) {
+    /// Each ack runs on its own task in `settles` (which shutdown waits for): an ack that hangs
+    /// on a connection dying under it must not stop the moves of every other held message.
+    pub(crate) async fn run_mover(&self, app: &App, stop: &CancellationToken, settles: &TaskTracker) {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -129,10 +132,13 @@ impl DelayHolder {
                 message.clear_eta();
                 match app.enqueue(message.clone(), None).await {
                     Ok(_) => {
-                        if let Err(e) = delivery.ack().await {
-                            tracing::warn!(message_id = %message.message_id, error = %e, "could not ack a delayed message after moving it; it may run twice");
-                        }
-                        drop(permit);
+                        let message_id = message.message_id;
+                        settles.spawn(async move {
+                            if let Err(e) = delivery.ack().await {
+                                tracing::warn!(%message_id, error = %e, "could not ack a delayed message after moving it; it may run twice");
+                            }
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(message_id = %message.message_id, error = %e, "could not move a due delayed message to its queue; trying again in 1 s");
@@ -163,6 +169,53 @@ mod tests {
     fn held(id: &str) -> Held {
         let (delivery, message, permit) = delivery(id);
         Held::new(delivery, message, permit)
+    }
+
+    /// An ack handle whose ack never returns (a connection dying under it).
+    #[derive(Debug)]
+    struct HungAck;
+
+    #[troupe_core::async_trait]
+    impl troupe_core::AckHandle for HungAck {
+        async fn ack(&self) -> troupe_core::Result<()> {
+            std::future::pending().await
+        }
+        async fn nack(&self, _message: Option<&Message>, _reason: &str) -> troupe_core::Result<()> {
+            std::future::pending().await
+        }
+        async fn requeue(&self) -> troupe_core::Result<()> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hung_ack_does_not_hold_up_the_other_moves() {
+        let broker = Arc::new(troupe_core::MemoryBroker::new());
+        let app = App::builder(broker.clone()).build().unwrap();
+        let holder = Arc::new(DelayHolder::default());
+        let (_, message, permit) = delivery("hung");
+        let hung = troupe_core::Delivery::new("q.DQ", Ok(message.clone()), false, Box::new(HungAck));
+        holder.hold(1, Held::new(hung, message, permit));
+        holder.hold(2, held("next"));
+        let (stop, settles) = (CancellationToken::new(), TaskTracker::new());
+        let mover = tokio::spawn({
+            let (holder, stop, settles) = (Arc::clone(&holder), stop.clone(), settles.clone());
+            async move { holder.run_mover(&app, &stop, &settles).await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut ready = 0;
+        while ready < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            ready = troupe_core::Broker::stats(broker.as_ref(), "q").await.unwrap().ready;
+        }
+        assert_eq!(
+            ready, 2,
+            "both held messages are moved, the second despite the first's hung ack"
+        );
+        assert_eq!(holder.len(), 0);
+        stop.cancel();
+        mover.await.unwrap();
+        assert_eq!(settles.len(), 1, "only the hung ack is still running");
     }
 
     #[test]

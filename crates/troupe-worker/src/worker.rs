@@ -223,7 +223,12 @@ impl WorkerBuilder {
             .collect();
         let mover = {
             let shared = Arc::clone(&shared);
-            tokio::spawn(async move { shared.delays.run_mover(&shared.app, &shared.stop_fetch).await })
+            tokio::spawn(async move {
+                shared
+                    .delays
+                    .run_mover(&shared.app, &shared.stop_fetch, &shared.settles)
+                    .await;
+            })
         };
         let beat = WorkerInfo::new(
             uuid::Uuid::new_v4().to_string(),
