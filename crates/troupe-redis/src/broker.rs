@@ -275,18 +275,18 @@ async fn heartbeat_loop(weak: Weak<Inner>) {
 async fn wake_loop(weak: Weak<Inner>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let (client, pattern) = {
+        let (options, pattern) = {
             let Some(inner) = weak.upgrade() else { return };
             if inner.closed.load(Ordering::Relaxed) {
                 return;
             }
             (
-                inner.options.client(),
+                inner.options.clone(),
                 format!("{}:__troupe_wake__:*", inner.options.namespace),
             )
         };
         let subscribed = async {
-            let client = client?;
+            let client = options.client().await?;
             let mut pubsub = client
                 .get_async_pubsub()
                 .await

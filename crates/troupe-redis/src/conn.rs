@@ -8,6 +8,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use troupe_core::tls::{TlsFiles, TlsSettingNames, closed_without_client_cert_hint, path_from_query, tls_hint};
 use troupe_core::{Error, ErrorKind, redact_url};
 
+use crate::sentinel::{SentinelUrl, is_sentinel_url};
+
 pub(crate) const BACKEND: &str = "redis";
 
 /// The TLS settings' names in a Redis URL: redis-py's.
@@ -89,13 +91,23 @@ impl RedisOptions {
     /// `ssl_ca_certs` (a PEM file of the CA to trust), `ssl_certfile` and `ssl_keyfile` (a
     /// client certificate and its key). Other query settings go to the redis client.
     ///
+    /// `redis+sentinel://[:PASSWORD@]HOST[:PORT][,HOST[:PORT]…]/MASTER_NAME[/DB]` names Redis
+    /// Sentinels (port 26379 by default) and the master they watch: every connection is made
+    /// to the master they name at the time, and one that loses its server or meets a demoted
+    /// master (`READONLY`) is made again through them. The password is the master's; the
+    /// sentinels are reached without one. Troupe's query settings apply; TLS does not.
+    ///
     /// # Errors
     /// [`Error::Config`] naming the bad part (passwords redacted).
     pub fn from_url(url: &str) -> Result<Self, Error> {
         let lower = url.to_ascii_lowercase();
-        if !lower.starts_with("redis://") && !lower.starts_with("rediss://") && !lower.starts_with("redis+unix://") {
+        if !lower.starts_with("redis://")
+            && !lower.starts_with("rediss://")
+            && !lower.starts_with("redis+unix://")
+            && !is_sentinel_url(url)
+        {
             return Err(Error::Config(format!(
-                "{:?} is not a Redis URL; use redis://HOST[:PORT][/DB] or rediss:// for TLS",
+                "{:?} is not a Redis URL; use redis://HOST[:PORT][/DB], rediss:// for TLS, or redis+sentinel://SENTINEL[,SENTINEL…]/MASTER_NAME[/DB] for Redis Sentinel",
                 redact_url(url)
             )));
         }
@@ -137,8 +149,12 @@ impl RedisOptions {
         if !passthrough.is_empty() {
             options.url = format!("{base}?{}", passthrough.join("&"));
         }
-        redis::Client::open(options.url.as_str())
-            .map_err(|e| Error::Config(format!("bad Redis URL {:?}: {e}", redact_url(&options.url))))?;
+        if is_sentinel_url(&options.url) {
+            SentinelUrl::parse(&options.url)?;
+        } else {
+            redis::Client::open(options.url.as_str())
+                .map_err(|e| Error::Config(format!("bad Redis URL {:?}: {e}", redact_url(&options.url))))?;
+        }
         options.check_tls()?;
         Ok(options)
     }
@@ -217,7 +233,26 @@ impl RedisOptions {
         self.tls.validate(&TLS_NAMES)
     }
 
-    pub(crate) fn client(&self) -> Result<redis::Client, Error> {
+    /// A client for the server: the one the URL names, or for `redis+sentinel://` the master
+    /// the sentinels name now.
+    pub(crate) async fn client(&self) -> Result<redis::Client, Error> {
+        if is_sentinel_url(&self.url) {
+            return SentinelUrl::parse(&self.url)?.master(self.connect_timeout).await;
+        }
+        self.fixed_client()
+    }
+
+    /// Whether connections must be made again through the sentinels after `e` (the master may
+    /// have moved: its server is gone, or it says it is a replica now).
+    pub(crate) fn follows_a_master(&self, e: &redis::RedisError) -> bool {
+        is_sentinel_url(&self.url)
+            && (e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_io_error()
+                || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly))
+    }
+
+    fn fixed_client(&self) -> Result<redis::Client, Error> {
         let bad = |e: redis::RedisError| Error::Config(format!("bad Redis URL {:?}: {e}", redact_url(&self.url)));
         if self.url.to_ascii_lowercase().starts_with("rediss://") {
             install_crypto_provider();
@@ -256,7 +291,7 @@ impl RedisOptions {
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_max_delay(Duration::from_secs(2));
-        ConnectionManager::new_with_config(self.client()?, config)
+        ConnectionManager::new_with_config(self.client().await?, config)
             .await
             .map_err(|e| self.connect_error(e))
     }
@@ -280,7 +315,8 @@ impl RedisOptions {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(None);
-        self.client()?
+        self.client()
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| self.connect_error(e))
@@ -351,9 +387,10 @@ impl RedisConnection {
         (current.0, current.1.clone())
     }
 
-    /// After a time-out on the connection of `generation`, replaces it.
+    /// After a time-out on the connection of `generation`, or behind sentinels after an error
+    /// that says the master may have moved, replaces it.
     fn heal(&self, generation: u64, e: &redis::RedisError) {
-        if e.is_timeout() {
+        if e.is_timeout() || self.healing.options.follows_a_master(e) {
             replace(&self.healing, generation);
         }
     }
@@ -396,12 +433,12 @@ fn replace(healing: &Arc<Healing>, generation: u64) {
             Ok(fresh) => {
                 let mut current = healing.current.write().unwrap_or_else(PoisonError::into_inner);
                 if current.0 == generation {
-                    tracing::warn!("Redis went silent on a connection; a fresh connection replaces it");
+                    tracing::warn!("a Redis connection went silent or lost its master; a fresh connection replaces it");
                     *current = (generation + 1, fresh);
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot reconnect to Redis after a time-out; trying again on the next one");
+                tracing::warn!(error = %e, "cannot reconnect to Redis after a failed command; trying again on the next one");
             }
         }
         healing.rebuilding.store(false, Ordering::Release);

@@ -25,6 +25,7 @@ mod broker;
 mod conn;
 #[cfg(feature = "results")]
 mod results;
+mod sentinel;
 #[cfg(feature = "results")]
 mod state;
 #[cfg(feature = "results")]

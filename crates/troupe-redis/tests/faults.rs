@@ -17,7 +17,7 @@ use troupe_core::{Actor, ActorError, ActorOptions, App};
 use troupe_redis::{RedisBroker, RedisOptions};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, KillBackend, MidBatchKill, Runs};
-use troupe_test_suite::servers::free_port;
+use troupe_test_suite::servers::{RedisSentinels, free_port};
 use troupe_worker::Worker;
 
 const QUEUE: &str = "faults";
@@ -55,17 +55,24 @@ impl Runs for Processed {
 }
 
 /// A namespace (the place) with a 1 s heartbeat timeout, on the machine's Redis (through the
-/// chaos proxy in a chaos round's worker processes) or on `server` (a private one); runs are
-/// recorded on the machine's Redis either way.
+/// chaos proxy in a chaos round's worker processes) or on `server` (a private one, or
+/// [`BROKER_URL`] in a worker process); runs are recorded on the machine's Redis either way.
 #[derive(Default)]
 struct Redis {
     server: Option<String>,
 }
 
+/// The environment variable that gives a chaos round's worker processes their broker's URL
+/// when it is not the machine's Redis (a Sentinel set's).
+const BROKER_URL: &str = "TROUPE_CHAOS_REDIS_BROKER_URL";
+
 impl Redis {
     /// The broker's and result backend's URL.
     fn broker_url(&self) -> String {
-        self.server.clone().unwrap_or_else(|| chaos::behind_proxy(&url()))
+        self.server
+            .clone()
+            .or_else(|| std::env::var(BROKER_URL).ok())
+            .unwrap_or_else(|| chaos::behind_proxy(&url()))
     }
 }
 
@@ -171,6 +178,73 @@ async fn chaos_server_restarted() {
 }
 
 troupe_test_suite::network_chaos_tests!(chaos);
+
+/// Chaos rounds of a Redis Sentinel failover: a master, its replica and three sentinels of the
+/// test's own; each round SIGKILLs the master while two workers run (their URL names the
+/// sentinels), returns once the sentinels have promoted the replica, and after the round starts
+/// the killed node again as the new master's replica. Replication is asynchronous, so a write
+/// the master took in its last moment may be gone; the workers' writes come in order, so the
+/// promoted replica holds a prefix of them, which loses no message (a move, a retry and a
+/// result are written before the ack that ends their message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_sentinel_master_killed() {
+    let set = Arc::new(RedisSentinels::start());
+    let url = set.url("");
+    let ns = format!("troupe-chaos-{}", uuid::Uuid::new_v4().simple());
+    let killed = Arc::new(std::sync::Mutex::new(None));
+    let kill = {
+        let (set, killed) = (Arc::clone(&set), Arc::clone(&killed));
+        move || *killed.lock().unwrap() = Some(set.kill_master())
+    };
+    let restart = {
+        let (set, killed) = (Arc::clone(&set), Arc::clone(&killed));
+        move || {
+            if let Some(port) = killed.lock().unwrap().take() {
+                set.restart_as_replica(port);
+            }
+        }
+    };
+    let report = ChaosRounds::new(Fault::RestartServer)
+        .named("master killed, Sentinel failover")
+        .restart_with(kill)
+        .after_round(restart)
+        .child_env(BROKER_URL, url.clone())
+        .run(&Redis { server: Some(url) }, &ns, "chaos-sentinel", None)
+        .await;
+    report.assert_nothing_lost();
+}
+
+/// Through sentinels: messages go to the master they name, and a master name they do not
+/// watch is refused in one line that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_urls_reach_the_master_they_name() {
+    let set = RedisSentinels::start();
+    let broker = RedisBroker::connect(&set.url("?namespace=sentinel-basics"))
+        .await
+        .unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = App::builder(Arc::new(broker.clone()))
+        .actor(Count(Arc::clone(&count)))
+        .build()
+        .unwrap();
+    app.send(&Count(Arc::clone(&count)), ()).await.unwrap();
+    let master = redis::Client::open(format!("redis://127.0.0.1:{}/0", set.master_port())).unwrap();
+    let mut conn = master.get_multiplexed_async_connection().await.unwrap();
+    let queued: i64 = redis::cmd("LLEN")
+        .arg(format!("sentinel-basics:{QUEUE}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(queued, 1, "the message is on the master the sentinels name");
+
+    let wrong = set.url("").replace("/troupe/", "/nosuchmaster/");
+    let err = RedisBroker::connect(&wrong).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, troupe_core::Error::Config(_)) && text.contains("nosuchmaster") && !text.contains('\n'),
+        "{text}"
+    );
+}
 
 fn start_redis(port: u16) -> Child {
     start_redis_with(port, &["--appendonly", "no"], &std::env::temp_dir())

@@ -465,3 +465,232 @@ impl Drop for PostgresNode {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The master name the sentinels of [`RedisSentinels`] watch.
+pub const SENTINEL_MASTER: &str = "troupe";
+
+/// A Redis master, its replica and three sentinels of a test's own, on free loopback ports
+/// (the machine's `redis-server`, the sentinels in `--sentinel` mode with a quorum of 2 and a
+/// master counted down after 1 s without an answer). Killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct RedisSentinels {
+    dir: PathBuf,
+    sentinels: Vec<u16>,
+    processes: std::sync::Mutex<std::collections::HashMap<u16, std::process::Child>>,
+}
+
+impl RedisSentinels {
+    /// Starts the master, its replica and the sentinels, and returns once the sentinels agree
+    /// they are three and know the replica.
+    ///
+    /// # Panics
+    /// When a server does not start or the set does not come together within 30 s.
+    #[must_use]
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "troupe-sentinel-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        check(std::fs::create_dir_all(&dir), "a directory for Redis Sentinel");
+        let set = Self {
+            dir,
+            sentinels: (0..3).map(|_| free_port()).collect(),
+            processes: std::sync::Mutex::default(),
+        };
+        let (master, replica) = (free_port(), free_port());
+        set.start_node(master, None);
+        set.start_node(replica, Some(master));
+        for &port in &set.sentinels {
+            let config = set.dir.join(format!("sentinel-{port}.conf"));
+            check(
+                std::fs::write(
+                    &config,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {dir}/sentinel-{port}.log\n\
+                         sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
+                         sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                         sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
+                        dir = set.dir.display()
+                    ),
+                ),
+                "the sentinel's configuration",
+            );
+            let child = check(
+                Command::new("redis-server")
+                    .arg(&config)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn(),
+                "redis-server --sentinel (install redis-server)",
+            );
+            set.processes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(port, child);
+            wait_for_port(
+                port,
+                Duration::from_secs(10),
+                "a Redis sentinel",
+                &set.dir.join(format!("sentinel-{port}.log")),
+            );
+        }
+        set.wait_until("the sentinels agree they are three and know the synced replica", || {
+            cli(replica, &["INFO", "replication"]).contains("master_link_status:up")
+                && set.sentinels.iter().all(|&s| {
+                    cli(s, &["SENTINEL", "CKQUORUM", SENTINEL_MASTER]).starts_with("OK 3 ")
+                        && sentinel_field(s, "num-slaves").as_deref() == Some("1")
+                })
+        });
+        set
+    }
+
+    /// The sentinels' URL: `redis+sentinel://` with every sentinel, the master name, database
+    /// 0, then `query` (such as `?namespace=x`, or empty).
+    #[must_use]
+    pub fn url(&self, query: &str) -> String {
+        let hosts: Vec<String> = self.sentinels.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}/0{query}", hosts.join(","))
+    }
+
+    /// The master's port, as the first sentinel names it.
+    ///
+    /// # Panics
+    /// When the sentinel does not answer.
+    #[must_use]
+    pub fn master_port(&self) -> u16 {
+        master_of(self.sentinels[0]).unwrap_or_else(|| panic!("the sentinel on {} names no master", self.sentinels[0]))
+    }
+
+    /// Kills the master (SIGKILL) and returns its port once every sentinel names another
+    /// master and that one says it is a master.
+    ///
+    /// # Panics
+    /// When the failover does not finish within 30 s.
+    pub fn kill_master(&self) -> u16 {
+        let old = self.master_port();
+        if let Some(mut child) = self
+            .processes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&old)
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.wait_until("the sentinels promote the replica", || {
+            let named: Vec<Option<u16>> = self.sentinels.iter().map(|&s| master_of(s)).collect();
+            named.iter().all(|m| m.is_some_and(|p| p != old) && *m == named[0])
+                && named[0].is_some_and(|p| cli(p, &["ROLE"]).starts_with("master"))
+        });
+        old
+    }
+
+    /// Starts the node on `port` again (after [`RedisSentinels::kill_master`]) as a replica of
+    /// the current master, and returns once it has synced and every sentinel counts it.
+    ///
+    /// # Panics
+    /// When it does not start or sync within 30 s.
+    pub fn restart_as_replica(&self, port: u16) {
+        let master = self.master_port();
+        self.start_node(port, Some(master));
+        self.wait_until("the old master syncs as a replica", || {
+            cli(port, &["INFO", "replication"]).contains("master_link_status:up")
+                && self.sentinels.iter().all(|&s| {
+                    cli(s, &["SENTINEL", "CKQUORUM", SENTINEL_MASTER]).starts_with("OK 3 ")
+                        && sentinel_field(s, "num-slaves").as_deref() == Some("1")
+                })
+        });
+    }
+
+    fn start_node(&self, port: u16, replica_of: Option<u16>) {
+        let data = self.dir.join(port.to_string());
+        check(std::fs::create_dir_all(&data), "a Redis data directory");
+        let log = self.dir.join(format!("redis-{port}.log"));
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            // A replica syncs at once (Redis waits 5 s by default for more replicas to share it).
+            "--repl-diskless-sync-delay",
+            "0",
+        ])
+        .arg("--dir")
+        .arg(&data)
+        .arg("--logfile")
+        .arg(&log);
+        if let Some(master) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
+        let child = check(
+            cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn(),
+            "redis-server (install redis-server)",
+        );
+        self.processes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(port, child);
+        wait_for_port(port, Duration::from_secs(10), "redis-server", &log);
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .sentinels
+                    .iter()
+                    .map(|p| {
+                        let text =
+                            std::fs::read_to_string(self.dir.join(format!("sentinel-{p}.log"))).unwrap_or_default();
+                        let lines: Vec<&str> = text.lines().collect();
+                        format!("sentinel {p}:\n{}", lines[lines.len().saturating_sub(15)..].join("\n"))
+                    })
+                    .collect();
+                panic!("{what}: not within 30 s\n{}", logs.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RedisSentinels {
+    fn drop(&mut self) {
+        let mut processes = self.processes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (_, mut child) in processes.drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What `redis-cli -p port args…` prints (empty when it fails).
+fn cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The master's port as the sentinel on `sentinel` names it.
+fn master_of(sentinel: u16) -> Option<u16> {
+    let answer = cli(sentinel, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER]);
+    answer.lines().nth(1)?.trim().parse().ok()
+}
+
+/// A field of `SENTINEL MASTER` (its answer alternates names and values).
+fn sentinel_field(sentinel: u16, name: &str) -> Option<String> {
+    let answer = cli(sentinel, &["SENTINEL", "MASTER", SENTINEL_MASTER]);
+    let lines: Vec<&str> = answer.lines().collect();
+    let at = lines.iter().position(|l| l.trim() == name)?;
+    lines.get(at + 1).map(|v| v.trim().to_owned())
+}

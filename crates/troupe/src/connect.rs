@@ -11,7 +11,12 @@ const SCHEME_HELP: &str = "use memory://, sqlite://PATH, redis://HOST, amqp://HO
 /// Each scheme: its name, the broker feature and the results feature (None: no results backend).
 const SCHEMES: &[(&[&str], &str, &str, Option<&str>)] = &[
     (&["sqlite"], "SQLite", "broker-sqlite", Some("results-sqlite")),
-    (&["redis", "rediss"], "Redis", "broker-redis", Some("results-redis")),
+    (
+        &["redis", "rediss", "redis+unix", "redis+sentinel"],
+        "Redis",
+        "broker-redis",
+        Some("results-redis"),
+    ),
     (&["amqp", "amqps"], "RabbitMQ", "broker-rabbitmq", None),
     (
         &["postgres", "postgresql"],
@@ -78,7 +83,9 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
         #[cfg(feature = "broker-sqlite")]
         "sqlite" => Ok(Arc::new(troupe_sqlite::SqliteBroker::connect(url).await?)),
         #[cfg(feature = "broker-redis")]
-        "redis" | "rediss" | "redis+unix" => Ok(Arc::new(troupe_redis::RedisBroker::connect(url).await?)),
+        "redis" | "rediss" | "redis+unix" | "redis+sentinel" => {
+            Ok(Arc::new(troupe_redis::RedisBroker::connect(url).await?))
+        }
         #[cfg(feature = "broker-postgres")]
         "postgres" | "postgresql" => Ok(Arc::new(troupe_postgres::PostgresBroker::connect(url).await?)),
         #[cfg(feature = "broker-rabbitmq")]
@@ -99,7 +106,9 @@ pub async fn connect_results(url: &str) -> Result<Arc<dyn ResultBackend>> {
         #[cfg(feature = "results-sqlite")]
         "sqlite" => Ok(troupe_sqlite::SqliteResults::connect(url).await?.into_dyn()),
         #[cfg(feature = "results-redis")]
-        "redis" | "rediss" | "redis+unix" => Ok(troupe_redis::RedisResults::connect(url).await?.into_dyn()),
+        "redis" | "rediss" | "redis+unix" | "redis+sentinel" => {
+            Ok(troupe_redis::RedisResults::connect(url).await?.into_dyn())
+        }
         #[cfg(feature = "results-postgres")]
         "postgres" | "postgresql" => Ok(troupe_postgres::PostgresResults::connect(url).await?.into_dyn()),
         other => Err(not_compiled_in(url, other, Want::Results)),
@@ -119,7 +128,9 @@ pub async fn connect_state(url: &str) -> Result<Arc<dyn StateBackend>> {
         #[cfg(feature = "results-sqlite")]
         "sqlite" => Ok(troupe_sqlite::SqliteState::connect(url).await?.into_dyn()),
         #[cfg(feature = "results-redis")]
-        "redis" | "rediss" | "redis+unix" => Ok(troupe_redis::RedisState::connect(url).await?.into_dyn()),
+        "redis" | "rediss" | "redis+unix" | "redis+sentinel" => {
+            Ok(troupe_redis::RedisState::connect(url).await?.into_dyn())
+        }
         #[cfg(feature = "results-postgres")]
         "postgres" | "postgresql" => {
             let options = troupe_postgres::PostgresOptions::from_url(url)?;
