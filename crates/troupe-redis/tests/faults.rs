@@ -214,6 +214,78 @@ async fn chaos_sentinel_master_killed() {
     report.assert_nothing_lost();
 }
 
+/// A producer sending one message at a time through sentinels while the master is killed:
+/// its sends fail with transient errors during the failover, then go to the promoted
+/// replica. Counts the sends that returned `Ok` and are not on the promoted master (what
+/// asynchronous replication can lose at failover) and how long sends failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_follows_a_sentinel_failover() {
+    let set = Arc::new(RedisSentinels::start());
+    let ns = format!("troupe-sentinel-{}", uuid::Uuid::new_v4().simple());
+    let broker = RedisBroker::connect(&set.url(&format!("?namespace={ns}")))
+        .await
+        .unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = App::builder(Arc::new(broker.clone()))
+        .actor(Count(Arc::clone(&count)))
+        .build()
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = tokio::spawn({
+        let (app, stop, count) = (app.clone(), Arc::clone(&stop), Arc::clone(&count));
+        async move {
+            let mut confirmed = std::collections::HashSet::new();
+            let (mut first_failure, mut last_failure) = (None::<Instant>, None::<Instant>);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match app.send(&Count(Arc::clone(&count)), ()).await {
+                    Ok(sent) => {
+                        confirmed.insert(sent.message().message_id.clone());
+                    }
+                    Err(e) => {
+                        assert!(e.is_transient(), "a send fails only with a transient error: {e}");
+                        first_failure.get_or_insert_with(Instant::now);
+                        last_failure = Some(Instant::now());
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            (confirmed, first_failure, last_failure)
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    let killer = Arc::clone(&set);
+    tokio::task::spawn_blocking(move || killer.kill_master()).await.unwrap();
+    let failed_over = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (confirmed, first_failure, last_failure) = producer.await.unwrap();
+    let on_master: std::collections::HashSet<String> =
+        troupe_core::Broker::peek(&broker, QUEUE, troupe_core::Waiting::Ready, 0, confirmed.len() + 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+    let lost = confirmed.difference(&on_master).count();
+    let outage = first_failure.zip(last_failure).map(|(a, b)| b - a);
+    eprintln!(
+        "SENTINEL producer | sent {} | lost {lost} | sends failing for {outage:?} | failover took {failed_over:?}",
+        confirmed.len()
+    );
+    let resumed_after = last_failure.map(|t| t.saturating_duration_since(killed_at));
+    assert!(
+        resumed_after.is_some_and(|d| d < failed_over + Duration::from_secs(2)),
+        "the producer met the failover and sent again within 2 s of its end: resumed {resumed_after:?} after the kill, failover took {failed_over:?}"
+    );
+    assert!(
+        confirmed.len() > on_master.len() / 2 && !on_master.is_empty(),
+        "sends went on after the failover: {} confirmed, {} on the master",
+        confirmed.len(),
+        on_master.len()
+    );
+}
+
 /// Through sentinels: messages go to the master they name, and a master name they do not
 /// watch is refused in one line that says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
