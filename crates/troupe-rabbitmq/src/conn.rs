@@ -638,7 +638,12 @@ impl Link {
             Err(e) => {
                 state.retry_at = Some(Instant::now() + state.backoff);
                 state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
-                state.last_error = Some((e.kind(), e.to_string()));
+                // The message alone: the error made from it later has its own prefix.
+                let message = match &e {
+                    Error::Backend { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                state.last_error = Some((e.kind(), message));
                 Err(e)
             }
         }
@@ -716,6 +721,25 @@ pub(crate) fn closed_error() -> Error {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[tokio::test]
+    async fn a_reconnect_error_says_its_kind_once() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let options = RabbitmqOptions::from_url(&format!("amqp://guest:secret@127.0.0.1:{port}/%2f")).unwrap();
+        let link = Link::new(options, "test".into());
+        let first = link.get().await.err().unwrap().to_string();
+        // Within the backoff, the last error is given again at once.
+        let again = link.get().await.err().unwrap().to_string();
+        assert!(again.contains("next reconnect attempt"), "{again}");
+        for text in [first, again] {
+            assert_eq!(text.matches("rabbitmq connection error").count(), 1, "{text}");
+            assert!(!text.contains("secret"), "{text}");
+        }
+    }
 
     #[test]
     fn parses_urls() {
