@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use troupe::DeadLetter;
 
 use crate::context::Context;
-use crate::output::{self, Cell, ago, cut};
+use crate::output::{self, Cell, ago, cut, out};
 use crate::{Failure, Outcome, confirm};
 
 /// How many ids one requeue or delete call carries.
@@ -164,7 +164,7 @@ async fn list(ctx: &Context, filter: &Filter, limit: usize) -> Outcome {
         return Ok(());
     }
     if letters.is_empty() {
-        println!("no dead letters");
+        out!("no dead letters");
         return Ok(());
     }
     let mut table = output::table(["id", "queue", "actor", "died", "reason"]);
@@ -182,7 +182,7 @@ async fn list(ctx: &Context, filter: &Filter, limit: usize) -> Outcome {
             Cell::new(cut(&letter.reason, 60)),
         ]);
     }
-    println!("{table}");
+    out!("{table}");
     Ok(())
 }
 
@@ -203,32 +203,32 @@ async fn show(ctx: &Context, id: &str, queue: Option<String>) -> Outcome {
         output::print_json(&letter_json(&queue, &letter));
         return Ok(());
     }
-    println!("id:        {}", letter.id);
-    println!("queue:     {queue}");
-    println!(
+    out!("id:        {}", letter.id);
+    out!("queue:     {queue}");
+    out!(
         "died:      {} ({})",
         output::time(letter.failed_at),
         ago(letter.failed_at)
     );
     match &letter.message {
         Ok(m) => {
-            println!("actor:     {}", m.actor_name);
-            println!("args:      {}", Value::Array(m.args.clone()));
-            println!("kwargs:    {}", Value::Object(m.kwargs.clone()));
-            println!("retries:   {}", m.retries());
+            out!("actor:     {}", m.actor_name);
+            out!("args:      {}", Value::Array(m.args.clone()));
+            out!("kwargs:    {}", Value::Object(m.kwargs.clone()));
+            out!("retries:   {}", m.retries());
             let mut options = m.options.clone();
             let traceback = options.shift_remove("traceback");
-            println!("options:   {}", Value::Object(options.into_iter().collect()));
-            println!("reason:    {}", letter.reason.lines().next().unwrap_or(""));
+            out!("options:   {}", Value::Object(options.into_iter().collect()));
+            out!("reason:    {}", letter.reason.lines().next().unwrap_or(""));
             if let Some(Value::String(tb)) = traceback {
-                println!("traceback:\n{tb}");
+                out!("traceback:\n{tb}");
             } else if letter.reason.lines().count() > 1 {
-                println!("traceback:\n{}", letter.reason);
+                out!("traceback:\n{}", letter.reason);
             }
         }
         Err(e) => {
-            println!("message:   undecodable ({e})");
-            println!("reason:    {}", letter.reason);
+            out!("message:   undecodable ({e})");
+            out!("reason:    {}", letter.reason);
         }
     }
     Ok(())
@@ -313,7 +313,7 @@ fn report(ctx: &Context, action: Action, matched: u64, done: u64) -> Outcome {
     if ctx.json {
         output::print_json(&json!({ "matched": matched, key: done }));
     } else {
-        println!("{key} {done} of {matched} dead letters");
+        out!("{key} {done} of {matched} dead letters");
     }
     if action == Action::Requeue && done < matched {
         eprintln!(

@@ -24,6 +24,7 @@ mod queues;
 mod tasks;
 
 use context::Context;
+use output::out;
 
 /// Look at and act on the queues, dead letters, tasks and workers of a Troupe broker.
 #[derive(Debug, Parser)]
@@ -160,7 +161,9 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Outcome {
     if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "troupe", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "troupe", &mut script);
+        output::write_out(format_args!("{}", String::from_utf8_lossy(&script)));
         return Ok(());
     }
     let ctx = Context::connect(cli.broker_url.as_deref(), cli.state_url.as_deref(), cli.json).await?;
@@ -237,7 +240,7 @@ async fn enqueue(ctx: &Context, args: EnqueueArgs) -> Outcome {
             }),
         }));
     } else {
-        println!("{}", sent.message_id);
+        out!("{}", sent.message_id);
     }
     Ok(())
 }
@@ -306,9 +309,11 @@ async fn purge(ctx: &Context, args: &PurgeArgs) -> Outcome {
             "purged": {"ready": before.ready, "delayed": before.delayed, "dead": before.dead},
         }));
     } else {
-        println!(
+        out!(
             "purged {queue}: {} ready, {} delayed, {} dead",
-            before.ready, before.delayed, before.dead
+            before.ready,
+            before.delayed,
+            before.dead
         );
     }
     Ok(())

@@ -6,10 +6,32 @@ pub(crate) use comfy_table::Cell;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Color, ContentArrangement, Table};
 
+/// Writes a line on stdout (as `println!`). A reader that closed the pipe (`troupe … | head`)
+/// has what it wanted: the program ends quietly, with success, rather than panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use out;
+
+/// Writes `text` on stdout (see [`out!`]).
+pub(crate) fn write_out(text: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("troupe: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Prints one JSON document on stdout.
 pub(crate) fn print_json(value: &serde_json::Value) {
     match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => out!("{text}"),
         Err(e) => eprintln!("troupe: cannot print JSON: {e}"),
     }
 }

@@ -9,7 +9,7 @@ use serde_json::json;
 use troupe::{QueueStats, WorkerInfo};
 
 use crate::context::Context;
-use crate::output::{self, Cell, ago, count};
+use crate::output::{self, Cell, ago, count, out};
 use crate::{Failure, Outcome};
 
 #[derive(Debug, Args)]
@@ -106,7 +106,7 @@ pub(crate) async fn run(ctx: &Context, args: &QueuesArgs) -> Outcome {
         if ctx.json {
             output::print_json(&json_rows(&rows));
         } else {
-            println!("{}", render(&rows));
+            out!("{}", render(&rows));
         }
         return Ok(());
     }
@@ -115,14 +115,14 @@ pub(crate) async fn run(ctx: &Context, args: &QueuesArgs) -> Outcome {
     loop {
         let rows = rows(ctx, &args.queues).await?;
         if ctx.json {
-            println!("{}", json_rows(&rows));
+            out!("{}", json_rows(&rows));
         } else {
             let text = format!("{}\n{}", output::time(troupe::now_ms()), render(&rows));
             if terminal && shown_lines > 0 {
                 // Back over what was shown, then clear to the end of the screen.
-                print!("\x1b[{shown_lines}A\x1b[J");
+                output::write_out(format_args!("\x1b[{shown_lines}A\x1b[J"));
             }
-            println!("{text}");
+            out!("{text}");
             shown_lines = text.lines().count();
         }
         tokio::select! {
@@ -140,7 +140,7 @@ pub(crate) async fn workers(ctx: &Context) -> Outcome {
         return Ok(());
     }
     if workers.is_empty() {
-        println!("no live workers");
+        out!("no live workers");
         return Ok(());
     }
     let mut table = output::table([
@@ -177,6 +177,6 @@ pub(crate) async fn workers(ctx: &Context) -> Outcome {
             Cell::new(ago(w.beat_at)),
         ]);
     }
-    println!("{table}");
+    out!("{table}");
     Ok(())
 }

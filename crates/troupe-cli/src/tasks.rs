@@ -8,7 +8,7 @@ use serde_json::json;
 use troupe::{CancelMode, CancelOutcome, TaskFilter, TaskQuery, TaskRecord, TaskStatus};
 
 use crate::context::Context;
-use crate::output::{self, Cell, ago, coloured, cut};
+use crate::output::{self, Cell, ago, coloured, cut, out};
 use crate::{Failure, Outcome};
 
 #[derive(Debug, Subcommand)]
@@ -104,7 +104,7 @@ pub(crate) async fn run(ctx: &Context, command: TasksCommand) -> Outcome {
                 return Ok(());
             }
             if page.tasks.is_empty() {
-                println!("no tasks");
+                out!("no tasks");
                 return Ok(());
             }
             let mut table = output::table([
@@ -129,7 +129,7 @@ pub(crate) async fn run(ctx: &Context, command: TasksCommand) -> Outcome {
                     Cell::new(t.error.as_deref().map(|e| cut(e, 50)).unwrap_or_default()),
                 ]);
             }
-            println!("{table}");
+            out!("{table}");
             Ok(())
         }
         TasksCommand::Show { id } => {
@@ -170,7 +170,7 @@ pub(crate) async fn run(ctx: &Context, command: TasksCommand) -> Outcome {
                 };
                 output::print_json(&json!({ "message_id": id, "outcome": name, "status": status }));
             } else {
-                println!("{id}: {text}");
+                out!("{id}: {text}");
             }
             Ok(())
         }
@@ -196,39 +196,39 @@ pub(crate) async fn run(ctx: &Context, command: TasksCommand) -> Outcome {
                 table.add_row(vec![status_cell(status), Cell::new(counts.status(status))]);
             }
             table.add_row(vec![Cell::new("total"), Cell::new(counts.total())]);
-            println!("{table}");
+            out!("{table}");
             Ok(())
         }
     }
 }
 
 fn show(t: &TaskRecord) {
-    println!("message id: {}", t.message_id);
-    println!("actor:      {}", t.actor);
-    println!("queue:      {}", t.queue);
-    println!("status:     {}", t.status);
-    println!("attempts:   {}", t.attempts);
-    println!("sent:       {}", output::time(t.enqueued_at));
+    out!("message id: {}", t.message_id);
+    out!("actor:      {}", t.actor);
+    out!("queue:      {}", t.queue);
+    out!("status:     {}", t.status);
+    out!("attempts:   {}", t.attempts);
+    out!("sent:       {}", output::time(t.enqueued_at));
     if let Some(s) = t.started_at {
-        println!("started:    {}", output::time(s));
+        out!("started:    {}", output::time(s));
     }
     if let Some(f) = t.finished_at {
-        println!("finished:   {}", output::time(f));
+        out!("finished:   {}", output::time(f));
     }
     if let Some(eta) = t.eta {
-        println!("eta:        {} ({})", output::time(eta), ago(eta));
+        out!("eta:        {} ({})", output::time(eta), ago(eta));
     }
     if let Some(w) = &t.worker {
-        println!("worker:     {w}");
+        out!("worker:     {w}");
     }
     if let Some(p) = &t.progress {
-        println!("progress:   {p}");
+        out!("progress:   {p}");
     }
     if let Some(a) = &t.args {
-        println!("arguments:  {a}");
+        out!("arguments:  {a}");
     }
     if let Some(e) = &t.error {
-        println!(
+        out!(
             "error:      {}{e}",
             t.error_type.as_deref().map(|t| format!("{t}: ")).unwrap_or_default()
         );

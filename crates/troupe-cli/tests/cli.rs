@@ -481,3 +481,21 @@ fn completions_for_each_shell() {
         assert!(script.contains("requeue"), "{shell} completes subcommands");
     }
 }
+
+/// A reader that closed the pipe (`troupe … | head`) ends the command quietly, with success:
+/// no panic, nothing on stderr.
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(["completions", "bash"])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(stderr.is_empty(), "{stderr}");
+}
