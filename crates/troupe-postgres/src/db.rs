@@ -248,6 +248,20 @@ impl Drop for Held {
     fn drop(&mut self) {
         if !self.finished {
             self.conn.close_on_drop();
+            return;
+        }
+        // sqlx pings every connection given back, with no time-out, before the pool takes it
+        // again: a link that went silent just after the statement's reply would hold the pool
+        // slot for good (seen in the stall-for-good chaos rounds: a worker's writer pool, both
+        // slots stuck, could not ack for minutes). The return gets `PING_TIMEOUT`; past it the
+        // connection is dropped and its slot freed.
+        let release = self.conn.return_to_pool();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if tokio::time::timeout(PING_TIMEOUT, release).await.is_err() {
+                    tracing::debug!("a connection given back to the pool did not answer its ping; dropped");
+                }
+            });
         }
     }
 }
@@ -557,6 +571,43 @@ async fn migrate(pool: &PgPool, options: &PostgresOptions) -> Result<(), Error> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A statement answered, then the link goes silent before the connection is given back:
+    /// the pool's slot is freed after the release's time-out instead of being held for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::unwrap_used)]
+    async fn a_link_that_goes_silent_after_a_reply_does_not_hold_its_pool_slot() {
+        use troupe_test_suite::chaos::{FaultProxy, server_of, with_server};
+        let url =
+            std::env::var("TROUPE_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let proxy = FaultProxy::start(server_of(&url, 5432).await).await;
+        let options = PgConnectOptions::from_str(&with_server(&url, &proxy.addr().to_string())).unwrap();
+        let pool = pool_options()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(20))
+            .connect_with(options)
+            .await
+            .unwrap();
+        let mut held = Held::acquire(&pool, "a statement").await.unwrap();
+        let outcome = {
+            let conn = held.conn();
+            tokio::time::timeout(QUERY_TIMEOUT, sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(conn)).await
+        };
+        proxy.black_hole();
+        assert_eq!(held.finish(outcome, "a statement").unwrap(), 1);
+        let started = std::time::Instant::now();
+        let mut again = Held::acquire(&pool, "another statement").await.unwrap();
+        let outcome = {
+            let conn = again.conn();
+            tokio::time::timeout(QUERY_TIMEOUT, sqlx::query_scalar::<_, i32>("SELECT 2").fetch_one(conn)).await
+        };
+        assert_eq!(again.finish(outcome, "another statement").unwrap(), 2);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the slot came back after {:?}",
+            started.elapsed()
+        );
+    }
 
     #[test]
     fn parses_urls() {
