@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use troupe::prelude::*;
 use troupe::worker::WorkerArgs;
+use troupe_test_suite::servers::{free_port, redis_server};
 
 #[troupe::actor(queue_name = "cli")]
 async fn nap(ms: u64) {
@@ -310,15 +311,6 @@ fn results_and_state_url_errors_exit_with_code_2_and_hide_passwords() {
     }
 }
 
-/// A free port on 127.0.0.1 (bound, then let go).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `GET /metrics` on `port`; the body.
 fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
@@ -498,32 +490,6 @@ fn a_periodic_actor_ticks_once_across_three_processes() {
     assert!(!pids.contains(&supervisor.id()), "worker processes ran them: {runs:?}");
 }
 
-/// A private `redis-server` on `port` that requires `password` (nothing kept on disk).
-fn start_redis_with_password(port: u16, password: &str) -> std::process::Child {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--requirepass", password])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (it is on the project's machines)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
 /// Everything a worker prints while things go wrong, at debug level, never contains a password:
 /// a worker whose Redis (password-protected; broker, results and state on it) is killed and
 /// restarted under it, its metrics, and workers refused for a wrong password or an unreachable
@@ -532,7 +498,8 @@ fn start_redis_with_password(port: u16, password: &str) -> std::process::Child {
 fn passwords_never_appear_in_what_a_failing_run_prints() {
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
     let port = free_port();
-    let mut redis = start_redis_with_password(port, &password);
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = redis_server(port, dir.path(), &["--requirepass", &password]);
     let url = format!("redis://:{password}@127.0.0.1:{port}/0");
     let metrics = free_port();
     let mut cmd = child_command(
@@ -567,7 +534,7 @@ fn passwords_never_appear_in_what_a_failing_run_prints() {
     wait_until("the worker logged the outage", Duration::from_secs(20), || {
         printed.lock().unwrap().contains("connection error")
     });
-    let mut redis = start_redis_with_password(port, &password);
+    let mut redis = redis_server(port, dir.path(), &["--requirepass", &password]);
     wait_until("the worker reconnected", Duration::from_secs(20), || {
         printed.lock().unwrap().contains("reconnected")
     });

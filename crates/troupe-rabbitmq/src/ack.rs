@@ -43,29 +43,24 @@ impl RabbitmqAck {
     /// an ack that never returned held up a worker's delayed messages until it was restarted).
     async fn settle(&self, what: &str, op: impl std::future::Future<Output = lapin::Result<bool>>) -> Result<()> {
         let poisoned = self.acker.poisoned() || !self.consumer.channel.status().connected();
-        let result = if poisoned {
-            Ok(false)
+        let limit = self.broker.timeout();
+        let outcome = if poisoned {
+            Ok(Ok(false))
         } else {
-            let limit = self.broker.timeout();
-            match tokio::time::timeout(limit, op).await {
-                Ok(result) => result,
-                Err(_) => {
-                    if !self.settled.swap(true, Ordering::SeqCst) {
-                        self.consumer.settled();
-                    }
-                    return Err(Error::backend(
-                        BACKEND,
-                        ErrorKind::Other,
-                        format!(
-                            "cannot {what} the message: its channel did not take the {what} within {limit:?} (a lost or stalled connection); RabbitMQ redelivers it"
-                        ),
-                    ));
-                }
-            }
+            tokio::time::timeout(limit, op).await
         };
         if !self.settled.swap(true, Ordering::SeqCst) {
             self.consumer.settled();
         }
+        let Ok(result) = outcome else {
+            return Err(Error::backend(
+                BACKEND,
+                ErrorKind::Other,
+                format!(
+                    "cannot {what} the message: its channel did not take the {what} within {limit:?} (a lost or stalled connection); RabbitMQ redelivers it"
+                ),
+            ));
+        };
         match result {
             Ok(true) => Ok(()),
             Ok(false) if poisoned || self.acker.poisoned() => Err(self.gone(what)),

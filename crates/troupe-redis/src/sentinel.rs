@@ -143,9 +143,7 @@ impl SentinelUrl {
             )),
         }
     }
-}
 
-impl SentinelUrl {
     /// Whether a sentinel that answers says it watches no master of this name (rather than
     /// naming one that is down or not yet promoted, as during a failover).
     async fn unknown_name(&self, within: Duration) -> bool {

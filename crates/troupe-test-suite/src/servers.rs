@@ -466,6 +466,32 @@ impl Drop for PostgresNode {
     }
 }
 
+/// A `redis-server` of a test's own on `127.0.0.1:port`, nothing saved (no snapshots, no
+/// append-only file unless `args` asks), its files and its log (`redis.log`) in `dir`, with
+/// `args` after; returns once it answers.
+///
+/// # Panics
+/// When `redis-server` is missing or does not start within 10 s.
+#[must_use]
+pub fn redis_server(port: u16, dir: &Path, args: &[&str]) -> std::process::Child {
+    let log = dir.join("redis.log");
+    let child = check(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(&log)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn(),
+        "redis-server must be installed (it is on the project's machines)",
+    );
+    wait_for_port(port, Duration::from_secs(10), "redis-server", &log);
+    child
+}
+
 /// The master name the sentinels of [`RedisSentinels`] watch.
 pub const SENTINEL_MASTER: &str = "troupe";
 
@@ -524,10 +550,7 @@ impl RedisSentinels {
                     .spawn(),
                 "redis-server --sentinel (install redis-server)",
             );
-            set.processes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(port, child);
+            set.processes().insert(port, child);
             wait_for_port(
                 port,
                 Duration::from_secs(10),
@@ -536,11 +559,7 @@ impl RedisSentinels {
             );
         }
         set.wait_until("the sentinels agree they are three and know the synced replica", || {
-            cli(replica, &["INFO", "replication"]).contains("master_link_status:up")
-                && set.sentinels.iter().all(|&s| {
-                    cli(s, &["SENTINEL", "CKQUORUM", SENTINEL_MASTER]).starts_with("OK 3 ")
-                        && sentinel_field(s, "num-slaves").as_deref() == Some("1")
-                })
+            set.replica_ready(replica)
         });
         set
     }
@@ -569,12 +588,7 @@ impl RedisSentinels {
     /// When the failover does not finish within 30 s.
     pub fn kill_master(&self) -> u16 {
         let old = self.master_port();
-        if let Some(mut child) = self
-            .processes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&old)
-        {
+        if let Some(mut child) = self.processes().remove(&old) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -594,49 +608,35 @@ impl RedisSentinels {
     pub fn restart_as_replica(&self, port: u16) {
         let master = self.master_port();
         self.start_node(port, Some(master));
-        self.wait_until("the old master syncs as a replica", || {
-            cli(port, &["INFO", "replication"]).contains("master_link_status:up")
-                && self.sentinels.iter().all(|&s| {
-                    cli(s, &["SENTINEL", "CKQUORUM", SENTINEL_MASTER]).starts_with("OK 3 ")
-                        && sentinel_field(s, "num-slaves").as_deref() == Some("1")
-                })
-        });
+        self.wait_until("the old master syncs as a replica", || self.replica_ready(port));
+    }
+
+    /// Whether the replica on `port` has synced with its master, and every sentinel counts the
+    /// three of them and that one replica.
+    fn replica_ready(&self, port: u16) -> bool {
+        cli(port, &["INFO", "replication"]).contains("master_link_status:up")
+            && self.sentinels.iter().all(|&s| {
+                cli(s, &["SENTINEL", "CKQUORUM", SENTINEL_MASTER]).starts_with("OK 3 ")
+                    && sentinel_field(s, "num-slaves").as_deref() == Some("1")
+            })
+    }
+
+    /// The processes, by port.
+    fn processes(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u16, std::process::Child>> {
+        self.processes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn start_node(&self, port: u16, replica_of: Option<u16>) {
         let data = self.dir.join(port.to_string());
         check(std::fs::create_dir_all(&data), "a Redis data directory");
-        let log = self.dir.join(format!("redis-{port}.log"));
-        let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            // A replica syncs at once (Redis waits 5 s by default for more replicas to share it).
-            "--repl-diskless-sync-delay",
-            "0",
-        ])
-        .arg("--dir")
-        .arg(&data)
-        .arg("--logfile")
-        .arg(&log);
-        if let Some(master) = replica_of {
-            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        let master = replica_of.map(|m| m.to_string());
+        // A replica syncs at once (Redis waits 5 s by default for more replicas to share it).
+        let mut args = vec!["--repl-diskless-sync-delay", "0"];
+        if let Some(master) = &master {
+            args.extend(["--replicaof", "127.0.0.1", master.as_str()]);
         }
-        let child = check(
-            cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn(),
-            "redis-server (install redis-server)",
-        );
-        self.processes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(port, child);
-        wait_for_port(port, Duration::from_secs(10), "redis-server", &log);
+        let child = redis_server(port, &data, &args);
+        self.processes().insert(port, child);
     }
 
     fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
@@ -662,8 +662,7 @@ impl RedisSentinels {
 
 impl Drop for RedisSentinels {
     fn drop(&mut self) {
-        let mut processes = self.processes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (_, mut child) in processes.drain() {
+        for (_, mut child) in self.processes().drain() {
             let _ = child.kill();
             let _ = child.wait();
         }

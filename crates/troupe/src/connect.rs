@@ -8,15 +8,13 @@ use troupe_core::{
 
 const SCHEME_HELP: &str = "use memory://, sqlite://PATH, redis://HOST, amqp://HOST or postgres://HOST";
 
+/// The schemes of Redis URLs (one server, TLS, a Unix socket, Sentinel).
+const REDIS_SCHEMES: &[&str] = &["redis", "rediss", "redis+unix", "redis+sentinel"];
+
 /// Each scheme: its name, the broker feature and the results feature (None: no results backend).
 const SCHEMES: &[(&[&str], &str, &str, Option<&str>)] = &[
     (&["sqlite"], "SQLite", "broker-sqlite", Some("results-sqlite")),
-    (
-        &["redis", "rediss", "redis+unix", "redis+sentinel"],
-        "Redis",
-        "broker-redis",
-        Some("results-redis"),
-    ),
+    (REDIS_SCHEMES, "Redis", "broker-redis", Some("results-redis")),
     (&["amqp", "amqps"], "RabbitMQ", "broker-rabbitmq", None),
     (
         &["postgres", "postgresql"],
@@ -83,9 +81,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
         #[cfg(feature = "broker-sqlite")]
         "sqlite" => Ok(Arc::new(troupe_sqlite::SqliteBroker::connect(url).await?)),
         #[cfg(feature = "broker-redis")]
-        "redis" | "rediss" | "redis+unix" | "redis+sentinel" => {
-            Ok(Arc::new(troupe_redis::RedisBroker::connect(url).await?))
-        }
+        redis if REDIS_SCHEMES.contains(&redis) => Ok(Arc::new(troupe_redis::RedisBroker::connect(url).await?)),
         #[cfg(feature = "broker-postgres")]
         "postgres" | "postgresql" => Ok(Arc::new(troupe_postgres::PostgresBroker::connect(url).await?)),
         #[cfg(feature = "broker-rabbitmq")]
@@ -106,9 +102,7 @@ pub async fn connect_results(url: &str) -> Result<Arc<dyn ResultBackend>> {
         #[cfg(feature = "results-sqlite")]
         "sqlite" => Ok(troupe_sqlite::SqliteResults::connect(url).await?.into_dyn()),
         #[cfg(feature = "results-redis")]
-        "redis" | "rediss" | "redis+unix" | "redis+sentinel" => {
-            Ok(troupe_redis::RedisResults::connect(url).await?.into_dyn())
-        }
+        redis if REDIS_SCHEMES.contains(&redis) => Ok(troupe_redis::RedisResults::connect(url).await?.into_dyn()),
         #[cfg(feature = "results-postgres")]
         "postgres" | "postgresql" => Ok(troupe_postgres::PostgresResults::connect(url).await?.into_dyn()),
         other => Err(not_compiled_in(url, other, Want::Results)),
@@ -128,9 +122,7 @@ pub async fn connect_state(url: &str) -> Result<Arc<dyn StateBackend>> {
         #[cfg(feature = "results-sqlite")]
         "sqlite" => Ok(troupe_sqlite::SqliteState::connect(url).await?.into_dyn()),
         #[cfg(feature = "results-redis")]
-        "redis" | "rediss" | "redis+unix" | "redis+sentinel" => {
-            Ok(troupe_redis::RedisState::connect(url).await?.into_dyn())
-        }
+        redis if REDIS_SCHEMES.contains(&redis) => Ok(troupe_redis::RedisState::connect(url).await?.into_dyn()),
         #[cfg(feature = "results-postgres")]
         "postgres" | "postgresql" => {
             let options = troupe_postgres::PostgresOptions::from_url(url)?;
