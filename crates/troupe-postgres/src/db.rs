@@ -1,6 +1,7 @@
 //! Connection settings, migrations and error mapping shared by the broker and the backends.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
@@ -9,6 +10,8 @@ use sqlx::{AssertSqlSafe, Executor, Row};
 use troupe_core::tls::{TlsFiles, TlsSettingNames, path_from_query, tls_hint};
 use troupe_core::{Error, ErrorKind, redact_url};
 use troupe_sql::{SqlOptions, parse_query};
+
+use crate::hosts::{self, Fence, Follower, TargetSessionAttrs, split_hosts};
 
 pub(crate) const BACKEND: &str = "postgres";
 
@@ -37,6 +40,9 @@ pub struct PostgresOptions {
     pub max_connections: u32,
     /// How long connecting may take before the server counts as unreachable (default 5 s).
     pub connect_timeout: Duration,
+    /// Which server to use when the URL names several (`target_session_attrs`, default
+    /// [`TargetSessionAttrs::Any`]); see [`PostgresOptions::from_url`].
+    pub target_session_attrs: TargetSessionAttrs,
 }
 
 impl std::fmt::Debug for PostgresOptions {
@@ -50,6 +56,7 @@ impl std::fmt::Debug for PostgresOptions {
             .field("max_message_size", &self.max_message_size)
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
+            .field("target_session_attrs", &self.target_session_attrs)
             .finish()
     }
 }
@@ -67,6 +74,7 @@ impl PostgresOptions {
             max_message_size: troupe_core::DEFAULT_MAX_MESSAGE_SIZE,
             max_connections: 10,
             connect_timeout: Duration::from_secs(5),
+            target_session_attrs: TargetSessionAttrs::Any,
         }
     }
 
@@ -74,6 +82,13 @@ impl PostgresOptions {
     /// `schema`, `lease`, `poll_interval`, `dead_letter_ttl`, `connect_timeout` (durations such
     /// as `30s`), `max_message_size` (bytes), `max_connections`. Other settings (`sslmode`, ...)
     /// go to the driver.
+    ///
+    /// A URL may name several servers, as libpq's do
+    /// (`postgres://USER@HOST1:5432,HOST2:5432/DATABASE?target_session_attrs=read-write`):
+    /// Troupe uses the first that answers or, with `target_session_attrs=read-write` (or
+    /// `primary`), the first that accepts writes, and checks it every second; when it stops
+    /// answering or fitting (a failover promoted a standby), every pool moves to the first
+    /// server that fits and connections to the old one are closed.
     ///
     /// # Errors
     /// [`Error::Config`] naming the bad part (password redacted).
@@ -94,6 +109,7 @@ impl PostgresOptions {
             match s.key {
                 "schema" => options.schema = s.value.to_owned(),
                 "connect_timeout" => options.connect_timeout = s.duration()?,
+                "target_session_attrs" => options.target_session_attrs = TargetSessionAttrs::parse(s.value)?,
                 // The driver's, checked here so a missing file is named before connecting.
                 "sslrootcert" | "sslcert" | "sslkey" => {
                     if s.value != "system" {
@@ -117,7 +133,7 @@ impl PostgresOptions {
         }
         validate_schema(&options.schema)?;
         tls.read(&TLS_NAMES)?;
-        options.connect_options()?;
+        options.host_connect_options()?;
         Ok(options)
     }
 
@@ -128,15 +144,23 @@ impl PostgresOptions {
         self
     }
 
-    pub(crate) fn connect_options(&self) -> Result<PgConnectOptions, Error> {
-        PgConnectOptions::from_str(&self.url)
-            .map(|o| o.application_name("troupe"))
-            .map_err(|e| Error::Config(format!("bad PostgreSQL URL {:?}: {e}", redact_url(&self.url))))
+    /// Sets which server to use when the URL names several.
+    #[must_use]
+    pub fn target_session_attrs(mut self, attrs: TargetSessionAttrs) -> Self {
+        self.target_session_attrs = attrs;
+        self
     }
 
-    /// The main pool's connect options: the URL's, with Troupe's schema as the search path.
-    pub(crate) fn main_connect_options(&self) -> Result<PgConnectOptions, Error> {
-        Ok(self.connect_options()?.options([("search_path", self.schema.as_str())]))
+    /// The connect options of each server the URL names (one for most URLs).
+    pub(crate) fn host_connect_options(&self) -> Result<Vec<PgConnectOptions>, Error> {
+        split_hosts(&self.url)?
+            .iter()
+            .map(|url| {
+                PgConnectOptions::from_str(url)
+                    .map(|o| o.application_name("troupe"))
+                    .map_err(|e| Error::Config(format!("bad PostgreSQL URL {:?}: {e}", redact_url(&self.url))))
+            })
+            .collect()
     }
 
     /// The channel NOTIFY wake-ups go on.
@@ -303,6 +327,9 @@ fn kind_of(e: &sqlx::Error) -> ErrorKind {
             Some(code) if code.starts_with("08") || code.starts_with("57P") => ErrorKind::Connection,
             // serialization failure, deadlock: try again
             Some("40001" | "40P01") => ErrorKind::Timeout,
+            // read_only_sql_transaction: the server became a standby (a failover); the
+            // follower moves the pools to the new primary.
+            Some("25006") => ErrorKind::Connection,
             Some("42501" | "3D000" | "28000" | "28P01" | "3F000") => ErrorKind::Config,
             _ => ErrorKind::Other,
         },
@@ -351,11 +378,18 @@ fn connect_error(options: &PostgresOptions, e: sqlx::Error) -> Error {
 /// enqueues. Connections are pinged only after they sat idle for a while (when a restarted
 /// server may have dropped them); a connection that broke while in use fails its statement,
 /// which callers treat as a transient error, and the pool drops it.
-pub(crate) fn pool_options() -> PgPoolOptions {
+///
+/// With a `fence` (the URL names several servers), a connection made before the pools moved to
+/// another server is closed instead of used.
+pub(crate) fn pool_options(fence: Option<Arc<Fence>>) -> PgPoolOptions {
     PgPoolOptions::new()
         .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
+        .before_acquire(move |conn, meta| {
+            let stale = fence.as_ref().is_some_and(|fence| fence.stale(meta.age));
             Box::pin(async move {
+                if stale {
+                    return Ok(false);
+                }
                 if meta.idle_for >= PING_IDLE_AFTER {
                     // A silent link fails the ping; the pool closes the connection.
                     tokio::time::timeout(PING_TIMEOUT, sqlx::Connection::ping(conn))
@@ -371,6 +405,7 @@ pub(crate) fn pool_options() -> PgPoolOptions {
 const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
 
 /// How the side pools (claims, writer) connect: the main pool's settings plus their own.
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum Side {
     /// Claims only, on sessions that commit asynchronously (`synchronous_commit = off`).
     /// Safe: a claim lost in a server crash leaves its row ready (or its lease expires), and an
@@ -394,19 +429,28 @@ impl Side {
         }
     }
 
-    /// A small pool of this side, connected now.
-    pub(crate) async fn open(&self, options: &PostgresOptions) -> Result<PgPool, Error> {
-        pool_options()
+    /// A small pool of this side on `main`'s server, connected now; it follows `follower`.
+    pub(crate) async fn open(
+        self,
+        main: &PgPool,
+        options: &PostgresOptions,
+        follower: Option<&Follower>,
+    ) -> Result<PgPool, Error> {
+        let pool = pool_options(follower.map(Follower::fence))
             .max_connections(2)
             .acquire_timeout(options.connect_timeout)
-            .connect_with(self.connect_options(options.main_connect_options()?))
+            .connect_with(self.connect_options((*main.connect_options()).clone()))
             .await
-            .map_err(|e| connect_error(options, e))
+            .map_err(|e| connect_error(options, e))?;
+        if let Some(follower) = follower {
+            follower.add(&pool, Some(self));
+        }
+        Ok(pool)
     }
 
     /// A small pool of this side beside `main`, connecting on first use.
     pub(crate) fn beside(&self, main: &PgPool, options: &PostgresOptions) -> PgPool {
-        pool_options()
+        pool_options(None)
             .max_connections(2)
             .acquire_timeout(options.connect_timeout)
             .connect_lazy_with(self.connect_options((*main.connect_options()).clone()))
@@ -415,15 +459,51 @@ impl Side {
 
 /// Opens the pool (search_path = the schema) and migrates the schema.
 pub(crate) async fn open(options: &PostgresOptions) -> Result<PgPool, Error> {
-    let connect = options.main_connect_options()?;
-    let pool = pool_options()
+    Ok(open_following(options).await?.0)
+}
+
+/// [`open`], and when the URL names several servers, the follower that keeps the pool (and
+/// the side pools added to it) on one that fits `target_session_attrs`.
+pub(crate) async fn open_following(options: &PostgresOptions) -> Result<(PgPool, Option<Arc<Follower>>), Error> {
+    let hosts = options.host_connect_options()?;
+    let search_path = [("search_path", options.schema.as_str())];
+    let (connect, follower) = if hosts.len() > 1 {
+        let (current, probe) = hosts::find(&hosts, options.target_session_attrs, options.connect_timeout)
+            .await
+            .map_err(|e| {
+                Error::backend(
+                    BACKEND,
+                    ErrorKind::Connection,
+                    format!("cannot use PostgreSQL at {}: {e}", redact_url(&options.url)),
+                )
+            })?;
+        let follower = Follower::new(
+            hosts,
+            current,
+            &options.schema,
+            options.target_session_attrs,
+            options.connect_timeout,
+        );
+        (follower.current_options(), Some((follower, probe)))
+    } else {
+        let Some(host) = hosts.into_iter().next() else {
+            return Err(Error::Config(format!("{:?} names no server", redact_url(&options.url))));
+        };
+        (host.options(search_path), None)
+    };
+    let pool = pool_options(follower.as_ref().map(|(f, _)| f.fence()))
         .max_connections(options.max_connections.max(2))
         .acquire_timeout(options.connect_timeout)
         .connect_with(connect)
         .await
         .map_err(|e| connect_error(options, e))?;
     migrate(&pool, options).await?;
-    Ok(pool)
+    let follower = follower.map(|(follower, probe)| {
+        follower.add(&pool, None);
+        Arc::clone(&follower).watch(probe);
+        follower
+    });
+    Ok((pool, follower))
 }
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -582,7 +662,7 @@ mod tests {
             std::env::var("TROUPE_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let proxy = FaultProxy::start(server_of(&url, 5432).await).await;
         let options = PgConnectOptions::from_str(&with_server(&url, &proxy.addr().to_string())).unwrap();
-        let pool = pool_options()
+        let pool = pool_options(None)
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(20))
             .connect_with(options)

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use troupe_core::support::{Settle, SettleOp};
@@ -28,8 +28,9 @@ pub struct PostgresDialect {
     schema: String,
     /// The channel enqueues notify.
     channel: String,
-    /// How the LISTEN connection connects.
-    listen: PgConnectOptions,
+    /// The main pool, whose connect options the LISTEN connection takes on each connect
+    /// (they follow the server in use when the URL names several).
+    listen: PgPool,
 }
 
 impl std::fmt::Debug for PostgresDialect {
@@ -163,13 +164,14 @@ impl Dialect for PostgresDialect {
     const WRITE_BATCH: usize = 1000;
 
     async fn open(options: &PostgresOptions) -> Result<Self> {
-        let pool = db::open(options).await?;
+        let (pool, follower) = db::open_following(options).await?;
+        let follower = follower.as_deref();
         Ok(Self {
-            claims: Side::Claims.open(options).await?,
-            writer: Side::Writer.open(options).await?,
+            claims: Side::Claims.open(&pool, options, follower).await?,
+            writer: Side::Writer.open(&pool, options, follower).await?,
             schema: options.schema.clone(),
             channel: options.channel(),
-            listen: options.connect_options()?,
+            listen: pool.clone(),
             store: PostgresStore::from_pool(pool),
         })
     }
@@ -180,7 +182,7 @@ impl Dialect for PostgresDialect {
             writer: Side::Writer.beside(&pool, options),
             schema: options.schema.clone(),
             channel: options.channel(),
-            listen: (*pool.connect_options()).clone(),
+            listen: pool.clone(),
             store: PostgresStore::from_pool(pool),
         }
     }
@@ -595,7 +597,7 @@ const LISTEN_PROBE_AFTER: Duration = Duration::from_secs(30);
 
 /// LISTENs for enqueue notifications and wakes that queue's consumers, reconnecting with
 /// backoff, until the broker is gone. Notifications are hints only: consumers also poll.
-async fn listen_loop(connect: PgConnectOptions, channel: String, wake: Wake) {
+async fn listen_loop(main: PgPool, channel: String, wake: Wake) {
     let mut backoff = Duration::from_millis(100);
     while wake.alive() {
         let listener = async {
@@ -611,7 +613,7 @@ async fn listen_loop(connect: PgConnectOptions, channel: String, wake: Wake) {
                         Ok(true)
                     })
                 })
-                .connect_with(connect.clone())
+                .connect_with((*main.connect_options()).clone())
                 .await
                 .map_err(|e| db_error("connect the listener", e))?;
             let mut listener = PgListener::connect_with(&pool)

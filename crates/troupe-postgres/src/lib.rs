@@ -19,12 +19,14 @@
 mod db;
 #[cfg(feature = "broker")]
 mod dialect;
+mod hosts;
 mod store;
 mod tasks;
 
 pub use db::PostgresOptions;
 #[cfg(feature = "broker")]
 pub use dialect::PostgresDialect;
+pub use hosts::TargetSessionAttrs;
 pub use store::PostgresStore;
 
 /// A broker on PostgreSQL: the shared SQL broker of `troupe-sql` with PostgreSQL's statements

@@ -17,7 +17,7 @@ use troupe_core::{Actor, ActorError, ActorOptions, App, Broker};
 use troupe_postgres::{PostgresBroker, PostgresOptions};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, FileRuns, KillBackend, MidBatchKill};
-use troupe_test_suite::servers::PostgresNode;
+use troupe_test_suite::servers::{PostgresNode, PostgresPair};
 use troupe_worker::Worker;
 
 const QUEUE: &str = "faults";
@@ -56,10 +56,14 @@ struct Postgres {
     server: Option<String>,
 }
 
+/// The environment variable that gives a chaos round's worker processes their URL when it is
+/// not the machine's server (a primary and standby pair's).
+const BROKER_URL: &str = "TROUPE_CHAOS_POSTGRES_URL";
+
 impl Postgres {
     fn options(&self, schema: &str) -> PostgresOptions {
-        match &self.server {
-            Some(url) => options_at(url, schema),
+        match self.server.clone().or_else(|| std::env::var(BROKER_URL).ok()) {
+            Some(url) => options_at(&url, schema),
             None => options(schema),
         }
     }
@@ -171,6 +175,183 @@ async fn chaos_server_restarted() {
         .await;
     FileRuns::temp(&schema).remove();
     report.assert_nothing_lost();
+}
+
+/// The database name of the machine's URL, for a private server the workers reach as they
+/// reach the machine's.
+fn database() -> String {
+    url()
+        .rsplit_once('/')
+        .map(|(_, db)| db.split('?').next().unwrap_or("test").to_owned())
+        .unwrap()
+}
+
+/// Chaos rounds of a PostgreSQL failover: a primary and its synchronous standby of the test's
+/// own; each round kills the primary as a crash does and promotes the standby while two
+/// workers run, their URL naming both servers with `target_session_attrs=read-write`; after
+/// the round the killed node is rebuilt as the new primary's standby. Nothing committed may be
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_primary_failed_over() {
+    let pair = Arc::new(PostgresPair::start(&database()));
+    let url = pair.url("?target_session_attrs=read-write");
+    let schema = schema();
+    let fail_over = {
+        let pair = Arc::clone(&pair);
+        move || pair.fail_over()
+    };
+    let rebuild = {
+        let pair = Arc::clone(&pair);
+        move || pair.rebuild_standby()
+    };
+    let report = ChaosRounds::new(Fault::RestartServer)
+        .named("primary killed, standby promoted")
+        .restart_with(fail_over)
+        .after_round(rebuild)
+        .child_env(BROKER_URL, url.clone())
+        .run(&Postgres { server: Some(url) }, &schema, "chaos-failover", None)
+        .await;
+    FileRuns::temp(&schema).remove();
+    report.assert_nothing_lost();
+}
+
+/// A producer sending one message at a time to a URL naming a standby first and the primary
+/// second: it uses the primary, its sends fail with transient errors while the primary is
+/// killed and the standby promoted, then go to the promoted standby. Every confirmed send is
+/// there (synchronous replication).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_follows_a_promoted_standby() {
+    let pair = Arc::new(PostgresPair::start(&database()));
+    let schema = schema();
+    let broker = PostgresBroker::open(
+        PostgresOptions::from_url(&pair.url("?target_session_attrs=read-write&connect_timeout=2s"))
+            .unwrap()
+            .schema(&schema),
+    )
+    .await
+    .unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = App::builder(Arc::new(broker.clone()))
+        .actor(Count(Arc::clone(&count)))
+        .build()
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = tokio::spawn({
+        let (app, stop, count) = (app.clone(), Arc::clone(&stop), Arc::clone(&count));
+        async move {
+            let mut confirmed = std::collections::HashSet::new();
+            let mut last_failure = None::<Instant>;
+            // Sends confirmed since the last failed one; the longest time between two
+            // confirmed sends (a send waits while its pool reconnects, or fails).
+            let (mut since_failure, mut last_ok, mut longest_gap) = (0_usize, Instant::now(), Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match app.send(&Count(Arc::clone(&count)), ()).await {
+                    Ok(sent) => {
+                        confirmed.insert(sent.message().message_id.clone());
+                        since_failure += 1;
+                        longest_gap = longest_gap.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    Err(e) => {
+                        assert!(e.is_transient(), "a send fails only with a transient error: {e}");
+                        last_failure = Some(Instant::now());
+                        since_failure = 0;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            (confirmed, last_failure, since_failure, longest_gap)
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    let failing = Arc::clone(&pair);
+    tokio::task::spawn_blocking(move || failing.fail_over()).await.unwrap();
+    let failed_over = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (confirmed, last_failure, since_failure, longest_gap) = producer.await.unwrap();
+    let on_primary: std::collections::HashSet<String> =
+        Broker::peek(&broker, QUEUE, troupe_core::Waiting::Ready, 0, confirmed.len() + 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+    let lost = confirmed.difference(&on_primary).count();
+    let resumed_after = last_failure.map(|t| t.saturating_duration_since(killed_at));
+    eprintln!(
+        "POSTGRES failover producer | sent {} | lost {lost} | no send confirmed for {longest_gap:?} | last failed send {resumed_after:?} after the kill | failover took {failed_over:?}",
+        confirmed.len()
+    );
+    assert_eq!(lost, 0, "confirmed sends missing on the promoted standby");
+    assert!(
+        since_failure > 0,
+        "sends went on after the failover: none was confirmed after the last failed one"
+    );
+    // A send may fail (its connection died under it) or wait (its pool reconnecting, until
+    // the pools move to the promoted standby): either way the producer went on within 3 s.
+    assert!(
+        longest_gap >= failed_over && longest_gap < failed_over + Duration::from_secs(3),
+        "the producer met the failover and sent again within 3 s of its end: no send confirmed for {longest_gap:?}, failover took {failed_over:?}"
+    );
+    let e = PostgresBroker::open(
+        PostgresOptions::from_url(&format!(
+            "postgres://postgres@127.0.0.1:{}/{}?target_session_attrs=read-write&connect_timeout=2s",
+            pair.primary().port(),
+            database()
+        ))
+        .unwrap()
+        .schema(&schema),
+    )
+    .await;
+    assert!(e.is_ok(), "the promoted standby is a primary: {:?}", e.err());
+    broker.close().await.unwrap();
+}
+
+/// A URL naming a standby before the primary: with `target_session_attrs=read-write` Troupe
+/// uses the primary; with no server that fits, one line names what each said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_urls_use_the_server_that_accepts_writes() {
+    let pair = PostgresPair::start(&database());
+    let standby_port = pair.standby().port();
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{standby_port},127.0.0.1:{}/{}?target_session_attrs=read-write",
+        pair.primary().port(),
+        database()
+    );
+    let schema = schema();
+    let broker = PostgresBroker::open(PostgresOptions::from_url(&url).unwrap().schema(&schema))
+        .await
+        .unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = App::builder(Arc::new(broker.clone()))
+        .actor(Count(Arc::clone(&count)))
+        .build()
+        .unwrap();
+    app.send(&Count(Arc::clone(&count)), ()).await.unwrap();
+    let on_primary = pair.primary().sql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'troupe' AND datname = '{}'",
+        database()
+    ));
+    assert_ne!(on_primary, "0", "Troupe's connections are on the primary");
+    broker.close().await.unwrap();
+
+    let only_standby = format!(
+        "postgres://postgres:s3cret@127.0.0.1:{standby_port},127.0.0.1:{}/{}?target_session_attrs=read-write&connect_timeout=2s",
+        troupe_test_suite::servers::free_port(),
+        database()
+    );
+    let e = PostgresBroker::connect(&only_standby).await.unwrap_err();
+    let text = one_line(&e);
+    assert!(
+        text.contains("read-only") && text.contains("target_session_attrs=read-write") && !text.contains("s3cret"),
+        "{text}"
+    );
+    assert!(
+        e.is_transient(),
+        "no primary yet is a connection error (a failover may be under way): {text}"
+    );
 }
 
 struct Count(Arc<std::sync::atomic::AtomicUsize>);

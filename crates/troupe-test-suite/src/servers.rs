@@ -355,9 +355,8 @@ impl PostgresNode {
     /// When `initdb` is missing or fails.
     #[must_use]
     pub fn in_dir(dir: PathBuf) -> Self {
-        check(std::fs::create_dir_all(&dir), "node directory");
-        set_mode(&dir, 0o755);
-        give_to("postgres", &dir);
+        let node = Self::prepared(dir);
+        let dir = &node.dir;
         let out = check(
             command_as("postgres", "initdb")
                 .args([
@@ -377,7 +376,104 @@ impl PostgresNode {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        node
+    }
+
+    /// A node in `dir` with no data directory yet.
+    fn prepared(dir: PathBuf) -> Self {
+        check(std::fs::create_dir_all(&dir), "node directory");
+        set_mode(&dir, 0o755);
+        give_to("postgres", &dir);
         Self { dir, port: free_port() }
+    }
+
+    /// A streaming standby of `primary` (a `pg_basebackup` of it, with `standby.signal`), not
+    /// started yet.
+    ///
+    /// # Panics
+    /// When `pg_basebackup` fails.
+    #[must_use]
+    pub fn standby_of(primary: &Self) -> Self {
+        let node = Self::prepared(std::env::temp_dir().join(format!(
+            "troupe-pg-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        )));
+        node.copy(primary);
+        node
+    }
+
+    /// Makes this node (stopped) a new standby of `primary`: its data is replaced by a
+    /// `pg_basebackup` of `primary`'s.
+    ///
+    /// # Panics
+    /// When `pg_basebackup` fails.
+    pub fn rebuild_as_standby_of(&self, primary: &Self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.data());
+        self.copy(primary);
+    }
+
+    fn copy(&self, primary: &Self) {
+        let out = check(
+            command_as("postgres", "pg_basebackup")
+                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"])
+                .args(["-D", &self.data().display().to_string()])
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+                .output(),
+            "pg_basebackup must be installed (PostgreSQL's client package)",
+        );
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote`, waiting until it is one).
+    ///
+    /// # Panics
+    /// When the promotion fails.
+    pub fn promote(&self) {
+        let out = check(
+            command_as("postgres", "pg_ctl")
+                .args(["-D", &self.data().display().to_string(), "-w", "-t", "60", "promote"])
+                .output(),
+            "pg_ctl",
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl promote failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs `statement` with `psql` (database `postgres`); what it printed, trimmed.
+    ///
+    /// # Panics
+    /// When the statement fails.
+    pub fn sql(&self, statement: &str) -> String {
+        let out = check(
+            Command::new("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                ])
+                .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-c", statement])
+                .output(),
+            "psql must be installed (PostgreSQL's client package)",
+        );
+        assert!(
+            out.status.success(),
+            "{statement}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// Its data directory (the configuration files, and certificates a configuration names).
@@ -463,6 +559,112 @@ impl Drop for PostgresNode {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL primary and its streaming standby of a test's own, replicating synchronously
+/// (`synchronous_standby_names = '*'`: a commit returns once the standby has it, so a
+/// failover loses nothing committed). [`PostgresPair::fail_over`] kills the primary and
+/// promotes the standby; [`PostgresPair::rebuild_standby`] makes the killed node the new
+/// primary's standby.
+#[derive(Debug)]
+pub struct PostgresPair {
+    nodes: [PostgresNode; 2],
+    /// Which of `nodes` is the primary.
+    primary: std::sync::atomic::AtomicUsize,
+    database: String,
+}
+
+impl PostgresPair {
+    /// Starts the pair with an empty `database` on it.
+    ///
+    /// # Panics
+    /// When a server does not start or the standby does not stream within 30 s.
+    #[must_use]
+    pub fn start(database: &str) -> Self {
+        let primary = PostgresNode::new();
+        primary.start();
+        primary.sql(&format!("CREATE DATABASE \"{database}\""));
+        let standby = PostgresNode::standby_of(&primary);
+        standby.start();
+        let pair = Self {
+            nodes: [primary, standby],
+            primary: std::sync::atomic::AtomicUsize::new(0),
+            database: database.to_owned(),
+        };
+        pair.replicate_synchronously();
+        pair
+    }
+
+    fn index(&self) -> usize {
+        self.primary.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The primary now.
+    #[must_use]
+    pub fn primary(&self) -> &PostgresNode {
+        &self.nodes[self.index()]
+    }
+
+    /// The standby now.
+    #[must_use]
+    pub fn standby(&self) -> &PostgresNode {
+        &self.nodes[1 - self.index()]
+    }
+
+    /// A URL naming both servers (the first node first, whichever is the primary), with
+    /// `query` (`?...`) after.
+    #[must_use]
+    pub fn url(&self, query: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}{query}",
+            self.nodes[0].port(),
+            self.nodes[1].port(),
+            self.database
+        )
+    }
+
+    /// Kills the primary (`pg_ctl stop -m immediate`) and promotes the standby, which then
+    /// commits without waiting for a standby; returns once it accepts writes.
+    pub fn fail_over(&self) {
+        let old = self.index();
+        self.nodes[old].kill();
+        let new = &self.nodes[1 - old];
+        new.promote();
+        new.sql("ALTER SYSTEM RESET synchronous_standby_names");
+        new.sql("SELECT pg_reload_conf()");
+        self.primary.store(1 - old, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes the node [`PostgresPair::fail_over`] killed a standby of the new primary and
+    /// waits until the primary replicates to it synchronously.
+    ///
+    /// # Panics
+    /// When the standby does not start or stream within 30 s.
+    pub fn rebuild_standby(&self) {
+        let primary = self.index();
+        let standby = &self.nodes[1 - primary];
+        standby.rebuild_as_standby_of(&self.nodes[primary]);
+        standby.start();
+        self.replicate_synchronously();
+    }
+
+    fn replicate_synchronously(&self) {
+        let primary = self.primary();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while primary.sql("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'") != "1" {
+            assert!(Instant::now() < deadline, "the standby did not stream within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        primary.sql("ALTER SYSTEM SET synchronous_standby_names = '*'");
+        primary.sql("SELECT pg_reload_conf()");
+        while primary.sql("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") != "1" {
+            assert!(
+                Instant::now() < deadline,
+                "the standby did not become synchronous within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -692,4 +894,135 @@ fn sentinel_field(sentinel: u16, name: &str) -> Option<String> {
     let lines: Vec<&str> = answer.lines().collect();
     let at = lines.iter().position(|l| l.trim() == name)?;
     lines.get(at + 1).map(|v| v.trim().to_owned())
+}
+
+/// Several "hosts" on this machine: network namespaces, each joined to this one by two veth
+/// pairs on two bridges. The data bridge carries the broker's traffic (through a proxy bound
+/// on its gateway, since the servers listen on loopback); [`NetHosts::cut`] takes a host's data
+/// link down (its packets go nowhere, nothing is closed: a pulled cable). The management bridge
+/// is never cut (what a test records of the runs goes over it). Needs root (`ip netns`);
+/// removed on drop.
+#[derive(Debug)]
+pub struct NetHosts {
+    id: String,
+    /// The third octet of the data subnet `10.213.N.0/24`; the management subnet is `N + 1`.
+    subnet: u8,
+    count: usize,
+}
+
+impl NetHosts {
+    /// `count` hosts.
+    ///
+    /// # Panics
+    /// When not run as root, or `ip` fails.
+    #[must_use]
+    pub fn start(count: usize) -> Self {
+        assert!(
+            running_as_root(),
+            "network namespaces need root (ip netns); run the suite as root"
+        );
+        let used = String::from_utf8_lossy(&check(Command::new("ip").args(["-o", "addr"]).output(), "ip addr").stdout)
+            .into_owned();
+        let id = uuid::Uuid::new_v4().simple().to_string()[..6].to_owned();
+        let start = u8::from_str_radix(&id[..2], 16).unwrap_or(0) & 0x7e;
+        let subnet = (0..64)
+            .map(|k| start.wrapping_add(2 * k) & 0xfe)
+            .find(|n| !used.contains(&format!("10.213.{n}.")) && !used.contains(&format!("10.213.{}.", n + 1)))
+            .expect("a free 10.213.N.0/24 pair");
+        let hosts = Self { id, subnet, count };
+        for (bridge, net) in [(hosts.bridge("d"), subnet), (hosts.bridge("m"), subnet + 1)] {
+            ip(&["link", "add", &bridge, "type", "bridge"]);
+            ip(&["addr", "add", &format!("10.213.{net}.1/24"), "dev", &bridge]);
+            ip(&["link", "set", &bridge, "up"]);
+        }
+        for i in 0..count {
+            let ns = hosts.namespace(i);
+            ip(&["netns", "add", &ns]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            for (kind, net) in [("d", subnet), ("m", subnet + 1)] {
+                let (outside, inside) = (hosts.veth(kind, i), format!("eth{kind}"));
+                ip(&[
+                    "link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", &ns,
+                ]);
+                ip(&["link", "set", &outside, "master", &hosts.bridge(kind)]);
+                ip(&["link", "set", &outside, "up"]);
+                ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("10.213.{net}.{}/24", i + 2),
+                    "dev",
+                    &inside,
+                ]);
+                ip(&["-n", &ns, "link", "set", &inside, "up"]);
+            }
+        }
+        hosts
+    }
+
+    fn bridge(&self, kind: &str) -> String {
+        format!("trb{kind}{}", self.id)
+    }
+
+    fn veth(&self, kind: &str, i: usize) -> String {
+        format!("trv{kind}{}{i}", self.id)
+    }
+
+    fn namespace(&self, i: usize) -> String {
+        format!("troupe-{}-{i}", self.id)
+    }
+
+    /// This machine's address on the data bridge (where the hosts reach a proxy to a server).
+    #[must_use]
+    pub fn data_gateway(&self) -> std::net::IpAddr {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 213, self.subnet, 1))
+    }
+
+    /// This machine's address on the management bridge.
+    #[must_use]
+    pub fn management_gateway(&self) -> std::net::IpAddr {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 213, self.subnet + 1, 1))
+    }
+
+    /// The command prefix that runs a program on host `i` (`ip netns exec NAME`).
+    #[must_use]
+    pub fn prefix(&self, i: usize) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.namespace(i)]
+    }
+
+    /// Takes host `i`'s data link down.
+    pub fn cut(&self, i: usize) {
+        ip(&["link", "set", &self.veth("d", i), "down"]);
+    }
+
+    /// Brings host `i`'s data link up again.
+    pub fn restore(&self, i: usize) {
+        ip(&["link", "set", &self.veth("d", i), "up"]);
+    }
+}
+
+impl Drop for NetHosts {
+    fn drop(&mut self) {
+        for i in 0..self.count {
+            let _ = Command::new("ip").args(["netns", "del", &self.namespace(i)]).status();
+        }
+        for kind in ["d", "m"] {
+            let _ = Command::new("ip").args(["link", "del", &self.bridge(kind)]).status();
+        }
+    }
+}
+
+/// Runs `ip ARGS`.
+fn ip(args: &[&str]) {
+    let out = check(
+        Command::new("ip").args(args).output(),
+        "ip must be installed (iproute2)",
+    );
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
