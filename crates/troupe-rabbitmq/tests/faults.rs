@@ -106,7 +106,12 @@ impl KillBackend for Rabbitmq {
     /// Results in Redis, as RabbitMQ users keep them (a namespace per place; not behind the
     /// fault proxy, which carries the RabbitMQ link only).
     async fn results(&self, queue: &str) -> Option<std::sync::Arc<dyn troupe_core::ResultBackend>> {
-        let url = std::env::var("TROUPE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        let url = results_url();
+        // From another host (a host-cut round), through the proxy that is never cut.
+        let url = match std::env::var(RESULTS_SERVER) {
+            Ok(addr) => chaos::with_server(&url, &addr),
+            Err(_) => url,
+        };
         let options = troupe_redis::RedisOptions::from_url(&url)
             .expect("TROUPE_REDIS_URL")
             .namespace(format!("troupe-chaos-{queue}"));
@@ -122,6 +127,15 @@ impl KillBackend for Rabbitmq {
 fn child() {
     kill::child(&Rabbitmq::default());
 }
+
+/// The Redis the chaos rounds store results in.
+fn results_url() -> String {
+    std::env::var("TROUPE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// The environment variable that gives a chaos round's worker processes on other hosts the
+/// address at which they reach the results' Redis.
+const RESULTS_SERVER: &str = "TROUPE_CHAOS_RESULTS_SERVER";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing() {
@@ -151,7 +165,7 @@ async fn a_producer_killed_mid_send_many_loses_no_confirmed_message() {
 async fn chaos(fault: Fault, _name: &str) {
     let place = unique("chaos");
     let server = chaos::server_of(&url(), 5672).await;
-    let rounds = ChaosRounds::new(fault);
+    let rounds = ChaosRounds::new(fault).side_server(RESULTS_SERVER, chaos::server_of(&results_url(), 6379).await);
     let report = rounds.run(&Rabbitmq::default(), &place, &place, Some(server)).await;
     FileRuns::temp(&place).remove();
     let cleanup = broker(&unique("troupe-chaos-cleanup")).await;

@@ -65,6 +65,20 @@ struct Redis {
 /// when it is not the machine's Redis (a Sentinel set's).
 const BROKER_URL: &str = "TROUPE_CHAOS_REDIS_BROKER_URL";
 
+/// The environment variable that gives a chaos round's worker processes on other hosts the
+/// address at which they reach the machine's Redis out of the fault's reach (for their runs
+/// and their state).
+const SIDE_SERVER: &str = "TROUPE_CHAOS_REDIS_SIDE";
+
+/// The machine's Redis as this process reaches it outside the fault: directly, or through
+/// [`SIDE_SERVER`] from another host.
+fn side_url() -> String {
+    match std::env::var(SIDE_SERVER) {
+        Ok(addr) => chaos::with_server(&url(), &addr),
+        Err(_) => url(),
+    }
+}
+
 impl Redis {
     /// The broker's and result backend's URL.
     fn broker_url(&self) -> String {
@@ -88,7 +102,7 @@ impl KillBackend for Redis {
                 .heartbeat_timeout(Duration::from_secs(1))
                 .maintenance_interval(Duration::from_millis(200));
         }
-        let client = redis::Client::open(url()).unwrap();
+        let client = redis::Client::open(side_url()).unwrap();
         let runs = Processed {
             key: format!("{ns}:processed"),
             conn: client.get_multiplexed_async_connection().await.unwrap(),
@@ -97,7 +111,7 @@ impl KillBackend for Redis {
     }
 
     async fn state(&self, ns: &str) -> Option<std::sync::Arc<dyn troupe_core::StateBackend>> {
-        let options = RedisOptions::from_url(&self.server.clone().unwrap_or_else(url))
+        let options = RedisOptions::from_url(&self.server.clone().unwrap_or_else(side_url))
             .unwrap()
             .namespace(ns);
         Some(troupe_redis::RedisState::open(options).await.unwrap().into_dyn())
@@ -133,6 +147,7 @@ async fn chaos(fault: Fault, name: &str) {
     let ns = format!("troupe-chaos-{}", uuid::Uuid::new_v4().simple());
     let server = chaos::server_of(&url(), 6379).await;
     ChaosRounds::new(fault)
+        .side_server(SIDE_SERVER, server)
         .run(&Redis::default(), &ns, name, Some(server))
         .await
         .assert_nothing_lost();

@@ -35,6 +35,7 @@ use troupe_core::middleware::current_message;
 use troupe_core::{Actor, ActorError, ActorOptions, Broker, Message, SendOptions};
 
 use crate::kill::{self, KillBackend, Role, Runs, Spawned};
+use crate::servers::NetHosts;
 
 /// The environment variable that tells a child the proxy's address (`host:port`) to use in
 /// place of its server's.
@@ -114,7 +115,16 @@ impl FaultProxy {
     /// # Panics
     /// When no loopback port can be bound.
     pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), upstream).await
+    }
+
+    /// [`FaultProxy::start`], listening on `ip` (a bridge's address, for other network
+    /// namespaces) instead of loopback.
+    ///
+    /// # Panics
+    /// When no port can be bound on `ip`.
+    pub async fn start_on(ip: std::net::IpAddr, upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind((ip, 0)).await.expect("a port for the proxy");
         let addr = listener.local_addr().expect("the proxy's address");
         let (forwarding, _) = watch::channel((true, 0_u64));
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
@@ -272,6 +282,14 @@ macro_rules! network_chaos_tests {
         async fn chaos_link_stalled_for_good() {
             $run($crate::chaos::Fault::BlackHoleLink, "chaos-blackhole").await;
         }
+
+        /// One of three worker hosts (network namespaces) cut off while it holds messages,
+        /// then back: the other two take its messages over, and it comes back holding
+        /// messages it no longer owns.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn chaos_host_cut_off() {
+            $run($crate::chaos::Fault::CutHost, "chaos-host").await;
+        }
     };
 }
 
@@ -380,6 +398,11 @@ pub enum Fault {
     /// Restart the server (the backend's test kills it with SIGKILL and starts it again on the
     /// same port and data, with persistence on); see [`ChaosRounds::restart_with`].
     RestartServer,
+    /// Three worker hosts (network namespaces, [`NetHosts`]) instead of two worker processes
+    /// on this one; one host's link is taken down (a pulled cable: nothing is closed) while it
+    /// holds messages, and brought up again once the other two have run every message, so
+    /// the cut-off host comes back holding messages it no longer owns. Needs root.
+    CutHost,
 }
 
 impl Fault {
@@ -392,6 +415,7 @@ impl Fault {
             Self::StallLink(d) => format!("link stalled {} s, then cut", d.as_secs_f64()),
             Self::BlackHoleLink => "link stalled for good (never cut)".into(),
             Self::RestartServer => "server killed and restarted".into(),
+            Self::CutHost => "one of three worker hosts cut off, then back".into(),
         }
     }
 }
@@ -406,6 +430,7 @@ pub struct ChaosRounds {
     child_env: Vec<(&'static str, String)>,
     name: Option<String>,
     after_round: Option<Restart>,
+    side_server: Option<(&'static str, SocketAddr)>,
 }
 
 /// A blocking step a test supplies: how it restarts its server for [`Fault::RestartServer`]
@@ -497,7 +522,18 @@ impl ChaosRounds {
             child_env: Vec::new(),
             name: None,
             after_round: None,
+            side_server: None,
         }
+    }
+
+    /// A server the worker processes use besides the broker, out of the fault's reach (where
+    /// they record runs, or store results): in a [`Fault::CutHost`] round the hosts reach it
+    /// through a proxy on the management bridge, which is never cut, whose address they find
+    /// in `key`.
+    #[must_use]
+    pub fn side_server(mut self, key: &'static str, server: SocketAddr) -> Self {
+        self.side_server = Some((key, server));
+        self
     }
 
     /// Runs `after` at the end of every round, once its counts are taken: to start again a
@@ -567,13 +603,28 @@ impl ChaosRounds {
         runs.prepare().await;
         let runs = Arc::new(runs);
         let results = backend.results(place).await;
-        let proxy = match (self.fault, server) {
-            (Fault::KillWorker, _) | (Fault::RestartServer, None) => None,
-            (_, Some(server)) => Some(FaultProxy::start(server).await),
-            (_, None) => panic!("{} needs the server's address for its proxy", self.fault.name()),
+        let hosts = matches!(self.fault, Fault::CutHost).then(|| NetHosts::start(3));
+        let proxy = match (self.fault, server, &hosts) {
+            (Fault::KillWorker, _, _) | (Fault::RestartServer, None, _) => None,
+            (_, Some(server), Some(hosts)) => Some(FaultProxy::start_on(hosts.data_gateway(), server).await),
+            (_, Some(server), None) => Some(FaultProxy::start(server).await),
+            (_, None, _) => panic!("{} needs the server's address for its proxy", self.fault.name()),
         };
         let mut env: Vec<(&str, String)> = proxy.iter().map(|p| (SERVER, p.addr().to_string())).collect();
         env.extend(self.child_env.iter().cloned());
+        let _runs_proxy = match (&hosts, self.side_server) {
+            (Some(hosts), Some((key, server))) => {
+                let proxy = FaultProxy::start_on(hosts.management_gateway(), server).await;
+                env.push((key, proxy.addr().to_string()));
+                Some(proxy)
+            }
+            _ => None,
+        };
+        // Where each worker process runs: on this host, or on host `i` of `hosts`.
+        let spawn = |i: usize, queue: &str| match &hosts {
+            Some(hosts) => kill::spawn_in(&hosts.prefix(i), &Role::Worker, place, queue, &env),
+            None => kill::spawn_with(&Role::Worker, place, queue, &env),
+        };
         let mut report = ChaosReport {
             broker: B::NAME,
             fault: self.name.clone().unwrap_or_else(|| self.fault.name()),
@@ -615,9 +666,7 @@ impl ChaosRounds {
                     .filter(|(n, _)| (base..base + self.messages).contains(n))
                     .collect()
             };
-            let mut workers: Vec<Spawned> = (0..2)
-                .map(|_| kill::spawn_with(&Role::Worker, place, &queue, &env))
-                .collect();
+            let mut workers: Vec<Spawned> = (0..hosts.as_ref().map_or(2, |_| 3)).map(|i| spawn(i, &queue)).collect();
 
             // Inject the fault once a third have run.
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -632,10 +681,11 @@ impl ChaosRounds {
             match self.fault {
                 Fault::KillWorker => {
                     workers[0].kill();
-                    workers[0] = kill::spawn_with(&Role::Worker, place, &queue, &env);
+                    workers[0] = spawn(0, &queue);
                 }
                 Fault::CutLink => proxy.as_ref().expect("a proxy").cut(),
                 Fault::BlackHoleLink => proxy.as_ref().expect("a proxy").black_hole(),
+                Fault::CutHost => hosts.as_ref().expect("the hosts").cut(0),
                 Fault::RestartServer => {
                     self.restart
                         .as_ref()
@@ -688,6 +738,21 @@ impl ChaosRounds {
                         }
                     }
                 }
+            }
+            if let Some(hosts) = &hosts {
+                // The cut-off host comes back holding messages the others ran: its late acks
+                // must change nothing (fencing: a late nack must not dead-letter, a late retry
+                // runs again and is counted), and what it runs again is counted below.
+                let before: u64 = in_round(runs.counts().await).values().sum();
+                hosts.restore(0);
+                tokio::time::sleep(CUT_HOST_BACK_FOR).await;
+                let after: u64 = in_round(runs.counts().await).values().sum();
+                eprintln!(
+                    "round {round}: the cut-off host came back ({} of {} messages had run); {} runs after",
+                    done.len(),
+                    self.messages,
+                    after.saturating_sub(before)
+                );
             }
             // Late duplicates (a redelivery racing the end) are counted too.
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -767,6 +832,10 @@ impl ChaosRounds {
         report
     }
 }
+
+/// How long a [`Fault::CutHost`] round lets the cut-off host run after its link is back,
+/// before the runs are counted.
+const CUT_HOST_BACK_FOR: Duration = Duration::from_secs(3);
 
 /// The rounds a chaos test runs: `TROUPE_CHAOS_ROUNDS`, else `default`.
 #[must_use]

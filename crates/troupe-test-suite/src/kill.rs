@@ -675,7 +675,26 @@ pub fn spawn(role: &Role, place: &str, queue: &str) -> Spawned {
 /// When the process cannot be started.
 #[must_use]
 pub fn spawn_with(role: &Role, place: &str, queue: &str, env: &[(&str, String)]) -> Spawned {
-    let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
+    spawn_in(&[], role, place, queue, env)
+}
+
+/// [`spawn_with`], the command run through `prefix` (`ip netns exec NAME`, to run on another
+/// "host" of [`crate::servers::NetHosts`]), which must exec it in place (so that killing the
+/// child kills the test binary).
+///
+/// # Panics
+/// When the process cannot be started.
+#[must_use]
+pub fn spawn_in(prefix: &[String], role: &Role, place: &str, queue: &str, env: &[(&str, String)]) -> Spawned {
+    let binary = std::env::current_exe().expect("the test binary");
+    let mut cmd = match prefix.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(binary);
+            cmd
+        }
+        None => Command::new(binary),
+    };
     cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
     cmd.args(["child", "--exact", "--nocapture", "--test-threads", "1"])
         .env(PLACE, place)
