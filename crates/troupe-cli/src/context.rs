@@ -20,7 +20,7 @@ fn keeps_state(url: &str) -> bool {
     let scheme = url.split_once(':').map_or("", |(s, _)| s).to_ascii_lowercase();
     matches!(
         scheme.as_str(),
-        "sqlite" | "redis" | "rediss" | "redis+unix" | "redis+sentinel" | "postgres" | "postgresql"
+        "sqlite" | "redis" | "rediss" | "redis+unix" | "redis+sentinel" | "redis+cluster" | "postgres" | "postgresql"
     )
 }
 

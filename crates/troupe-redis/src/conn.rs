@@ -8,6 +8,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use troupe_core::tls::{TlsFiles, TlsSettingNames, closed_without_client_cert_hint, path_from_query, tls_hint};
 use troupe_core::{Error, ErrorKind, redact_url};
 
+use crate::cluster::{ClusterUrl, check_namespaces, is_cluster_url};
 use crate::sentinel::{SentinelUrl, is_sentinel_url};
 
 pub(crate) const BACKEND: &str = "redis";
@@ -97,6 +98,13 @@ impl RedisOptions {
     /// master (`READONLY`) is made again through them. The password is the master's; the
     /// sentinels are reached without one. Troupe's query settings apply; TLS does not.
     ///
+    /// `redis+cluster://[:PASSWORD@]HOST[:PORT][,HOST[:PORT]…]?namespace={APP}` names nodes of
+    /// a Redis Cluster (port 6379 by default). The namespace must be hash-tagged (`{app}`;
+    /// default `{dramatiq}`) so that all its keys are in one slot: every connection is made to
+    /// the master serving that slot at the time, and made again after `MOVED` or a lost
+    /// server. Results, rate-limit state and cancellation requests are kept under the
+    /// namespace too (`{app}:…`; Python Dramatiq has no cluster support to share them with).
+    ///
     /// # Errors
     /// [`Error::Config`] naming the bad part (passwords redacted).
     pub fn from_url(url: &str) -> Result<Self, Error> {
@@ -105,14 +113,18 @@ impl RedisOptions {
             && !lower.starts_with("rediss://")
             && !lower.starts_with("redis+unix://")
             && !is_sentinel_url(url)
+            && !is_cluster_url(url)
         {
             return Err(Error::Config(format!(
-                "{:?} is not a Redis URL; use redis://HOST[:PORT][/DB], rediss:// for TLS, or redis+sentinel://SENTINEL[,SENTINEL…]/MASTER_NAME[/DB] for Redis Sentinel",
+                "{:?} is not a Redis URL; use redis://HOST[:PORT][/DB], rediss:// for TLS, redis+sentinel://SENTINEL[,SENTINEL…]/MASTER_NAME[/DB] for Redis Sentinel, or redis+cluster://NODE[,NODE…]?namespace={{APP}} for Redis Cluster",
                 redact_url(url)
             )));
         }
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut options = Self::new(base);
+        if is_cluster_url(url) {
+            crate::cluster::DEFAULT_NAMESPACE.clone_into(&mut options.namespace);
+        }
         let mut passthrough = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -151,6 +163,9 @@ impl RedisOptions {
         }
         if is_sentinel_url(&options.url) {
             SentinelUrl::parse(&options.url)?;
+        } else if is_cluster_url(&options.url) {
+            ClusterUrl::parse(&options.url)?;
+            check_namespaces(&options.namespace, &options.abort_prefix())?;
         } else {
             redis::Client::open(options.url.as_str())
                 .map_err(|e| Error::Config(format!("bad Redis URL {:?}: {e}", redact_url(&options.url))))?;
@@ -167,7 +182,7 @@ impl RedisOptions {
     }
 
     /// Sets the key prefix of dramatiq-abort's cancellation requests (default
-    /// `dramatiq:aborts:`); it must match the Python `RedisBackend`'s `namespace` for Troupe and
+    /// `dramatiq:aborts:`, on Redis Cluster `NAMESPACE:aborts:`); it must match the Python `RedisBackend`'s `namespace` for Troupe and
     /// Python to see each other's requests.
     #[must_use]
     pub fn abort_namespace(mut self, prefix: impl Into<String>) -> Self {
@@ -233,23 +248,72 @@ impl RedisOptions {
         self.tls.validate(&TLS_NAMES)
     }
 
-    /// A client for the server: the one the URL names, or for `redis+sentinel://` the master
-    /// the sentinels name now.
+    /// A client for the server: the one the URL names, for `redis+sentinel://` the master the
+    /// sentinels name now, for `redis+cluster://` the master serving the namespace's slot now.
     pub(crate) async fn client(&self) -> Result<redis::Client, Error> {
         if is_sentinel_url(&self.url) {
             return SentinelUrl::parse(&self.url)?.master(self.connect_timeout).await;
         }
+        if is_cluster_url(&self.url) {
+            check_namespaces(&self.namespace, &self.abort_prefix())?;
+            return ClusterUrl::parse(&self.url)?
+                .node_for(&self.namespace, self.connect_timeout)
+                .await;
+        }
         self.fixed_client()
     }
 
-    /// Whether connections must be made again through the sentinels after `e` (the master may
-    /// have moved: its server is gone, or it says it is a replica now).
+    /// Whether connections must be made again through the sentinels or the cluster after `e`
+    /// (the master may have moved: its server is gone, it says it is a replica now, or the
+    /// cluster says the slot is served elsewhere).
     pub(crate) fn follows_a_master(&self, e: &redis::RedisError) -> bool {
-        is_sentinel_url(&self.url)
-            && (e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_io_error()
-                || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly))
+        use redis::ServerErrorKind::{Ask, ClusterDown, MasterDown, Moved, ReadOnly, TryAgain};
+        let lost = e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error();
+        if is_sentinel_url(&self.url) {
+            return lost || e.kind() == redis::ErrorKind::Server(ReadOnly);
+        }
+        is_cluster_url(&self.url)
+            && (lost
+                || matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(Moved | Ask | ReadOnly | ClusterDown | TryAgain | MasterDown)
+                ))
+    }
+
+    /// Whether the URL names a Redis Cluster (keys outside the namespace get its prefix).
+    pub(crate) fn is_cluster(&self) -> bool {
+        is_cluster_url(&self.url)
+    }
+
+    /// `key` as stored: on Redis Cluster under the namespace (`{app}:key`, in its slot), else
+    /// as given (Dramatiq's keys, shared with Python).
+    pub(crate) fn shared_key<'a>(&self, key: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.is_cluster() {
+            std::borrow::Cow::Owned(format!("{}:{key}", self.namespace))
+        } else {
+            std::borrow::Cow::Borrowed(key)
+        }
+    }
+
+    /// `key` as callers named it: [`RedisOptions::shared_key`] undone.
+    pub(crate) fn unshared_key<'a>(&self, key: &'a str) -> &'a str {
+        if self.is_cluster() {
+            key.strip_prefix(self.namespace.as_str())
+                .and_then(|k| k.strip_prefix(':'))
+                .unwrap_or(key)
+        } else {
+            key
+        }
+    }
+
+    /// The prefix of dramatiq-abort's keys: `abort_namespace`, or on Redis Cluster, when it was
+    /// left at Dramatiq's default, `NAMESPACE:aborts:` (in the namespace's slot).
+    pub(crate) fn abort_prefix(&self) -> std::borrow::Cow<'_, str> {
+        if self.is_cluster() && self.abort_namespace == DEFAULT_ABORT_NAMESPACE {
+            std::borrow::Cow::Owned(format!("{}:aborts:", self.namespace))
+        } else {
+            std::borrow::Cow::Borrowed(&self.abort_namespace)
+        }
     }
 
     fn fixed_client(&self) -> Result<redis::Client, Error> {
@@ -298,7 +362,19 @@ impl RedisOptions {
 
     /// A shared connection that also heals a silent link (see [`RedisConnection`]).
     pub(crate) async fn connection(&self) -> Result<RedisConnection, Error> {
-        let manager = self.manager().await?;
+        let mut manager = self.manager().await?;
+        if !self.is_cluster() && !is_sentinel_url(&self.url) {
+            // A cluster node reached as a single server answers `MOVED` for most keys, which
+            // would be retried for ever: refused now, with the fix. (A server that denies INFO
+            // is let through.)
+            let info: Result<String, _> = redis::cmd("INFO").arg("cluster").query_async(&mut manager).await;
+            if info.is_ok_and(|info| info.contains("cluster_enabled:1")) {
+                return Err(Error::Config(format!(
+                    "{} is a Redis Cluster node; use redis+cluster://HOST:PORT[,HOST:PORT…]?namespace={{APP}} (a hash-tagged namespace)",
+                    redact_url(&self.url)
+                )));
+            }
+        }
         let connection = RedisConnection {
             healing: Arc::new(Healing {
                 current: RwLock::new((0, manager)),
@@ -491,10 +567,16 @@ pub(crate) fn kind_of(e: &redis::RedisError) -> ErrorKind {
 /// Whether the server refused for a passing reason: loading its data after a restart
 /// (`LOADING`), a replica not yet promoted or a failover under way (`READONLY`, `MASTERDOWN`,
 /// `TRYAGAIN`, `CLUSTERDOWN`); also when such a refusal aborted a transaction or a pipeline.
+///
+/// `MOVED` and `ASK` pass too: on Redis Cluster the namespace's slot moved (a failover or a
+/// resharding) and the connection is made again to its new master.
 fn passing(e: &redis::RedisError) -> bool {
-    use redis::ServerErrorKind::{BusyLoading, ClusterDown, MasterDown, ReadOnly, TryAgain};
+    use redis::ServerErrorKind::{Ask, BusyLoading, ClusterDown, MasterDown, Moved, ReadOnly, TryAgain};
     let passing = |kind: Option<redis::ServerErrorKind>| {
-        matches!(kind, Some(BusyLoading | TryAgain | ClusterDown | MasterDown | ReadOnly))
+        matches!(
+            kind,
+            Some(BusyLoading | TryAgain | ClusterDown | MasterDown | ReadOnly | Moved | Ask)
+        )
     };
     e.clone()
         .into_server_errors()

@@ -22,6 +22,7 @@
 
 #[cfg(feature = "broker")]
 mod broker;
+mod cluster;
 mod conn;
 #[cfg(feature = "results")]
 mod results;

@@ -61,7 +61,7 @@ impl RedisResults {
 #[async_trait]
 impl ResultBackend for RedisResults {
     async fn store(&self, message: &Message, value: Value, ttl: Duration) -> Result<()> {
-        let key = result_key(message);
+        let key = self.options.shared_key(&result_key(message)).into_owned();
         let bytes = self.encoder.encode_value(&value)?;
         let mut conn = self.conn.clone();
         redis::pipe()
@@ -78,7 +78,7 @@ impl ResultBackend for RedisResults {
     }
 
     async fn get(&self, message: &Message, timeout: Option<Duration>) -> Result<Value> {
-        let key = result_key(message);
+        let key = self.options.shared_key(&result_key(message)).into_owned();
         let bytes: Option<Vec<u8>> = match timeout {
             None => {
                 let mut conn = self.conn.clone();

@@ -193,7 +193,9 @@ impl RedisState {
     ///
     /// # Errors
     /// An unreachable server.
-    pub async fn open(options: RedisOptions) -> Result<Self> {
+    pub async fn open(mut options: RedisOptions) -> Result<Self> {
+        // On Redis Cluster, dramatiq-abort's keys go in the namespace's slot too.
+        options.abort_namespace = options.abort_prefix().into_owned();
         let conn = options.connection().await?;
         Ok(Self {
             options,
@@ -226,6 +228,8 @@ impl RedisState {
 #[async_trait]
 impl StateBackend for RedisState {
     async fn add(&self, key: &str, value: i64, ttl: Duration) -> Result<bool> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let mut conn = self.conn.clone();
         let set: Option<String> = redis::cmd("SET")
             .arg(key)
@@ -240,19 +244,26 @@ impl StateBackend for RedisState {
     }
 
     async fn incr(&self, key: &str, amount: i64, maximum: i64, ttl: Duration) -> Result<bool> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         self.bounded(key, amount, i64::MIN, maximum, ttl).await
     }
 
     async fn decr(&self, key: &str, amount: i64, minimum: i64, ttl: Duration) -> Result<bool> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         self.bounded(key, -amount, minimum, i64::MAX, ttl).await
     }
 
     async fn incr_and_sum(&self, key: &str, keys: &[String], amount: i64, maximum: i64, ttl: Duration) -> Result<bool> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let mut conn = self.conn.clone();
+        let keys: Vec<std::borrow::Cow<'_, str>> = keys.iter().map(|k| self.options.shared_key(k)).collect();
         let mut invocation = sum_script().prepare_invoke();
         invocation.key(key);
         for k in keys.iter().filter(|k| *k != key) {
-            invocation.key(k.as_str());
+            invocation.key(k.as_ref());
         }
         let changed: i64 = invocation
             .arg(amount)
@@ -265,6 +276,8 @@ impl StateBackend for RedisState {
     }
 
     async fn get(&self, key: &str) -> Result<Option<i64>> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let mut conn = self.conn.clone();
         redis::cmd("GET")
             .arg(key)
@@ -274,6 +287,8 @@ impl StateBackend for RedisState {
     }
 
     async fn wait(&self, key: &str, timeout: Duration) -> Result<bool> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let got = self
             .blocking
             .wait_on_list(&self.options, key, timeout, "wait for an event")
@@ -282,6 +297,8 @@ impl StateBackend for RedisState {
     }
 
     async fn notify(&self, key: &str, ttl: Duration) -> Result<()> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let mut conn = self.conn.clone();
         redis::pipe()
             .atomic()
@@ -295,6 +312,8 @@ impl StateBackend for RedisState {
     }
 
     async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<Arrival> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let mut conn = self.conn.clone();
         let (counted, cleared, clearer): (i64, i64, i64) = arrive_script()
             .key(key)
@@ -311,7 +330,7 @@ impl StateBackend for RedisState {
 
     async fn coordination(&self, limit: usize) -> Result<troupe_core::Coordination> {
         let mut conn = self.conn.clone();
-        let scan = |pattern: &'static str| {
+        let scan = |pattern: String| {
             let mut conn = self.conn.clone();
             async move {
                 let mut keys = std::collections::BTreeSet::new();
@@ -320,7 +339,7 @@ impl StateBackend for RedisState {
                     let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
-                        .arg(pattern)
+                        .arg(&pattern)
                         .arg("COUNT")
                         .arg(1000)
                         .query_async(&mut conn)
@@ -338,7 +357,11 @@ impl StateBackend for RedisState {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
-        for holders_key in scan("*@holders").await?.into_iter().take(limit) {
+        for holders_key in scan(format!("{}*@holders", self.options.shared_key("")))
+            .await?
+            .into_iter()
+            .take(limit)
+        {
             let holders: Vec<String> = redis::cmd("ZRANGEBYSCORE")
                 .arg(&holders_key)
                 .arg(format!("({now}"))
@@ -348,16 +371,22 @@ impl StateBackend for RedisState {
                 .map_err(|e| redis_error("read slot holders", e))?;
             if !holders.is_empty() {
                 let key = holders_key.strip_suffix("@holders").unwrap_or(&holders_key);
+                let key = self.options.unshared_key(key);
                 coordination.slots.push(troupe_core::SlotKey::new(key, holders));
             }
         }
-        for arrived_key in scan("*@arrived").await?.into_iter().take(limit) {
+        for arrived_key in scan(format!("{}*@arrived", self.options.shared_key("")))
+            .await?
+            .into_iter()
+            .take(limit)
+        {
             let parties: Vec<String> = redis::cmd("HKEYS")
                 .arg(&arrived_key)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| redis_error("read barrier arrivals", e))?;
             let key = arrived_key.strip_suffix("@arrived").unwrap_or(&arrived_key);
+            let key = self.options.unshared_key(key);
             let cleared = parties.iter().any(String::is_empty);
             let arrived = parties.iter().filter(|p| !p.is_empty()).count() as u64;
             coordination
@@ -368,6 +397,8 @@ impl StateBackend for RedisState {
     }
 
     async fn arrivals(&self, key: &str) -> Result<Vec<(String, String)>> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let mut conn = self.conn.clone();
         let all: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
             .arg(format!("{key}@arrived"))
@@ -379,6 +410,8 @@ impl StateBackend for RedisState {
     }
 
     async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let mut conn = self.conn.clone();
         let taken: i64 = slot_take_script()
             .key(key)
@@ -393,6 +426,8 @@ impl StateBackend for RedisState {
     }
 
     async fn renew_slot(&self, key: &str, holder: &str, lease: Duration) -> Result<bool> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let mut conn = self.conn.clone();
         let renewed: i64 = slot_renew_script()
             .key(key)
@@ -406,6 +441,8 @@ impl StateBackend for RedisState {
     }
 
     async fn release_slot(&self, key: &str, holder: &str, _lease: Duration) -> Result<()> {
+        let key = self.options.shared_key(key);
+        let key: &str = &key;
         let mut conn = self.conn.clone();
         let _: i64 = slot_give_script()
             .key(key)

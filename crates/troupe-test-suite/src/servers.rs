@@ -1026,3 +1026,104 @@ fn ip(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The ports of the shared Redis Cluster of [`redis_cluster_url`] (its bus ports are these plus
+/// 10,000).
+pub const REDIS_CLUSTER_PORTS: [u16; 3] = [7379, 7380, 7381];
+
+/// A URL (`redis+cluster://…`, no query) naming the nodes of a Redis Cluster of three masters
+/// on loopback ([`REDIS_CLUSTER_PORTS`], the machine's `redis-server`, nothing saved), started
+/// when it is not up, daemonized and kept for the next tests (each test process would
+/// otherwise start its own). One process at a time starts it (a lock directory).
+///
+/// # Panics
+/// When `redis-server` or `redis-cli` is missing, or the cluster is not up within 60 s.
+#[must_use]
+pub fn redis_cluster_url() -> String {
+    let url = format!(
+        "redis+cluster://{}",
+        REDIS_CLUSTER_PORTS.map(|p| format!("127.0.0.1:{p}")).join(",")
+    );
+    let up = || REDIS_CLUSTER_PORTS.iter().all(|&port| cluster_state_ok(port));
+    if up() {
+        return url;
+    }
+    let base = std::env::temp_dir().join("troupe-redis-cluster");
+    check(std::fs::create_dir_all(&base), "the cluster's directory");
+    let lock = base.join("lock");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::create_dir(&lock).is_err() {
+        // A lock left by a process that died while starting the cluster.
+        let stale = std::fs::metadata(&lock)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+        if stale {
+            let _ = std::fs::remove_dir(&lock);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "another test held the Redis Cluster's start lock for 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !up() {
+        for &port in &REDIS_CLUSTER_PORTS {
+            let _ = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "shutdown", "nosave"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let dir = base.join(port.to_string());
+            let _ = std::fs::remove_dir_all(&dir);
+            check(std::fs::create_dir_all(&dir), "a cluster node's directory");
+            // Daemonized: the process started exits once the server runs on its own.
+            let mut started = redis_server(
+                port,
+                &dir,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "yes",
+                ],
+            );
+            let _ = started.wait();
+        }
+        let nodes: Vec<String> = REDIS_CLUSTER_PORTS.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = check(
+            Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&nodes)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output(),
+            "redis-cli must be installed (redis-tools)",
+        );
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        while !up() {
+            assert!(Instant::now() < deadline, "the Redis Cluster was not up within 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = std::fs::remove_dir(&lock);
+    url
+}
+
+/// Whether the cluster node on `port` says the cluster is up.
+fn cluster_state_ok(port: u16) -> bool {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "cluster", "info"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
+}

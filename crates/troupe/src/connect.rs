@@ -9,7 +9,7 @@ use troupe_core::{
 const SCHEME_HELP: &str = "use memory://, sqlite://PATH, redis://HOST, amqp://HOST or postgres://HOST";
 
 /// The schemes of Redis URLs (one server, TLS, a Unix socket, Sentinel).
-const REDIS_SCHEMES: &[&str] = &["redis", "rediss", "redis+unix", "redis+sentinel"];
+const REDIS_SCHEMES: &[&str] = &["redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"];
 
 /// Each scheme: its name, the broker feature and the results feature (None: no results backend).
 const SCHEMES: &[(&[&str], &str, &str, Option<&str>)] = &[
