@@ -230,70 +230,33 @@ async fn a_producer_follows_a_promoted_standby() {
     )
     .await
     .unwrap();
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = App::builder(Arc::new(broker.clone()))
-        .actor(Count(Arc::clone(&count)))
-        .build()
-        .unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let producer = tokio::spawn({
-        let (app, stop, count) = (app.clone(), Arc::clone(&stop), Arc::clone(&count));
-        async move {
-            let mut confirmed = std::collections::HashSet::new();
-            let mut last_failure = None::<Instant>;
-            // Sends confirmed since the last failed one; the longest time between two
-            // confirmed sends (a send waits while its pool reconnects, or fails).
-            let (mut since_failure, mut last_ok, mut longest_gap) = (0_usize, Instant::now(), Duration::ZERO);
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                match app.send(&Count(Arc::clone(&count)), ()).await {
-                    Ok(sent) => {
-                        confirmed.insert(sent.message().message_id.clone());
-                        since_failure += 1;
-                        longest_gap = longest_gap.max(last_ok.elapsed());
-                        last_ok = Instant::now();
-                    }
-                    Err(e) => {
-                        assert!(e.is_transient(), "a send fails only with a transient error: {e}");
-                        last_failure = Some(Instant::now());
-                        since_failure = 0;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            }
-            (confirmed, last_failure, since_failure, longest_gap)
-        }
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let killed_at = Instant::now();
+    let (app, count) = counting_app(&broker);
+    let send = move || {
+        let (app, count) = (app.clone(), Arc::clone(&count));
+        async move { Ok(app.send(&Count(count), ()).await?.message().message_id.clone()) }
+    };
     let failing = Arc::clone(&pair);
-    tokio::task::spawn_blocking(move || failing.fail_over()).await.unwrap();
-    let failed_over = killed_at.elapsed();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (confirmed, last_failure, since_failure, longest_gap) = producer.await.unwrap();
-    let on_primary: std::collections::HashSet<String> =
-        Broker::peek(&broker, QUEUE, troupe_core::Waiting::Ready, 0, confirmed.len() + 1000)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.message_id)
-            .collect();
-    let lost = confirmed.difference(&on_primary).count();
-    let resumed_after = last_failure.map(|t| t.saturating_duration_since(killed_at));
+    let sends = chaos::produce_through(send, move || failing.fail_over(), Duration::from_secs(4)).await;
+    let lost = sends.missing_from(&broker, QUEUE).await;
     eprintln!(
-        "POSTGRES failover producer | sent {} | lost {lost} | no send confirmed for {longest_gap:?} | last failed send {resumed_after:?} after the kill | failover took {failed_over:?}",
-        confirmed.len()
+        "POSTGRES failover producer | sent {} | lost {lost} | no send confirmed for {:?} | last failed send {:?} after the kill | failover took {:?}",
+        sends.confirmed.len(),
+        sends.longest_gap,
+        sends.last_failure,
+        sends.fault_took
     );
     assert_eq!(lost, 0, "confirmed sends missing on the promoted standby");
     assert!(
-        since_failure > 0,
+        sends.since_failure > 0,
         "sends went on after the failover: none was confirmed after the last failed one"
     );
     // A send may fail (its connection died under it) or wait (its pool reconnecting, until
     // the pools move to the promoted standby): either way the producer went on within 3 s.
     assert!(
-        longest_gap >= failed_over && longest_gap < failed_over + Duration::from_secs(3),
-        "the producer met the failover and sent again within 3 s of its end: no send confirmed for {longest_gap:?}, failover took {failed_over:?}"
+        sends.longest_gap >= sends.fault_took && sends.longest_gap < sends.fault_took + Duration::from_secs(3),
+        "the producer met the failover and sent again within 3 s of its end: no send confirmed for {:?}, failover took {:?}",
+        sends.longest_gap,
+        sends.fault_took
     );
     let e = PostgresBroker::open(
         PostgresOptions::from_url(&format!(
@@ -324,11 +287,7 @@ async fn multi_host_urls_use_the_server_that_accepts_writes() {
     let broker = PostgresBroker::open(PostgresOptions::from_url(&url).unwrap().schema(&schema))
         .await
         .unwrap();
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = App::builder(Arc::new(broker.clone()))
-        .actor(Count(Arc::clone(&count)))
-        .build()
-        .unwrap();
+    let (app, count) = counting_app(&broker);
     app.send(&Count(Arc::clone(&count)), ()).await.unwrap();
     let on_primary = pair.primary().sql(&format!(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'troupe' AND datname = '{}'",
@@ -352,6 +311,16 @@ async fn multi_host_urls_use_the_server_that_accepts_writes() {
         e.is_transient(),
         "no primary yet is a connection error (a failover may be under way): {text}"
     );
+}
+
+/// An app on `broker` with [`Count`], and its counter.
+fn counting_app(broker: &PostgresBroker) -> (App, Arc<std::sync::atomic::AtomicUsize>) {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = App::builder(Arc::new(broker.clone()))
+        .actor(Count(Arc::clone(&count)))
+        .build()
+        .unwrap();
+    (app, count)
 }
 
 struct Count(Arc<std::sync::atomic::AtomicUsize>);
@@ -389,11 +358,7 @@ fn pg_ctlcluster(action: &str) {
 async fn the_worker_survives_a_restart_of_the_shared_server() {
     let schema = schema();
     let broker = PostgresBroker::open(options(&schema)).await.unwrap();
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = App::builder(Arc::new(broker.clone()))
-        .actor(Count(Arc::clone(&count)))
-        .build()
-        .unwrap();
+    let (app, count) = counting_app(&broker);
     let worker = Worker::builder(app.clone())
         .concurrency(2)
         .fetch_timeout(Duration::from_millis(200))

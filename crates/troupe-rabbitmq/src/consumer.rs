@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use lapin::Channel;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use troupe_core::queue::{q_name, validate_queue_name};
 use troupe_core::{Consumer, ConsumerOptions, Delivery, Error, ErrorKind, Result, decode_delivery};
@@ -228,6 +228,16 @@ impl Consumer for RabbitmqConsumer {
     async fn close(self: Box<Self>) -> Result<()> {
         let ch = self.shared.channel.clone();
         let result = if ch.status().connected() {
+            // Cancelled first: a quorum queue applies the cancel after the acks sent before it,
+            // while a channel closed at once may give back deliveries whose acks it had not
+            // applied yet (seen: six acked messages ready again after a close; each would run
+            // twice). A cancel that fails leaves that to the close.
+            let _ = timed(
+                self.broker.timeout(),
+                "cancel the consumer",
+                ch.basic_cancel(self.stream.tag(), BasicCancelOptions::default()),
+            )
+            .await;
             // RabbitMQ puts the unacked deliveries back before it confirms the close.
             timed(
                 self.broker.timeout(),

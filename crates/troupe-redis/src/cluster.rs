@@ -85,27 +85,7 @@ impl ClusterUrl {
             Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
             None => (String::new(), authority),
         };
-        let mut seeds = Vec::new();
-        for host in hosts.split(',') {
-            if host.is_empty() {
-                return Err(bad("a node's host is empty"));
-            }
-            // `[::1]` or `[::1]:7000`, else `host` or `host:7000`.
-            let split = match host.rfind(']') {
-                Some(end) => host[end..].rfind(':').map(|i| end + i),
-                None => host.rfind(':'),
-            };
-            let (name, port) = match split {
-                Some(i) => (
-                    &host[..i],
-                    host[i + 1..]
-                        .parse()
-                        .map_err(|_| bad(&format!("the port of {host:?} is not a number")))?,
-                ),
-                None => (host, DEFAULT_PORT),
-            };
-            seeds.push((name.to_owned(), port));
-        }
+        let seeds = host_list(hosts, DEFAULT_PORT).map_err(|why| bad(&why))?;
         let parsed = Self { seeds, userinfo };
         for (host, port) in &parsed.seeds {
             redis::Client::open(parsed.node_url(host, *port).as_str()).map_err(|e| bad(&e.to_string()))?;
@@ -165,6 +145,30 @@ impl ClusterUrl {
             ),
         ))
     }
+}
+
+/// The `HOST[:PORT]` entries of a comma-separated host list (`[::1]:7000` for IPv6), with
+/// `default_port` where none is given; why not, for the caller's message.
+pub(crate) fn host_list(hosts: &str, default_port: u16) -> Result<Vec<(String, u16)>, String> {
+    hosts
+        .split(',')
+        .map(|host| {
+            if host.is_empty() {
+                return Err("a host is empty".to_owned());
+            }
+            let split = match host.rfind(']') {
+                Some(end) => host[end..].rfind(':').map(|i| end + i),
+                None => host.rfind(':'),
+            };
+            match split {
+                Some(i) => host[i + 1..]
+                    .parse()
+                    .map(|port| (host[..i].to_owned(), port))
+                    .map_err(|_| format!("the port of {host:?} is not a number")),
+                None => Ok((host.to_owned(), default_port)),
+            }
+        })
+        .collect()
 }
 
 /// The master (address, port) serving `slot` in a `CLUSTER SLOTS` reply: ranges of

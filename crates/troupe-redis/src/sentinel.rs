@@ -7,6 +7,7 @@ use std::time::Duration;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use troupe_core::{Error, ErrorKind, redact_url};
 
+use crate::cluster::host_list;
 use crate::conn::{BACKEND, kind_of};
 
 /// The scheme of a URL naming sentinels.
@@ -54,22 +55,11 @@ impl SentinelUrl {
             Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
             None => (String::new(), authority),
         };
-        let mut sentinels = Vec::new();
-        for host in hosts.split(',') {
-            if host.is_empty() {
-                return Err(bad("a sentinel's host is empty"));
-            }
-            // `[::1]` or `[::1]:26380`, else `host` or `host:26380`.
-            let has_port = match host.rfind(']') {
-                Some(end) => host[end..].contains(':'),
-                None => host.contains(':'),
-            };
-            if has_port {
-                sentinels.push(format!("redis://{host}"));
-            } else {
-                sentinels.push(format!("redis://{host}:{DEFAULT_PORT}"));
-            }
-        }
+        let sentinels: Vec<String> = host_list(hosts, DEFAULT_PORT)
+            .map_err(|why| bad(&why))?
+            .into_iter()
+            .map(|(host, port)| format!("redis://{host}:{port}"))
+            .collect();
         let mut segments = path.split('/').filter(|s| !s.is_empty());
         let master = segments.next().ok_or_else(|| bad("it names no master"))?.to_owned();
         let db = segments.next().unwrap_or("0");

@@ -21,12 +21,13 @@ fn options() -> RedisOptions {
         .max_message_size(64 * 1024)
 }
 
-struct RedisHarness;
+/// Brokers, results and state on the Redis that the options function names.
+struct RedisHarness(fn() -> RedisOptions);
 
 impl Harness for RedisHarness {
     fn setup(&self) -> BoxFuture<'_, TestBroker> {
         Box::pin(async {
-            let options = options();
+            let options = (self.0)();
             let limit = options.max_message_size;
             let broker = RedisBroker::open(options.clone())
                 .await
@@ -45,7 +46,7 @@ impl Harness for RedisHarness {
     }
 }
 
-troupe_test_suite::broker_conformance!(RedisHarness);
+troupe_test_suite::broker_conformance!(RedisHarness(options));
 
 mod results {
     troupe_test_suite::results_conformance!(async {
@@ -82,29 +83,7 @@ mod cluster {
             .max_message_size(64 * 1024)
     }
 
-    struct ClusterHarness;
-
-    impl Harness for ClusterHarness {
-        fn setup(&self) -> BoxFuture<'_, TestBroker> {
-            Box::pin(async {
-                let options = options();
-                let limit = options.max_message_size;
-                let broker = RedisBroker::open(options.clone()).await.expect("the Redis Cluster");
-                let raw_broker = broker.clone();
-                let raw: RawEnqueue = Arc::new(move |queue, bytes| {
-                    let b = raw_broker.clone();
-                    Box::pin(async move { b.enqueue_raw(&queue, bytes).await })
-                });
-                let results = RedisResults::open(options.clone()).await.expect("results").into_dyn();
-                let state = RedisState::open(options).await.expect("state").into_dyn();
-                TestBroker::new(Arc::new(broker), raw, Duration::from_millis(2500), limit)
-                    .with_results(results)
-                    .with_state(state)
-            })
-        }
-    }
-
-    troupe_test_suite::broker_conformance!(ClusterHarness);
+    troupe_test_suite::broker_conformance!(RedisHarness(options));
 
     mod results {
         troupe_test_suite::results_conformance!(async {

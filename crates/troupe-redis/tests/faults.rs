@@ -240,60 +240,36 @@ async fn a_producer_follows_a_sentinel_failover() {
         .await
         .unwrap();
     let (app, count) = counting_app(&broker);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let producer = tokio::spawn({
-        let (app, stop, count) = (app.clone(), Arc::clone(&stop), Arc::clone(&count));
-        async move {
-            let mut confirmed = std::collections::HashSet::new();
-            let (mut first_failure, mut last_failure) = (None::<Instant>, None::<Instant>);
-            // Sends confirmed since the last failed one.
-            let mut since_failure = 0_usize;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                match app.send(&Count(Arc::clone(&count)), ()).await {
-                    Ok(sent) => {
-                        confirmed.insert(sent.message().message_id.clone());
-                        since_failure += 1;
-                    }
-                    Err(e) => {
-                        assert!(e.is_transient(), "a send fails only with a transient error: {e}");
-                        first_failure.get_or_insert_with(Instant::now);
-                        last_failure = Some(Instant::now());
-                        since_failure = 0;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            }
-            (confirmed, first_failure, last_failure, since_failure)
-        }
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let killed_at = Instant::now();
+    let send = move || {
+        let (app, count) = (app.clone(), Arc::clone(&count));
+        async move { Ok(app.send(&Count(count), ()).await?.message().message_id.clone()) }
+    };
     let killer = Arc::clone(&set);
-    tokio::task::spawn_blocking(move || killer.kill_master()).await.unwrap();
-    let failed_over = killed_at.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (confirmed, first_failure, last_failure, since_failure) = producer.await.unwrap();
-    let on_master: std::collections::HashSet<String> =
-        troupe_core::Broker::peek(&broker, QUEUE, troupe_core::Waiting::Ready, 0, confirmed.len() + 1000)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.message_id)
-            .collect();
-    let lost = confirmed.difference(&on_master).count();
-    let outage = first_failure.zip(last_failure).map(|(a, b)| b - a);
+    let sends = chaos::produce_through(
+        send,
+        move || {
+            let _ = killer.kill_master();
+        },
+        Duration::from_secs(3),
+    )
+    .await;
+    let lost = sends.missing_from(&broker, QUEUE).await;
     eprintln!(
-        "SENTINEL producer | sent {} | lost {lost} | sends failing for {outage:?} | failover took {failed_over:?}",
-        confirmed.len()
-    );
-    let resumed_after = last_failure.map(|t| t.saturating_duration_since(killed_at));
-    assert!(
-        resumed_after.is_some_and(|d| d < failed_over + Duration::from_secs(2)),
-        "the producer met the failover and sent again within 2 s of its end: resumed {resumed_after:?} after the kill, failover took {failed_over:?}"
+        "SENTINEL producer | sent {} | lost {lost} | sends failing for {:?} | failover took {:?}",
+        sends.confirmed.len(),
+        sends.failing_for,
+        sends.fault_took
     );
     assert!(
-        since_failure > 0,
+        sends
+            .last_failure
+            .is_some_and(|d| d < sends.fault_took + Duration::from_secs(2)),
+        "the producer met the failover and sent again within 2 s of its end: last failure {:?} after the kill, failover took {:?}",
+        sends.last_failure,
+        sends.fault_took
+    );
+    assert!(
+        sends.since_failure > 0,
         "sends went on after the failover: none was confirmed after the last failed one"
     );
 }

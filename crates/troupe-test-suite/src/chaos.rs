@@ -833,6 +833,104 @@ impl ChaosRounds {
     }
 }
 
+/// What [`produce_through`] saw.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct FailoverSends {
+    /// The ids of the sends that returned `Ok`.
+    pub confirmed: std::collections::HashSet<String>,
+    /// How long the fault took.
+    pub fault_took: Duration,
+    /// When the last send failed, counted from the start of the fault.
+    pub last_failure: Option<Duration>,
+    /// From the first failed send to the last.
+    pub failing_for: Option<Duration>,
+    /// Sends confirmed after the last failed one.
+    pub since_failure: usize,
+    /// The longest time between two confirmed sends (a send fails, or waits while its
+    /// connection is made again).
+    pub longest_gap: Duration,
+}
+
+impl FailoverSends {
+    /// How many confirmed sends are not waiting in `queue` (lost at the failover).
+    ///
+    /// # Panics
+    /// When the queue cannot be read.
+    pub async fn missing_from(&self, broker: &dyn Broker, queue: &str) -> usize {
+        let waiting: std::collections::HashSet<String> = broker
+            .peek(queue, troupe_core::Waiting::Ready, 0, self.confirmed.len() + 1000)
+            .await
+            .expect("peek the queue")
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+        self.confirmed.difference(&waiting).count()
+    }
+}
+
+/// A producer through a failover: sends one message at a time with `send` (which returns the
+/// sent message's id), without a pause, for 1 s; runs `fault` (a blocking step: kill a server,
+/// promote another) while it goes on; sends for `after` more; then stops. Every failed send
+/// must fail with a transient error (else this panics).
+///
+/// # Panics
+/// On a send that fails with a permanent error, or a fault that panics.
+pub async fn produce_through<S, F>(send: S, fault: impl FnOnce() + Send + 'static, after: Duration) -> FailoverSends
+where
+    S: Fn() -> F + Send + 'static,
+    F: Future<Output = troupe_core::Result<String>> + Send,
+{
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fault_began = Arc::new(Mutex::new(None::<Instant>));
+    let producer = tokio::spawn({
+        let (stop, fault_began) = (Arc::clone(&stop), Arc::clone(&fault_began));
+        async move {
+            let mut confirmed = std::collections::HashSet::new();
+            let (mut first_failure, mut last_failure) = (None::<Instant>, None::<Instant>);
+            let (mut since_failure, mut last_ok, mut longest_gap) = (0_usize, Instant::now(), Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match send().await {
+                    Ok(id) => {
+                        confirmed.insert(id);
+                        since_failure += 1;
+                        longest_gap = longest_gap.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    Err(e) => {
+                        assert!(e.is_transient(), "a send fails only with a transient error: {e}");
+                        first_failure.get_or_insert_with(Instant::now);
+                        last_failure = Some(Instant::now());
+                        since_failure = 0;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            let began = fault_began.lock().ok().and_then(|b| *b);
+            FailoverSends {
+                confirmed,
+                fault_took: Duration::ZERO,
+                last_failure: last_failure.zip(began).map(|(l, b)| l.saturating_duration_since(b)),
+                failing_for: first_failure.zip(last_failure).map(|(f, l)| l - f),
+                since_failure,
+                longest_gap,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let began = Instant::now();
+    if let Ok(mut b) = fault_began.lock() {
+        *b = Some(began);
+    }
+    tokio::task::spawn_blocking(fault).await.expect("the fault");
+    let fault_took = began.elapsed();
+    tokio::time::sleep(after).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut sends = producer.await.expect("the producer");
+    sends.fault_took = fault_took;
+    sends
+}
+
 /// How long a [`Fault::CutHost`] round lets the cut-off host run after its link is back,
 /// before the runs are counted.
 const CUT_HOST_BACK_FOR: Duration = Duration::from_secs(3);

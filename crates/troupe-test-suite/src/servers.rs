@@ -13,6 +13,18 @@ pub(crate) fn check<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
     }
 }
 
+/// Runs `cmd` to its end (`what` names it if it cannot start); panics with `failed` and its
+/// stderr unless it succeeds.
+pub(crate) fn succeed(cmd: &mut Command, what: &str, failed: &str) -> std::process::Output {
+    let out = check(cmd.output(), what);
+    assert!(
+        out.status.success(),
+        "{failed}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A free TCP port on the loopback interface.
 ///
 /// # Panics
@@ -357,24 +369,18 @@ impl PostgresNode {
     pub fn in_dir(dir: PathBuf) -> Self {
         let node = Self::prepared(dir);
         let dir = &node.dir;
-        let out = check(
-            command_as("postgres", "initdb")
-                .args([
-                    "-D",
-                    &dir.join("data").display().to_string(),
-                    "-A",
-                    "trust",
-                    "-U",
-                    "postgres",
-                    "--no-sync",
-                ])
-                .output(),
+        succeed(
+            command_as("postgres", "initdb").args([
+                "-D",
+                &dir.join("data").display().to_string(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ]),
             "initdb must be installed (PostgreSQL's server package)",
-        );
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "initdb failed",
         );
         node
     }
@@ -414,18 +420,13 @@ impl PostgresNode {
     }
 
     fn copy(&self, primary: &Self) {
-        let out = check(
+        succeed(
             command_as("postgres", "pg_basebackup")
                 .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"])
                 .args(["-D", &self.data().display().to_string()])
-                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
-                .output(),
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]),
             "pg_basebackup must be installed (PostgreSQL's client package)",
-        );
-        assert!(
-            out.status.success(),
-            "pg_basebackup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "pg_basebackup failed",
         );
     }
 
@@ -434,16 +435,17 @@ impl PostgresNode {
     /// # Panics
     /// When the promotion fails.
     pub fn promote(&self) {
-        let out = check(
-            command_as("postgres", "pg_ctl")
-                .args(["-D", &self.data().display().to_string(), "-w", "-t", "60", "promote"])
-                .output(),
+        succeed(
+            command_as("postgres", "pg_ctl").args([
+                "-D",
+                &self.data().display().to_string(),
+                "-w",
+                "-t",
+                "60",
+                "promote",
+            ]),
             "pg_ctl",
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl promote failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "pg_ctl promote failed",
         );
     }
 
@@ -452,7 +454,7 @@ impl PostgresNode {
     /// # Panics
     /// When the statement fails.
     pub fn sql(&self, statement: &str) -> String {
-        let out = check(
+        let out = succeed(
             Command::new("psql")
                 .args([
                     "-h",
@@ -464,14 +466,9 @@ impl PostgresNode {
                     "-d",
                     "postgres",
                 ])
-                .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-c", statement])
-                .output(),
+                .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-c", statement]),
             "psql must be installed (PostgreSQL's client package)",
-        );
-        assert!(
-            out.status.success(),
-            "{statement}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            statement,
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
