@@ -16,7 +16,7 @@ use troupe_core::{Actor, ActorError, ActorOptions, App};
 use troupe_redis::{RedisBroker, RedisOptions};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, KillBackend, MidBatchKill, Runs};
-use troupe_test_suite::servers::{RedisSentinels, free_port, redis_server};
+use troupe_test_suite::servers::{RedisClusterSet, RedisSentinels, free_port, redis_server};
 use troupe_worker::Worker;
 
 const QUEUE: &str = "faults";
@@ -224,6 +224,39 @@ async fn chaos_sentinel_master_killed() {
         .after_round(restart)
         .child_env(BROKER_URL, url.clone())
         .run(&Redis { server: Some(url) }, &ns, "chaos-sentinel", None)
+        .await;
+    report.assert_nothing_lost();
+}
+
+/// Chaos rounds of a Redis Cluster failover: three masters with a replica each, of the test's
+/// own; each round SIGKILLs the master serving the namespace's slot while two workers run
+/// (their URL names every node), returns once its replica serves the slot, and after the round
+/// starts the killed node again, which rejoins as a replica. As with Sentinel, replication is
+/// asynchronous and the workers' writes come in order, so no message may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_cluster_master_killed() {
+    let set = Arc::new(RedisClusterSet::start());
+    let url = set.url("");
+    let ns = format!("{{troupe-chaos-{}}}", uuid::Uuid::new_v4().simple());
+    let killed = Arc::new(std::sync::Mutex::new(None));
+    let kill = {
+        let (set, killed, ns) = (Arc::clone(&set), Arc::clone(&killed), ns.clone());
+        move || *killed.lock().unwrap() = Some(set.kill_master_of(&ns))
+    };
+    let restart = {
+        let (set, killed) = (Arc::clone(&set), Arc::clone(&killed));
+        move || {
+            if let Some(port) = killed.lock().unwrap().take() {
+                set.restart(port);
+            }
+        }
+    };
+    let report = ChaosRounds::new(Fault::RestartServer)
+        .named("the namespace's master killed, cluster failover")
+        .restart_with(kill)
+        .after_round(restart)
+        .child_env(BROKER_URL, url.clone())
+        .run(&Redis { server: Some(url) }, &ns, "chaos-cluster", None)
         .await;
     report.assert_nothing_lost();
 }

@@ -1124,3 +1124,193 @@ fn cluster_state_ok(port: u16) -> bool {
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
 }
+
+/// A Redis Cluster of a test's own: three masters, each with one replica, on free loopback
+/// ports (bus ports free too), nodes failed after 1 s without an answer. Killed (SIGKILL) on
+/// drop. [`RedisClusterSet::kill_master_of`] kills the master serving a key's slot and returns
+/// once its replica serves it; [`RedisClusterSet::restart`] starts a killed node again on its
+/// data, where it rejoins as a replica.
+#[derive(Debug)]
+pub struct RedisClusterSet {
+    dir: PathBuf,
+    /// Each node's port and bus port.
+    nodes: Vec<(u16, u16)>,
+    processes: std::sync::Mutex<std::collections::HashMap<u16, std::process::Child>>,
+}
+
+impl RedisClusterSet {
+    /// Starts the six nodes and joins them (`redis-cli --cluster create … --cluster-replicas 1`).
+    ///
+    /// # Panics
+    /// When a node does not start, or the cluster is not up with every replica synced in 30 s.
+    #[must_use]
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "troupe-cluster-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        // Twelve distinct ports: each held open until all are chosen (free_port alone may give
+        // the same port twice, as it closes the one it found).
+        let held: Vec<std::net::TcpListener> = (0..12)
+            .map(|_| check(std::net::TcpListener::bind("127.0.0.1:0"), "a free port"))
+            .collect();
+        let ports: Vec<u16> = held
+            .iter()
+            .map(|l| check(l.local_addr(), "a free port").port())
+            .collect();
+        drop(held);
+        let set = Self {
+            dir,
+            nodes: ports.chunks(2).map(|pair| (pair[0], pair[1])).collect(),
+            processes: std::sync::Mutex::default(),
+        };
+        for &(port, _) in &set.nodes {
+            set.start_node(port);
+        }
+        let nodes: Vec<String> = set.nodes.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+        succeed(
+            Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&nodes)
+                .args(["--cluster-replicas", "1", "--cluster-yes"]),
+            "redis-cli must be installed (redis-tools)",
+            "redis-cli --cluster create failed",
+        );
+        set.wait_until("the cluster is up and every replica synced", || set.settled());
+        set
+    }
+
+    /// `redis+cluster://` naming every node, with `query` (`?…`) after.
+    #[must_use]
+    pub fn url(&self, query: &str) -> String {
+        let nodes: Vec<String> = self.nodes.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+        format!("redis+cluster://{}{query}", nodes.join(","))
+    }
+
+    /// Kills (SIGKILL) the master serving `key`'s slot and returns its port once another node
+    /// serves the slot and the cluster is up.
+    ///
+    /// # Panics
+    /// When no failover happens within 30 s.
+    pub fn kill_master_of(&self, key: &str) -> u16 {
+        let old = self.serving(key).expect("a master serves the key's slot");
+        if let Some(mut child) = self.processes().remove(&old) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.wait_until("a replica takes over the slot", || {
+            self.serving(key).is_some_and(|p| p != old)
+                && self
+                    .live()
+                    .iter()
+                    .all(|&p| cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        });
+        old
+    }
+
+    /// Starts the node on `port` again on its data (it rejoins as a replica) and returns once
+    /// it has synced.
+    ///
+    /// # Panics
+    /// When it does not start or sync within 30 s.
+    pub fn restart(&self, port: u16) {
+        self.start_node(port);
+        self.wait_until("the restarted node syncs as a replica", || self.settled());
+    }
+
+    /// The port of the master serving `key`'s slot, as a live node says.
+    fn serving(&self, key: &str) -> Option<u16> {
+        let live = self.live();
+        let asked = *live.first()?;
+        let slot: u32 = cli(asked, &["CLUSTER", "KEYSLOT", key]).parse().ok()?;
+        cli(asked, &["CLUSTER", "NODES"]).lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let master = fields.get(2)?.split(',').any(|f| f == "master") && !fields.get(2)?.contains("fail");
+            let serves = fields.iter().skip(8).any(|range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                matches!((a.parse::<u32>(), b.parse::<u32>()), (Ok(a), Ok(b)) if (a..=b).contains(&slot))
+            });
+            (master && serves)
+                .then(|| fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok())
+                .flatten()
+        })
+    }
+
+    /// Whether every live node says the cluster is up and every live replica has synced.
+    fn settled(&self) -> bool {
+        self.live().iter().all(|&p| {
+            let replication = cli(p, &["INFO", "replication"]);
+            cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                && (replication.contains("role:master") || replication.contains("master_link_status:up"))
+        }) && self
+            .live()
+            .iter()
+            .filter(|&&p| cli(p, &["INFO", "replication"]).contains("role:slave"))
+            .count()
+            == 3
+    }
+
+    fn live(&self) -> Vec<u16> {
+        let mut live: Vec<u16> = self.processes().keys().copied().collect();
+        live.sort_unstable();
+        live
+    }
+
+    fn processes(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u16, std::process::Child>> {
+        self.processes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn start_node(&self, port: u16) {
+        let bus = self
+            .nodes
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(0, |(_, b)| *b)
+            .to_string();
+        let data = self.dir.join(port.to_string());
+        check(std::fs::create_dir_all(&data), "a Redis data directory");
+        let child = redis_server(
+            port,
+            &data,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-port",
+                &bus,
+                "--repl-diskless-sync-delay",
+                "0",
+            ],
+        );
+        self.processes().insert(port, child);
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "Redis Cluster: {what} did not happen within 30 s; nodes: {}",
+                self.live()
+                    .first()
+                    .map(|&p| cli(p, &["CLUSTER", "NODES"]))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RedisClusterSet {
+    fn drop(&mut self) {
+        for (_, mut child) in self.processes().drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
