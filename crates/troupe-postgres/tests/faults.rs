@@ -13,14 +13,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use troupe_core::{Actor, ActorError, ActorOptions, App, Broker};
+use troupe_core::Broker;
 use troupe_postgres::{PostgresBroker, PostgresOptions};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, FileRuns, KillBackend, MidBatchKill};
 use troupe_test_suite::servers::{PostgresNode, PostgresPair};
+use troupe_test_suite::{COUNT_QUEUE, Count, counting_app};
 use troupe_worker::Worker;
 
-const QUEUE: &str = "faults";
+/// The queue of the [`Count`] actor.
+const QUEUE: &str = COUNT_QUEUE;
 
 fn url() -> String {
     std::env::var("TROUPE_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
@@ -230,7 +232,7 @@ async fn a_producer_follows_a_promoted_standby() {
     )
     .await
     .unwrap();
-    let (app, count) = counting_app(&broker);
+    let (app, count) = counting_app(Arc::new(broker.clone()));
     let send = move || {
         let (app, count) = (app.clone(), Arc::clone(&count));
         async move { Ok(app.send(&Count(count), ()).await?.message().message_id.clone()) }
@@ -287,7 +289,7 @@ async fn multi_host_urls_use_the_server_that_accepts_writes() {
     let broker = PostgresBroker::open(PostgresOptions::from_url(&url).unwrap().schema(&schema))
         .await
         .unwrap();
-    let (app, count) = counting_app(&broker);
+    let (app, count) = counting_app(Arc::new(broker.clone()));
     app.send(&Count(Arc::clone(&count)), ()).await.unwrap();
     let on_primary = pair.primary().sql(&format!(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'troupe' AND datname = '{}'",
@@ -313,33 +315,6 @@ async fn multi_host_urls_use_the_server_that_accepts_writes() {
     );
 }
 
-/// An app on `broker` with [`Count`], and its counter.
-fn counting_app(broker: &PostgresBroker) -> (App, Arc<std::sync::atomic::AtomicUsize>) {
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = App::builder(Arc::new(broker.clone()))
-        .actor(Count(Arc::clone(&count)))
-        .build()
-        .unwrap();
-    (app, count)
-}
-
-struct Count(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Actor for Count {
-    type Args = ();
-    type Output = ();
-    fn name(&self) -> &str {
-        "count"
-    }
-    fn options(&self) -> ActorOptions {
-        ActorOptions::new().queue_name(QUEUE)
-    }
-    async fn call(&self, (): ()) -> Result<(), ActorError> {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-}
-
 fn pg_ctlcluster(action: &str) {
     let version = std::fs::read_dir("/etc/postgresql")
         .expect("the machine's PostgreSQL cluster (/etc/postgresql)")
@@ -358,7 +333,7 @@ fn pg_ctlcluster(action: &str) {
 async fn the_worker_survives_a_restart_of_the_shared_server() {
     let schema = schema();
     let broker = PostgresBroker::open(options(&schema)).await.unwrap();
-    let (app, count) = counting_app(&broker);
+    let (app, count) = counting_app(Arc::new(broker.clone()));
     let worker = Worker::builder(app.clone())
         .concurrency(2)
         .fetch_timeout(Duration::from_millis(200))

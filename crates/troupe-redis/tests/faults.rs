@@ -12,14 +12,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
-use troupe_core::{Actor, ActorError, ActorOptions, App};
+use troupe_core::ActorError;
 use troupe_redis::{RedisBroker, RedisOptions};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, KillBackend, MidBatchKill, Runs};
 use troupe_test_suite::servers::{RedisClusterSet, RedisSentinels, free_port, redis_server};
+use troupe_test_suite::{COUNT_QUEUE, Count, counting_app};
 use troupe_worker::Worker;
 
-const QUEUE: &str = "faults";
+/// The queue of the [`Count`] actor.
+const QUEUE: &str = COUNT_QUEUE;
 
 fn url() -> String {
     std::env::var("TROUPE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
@@ -205,23 +207,13 @@ async fn chaos_sentinel_master_killed() {
     let set = Arc::new(RedisSentinels::start());
     let url = set.url("");
     let ns = format!("troupe-chaos-{}", uuid::Uuid::new_v4().simple());
-    let killed = Arc::new(std::sync::Mutex::new(None));
-    let kill = {
-        let (set, killed) = (Arc::clone(&set), Arc::clone(&killed));
-        move || *killed.lock().unwrap() = Some(set.kill_master())
-    };
-    let restart = {
-        let (set, killed) = (Arc::clone(&set), Arc::clone(&killed));
-        move || {
-            if let Some(port) = killed.lock().unwrap().take() {
-                set.restart_as_replica(port);
-            }
-        }
-    };
+    let (killer, restarter) = (Arc::clone(&set), Arc::clone(&set));
     let report = ChaosRounds::new(Fault::RestartServer)
         .named("master killed, Sentinel failover")
-        .restart_with(kill)
-        .after_round(restart)
+        .kill_then_bring_back(
+            move || killer.kill_master(),
+            move |port| restarter.restart_as_replica(port),
+        )
         .child_env(BROKER_URL, url.clone())
         .run(&Redis { server: Some(url) }, &ns, "chaos-sentinel", None)
         .await;
@@ -238,23 +230,10 @@ async fn chaos_cluster_master_killed() {
     let set = Arc::new(RedisClusterSet::start());
     let url = set.url("");
     let ns = format!("{{troupe-chaos-{}}}", uuid::Uuid::new_v4().simple());
-    let killed = Arc::new(std::sync::Mutex::new(None));
-    let kill = {
-        let (set, killed, ns) = (Arc::clone(&set), Arc::clone(&killed), ns.clone());
-        move || *killed.lock().unwrap() = Some(set.kill_master_of(&ns))
-    };
-    let restart = {
-        let (set, killed) = (Arc::clone(&set), Arc::clone(&killed));
-        move || {
-            if let Some(port) = killed.lock().unwrap().take() {
-                set.restart(port);
-            }
-        }
-    };
+    let (killer, restarter, key) = (Arc::clone(&set), Arc::clone(&set), ns.clone());
     let report = ChaosRounds::new(Fault::RestartServer)
         .named("the namespace's master killed, cluster failover")
-        .restart_with(kill)
-        .after_round(restart)
+        .kill_then_bring_back(move || killer.kill_master_of(&key), move |port| restarter.restart(port))
         .child_env(BROKER_URL, url.clone())
         .run(&Redis { server: Some(url) }, &ns, "chaos-cluster", None)
         .await;
@@ -272,7 +251,7 @@ async fn a_producer_follows_a_sentinel_failover() {
     let broker = RedisBroker::connect(&set.url(&format!("?namespace={ns}")))
         .await
         .unwrap();
-    let (app, count) = counting_app(&broker);
+    let (app, count) = counting_app(Arc::new(broker.clone()));
     let send = move || {
         let (app, count) = (app.clone(), Arc::clone(&count));
         async move { Ok(app.send(&Count(count), ()).await?.message().message_id.clone()) }
@@ -315,7 +294,7 @@ async fn sentinel_urls_reach_the_master_they_name() {
     let broker = RedisBroker::connect(&set.url("?namespace=sentinel-basics"))
         .await
         .unwrap();
-    let (app, count) = counting_app(&broker);
+    let (app, count) = counting_app(Arc::new(broker.clone()));
     app.send(&Count(Arc::clone(&count)), ()).await.unwrap();
     let master = redis::Client::open(format!("redis://127.0.0.1:{}/0", set.master_port())).unwrap();
     let mut conn = master.get_multiplexed_async_connection().await.unwrap();
@@ -335,33 +314,6 @@ async fn sentinel_urls_reach_the_master_they_name() {
     );
 }
 
-/// An app on `broker` with the [`Count`] actor, and its count.
-fn counting_app(broker: &RedisBroker) -> (App, Arc<std::sync::atomic::AtomicUsize>) {
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = App::builder(Arc::new(broker.clone()))
-        .actor(Count(Arc::clone(&count)))
-        .build()
-        .unwrap();
-    (app, count)
-}
-
-struct Count(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Actor for Count {
-    type Args = ();
-    type Output = ();
-    fn name(&self) -> &str {
-        "count"
-    }
-    fn options(&self) -> ActorOptions {
-        ActorOptions::new().queue_name(QUEUE)
-    }
-    async fn call(&self, (): ()) -> Result<(), ActorError> {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_survives_a_redis_restart() {
     let port = free_port();
@@ -372,7 +324,7 @@ async fn the_worker_survives_a_redis_restart() {
         .heartbeat_timeout(Duration::from_secs(2))
         .maintenance_interval(Duration::from_millis(200));
     let broker = RedisBroker::open(options).await.unwrap();
-    let (app, count) = counting_app(&broker);
+    let (app, count) = counting_app(Arc::new(broker.clone()));
     let worker = Worker::builder(app.clone())
         .concurrency(2)
         .fetch_timeout(Duration::from_millis(200))

@@ -570,6 +570,31 @@ impl ChaosRounds {
         self
     }
 
+    /// A [`Fault::RestartServer`] that only kills: `kill` kills a server and returns what
+    /// `bring_back` needs (its port, say), which brings it back after the round (a failed-over
+    /// master as a replica of the one promoted).
+    #[must_use]
+    pub fn kill_then_bring_back<T: Send + 'static>(
+        self,
+        kill: impl Fn() -> T + Send + Sync + 'static,
+        bring_back: impl Fn(T) + Send + Sync + 'static,
+    ) -> Self {
+        let killed = Arc::new(Mutex::new(None));
+        let taken = Arc::clone(&killed);
+        self.restart_with(move || {
+            let victim = kill();
+            if let Ok(mut killed) = killed.lock() {
+                *killed = Some(victim);
+            }
+        })
+        .after_round(move || {
+            let victim = taken.lock().ok().and_then(|mut killed| killed.take());
+            if let Some(victim) = victim {
+                bring_back(victim);
+            }
+        })
+    }
+
     /// Runs `rounds` rounds unless `TROUPE_CHAOS_ROUNDS` is set.
     #[must_use]
     pub fn rounds(mut self, rounds: u32) -> Self {

@@ -33,7 +33,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use troupe_core::{Broker, MemoryResults, MemoryState, Result, ResultBackend, StateBackend};
 
-pub use support::{Call, TestActor, eventually, unique_queue};
+pub use support::{COUNT_QUEUE, Call, Count, TestActor, counting_app, eventually, unique_queue};
 
 /// Puts raw bytes on a queue, bypassing the encoder (to test bad input).
 pub type RawEnqueue = Arc<dyn Fn(String, Vec<u8>) -> BoxFuture<'static, Result<()>> + Send + Sync>;

@@ -839,23 +839,18 @@ impl RedisSentinels {
     }
 
     fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !done() {
-            if Instant::now() > deadline {
-                let logs: Vec<String> = self
-                    .sentinels
-                    .iter()
-                    .map(|p| {
-                        let text =
-                            std::fs::read_to_string(self.dir.join(format!("sentinel-{p}.log"))).unwrap_or_default();
-                        let lines: Vec<&str> = text.lines().collect();
-                        format!("sentinel {p}:\n{}", lines[lines.len().saturating_sub(15)..].join("\n"))
-                    })
-                    .collect();
-                panic!("{what}: not within 30 s\n{}", logs.join("\n"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(what, done, || {
+            let logs: Vec<String> = self
+                .sentinels
+                .iter()
+                .map(|p| {
+                    let text = std::fs::read_to_string(self.dir.join(format!("sentinel-{p}.log"))).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    format!("sentinel {p}:\n{}", lines[lines.len().saturating_sub(15)..].join("\n"))
+                })
+                .collect();
+            logs.join("\n")
+        });
     }
 }
 
@@ -866,6 +861,16 @@ impl Drop for RedisSentinels {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `done` every 100 ms for up to 30 s; past that, panics with `what` and what `state`
+/// says then (logs, the servers' view).
+fn wait_until(what: &str, done: impl Fn() -> bool, state: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s\n{}", state());
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -1290,18 +1295,10 @@ impl RedisClusterSet {
     }
 
     fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !done() {
-            assert!(
-                Instant::now() < deadline,
-                "Redis Cluster: {what} did not happen within 30 s; nodes: {}",
-                self.live()
-                    .first()
-                    .map(|&p| cli(p, &["CLUSTER", "NODES"]))
-                    .unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(&format!("Redis Cluster: {what}"), done, || {
+            let nodes = self.live().first().map(|&p| cli(p, &["CLUSTER", "NODES"]));
+            format!("nodes: {}", nodes.unwrap_or_default())
+        });
     }
 }
 

@@ -125,3 +125,39 @@ impl Actor for TestActor {
         (self.behaviour)(index, args).await
     }
 }
+
+/// The queue of [`Count`].
+pub const COUNT_QUEUE: &str = "faults";
+
+/// An actor (`count`, on [`COUNT_QUEUE`]) that counts its runs.
+#[derive(Clone, Debug)]
+pub struct Count(pub Arc<std::sync::atomic::AtomicUsize>);
+
+impl Actor for Count {
+    type Args = ();
+    type Output = ();
+    fn name(&self) -> &str {
+        "count"
+    }
+    fn options(&self) -> ActorOptions {
+        ActorOptions::new().queue_name(COUNT_QUEUE)
+    }
+    async fn call(&self, (): ()) -> Result<(), ActorError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// An app on `broker` with the [`Count`] actor, and its count.
+///
+/// # Panics
+/// When the app cannot be built.
+#[must_use]
+pub fn counting_app(broker: Arc<dyn troupe_core::Broker>) -> (troupe_core::App, Arc<std::sync::atomic::AtomicUsize>) {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = troupe_core::App::builder(broker)
+        .actor(Count(Arc::clone(&count)))
+        .build()
+        .expect("an app with the count actor");
+    (app, count)
+}
