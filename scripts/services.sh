@@ -97,6 +97,24 @@ ensure_chromium() {
   rm -f "$log"
 }
 
+# The PostgreSQL tests through a pooler start Debian's PgBouncer themselves (on a port of their
+# own, in front of the machine's server); only the program is needed.
+ensure_pgbouncer() {
+  if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then
+    return 0
+  fi
+  echo "scripts/test: installing pgbouncer (one time)" >&2
+  local log
+  log="$(mktemp)"
+  if ! { apt-get install -y pgbouncer >"$log" 2>&1 \
+    || { apt-get update >>"$log" 2>&1 && apt-get install -y pgbouncer >>"$log" 2>&1; }; }; then
+    service_failed "pgbouncer" "apt-get install pgbouncer failed: $(tail -n1 "$log")"
+  fi
+  rm -f "$log"
+  # Debian starts a pgbouncer service on 6432 on install; the tests run their own.
+  systemctl disable --now pgbouncer >/dev/null 2>&1 || service pgbouncer stop >/dev/null 2>&1 || true
+}
+
 # Tests leave namespaces and schemas of their own behind (one per case); drop old ones so the
 # servers do not fill up across runs.
 cleanup_test_data() {
@@ -119,5 +137,6 @@ ensure_services() {
   ensure_rabbitmq
   ensure_dramatiq_venv
   ensure_chromium
+  ensure_pgbouncer
   cleanup_test_data
 }

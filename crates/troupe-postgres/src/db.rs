@@ -12,6 +12,7 @@ use troupe_core::{Error, ErrorKind, redact_url};
 use troupe_sql::{SqlOptions, parse_query};
 
 use crate::hosts::{self, Fence, Follower, TargetSessionAttrs, split_hosts};
+use crate::pooling::{Db, PoolMode, Setting, Statements, set_statement};
 
 pub(crate) const BACKEND: &str = "postgres";
 
@@ -43,6 +44,14 @@ pub struct PostgresOptions {
     /// Which server to use when the URL names several (`target_session_attrs`, default
     /// [`TargetSessionAttrs::Any`]); see [`PostgresOptions::from_url`].
     pub target_session_attrs: TargetSessionAttrs,
+    /// How the connections reach the server (`pool_mode`, default [`PoolMode::Session`]:
+    /// directly or through a session pooler); [`PoolMode::Transaction`] behind PgBouncer's
+    /// transaction pooling.
+    pub pool_mode: PoolMode,
+    /// A URL reaching the server directly, for LISTEN when [`pool_mode`](Self::pool_mode) is
+    /// [`PoolMode::Transaction`] (a transaction pooler cannot carry LISTEN); without it, idle
+    /// consumers poll every `poll_interval`. Unused in session mode.
+    pub listen_url: Option<String>,
 }
 
 impl std::fmt::Debug for PostgresOptions {
@@ -57,6 +66,8 @@ impl std::fmt::Debug for PostgresOptions {
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("target_session_attrs", &self.target_session_attrs)
+            .field("pool_mode", &self.pool_mode)
+            .field("listen_url", &self.listen_url.as_deref().map(redact_url))
             .finish()
     }
 }
@@ -75,6 +86,8 @@ impl PostgresOptions {
             max_connections: 10,
             connect_timeout: Duration::from_secs(5),
             target_session_attrs: TargetSessionAttrs::Any,
+            pool_mode: PoolMode::Session,
+            listen_url: None,
         }
     }
 
@@ -110,6 +123,8 @@ impl PostgresOptions {
                 "schema" => options.schema = s.value.to_owned(),
                 "connect_timeout" => options.connect_timeout = s.duration()?,
                 "target_session_attrs" => options.target_session_attrs = TargetSessionAttrs::parse(s.value)?,
+                "pool_mode" => options.pool_mode = PoolMode::parse(s.value)?,
+                "listen_url" => options.listen_url = Some(listen_url(s.value)?),
                 // The driver's, checked here so a missing file is named before connecting.
                 "sslrootcert" | "sslcert" | "sslkey" => {
                     if s.value != "system" {
@@ -134,6 +149,7 @@ impl PostgresOptions {
         validate_schema(&options.schema)?;
         tls.read(&TLS_NAMES)?;
         options.host_connect_options()?;
+        options.listen_connect_options()?;
         Ok(options)
     }
 
@@ -151,16 +167,55 @@ impl PostgresOptions {
         self
     }
 
+    /// Sets how the connections reach the server.
+    #[must_use]
+    pub fn pool_mode(mut self, mode: PoolMode) -> Self {
+        self.pool_mode = mode;
+        self
+    }
+
+    /// Sets the direct URL LISTEN uses under transaction pooling.
+    #[must_use]
+    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_url = Some(url.into());
+        self
+    }
+
     /// The connect options of each server the URL names (one for most URLs).
     pub(crate) fn host_connect_options(&self) -> Result<Vec<PgConnectOptions>, Error> {
         split_hosts(&self.url)?
             .iter()
             .map(|url| {
                 PgConnectOptions::from_str(url)
-                    .map(|o| o.application_name("troupe"))
+                    .map(troupe_connect_options)
                     .map_err(|e| Error::Config(format!("bad PostgreSQL URL {:?}: {e}", redact_url(&self.url))))
             })
             .collect()
+    }
+
+    /// The connect options of `listen_url`, used under transaction pooling (`None`: none
+    /// given, or session mode, where LISTEN goes over the main pool's server).
+    pub(crate) fn listen_connect_options(&self) -> Result<Option<PgConnectOptions>, Error> {
+        let Some(url) = self
+            .listen_url
+            .as_deref()
+            .filter(|_| self.pool_mode == PoolMode::Transaction)
+        else {
+            return Ok(None);
+        };
+        PgConnectOptions::from_str(url)
+            .map(|o| Some(troupe_connect_options(o)))
+            .map_err(|e| {
+                Error::Config(format!(
+                    "bad listen_url {:?} in the PostgreSQL URL: {e}",
+                    redact_url(url)
+                ))
+            })
+    }
+
+    /// The settings of the main pool's sessions (or transactions, under transaction pooling).
+    pub(crate) fn settings(&self) -> Vec<Setting> {
+        vec![("search_path", self.schema.clone())]
     }
 
     /// The channel NOTIFY wake-ups go on.
@@ -176,6 +231,29 @@ impl FromStr for PostgresOptions {
 
     fn from_str(s: &str) -> Result<Self, Error> {
         Self::from_url(s)
+    }
+}
+
+/// Troupe's settings on a server's connect options: its application name, and no startup
+/// parameter a pooler would refuse (PgBouncer accepts only a few: sqlx's default
+/// `extra_float_digits` is not one of them, and Troupe's settings are made after connecting).
+fn troupe_connect_options(options: PgConnectOptions) -> PgConnectOptions {
+    options.application_name("troupe").extra_float_digits(None)
+}
+
+/// A `listen_url` value: a PostgreSQL URL, percent-encoded or not.
+fn listen_url(value: &str) -> Result<String, Error> {
+    let url = percent_encoding::percent_decode_str(value)
+        .decode_utf8_lossy()
+        .into_owned();
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+        Ok(url)
+    } else {
+        Err(Error::Config(format!(
+            "listen_url {:?} is not a PostgreSQL URL; give the server's own address (not the pooler's), percent-encoded: listen_url=postgres%3A%2F%2FUSER%40HOST%3A5432%2FDATABASE",
+            redact_url(&url)
+        )))
     }
 }
 
@@ -210,6 +288,8 @@ pub(crate) trait Outcome {
     type Value;
     /// `self` with sqlx's errors mapped.
     fn into_result(self, what: &str) -> Result<Self::Value, Error>;
+    /// Whether the statement succeeded (its transaction commits).
+    fn succeeded(&self) -> bool;
 }
 
 impl<T> Outcome for Result<T, sqlx::Error> {
@@ -217,12 +297,28 @@ impl<T> Outcome for Result<T, sqlx::Error> {
     fn into_result(self, what: &str) -> Result<T, Error> {
         self.map_err(|e| db_error(what, e))
     }
+    fn succeeded(&self) -> bool {
+        self.is_ok()
+    }
 }
 
 impl<T> Outcome for Result<T, Error> {
     type Value = T;
     fn into_result(self, _: &str) -> Result<T, Error> {
         self
+    }
+    fn succeeded(&self) -> bool {
+        self.is_ok()
+    }
+}
+
+/// Ends the transaction a timed statement ran in under transaction pooling: commits it when
+/// the statement succeeded, rolls it back otherwise.
+pub(crate) async fn end_transaction(tx: sqlx::Transaction<'_, Postgres>, succeeded: bool) -> Result<(), sqlx::Error> {
+    if succeeded {
+        tx.commit().await
+    } else {
+        tx.rollback().await
     }
 }
 
@@ -233,13 +329,19 @@ impl<T> Outcome for Result<T, Error> {
 pub(crate) struct Held {
     conn: PoolConnection<Postgres>,
     finished: bool,
+    /// Under transaction pooling, what the statement's transaction starts with.
+    begin: Option<AssertSqlSafe<Arc<str>>>,
 }
 
 impl Held {
-    /// A connection of `pool` (the pool's acquire time-out bounds the wait).
-    pub(crate) async fn acquire(pool: &PgPool, what: &str) -> Result<Self, Error> {
-        let conn = pool.acquire().await.map_err(|e| db_error(what, e))?;
-        Ok(Self { conn, finished: false })
+    /// A connection of `db`'s pool (the pool's acquire time-out bounds the wait).
+    pub(crate) async fn acquire(db: &Db, what: &str) -> Result<Self, Error> {
+        let conn = db.pool().acquire().await.map_err(|e| db_error(what, e))?;
+        Ok(Self {
+            conn,
+            finished: false,
+            begin: db.begin(),
+        })
     }
 
     /// The connection, for the statement.
@@ -247,10 +349,17 @@ impl Held {
         &mut self.conn
     }
 
-    /// The statement's outcome, or a transient time-out error (the connection is then closed).
+    /// Under transaction pooling, what the statement's transaction starts with (`None`: the
+    /// statement runs on its own).
+    pub(crate) fn begin(&mut self) -> Option<AssertSqlSafe<Arc<str>>> {
+        self.begin.take()
+    }
+
+    /// The statement's outcome (`Err`: its transaction could not begin or end), or a transient
+    /// time-out error (the connection is then closed).
     pub(crate) fn finish<O: Outcome>(
         mut self,
-        outcome: Result<O, tokio::time::error::Elapsed>,
+        outcome: Result<Result<O, sqlx::Error>, tokio::time::error::Elapsed>,
         what: &str,
     ) -> Result<O::Value, Error> {
         let Ok(done) = outcome else {
@@ -264,7 +373,7 @@ impl Held {
             ));
         };
         self.finished = true;
-        done.into_result(what)
+        done.map_err(|e| db_error(what, e))?.into_result(what)
     }
 }
 
@@ -290,16 +399,34 @@ impl Drop for Held {
     }
 }
 
-/// Runs `$body`, a future using `$conn: &mut PgConnection` (a connection of `$pool`) and
-/// returning an sqlx or a Troupe result, within [`QUERY_TIMEOUT`]; see [`Held`]. Every
-/// statement of this crate on a pool runs through it.
+/// Runs `$body`, a future using `$conn: &mut PgConnection` (a connection of `$db`, a
+/// [`Db`]) and returning an sqlx or a Troupe result, within [`QUERY_TIMEOUT`]; see [`Held`].
+/// Under transaction pooling the statement runs in a transaction of its own that starts with
+/// the pool's settings and commits when it succeeded. Every statement of this crate on a pool
+/// runs through it.
 macro_rules! timed {
-    ($pool:expr, $what:expr, |$conn:ident| $body:expr) => {{
+    ($db:expr, $what:expr, |$conn:ident| $body:expr) => {{
         let what: &str = $what;
-        let mut held = $crate::db::Held::acquire($pool, what).await?;
-        let outcome = {
-            let $conn = held.conn();
-            ::tokio::time::timeout($crate::db::QUERY_TIMEOUT, $body).await
+        let mut held = $crate::db::Held::acquire($db, what).await?;
+        let outcome = match held.begin() {
+            None => {
+                let $conn = held.conn();
+                ::tokio::time::timeout($crate::db::QUERY_TIMEOUT, async { Ok::<_, ::sqlx::Error>($body.await) }).await
+            }
+            Some(begin) => {
+                let conn = held.conn();
+                ::tokio::time::timeout($crate::db::QUERY_TIMEOUT, async {
+                    let mut tx = ::sqlx::Connection::begin_with(conn, begin).await?;
+                    let out = {
+                        let $conn: &mut ::sqlx::PgConnection = &mut tx;
+                        $body.await
+                    };
+                    let succeeded = $crate::db::Outcome::succeeded(&out);
+                    $crate::db::end_transaction(tx, succeeded).await?;
+                    Ok(out)
+                })
+                .await
+            }
         };
         held.finish(outcome, what)
     }};
@@ -309,7 +436,21 @@ pub(crate) use timed;
 /// Maps an sqlx error to a Troupe error with `what` as context.
 pub(crate) fn db_error(what: &str, e: sqlx::Error) -> Error {
     let kind = kind_of(&e);
-    Error::backend_with_source(BACKEND, kind, format!("{what}: {e}"), e)
+    let hint = pooler_hint(&e);
+    Error::backend_with_source(BACKEND, kind, format!("{what}: {e}{hint}"), e)
+}
+
+/// What to fix when `e` is what prepared statements do through a transaction pooler that
+/// Troupe was not told about: another client's server connection has no statement of that
+/// name, or already has one.
+fn pooler_hint(e: &sqlx::Error) -> &'static str {
+    let sqlx::Error::Database(db) = e else { return "" };
+    let prepared = matches!(db.code().as_deref(), Some("26000" | "42P05")) && db.message().contains("sqlx_s_");
+    if prepared {
+        "; is this a transaction pooler (PgBouncer's pool_mode = transaction)? add pool_mode=transaction to the URL (and open the results and state backends from the URL or the broker's store(), not a bare pool)"
+    } else {
+        ""
+    }
 }
 
 fn kind_of(e: &sqlx::Error) -> ErrorKind {
@@ -360,6 +501,9 @@ fn connect_error(options: &PostgresOptions, e: sqlx::Error) -> Error {
         _ if matches!(e, sqlx::Error::Tls(_)) => {
             "the TLS handshake failed; check `sslmode`, `sslrootcert`, `sslcert` and `sslkey` in the URL"
         }
+        _ if format!("{e}").contains("unsupported startup parameter") => {
+            "a pooler refused a startup parameter of the URL (PgBouncer accepts few); remove it from the URL, or list it in the pooler's ignore_startup_parameters"
+        }
         _ if matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => {
             "check that the server runs and the host and port are right"
         }
@@ -379,11 +523,27 @@ fn connect_error(options: &PostgresOptions, e: sqlx::Error) -> Error {
 /// server may have dropped them); a connection that broke while in use fails its statement,
 /// which callers treat as a transient error, and the pool drops it.
 ///
+/// In session mode each new connection makes the pool's `settings` (`SET`) before its first
+/// use; under transaction pooling they are made per transaction instead (see [`Db`]), since a
+/// session setting would land on whichever server connection the pooler picked. (They are not
+/// sent as the `options` startup parameter, which PgBouncer refuses.)
+///
 /// With a `fence` (the URL names several servers), a connection made before the pools moved to
 /// another server is closed instead of used.
-pub(crate) fn pool_options(fence: Option<Arc<Fence>>) -> PgPoolOptions {
+pub(crate) fn pool_options(fence: Option<Arc<Fence>>, mode: PoolMode, settings: &[Setting]) -> PgPoolOptions {
+    let set: Option<Arc<str>> =
+        (mode == PoolMode::Session && !settings.is_empty()).then(|| set_statement(settings, false).into());
     PgPoolOptions::new()
         .test_before_acquire(false)
+        .after_connect(move |conn, _| {
+            let set = set.clone();
+            Box::pin(async move {
+                if let Some(set) = set {
+                    sqlx::raw_sql(AssertSqlSafe(set)).execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        })
         .before_acquire(move |conn, meta| {
             let stale = fence.as_ref().is_some_and(|fence| fence.stale(meta.age));
             Box::pin(async move {
@@ -404,7 +564,7 @@ pub(crate) fn pool_options(fence: Option<Arc<Fence>>) -> PgPoolOptions {
 /// How long a pooled connection may sit idle before it is pinged on acquire.
 const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
 
-/// How the side pools (claims, writer) connect: the main pool's settings plus their own.
+/// The side pools (claims, writer): the main pool's server and settings plus their own.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Side {
     /// Claims only, on sessions that commit asynchronously (`synchronous_commit = off`).
@@ -421,52 +581,56 @@ pub(crate) enum Side {
 }
 
 impl Side {
-    /// `base` (the main pool's connect options) with this side's session settings.
-    pub(crate) fn connect_options(&self, base: PgConnectOptions) -> PgConnectOptions {
-        match self {
-            Self::Claims => base.options([("synchronous_commit", "off")]),
-            Self::Writer => base.options([("plan_cache_mode", "force_custom_plan")]),
-        }
+    /// This side's settings: the main pool's and its own.
+    fn settings(self, options: &PostgresOptions) -> Vec<Setting> {
+        let mut settings = options.settings();
+        settings.push(match self {
+            Self::Claims => ("synchronous_commit", "off".to_owned()),
+            Self::Writer => ("plan_cache_mode", "force_custom_plan".to_owned()),
+        });
+        settings
     }
 
     /// A small pool of this side on `main`'s server, connected now; it follows `follower`.
     pub(crate) async fn open(
         self,
-        main: &PgPool,
+        main: &Db,
         options: &PostgresOptions,
         follower: Option<&Follower>,
-    ) -> Result<PgPool, Error> {
-        let pool = pool_options(follower.map(Follower::fence))
+    ) -> Result<Db, Error> {
+        let settings = self.settings(options);
+        let pool = pool_options(follower.map(Follower::fence), options.pool_mode, &settings)
             .max_connections(2)
             .acquire_timeout(options.connect_timeout)
-            .connect_with(self.connect_options((*main.connect_options()).clone()))
+            .connect_with((*main.pool().connect_options()).clone())
             .await
             .map_err(|e| connect_error(options, e))?;
         if let Some(follower) = follower {
-            follower.add(&pool, Some(self));
+            follower.add(&pool);
         }
-        Ok(pool)
+        Ok(Db::new(pool, options.pool_mode, &settings))
     }
 
     /// A small pool of this side beside `main`, connecting on first use.
-    pub(crate) fn beside(&self, main: &PgPool, options: &PostgresOptions) -> PgPool {
-        pool_options(None)
+    pub(crate) fn beside(self, main: &Db, options: &PostgresOptions) -> Db {
+        let settings = self.settings(options);
+        let pool = pool_options(None, options.pool_mode, &settings)
             .max_connections(2)
             .acquire_timeout(options.connect_timeout)
-            .connect_lazy_with(self.connect_options((*main.connect_options()).clone()))
+            .connect_lazy_with((*main.pool().connect_options()).clone());
+        Db::new(pool, options.pool_mode, &settings)
     }
 }
 
-/// Opens the pool (search_path = the schema) and migrates the schema.
-pub(crate) async fn open(options: &PostgresOptions) -> Result<PgPool, Error> {
+/// Opens the main pool (its settings: search_path = the schema) and migrates the schema.
+pub(crate) async fn open(options: &PostgresOptions) -> Result<Db, Error> {
     Ok(open_following(options).await?.0)
 }
 
 /// [`open`], and when the URL names several servers, the follower that keeps the pool (and
 /// the side pools added to it) on one that fits `target_session_attrs`.
-pub(crate) async fn open_following(options: &PostgresOptions) -> Result<(PgPool, Option<Arc<Follower>>), Error> {
+pub(crate) async fn open_following(options: &PostgresOptions) -> Result<(Db, Option<Arc<Follower>>), Error> {
     let hosts = options.host_connect_options()?;
-    let search_path = [("search_path", options.schema.as_str())];
     let (connect, follower) = if hosts.len() > 1 {
         let (current, probe) = hosts::find(&hosts, options.target_session_attrs, options.connect_timeout)
             .await
@@ -477,21 +641,16 @@ pub(crate) async fn open_following(options: &PostgresOptions) -> Result<(PgPool,
                     format!("cannot use PostgreSQL at {}: {e}", redact_url(&options.url)),
                 )
             })?;
-        let follower = Follower::new(
-            hosts,
-            current,
-            &options.schema,
-            options.target_session_attrs,
-            options.connect_timeout,
-        );
+        let follower = Follower::new(hosts, current, options.target_session_attrs, options.connect_timeout);
         (follower.current_options(), Some((follower, probe)))
     } else {
         let Some(host) = hosts.into_iter().next() else {
             return Err(Error::Config(format!("{:?} names no server", redact_url(&options.url))));
         };
-        (host.options(search_path), None)
+        (host, None)
     };
-    let pool = pool_options(follower.as_ref().map(|(f, _)| f.fence()))
+    let settings = options.settings();
+    let pool = pool_options(follower.as_ref().map(|(f, _)| f.fence()), options.pool_mode, &settings)
         .max_connections(options.max_connections.max(2))
         .acquire_timeout(options.connect_timeout)
         .connect_with(connect)
@@ -499,11 +658,11 @@ pub(crate) async fn open_following(options: &PostgresOptions) -> Result<(PgPool,
         .map_err(|e| connect_error(options, e))?;
     migrate(&pool, options).await?;
     let follower = follower.map(|(follower, probe)| {
-        follower.add(&pool, None);
+        follower.add(&pool);
         Arc::clone(&follower).watch(probe);
         follower
     });
-    Ok((pool, follower))
+    Ok((Db::new(pool, options.pool_mode, &settings), follower))
 }
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -602,9 +761,10 @@ fn migrations(schema: &str) -> Vec<String> {
 
 async fn migrate(pool: &PgPool, options: &PostgresOptions) -> Result<(), Error> {
     let schema = options.schema.as_str();
+    let sql = Statements::new(options.pool_mode);
     let mut tx = pool.begin().await.map_err(|e| connect_error(options, e))?;
     // One migrator at a time, even with many workers starting together.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('troupe migrations'))")
+    sql.query("SELECT pg_advisory_xact_lock(hashtext('troupe migrations'))")
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error("lock the migrations", e))?;
@@ -613,15 +773,16 @@ async fn migrate(pool: &PgPool, options: &PostgresOptions) -> Result<(), Error> 
     )))
     .await
     .map_err(|e| connect_error(options, e))?;
-    let version: i64 = sqlx::query(AssertSqlSafe(format!(
-        "SELECT value FROM {schema}.meta WHERE key = 'schema_version'"
-    )))
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(|e| db_error("read the schema version", e))?
-    .and_then(|r| r.try_get::<String, _>(0).ok())
-    .and_then(|v| v.parse().ok())
-    .unwrap_or(0);
+    let version: i64 = sql
+        .query(AssertSqlSafe(format!(
+            "SELECT value FROM {schema}.meta WHERE key = 'schema_version'"
+        )))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| db_error("read the schema version", e))?
+        .and_then(|r| r.try_get::<String, _>(0).ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     if version > SCHEMA_VERSION {
         return Err(Error::Config(format!(
             "schema {schema} was written by a newer Troupe (version {version}, this one knows {SCHEMA_VERSION}); upgrade troupe-postgres"
@@ -637,7 +798,7 @@ async fn migrate(pool: &PgPool, options: &PostgresOptions) -> Result<(), Error> 
             .await
             .map_err(|e| db_error(&format!("migration {}", i + 1), e))?;
     }
-    sqlx::query(AssertSqlSafe(format!(
+    sql.query(AssertSqlSafe(format!(
         "INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', $1)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value"
     )))
@@ -662,16 +823,20 @@ mod tests {
             std::env::var("TROUPE_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let proxy = FaultProxy::start(server_of(&url, 5432).await).await;
         let options = PgConnectOptions::from_str(&with_server(&url, &proxy.addr().to_string())).unwrap();
-        let pool = pool_options(None)
+        let pool = pool_options(None, PoolMode::Session, &[])
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(20))
             .connect_with(options)
             .await
             .unwrap();
+        let pool = Db::direct(pool);
         let mut held = Held::acquire(&pool, "a statement").await.unwrap();
         let outcome = {
             let conn = held.conn();
-            tokio::time::timeout(QUERY_TIMEOUT, sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(conn)).await
+            tokio::time::timeout(QUERY_TIMEOUT, async {
+                Ok(sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(conn).await)
+            })
+            .await
         };
         proxy.black_hole();
         assert_eq!(held.finish(outcome, "a statement").unwrap(), 1);
@@ -679,7 +844,10 @@ mod tests {
         let mut again = Held::acquire(&pool, "another statement").await.unwrap();
         let outcome = {
             let conn = again.conn();
-            tokio::time::timeout(QUERY_TIMEOUT, sqlx::query_scalar::<_, i32>("SELECT 2").fetch_one(conn)).await
+            tokio::time::timeout(QUERY_TIMEOUT, async {
+                Ok(sqlx::query_scalar::<_, i32>("SELECT 2").fetch_one(conn).await)
+            })
+            .await
         };
         assert_eq!(again.finish(outcome, "another statement").unwrap(), 2);
         assert!(

@@ -5,15 +5,16 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use troupe_core::support::{Settle, SettleOp};
-use troupe_core::{Error, Result};
+use troupe_core::{Error, Result, redact_url};
 use troupe_sql::dialect::CLEANUP_BATCH;
-use troupe_sql::{Claimed, DeadRow, Dialect, Job, Key, Store, Wake, ms};
+use troupe_sql::{Claimed, DeadRow, Dialect, Job, Key, Wake, ms};
 
 use crate::db::{self, BACKEND, PostgresOptions, Side, db_error, timed};
+use crate::pooling::{Db, PoolMode, Statements};
 use crate::store::PostgresStore;
 
 /// PostgreSQL's statements for the shared SQL broker ([`crate::PostgresBroker`]). Not used
@@ -21,16 +22,17 @@ use crate::store::PostgresStore;
 pub struct PostgresDialect {
     store: PostgresStore,
     /// Claims only: asynchronous commit (see [`Side::Claims`]).
-    claims: PgPool,
+    claims: Db,
     /// Acks, requeues and nacks: custom plans (see [`Side::Writer`]).
-    writer: PgPool,
+    writer: Db,
+    /// How statements are built.
+    sql: Statements,
     /// The schema, to qualify tables on a caller's connection.
     schema: String,
     /// The channel enqueues notify.
     channel: String,
-    /// The main pool, whose connect options the LISTEN connection takes on each connect
-    /// (they follow the server in use when the URL names several).
-    listen: PgPool,
+    /// Where the LISTEN connection connects.
+    listen: ListenTo,
 }
 
 impl std::fmt::Debug for PostgresDialect {
@@ -69,10 +71,10 @@ impl PostgresDialect {
             "EXPLAIN SELECT 1 FROM jobs WHERE queue = '{}' AND state = {state}",
             queue.replace('\'', "''")
         );
-        let plan: Vec<String> = timed!(self.pool(), "estimate a count", |c| sqlx::query_scalar(AssertSqlSafe(
-            sql
-        ))
-        .fetch_all(c))?;
+        let plan: Vec<String> = timed!(self.pool(), "estimate a count", |c| self
+            .sql
+            .scalar(AssertSqlSafe(sql))
+            .fetch_all(c))?;
         // The top node's line: "... (cost=0.42..31.45 rows=900000 width=4)".
         Ok(plan
             .first()
@@ -100,8 +102,8 @@ impl PostgresDialect {
         Ok(done.rows_affected())
     }
 
-    fn pool(&self) -> &PgPool {
-        self.store.pool()
+    fn pool(&self) -> &Db {
+        self.store.db()
     }
 
     /// Inserts the jobs on `conn` in one statement (arrays unnested in order, so ids follow
@@ -128,8 +130,9 @@ impl PostgresDialect {
             delays.push(job.delay_ms);
             bodies.push(job.body.as_slice());
         }
-        sqlx::query(AssertSqlSafe(format!(
-            "WITH job AS (
+        self.sql
+            .query(AssertSqlSafe(format!(
+                "WITH job AS (
                 INSERT INTO {table} (queue, message_id, priority, state, available_at, body)
                 SELECT q, m, p, s, now() + d * interval '1 millisecond', b
                 FROM unnest($1::text[], $2::text[], $3::integer[], $4::smallint[], $5::bigint[], $6::bytea[])
@@ -138,17 +141,17 @@ impl PostgresDialect {
                 RETURNING queue, state
              )
              SELECT pg_notify($7, queue) FROM (SELECT DISTINCT queue FROM job WHERE state = 0) AS ready"
-        )))
-        .bind(queues)
-        .bind(ids)
-        .bind(priorities)
-        .bind(states)
-        .bind(delays)
-        .bind(bodies)
-        .bind(&self.channel)
-        .execute(conn)
-        .await
-        .map_err(|e| db_error("enqueue messages", e))?;
+            )))
+            .bind(queues)
+            .bind(ids)
+            .bind(priorities)
+            .bind(states)
+            .bind(delays)
+            .bind(bodies)
+            .bind(&self.channel)
+            .execute(conn)
+            .await
+            .map_err(|e| db_error("enqueue messages", e))?;
         Ok(())
     }
 }
@@ -169,21 +172,24 @@ impl Dialect for PostgresDialect {
         Ok(Self {
             claims: Side::Claims.open(&pool, options, follower).await?,
             writer: Side::Writer.open(&pool, options, follower).await?,
+            sql: pool.statements(),
             schema: options.schema.clone(),
             channel: options.channel(),
-            listen: pool.clone(),
-            store: PostgresStore::from_pool(pool),
+            listen: ListenTo::checked(&pool, options).await?,
+            store: PostgresStore::from_db(pool),
         })
     }
 
     fn from_pool(pool: PgPool, options: &PostgresOptions) -> Self {
+        let pool = Db::new(pool, options.pool_mode, &options.settings());
         Self {
             claims: Side::Claims.beside(&pool, options),
             writer: Side::Writer.beside(&pool, options),
+            sql: pool.statements(),
             schema: options.schema.clone(),
             channel: options.channel(),
-            listen: pool.clone(),
-            store: PostgresStore::from_pool(pool),
+            listen: ListenTo::unchecked(&pool, options),
+            store: PostgresStore::from_db(pool),
         }
     }
 
@@ -194,7 +200,9 @@ impl Dialect for PostgresDialect {
     async fn declare(&self, queue: &str) -> Result<()> {
         self.exec(
             "declare a queue",
-            sqlx::query("INSERT INTO queues (name) VALUES ($1) ON CONFLICT DO NOTHING").bind(queue),
+            self.sql
+                .query("INSERT INTO queues (name) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(queue),
         )
         .await?;
         Ok(())
@@ -213,7 +221,8 @@ impl Dialect for PostgresDialect {
     async fn insert_raw(&self, queue: &str, body: Vec<u8>) -> Result<()> {
         self.exec(
             "enqueue raw bytes",
-            sqlx::query("INSERT INTO jobs (queue, message_id, state, body) VALUES ($1, $2, 0, $3)")
+            self.sql
+                .query("INSERT INTO jobs (queue, message_id, state, body) VALUES ($1, $2, 0, $3)")
                 .bind(queue)
                 .bind(uuid::Uuid::new_v4().to_string())
                 .bind(body),
@@ -223,41 +232,45 @@ impl Dialect for PostgresDialect {
     }
 
     async fn look(&self, queue: &str) -> Result<(bool, bool)> {
-        let row = timed!(&self.claims, "look for messages", |c| sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND queue = $1),
+        let row = timed!(&self.claims, "look for messages", |c| self
+            .sql
+            .query(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND queue = $1),
                     EXISTS (SELECT 1 FROM jobs WHERE state = 3 AND queue = $1 AND available_at <= now())",
-        )
-        .bind(queue)
-        .fetch_one(c))?;
+            )
+            .bind(queue)
+            .fetch_one(c))?;
         let ready: bool = row.try_get(0).map_err(|e| db_error("look for messages", e))?;
         let due: bool = row.try_get(1).map_err(|e| db_error("look for messages", e))?;
         Ok((ready, due))
     }
 
     async fn release_due(&self, queue: &str) -> Result<()> {
-        timed!(&self.claims, "release due delayed messages", |c| sqlx::query(
-            "UPDATE jobs SET state = 0 WHERE state = 3 AND queue = $1 AND available_at <= now()"
-        )
-        .bind(queue)
-        .execute(c))?;
+        timed!(&self.claims, "release due delayed messages", |c| self
+            .sql
+            .query("UPDATE jobs SET state = 0 WHERE state = 3 AND queue = $1 AND available_at <= now()")
+            .bind(queue)
+            .execute(c))?;
         Ok(())
     }
 
     async fn claim(&self, queue: &str, owner: &str, lease: Duration, max: usize) -> Result<Vec<Claimed>> {
-        let rows = timed!(&self.claims, "claim messages", |c| sqlx::query(
-            "WITH claimed AS (
+        let rows = timed!(&self.claims, "claim messages", |c| self
+            .sql
+            .query(
+                "WITH claimed AS (
                 SELECT id FROM jobs WHERE state = 0 AND queue = $1 ORDER BY priority, id LIMIT $2 FOR UPDATE SKIP LOCKED
              )
              UPDATE jobs SET state = 1, attempt = jobs.attempt + 1, lease_owner = $3,
                  lease_until = now() + $4 * interval '1 millisecond'
              FROM claimed WHERE jobs.id = claimed.id
              RETURNING jobs.id, jobs.attempt, jobs.priority, jobs.body",
-        )
-        .bind(queue)
-        .bind(bigint(max))
-        .bind(owner)
-        .bind(ms(lease))
-        .fetch_all(c))?;
+            )
+            .bind(queue)
+            .bind(bigint(max))
+            .bind(owner)
+            .bind(ms(lease))
+            .fetch_all(c))?;
         rows.iter()
             .map(|r| {
                 let attempt: i32 = r.try_get("attempt")?;
@@ -285,7 +298,9 @@ impl Dialect for PostgresDialect {
         let (ack_ids, ack_attempts) = arrays(&acks);
         // The common case, acks only: one statement, no explicit transaction (one round trip).
         if acks.len() == batch.len() {
-            timed!(&self.writer, "ack messages", |c| sqlx::query(ACK_SQL)
+            timed!(&self.writer, "ack messages", |c| self
+                .sql
+                .query(ACK_SQL)
                 .bind(&ack_ids)
                 .bind(&ack_attempts)
                 .execute(c))?;
@@ -294,7 +309,8 @@ impl Dialect for PostgresDialect {
         timed!(&self.writer, "settle messages", |conn| async move {
             let mut tx = conn.begin().await.map_err(|e| db_error("begin a write", e))?;
             if !acks.is_empty() {
-                sqlx::query(ACK_SQL)
+                self.sql
+                    .query(ACK_SQL)
                     .bind(&ack_ids)
                     .bind(&ack_attempts)
                     .execute(&mut *tx)
@@ -303,20 +319,21 @@ impl Dialect for PostgresDialect {
             }
             if !back.is_empty() {
                 let (back_ids, back_attempts) = arrays(&back);
-                sqlx::query(
-                    "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
+                self.sql
+                    .query(
+                        "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
                  FROM unnest($1::bigint[], $2::int[]) AS settled(id, attempt)
                  WHERE jobs.id = settled.id AND jobs.attempt = settled.attempt AND jobs.state = 1",
-                )
-                .bind(&back_ids)
-                .bind(&back_attempts)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_error("requeue messages", e))?;
+                    )
+                    .bind(&back_ids)
+                    .bind(&back_attempts)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error("requeue messages", e))?;
             }
             for w in batch {
                 if let SettleOp::Nack { body, reason } = &w.op {
-                    sqlx::query(
+                    self.sql.query(
                     "UPDATE jobs SET state = 2, lease_owner = NULL, lease_until = NULL, reason = $3, failed_at = now(),
                      body = COALESCE($4, body) WHERE id = $1 AND attempt = $2 AND state = 1",
                 )
@@ -336,12 +353,13 @@ impl Dialect for PostgresDialect {
     async fn renew(&self, owners: &[String], lease: Duration) -> Result<()> {
         self.exec(
             "renew leases",
-            sqlx::query(
-                "UPDATE jobs SET lease_until = now() + $1 * interval '1 millisecond'
+            self.sql
+                .query(
+                    "UPDATE jobs SET lease_until = now() + $1 * interval '1 millisecond'
              WHERE state = 1 AND lease_owner = ANY($2)",
-            )
-            .bind(ms(lease))
-            .bind(owners),
+                )
+                .bind(ms(lease))
+                .bind(owners),
         )
         .await?;
         Ok(())
@@ -350,7 +368,7 @@ impl Dialect for PostgresDialect {
     async fn return_expired(&self) -> Result<u64> {
         self.exec(
             "return expired leases",
-            sqlx::query(
+            self.sql.query(
                 "UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL
              WHERE state = 1 AND lease_until < now()",
             ),
@@ -359,19 +377,20 @@ impl Dialect for PostgresDialect {
     }
 
     async fn return_owned(&self, owner: &str) -> Result<u64> {
-        self.exec("return unacked messages", sqlx::query("UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL WHERE state = 1 AND lease_owner = $1")
+        self.exec("return unacked messages", self.sql.query("UPDATE jobs SET state = 0, lease_owner = NULL, lease_until = NULL WHERE state = 1 AND lease_owner = $1")
         .bind(owner)).await
     }
 
     async fn expire_dead(&self, ttl: Duration) -> Result<u64> {
         self.exec(
             "expire dead letters",
-            sqlx::query(
-                "DELETE FROM jobs WHERE id IN
+            self.sql
+                .query(
+                    "DELETE FROM jobs WHERE id IN
              (SELECT id FROM jobs WHERE state = 2 AND failed_at < now() - $1 * interval '1 millisecond' LIMIT $2)",
-            )
-            .bind(ms(ttl))
-            .bind(bigint(CLEANUP_BATCH)),
+                )
+                .bind(ms(ttl))
+                .bind(bigint(CLEANUP_BATCH)),
         )
         .await
     }
@@ -379,7 +398,9 @@ impl Dialect for PostgresDialect {
     async fn purge(&self, queue: &str) -> Result<()> {
         self.exec(
             "purge a queue",
-            sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state IN (0, 2, 3)").bind(queue),
+            self.sql
+                .query("DELETE FROM jobs WHERE queue = $1 AND state IN (0, 2, 3)")
+                .bind(queue),
         )
         .await?;
         Ok(())
@@ -390,13 +411,14 @@ impl Dialect for PostgresDialect {
             .rows(
                 "count messages",
                 // One count per state, each on its partial index (a GROUP BY reads every row).
-                sqlx::query(
-                    "SELECT 0::smallint, (SELECT COUNT(*) FROM jobs WHERE queue = $1 AND state = 0)
+                self.sql
+                    .query(
+                        "SELECT 0::smallint, (SELECT COUNT(*) FROM jobs WHERE queue = $1 AND state = 0)
                      UNION ALL SELECT 1::smallint, (SELECT COUNT(*) FROM jobs WHERE queue = $1 AND state = 1)
                      UNION ALL SELECT 2::smallint, (SELECT COUNT(*) FROM jobs WHERE queue = $1 AND state = 2)
                      UNION ALL SELECT 3::smallint, (SELECT COUNT(*) FROM jobs WHERE queue = $1 AND state = 3)",
-                )
-                .bind(queue),
+                    )
+                    .bind(queue),
             )
             .await?;
         rows.iter()
@@ -414,13 +436,13 @@ impl Dialect for PostgresDialect {
         let mut approximate = false;
         for state in 0i16..4 {
             // Counting stops at the threshold: a long queue is estimated instead.
-            let capped: i64 = timed!(self.pool(), "count messages", |c| sqlx::query_scalar(
-                "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE queue = $1 AND state = $2 LIMIT $3) AS capped",
-            )
-            .bind(queue)
-            .bind(state)
-            .bind(QUICK_COUNT_LIMIT + 1)
-            .fetch_one(c))?;
+            let capped: i64 = timed!(self.pool(), "count messages", |c| self
+                .sql
+                .scalar("SELECT count(*) FROM (SELECT 1 FROM jobs WHERE queue = $1 AND state = $2 LIMIT $3) AS capped",)
+                .bind(queue)
+                .bind(state)
+                .bind(QUICK_COUNT_LIMIT + 1)
+                .fetch_one(c))?;
             let count = if capped > QUICK_COUNT_LIMIT {
                 approximate = true;
                 self.estimate(queue, state).await?.max(capped)
@@ -436,12 +458,13 @@ impl Dialect for PostgresDialect {
         let rows = self
             .rows(
                 "list dead letters",
-                sqlx::query(
-                    "SELECT id, body, reason, (extract(epoch FROM failed_at) * 1000)::bigint AS failed_ms FROM jobs
+                self.sql
+                    .query(
+                        "SELECT id, body, reason, (extract(epoch FROM failed_at) * 1000)::bigint AS failed_ms FROM jobs
              WHERE queue = $1 AND state = 2 ORDER BY failed_at, id LIMIT $2",
-                )
-                .bind(queue)
-                .bind(limit.map(bigint)),
+                    )
+                    .bind(queue)
+                    .bind(limit.map(bigint)),
             )
             .await?;
         rows.iter()
@@ -462,11 +485,12 @@ impl Dialect for PostgresDialect {
         // dead letters are requeued (a row already requeued is not matched again).
         let mut moved = 0;
         for chunk in rows.chunks(REVIVE_CHUNK) {
-            moved += timed!(self.pool(), "requeue dead letters", |conn| async move {
-                let mut tx = conn.begin().await.map_err(|e| db_error("begin a requeue", e))?;
-                let mut moved = 0;
-                for (id, body) in chunk {
-                    moved += sqlx::query(
+            moved +=
+                timed!(self.pool(), "requeue dead letters", |conn| async move {
+                    let mut tx = conn.begin().await.map_err(|e| db_error("begin a requeue", e))?;
+                    let mut moved = 0;
+                    for (id, body) in chunk {
+                        moved += self.sql.query(
                         "UPDATE jobs SET state = 0, body = $2, attempt = 0, available_at = now(), reason = NULL,
                      failed_at = NULL WHERE id = $1 AND state = 2",
                     )
@@ -476,16 +500,17 @@ impl Dialect for PostgresDialect {
                     .await
                     .map_err(|e| db_error("requeue a dead letter", e))?
                     .rows_affected();
-                }
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(&self.channel)
-                    .bind(queue)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| db_error("notify", e))?;
-                tx.commit().await.map_err(|e| db_error("commit the requeue", e))?;
-                Ok::<_, Error>(moved)
-            })?;
+                    }
+                    self.sql
+                        .query("SELECT pg_notify($1, $2)")
+                        .bind(&self.channel)
+                        .bind(queue)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| db_error("notify", e))?;
+                    tx.commit().await.map_err(|e| db_error("commit the requeue", e))?;
+                    Ok::<_, Error>(moved)
+                })?;
         }
         Ok(moved)
     }
@@ -493,7 +518,9 @@ impl Dialect for PostgresDialect {
     async fn purge_dead(&self, queue: &str) -> Result<u64> {
         self.exec(
             "purge dead letters",
-            sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state = 2").bind(queue),
+            self.sql
+                .query("DELETE FROM jobs WHERE queue = $1 AND state = 2")
+                .bind(queue),
         )
         .await
     }
@@ -506,7 +533,8 @@ impl Dialect for PostgresDialect {
         let rows = self
             .rows(
                 "list messages",
-                sqlx::query(AssertSqlSafe(sql))
+                self.sql
+                    .query(AssertSqlSafe(sql))
                     .bind(queue)
                     .bind(i16::try_from(state).unwrap_or(0))
                     .bind(bigint(limit))
@@ -522,7 +550,8 @@ impl Dialect for PostgresDialect {
     async fn delete_dead(&self, queue: &str, ids: &[i64]) -> Result<u64> {
         self.exec(
             "delete dead letters",
-            sqlx::query("DELETE FROM jobs WHERE queue = $1 AND state = 2 AND id = ANY($2)")
+            self.sql
+                .query("DELETE FROM jobs WHERE queue = $1 AND state = 2 AND id = ANY($2)")
                 .bind(queue)
                 .bind(ids),
         )
@@ -531,7 +560,7 @@ impl Dialect for PostgresDialect {
 
     async fn queues(&self) -> Result<Vec<String>> {
         let rows = self
-            .rows("list queues", sqlx::query("SELECT name FROM queues ORDER BY name"))
+            .rows("list queues", self.sql.query("SELECT name FROM queues ORDER BY name"))
             .await?;
         rows.iter()
             .map(|row| row.try_get(0))
@@ -542,13 +571,14 @@ impl Dialect for PostgresDialect {
     async fn beat(&self, id: &str, info: &str, expires_ms: i64) -> Result<()> {
         self.exec(
             "store a worker heartbeat",
-            sqlx::query(
-                "INSERT INTO workers (id, info, expires_at) VALUES ($1, $2, $3)
+            self.sql
+                .query(
+                    "INSERT INTO workers (id, info, expires_at) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO UPDATE SET info = excluded.info, expires_at = excluded.expires_at",
-            )
-            .bind(id)
-            .bind(info)
-            .bind(expires_ms),
+                )
+                .bind(id)
+                .bind(info)
+                .bind(expires_ms),
         )
         .await
         .map(|_| ())
@@ -557,7 +587,7 @@ impl Dialect for PostgresDialect {
     async fn forget_worker(&self, id: &str) -> Result<()> {
         self.exec(
             "delete a worker heartbeat",
-            sqlx::query("DELETE FROM workers WHERE id = $1").bind(id),
+            self.sql.query("DELETE FROM workers WHERE id = $1").bind(id),
         )
         .await
         .map(|_| ())
@@ -566,13 +596,17 @@ impl Dialect for PostgresDialect {
     async fn workers(&self, now_ms: i64) -> Result<Vec<String>> {
         self.exec(
             "delete expired worker heartbeats",
-            sqlx::query("DELETE FROM workers WHERE expires_at <= $1").bind(now_ms),
+            self.sql
+                .query("DELETE FROM workers WHERE expires_at <= $1")
+                .bind(now_ms),
         )
         .await?;
         let rows = self
             .rows(
                 "list workers",
-                sqlx::query("SELECT info FROM workers WHERE expires_at > $1 ORDER BY id").bind(now_ms),
+                self.sql
+                    .query("SELECT info FROM workers WHERE expires_at > $1 ORDER BY id")
+                    .bind(now_ms),
             )
             .await?;
         rows.iter()
@@ -582,14 +616,112 @@ impl Dialect for PostgresDialect {
     }
 
     fn listen(&self, wake: Wake) -> Option<impl Future<Output = ()> + Send + 'static> {
+        if matches!(self.listen, ListenTo::Nowhere) {
+            return None;
+        }
         Some(listen_loop(self.listen.clone(), self.channel.clone(), wake))
     }
 
     async fn close(&self) {
-        self.pool().close().await;
-        self.claims.close().await;
-        self.writer.close().await;
+        self.pool().pool().close().await;
+        self.claims.pool().close().await;
+        self.writer.pool().close().await;
     }
+}
+
+/// Where the LISTEN connection connects.
+#[derive(Clone)]
+enum ListenTo {
+    /// The main pool's server: the pool's connect options, taken on each connect (they follow
+    /// the server in use when the URL names several).
+    Main(PgPool),
+    /// The server itself, beside a transaction pooler (`listen_url`).
+    Direct(PgConnectOptions),
+    /// Nowhere: behind a transaction pooler without `listen_url`, idle consumers poll.
+    Nowhere,
+}
+
+/// How long the check of `listen_url` waits for its notification.
+const LISTEN_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl ListenTo {
+    /// Where to LISTEN under `options`, without checking.
+    fn unchecked(main: &Db, options: &PostgresOptions) -> Self {
+        match (options.pool_mode, options.listen_connect_options()) {
+            (PoolMode::Session, _) => Self::Main(main.pool().clone()),
+            (_, Ok(Some(direct))) => Self::Direct(direct),
+            _ => Self::Nowhere,
+        }
+    }
+
+    /// Where to LISTEN under `options`. Behind a transaction pooler, a `listen_url` is checked
+    /// now: a notification sent through the pooler must arrive over it, or opening fails
+    /// (wake-ups would otherwise be lost without a word); without one, a warning says that
+    /// idle consumers poll.
+    async fn checked(main: &Db, options: &PostgresOptions) -> Result<Self> {
+        let to = Self::unchecked(main, options);
+        match &to {
+            Self::Main(_) => {}
+            Self::Nowhere => tracing::warn!(
+                poll_interval_ms = u64::try_from(options.poll_interval.as_millis()).unwrap_or(u64::MAX),
+                "PostgreSQL behind a transaction pooler (pool_mode=transaction) without listen_url: idle consumers find new messages by polling; add listen_url=<the server's own URL, percent-encoded> for wake-ups within milliseconds"
+            ),
+            Self::Direct(direct) => check_listen_url(main, direct, options).await?,
+        }
+        Ok(to)
+    }
+
+    /// The connect options of the LISTEN connection now.
+    fn connect_options(&self) -> Option<PgConnectOptions> {
+        match self {
+            Self::Main(pool) => Some((*pool.connect_options()).clone()),
+            Self::Direct(direct) => Some(direct.clone()),
+            Self::Nowhere => None,
+        }
+    }
+}
+
+/// Checks that a notification sent over `main` (through the pooler) arrives over `direct`:
+/// `listen_url` names the same server, directly.
+async fn check_listen_url(main: &Db, direct: &PgConnectOptions, options: &PostgresOptions) -> Result<()> {
+    let url = options.listen_url.as_deref().map(redact_url).unwrap_or_default();
+    let channel = format!("troupe_check_{}", uuid::Uuid::new_v4().simple());
+    let check = async {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.connect_timeout)
+            .connect_lazy_with(direct.clone());
+        let mut listener = PgListener::connect_with(&pool).await.map_err(|e| e.to_string())?;
+        listener.listen(&channel).await.map_err(|e| e.to_string())?;
+        notify(main, &channel).await.map_err(|e| e.to_string())?;
+        let heard = tokio::time::timeout(LISTEN_CHECK_TIMEOUT, listener.recv()).await;
+        drop(listener);
+        pool.close().await;
+        match heard {
+            Ok(Ok(n)) if n.channel() == channel => Ok(()),
+            Ok(Ok(_)) => Err("another notification arrived instead".to_owned()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "a notification sent through the pooler did not arrive over it in {} s",
+                LISTEN_CHECK_TIMEOUT.as_secs()
+            )),
+        }
+    };
+    check.await.map_err(|e| {
+        Error::Config(format!(
+            "cannot use listen_url {url} for LISTEN beside the transaction pooler: {e}; it must name the same PostgreSQL server directly (not the pooler)"
+        ))
+    })
+}
+
+/// Sends a notification on `channel` over `db`.
+async fn notify(db: &Db, channel: &str) -> Result<()> {
+    timed!(db, "send a notification", |c| db
+        .statements()
+        .query("SELECT pg_notify($1, 'check')")
+        .bind(channel)
+        .execute(c))?;
+    Ok(())
 }
 
 /// How long the LISTEN connection may hear nothing before it is probed.
@@ -597,7 +729,7 @@ const LISTEN_PROBE_AFTER: Duration = Duration::from_secs(30);
 
 /// LISTENs for enqueue notifications and wakes that queue's consumers, reconnecting with
 /// backoff, until the broker is gone. Notifications are hints only: consumers also poll.
-async fn listen_loop(main: PgPool, channel: String, wake: Wake) {
+async fn listen_loop(to: ListenTo, channel: String, wake: Wake) {
     let mut backoff = Duration::from_millis(100);
     while wake.alive() {
         let listener = async {
@@ -613,7 +745,10 @@ async fn listen_loop(main: PgPool, channel: String, wake: Wake) {
                         Ok(true)
                     })
                 })
-                .connect_with((*main.connect_options()).clone())
+                .connect_with(
+                    to.connect_options()
+                        .ok_or_else(|| Error::Config("nowhere to LISTEN".into()))?,
+                )
                 .await
                 .map_err(|e| db_error("connect the listener", e))?;
             let mut listener = PgListener::connect_with(&pool)

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool};
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, Row};
 use troupe_core::{Error, ErrorKind, redact_url};
 
-use crate::db::{BACKEND, PING_TIMEOUT, Side};
+use crate::db::{BACKEND, PING_TIMEOUT};
 
 /// Which server of a URL naming several Troupe uses (libpq's `target_session_attrs`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -125,18 +125,18 @@ impl Fence {
     }
 }
 
-/// Whether the server `conn` is on is one Troupe may use under `attrs`.
+/// Whether the server `conn` is on is one Troupe may use under `attrs`. Simple queries (one
+/// message, nothing prepared), so a check through a transaction pooler stays on one server.
 async fn fits(conn: &mut PgConnection, attrs: TargetSessionAttrs) -> Result<bool, sqlx::Error> {
     match attrs {
-        TargetSessionAttrs::Any => sqlx::query("SELECT 1").execute(conn).await.map(|_| true),
+        TargetSessionAttrs::Any => sqlx::raw_sql("SELECT 1").execute(conn).await.map(|_| true),
         // A standby in recovery reports its sessions read-only too; libpq's read-write asks
         // `transaction_read_only`, its `primary` asks `pg_is_in_recovery()`: both, here.
         TargetSessionAttrs::ReadWrite => {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT NOT (pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on')",
-            )
-            .fetch_one(conn)
-            .await
+            sqlx::raw_sql("SELECT NOT (pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on')")
+                .fetch_one(conn)
+                .await?
+                .try_get::<bool, _>(0)
         }
     }
 }
@@ -190,13 +190,12 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// connections.
 pub(crate) struct Follower {
     hosts: Vec<PgConnectOptions>,
-    schema: String,
     attrs: TargetSessionAttrs,
     connect_timeout: Duration,
     current: AtomicUsize,
     fence: Arc<Fence>,
-    /// The pools that follow, each with the side it is (`None`: the main pool).
-    pools: Mutex<Vec<(PgPool, Option<Side>)>>,
+    /// The pools that follow, the main pool first (each makes its own settings on connect).
+    pools: Mutex<Vec<PgPool>>,
 }
 
 impl std::fmt::Debug for Follower {
@@ -214,13 +213,11 @@ impl Follower {
     pub(crate) fn new(
         hosts: Vec<PgConnectOptions>,
         current: usize,
-        schema: &str,
         attrs: TargetSessionAttrs,
         connect_timeout: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             hosts,
-            schema: schema.to_owned(),
             attrs,
             connect_timeout,
             current: AtomicUsize::new(current),
@@ -234,20 +231,15 @@ impl Follower {
         Arc::clone(&self.fence)
     }
 
-    /// The main pool's connect options on host `i`.
-    fn main_options(&self, i: usize) -> PgConnectOptions {
-        self.hosts[i].clone().options([("search_path", self.schema.as_str())])
-    }
-
     /// The main pool's connect options on the server in use.
     pub(crate) fn current_options(&self) -> PgConnectOptions {
-        self.main_options(self.current.load(Ordering::Acquire))
+        self.hosts[self.current.load(Ordering::Acquire)].clone()
     }
 
-    /// Makes `pool` (the main pool when `side` is `None`) follow.
-    pub(crate) fn add(&self, pool: &PgPool, side: Option<Side>) {
+    /// Makes `pool` (the main pool first) follow.
+    pub(crate) fn add(&self, pool: &PgPool) {
         if let Ok(mut pools) = self.pools.lock() {
-            pools.push((pool.clone(), side));
+            pools.push(pool.clone());
         }
     }
 
@@ -263,7 +255,7 @@ impl Follower {
                 let closed = self
                     .pools
                     .lock()
-                    .map_or(true, |pools| pools.first().is_none_or(|(main, _)| main.is_closed()));
+                    .map_or(true, |pools| pools.first().is_none_or(PgPool::is_closed));
                 if closed {
                     return;
                 }
@@ -291,14 +283,10 @@ impl Follower {
 
     /// Points every pool at host `i` and fences the connections made before.
     fn move_to(&self, i: usize) {
-        let main = self.main_options(i);
+        let main = self.hosts[i].clone();
         if let Ok(pools) = self.pools.lock() {
-            for (pool, side) in pools.iter() {
-                let options = match side {
-                    Some(side) => side.connect_options(main.clone()),
-                    None => main.clone(),
-                };
-                pool.set_connect_options(options);
+            for pool in pools.iter() {
+                pool.set_connect_options(main.clone());
             }
         }
         self.current.store(i, Ordering::Release);

@@ -20,6 +20,7 @@ mod db;
 #[cfg(feature = "broker")]
 mod dialect;
 mod hosts;
+mod pooling;
 mod store;
 mod tasks;
 
@@ -27,6 +28,7 @@ pub use db::PostgresOptions;
 #[cfg(feature = "broker")]
 pub use dialect::PostgresDialect;
 pub use hosts::TargetSessionAttrs;
+pub use pooling::PoolMode;
 pub use store::PostgresStore;
 
 /// A broker on PostgreSQL: the shared SQL broker of `troupe-sql` with PostgreSQL's statements
@@ -69,6 +71,10 @@ pub use sqlx::PgPool;
 ///
 /// # Errors
 /// One line naming the problem and the fix (unreachable server, missing database, privileges).
+///
+/// Behind a transaction pooler (`pool_mode=transaction`), build the backends with
+/// [`connect`](troupe_sql::SqlResults::connect) or from the broker's
+/// [`store`](troupe_sql::SqlBroker::store) instead: a bare pool does not carry the mode.
 pub async fn open(options: &PostgresOptions) -> troupe_core::Result<PgPool> {
-    db::open(options).await
+    Ok(db::open(options).await?.pool().clone())
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::query::Query;
+
+use crate::pooling::Statements;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use troupe_core::{Result, TaskFilter, TaskQuery};
 use troupe_sql::ms;
@@ -80,8 +82,8 @@ const RECORD_MANY: &str = concat!(
     " RETURNING message_id"
 );
 
-fn record_query<'q>(w: &TaskWrite<'_>, retention: Duration) -> Query<'q, Postgres, PgArguments> {
-    sqlx::query(RECORD)
+fn record_query<'q>(st: Statements, w: &TaskWrite<'_>, retention: Duration) -> Query<'q, Postgres, PgArguments> {
+    st.query(RECORD)
         .bind(w.message_id)
         .bind(w.actor)
         .bind(w.queue)
@@ -100,12 +102,16 @@ fn record_query<'q>(w: &TaskWrite<'_>, retention: Duration) -> Query<'q, Postgre
 }
 
 /// [`RECORD_MANY`] for `writes` (distinct message ids), bound column by column.
-fn record_many_query<'q>(writes: &[TaskWrite<'_>], retention: Duration) -> Query<'q, Postgres, PgArguments> {
+fn record_many_query<'q>(
+    st: Statements,
+    writes: &[TaskWrite<'_>],
+    retention: Duration,
+) -> Query<'q, Postgres, PgArguments> {
     fn column<'w, T>(writes: &[TaskWrite<'w>], f: impl Fn(&TaskWrite<'w>) -> T) -> Vec<T> {
         writes.iter().map(f).collect()
     }
     let owned = |text: Option<&str>| text.map(str::to_owned);
-    sqlx::query(RECORD_MANY)
+    st.query(RECORD_MANY)
         .bind(column(writes, |w| w.message_id.to_owned()))
         .bind(column(writes, |w| w.actor.to_owned()))
         .bind(column(writes, |w| w.queue.to_owned()))
@@ -126,12 +132,13 @@ fn record_many_query<'q>(writes: &[TaskWrite<'_>], retention: Duration) -> Query
 /// Writes task records: one statement for one write or for a batch of distinct records, else
 /// one statement per write in one transaction, in order (each then sees the one before).
 pub(crate) async fn record(
+    st: Statements,
     conn: &mut PgConnection,
     writes: &[TaskWrite<'_>],
     retention: Duration,
 ) -> Result<Vec<bool>> {
     if let [w] = writes {
-        let done = record_query(w, retention)
+        let done = record_query(st, w, retention)
             .execute(&mut *conn)
             .await
             .map_err(|e| db_error("record a task", e))?;
@@ -139,7 +146,7 @@ pub(crate) async fn record(
     }
     let distinct = distinct_records(writes);
     if distinct {
-        let rows = record_many_query(writes, retention)
+        let rows = record_many_query(st, writes, retention)
             .fetch_all(&mut *conn)
             .await
             .map_err(|e| db_error("record tasks", e))?;
@@ -153,7 +160,7 @@ pub(crate) async fn record(
     let mut tx = conn.begin().await.map_err(|e| db_error("begin recording tasks", e))?;
     let mut applied = Vec::with_capacity(writes.len());
     for w in writes {
-        let done = record_query(w, retention)
+        let done = record_query(st, w, retention)
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error("record a task", e))?;
@@ -164,23 +171,25 @@ pub(crate) async fn record(
 }
 
 pub(crate) async fn set_progress(
+    st: Statements,
     conn: &mut PgConnection,
     message_id: &str,
     progress: &str,
     at: i64,
     retention: Duration,
 ) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE tasks SET progress = $2::jsonb, updated_at = $3, expires_at = now() + $4 * interval '1 millisecond'
+    let done = st
+        .query(
+            "UPDATE tasks SET progress = $2::jsonb, updated_at = $3, expires_at = now() + $4 * interval '1 millisecond'
          WHERE message_id = $1 AND expires_at > now()",
-    )
-    .bind(message_id)
-    .bind(progress)
-    .bind(at)
-    .bind(ms(retention))
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| db_error("store a task's progress", e))?;
+        )
+        .bind(message_id)
+        .bind(progress)
+        .bind(at)
+        .bind(ms(retention))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| db_error("store a task's progress", e))?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -204,16 +213,17 @@ fn task_row(r: &PgRow) -> std::result::Result<TaskRow, sqlx::Error> {
     })
 }
 
-pub(crate) async fn task(conn: &mut PgConnection, message_id: &str) -> Result<Option<TaskRow>> {
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        task_columns!(),
-        " FROM tasks WHERE message_id = $1 AND expires_at > now()"
-    ))
-    .bind(message_id)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(|e| db_error("read a task", e))?;
+pub(crate) async fn task(st: Statements, conn: &mut PgConnection, message_id: &str) -> Result<Option<TaskRow>> {
+    let row = st
+        .query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE message_id = $1 AND expires_at > now()"
+        ))
+        .bind(message_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| db_error("read a task", e))?;
     row.as_ref()
         .map(task_row)
         .transpose()
@@ -235,7 +245,7 @@ fn bind_where<'q>(mut query: Query<'q, Postgres, PgArguments>, w: &TaskWhere) ->
     query
 }
 
-pub(crate) async fn tasks(conn: &mut PgConnection, query: &TaskQuery) -> Result<Vec<TaskRow>> {
+pub(crate) async fn tasks(st: Statements, conn: &mut PgConnection, query: &TaskQuery) -> Result<Vec<TaskRow>> {
     let w = TaskWhere::new(&query.filter, query.after.as_ref(), 1, mark);
     // Only placeholders are formatted in: every value is bound.
     let sql = format!(
@@ -248,7 +258,7 @@ pub(crate) async fn tasks(conn: &mut PgConnection, query: &TaskQuery) -> Result<
         w.next(1)
     );
     let limit = i64::try_from(query.page_size()).unwrap_or(i64::MAX);
-    let rows = bind_where(sqlx::query(AssertSqlSafe(sql)), &w)
+    let rows = bind_where(st.query(AssertSqlSafe(sql)), &w)
         .bind(limit)
         .fetch_all(&mut *conn)
         .await
@@ -259,14 +269,18 @@ pub(crate) async fn tasks(conn: &mut PgConnection, query: &TaskQuery) -> Result<
         .map_err(|e| db_error("read a page of tasks", e))
 }
 
-pub(crate) async fn task_counts(conn: &mut PgConnection, scope: &TaskFilter) -> Result<Vec<TaskCountRow>> {
+pub(crate) async fn task_counts(
+    st: Statements,
+    conn: &mut PgConnection,
+    scope: &TaskFilter,
+) -> Result<Vec<TaskCountRow>> {
     let w = TaskWhere::new(scope, None, 1, mark);
     // Only placeholders are formatted in: every value is bound.
     let sql = format!(
         "SELECT status, actor, queue, count(*) FROM tasks WHERE expires_at > now(){} GROUP BY status, actor, queue",
         w.sql
     );
-    let rows = bind_where(sqlx::query(AssertSqlSafe(sql)), &w)
+    let rows = bind_where(st.query(AssertSqlSafe(sql)), &w)
         .fetch_all(&mut *conn)
         .await
         .map_err(|e| db_error("count tasks", e))?;
@@ -276,8 +290,9 @@ pub(crate) async fn task_counts(conn: &mut PgConnection, scope: &TaskFilter) -> 
         .map_err(|e| db_error("count tasks", e))
 }
 
-pub(crate) async fn delete_task(conn: &mut PgConnection, message_id: &str) -> Result<bool> {
-    let live: Option<bool> = sqlx::query_scalar("DELETE FROM tasks WHERE message_id = $1 RETURNING expires_at > now()")
+pub(crate) async fn delete_task(st: Statements, conn: &mut PgConnection, message_id: &str) -> Result<bool> {
+    let live: Option<bool> = st
+        .scalar("DELETE FROM tasks WHERE message_id = $1 RETURNING expires_at > now()")
         .bind(message_id)
         .fetch_optional(&mut *conn)
         .await
@@ -285,7 +300,7 @@ pub(crate) async fn delete_task(conn: &mut PgConnection, message_id: &str) -> Re
     Ok(live.unwrap_or(false))
 }
 
-pub(crate) async fn expire_tasks(conn: &mut PgConnection, limit: i64) -> Result<u64> {
+pub(crate) async fn expire_tasks(st: Statements, conn: &mut PgConnection, limit: i64) -> Result<u64> {
     let mut deleted = 0;
     for (i, (what, sql)) in [
         (
@@ -307,7 +322,8 @@ pub(crate) async fn expire_tasks(conn: &mut PgConnection, limit: i64) -> Result<
     .into_iter()
     .enumerate()
     {
-        let done = sqlx::query(sql)
+        let done = st
+            .query(sql)
             .bind(limit)
             .execute(&mut *conn)
             .await
@@ -320,6 +336,7 @@ pub(crate) async fn expire_tasks(conn: &mut PgConnection, limit: i64) -> Result<
 }
 
 pub(crate) async fn mark_cancelled(
+    st: Statements,
     conn: &mut PgConnection,
     message_id: &str,
     at: i64,
@@ -327,7 +344,7 @@ pub(crate) async fn mark_cancelled(
 ) -> Result<Option<String>> {
     // `old` locks the live row and reads its current status (waiting for a writer holding
     // it); the update cancels it only when that status was pending.
-    sqlx::query_scalar(
+    st.scalar(
         "WITH old AS (
             SELECT message_id, status FROM tasks WHERE message_id = $1 AND expires_at > now() FOR UPDATE
          ), cancelled AS (
@@ -346,8 +363,14 @@ pub(crate) async fn mark_cancelled(
     .map_err(|e| db_error("cancel a task", e))
 }
 
-pub(crate) async fn request_cancel(conn: &mut PgConnection, message_id: &str, mode: &str, ttl: Duration) -> Result<()> {
-    sqlx::query(
+pub(crate) async fn request_cancel(
+    st: Statements,
+    conn: &mut PgConnection,
+    message_id: &str,
+    mode: &str,
+    ttl: Duration,
+) -> Result<()> {
+    st.query(
         "INSERT INTO cancels (message_id, mode, expires_at) VALUES ($1, $2, now() + $3 * interval '1 millisecond')
          ON CONFLICT (message_id) DO UPDATE SET mode = excluded.mode, expires_at = excluded.expires_at",
     )
@@ -360,8 +383,13 @@ pub(crate) async fn request_cancel(conn: &mut PgConnection, message_id: &str, mo
     Ok(())
 }
 
-pub(crate) async fn cancels(conn: &mut PgConnection, message_ids: &[String]) -> Result<Vec<(String, String)>> {
-    let rows = sqlx::query("SELECT message_id, mode FROM cancels WHERE message_id = ANY($1) AND expires_at > now()")
+pub(crate) async fn cancels(
+    st: Statements,
+    conn: &mut PgConnection,
+    message_ids: &[String],
+) -> Result<Vec<(String, String)>> {
+    let rows = st
+        .query("SELECT message_id, mode FROM cancels WHERE message_id = ANY($1) AND expires_at > now()")
         .bind(message_ids)
         .fetch_all(&mut *conn)
         .await
@@ -373,6 +401,7 @@ pub(crate) async fn cancels(conn: &mut PgConnection, message_ids: &[String]) -> 
 }
 
 pub(crate) async fn claim_unique(
+    st: Statements,
     conn: &mut PgConnection,
     key: &str,
     message_id: &str,
@@ -382,7 +411,7 @@ pub(crate) async fn claim_unique(
     // commits) and keeps a live holder, or takes the key over when it expired or is ours;
     // either way the row returned names the holder. (A plain read after a refused upsert could
     // miss a holder committed after the statement's snapshot.)
-    sqlx::query_scalar(
+    st.scalar(
         "INSERT INTO unique_keys AS u (key, message_id, expires_at)
          VALUES ($1, $2, now() + $3 * interval '1 millisecond')
          ON CONFLICT (key) DO UPDATE SET
@@ -400,8 +429,8 @@ pub(crate) async fn claim_unique(
     .map_err(|e| db_error("claim a unique key", e))
 }
 
-pub(crate) async fn release_unique(conn: &mut PgConnection, key: &str, message_id: &str) -> Result<()> {
-    sqlx::query("DELETE FROM unique_keys WHERE key = $1 AND message_id = $2")
+pub(crate) async fn release_unique(st: Statements, conn: &mut PgConnection, key: &str, message_id: &str) -> Result<()> {
+    st.query("DELETE FROM unique_keys WHERE key = $1 AND message_id = $2")
         .bind(key)
         .bind(message_id)
         .execute(&mut *conn)

@@ -8,12 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use troupe_postgres::{PostgresBroker, PostgresOptions, PostgresResults, PostgresState};
-use troupe_test_suite::{Harness, RawEnqueue, TestBroker};
+use troupe_postgres::{PoolMode, PostgresBroker, PostgresOptions, PostgresResults, PostgresState};
+use troupe_test_suite::{Harness, RawEnqueue, TestBroker, servers};
 
 fn options() -> PostgresOptions {
-    let url = std::env::var("TROUPE_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    PostgresOptions::from_url(&url)
+    let url = std::env::var("TROUPE_POSTGRES_URL").unwrap_or_else(|_| DIRECT.into());
+    options_from(&url)
+}
+
+/// The machine's PostgreSQL, directly.
+const DIRECT: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The test settings on `url`, in a schema of the case's own.
+fn options_from(url: &str) -> PostgresOptions {
+    PostgresOptions::from_url(url)
         .expect("TROUPE_POSTGRES_URL")
         .schema(format!("troupe_t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
         // Short enough to test redelivery quickly, long enough that a loaded CI machine renews
@@ -24,12 +32,25 @@ fn options() -> PostgresOptions {
         .max_connections(4)
 }
 
-struct PostgresHarness;
+/// Through PgBouncer in transaction mode, LISTEN over the server's own address.
+fn through_transaction_pooler() -> PostgresOptions {
+    options_from(&servers::pgbouncer_url("transaction"))
+        .pool_mode(PoolMode::Transaction)
+        .listen_url(DIRECT)
+}
+
+/// Through PgBouncer in session mode (nothing to say: the defaults work).
+fn through_session_pooler() -> PostgresOptions {
+    options_from(&servers::pgbouncer_url("session"))
+}
+
+/// The broker the options name, with results and state over its store.
+struct PostgresHarness(fn() -> PostgresOptions);
 
 impl Harness for PostgresHarness {
     fn setup(&self) -> BoxFuture<'_, TestBroker> {
         Box::pin(async {
-            let options = options();
+            let options = (self.0)();
             let limit = options.max_message_size;
             let broker = PostgresBroker::open(options)
                 .await
@@ -39,8 +60,8 @@ impl Harness for PostgresHarness {
                 let b = raw_broker.clone();
                 Box::pin(async move { b.enqueue_raw(&queue, bytes).await })
             });
-            let results = PostgresResults::from_pool(broker.pool().clone()).into_dyn();
-            let state = PostgresState::from_pool(broker.pool().clone()).into_dyn();
+            let results = PostgresResults::from_store(broker.store().clone()).into_dyn();
+            let state = PostgresState::from_store(broker.store().clone()).into_dyn();
             TestBroker::new(Arc::new(broker), raw, Duration::from_millis(2500), limit)
                 .with_results(results)
                 .with_state(state)
@@ -48,7 +69,7 @@ impl Harness for PostgresHarness {
     }
 }
 
-troupe_test_suite::broker_conformance!(PostgresHarness);
+troupe_test_suite::broker_conformance!(PostgresHarness(options));
 
 async fn pool() -> troupe_postgres::PgPool {
     troupe_postgres::open(&options()).await.expect("PostgreSQL")
@@ -62,6 +83,90 @@ mod results {
 
 mod state {
     troupe_test_suite::state_conformance!(async { super::PostgresState::from_pool(super::pool().await).into_dyn() });
+}
+
+/// The same cases through PgBouncer in transaction mode (`pool_mode=transaction`, LISTEN over
+/// `listen_url`); the results and state backends opened from a URL.
+mod transaction_pooler {
+    use super::*;
+
+    troupe_test_suite::broker_conformance!(PostgresHarness(through_transaction_pooler));
+
+    /// The URL of [`through_transaction_pooler`] in a schema of its own.
+    fn url() -> String {
+        let schema = format!("troupe_t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        format!(
+            "{}?pool_mode=transaction&schema={schema}&listen_url={}",
+            servers::pgbouncer_url("transaction"),
+            DIRECT.replace(':', "%3A").replace('/', "%2F").replace('@', "%40")
+        )
+    }
+
+    mod results {
+        troupe_test_suite::results_conformance!(async {
+            super::PostgresResults::connect(&super::url())
+                .await
+                .expect("PgBouncer")
+                .into_dyn()
+        });
+    }
+
+    mod state {
+        troupe_test_suite::state_conformance!(async {
+            super::PostgresState::connect(&super::url())
+                .await
+                .expect("PgBouncer")
+                .into_dyn()
+        });
+    }
+}
+
+/// The same cases through PgBouncer in session mode, with the default settings.
+mod session_pooler {
+    use super::*;
+
+    troupe_test_suite::broker_conformance!(PostgresHarness(through_session_pooler));
+}
+
+/// Behind a transaction pooler without `listen_url`, idle consumers find messages by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_pooling_without_listen_url_polls() {
+    use troupe_core::{Broker, ConsumerOptions, Message};
+    let options = options_from(&servers::pgbouncer_url("transaction")).pool_mode(PoolMode::Transaction);
+    let broker = PostgresBroker::open(options).await.expect("PgBouncer");
+    broker.declare_queue("q").await.unwrap();
+    let mut consumer = broker.consume("q", ConsumerOptions::new(10)).await.unwrap();
+    assert!(consumer.fetch(10, Duration::from_millis(200)).await.unwrap().is_empty());
+    broker
+        .enqueue(Message::new("q", "a", vec![], serde_json::Map::new()), None)
+        .await
+        .unwrap();
+    let got = consumer.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1, "the message was found by polling");
+    got[0].ack().await.unwrap();
+    consumer.close().await.unwrap();
+    assert_eq!(broker.stats("q").await.unwrap().ready, 0);
+}
+
+/// A `listen_url` that reaches the pooler instead of the server would lose every wake-up
+/// without a word: opening checks that a notification arrives over it, and says what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_url_that_does_not_reach_the_server_is_refused() {
+    let pooler = servers::pgbouncer_url("transaction");
+    let options = options_from(&pooler)
+        .pool_mode(PoolMode::Transaction)
+        .listen_url(pooler.clone());
+    let e = PostgresBroker::open(options).await.unwrap_err().to_string();
+    assert!(e.contains("listen_url") && e.contains("not the pooler"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let options = options_from(&pooler)
+        .pool_mode(PoolMode::Transaction)
+        .listen_url(format!(
+            "postgres://postgres:secret@127.0.0.1:{}/test",
+            servers::free_port()
+        ));
+    let e = PostgresBroker::open(options).await.unwrap_err().to_string();
+    assert!(e.contains("listen_url") && !e.contains("secret"), "{e}");
 }
 
 /// `enqueue_in`: the message exists if and only if the caller's transaction commits.

@@ -158,6 +158,13 @@ impl<D: Dialect> SqlBroker<D> {
         self.shared.dialect.store().pool()
     }
 
+    /// The results and state statements over the main pool, with the broker's settings (for
+    /// `SqlResults::from_store` and `SqlState::from_store`).
+    #[must_use]
+    pub fn store(&self) -> &D::Store {
+        self.shared.dialect.store()
+    }
+
     /// The options it was opened with.
     #[must_use]
     pub fn options(&self) -> &D::Options {

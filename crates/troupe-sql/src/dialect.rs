@@ -159,8 +159,9 @@ pub trait Store: Clone + Debug + Send + Sync + 'static {
     /// The pool.
     fn pool(&self) -> &Self::Pool;
 
-    /// Opens (and migrates) the database a URL names.
-    fn open_url(url: &str) -> impl Future<Output = Result<Self::Pool>> + Send;
+    /// Opens (and migrates) the database a URL names; statements over it, with the URL's
+    /// settings.
+    fn open_url(url: &str) -> impl Future<Output = Result<Self>> + Send;
 
     /// The live (unexpired) result stored under `key`.
     fn read_result(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;

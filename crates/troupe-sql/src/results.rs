@@ -53,8 +53,16 @@ impl<S: Store> SqlResults<S> {
     /// `open`).
     #[must_use]
     pub fn from_pool(pool: S::Pool) -> Self {
+        Self::from_store(S::from_pool(pool))
+    }
+
+    /// Results over `store`, the statements of a broker's database with its settings
+    /// ([`SqlBroker::store`](crate::SqlBroker::store)): the way to share a PostgreSQL
+    /// broker's database behind a transaction pooler.
+    #[must_use]
+    pub fn from_store(store: S) -> Self {
         Self {
-            store: S::from_pool(pool),
+            store,
             encoder: Arc::new(JsonEncoder),
             stores: Arc::default(),
             stored: Arc::default(),
@@ -66,7 +74,7 @@ impl<S: Store> SqlResults<S> {
     /// # Errors
     /// As the backend crate's `open`.
     pub async fn connect(url: &str) -> Result<Self> {
-        Ok(Self::from_pool(S::open_url(url).await?))
+        Ok(Self::from_store(S::open_url(url).await?))
     }
 
     /// The same backend encoding values with another encoder.

@@ -46,8 +46,16 @@ impl<S: Store> SqlState<S> {
     /// State in the database of `pool`.
     #[must_use]
     pub fn from_pool(pool: S::Pool) -> Self {
+        Self::from_store(S::from_pool(pool))
+    }
+
+    /// State over `store`, the statements of a broker's database with its settings
+    /// ([`SqlBroker::store`](crate::SqlBroker::store)): the way to share a PostgreSQL
+    /// broker's database behind a transaction pooler.
+    #[must_use]
+    pub fn from_store(store: S) -> Self {
         Self {
-            store: S::from_pool(pool),
+            store,
             notified: Arc::default(),
             cancelled: Arc::default(),
         }
@@ -58,7 +66,7 @@ impl<S: Store> SqlState<S> {
     /// # Errors
     /// As the backend crate's `open`.
     pub async fn connect(url: &str) -> Result<Self> {
-        Ok(Self::from_pool(S::open_url(url).await?))
+        Ok(Self::from_store(S::open_url(url).await?))
     }
 
     /// This backend as a shared trait object.

@@ -75,8 +75,10 @@ impl Store for SqliteStore {
         &self.pool
     }
 
-    async fn open_url(url: &str) -> Result<SqlitePool> {
-        crate::open(&crate::SqliteOptions::from_url(url)?).await
+    async fn open_url(url: &str) -> Result<Self> {
+        Ok(Self::from_pool(
+            crate::open(&crate::SqliteOptions::from_url(url)?).await?,
+        ))
     }
 
     async fn read_result(&self, key: &str) -> Result<Option<Vec<u8>>> {

@@ -1052,22 +1052,8 @@ pub fn redis_cluster_url() -> String {
     }
     let base = std::env::temp_dir().join("troupe-redis-cluster");
     check(std::fs::create_dir_all(&base), "the cluster's directory");
-    let lock = base.join("lock");
+    let _lock = StartLock::take(&base, "the Redis Cluster");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::create_dir(&lock).is_err() {
-        // A lock left by a process that died while starting the cluster.
-        let stale = std::fs::metadata(&lock)
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
-        if stale {
-            let _ = std::fs::remove_dir(&lock);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "another test held the Redis Cluster's start lock for 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
     if !up() {
         for &port in &REDIS_CLUSTER_PORTS {
             let _ = Command::new("redis-cli")
@@ -1118,7 +1104,113 @@ pub fn redis_cluster_url() -> String {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let _ = std::fs::remove_dir(&lock);
+    url
+}
+
+/// A lock directory held while one test process starts a server the others share (removed on
+/// drop, also when the start panics).
+struct StartLock(PathBuf);
+
+impl StartLock {
+    /// Takes the lock `dir/lock`, waiting up to 60 s for another process that holds it (a lock
+    /// older than that was left by a process that died while starting `what`).
+    fn take(dir: &Path, what: &str) -> Self {
+        let lock = dir.join("lock");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::fs::create_dir(&lock).is_err() {
+            let stale = std::fs::metadata(&lock)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+            if stale {
+                let _ = std::fs::remove_dir(&lock);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "another test held {what}'s start lock for 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self(lock)
+    }
+}
+
+impl Drop for StartLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The port of the shared PgBouncer of [`pgbouncer_url`].
+pub const PGBOUNCER_PORT: u16 = 6439;
+
+/// A URL (`postgres://postgres@127.0.0.1:6439/…`, no query) reaching the machine's PostgreSQL
+/// (`127.0.0.1:5432`, database `test`) through PgBouncer (Debian's `pgbouncer`) with
+/// `pool_mode` (`transaction` or `session`) on [`PGBOUNCER_PORT`]: databases `test_transaction`
+/// (8 server connections) and `test_session` (20), trust authentication, no
+/// `ignore_startup_parameters`. Started when it is not up, daemonized as the `postgres` user
+/// (PgBouncer refuses to run as root) and kept for the next tests; one process at a time starts
+/// it (a lock directory).
+///
+/// # Panics
+/// When `pgbouncer` is missing or does not start within 30 s.
+#[must_use]
+pub fn pgbouncer_url(pool_mode: &str) -> String {
+    let url = format!("postgres://postgres@127.0.0.1:{PGBOUNCER_PORT}/test_{pool_mode}");
+    let dir = std::env::temp_dir().join("troupe-pgbouncer");
+    let (config, users, log, pid) = (
+        dir.join("pgbouncer.ini"),
+        dir.join("userlist.txt"),
+        dir.join("pgbouncer.log"),
+        dir.join("pgbouncer.pid"),
+    );
+    let database = |mode: &str, size: u32| {
+        format!("test_{mode} = host=127.0.0.1 port=5432 dbname=test pool_mode={mode} pool_size={size}\n")
+    };
+    // Few server connections, closed after 5 s idle: the machine's PostgreSQL has 100
+    // connection slots, and the chaos tests running beside these need most of them. (A session
+    // pool needs one per client connection; a transaction pool shares a few.)
+    let wanted = format!(
+        "[databases]\n{}{}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {PGBOUNCER_PORT}\n\
+         unix_socket_dir =\nauth_type = trust\nauth_file = {}\nlogfile = {}\npidfile = {}\n\
+         max_client_conn = 2000\nserver_idle_timeout = 5\nadmin_users = postgres\n",
+        database("transaction", 8),
+        database("session", 20),
+        users.display(),
+        log.display(),
+        pid.display()
+    );
+    let up = || std::net::TcpStream::connect(("127.0.0.1", PGBOUNCER_PORT)).is_ok();
+    let current = || std::fs::read_to_string(&config).is_ok_and(|c| c == wanted);
+    if up() && current() {
+        return url;
+    }
+    check(std::fs::create_dir_all(&dir), "PgBouncer's directory");
+    let _lock = StartLock::take(&dir, "PgBouncer");
+    if up() && current() {
+        return url;
+    }
+    // One started with another configuration (an older test build): stopped first.
+    if let Ok(pid) = std::fs::read_to_string(&pid) {
+        let _ = Command::new("kill").arg(pid.trim()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while up() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    check(std::fs::write(&config, &wanted), "PgBouncer's configuration");
+    check(std::fs::write(&users, "\"postgres\" \"\"\n"), "PgBouncer's user list");
+    give_to("postgres", &dir);
+    let program = if Path::new("/usr/sbin/pgbouncer").exists() {
+        "/usr/sbin/pgbouncer"
+    } else {
+        "pgbouncer"
+    };
+    succeed(
+        command_as("postgres", program).args(["-d", &config.display().to_string()]),
+        "pgbouncer must be installed (apt-get install pgbouncer; scripts/test does it)",
+        "pgbouncer did not start",
+    );
+    wait_for_port(PGBOUNCER_PORT, Duration::from_secs(30), "PgBouncer", &log);
     url
 }
 

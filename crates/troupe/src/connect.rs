@@ -124,10 +124,7 @@ pub async fn connect_state(url: &str) -> Result<Arc<dyn StateBackend>> {
         #[cfg(feature = "results-redis")]
         redis if REDIS_SCHEMES.contains(&redis) => Ok(troupe_redis::RedisState::connect(url).await?.into_dyn()),
         #[cfg(feature = "results-postgres")]
-        "postgres" | "postgresql" => {
-            let options = troupe_postgres::PostgresOptions::from_url(url)?;
-            Ok(troupe_postgres::PostgresState::from_pool(troupe_postgres::open(&options).await?).into_dyn())
-        }
+        "postgres" | "postgresql" => Ok(troupe_postgres::PostgresState::connect(url).await?.into_dyn()),
         other => Err(not_compiled_in(url, other, Want::State)),
     }
 }
