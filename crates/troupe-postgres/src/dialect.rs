@@ -636,7 +636,7 @@ enum ListenTo {
     /// the server in use when the URL names several).
     Main(PgPool),
     /// The server itself, beside a transaction pooler (`listen_url`).
-    Direct(PgConnectOptions),
+    Direct(Box<PgConnectOptions>),
     /// Nowhere: behind a transaction pooler without `listen_url`, idle consumers poll.
     Nowhere,
 }
@@ -649,7 +649,7 @@ impl ListenTo {
     fn unchecked(main: &Db, options: &PostgresOptions) -> Self {
         match (options.pool_mode, options.listen_connect_options()) {
             (PoolMode::Session, _) => Self::Main(main.pool().clone()),
-            (_, Ok(Some(direct))) => Self::Direct(direct),
+            (_, Ok(Some(direct))) => Self::Direct(Box::new(direct)),
             _ => Self::Nowhere,
         }
     }
@@ -675,7 +675,7 @@ impl ListenTo {
     fn connect_options(&self) -> Option<PgConnectOptions> {
         match self {
             Self::Main(pool) => Some((*pool.connect_options()).clone()),
-            Self::Direct(direct) => Some(direct.clone()),
+            Self::Direct(direct) => Some((**direct).clone()),
             Self::Nowhere => None,
         }
     }

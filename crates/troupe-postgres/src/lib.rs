@@ -73,7 +73,7 @@ pub use sqlx::PgPool;
 /// One line naming the problem and the fix (unreachable server, missing database, privileges).
 ///
 /// Behind a transaction pooler (`pool_mode=transaction`), build the backends with
-/// [`connect`](troupe_sql::SqlResults::connect) or from the broker's
+/// [`connect`](troupe_sql::SqlResults::connect), [`PostgresStore::open`] or from the broker's
 /// [`store`](troupe_sql::SqlBroker::store) instead: a bare pool does not carry the mode.
 pub async fn open(options: &PostgresOptions) -> troupe_core::Result<PgPool> {
     Ok(db::open(options).await?.pool().clone())

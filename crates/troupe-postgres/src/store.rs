@@ -24,6 +24,16 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// Opens (and migrates) the database `options` name: the results and state statements
+    /// with its settings, for `PostgresResults::from_store` and `PostgresState::from_store`
+    /// (behind a transaction pooler a bare pool does not carry the mode).
+    ///
+    /// # Errors
+    /// As [`crate::open`].
+    pub async fn open(options: &crate::PostgresOptions) -> Result<Self> {
+        Ok(Self::from_db(crate::db::open(options).await?))
+    }
+
     /// Statements over the main pool `db`.
     pub(crate) fn from_db(db: Db) -> Self {
         Self {

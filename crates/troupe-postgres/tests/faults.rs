@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use troupe_core::Broker;
-use troupe_postgres::{PostgresBroker, PostgresOptions};
+use troupe_postgres::{PostgresBroker, PostgresOptions, PostgresStore};
 use troupe_test_suite::chaos::{self, ChaosRounds, Fault};
 use troupe_test_suite::kill::{self, FileRuns, KillBackend, MidBatchKill};
-use troupe_test_suite::servers::{PostgresNode, PostgresPair};
+use troupe_test_suite::servers::{PgBouncer, PostgresNode, PostgresPair};
 use troupe_test_suite::{COUNT_QUEUE, Count, counting_app};
 use troupe_worker::Worker;
 
@@ -84,13 +84,13 @@ impl KillBackend for Postgres {
     }
 
     async fn state(&self, schema: &str) -> Option<std::sync::Arc<dyn troupe_core::StateBackend>> {
-        let pool = troupe_postgres::open(&self.options(schema)).await.unwrap();
-        Some(troupe_postgres::PostgresState::from_pool(pool).into_dyn())
+        let store = PostgresStore::open(&self.options(schema)).await.unwrap();
+        Some(troupe_postgres::PostgresState::from_store(store).into_dyn())
     }
 
     async fn results(&self, schema: &str) -> Option<std::sync::Arc<dyn troupe_core::ResultBackend>> {
-        let pool = troupe_postgres::open(&self.options(schema)).await.unwrap();
-        Some(troupe_postgres::PostgresResults::from_pool(pool).into_dyn())
+        let store = PostgresStore::open(&self.options(schema)).await.unwrap();
+        Some(troupe_postgres::PostgresResults::from_store(store).into_dyn())
     }
 }
 
@@ -174,6 +174,37 @@ async fn chaos_server_restarted() {
             "chaos-restart",
             Some(chaos::server_of(&url, node.port()).await),
         )
+        .await;
+    FileRuns::temp(&schema).remove();
+    report.assert_nothing_lost();
+}
+
+/// Chaos rounds through PgBouncer in transaction mode (`pool_mode=transaction`, LISTEN over
+/// `listen_url`): a PgBouncer of the test's own is killed (SIGKILL: every client and server
+/// connection dropped at once) and started again while two workers run through it. Nothing
+/// committed may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_pgbouncer_killed() {
+    let bouncer = Arc::new(PgBouncer::new());
+    bouncer.start();
+    let direct = url().replace(':', "%3A").replace('/', "%2F").replace('@', "%40");
+    let url = format!(
+        "{}?pool_mode=transaction&listen_url={direct}",
+        bouncer.url("transaction")
+    );
+    let schema = schema();
+    let restart = {
+        let bouncer = Arc::clone(&bouncer);
+        move || {
+            bouncer.kill();
+            bouncer.start();
+        }
+    };
+    let report = ChaosRounds::new(Fault::RestartServer)
+        .named("PgBouncer (transaction pooling) killed and started again")
+        .restart_with(restart)
+        .child_env(BROKER_URL, url.clone())
+        .run(&Postgres { server: Some(url) }, &schema, "chaos-pgbouncer", None)
         .await;
     FileRuns::temp(&schema).remove();
     report.assert_nothing_lost();

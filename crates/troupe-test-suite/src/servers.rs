@@ -1144,74 +1144,164 @@ impl Drop for StartLock {
 pub const PGBOUNCER_PORT: u16 = 6439;
 
 /// A URL (`postgres://postgres@127.0.0.1:6439/…`, no query) reaching the machine's PostgreSQL
-/// (`127.0.0.1:5432`, database `test`) through PgBouncer (Debian's `pgbouncer`) with
-/// `pool_mode` (`transaction` or `session`) on [`PGBOUNCER_PORT`]: databases `test_transaction`
-/// (8 server connections) and `test_session` (20), trust authentication, no
-/// `ignore_startup_parameters`. Started when it is not up, daemonized as the `postgres` user
-/// (PgBouncer refuses to run as root) and kept for the next tests; one process at a time starts
-/// it (a lock directory).
+/// through the shared [`PgBouncer`] on [`PGBOUNCER_PORT`] with `pool_mode` (`transaction` or
+/// `session`). Started when it is not up (or runs another configuration), daemonized and kept
+/// for the next tests; one process at a time starts it (a lock directory).
 ///
 /// # Panics
-/// When `pgbouncer` is missing or does not start within 30 s.
+/// As [`PgBouncer::start`].
 #[must_use]
 pub fn pgbouncer_url(pool_mode: &str) -> String {
-    let url = format!("postgres://postgres@127.0.0.1:{PGBOUNCER_PORT}/test_{pool_mode}");
-    let dir = std::env::temp_dir().join("troupe-pgbouncer");
-    let (config, users, log, pid) = (
-        dir.join("pgbouncer.ini"),
-        dir.join("userlist.txt"),
-        dir.join("pgbouncer.log"),
-        dir.join("pgbouncer.pid"),
-    );
-    let database = |mode: &str, size: u32| {
-        format!("test_{mode} = host=127.0.0.1 port=5432 dbname=test pool_mode={mode} pool_size={size}\n")
+    let bouncer = PgBouncer {
+        dir: std::env::temp_dir().join("troupe-pgbouncer"),
+        port: PGBOUNCER_PORT,
+        shared: true,
     };
-    // Few server connections, closed after 5 s idle: the machine's PostgreSQL has 100
-    // connection slots, and the chaos tests running beside these need most of them. (A session
-    // pool needs one per client connection; a transaction pool shares a few.)
-    let wanted = format!(
-        "[databases]\n{}{}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {PGBOUNCER_PORT}\n\
-         unix_socket_dir =\nauth_type = trust\nauth_file = {}\nlogfile = {}\npidfile = {}\n\
-         max_client_conn = 2000\nserver_idle_timeout = 5\nadmin_users = postgres\n",
-        database("transaction", 8),
-        database("session", 20),
-        users.display(),
-        log.display(),
-        pid.display()
-    );
-    let up = || std::net::TcpStream::connect(("127.0.0.1", PGBOUNCER_PORT)).is_ok();
-    let current = || std::fs::read_to_string(&config).is_ok_and(|c| c == wanted);
-    if up() && current() {
-        return url;
-    }
-    check(std::fs::create_dir_all(&dir), "PgBouncer's directory");
-    let _lock = StartLock::take(&dir, "PgBouncer");
-    if up() && current() {
-        return url;
-    }
-    // One started with another configuration (an older test build): stopped first.
-    if let Ok(pid) = std::fs::read_to_string(&pid) {
-        let _ = Command::new("kill").arg(pid.trim()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while up() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+    let current =
+        || bouncer.up() && std::fs::read_to_string(bouncer.config_file()).is_ok_and(|c| c == bouncer.config());
+    if !current() {
+        check(std::fs::create_dir_all(&bouncer.dir), "PgBouncer's directory");
+        let _lock = StartLock::take(&bouncer.dir, "PgBouncer");
+        if !current() {
+            // One started with another configuration (an older test build): stopped first.
+            bouncer.kill();
+            bouncer.start();
         }
     }
-    check(std::fs::write(&config, &wanted), "PgBouncer's configuration");
-    check(std::fs::write(&users, "\"postgres\" \"\"\n"), "PgBouncer's user list");
-    give_to("postgres", &dir);
-    let program = if Path::new("/usr/sbin/pgbouncer").exists() {
-        "/usr/sbin/pgbouncer"
-    } else {
-        "pgbouncer"
-    };
-    succeed(
-        command_as("postgres", program).args(["-d", &config.display().to_string()]),
-        "pgbouncer must be installed (apt-get install pgbouncer; scripts/test does it)",
-        "pgbouncer did not start",
-    );
-    wait_for_port(PGBOUNCER_PORT, Duration::from_secs(30), "PgBouncer", &log);
-    url
+    bouncer.url(pool_mode)
+}
+
+/// A PgBouncer (Debian's `pgbouncer`) in front of the machine's PostgreSQL (`127.0.0.1:5432`,
+/// database `test`): databases `test_transaction` (`pool_mode = transaction`, 8 server
+/// connections) and `test_session` (`pool_mode = session`, 20), idle server connections closed
+/// after 5 s (the machine's server has 100 connection slots, and the chaos tests running beside
+/// need most of them), trust authentication, no `ignore_startup_parameters`. It runs
+/// daemonized as the `postgres` user (PgBouncer refuses to run as root). A test's own (on a
+/// free port, [`PgBouncer::new`]) is killed on drop.
+#[derive(Debug)]
+pub struct PgBouncer {
+    dir: PathBuf,
+    port: u16,
+    /// The shared one of [`pgbouncer_url`]: kept on drop.
+    shared: bool,
+}
+
+impl PgBouncer {
+    /// One of a test's own on a free port (not started yet).
+    #[must_use]
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "troupe-pgbouncer-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        check(std::fs::create_dir_all(&dir), "PgBouncer's directory");
+        Self {
+            dir,
+            port: free_port(),
+            shared: false,
+        }
+    }
+
+    /// Its URL for `pool_mode` (`transaction` or `session`), no query.
+    #[must_use]
+    pub fn url(&self, pool_mode: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/test_{pool_mode}", self.port)
+    }
+
+    /// The port it serves on.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn config_file(&self) -> PathBuf {
+        self.dir.join("pgbouncer.ini")
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("pgbouncer.pid")
+    }
+
+    fn config(&self) -> String {
+        let database = |mode: &str, size: u32| {
+            format!("test_{mode} = host=127.0.0.1 port=5432 dbname=test pool_mode={mode} pool_size={size}\n")
+        };
+        format!(
+            "[databases]\n{}{}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {}\n\
+             unix_socket_dir =\nauth_type = trust\nauth_file = {}\nlogfile = {}\npidfile = {}\n\
+             max_client_conn = 2000\nserver_idle_timeout = 5\nadmin_users = postgres\n",
+            database("transaction", 8),
+            database("session", 20),
+            self.port,
+            self.dir.join("userlist.txt").display(),
+            self.dir.join("pgbouncer.log").display(),
+            self.pid_file().display()
+        )
+    }
+
+    fn up(&self) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+
+    /// Starts it (again) and waits until it accepts connections.
+    ///
+    /// # Panics
+    /// When `pgbouncer` is missing or does not start within 30 s.
+    pub fn start(&self) {
+        check(
+            std::fs::write(self.config_file(), self.config()),
+            "PgBouncer's configuration",
+        );
+        check(
+            std::fs::write(self.dir.join("userlist.txt"), "\"postgres\" \"\"\n"),
+            "PgBouncer's user list",
+        );
+        give_to("postgres", &self.dir);
+        let program = if Path::new("/usr/sbin/pgbouncer").exists() {
+            "/usr/sbin/pgbouncer"
+        } else {
+            "pgbouncer"
+        };
+        succeed(
+            command_as("postgres", program).args(["-d", &self.config_file().display().to_string()]),
+            "pgbouncer must be installed (apt-get install pgbouncer; scripts/test does it)",
+            "pgbouncer did not start",
+        );
+        wait_for_port(
+            self.port,
+            Duration::from_secs(30),
+            "PgBouncer",
+            &self.dir.join("pgbouncer.log"),
+        );
+    }
+
+    /// Kills it (SIGKILL: every client and server connection dropped at once) and waits until
+    /// its port is free.
+    pub fn kill(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.pid_file()) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            let _ = std::fs::remove_file(self.pid_file());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.up() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Default for PgBouncer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        if !self.shared {
+            self.kill();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// Whether the cluster node on `port` says the cluster is up.
