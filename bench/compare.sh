@@ -13,6 +13,10 @@
 #   $TROUPE_CONCURRENCY (default 64);
 # - bench/dramatiq_peer.py on Redis and RabbitMQ with 1 process x 8 threads and 2 x 8 (Dramatiq
 #   has no PostgreSQL or SQLite broker).
+# - the io scenario on Redis (each message awaits 50 ms, a stand-in for an HTTP call; no
+#   steady-state or pick-up phases): troupe-bench --scenario io at --concurrency
+#   $IO_CONCURRENCY (default 2000: async actors, one process) against Dramatiq 2 x 8, 2 x 64 and
+#   2 x 256 threads (--io-ms 50), IO_MESSAGES each (default 10000; 0 skips it).
 # Every run gets the same MESSAGES, RATE (steady-state offered load, messages/s, default 1000),
 # STEADY_SECS (default 5) and LATENCY_SAMPLES (idle pick-up probes, default 200).
 #
@@ -75,6 +79,16 @@ run dramatiq-rabbitmq-2x8 "$PY" bench/dramatiq_peer.py --broker rabbitmq --url "
 PGOPTIONS="-c client_min_messages=warning" psql -h 127.0.0.1 -U postgres -d test -qAt -c "DROP SCHEMA IF EXISTS troupe_bench CASCADE" >/dev/null
 run troupe-postgres "$BENCH" --broker-url "$POSTGRES" --concurrency "$PG_C" --messages "$N" "${LOAD[@]}" --json
 run troupe-sqlite "$BENCH" --broker-url "$SQLITE" --concurrency "$C" --messages "$N" "${LOAD[@]}" --json
+IO_N="${IO_MESSAGES:-10000}"
+IO_C="${IO_CONCURRENCY:-2000}"
+if [ "$IO_N" -gt 0 ]; then
+  IO_LOAD=(--steady-secs 0 --latency-samples 0)
+  run io-troupe-redis "$BENCH" --broker-url "$REDIS" --scenario io --concurrency "$IO_C" --messages "$IO_N" "${IO_LOAD[@]}" --json
+  for threads in 8 64 256; do
+    run "io-dramatiq-redis-2x$threads" "$PY" bench/dramatiq_peer.py --broker redis --url "$REDIS" --io-ms 50 \
+      --messages "$IO_N" --processes 2 --threads "$threads" "${IO_LOAD[@]}"
+  done
+fi
 
 "$PY" - "$out" <<'PYEOF'
 import json
@@ -183,6 +197,21 @@ for broker in ("redis", "rabbitmq", "postgres", "sqlite"):
         print(f"{'server limit / calls per message':<32}{fmt(None if limit is None else round(limit)):>12}"
               f"   (EVALSHA {fmt(evalsha)}/s / {fmt(calls)} calls per message)")
         print(f"{'troupe process_per_sec of limit':<32}{share:>12}")
+
+io = {"troupe": load("io-troupe-redis")}
+for threads in (8, 64, 256):
+    io[f"dramatiq 2x{threads}"] = load(f"io-dramatiq-redis-2x{threads}")
+if any(io.values()):
+    print()
+    print("== io scenario on redis (each message awaits 50 ms) " + "=" * 47)
+    rates = {k: v.get("process_per_sec") for k, v in io.items() if isinstance(v.get("process_per_sec"), (int, float))}
+    best = max((v for k, v in rates.items() if k != "troupe"), default=None)
+    print(f"{'run':<18}{'concurrency':>12}{'process_per_sec':>17}{'worker_rss_peak_kib':>21}{'lost':>6}{'dup':>6}")
+    for name, r in io.items():
+        conc = r.get("concurrency") or (r.get("processes", 0) * r.get("threads", 0) or None)
+        print(f"{name:<18}{fmt(conc):>12}{fmt(r.get('process_per_sec')):>17}{fmt(r.get('worker_rss_peak_kib')):>21}"
+              f"{fmt(r.get('lost')):>6}{fmt(r.get('duplicates')):>6}")
+    print(f"{'troupe / best dramatiq':<18}{'':>12}{ratio(rates.get('troupe'), best):>17}")
 
 print()
 print("Raw limits (bench/raw_limits.sh):")

@@ -76,6 +76,8 @@ QUEUE = os.environ.get("BENCH_QUEUE", "bench")
 LATENCY_QUEUE = os.environ.get("BENCH_LATENCY_QUEUE", "bench_latency")
 COUNTER_URL = os.environ.get("BENCH_COUNTER_URL", "redis://127.0.0.1:6379/0")
 KEY_PREFIX = os.environ.get("BENCH_KEY_PREFIX", "dramatiq-bench")
+# The io scenario: the `noop` actor blocks this long (a stand-in for an HTTP call), ms.
+IO_MS = float(os.environ.get("BENCH_IO_MS", "0"))
 
 FLUSH_SECS = 0.005
 
@@ -134,6 +136,8 @@ def now_us():
 
 @dramatiq.actor(queue_name=QUEUE, max_retries=0)
 def noop(n):
+    if IO_MS:
+        time.sleep(IO_MS / 1000)
     _record("seen", n)
 
 
@@ -289,6 +293,7 @@ def run(args):
         BENCH_LATENCY_QUEUE=latency_queue,
         BENCH_COUNTER_URL=args.counter_url,
         BENCH_KEY_PREFIX=prefix,
+        BENCH_IO_MS=str(args.io_ms),
     )
     counter = redis.Redis.from_url(args.counter_url)
     seen_key, runs_key, lat_key = f"{prefix}:seen", f"{prefix}:runs", f"{prefix}:lat"
@@ -475,6 +480,12 @@ def main():
     parser.add_argument("--steady-secs", type=float, default=5.0, help="steady-state length (0: skip)")
     parser.add_argument("--sender-threads", type=int, default=8, help="threads sharing the steady-state schedule")
     parser.add_argument("--latency-samples", type=int, default=200, help="idle pick-up samples (0: skip)")
+    parser.add_argument(
+        "--io-ms",
+        type=float,
+        default=0,
+        help="the io scenario: each burn-down message blocks its thread this long (time.sleep), a stand-in for an HTTP call",
+    )
     args = parser.parse_args()
     if args.broker == "rabbitmq":
         args.url = args.url or "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -490,6 +501,8 @@ def main():
                 "messages": args.messages,
                 "processes": args.processes,
                 "threads": args.threads,
+                "scenario": "io" if args.io_ms else "noop",
+                "io_ms": args.io_ms,
                 **report,
                 "note": "process time includes the CLI's start-up; Dramatiq has no batch enqueue",
             }

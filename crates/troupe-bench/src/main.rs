@@ -55,7 +55,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     payload_bytes: usize,
     /// What each message does: `noop`, `sleep` (1 ms of async sleep), `cpu` (about 50 µs of
-    /// hashing), or `mixed` (alternating sleep and cpu).
+    /// hashing), `mixed` (alternating sleep and cpu), or `io` (awaits 50 ms, a stand-in for an
+    /// HTTP call; raise `--concurrency` into the thousands).
     #[arg(long, value_enum, default_value_t = Scenario::Noop)]
     scenario: Scenario,
     /// Messages per `send_many` call in the batched half of the enqueue phase.
@@ -171,7 +172,11 @@ enum Scenario {
     Sleep,
     Cpu,
     Mixed,
+    Io,
 }
+
+/// How long the `io` scenario's actor awaits (a stand-in for an HTTP call).
+const IO_WAIT: Duration = Duration::from_millis(50);
 
 static SCENARIO: std::sync::OnceLock<Scenario> = std::sync::OnceLock::new();
 
@@ -181,6 +186,9 @@ async fn work(n: u64) {
     let cpu = matches!(scenario, Scenario::Cpu) || (scenario == Scenario::Mixed && !n.is_multiple_of(2));
     if sleep {
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if scenario == Scenario::Io {
+        tokio::time::sleep(IO_WAIT).await;
     }
     if cpu {
         let mut x = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
