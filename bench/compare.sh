@@ -16,7 +16,7 @@
 # - the io scenario on Redis (each message awaits 50 ms, a stand-in for an HTTP call; no
 #   steady-state or pick-up phases): troupe-bench --scenario io at --concurrency
 #   $IO_CONCURRENCY (default 2000: async actors, one process) against Dramatiq 2 x 8, 2 x 64 and
-#   2 x 256 threads (--io-ms 50), IO_MESSAGES each (default 10000; 0 skips it).
+#   2 x 256 threads (--io-ms 50), IO_MESSAGES each (default 20000; 0 skips it).
 # Every run gets the same MESSAGES, RATE (steady-state offered load, messages/s, default 1000),
 # STEADY_SECS (default 5) and LATENCY_SAMPLES (idle pick-up probes, default 200).
 #
@@ -79,7 +79,7 @@ run dramatiq-rabbitmq-2x8 "$PY" bench/dramatiq_peer.py --broker rabbitmq --url "
 PGOPTIONS="-c client_min_messages=warning" psql -h 127.0.0.1 -U postgres -d test -qAt -c "DROP SCHEMA IF EXISTS troupe_bench CASCADE" >/dev/null
 run troupe-postgres "$BENCH" --broker-url "$POSTGRES" --concurrency "$PG_C" --messages "$N" "${LOAD[@]}" --json
 run troupe-sqlite "$BENCH" --broker-url "$SQLITE" --concurrency "$C" --messages "$N" "${LOAD[@]}" --json
-IO_N="${IO_MESSAGES:-10000}"
+IO_N="${IO_MESSAGES:-20000}"
 IO_C="${IO_CONCURRENCY:-2000}"
 if [ "$IO_N" -gt 0 ]; then
   IO_LOAD=(--steady-secs 0 --latency-samples 0)
