@@ -17,6 +17,9 @@
 #   steady-state or pick-up phases): troupe-bench --scenario io at --concurrency
 #   $IO_CONCURRENCY (default 2000: async actors, one process) against Dramatiq 2 x 8, 2 x 64 and
 #   2 x 256 threads (--io-ms 50), IO_MESSAGES each (default 20000; 0 skips it).
+# - many concurrent single sends: troupe-bench --senders 100 (100 tasks each awaiting one send at
+#   a time, what a web server does) on Redis, RabbitMQ and PostgreSQL, MESSAGES each (its
+#   enqueue_per_sec is the figure; SENDERS=0 skips it).
 # Every run gets the same MESSAGES, RATE (steady-state offered load, messages/s, default 1000),
 # STEADY_SECS (default 5) and LATENCY_SAMPLES (idle pick-up probes, default 200).
 #
@@ -79,6 +82,13 @@ run dramatiq-rabbitmq-2x8 "$PY" bench/dramatiq_peer.py --broker rabbitmq --url "
 PGOPTIONS="-c client_min_messages=warning" psql -h 127.0.0.1 -U postgres -d test -qAt -c "DROP SCHEMA IF EXISTS troupe_bench CASCADE" >/dev/null
 run troupe-postgres "$BENCH" --broker-url "$POSTGRES" --concurrency "$PG_C" --messages "$N" "${LOAD[@]}" --json
 run troupe-sqlite "$BENCH" --broker-url "$SQLITE" --concurrency "$C" --messages "$N" "${LOAD[@]}" --json
+if [ "${SENDERS:-100}" -gt 0 ]; then
+  for pair in "redis $REDIS" "rabbitmq $AMQP" "postgres $POSTGRES"; do
+    set -- $pair
+    run "sends-troupe-$1" "$BENCH" --broker-url "$2" --senders "${SENDERS:-100}" --messages "$N" \
+      --steady-secs 0 --latency-samples 0 --json
+  done
+fi
 IO_N="${IO_MESSAGES:-20000}"
 IO_C="${IO_CONCURRENCY:-2000}"
 if [ "$IO_N" -gt 0 ]; then
@@ -197,6 +207,14 @@ for broker in ("redis", "rabbitmq", "postgres", "sqlite"):
         print(f"{'server limit / calls per message':<32}{fmt(None if limit is None else round(limit)):>12}"
               f"   (EVALSHA {fmt(evalsha)}/s / {fmt(calls)} calls per message)")
         print(f"{'troupe process_per_sec of limit':<32}{share:>12}")
+
+sends = {b: load(f"sends-troupe-{b}") for b in ("redis", "rabbitmq", "postgres")}
+if any(sends.values()):
+    print()
+    print("== concurrent single sends (troupe-bench --senders) " + "=" * 47)
+    print(f"{'broker':<12}{'senders':>9}{'enqueue_per_sec':>17}")
+    for b, r in sends.items():
+        print(f"{b:<12}{fmt(r.get('senders')):>9}{fmt(r.get('enqueue_per_sec')):>17}")
 
 io = {"troupe": load("io-troupe-redis")}
 for threads in (8, 64, 256):

@@ -59,6 +59,10 @@ struct Args {
     /// HTTP call; raise `--concurrency` into the thousands).
     #[arg(long, value_enum, default_value_t = Scenario::Noop)]
     scenario: Scenario,
+    /// Tasks sharing the one-at-a-time half of the enqueue phase, each awaiting one `send` at a
+    /// time (100: what a busy web server does).
+    #[arg(long, default_value_t = 1)]
+    senders: u64,
     /// Messages per `send_many` call in the batched half of the enqueue phase.
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
@@ -700,11 +704,33 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     let one_by_one = args.messages / 2;
     progress.phase("enqueue", args.messages);
     let started = Instant::now();
-    for n in 0..one_by_one {
-        Noop.send(&app, n, payload.clone()).await?;
-        if n % 256 == 0 {
-            progress.set(n);
+    let senders = args.senders.max(1);
+    if senders == 1 {
+        for n in 0..one_by_one {
+            Noop.send(&app, n, payload.clone()).await?;
+            if n % 256 == 0 {
+                progress.set(n);
+            }
         }
+    } else {
+        // Sender `i` sends the numbers i, i + senders, ... one at a time.
+        let tasks: Vec<_> = (0..senders)
+            .map(|i| {
+                let (app, payload) = (app.clone(), payload.clone());
+                tokio::spawn(async move {
+                    let mut n = i;
+                    while n < one_by_one {
+                        Noop.send(&app, n, payload.clone()).await?;
+                        n += senders;
+                    }
+                    Ok::<_, troupe::Error>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        progress.set(one_by_one);
     }
     let enqueue_secs = started.elapsed().as_secs_f64();
     let started = Instant::now();
@@ -910,6 +936,7 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         "payload_bytes": args.payload_bytes,
         "backlog": args.backlog,
         "backlog_insert_secs": (backlog_secs * 10.0).round() / 10.0,
+        "senders": senders,
         "enqueue_per_sec": rate(one_by_one, enqueue_secs),
         "enqueue_batched_per_sec": rate(args.messages - one_by_one, batched_secs),
         "batch_size": args.batch_size,
