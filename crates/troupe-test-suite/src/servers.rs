@@ -810,10 +810,11 @@ impl RedisSentinels {
         self.wait_until("the old master syncs as a replica", || self.replica_ready(port));
     }
 
-    /// Whether the replica on `port` has synced with its master, and every sentinel counts the
-    /// three of them and that one replica.
+    /// Whether the replica on `port` has synced with its master and receives its writes, and
+    /// every sentinel counts the three of them and that one replica.
     fn replica_ready(&self, port: u16) -> bool {
         cli(port, &["INFO", "replication"]).contains("master_link_status:up")
+            && streams_to_its_replicas(self.master_port())
             && self.sentinels.iter().all(|&s| {
                 cli(s, &["SENTINEL", "CKQUORUM", SENTINEL_MASTER]).starts_with("OK 3 ")
                     && sentinel_field(s, "num-slaves").as_deref() == Some("1")
@@ -862,6 +863,51 @@ impl Drop for RedisSentinels {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether the master on `port` streams its writes to a replica: a write (`SET` of a probe
+/// key, one this node serves when it is a cluster node) and then `WAIT 1` on the same
+/// connection, which returns 1 once a replica acknowledged that write. A replica that has just
+/// loaded the master's snapshot says its link is up, but its master buffers the writes that
+/// follow until the replica's first acknowledgement (up to a second later): a master killed in
+/// that second takes them with it, and the promoted replica never had them (seen: a chaos
+/// round's whole queue and every result lost that way, the round's fault 0.85 s after the
+/// replica synced). `WAIT` alone does not tell: for a client that wrote nothing it counts such
+/// a replica at once, and so does the master's `INFO replication`.
+fn streams_to_its_replicas(port: u16) -> bool {
+    for i in 0..64 {
+        let answer = cli_script(port, &format!("SET troupe-test-stream-probe-{i} 1\nWAIT 1 200\n"));
+        let mut lines = answer.lines().map(str::trim);
+        match lines.next() {
+            Some("OK") => return lines.next() == Some("1"),
+            // A cluster node refuses a key of another node's slot: try another key.
+            Some(first) if first.contains("MOVED") => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// What `redis-cli -p port` prints for the commands of `script` (one per line), sent on one
+/// connection (empty when it fails).
+fn cli_script(port: u16, script: &str) -> String {
+    use std::io::Write as _;
+    let child = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return String::new();
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(script.as_bytes());
+    }
+    child
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Polls `done` every 100 ms for up to 30 s; past that, panics with `what` and what `state`
@@ -1424,7 +1470,8 @@ impl RedisClusterSet {
         })
     }
 
-    /// Whether every live node says the cluster is up and every live replica has synced.
+    /// Whether every live node says the cluster is up, every live replica has synced and every
+    /// master streams its writes to its replica.
     fn settled(&self) -> bool {
         self.live().iter().all(|&p| {
             let replication = cli(p, &["INFO", "replication"]);
@@ -1436,6 +1483,11 @@ impl RedisClusterSet {
             .filter(|&&p| cli(p, &["INFO", "replication"]).contains("role:slave"))
             .count()
             == 3
+            && self
+                .live()
+                .iter()
+                .filter(|&&p| cli(p, &["INFO", "replication"]).contains("role:master"))
+                .all(|&p| streams_to_its_replicas(p))
     }
 
     fn live(&self) -> Vec<u16> {
