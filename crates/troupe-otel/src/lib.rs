@@ -202,6 +202,10 @@ fn retries_attribute(message: &Message) -> KeyValue {
 
 #[async_trait]
 impl Middleware for OpenTelemetry {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     async fn before_enqueue(
         &self,
         _app: &App,

@@ -69,10 +69,17 @@ enum Op {
 
 #[derive(Debug)]
 struct Settle {
-    worker: String,
-    queue: String,
+    owner: Arc<Owner>,
     rid: String,
     op: Op,
+}
+
+/// The consumer a fetched message belongs to: its worker id and queue, shared by every
+/// message it fetched (so settling one allocates no copies of them).
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct Owner {
+    worker: String,
+    queue: String,
 }
 
 impl RedisBroker {
@@ -320,28 +327,25 @@ async fn wake_loop(weak: Weak<Inner>) {
 
 /// Settles a batch: one script call per (consumer, queue, kind), pipelined together.
 async fn settle(mut conn: RedisConnection, namespace: &str, batch: Vec<Settle>) -> Result<()> {
-    let mut groups: HashMap<(String, String, &'static str), Vec<Settle>> = HashMap::new();
+    let mut groups: HashMap<(Arc<Owner>, &'static str), Vec<Settle>> = HashMap::new();
     for s in batch {
         let kind = match s.op {
             Op::Ack => "ack",
             Op::Nack(_) => "nack",
             Op::Requeue => "requeue",
         };
-        groups
-            .entry((s.worker.clone(), s.queue.clone(), kind))
-            .or_default()
-            .push(s);
+        groups.entry((Arc::clone(&s.owner), kind)).or_default().push(s);
     }
     let mut pipe = redis::pipe();
-    for ((worker, queue, kind), items) in &groups {
+    for ((owner, kind), items) in &groups {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(dispatch().get_hash())
             .arg(1)
             .arg(namespace)
             .arg(*kind)
             .arg(now())
-            .arg(queue.as_str())
-            .arg(worker.as_str());
+            .arg(owner.queue.as_str())
+            .arg(owner.worker.as_str());
         for s in items {
             cmd.arg(s.rid.as_str());
             if let Op::Nack(body) = &s.op {
@@ -445,6 +449,10 @@ impl Broker for RedisBroker {
         self.start_background();
         Ok(Box::new(RedisConsumer {
             broker: self.clone(),
+            owner: Arc::new(Owner {
+                worker: worker.clone(),
+                queue: queue.to_owned(),
+            }),
             queue: queue.to_owned(),
             worker,
             waker: self.waker(queue),
@@ -779,6 +787,7 @@ fn parse_error(what: &str, e: &dyn std::fmt::Display) -> Error {
 #[derive(Debug)]
 struct RedisConsumer {
     broker: RedisBroker,
+    owner: Arc<Owner>,
     queue: String,
     worker: String,
     waker: Arc<Notify>,
@@ -879,8 +888,7 @@ impl RedisConsumer {
         for (rid, message) in fetched {
             let handle = RedisAck {
                 settle: inner.settle.clone(),
-                worker: self.worker.clone(),
-                queue: self.queue.clone(),
+                owner: Arc::clone(&self.owner),
                 rid,
                 encoder: Arc::clone(&inner.encoder),
             };
@@ -911,8 +919,7 @@ impl Drop for RedisConsumer {
 #[derive(Debug)]
 struct RedisAck {
     settle: Batcher<Settle>,
-    worker: String,
-    queue: String,
+    owner: Arc<Owner>,
     rid: String,
     encoder: Arc<dyn Encoder>,
 }
@@ -921,8 +928,7 @@ impl RedisAck {
     async fn send(&self, op: Op) -> Result<()> {
         self.settle
             .submit(Settle {
-                worker: self.worker.clone(),
-                queue: self.queue.clone(),
+                owner: Arc::clone(&self.owner),
                 rid: self.rid.clone(),
                 op,
             })

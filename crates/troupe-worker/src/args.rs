@@ -60,7 +60,8 @@ pub struct WorkerArgs {
     #[arg(short = 'Q', long, value_delimiter = ',')]
     pub queues: Vec<String>,
 
-    /// Messages held per queue, running ones included (default 2 × concurrency).
+    /// Messages held per queue, running ones included: a fixed window (default: adapts to the
+    /// queue's rate, from 2 × concurrency up to 1024; see `WorkerBuilder::prefetch`).
     #[arg(long)]
     pub prefetch: Option<usize>,
 

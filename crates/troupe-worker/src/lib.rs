@@ -18,4 +18,7 @@ mod worker;
 
 pub use args::{WorkerArgs, exit_code, init_logging};
 pub use supervise::{PROCESS_ENV, Supervisor, is_supervised};
-pub use worker::{DEFAULT_HEARTBEAT, DEFAULT_MAX_DELAY_PREFETCH, Worker, WorkerBuilder, WorkerHandle};
+pub use worker::{
+    ADAPTIVE_PREFETCH_HOLD, ADAPTIVE_PREFETCH_MAX, DEFAULT_HEARTBEAT, DEFAULT_MAX_DELAY_PREFETCH, Worker,
+    WorkerBuilder, WorkerHandle,
+};

@@ -35,7 +35,7 @@ pub(crate) async fn process(
             tracing::error!(queue = %delivery.queue(), %reason, "undecodable message; dead-lettering it");
             let reason = format!("undecodable message: {reason}");
             minutes.failed();
-            return Box::pin(async move { settle(&hard_stop, "nack", || delivery.nack(None, &reason)).await });
+            return Box::pin(async move { settle(&hard_stop, Settle::Nack, || delivery.nack(None, &reason)).await });
         }
     };
     let span = tracing::info_span!(
@@ -74,11 +74,11 @@ pub(crate) async fn process(
             _ => tracing::debug!(elapsed_ms, "message skipped"),
         }
         if matches!(outcome, Outcome::Skipped) {
-            for m in app.middleware().iter().rev() {
+            for m in after_hooks(app) {
                 (**m).after_skip(&cx).await;
             }
         }
-        for m in app.middleware().iter().rev() {
+        for m in after_hooks(app) {
             (**m).after_process(&mut cx, &outcome).await;
         }
         (cx, outcome)
@@ -111,16 +111,16 @@ pub(crate) async fn process(
                 }
             }
             if requeue {
-                settle(&hard_stop, "requeue", || delivery.requeue()).await;
+                settle(&hard_stop, Settle::Requeue, || delivery.requeue()).await;
             } else if let Some(reason) = cx.failure_reason().map(str::to_owned) {
-                settle(&hard_stop, "nack", || delivery.nack(Some(cx.message()), &reason)).await;
+                settle(&hard_stop, Settle::Nack, || delivery.nack(Some(cx.message()), &reason)).await;
                 minutes.failed();
-                for m in app.middleware().iter().rev() {
+                for m in after_hooks(&app) {
                     (**m).after_nack(&cx, &outcome).await;
                 }
             } else {
-                settle(&hard_stop, "ack", || delivery.ack()).await;
-                for m in app.middleware().iter().rev() {
+                settle(&hard_stop, Settle::Ack, || delivery.ack()).await;
+                for m in after_hooks(&app) {
                     (**m).after_ack(&cx, &outcome).await;
                 }
             }
@@ -129,19 +129,44 @@ pub(crate) async fn process(
     )
 }
 
+/// The middleware whose after-hooks run, last added first (those that declare none are
+/// skipped: each call would box a no-op future).
+fn after_hooks(app: &App) -> impl Iterator<Item = &Arc<dyn troupe_core::Middleware>> {
+    app.middleware().iter().rev().filter(|m| m.after_hooks())
+}
+
+/// How a message is settled.
+#[derive(Clone, Copy)]
+enum Settle {
+    Ack,
+    Nack,
+    Requeue,
+}
+
+impl Settle {
+    /// What settling does, for logs (static: settling is per message, logging rare).
+    fn what(self) -> &'static str {
+        match self {
+            Self::Ack => "ack the message",
+            Self::Nack => "nack the message",
+            Self::Requeue => "requeue the message",
+        }
+    }
+}
+
 /// Runs an ack/nack/requeue, retrying transient broker errors with backoff (capped at 5 s,
 /// as Dramatiq retries them) until the worker is stopped hard.
-async fn settle<'a, F, Fut>(hard_stop: &CancellationToken, what: &str, op: F)
+async fn settle<'a, F, Fut>(hard_stop: &CancellationToken, how: Settle, op: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<()>> + 'a,
 {
     let backoff = (Duration::from_millis(100), Duration::from_secs(5));
-    let settled =
-        troupe_core::support::retry_transient(&format!("{what} the message"), backoff, None, Some(hard_stop), op).await;
+    let what = how.what();
+    let settled = troupe_core::support::retry_transient(what, backoff, None, Some(hard_stop), op).await;
     if let Err(e) = settled
         && !e.is_transient()
     {
-        tracing::error!(error = %e, "could not {what} the message; the broker will redeliver it");
+        tracing::error!(error = %e, "could not {what}; the broker will redeliver it");
     }
 }

@@ -61,6 +61,17 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// [`WorkerBuilder::delay_prefetch`]).
 pub const DEFAULT_MAX_DELAY_PREFETCH: usize = 8_000;
 
+/// The largest window an adaptive prefetch grows to (see [`WorkerBuilder::prefetch`]).
+pub const ADAPTIVE_PREFETCH_MAX: usize = 1024;
+
+/// How much work an adaptive prefetch window holds: the messages a queue goes through in this
+/// time (see [`WorkerBuilder::prefetch`]). Short, since a prefetched message of one queue waits
+/// behind the others in the worker.
+pub const ADAPTIVE_PREFETCH_HOLD: Duration = Duration::from_millis(5);
+
+/// How often an adaptive window measures its queue's rate and resizes.
+const ADAPTIVE_PERIOD: Duration = Duration::from_millis(200);
+
 /// How often a worker tells the broker it is alive (see [`WorkerBuilder::heartbeat`]).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
@@ -81,7 +92,13 @@ impl WorkerBuilder {
         self
     }
 
-    /// Messages held per queue, running ones included (default 2 × concurrency).
+    /// Messages held per queue, running ones included: a fixed window. By default the window
+    /// follows the work: it starts at 2 × concurrency and, for a queue whose messages run
+    /// faster than the fetches bring them, grows (in powers of two, to at most
+    /// [`ADAPTIVE_PREFETCH_MAX`]) to what the worker goes through in about
+    /// [`ADAPTIVE_PREFETCH_HOLD`], and shrinks back when the queue slows or empties. So fast
+    /// messages are fetched in large batches, while a slow queue's messages are not held away
+    /// from other workers.
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = Some(n.max(1));
         self
@@ -128,6 +145,11 @@ impl WorkerBuilder {
     pub async fn start(self) -> Result<WorkerHandle> {
         let concurrency = self.resolved_concurrency();
         let prefetch = self.prefetch.unwrap_or(2 * concurrency);
+        // The most a ready queue's window grows to: fixed when set, else adaptive.
+        let prefetch_max = match self.prefetch {
+            Some(n) => n,
+            None => prefetch.max(ADAPTIVE_PREFETCH_MAX),
+        };
         let delay_prefetch = self
             .delay_prefetch
             .unwrap_or((1000 * concurrency).min(DEFAULT_MAX_DELAY_PREFETCH));
@@ -187,7 +209,7 @@ impl WorkerBuilder {
             hard_stop: CancellationToken::new(),
             seq: AtomicU64::new(0),
             fetch_timeout: self.fetch_timeout,
-            settling: Arc::new(Semaphore::new(prefetch.saturating_mul(queues.len()).max(1))),
+            settling: Arc::new(Semaphore::new(prefetch_max.saturating_mul(queues.len()).max(1))),
             settles: TaskTracker::new(),
             processed: AtomicU64::new(0),
             minutes: Arc::default(),
@@ -195,23 +217,25 @@ impl WorkerBuilder {
         let mut consumers = Vec::new();
         let mut windows = Vec::new();
         for queue in &queues {
-            let mut names = vec![(queue.clone(), prefetch)];
+            let mut names = vec![(queue.clone(), prefetch, prefetch_max)];
             if !native_delays {
-                names.push((dq_name(queue), delay_prefetch));
+                names.push((dq_name(queue), delay_prefetch, delay_prefetch));
             }
-            for (name, window) in names {
+            for (name, window, max) in names {
                 let consumer = app.broker().consume(&name, ConsumerOptions::new(window)).await?;
                 let shared = Arc::clone(&shared);
                 let slots = Arc::new(Semaphore::new(window));
                 let fetching = Arc::new(AtomicUsize::new(0));
+                let size = Arc::new(AtomicUsize::new(window));
                 windows.push(Window {
                     name: name.clone(),
-                    size: window,
+                    size: Arc::clone(&size),
                     slots: Arc::clone(&slots),
                     fetching: Arc::clone(&fetching),
                 });
+                let window = Adaptive::new(window, max, size, slots);
                 consumers.push(tokio::spawn(async move {
-                    consume_loop(shared, name, window, slots, fetching, consumer).await
+                    consume_loop(shared, name, window, fetching, consumer).await
                 }));
             }
         }
@@ -371,7 +395,8 @@ impl Minutes {
 /// One consumer's prefetch window, as the heartbeat reads it.
 struct Window {
     name: String,
-    size: usize,
+    /// Places in the window (taken or free).
+    size: Arc<AtomicUsize>,
     /// Free places in the window.
     slots: Arc<Semaphore>,
     /// Places taken for a fetch still under way (no message in them yet).
@@ -381,7 +406,10 @@ struct Window {
 impl Window {
     /// Messages held: prefetched, running or settling.
     fn held(&self) -> u64 {
-        let taken = self.size.saturating_sub(self.slots.available_permits());
+        let taken = self
+            .size
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.slots.available_permits());
         taken.saturating_sub(self.fetching.load(Ordering::Relaxed)) as u64
     }
 }
@@ -548,15 +576,17 @@ async fn execute_loop(shared: Arc<Shared>) {
 async fn consume_loop(
     shared: Arc<Shared>,
     queue: String,
-    window: usize,
-    slots: Arc<Semaphore>,
+    mut adaptive: Adaptive,
     fetching: Arc<AtomicUsize>,
     consumer: Box<dyn Consumer>,
 ) -> Option<Box<dyn Consumer>> {
+    let slots = Arc::clone(&adaptive.slots);
     let mut consumer = Some(consumer);
     let mut backoff = Duration::from_millis(100);
     let delay_queue = is_delay_queue(&queue);
     loop {
+        adaptive.resize();
+        let window = adaptive.current;
         // While executors still have prefetched work, wait until half the window is free, so
         // each fetch is one round trip for a batch rather than one per message.
         let want = if shared.work.len() > 0 { (window / 2).max(1) } else { 1 };
@@ -607,6 +637,7 @@ async fn consume_loop(
         match fetched {
             Ok(deliveries) => {
                 backoff = Duration::from_millis(100);
+                adaptive.fetched(deliveries.len());
                 let mut permits = permits.into_iter();
                 for (delivery, permit) in deliveries.into_iter().zip(permits.by_ref()) {
                     fetching.fetch_sub(1, Ordering::Relaxed);
@@ -632,6 +663,73 @@ async fn consume_loop(
                 backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// A consumer's prefetch window: fixed, or (`max` above `min`) resized every
+/// [`ADAPTIVE_PERIOD`] to the messages fetched in [`ADAPTIVE_PREFETCH_HOLD`] at the rate of the
+/// last period, in powers of two between `min` and `max`.
+struct Adaptive {
+    min: usize,
+    max: usize,
+    /// The window now.
+    current: usize,
+    /// The places that exist (the window, plus places still to be forgotten after a shrink
+    /// while they were taken), as the heartbeat reads them.
+    size: Arc<AtomicUsize>,
+    slots: Arc<Semaphore>,
+    /// Places to forget once they are given back (a shrink while they were taken).
+    owed: usize,
+    /// Messages fetched since `since`.
+    counted: usize,
+    since: std::time::Instant,
+}
+
+impl Adaptive {
+    fn new(min: usize, max: usize, size: Arc<AtomicUsize>, slots: Arc<Semaphore>) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            current: min,
+            size,
+            slots,
+            owed: 0,
+            counted: 0,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    fn fetched(&mut self, n: usize) {
+        self.counted += n;
+    }
+
+    /// Resizes the window once a period has passed.
+    fn resize(&mut self) {
+        if self.owed > 0 {
+            self.owed -= self.slots.forget_permits(self.owed);
+        }
+        if self.max > self.min {
+            let elapsed = self.since.elapsed();
+            if elapsed >= ADAPTIVE_PERIOD {
+                #[allow(clippy::cast_precision_loss)]
+                let per_hold = self.counted as f64 * ADAPTIVE_PREFETCH_HOLD.as_secs_f64() / elapsed.as_secs_f64();
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let want = (per_hold.ceil() as usize)
+                    .checked_next_power_of_two()
+                    .unwrap_or(self.max)
+                    .clamp(self.min, self.max);
+                self.counted = 0;
+                self.since = std::time::Instant::now();
+                if want > self.current {
+                    self.slots.add_permits(want - self.current);
+                } else if want < self.current {
+                    let fewer = self.current - want;
+                    self.owed += fewer - self.slots.forget_permits(fewer);
+                }
+                self.current = want;
+            }
+        }
+        self.size.store(self.current + self.owed, Ordering::Relaxed);
     }
 }
 
@@ -695,4 +793,61 @@ async fn route(
         delivery,
         permit,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adaptive(min: usize, max: usize) -> Adaptive {
+        Adaptive::new(min, max, Arc::new(AtomicUsize::new(min)), Arc::new(Semaphore::new(min)))
+    }
+
+    /// Pretends `n` messages were fetched over the last period, then resizes.
+    fn period(window: &mut Adaptive, n: usize) {
+        window.fetched(n);
+        window.since = std::time::Instant::now() - ADAPTIVE_PERIOD;
+        window.resize();
+    }
+
+    #[test]
+    fn an_adaptive_window_grows_with_the_rate_and_shrinks_when_it_falls() {
+        let mut window = adaptive(32, 1024);
+        // 20,000 in 200 ms is 100,000/s: 500 in 5 ms, rounded up to 512.
+        period(&mut window, 20_000);
+        assert_eq!(window.current, 512);
+        assert_eq!(window.slots.available_permits(), 512);
+        assert_eq!(window.size.load(Ordering::Relaxed), 512);
+        // Capped at the maximum.
+        period(&mut window, 1_000_000);
+        assert_eq!(window.current, 1024);
+        // A slow queue: back to the minimum. The 24 free places are forgotten at once, the
+        // 1,000 taken ones count until given back.
+        let taken = Arc::clone(&window.slots).try_acquire_many_owned(1000).unwrap();
+        period(&mut window, 10);
+        assert_eq!(window.current, 32);
+        assert_eq!(window.slots.available_permits(), 0);
+        assert_eq!(window.size.load(Ordering::Relaxed), 1000, "taken places still count");
+        drop(taken);
+        window.resize();
+        assert_eq!(window.owed, 0);
+        assert_eq!(window.slots.available_permits(), 32);
+        assert_eq!(window.size.load(Ordering::Relaxed), 32);
+    }
+
+    #[test]
+    fn a_fixed_window_never_resizes() {
+        let mut window = adaptive(64, 64);
+        period(&mut window, 1_000_000);
+        assert_eq!(window.current, 64);
+        assert_eq!(window.slots.available_permits(), 64);
+    }
+
+    #[test]
+    fn the_window_resizes_only_once_a_period_has_passed() {
+        let mut window = adaptive(32, 1024);
+        window.fetched(1_000_000);
+        window.resize();
+        assert_eq!(window.current, 32);
+    }
 }

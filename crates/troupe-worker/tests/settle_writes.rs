@@ -177,3 +177,71 @@ async fn a_settle_write_that_cannot_succeed_dead_letters_the_message_with_its_re
         dead[0].reason
     );
 }
+
+/// Overrides `after_process` and `after_ack`, counting their calls, and says whether it
+/// declares after-hooks.
+#[derive(Debug)]
+struct AfterHooks {
+    declared: bool,
+    calls: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Middleware for AfterHooks {
+    fn after_hooks(&self) -> bool {
+        self.declared
+    }
+
+    async fn after_process(&self, _cx: &mut ProcessContext, _outcome: &Outcome) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn after_ack(&self, _cx: &ProcessContext, _outcome: &Outcome) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_hooks_run_only_on_middleware_that_declares_them() {
+    let declared = Arc::new(AtomicUsize::new(0));
+    let undeclared = Arc::new(AtomicUsize::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let broker = MemoryBroker::new();
+    let app = App::builder(broker.into_dyn())
+        .middleware(AfterHooks {
+            declared: true,
+            calls: Arc::clone(&declared),
+        })
+        // Through an Arc too: the pointer forwards the declaration.
+        .middleware(Arc::new(AfterHooks {
+            declared: false,
+            calls: Arc::clone(&undeclared),
+        }))
+        .actor(Counted {
+            runs: Arc::clone(&runs),
+        })
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        app.send(
+            &Counted {
+                runs: Arc::clone(&runs),
+            },
+            (),
+        )
+        .await
+        .unwrap();
+    }
+    let worker = Worker::builder(app.clone())
+        .concurrency(2)
+        .fetch_timeout(Duration::from_millis(50))
+        .start()
+        .await
+        .unwrap();
+    app.join("settle", Duration::from_secs(10)).await.unwrap();
+    worker.stop().await;
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    // after_process and after_ack for each of the three messages.
+    assert_eq!(declared.load(Ordering::SeqCst), 6);
+    assert_eq!(undeclared.load(Ordering::SeqCst), 0);
+}

@@ -24,6 +24,10 @@ impl AgeLimit {
 
 #[async_trait]
 impl Middleware for AgeLimit {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::AGE_LIMIT)
     }

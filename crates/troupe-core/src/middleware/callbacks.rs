@@ -28,6 +28,10 @@ fn callback(cx: &ProcessContext, success: bool) -> Option<String> {
 
 #[async_trait]
 impl Middleware for Callbacks {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::CALLBACKS)
     }

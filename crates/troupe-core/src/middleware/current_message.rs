@@ -94,6 +94,10 @@ impl Scope {
 
 #[async_trait]
 impl Middleware for CurrentMessage {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let message = cx.message().clone();
         let app = cx.app().clone();

@@ -50,6 +50,10 @@ fn callbacks(message: &Message, key: &str) -> Vec<Value> {
 
 #[async_trait]
 impl Middleware for GroupCallbacks {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let outcome = next.run(cx).await;
         let message = cx.message();

@@ -592,6 +592,10 @@ async fn expire_records(backend: Arc<dyn crate::StateBackend>, stop: Cancellatio
 
 #[async_trait]
 impl Middleware for TaskLifecycle {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     async fn after_enqueue(&self, app: &App, message: &Message, delay: Option<Duration>) {
         if self.tracking.is_none() {
             return;

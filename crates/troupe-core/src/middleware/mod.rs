@@ -499,6 +499,16 @@ pub trait Middleware: Send + Sync + fmt::Debug + 'static {
         TypeId::of::<Self>()
     }
 
+    /// Whether this middleware overrides any of the hooks that run after processing
+    /// ([`after_skip`](Self::after_skip), [`after_process`](Self::after_process),
+    /// [`after_ack`](Self::after_ack), [`after_nack`](Self::after_nack)). A worker does not
+    /// call those hooks on a middleware that returns `false`, which saves an allocation per
+    /// hook per message (each call of an `async_trait` method is boxed). Keep the default
+    /// (`true`) unless none of the four is overridden.
+    fn after_hooks(&self) -> bool {
+        true
+    }
+
     /// Before a message is enqueued (also for retries and delayed messages becoming due). May
     /// change the message; an error stops the enqueue.
     async fn before_enqueue(&self, _app: &App, _message: &mut Message, _delay: Option<Duration>) -> Result<()> {
@@ -568,6 +578,10 @@ macro_rules! forward_middleware {
 
             fn middleware_type(&self) -> TypeId {
                 (**self).middleware_type()
+            }
+
+            fn after_hooks(&self) -> bool {
+                (**self).after_hooks()
             }
 
             async fn before_enqueue(&self, app: &App, message: &mut Message, delay: Option<Duration>) -> Result<()> {

@@ -12,6 +12,10 @@ pub struct Pipelines;
 
 #[async_trait]
 impl Middleware for Pipelines {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::PIPELINES)
     }

@@ -119,6 +119,10 @@ pub fn compute_backoff(retries: u64, factor: Duration, max: Duration) -> Duratio
 
 #[async_trait]
 impl Middleware for Retries {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::RETRIES)
     }

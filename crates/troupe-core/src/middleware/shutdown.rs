@@ -31,6 +31,10 @@ impl ShutdownNotifications {
 
 #[async_trait]
 impl Middleware for ShutdownNotifications {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::SHUTDOWN_NOTIFICATIONS)
     }

@@ -35,6 +35,10 @@ impl TimeLimit {
 
 #[async_trait]
 impl Middleware for TimeLimit {
+    fn after_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::TIME_LIMIT)
     }
