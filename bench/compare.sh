@@ -17,8 +17,11 @@
 #   has no PostgreSQL or SQLite broker).
 # - the io scenario on Redis (each message awaits 50 ms, a stand-in for an HTTP call; no
 #   steady-state or pick-up phases): troupe-bench --scenario io at --concurrency
-#   $IO_CONCURRENCY (default 2000: async actors, one process) against Dramatiq 2 x 8, 2 x 64 and
-#   2 x 256 threads (--io-ms 50), IO_MESSAGES each (default 20000; 0 skips it).
+#   $IO_CONCURRENCY (default 5000: async actors, one process), IO_TROUPE_MESSAGES of them
+#   (default 100000: at 5000 at once a run of 20000 is mostly start-up), once with the system
+#   allocator (glibc malloc: what a binary gets unless it picks another) and once built with
+#   troupe-bench's `mimalloc` feature (labelled), against Dramatiq 2 x 8, 2 x 64 and 2 x 256
+#   threads (--io-ms 50), IO_MESSAGES each (default 20000; 0 skips the block).
 # - many concurrent single sends: troupe-bench --senders 100 (100 tasks each awaiting one send at
 #   a time, what a web server does) on Redis, RabbitMQ and PostgreSQL, MESSAGES each (its
 #   enqueue_per_sec is the figure; SENDERS=0 skips it).
@@ -56,10 +59,14 @@ SQLITE="sqlite:///tmp/troupe-bench.db?durability=full"
 C="${TROUPE_CONCURRENCY:-64}"
 PG_C="${TROUPE_PG_CONCURRENCY:-256}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/troupe/target}"
-cargo build -q --release -p troupe-bench
-BENCH="$CARGO_TARGET_DIR/release/troupe-bench"
 out="${COMPARE_OUT:-$(mktemp -d)}"
 mkdir -p "$out"
+# Both builds kept side by side (one target directory holds one troupe-bench at a time).
+cargo build -q --release -p troupe-bench --features mimalloc
+cp "$CARGO_TARGET_DIR/release/troupe-bench" "$out/troupe-bench-mimalloc"
+cargo build -q --release -p troupe-bench
+cp "$CARGO_TARGET_DIR/release/troupe-bench" "$out/troupe-bench"
+BENCH="$out/troupe-bench"
 LOAD=(--rate "$RATE" --steady-secs "$STEADY_SECS" --latency-samples "$LATENCY_SAMPLES")
 
 # run NAME COMMAND...: the command's stdout into $out/NAME.json; a failure is reported, not fatal.
@@ -104,10 +111,13 @@ if [ "${SENDERS:-100}" -gt 0 ]; then
   done
 fi
 IO_N="${IO_MESSAGES:-20000}"
-IO_C="${IO_CONCURRENCY:-2000}"
+IO_TN="${IO_TROUPE_MESSAGES:-100000}"
+IO_C="${IO_CONCURRENCY:-5000}"
 if [ "$IO_N" -gt 0 ]; then
   IO_LOAD=(--steady-secs 0 --latency-samples 0)
-  run io-troupe-redis "$BENCH" --broker-url "$REDIS" --scenario io --concurrency "$IO_C" --messages "$IO_N" "${IO_LOAD[@]}" --json
+  run io-troupe-redis "$BENCH" --broker-url "$REDIS" --scenario io --concurrency "$IO_C" --messages "$IO_TN" "${IO_LOAD[@]}" --json
+  run io-troupe-mimalloc-redis "$out/troupe-bench-mimalloc" --broker-url "$REDIS" --scenario io --concurrency "$IO_C" \
+    --messages "$IO_TN" "${IO_LOAD[@]}" --json
   for threads in 8 64 256; do
     run "io-dramatiq-redis-2x$threads" "$PY" bench/dramatiq_peer.py --broker redis --url "$REDIS" --io-ms 50 \
       --messages "$IO_N" --processes 2 --threads "$threads" "${IO_LOAD[@]}"
@@ -232,20 +242,21 @@ if any(sends.values()):
     for b, r in sends.items():
         print(f"{b:<12}{fmt(r.get('senders')):>9}{fmt(r.get('enqueue_per_sec')):>17}")
 
-io = {"troupe": load("io-troupe-redis")}
+io = {"troupe": load("io-troupe-redis"), "troupe (mimalloc)": load("io-troupe-mimalloc-redis")}
 for threads in (8, 64, 256):
     io[f"dramatiq 2x{threads}"] = load(f"io-dramatiq-redis-2x{threads}")
 if any(io.values()):
     print()
     print("== io scenario on redis (each message awaits 50 ms) " + "=" * 47)
     rates = {k: v.get("process_per_sec") for k, v in io.items() if isinstance(v.get("process_per_sec"), (int, float))}
-    best = max((v for k, v in rates.items() if k != "troupe"), default=None)
-    print(f"{'run':<18}{'concurrency':>12}{'process_per_sec':>17}{'worker_rss_peak_kib':>21}{'lost':>6}{'dup':>6}")
+    best = max((v for k, v in rates.items() if not k.startswith("troupe")), default=None)
+    print(f"{'run':<20}{'concurrency':>12}{'messages':>10}{'process_per_sec':>17}{'worker_rss_peak_kib':>21}{'lost':>6}{'dup':>6}")
     for name, r in io.items():
         conc = r.get("concurrency") or (r.get("processes", 0) * r.get("threads", 0) or None)
-        print(f"{name:<18}{fmt(conc):>12}{fmt(r.get('process_per_sec')):>17}{fmt(r.get('worker_rss_peak_kib')):>21}"
-              f"{fmt(r.get('lost')):>6}{fmt(r.get('duplicates')):>6}")
-    print(f"{'troupe / best dramatiq':<18}{'':>12}{ratio(rates.get('troupe'), best):>17}")
+        print(f"{name:<20}{fmt(conc):>12}{fmt(r.get('messages')):>10}{fmt(r.get('process_per_sec')):>17}"
+              f"{fmt(r.get('worker_rss_peak_kib')):>21}{fmt(r.get('lost')):>6}{fmt(r.get('duplicates')):>6}")
+    print(f"{'troupe / best dramatiq':<20}{'':>22}{ratio(rates.get('troupe'), best):>17}")
+    print(f"{'mimalloc / best':<20}{'':>22}{ratio(rates.get('troupe (mimalloc)'), best):>17}")
 
 print()
 print("Raw limits (bench/raw_limits.sh):")

@@ -22,6 +22,12 @@ use serde_json::json;
 use troupe::prelude::*;
 use troupe::{AppBuilder, now_ms};
 
+/// With the `mimalloc` feature, mimalloc instead of the system allocator (glibc's malloc,
+/// whose arena locks the worker's cross-thread frees contend on).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(about = "Measure Troupe's enqueue and process rates")]
 struct Args {
@@ -34,6 +40,10 @@ struct Args {
     /// Worker concurrency.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Messages each worker holds per queue, running ones included (default: the worker's
+    /// default, 2 × concurrency).
+    #[arg(long)]
+    prefetch: Option<usize>,
     /// Worker processes to start (0: one worker inside the benchmark process). Each runs
     /// `--concurrency` actors at once.
     #[arg(long, default_value_t = 0)]
@@ -402,6 +412,18 @@ async fn main() -> ExitCode {
     }
 }
 
+/// A worker with the benchmark's settings: `--concurrency`, `--prefetch` when given, and a
+/// short fetch time-out.
+fn tuned(builder: troupe::worker::WorkerBuilder, args: &Args) -> troupe::worker::WorkerBuilder {
+    let builder = builder
+        .concurrency(args.concurrency)
+        .fetch_timeout(Duration::from_millis(100));
+    match args.prefetch {
+        Some(n) => builder.prefetch(n),
+        None => builder,
+    }
+}
+
 /// A worker process for `--processes`: runs until SIGTERM, then prints the numbers it ran and
 /// its resident memory (idle by then) and peak.
 async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -416,12 +438,7 @@ async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let worker = if args.lean_worker {
         Worker::builder(app).queues(["bench"]).start().await?
     } else {
-        Worker::builder(app)
-            .concurrency(args.concurrency)
-            .fetch_timeout(Duration::from_millis(100))
-            .queues(["bench"])
-            .start()
-            .await?
+        tuned(Worker::builder(app), args).queues(["bench"]).start().await?
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     term.recv().await;
@@ -767,6 +784,11 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
             tokio::process::Command::new(std::env::current_exe()?)
                 .args(["--worker-only", "--broker-url", &args.broker_url, "--concurrency"])
                 .arg(args.concurrency.to_string())
+                .args(
+                    args.prefetch
+                        .iter()
+                        .flat_map(|n| ["--prefetch".to_owned(), n.to_string()]),
+                )
                 .args(if args.track_tasks {
                     vec!["--track-tasks"]
                 } else {
@@ -781,13 +803,7 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         );
     }
     let worker = if args.processes == 0 {
-        Some(
-            Worker::builder(app.clone())
-                .concurrency(args.concurrency)
-                .fetch_timeout(Duration::from_millis(100))
-                .start()
-                .await?,
-        )
+        Some(tuned(Worker::builder(app.clone()), args).start().await?)
     } else {
         None
     };
@@ -842,9 +858,7 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
     let worker = match worker {
         Some(w) => w,
         None => {
-            Worker::builder(app.clone())
-                .concurrency(args.concurrency)
-                .fetch_timeout(Duration::from_millis(100))
+            tuned(Worker::builder(app.clone()), args)
                 .queues(["bench_latency", "bench_steady"])
                 .start()
                 .await?
