@@ -1139,6 +1139,57 @@ pub async fn urgent_message_overtakes_a_backlog(tb: &TestBroker) {
     tb.broker.purge(&q).await.expect("purge");
 }
 
+/// A worker's prefetched messages run fairly between its queues: with 200 messages of one
+/// queue prefetched ahead (concurrency 1, a fixed window of 200, 2 ms each), a message sent to
+/// a quiet queue runs within a few of them, not after the whole window.
+pub async fn a_quiet_queue_overtakes_another_queues_prefetched_messages(tb: &TestBroker) {
+    let (busy_q, quiet_q) = (unique_queue("fair_busy"), unique_queue("fair_quiet"));
+    let busy = TestActor::new("busy", &busy_q).behaviour(|_, _| async move {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Ok(Value::Null)
+    });
+    let quiet = TestActor::new("quiet", &quiet_q);
+    let app = App::builder(Arc::clone(&tb.broker))
+        .actor(busy.clone())
+        .actor(quiet.clone())
+        .build()
+        .expect("app");
+    app.declare_queue(&quiet_q).await.expect("declare");
+    app.send_many(&busy, (0..400).map(|i| vec![json!(i)]))
+        .await
+        .expect("send the backlog");
+    let worker = Worker::builder(app.clone())
+        .concurrency(1)
+        .prefetch(200)
+        .fetch_timeout(FETCH)
+        .shutdown_timeout(Duration::from_secs(5))
+        .start()
+        .await
+        .expect("worker starts");
+    // Once the window is full: the busy queue's messages wait ahead in the worker.
+    assert!(
+        eventually(WAIT, || busy.count() >= 5 && worker.held().0 >= 150).await,
+        "the worker prefetched the busy queue ({} ran, {:?} held)",
+        busy.count(),
+        worker.held()
+    );
+    let ran_before_send = busy.count();
+    app.send(&quiet, vec![]).await.expect("send to the quiet queue");
+    assert!(
+        eventually(WAIT, || quiet.count() == 1).await,
+        "the quiet queue's message ran"
+    );
+    worker.stop().await;
+    let quiet_at = quiet.calls()[0].at;
+    let ran_before_quiet = busy.calls().iter().filter(|c| c.at < quiet_at).count();
+    let waited_behind = ran_before_quiet.saturating_sub(ran_before_send);
+    assert!(
+        waited_behind < 60,
+        "the quiet queue's message waited behind {waited_behind} of the busy queue's prefetched messages"
+    );
+    tb.broker.purge(&busy_q).await.expect("purge");
+}
+
 /// A graceful shutdown lets running actors finish and returns prefetched and delayed messages;
 /// a new worker then processes everything: nothing lost.
 pub async fn graceful_shutdown_returns_prefetched_and_delayed(tb: &TestBroker) {

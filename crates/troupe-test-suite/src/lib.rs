@@ -160,6 +160,7 @@ macro_rules! broker_conformance {
             actor_priority_orders_prefetched_work,
             broker_delivers_lower_priorities_first,
             urgent_message_overtakes_a_backlog,
+            a_quiet_queue_overtakes_another_queues_prefetched_messages,
             graceful_shutdown_returns_prefetched_and_delayed,
             time_limit_fails_and_retries,
             panics_are_failures,

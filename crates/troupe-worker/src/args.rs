@@ -61,7 +61,7 @@ pub struct WorkerArgs {
     pub queues: Vec<String>,
 
     /// Messages held per queue, running ones included: a fixed window (default: adapts to the
-    /// queue's rate, from 2 × concurrency up to 1024; see `WorkerBuilder::prefetch`).
+    /// queue's rate, from 2 × concurrency up to 256; see `WorkerBuilder::prefetch`).
     #[arg(long)]
     pub prefetch: Option<usize>,
 

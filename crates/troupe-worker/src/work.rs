@@ -1,8 +1,15 @@
 //! The shared work queue: prefetched messages waiting for an executor, lowest priority first
-//! (the message's, else its actor's), FIFO within a priority.
+//! (the message's, else its actor's); within a priority, fair between queues and FIFO within
+//! each queue.
+//!
+//! Fairness is start-time fair queueing: each item gets a tag one past the larger of its
+//! queue's last tag and the tag of the item an executor last took. A queue with a thousand
+//! prefetched messages holds tags far ahead, so a message of a quiet queue, tagged just past
+//! what runs now, is taken next instead of waiting behind the whole prefetched backlog; busy
+//! queues take turns, one message each.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -12,7 +19,11 @@ use troupe_core::Delivery;
 #[derive(Debug)]
 pub(crate) struct WorkItem {
     pub(crate) priority: i32,
+    /// Its fair-queueing tag, which [`WorkQueue::push`] sets.
     pub(crate) seq: u64,
+    /// The order it arrived in, which [`WorkQueue::push`] sets: among equal tags, the older
+    /// item first.
+    pub(crate) arrival: u64,
     pub(crate) delivery: Delivery,
     pub(crate) permit: OwnedSemaphorePermit,
 }
@@ -38,31 +49,69 @@ impl Ord for WorkItem {
             .priority
             .cmp(&self.priority)
             .then_with(|| other.seq.cmp(&self.seq))
+            .then_with(|| other.arrival.cmp(&self.arrival))
     }
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct WorkQueue {
-    items: Mutex<BinaryHeap<WorkItem>>,
+    items: Mutex<Items>,
     available: Notify,
+}
+
+/// The heap and the fair-queueing clocks.
+#[derive(Debug, Default)]
+struct Items {
+    heap: BinaryHeap<WorkItem>,
+    /// The tag of the item an executor took last.
+    now: u64,
+    /// Each queue's last tag.
+    last: HashMap<String, u64>,
+    /// Items pushed so far.
+    arrivals: u64,
 }
 
 impl WorkQueue {
     /// The items, even after a thread panicked while holding them: every operation leaves the
     /// heap whole, so a poisoned lock must not drop deliveries.
-    fn items(&self) -> MutexGuard<'_, BinaryHeap<WorkItem>> {
+    fn items(&self) -> MutexGuard<'_, Items> {
         self.items.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn push(&self, item: WorkItem) {
-        self.items().push(item);
+    /// Adds an item, tagged fairly against the other queues' (its `seq` and `arrival` are
+    /// overwritten).
+    pub(crate) fn push(&self, mut item: WorkItem) {
+        let mut items = self.items();
+        let now = items.now;
+        let tag = match items.last.get_mut(item.delivery.queue()) {
+            Some(last) => {
+                *last = (*last).max(now) + 1;
+                *last
+            }
+            None => {
+                items.last.insert(item.delivery.queue().to_owned(), now + 1);
+                now + 1
+            }
+        };
+        item.seq = tag;
+        items.arrivals += 1;
+        item.arrival = items.arrivals;
+        items.heap.push(item);
+        drop(items);
         self.available.notify_one();
     }
 
     pub(crate) async fn pop(&self) -> WorkItem {
         loop {
             let notified = self.available.notified();
-            let item = self.items().pop();
+            let item = {
+                let mut items = self.items();
+                let item = items.heap.pop();
+                if let Some(item) = &item {
+                    items.now = items.now.max(item.seq);
+                }
+                item
+            };
             if let Some(item) = item {
                 return item;
             }
@@ -71,11 +120,11 @@ impl WorkQueue {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.items().len()
+        self.items().heap.len()
     }
 
     pub(crate) fn drain(&self) -> Vec<WorkItem> {
-        std::mem::take(&mut *self.items()).into_sorted_vec()
+        std::mem::take(&mut self.items().heap).into_sorted_vec()
     }
 }
 
@@ -114,10 +163,16 @@ pub(crate) mod tests {
     }
 
     fn item(id: &str, seq: u64) -> WorkItem {
-        let (delivery, _, permit) = delivery(id);
+        item_of("q", id, seq)
+    }
+
+    fn item_of(queue: &str, id: &str, seq: u64) -> WorkItem {
+        let (_, message, permit) = delivery(id);
+        let delivery = Delivery::new(queue, Ok(message), false, Box::new(NoAck));
         WorkItem {
             priority: 0,
             seq,
+            arrival: 0,
             delivery,
             permit,
         }
@@ -145,5 +200,50 @@ pub(crate) mod tests {
         let drained: Vec<String> = queue.drain().iter().map(id).collect();
         assert_eq!(drained.len(), 2);
         assert!(drained.contains(&"after".to_owned()) && drained.contains(&"drained".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_quiet_queue_is_not_stuck_behind_a_busy_queues_backlog() {
+        let queue = WorkQueue::default();
+        for i in 0..1000 {
+            queue.push(item_of("busy", &format!("busy-{i}"), 0));
+        }
+        for _ in 0..10 {
+            queue.pop().await;
+        }
+        queue.push(item_of("quiet", "quiet-0", 0));
+        // Behind at most the one busy message that shares its tag.
+        let next: Vec<String> = [queue.pop().await, queue.pop().await].iter().map(id).collect();
+        assert!(next.contains(&"quiet-0".to_owned()), "{next:?}");
+        // The busy queue's order holds.
+        let mut rest = Vec::new();
+        while queue.len() > 0 {
+            rest.push(id(&queue.pop().await));
+        }
+        let busy: Vec<usize> = rest
+            .iter()
+            .filter_map(|id| id.strip_prefix("busy-")?.parse().ok())
+            .collect();
+        assert_eq!(busy.len(), 989);
+        assert!(busy.windows(2).all(|w| w[0] < w[1]), "FIFO within a queue");
+    }
+
+    #[tokio::test]
+    async fn busy_queues_take_turns_and_priority_comes_first() {
+        let queue = WorkQueue::default();
+        for i in 0..3 {
+            queue.push(item_of("a", &format!("a-{i}"), 0));
+        }
+        for i in 0..3 {
+            queue.push(item_of("b", &format!("b-{i}"), 0));
+        }
+        let mut urgent = item_of("c", "c-urgent", 0);
+        urgent.priority = -1;
+        queue.push(urgent);
+        let mut order = Vec::new();
+        for _ in 0..7 {
+            order.push(id(&queue.pop().await));
+        }
+        assert_eq!(order, ["c-urgent", "a-0", "b-0", "a-1", "b-1", "a-2", "b-2"]);
     }
 }
