@@ -25,6 +25,14 @@
 # - many concurrent single sends: troupe-bench --senders 100 (100 tasks each awaiting one send at
 #   a time, what a web server does) on Redis, RabbitMQ and PostgreSQL, MESSAGES each (its
 #   enqueue_per_sec is the figure; SENDERS=0 skips it).
+# - deep backlogs: troupe-bench --memory-backlog (fill the queue with send_many, then one worker
+#   process at the default settings drains it) with 30000 and DEEP_MESSAGES (default 1000000)
+#   messages on Redis and RabbitMQ: the drain rate (from the worker's first message, leaving out
+#   its start), the worker's and the producer's peak memory (DEEP_MESSAGES=0 skips it);
+# - fairness: troupe-bench --fairness-backlog FAIR_BACKLOG (default 1000000) on every broker: one
+#   queue holds the backlog while nine quiet queues get 180 messages/s for 5 s, each timed from
+#   its send to its actor's start, in one worker process at the default settings
+#   (FAIR_BACKLOG=0 skips it).
 # Every run gets the same MESSAGES, RATE (steady-state offered load, messages/s, default 1000),
 # STEADY_SECS (default 5) and LATENCY_SAMPLES (idle pick-up probes, default 200).
 #
@@ -122,6 +130,24 @@ if [ "$IO_N" -gt 0 ]; then
     run "io-dramatiq-redis-2x$threads" "$PY" bench/dramatiq_peer.py --broker redis --url "$REDIS" --io-ms 50 \
       --messages "$IO_N" --processes 2 --threads "$threads" "${IO_LOAD[@]}"
   done
+fi
+DEEP="${DEEP_MESSAGES:-1000000}"
+if [ "$DEEP" -gt 0 ]; then
+  for pair in "redis $REDIS" "rabbitmq $AMQP"; do
+    set -- $pair
+    for count in 30000 "$DEEP"; do
+      run "deep-troupe-$1-$count" "$BENCH" --broker-url "$2" --memory-backlog "$count" --memory-secs 600 --json
+    done
+  done
+fi
+FAIR="${FAIR_BACKLOG:-1000000}"
+if [ "$FAIR" -gt 0 ]; then
+  drop_bench_schema
+  for pair in "redis $REDIS" "rabbitmq $AMQP" "postgres $POSTGRES" "sqlite $SQLITE"; do
+    set -- $pair
+    run "fair-troupe-$1" "$BENCH" --broker-url "$2" --fairness-backlog "$FAIR" --json
+  done
+  drop_bench_schema
 fi
 
 "$PY" - "$out" <<'PYEOF'
@@ -257,6 +283,36 @@ if any(io.values()):
               f"{fmt(r.get('worker_rss_peak_kib')):>21}{fmt(r.get('lost')):>6}{fmt(r.get('duplicates')):>6}")
     print(f"{'troupe / best dramatiq':<20}{'':>22}{ratio(rates.get('troupe'), best):>17}")
     print(f"{'mimalloc / best':<20}{'':>22}{ratio(rates.get('troupe (mimalloc)'), best):>17}")
+
+deep = {}
+for b in ("redis", "rabbitmq"):
+    runs = sorted(
+        (r for r in (load(p.stem) for p in out.glob(f"deep-troupe-{b}-*.json")) if r),
+        key=lambda r: r.get("messages", 0),
+    )
+    if runs:
+        deep[b] = runs
+if deep:
+    print()
+    print("== deep backlogs (troupe-bench --memory-backlog: one worker process at the defaults) " + "=" * 15)
+    print(f"{'broker':<10}{'messages':>10}{'fill_per_sec':>14}{'drain_per_sec':>15}{'vs smallest':>13}"
+          f"{'worker_rss_peak_mb':>20}{'producer_rss_peak_mb':>22}")
+    for b, runs in deep.items():
+        base = runs[0].get("drain_per_sec")
+        for r in runs:
+            print(f"{b:<10}{fmt(r.get('messages')):>10}{fmt(r.get('fill_per_sec')):>14}{fmt(r.get('drain_per_sec')):>15}"
+                  f"{ratio(r.get('drain_per_sec'), base):>13}{fmt(r.get('worker_rss_peak_mb')):>20}"
+                  f"{fmt(r.get('producer_rss_peak_mb')):>22}")
+
+fair = {b: load(f"fair-troupe-{b}") for b in ("redis", "rabbitmq", "postgres", "sqlite")}
+if any(fair.values()):
+    print()
+    print("== fairness (troupe-bench --fairness-backlog: 9 quiet queues beside one backlog) " + "=" * 18)
+    print(f"{'broker':<10}{'backlog':>10}{'samples':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'backlog_per_sec':>17}{'left':>10}{'lost':>6}")
+    for b, r in fair.items():
+        print(f"{b:<10}{fmt(r.get('backlog')):>10}{fmt(r.get('trickle_samples')):>9}{fmt(r.get('trickle_ms_p50'), 2):>9}"
+              f"{fmt(r.get('trickle_ms_p99'), 2):>9}{fmt(r.get('trickle_ms_max'), 2):>9}{fmt(r.get('backlog_per_sec')):>17}"
+              f"{fmt(r.get('backlog_left')):>10}{fmt(r.get('lost')):>6}")
 
 print()
 print("Raw limits (bench/raw_limits.sh):")

@@ -138,6 +138,38 @@ struct Args {
     /// kept per message.
     #[arg(long, hide = true)]
     lean_worker: bool,
+    /// Instead of the drain: put this many messages in the `bench` queue, start one worker
+    /// process at the default settings on it and on nine quiet queues (`bench_trickle_0` to
+    /// `_8`), send `--trickle-rate` messages/s spread over the quiet queues for
+    /// `--fairness-secs`, and report their pick-up latency (send to actor start) while the
+    /// backlog drains. Use a dedicated database or namespace: the queues are purged first and
+    /// after.
+    #[arg(long, default_value_t = 0)]
+    fairness_backlog: u64,
+    /// With `--fairness-backlog`: messages/s sent to the quiet queues, all nine together.
+    #[arg(long, default_value_t = 180)]
+    trickle_rate: u64,
+    /// With `--fairness-backlog`: how long the quiet queues receive their trickle (short
+    /// enough that the backlog outlasts it: the report's `backlog_left` says whether it did).
+    #[arg(long, default_value_t = 5.0)]
+    fairness_secs: f64,
+    /// With `--fairness-backlog`: run the worker inside the benchmark process (at the default
+    /// settings), as an embedded SQLite broker is used: there a send wakes the worker's
+    /// consumer at once, where a worker in another process polls the file.
+    #[arg(long)]
+    fairness_in_process: bool,
+    /// Run as the worker of `--fairness-backlog` (used by it): also consume this many quiet
+    /// queues, and print the trickle's samples.
+    #[arg(long, hide = true, default_value_t = 0)]
+    trickle_queues: usize,
+}
+
+/// The quiet queues of `--fairness-backlog`.
+const TRICKLE_QUEUES: usize = 9;
+
+/// The name of quiet queue `i`.
+fn trickle_queue(i: usize) -> String {
+    format!("bench_trickle_{i}")
 }
 
 /// The state backend the flags name, when tracking or task queries are asked for.
@@ -261,10 +293,52 @@ async fn ping() {
 /// Records how long after it was sent (µs since the epoch) it started.
 #[troupe::actor(queue_name = "bench_steady")]
 async fn steady(n: u64, sent_us: u64) {
+    record_pickup(n, sent_us);
+}
+
+/// A steady-state sample: message `n`, sent at `sent_us` (µs since the epoch), starts now.
+fn record_pickup(n: u64, sent_us: u64) {
     #[allow(clippy::cast_precision_loss)]
     let ms = epoch_us().saturating_sub(sent_us) as f64 / 1000.0;
     if let Ok(mut samples) = STEADY.lock() {
         samples.push((n, ms));
+    }
+}
+
+/// The actor of quiet queue `i` of `--fairness-backlog` (`quiet_0` on `bench_trickle_0`, ...):
+/// records its pick-up latency as `steady` does. A worker consumes its actors' queues, so each
+/// quiet queue has an actor of its own.
+struct Quiet {
+    name: String,
+    queue: String,
+}
+
+impl Quiet {
+    fn new(i: usize) -> Self {
+        Self {
+            name: format!("quiet_{i}"),
+            queue: trickle_queue(i),
+        }
+    }
+}
+
+impl Actor for Quiet {
+    type Args = (u64, u64);
+    type Output = ();
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn options(&self) -> ActorOptions {
+        let mut options = ActorOptions::default();
+        options.queue_name.clone_from(&self.queue);
+        options
+    }
+
+    async fn call(&self, (n, sent_us): (u64, u64)) -> Result<(), ActorError> {
+        record_pickup(n, sent_us);
+        Ok(())
     }
 }
 
@@ -368,6 +442,18 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if args.fairness_backlog > 0 && !args.worker_only {
+        return match fairness(&args).await {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if args.memory_backlog > 0 && !args.worker_only {
         return match memory_backlog(&args).await {
             Ok(report) => {
@@ -434,9 +520,14 @@ async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let broker = troupe::connect(&args.broker_url).await?;
     let state = state_backend(args).await?;
-    let app = builder(broker, state.as_ref(), args).actor(Noop).build()?;
+    let app = (0..args.trickle_queues)
+        .fold(builder(broker, state.as_ref(), args).actor(Noop), |b, i| {
+            b.actor(Quiet::new(i))
+        })
+        .build()?;
+    let queues = std::iter::once("bench".to_owned()).chain((0..args.trickle_queues).map(trickle_queue));
     let worker = if args.lean_worker {
-        Worker::builder(app).queues(["bench"]).start().await?
+        Worker::builder(app).queues(queues).start().await?
     } else {
         tuned(Worker::builder(app), args).queues(["bench"]).start().await?
     };
@@ -450,34 +541,39 @@ async fn worker_only(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|s| s.as_ref().map(|s| s.iter().copied().collect()))
         .unwrap_or_default();
     let runs = RUNS.load(std::sync::atomic::Ordering::Relaxed);
+    let steady = STEADY.lock().map(|s| s.clone()).unwrap_or_default();
     println!(
         "{}",
-        json!({"runs": runs, "seen": seen, "rss_idle_kib": rss_idle, "rss_peak_kib": status_kib("VmHWM")})
+        json!({"runs": runs, "seen": seen, "rss_idle_kib": rss_idle, "rss_peak_kib": status_kib("VmHWM"), "steady": steady})
     );
     Ok(())
 }
 
-/// `--memory-backlog`: a worker process's resident memory with a backlog waiting.
-async fn memory_backlog(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    if let Some(path) = args.broker_url.strip_prefix("sqlite://") {
+/// Deletes a SQLite broker's files, so each run starts from an empty database.
+fn fresh_sqlite(url: &str) {
+    if let Some(path) = url.strip_prefix("sqlite://") {
         let path = path.split('?').next().unwrap_or(path);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{path}{suffix}"));
         }
     }
-    let progress = Progress::new(!args.json);
-    let broker = troupe::connect(&args.broker_url).await?;
-    let app = App::builder(Arc::clone(&broker)).actor(Noop).build()?;
-    app.declare_queue("bench").await?;
-    broker.purge("bench").await?;
-    let delay = (args.memory_delay_secs > 0).then(|| Duration::from_secs(args.memory_delay_secs));
-    let payload = serde_json::Value::String("x".repeat(args.payload_bytes));
+}
 
-    progress.phase("enqueue", args.memory_backlog);
+/// Puts `count` no-op messages of `--payload-bytes` in the `bench` queue with `enqueue_many`,
+/// `--batch-size` at a time, each delayed by `delay`; returns the seconds it took.
+async fn fill(
+    app: &App,
+    args: &Args,
+    count: u64,
+    delay: Option<Duration>,
+    progress: &Progress,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let payload = serde_json::Value::String("x".repeat(args.payload_bytes));
+    progress.phase("enqueue", count);
     let started = Instant::now();
     let mut n = 0;
-    while n < args.memory_backlog {
-        let end = (n + args.batch_size.max(1) as u64).min(args.memory_backlog);
+    while n < count {
+        let end = (n + args.batch_size.max(1) as u64).min(count);
         let batch = (n..end)
             .map(|i| {
                 let message =
@@ -489,7 +585,184 @@ async fn memory_backlog(args: &Args) -> Result<serde_json::Value, Box<dyn std::e
         n = end;
         progress.set(n);
     }
-    let fill_secs = started.elapsed().as_secs_f64();
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Megabytes from KiB, to one decimal.
+#[allow(clippy::cast_precision_loss)]
+fn mb(kib: u64) -> f64 {
+    (kib as f64 / 1024.0 * 10.0).round() / 10.0
+}
+
+/// `--fairness-backlog`: the pick-up latency of nine quiet queues while one queue's backlog
+/// drains, in a worker process at the default settings.
+async fn fairness(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    fresh_sqlite(&args.broker_url);
+    let progress = Progress::new(!args.json);
+    let broker = troupe::connect(&args.broker_url).await?;
+    let app = (0..TRICKLE_QUEUES)
+        .fold(App::builder(Arc::clone(&broker)).actor(Noop), |b, i| {
+            b.actor(Quiet::new(i))
+        })
+        .build()?;
+    let quiet: Vec<String> = (0..TRICKLE_QUEUES).map(trickle_queue).collect();
+    for queue in std::iter::once("bench").chain(quiet.iter().map(String::as_str)) {
+        app.declare_queue(queue).await?;
+        broker.purge(queue).await?;
+    }
+    let fill_secs = fill(&app, args, args.fairness_backlog, None, &progress).await?;
+
+    progress.phase("worker", 0);
+    let (mut child, worker) = if args.fairness_in_process {
+        let queues = std::iter::once("bench".to_owned()).chain(quiet.iter().cloned());
+        (None, Some(Worker::builder(app.clone()).queues(queues).start().await?))
+    } else {
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["--worker-only", "--lean-worker", "--broker-url", &args.broker_url])
+            .args(["--trickle-queues", &TRICKLE_QUEUES.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        (Some(child), None)
+    };
+    // The trickle starts once the worker has started on the backlog.
+    let waited = Instant::now();
+    let backlog_at_start = loop {
+        let pending = broker.stats("bench").await?.pending();
+        if pending < args.fairness_backlog {
+            break pending;
+        }
+        if let Some(status) = child
+            .as_mut()
+            .map(tokio::process::Child::try_wait)
+            .transpose()?
+            .flatten()
+        {
+            return Err(format!("the worker process exited with {status}").into());
+        }
+        if waited.elapsed() > Duration::from_secs(60) {
+            return Err("the worker took nothing from the backlog within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let total = (args.trickle_rate as f64 * args.fairness_secs).round() as u64;
+    progress.phase("trickle", total);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    // How long each send took to return (durable): part of its pick-up latency.
+    let mut sends = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for n in 0..total {
+        #[allow(clippy::cast_precision_loss)]
+        let offset = Duration::from_secs_f64(n as f64 / args.trickle_rate.max(1) as f64);
+        tokio::time::sleep_until((started + offset).into()).await;
+        let app = app.clone();
+        let i = usize::try_from(n).unwrap_or(0) % quiet.len();
+        let (queue, actor) = (quiet[i].clone(), format!("quiet_{i}"));
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let message = troupe::Message::new(queue, actor, vec![json!(n), json!(epoch_us())], serde_json::Map::new());
+            app.enqueue(message, None).await?;
+            Ok::<_, troupe::Error>(sent.elapsed().as_secs_f64() * 1000.0)
+        });
+        while let Some(done) = tasks.try_join_next() {
+            sends.push(done??);
+        }
+        progress.set(n);
+    }
+    while let Some(done) = tasks.join_next().await {
+        sends.push(done??);
+    }
+    sends.sort_by(f64::total_cmp);
+    // Until the quiet queues are empty (their last messages ran).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut pending = 0;
+        for queue in &quiet {
+            pending += broker.stats(queue).await?.pending();
+        }
+        if pending == 0 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let trickle_secs = started.elapsed().as_secs_f64();
+    let backlog_left = broker.stats("bench").await?.pending();
+    // Let a duplicate, if any, show up before counting.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let samples: Vec<(u64, f64)> = match (child, worker) {
+        (Some(child), _) => {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-s", "TERM", &pid.to_string()])
+                    .status();
+            }
+            let out = child.wait_with_output().await?;
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            report["steady"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| Some((s.get(0)?.as_u64()?, s.get(1)?.as_f64()?)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+        (None, Some(worker)) => {
+            worker.stop().await;
+            STEADY.lock().map(|s| s.clone()).unwrap_or_default()
+        }
+        (None, None) => Vec::new(),
+    };
+    progress.finish();
+    for queue in std::iter::once("bench").chain(quiet.iter().map(String::as_str)) {
+        broker.purge(queue).await?;
+    }
+    let distinct: HashSet<u64> = samples.iter().map(|(n, _)| *n).collect();
+    let mut latencies: Vec<f64> = samples.iter().map(|(_, ms)| *ms).collect();
+    latencies.sort_by(f64::total_cmp);
+    Ok(json!({
+        "broker": broker.backend(),
+        "date": date(),
+        "backlog": args.fairness_backlog,
+        "fill_secs": (fill_secs * 10.0).round() / 10.0,
+        "quiet_queues": TRICKLE_QUEUES,
+        "trickle_per_sec": args.trickle_rate,
+        "trickle_secs": (trickle_secs * 10.0).round() / 10.0,
+        "trickle_samples": latencies.len(),
+        "trickle_ms_p50": quantile(&latencies, 0.5),
+        "trickle_ms_p90": quantile(&latencies, 0.9),
+        "trickle_ms_p99": quantile(&latencies, 0.99),
+        "trickle_ms_max": quantile(&latencies, 1.0),
+        "trickle_send_ms_p50": quantile(&sends, 0.5),
+        "trickle_send_ms_p99": quantile(&sends, 0.99),
+        "backlog_at_start": backlog_at_start,
+        "backlog_left": backlog_left,
+        "backlog_per_sec": per_sec(backlog_at_start.saturating_sub(backlog_left), trickle_secs),
+        "lost": total.saturating_sub(distinct.len() as u64),
+        "duplicates": (samples.len() - distinct.len()) as u64,
+        "worker": if args.fairness_in_process { "in the benchmark process" } else { "a process of its own" },
+        "settings": "worker defaults (concurrency 8 per core, adaptive prefetch window per queue)",
+    }))
+}
+
+/// `--memory-backlog`: a worker process's resident memory with a backlog waiting.
+async fn memory_backlog(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    fresh_sqlite(&args.broker_url);
+    let progress = Progress::new(!args.json);
+    let broker = troupe::connect(&args.broker_url).await?;
+    let app = App::builder(Arc::clone(&broker)).actor(Noop).build()?;
+    app.declare_queue("bench").await?;
+    broker.purge("bench").await?;
+    let delay = (args.memory_delay_secs > 0).then(|| Duration::from_secs(args.memory_delay_secs));
+    let fill_secs = fill(&app, args, args.memory_backlog, delay, &progress).await?;
+    // The producer's peak: enqueueing a deep backlog must not grow it without bound.
+    let producer_peak_kib = status_kib("VmHWM");
 
     progress.phase("worker", 0);
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
@@ -502,8 +775,12 @@ async fn memory_backlog(args: &Args) -> Result<serde_json::Value, Box<dyn std::e
     let watch = Duration::from_secs_f64(args.memory_secs);
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut drained_secs = None;
+    // When the worker was first seen taking messages, and what was pending then: the drain
+    // rate counts from there, leaving out the process's start.
+    let mut first_taken: Option<(f64, u64)> = None;
+    let poll = Duration::from_millis(if delay.is_none() { 20 } else { 250 });
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(poll).await;
         if let Some(status) = child.try_wait()? {
             return Err(format!("the worker process exited with {status}").into());
         }
@@ -512,6 +789,9 @@ async fn memory_backlog(args: &Args) -> Result<serde_json::Value, Box<dyn std::e
         if delay.is_none() {
             let pending = broker.stats("bench").await?.pending();
             progress.set(args.memory_backlog.saturating_sub(pending));
+            if first_taken.is_none() && pending < args.memory_backlog {
+                first_taken = Some((started.elapsed().as_secs_f64(), pending));
+            }
             if pending == 0 {
                 drained_secs = Some(started.elapsed().as_secs_f64());
                 break;
@@ -531,7 +811,6 @@ async fn memory_backlog(args: &Args) -> Result<serde_json::Value, Box<dyn std::e
     broker.purge("bench").await?;
 
     // The largest sample in each tenth of the watch: flat when memory is bounded.
-    let mb = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
     let slices: Vec<f64> = (0..10)
         .map(|i| {
             let lo = samples.len() * i / 10;
@@ -551,10 +830,15 @@ async fn memory_backlog(args: &Args) -> Result<serde_json::Value, Box<dyn std::e
         "fill_per_sec": (args.memory_backlog as f64 / fill_secs).round(),
         "worker_runs": report["runs"],
         "drained_secs": drained_secs.map(|s| (s * 10.0).round() / 10.0),
+        "drain_per_sec": match (first_taken, drained_secs) {
+            (Some((at, pending)), Some(end)) if end > at => per_sec(pending, end - at),
+            _ => json!(null),
+        },
+        "producer_rss_peak_mb": mb(producer_peak_kib),
         "worker_rss_peak_mb": mb(peak_kib.max(samples.iter().map(|(_, k)| *k).max().unwrap_or(0))),
         "worker_rss_end_mb": mb(samples.last().map_or(0, |(_, k)| *k)),
         "worker_rss_by_tenth_mb": slices,
-        "settings": "worker defaults (concurrency 8 per core, prefetch 2 x concurrency, delay prefetch min(1000 x concurrency, 8000))",
+        "settings": "worker defaults (concurrency 8 per core, adaptive prefetch window, delay prefetch min(1000 x concurrency, 8000))",
     }))
 }
 
@@ -691,12 +975,7 @@ async fn backlog(url: &str, first: u64, count: u64) -> Result<(), Box<dyn std::e
 }
 
 async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    if let Some(path) = args.broker_url.strip_prefix("sqlite://") {
-        let path = path.split('?').next().unwrap_or(path);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{path}{suffix}"));
-        }
-    }
+    fresh_sqlite(&args.broker_url);
     if let Ok(mut seen) = SEEN.lock() {
         *seen = Some(HashSet::new());
     }
