@@ -231,6 +231,14 @@ pub trait Consumer: Send + fmt::Debug {
     async fn fetch(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivery>>;
     /// Closes the consumer, returning unacknowledged deliveries to the queue.
     async fn close(self: Box<Self>) -> Result<()>;
+    /// The worker's window for this consumer changed to `prefetch` messages (an adaptive
+    /// window grew or shrank). A broker that pushes messages resizes what it lets the server
+    /// send ahead (RabbitMQ's `basic.qos`); the default does nothing, since a broker that is
+    /// polled fetches only what [`Consumer::fetch`] asks for.
+    async fn set_prefetch(&mut self, prefetch: usize) -> Result<()> {
+        let _ = prefetch;
+        Ok(())
+    }
 }
 
 /// A message broker.

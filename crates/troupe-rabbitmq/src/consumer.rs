@@ -73,6 +73,13 @@ pub(crate) struct RabbitmqConsumer {
     broker: Arc<Inner>,
     shared: Arc<ConsumerShared>,
     stream: lapin::Consumer,
+    /// The queue's name as AMQP takes it, for a new `basic.consume` after a resize.
+    name: lapin::types::ShortString,
+    /// The `basic.qos` prefetch the stream was started with.
+    prefetch: u16,
+    /// The stream a resize replaced: cancelled, but what RabbitMQ sent it before the cancel
+    /// still arrives there and is taken before the new stream's.
+    draining: Option<lapin::Consumer>,
     /// An error met after a batch was already taken: returned by the next fetch.
     failed: Option<Error>,
 }
@@ -137,6 +144,9 @@ impl RabbitmqConsumer {
                         broker: Arc::clone(inner),
                         shared,
                         stream,
+                        name,
+                        prefetch,
+                        draining: None,
                         failed: None,
                     });
                 }
@@ -193,10 +203,34 @@ impl Consumer for RabbitmqConsumer {
         if !self.shared.channel.status().connected() {
             return Err(self.lost("its channel closed"));
         }
-        let Ok(mut next) = tokio::time::timeout(timeout, self.stream.next()).await else {
-            return Ok(Vec::new());
-        };
         let mut out = Vec::new();
+        // What the stream a resize replaced still holds comes first; it ends once RabbitMQ
+        // confirmed the cancel and everything sent before it arrived.
+        while let Some(draining) = self.draining.as_mut() {
+            match draining.next().now_or_never() {
+                Some(Some(Ok(d))) => {
+                    out.push(self.delivery(d));
+                    if out.len() >= max.max(1) {
+                        return Ok(out);
+                    }
+                }
+                Some(Some(Err(e))) => {
+                    self.draining = None;
+                    let e = self.lost(&e.to_string());
+                    if out.is_empty() {
+                        return Err(e);
+                    }
+                    self.failed = Some(e);
+                    return Ok(out);
+                }
+                Some(None) => self.draining = None,
+                None => break,
+            }
+        }
+        let wait = if out.is_empty() { timeout } else { Duration::ZERO };
+        let Ok(mut next) = tokio::time::timeout(wait, self.stream.next()).await else {
+            return Ok(out);
+        };
         loop {
             let failure = match next {
                 Some(Ok(d)) => {
@@ -223,6 +257,48 @@ impl Consumer for RabbitmqConsumer {
             }
         }
         Ok(out)
+    }
+
+    async fn set_prefetch(&mut self, prefetch: usize) -> Result<()> {
+        let prefetch = u16::try_from(prefetch.clamp(1, MAX_PREFETCH)).unwrap_or(u16::MAX);
+        if prefetch == self.prefetch || self.draining.is_some() {
+            // Unchanged, or the last resize is still draining: the next one resizes.
+            return Ok(());
+        }
+        self.broker.check_open()?;
+        let ch = self.shared.channel.clone();
+        // A consumer's `basic.qos` is fixed when it starts (and quorum queues refuse a
+        // channel-wide one), so a resize starts a new consumer on the same channel with the new
+        // prefetch and cancels the old one. Deliveries already sent stay on this channel: their
+        // acks still apply, and the old stream yields them before it ends.
+        timed(
+            self.broker.timeout(),
+            "set the prefetch",
+            ch.basic_qos(prefetch, BasicQosOptions { global: false }),
+        )
+        .await?;
+        let tag = format!("troupe-{}", uuid::Uuid::new_v4().simple());
+        let stream = timed(
+            self.broker.timeout(),
+            &format!("consume {}", self.shared.queue),
+            ch.basic_consume(
+                self.name.clone(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let old = std::mem::replace(&mut self.stream, stream);
+        self.prefetch = prefetch;
+        timed(
+            self.broker.timeout(),
+            "cancel the consumer",
+            ch.basic_cancel(old.tag(), BasicCancelOptions::default()),
+        )
+        .await?;
+        self.draining = Some(old);
+        Ok(())
     }
 
     async fn close(self: Box<Self>) -> Result<()> {

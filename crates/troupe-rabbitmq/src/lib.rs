@@ -47,7 +47,8 @@
 //!   without confirms when [`RabbitmqOptions::confirm_delivery`] is off), plus short-lived
 //!   channels for declares, stats and dead letters (a refused declaration or a 404 closes only
 //!   its own channel);
-//! - **consume**: one channel per consumer, with `basic_qos(prefetch)` and manual acks.
+//! - **consume**: one channel per consumer, with `basic_qos(prefetch)` and manual acks; a resized
+//!   window (`Consumer::set_prefetch`) re-consumes on that channel with the new prefetch.
 //!   Consumers share a connection rather than opening one each (Dramatiq's way): channels
 //!   already isolate them, and one socket per consumer buys nothing. It is separate from the
 //!   publishing connection because RabbitMQ blocks *publishing* connections on a memory or disk

@@ -152,6 +152,62 @@ pub async fn enqueue_consume_ack(tb: &TestBroker) {
     consumer.close().await.expect("close");
 }
 
+/// A consumer whose window is resized while it holds deliveries (`Consumer::set_prefetch`:
+/// grown, then shrunk, as an adaptive worker window does) holds as many as the new window
+/// allows and loses and repeats nothing: the deliveries taken before a resize still ack, and
+/// every message comes out once.
+pub async fn a_resized_consumer_loses_and_repeats_nothing(tb: &TestBroker) {
+    let q = unique_queue("resize");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let sent: Vec<(Message, Option<Duration>)> = (0..120).map(|i| (message(&q, "a", vec![json!(i)]), None)).collect();
+    tb.broker.enqueue_many(sent).await.expect("enqueue");
+    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(4)).await.expect("consume");
+    let mut seen = std::collections::HashMap::new();
+    let mut held = fetch_some(&mut consumer, 4, WAIT).await;
+    assert!(!held.is_empty(), "a first delivery");
+    consumer.set_prefetch(64).await.expect("grow the prefetch");
+    // Grown: more than the first 4 can be held unacked at once (a broker that pushes would
+    // stop at 4 had the resize not reached the server).
+    let deadline = Instant::now() + WAIT;
+    while held.len() < 20 && Instant::now() < deadline {
+        held.extend(consumer.fetch(64, FETCH).await.expect("fetch"));
+    }
+    assert!(
+        held.len() >= 20,
+        "only {} held after growing the prefetch to 64",
+        held.len()
+    );
+    let mut shrunk = false;
+    while seen.len() < 120 && Instant::now() < deadline {
+        for d in held.drain(..) {
+            let n = d.message().expect("decodes").args[0].as_u64().expect("a number");
+            *seen.entry(n).or_insert(0) += 1;
+            d.ack().await.expect("ack, also of a delivery taken before the resize");
+        }
+        if !shrunk && seen.len() >= 60 {
+            consumer.set_prefetch(2).await.expect("shrink the prefetch");
+            shrunk = true;
+        }
+        held = consumer.fetch(64, FETCH).await.expect("fetch");
+    }
+    assert_eq!(seen.len(), 120, "every message came out");
+    assert!(
+        seen.values().all(|&times| times == 1),
+        "none twice: {:?}",
+        seen.iter().filter(|(_, t)| **t > 1).collect::<Vec<_>>()
+    );
+    assert!(
+        consumer
+            .fetch(10, Duration::from_millis(200))
+            .await
+            .expect("fetch")
+            .is_empty(),
+        "nothing more"
+    );
+    consumer.close().await.expect("close");
+    wait_drained(tb, &q).await;
+}
+
 /// Messages of one queue come out in the order they went in.
 pub async fn fifo_within_a_queue(tb: &TestBroker) {
     let q = unique_queue("fifo");

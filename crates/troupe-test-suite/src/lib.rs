@@ -137,6 +137,7 @@ macro_rules! broker_conformance {
         $crate::__conformance_cases!(
             $harness, cases;
             enqueue_consume_ack,
+            a_resized_consumer_loses_and_repeats_nothing,
             fifo_within_a_queue,
             nack_dead_letters_with_reason,
             dead_letters_requeue_and_purge,

@@ -586,8 +586,19 @@ async fn consume_loop(
     let mut backoff = Duration::from_millis(100);
     let delay_queue = is_delay_queue(&queue);
     loop {
+        let before = adaptive.current;
         adaptive.resize();
         let window = adaptive.current;
+        if window != before
+            && let Some(current) = consumer.as_mut()
+            && let Err(e) = current.set_prefetch(window).await
+        {
+            // As a lost link: a new consumer starts at the current window.
+            tracing::warn!(%queue, error = %e, "cannot resize the consumer's prefetch; reconnecting");
+            if let Some(old) = consumer.take() {
+                let _ = old.close().await;
+            }
+        }
         // While executors still have prefetched work, wait until half the window is free, so
         // each fetch is one round trip for a batch rather than one per message.
         let want = if shared.work.len() > 0 { (window / 2).max(1) } else { 1 };
