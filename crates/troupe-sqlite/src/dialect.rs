@@ -51,8 +51,10 @@ impl SqliteDialect {
         query.fetch_all(self.pool()).await.map_err(|e| db_error(what, e))
     }
 
-    /// Runs one statement on the main pool; how many rows it changed.
+    /// Runs one writing statement on the main pool, in this process's turn; how many rows it
+    /// changed.
     async fn exec(&self, what: &str, query: Query<'_, Sqlite, SqliteArguments>) -> Result<u64> {
+        let _turn = self.store.writes().turn().await;
         let done = query.execute(self.pool()).await.map_err(|e| db_error(what, e))?;
         Ok(done.rows_affected())
     }
@@ -115,6 +117,7 @@ impl Dialect for SqliteDialect {
 
     async fn insert(&self, jobs: &[Job]) -> Result<()> {
         let t = now();
+        let _turn = self.store.writes().turn().await;
         let write = async {
             let mut conn = self.pool().acquire().await?;
             // One message: one autocommit statement. More: one transaction.
@@ -184,6 +187,7 @@ impl Dialect for SqliteDialect {
     }
 
     async fn claim(&self, queue: &str, owner: &str, lease: Duration, max: usize) -> Result<Vec<Claimed>> {
+        let _turn = self.store.writes().turn().await;
         let rows = sqlx::query(
             "UPDATE troupe_jobs SET state = 1, attempt = attempt + 1, lease_owner = ?1, lease_until = ?2
              WHERE id IN (SELECT id FROM troupe_jobs WHERE state = 0 AND queue = ?3 ORDER BY priority, id LIMIT ?4)
@@ -221,6 +225,7 @@ impl Dialect for SqliteDialect {
                 SettleOp::Nack { .. } => {}
             }
         }
+        let _turn = self.store.writes().turn().await;
         let mut tx = self
             .pool()
             .begin_with("BEGIN IMMEDIATE")
@@ -379,6 +384,7 @@ impl Dialect for SqliteDialect {
     }
 
     async fn revive(&self, _queue: &str, rows: &[(i64, Vec<u8>)]) -> Result<u64> {
+        let _turn = self.store.writes().turn().await;
         let mut tx = self
             .pool()
             .begin_with("BEGIN IMMEDIATE")

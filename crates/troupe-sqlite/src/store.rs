@@ -12,7 +12,7 @@ use troupe_core::{Result, TaskFilter, TaskQuery};
 use troupe_sql::tasks::{TaskCountRow, TaskRow, TaskWrite};
 use troupe_sql::{Store, dialect::CLEANUP_BATCH, ms};
 
-use crate::db::{BACKEND, db_error, now};
+use crate::db::{BACKEND, Writes, db_error, now};
 use crate::tasks;
 
 /// SQLite's results, state and task statements, for [`crate::SqliteResults`] and
@@ -20,6 +20,7 @@ use crate::tasks;
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    writes: Writes,
 }
 
 impl SqliteStore {
@@ -28,10 +29,17 @@ impl SqliteStore {
         query.fetch_optional(&self.pool).await.map_err(|e| db_error(what, e))
     }
 
-    /// Runs one statement on the pool; how many rows it changed.
+    /// Runs one writing statement on the pool, in this process's turn; how many rows it
+    /// changed.
     async fn exec(&self, what: &str, query: Query<'_, Sqlite, SqliteArguments>) -> Result<u64> {
+        let _turn = self.writes.turn().await;
         let done = query.execute(&self.pool).await.map_err(|e| db_error(what, e))?;
         Ok(done.rows_affected())
+    }
+
+    /// This process's turn queue for writes to the database (see [`Writes`]).
+    pub(crate) fn writes(&self) -> &Writes {
+        &self.writes
     }
 
     /// Reads the live value of `key` on `conn`.
@@ -68,7 +76,10 @@ impl Store for SqliteStore {
     const BACKEND: &'static str = BACKEND;
 
     fn from_pool(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self {
+            writes: Writes::of(&pool),
+            pool,
+        }
     }
 
     fn pool(&self) -> &SqlitePool {
@@ -143,6 +154,7 @@ impl Store for SqliteStore {
     }
 
     async fn bounded(&self, key: &str, amount: i64, min: i64, max: i64, ttl: Duration) -> Result<bool> {
+        let _turn = self.writes.turn().await;
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -162,6 +174,7 @@ impl Store for SqliteStore {
     }
 
     async fn incr_and_sum(&self, key: &str, keys: &[String], amount: i64, max: i64, ttl: Duration) -> Result<bool> {
+        let _turn = self.writes.turn().await;
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -182,6 +195,7 @@ impl Store for SqliteStore {
     }
 
     async fn arrive(&self, key: &str, party: &str, outcome: &str, ttl: Duration) -> Result<(bool, bool, bool)> {
+        let _turn = self.writes.turn().await;
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -314,6 +328,7 @@ impl Store for SqliteStore {
 
     async fn acquire_slot(&self, key: &str, holder: &str, limit: i64, lease: Duration) -> Result<bool> {
         // BEGIN IMMEDIATE holds the write lock across the count and the insert.
+        let _turn = self.writes.turn().await;
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -403,10 +418,12 @@ impl Store for SqliteStore {
     }
 
     async fn record_tasks(&self, writes: &[TaskWrite<'_>], retention: Duration) -> Result<Vec<bool>> {
+        let _turn = self.writes.turn().await;
         tasks::record(&self.pool, writes, retention).await
     }
 
     async fn set_progress(&self, message_id: &str, progress: &str, at: i64, retention: Duration) -> Result<bool> {
+        let _turn = self.writes.turn().await;
         tasks::set_progress(&self.pool, message_id, progress, at, retention).await
     }
 
@@ -440,18 +457,22 @@ impl Store for SqliteStore {
     }
 
     async fn delete_task(&self, message_id: &str) -> Result<bool> {
+        let _turn = self.writes.turn().await;
         tasks::delete_task(&self.pool, message_id).await
     }
 
     async fn expire_tasks(&self, limit: i64) -> Result<u64> {
+        let _turn = self.writes.turn().await;
         tasks::expire_tasks(&self.pool, limit).await
     }
 
     async fn mark_cancelled(&self, message_id: &str, at: i64, retention: Duration) -> Result<Option<String>> {
+        let _turn = self.writes.turn().await;
         tasks::mark_cancelled(&self.pool, message_id, at, retention).await
     }
 
     async fn request_cancel(&self, message_id: &str, mode: &str, ttl: Duration) -> Result<()> {
+        let _turn = self.writes.turn().await;
         tasks::request_cancel(&self.pool, message_id, mode, ttl).await
     }
 
@@ -460,10 +481,12 @@ impl Store for SqliteStore {
     }
 
     async fn claim_unique(&self, key: &str, message_id: &str, ttl: Duration) -> Result<String> {
+        let _turn = self.writes.turn().await;
         tasks::claim_unique(&self.pool, key, message_id, ttl).await
     }
 
     async fn release_unique(&self, key: &str, message_id: &str) -> Result<()> {
+        let _turn = self.writes.turn().await;
         tasks::release_unique(&self.pool, key, message_id).await
     }
 }
