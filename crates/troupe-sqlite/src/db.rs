@@ -45,7 +45,9 @@ pub struct SqliteOptions {
     pub poll_interval: Duration,
     /// How long dead letters are kept (default 7 days).
     pub dead_letter_ttl: Duration,
-    /// How long a writer waits for the database lock before giving up (default 30 s).
+    /// How long a writer waits for the database lock before giving up (default 30 s): the
+    /// lock held by another process, or by a transaction run on the pool. This process's own
+    /// writes take turns and never wait here for one another.
     pub busy_timeout: Duration,
     /// Sync mode.
     pub durability: Durability,
