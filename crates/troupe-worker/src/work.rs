@@ -28,6 +28,19 @@ pub(crate) struct WorkItem {
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
+impl WorkItem {
+    /// A delivery waiting at `priority`, holding its prefetch slot; [`WorkQueue::push`] tags it.
+    pub(crate) fn new(priority: i32, delivery: Delivery, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            priority,
+            seq: 0,
+            arrival: 0,
+            delivery,
+            permit,
+        }
+    }
+}
+
 impl PartialEq for WorkItem {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
@@ -162,20 +175,13 @@ pub(crate) mod tests {
         (delivery, message, permit)
     }
 
-    fn item(id: &str, seq: u64) -> WorkItem {
-        item_of("q", id, seq)
+    fn item(id: &str) -> WorkItem {
+        item_of("q", id)
     }
 
-    fn item_of(queue: &str, id: &str, seq: u64) -> WorkItem {
+    fn item_of(queue: &str, id: &str) -> WorkItem {
         let (_, message, permit) = delivery(id);
-        let delivery = Delivery::new(queue, Ok(message), false, Box::new(NoAck));
-        WorkItem {
-            priority: 0,
-            seq,
-            arrival: 0,
-            delivery,
-            permit,
-        }
+        WorkItem::new(0, Delivery::new(queue, Ok(message), false, Box::new(NoAck)), permit)
     }
 
     fn id(item: &WorkItem) -> String {
@@ -185,7 +191,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_poisoned_lock_drops_no_delivery() {
         let queue = Arc::new(WorkQueue::default());
-        queue.push(item("before", 1));
+        queue.push(item("before"));
         let holder = Arc::clone(&queue);
         let panicked = std::thread::spawn(move || {
             let _items = holder.items.lock();
@@ -193,10 +199,10 @@ pub(crate) mod tests {
         })
         .join();
         assert!(panicked.is_err() && queue.items.is_poisoned());
-        queue.push(item("after", 2));
+        queue.push(item("after"));
         assert_eq!(queue.len(), 2);
         assert_eq!(id(&queue.pop().await), "before");
-        queue.push(item("drained", 3));
+        queue.push(item("drained"));
         let drained: Vec<String> = queue.drain().iter().map(id).collect();
         assert_eq!(drained.len(), 2);
         assert!(drained.contains(&"after".to_owned()) && drained.contains(&"drained".to_owned()));
@@ -206,12 +212,12 @@ pub(crate) mod tests {
     async fn a_quiet_queue_is_not_stuck_behind_a_busy_queues_backlog() {
         let queue = WorkQueue::default();
         for i in 0..1000 {
-            queue.push(item_of("busy", &format!("busy-{i}"), 0));
+            queue.push(item_of("busy", &format!("busy-{i}")));
         }
         for _ in 0..10 {
             queue.pop().await;
         }
-        queue.push(item_of("quiet", "quiet-0", 0));
+        queue.push(item_of("quiet", "quiet-0"));
         // Behind at most the one busy message that shares its tag.
         let next: Vec<String> = [queue.pop().await, queue.pop().await].iter().map(id).collect();
         assert!(next.contains(&"quiet-0".to_owned()), "{next:?}");
@@ -232,12 +238,12 @@ pub(crate) mod tests {
     async fn busy_queues_take_turns_and_priority_comes_first() {
         let queue = WorkQueue::default();
         for i in 0..3 {
-            queue.push(item_of("a", &format!("a-{i}"), 0));
+            queue.push(item_of("a", &format!("a-{i}")));
         }
         for i in 0..3 {
-            queue.push(item_of("b", &format!("b-{i}"), 0));
+            queue.push(item_of("b", &format!("b-{i}")));
         }
-        let mut urgent = item_of("c", "c-urgent", 0);
+        let mut urgent = item_of("c", "c-urgent");
         urgent.priority = -1;
         queue.push(urgent);
         let mut order = Vec::new();

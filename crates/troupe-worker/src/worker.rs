@@ -823,13 +823,7 @@ async fn route(
             (**m).on_prefetch(&shared.app, message);
         }
     }
-    shared.work.push(WorkItem {
-        priority,
-        seq: 0,
-        arrival: 0,
-        delivery,
-        permit,
-    });
+    shared.work.push(WorkItem::new(priority, delivery, permit));
 }
 
 #[cfg(test)]
