@@ -426,45 +426,32 @@ impl Progress {
     }
 }
 
+/// Prints a report's JSON (exit 0) or the error (exit 2).
+fn print_report(outcome: Result<serde_json::Value, Box<dyn std::error::Error>>) -> ExitCode {
+    match outcome {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     let _ = SCENARIO.set(args.scenario);
     if args.dashboard_backlog > 0 {
-        return match dashboard_pages(&args).await {
-            Ok(report) => {
-                println!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        };
+        return print_report(dashboard_pages(&args).await);
     }
     if args.fairness_backlog > 0 && !args.worker_only {
-        return match fairness(&args).await {
-            Ok(report) => {
-                println!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        };
+        return print_report(fairness(&args).await);
     }
     if args.memory_backlog > 0 && !args.worker_only {
-        return match memory_backlog(&args).await {
-            Ok(report) => {
-                println!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        };
+        return print_report(memory_backlog(&args).await);
     }
     if args.worker_only {
         return match worker_only(&args).await {
