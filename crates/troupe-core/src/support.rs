@@ -225,15 +225,26 @@ where
         match op().await {
             Err(e) if e.is_transient() && give_up_after.is_none_or(|limit| waited < limit) => {
                 tracing::warn!(error = %e, "could not {what}; retrying in {backoff:?}");
-                let pause = tokio::time::sleep(backoff);
-                match stop {
-                    Some(stop) => {
-                        tokio::select! {
-                            () = stop.cancelled() => return Err(e),
-                            () = pause => {}
+                // Boxed: a retry is rare, and an unboxed pause would grow every caller's future
+                // (each settled message's) by the timer's size.
+                let stopped = Box::pin(async {
+                    let pause = tokio::time::sleep(backoff);
+                    match stop {
+                        Some(stop) => {
+                            tokio::select! {
+                                () = stop.cancelled() => true,
+                                () = pause => false,
+                            }
+                        }
+                        None => {
+                            pause.await;
+                            false
                         }
                     }
-                    None => pause.await,
+                })
+                .await;
+                if stopped {
+                    return Err(e);
                 }
                 waited += backoff;
                 backoff = (backoff * 2).min(max);

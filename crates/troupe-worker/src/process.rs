@@ -16,8 +16,29 @@ use crate::worker::Minutes;
 
 /// What is left of a processed message: settling it with the broker (ack, nack or requeue,
 /// retried while transient) and the middleware's after-hooks. The worker runs it off the
-/// executor, so an executor takes the next message while the broker commits the ack.
-pub(crate) type Settlement = BoxFuture<'static, ()>;
+/// executor ([`Settlement::run`], spawned as its own task), so an executor takes the next
+/// message while the broker commits the ack. Plain data until then, with no future of its own:
+/// the worker boxes [`Settlement::run`]'s once and spawns the box.
+pub(crate) struct Settlement {
+    delivery: Delivery,
+    hard_stop: CancellationToken,
+    minutes: Arc<Minutes>,
+    how: How,
+}
+
+/// How a delivery is settled.
+enum How {
+    /// It could not be decoded: dead-lettered with this reason.
+    Undecodable(String),
+    /// It ran through the chain.
+    Processed {
+        app: App,
+        cx: ProcessContext,
+        outcome: Outcome,
+        writes: Vec<BoxFuture<'static, Result<()>>>,
+        span: tracing::Span,
+    },
+}
 
 /// Processes one delivery: runs it through the middleware and the actor, and returns what is
 /// left to settle it.
@@ -35,7 +56,12 @@ pub(crate) async fn process(
             tracing::error!(queue = %delivery.queue(), %reason, "undecodable message; dead-lettering it");
             let reason = format!("undecodable message: {reason}");
             minutes.failed();
-            return Box::pin(async move { settle(&hard_stop, Settle::Nack, || delivery.nack(None, &reason)).await });
+            return Settlement {
+                delivery,
+                hard_stop,
+                minutes,
+                how: How::Undecodable(reason),
+            };
         }
     };
     let span = tracing::info_span!(
@@ -85,48 +111,107 @@ pub(crate) async fn process(
     }
     .instrument(span.clone())
     .await;
-    let app = app.clone();
     let writes = cx.take_before_settle();
-    Box::pin(
-        async move {
-            // The writes the middleware left for before the settlement (task states the user
-            // waits on): the message is acked or nacked only once they are stored.
-            let mut requeue = cx.wants_requeue();
-            if !writes.is_empty() {
-                let written = tokio::select! {
-                    written = futures::future::join_all(writes) => written,
-                    () = hard_stop.cancelled() => {
-                        tracing::warn!("stopped before the message's writes were stored; the broker will redeliver it");
-                        return;
-                    }
-                };
-                for error in written.into_iter().filter_map(Result::err) {
-                    if error.is_transient() {
-                        requeue = true;
-                    } else if !cx.is_failed() {
-                        // Retrying would fail the same way: the message goes to the dead letters
-                        // with the reason, where it can be requeued once the cause is fixed.
-                        cx.fail(format!("StoreError: {error}"));
-                    }
-                }
+    Settlement {
+        delivery,
+        hard_stop,
+        minutes,
+        how: How::Processed {
+            app: app.clone(),
+            cx,
+            outcome,
+            writes,
+            span,
+        },
+    }
+}
+
+impl Settlement {
+    /// Settles the message: the writes left for before the settlement, then the ack, nack or
+    /// requeue, then the after-hooks.
+    pub(crate) async fn run(mut self) {
+        // Fields used in place, not moved out: a settling future is a task per message, and
+        // moving them would give the future a second copy of the settlement.
+        match &mut self.how {
+            How::Undecodable(reason) => {
+                settle(&self.hard_stop, Settle::Nack, || self.delivery.nack(None, reason)).await;
             }
-            if requeue {
-                settle(&hard_stop, Settle::Requeue, || delivery.requeue()).await;
-            } else if let Some(reason) = cx.failure_reason().map(str::to_owned) {
-                settle(&hard_stop, Settle::Nack, || delivery.nack(Some(cx.message()), &reason)).await;
-                minutes.failed();
-                for m in after_hooks(&app) {
-                    (**m).after_nack(&cx, &outcome).await;
-                }
-            } else {
-                settle(&hard_stop, Settle::Ack, || delivery.ack()).await;
-                for m in after_hooks(&app) {
-                    (**m).after_ack(&cx, &outcome).await;
-                }
+            How::Processed {
+                app,
+                cx,
+                outcome,
+                writes,
+                span,
+            } => {
+                let (writes, span) = (std::mem::take(writes), std::mem::replace(span, tracing::Span::none()));
+                settle_processed(app, cx, outcome, writes, &self.delivery, &self.hard_stop, &self.minutes)
+                    .instrument(span)
+                    .await;
             }
         }
-        .instrument(span),
-    )
+    }
+}
+
+/// Settles a message that ran through the chain.
+async fn settle_processed(
+    app: &App,
+    cx: &mut ProcessContext,
+    outcome: &Outcome,
+    writes: Vec<BoxFuture<'static, Result<()>>>,
+    delivery: &Delivery,
+    hard_stop: &CancellationToken,
+    minutes: &Minutes,
+) {
+    // The writes the middleware left for before the settlement (task states the user waits
+    // on): the message is acked or nacked only once they are stored.
+    let mut requeue = cx.wants_requeue();
+    if !writes.is_empty() {
+        // Boxed: most messages have no such writes, and the join would grow every settling
+        // future (a task per message) by its size.
+        let written = Box::pin(async {
+            tokio::select! {
+                written = futures::future::join_all(writes) => Some(written),
+                () = hard_stop.cancelled() => None,
+            }
+        })
+        .await;
+        let Some(written) = written else {
+            tracing::warn!("stopped before the message's writes were stored; the broker will redeliver it");
+            return;
+        };
+        for error in written.into_iter().filter_map(Result::err) {
+            if error.is_transient() {
+                requeue = true;
+            } else if !cx.is_failed() {
+                // Retrying would fail the same way: the message goes to the dead letters with
+                // the reason, where it can be requeued once the cause is fixed.
+                cx.fail(format!("StoreError: {error}"));
+            }
+        }
+    }
+    let how = if requeue {
+        Settle::Requeue
+    } else if cx.is_failed() {
+        Settle::Nack
+    } else {
+        Settle::Ack
+    };
+    // One call site for the three (each would add its own retrying future to this one's size).
+    settle(hard_stop, how, || how.apply(delivery, cx)).await;
+    match how {
+        Settle::Requeue => {}
+        Settle::Nack => {
+            minutes.failed();
+            for m in after_hooks(app) {
+                (**m).after_nack(cx, outcome).await;
+            }
+        }
+        Settle::Ack => {
+            for m in after_hooks(app) {
+                (**m).after_ack(cx, outcome).await;
+            }
+        }
+    }
 }
 
 /// The middleware whose after-hooks run, last added first (those that declare none are
@@ -144,6 +229,19 @@ enum Settle {
 }
 
 impl Settle {
+    /// Acks, nacks (with the context's failure reason) or requeues `delivery`.
+    async fn apply(self, delivery: &Delivery, cx: &ProcessContext) -> Result<()> {
+        match self {
+            Self::Ack => delivery.ack().await,
+            Self::Nack => {
+                delivery
+                    .nack(Some(cx.message()), cx.failure_reason().unwrap_or_default())
+                    .await
+            }
+            Self::Requeue => delivery.requeue().await,
+        }
+    }
+
     /// What settling does, for logs (static: settling is per message, logging rare).
     fn what(self) -> &'static str {
         match self {

@@ -570,8 +570,11 @@ async fn execute_loop(shared: Arc<Shared>) {
         drop(permit);
         match settlement {
             Ok(settlement) => {
+                // Boxed before it is spawned: spawning moves the future it is given several
+                // times, and a pointer is cheaper to move than the settling future.
+                let settling = Box::pin(settlement.run());
                 shared.settles.spawn(async move {
-                    if std::panic::AssertUnwindSafe(settlement).catch_unwind().await.is_err() {
+                    if std::panic::AssertUnwindSafe(settling).catch_unwind().await.is_err() {
                         tracing::error!("panic while settling a message; it will be redelivered");
                     }
                     drop(settle_slot);

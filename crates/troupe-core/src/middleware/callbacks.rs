@@ -38,21 +38,32 @@ impl Middleware for Callbacks {
 
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let outcome = next.run(cx).await;
-        let (success, payload) = match &outcome {
-            Outcome::Success(v) => (true, v.clone()),
-            Outcome::Failure(e) => (false, json!({"type": e.type_name(), "message": e.message()})),
+        let success = match &outcome {
+            Outcome::Success(_) => true,
+            Outcome::Failure(_) => false,
             Outcome::Skipped => return outcome,
         };
-        let key = if success { "on_success" } else { "on_failure" };
         if let Some(target) = callback(cx, success) {
-            let args: Vec<Value> = vec![cx.message().to_value(), payload];
-            let what = format!("send the {key} callback ({target})");
-            super::follow_up(cx, &what, |app| {
-                let (target, args) = (target.clone(), args.clone());
-                async move { app.send_to(&target, args).await }
-            })
-            .await;
+            // In its own box: the send's future is large, and most messages have no callback.
+            Box::pin(send_callback(cx, &outcome, target)).await;
         }
         outcome
     }
+}
+
+/// Sends the callback actor `target` its message: `(message, result)` after a success,
+/// `(message, {"type", "message"})` after a failure.
+async fn send_callback(cx: &mut ProcessContext, outcome: &Outcome, target: String) {
+    let (key, payload) = match outcome {
+        Outcome::Success(v) => ("on_success", v.clone()),
+        Outcome::Failure(e) => ("on_failure", json!({"type": e.type_name(), "message": e.message()})),
+        Outcome::Skipped => return,
+    };
+    let args: Vec<Value> = vec![cx.message().to_value(), payload];
+    let what = format!("send the {key} callback ({target})");
+    super::follow_up(cx, &what, |app| {
+        let (target, args) = (target.clone(), args.clone());
+        async move { app.send_to(&target, args).await }
+    })
+    .await;
 }

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use super::{Middleware, Next, Outcome, ProcessContext};
@@ -7,10 +9,17 @@ use crate::app::App;
 
 use super::TaskHandle;
 
+/// What an actor run by a worker sees of its run: one task-local (each task-local scope is
+/// entered and left on every poll of the actor).
+#[derive(Clone, Debug)]
+struct Current {
+    message: Arc<Message>,
+    app: App,
+    task: TaskHandle,
+}
+
 tokio::task_local! {
-    static CURRENT: Message;
-    static APP: App;
-    static TASK: TaskHandle;
+    static CURRENT: Current;
 }
 
 /// Makes the message being processed, and the app processing it, available to the actor
@@ -21,7 +30,7 @@ pub struct CurrentMessage;
 /// The message the calling actor is processing, when the [`CurrentMessage`] middleware is on.
 #[must_use]
 pub fn current_message() -> Option<Message> {
-    CURRENT.try_with(Clone::clone).ok()
+    CURRENT.try_with(|c| Message::clone(&c.message)).ok()
 }
 
 /// The app whose worker runs the calling actor, when the [`CurrentMessage`] middleware is on
@@ -41,7 +50,9 @@ pub fn current_message() -> Option<Message> {
 /// # Errors
 /// [`Error::NoCurrentApp`](crate::Error::NoCurrentApp) outside an actor run by a worker.
 pub fn current_app() -> crate::Result<App> {
-    APP.try_with(Clone::clone).map_err(|_| crate::Error::NoCurrentApp)
+    CURRENT
+        .try_with(|c| c.app.clone())
+        .map_err(|_| crate::Error::NoCurrentApp)
 }
 
 /// The running task of the calling actor (run by a worker with the [`CurrentMessage`]
@@ -51,16 +62,16 @@ pub fn current_app() -> crate::Result<App> {
 /// # Errors
 /// [`Error::NoCurrentApp`](crate::Error::NoCurrentApp) outside an actor run by a worker.
 pub fn current_task() -> crate::Result<TaskHandle> {
-    TASK.try_with(Clone::clone).map_err(|_| crate::Error::NoCurrentApp)
+    CURRENT
+        .try_with(|c| c.task.clone())
+        .map_err(|_| crate::Error::NoCurrentApp)
 }
 
 /// What a blocking actor takes along to the blocking pool, where task-locals do not follow.
 #[doc(hidden)]
 #[derive(Debug)]
 pub struct Scope {
-    message: Option<Message>,
-    app: Option<App>,
-    task: Option<TaskHandle>,
+    current: Option<Current>,
 }
 
 impl Scope {
@@ -68,26 +79,15 @@ impl Scope {
     #[must_use]
     pub fn capture() -> Self {
         Self {
-            message: current_message(),
-            app: current_app().ok(),
-            task: current_task().ok(),
+            current: CURRENT.try_with(Clone::clone).ok(),
         }
     }
 
     /// Runs `f` with them as current.
     pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
-        let Self { message, app, task } = self;
-        let with_task = move || match task {
-            Some(t) => TASK.sync_scope(t, f),
+        match self.current {
+            Some(current) => CURRENT.sync_scope(current, f),
             None => f(),
-        };
-        let with_app = move || match app {
-            Some(a) => APP.sync_scope(a, with_task),
-            None => with_task(),
-        };
-        match message {
-            Some(m) => CURRENT.sync_scope(m, with_app),
-            None => with_app(),
         }
     }
 }
@@ -99,11 +99,11 @@ impl Middleware for CurrentMessage {
     }
 
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
-        let message = cx.message().clone();
-        let app = cx.app().clone();
-        let task = cx.task().clone();
-        CURRENT
-            .scope(message, APP.scope(app, TASK.scope(task, next.run(cx))))
-            .await
+        let current = Current {
+            message: cx.shared_message(),
+            app: cx.app().clone(),
+            task: cx.task().clone(),
+        };
+        CURRENT.scope(current, next.run(cx)).await
     }
 }

@@ -96,7 +96,9 @@ impl Outcome {
 /// Everything middleware can see and change while a message is processed.
 #[derive(Debug)]
 pub struct ProcessContext {
-    message: Message,
+    /// Shared with the actor's task-local (`current_message`) while it runs, instead of
+    /// copied: [`message_mut`](Self::message_mut) copies it only if the actor still holds it.
+    message: Arc<Message>,
     app: App,
     actor: Option<Arc<dyn DynActor>>,
     failed: Option<String>,
@@ -169,7 +171,7 @@ impl ProcessContext {
     pub fn new(app: App, message: Message, actor: Option<Arc<dyn DynActor>>) -> Self {
         let task = TaskHandle::new(message.message_id.clone(), Some(app.clone()));
         Self {
-            message,
+            message: Arc::new(message),
             app,
             actor,
             failed: None,
@@ -208,13 +210,18 @@ impl ProcessContext {
 
     /// The message, to change (Retries sets `retries` and `traceback`).
     pub fn message_mut(&mut self) -> &mut Message {
-        &mut self.message
+        Arc::make_mut(&mut self.message)
     }
 
     /// Takes the message out of the context.
     #[must_use]
     pub fn into_message(self) -> Message {
-        self.message
+        Arc::unwrap_or_clone(self.message)
+    }
+
+    /// The message, shared (what [`CurrentMessage`] gives the actor).
+    pub(crate) fn shared_message(&self) -> Arc<Message> {
+        Arc::clone(&self.message)
     }
 
     /// The app (broker, results, actors).

@@ -129,6 +129,17 @@ impl Middleware for Retries {
 
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let outcome = next.run(cx).await;
+        if !matches!(outcome, Outcome::Failure(_)) {
+            return outcome;
+        }
+        // In its own box: the retry's future is large, and most messages never need it.
+        Box::pin(self.failed(cx, outcome)).await
+    }
+}
+
+impl Retries {
+    /// After a failed attempt: dead-letters the message, or enqueues its retry.
+    async fn failed(&self, cx: &mut ProcessContext, outcome: Outcome) -> Outcome {
         let Outcome::Failure(error) = &outcome else {
             return outcome;
         };
