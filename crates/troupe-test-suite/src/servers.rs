@@ -1519,6 +1519,11 @@ impl RedisClusterSet {
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "1000",
+                // A replica always stands for election when its master fails, however long
+                // since it last heard from it (by default it declines after 10 node timeouts
+                // plus a ping period: a test's failover must happen, not depend on that).
+                "--cluster-replica-validity-factor",
+                "0",
                 "--cluster-port",
                 &bus,
                 "--repl-diskless-sync-delay",
@@ -1531,7 +1536,27 @@ impl RedisClusterSet {
     fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
         wait_until(&format!("Redis Cluster: {what}"), done, || {
             let nodes = self.live().first().map(|&p| cli(p, &["CLUSTER", "NODES"]));
-            format!("nodes: {}", nodes.unwrap_or_default())
+            // What each live node's log says about elections and links (why a replica did not
+            // take over: votes denied, too long without its master, ...).
+            let logs: String = self
+                .live()
+                .iter()
+                .map(|&port| {
+                    let log =
+                        std::fs::read_to_string(self.dir.join(port.to_string()).join("redis.log")).unwrap_or_default();
+                    let lines: Vec<&str> = log
+                        .lines()
+                        .filter(|l| {
+                            ["ailover", "election", "vote", "MASTER", "master", "FAIL", "epoch"]
+                                .iter()
+                                .any(|w| l.contains(w))
+                        })
+                        .collect();
+                    let tail = lines[lines.len().saturating_sub(12)..].join("\n  ");
+                    format!("\nlog of {port}:\n  {tail}")
+                })
+                .collect();
+            format!("nodes: {}{logs}", nodes.unwrap_or_default())
         });
     }
 }
