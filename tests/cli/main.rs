@@ -131,8 +131,12 @@ fn child_command(args: &str, nap: Option<u64>) -> Command {
 
 /// Runs a child that is expected to exit on its own; returns its exit code and stderr.
 fn run_to_end(mut cmd: Command) -> (Option<i32>, String) {
-    let mut child = cmd.spawn().unwrap();
-    let code = wait_with_timeout(&mut child, Duration::from_secs(20));
+    finish(&mut cmd.spawn().unwrap())
+}
+
+/// Waits (at most 20 s) for a child to exit; returns its exit code and stderr.
+fn finish(child: &mut std::process::Child) -> (Option<i32>, String) {
+    let code = wait_with_timeout(child, Duration::from_secs(20));
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     (code, stderr)
@@ -443,9 +447,8 @@ fn a_killed_worker_process_is_replaced_and_nothing_is_lost() {
     let (stats, _) = look(&url);
     assert_eq!(stats.dead, 0, "{stats:?}");
     signal(&supervisor, "TERM");
-    assert_eq!(wait_with_timeout(&mut supervisor, Duration::from_secs(20)), Some(0));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut supervisor.stderr.take().unwrap(), &mut stderr).unwrap();
+    let (code, stderr) = finish(&mut supervisor);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(&format!("pid={victim}")) && stderr.contains("was killed by signal 9"),
         "the supervisor says which process died: {stderr}"
@@ -471,15 +474,9 @@ fn a_periodic_actor_ticks_once_across_three_processes() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(5500));
     signal(&supervisor, "TERM");
-    let code = wait_with_timeout(&mut supervisor, Duration::from_secs(20));
-    if code != Some(0) {
-        // What the processes said (seen once in CI: the supervisor exited with code 2).
-        let mut stderr = String::new();
-        if let Some(mut pipe) = supervisor.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-        }
-        panic!("the supervisor exited with {code:?}, not 0:\n{stderr}");
-    }
+    // With what the processes said (seen once in CI: the supervisor exited with code 2).
+    let (code, stderr) = finish(&mut supervisor);
+    assert_eq!(code, Some(0), "{stderr}");
     let text = std::fs::read_to_string(&ticks).unwrap_or_default();
     let mut runs: Vec<(u64, u32)> = text
         .lines()
