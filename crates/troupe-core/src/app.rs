@@ -279,7 +279,7 @@ impl App {
     pub async fn enqueue(&self, mut message: Message, delay: Option<Duration>) -> Result<Message> {
         self.declare_queue(&message.queue_name).await?;
         self.apply_actor_priority(&mut message);
-        for m in &self.inner.middleware {
+        for m in self.enqueue_middleware() {
             (**m).before_enqueue(self, &mut message, delay).await?;
         }
         let claimed = self.claim_unique(&mut message).await?;
@@ -303,7 +303,7 @@ impl App {
                 return Err(e);
             }
         };
-        for m in self.inner.middleware.iter().rev() {
+        for m in self.enqueue_middleware().rev() {
             (**m).after_enqueue(self, &enqueued, delay).await;
         }
         Ok(enqueued)
@@ -320,7 +320,7 @@ impl App {
         for (mut message, delay) in messages {
             self.declare_queue(&message.queue_name).await?;
             self.apply_actor_priority(&mut message);
-            for m in &self.inner.middleware {
+            for m in self.enqueue_middleware() {
                 (**m).before_enqueue(self, &mut message, delay).await?;
             }
             prepared.push((message, delay));
@@ -367,17 +367,25 @@ impl App {
                 }
             }
         };
-        let batch: Vec<(Message, Option<Duration>)> = enqueued.iter().cloned().zip(delays).collect();
-        for m in self.inner.middleware.iter().rev() {
+        // Moved, not cloned: the hooks see the batch, then each message goes to its slot.
+        let batch: Vec<(Message, Option<Duration>)> = enqueued.into_iter().zip(delays).collect();
+        for m in self.enqueue_middleware().rev() {
             (**m).after_enqueue_many(self, &batch).await;
         }
+        let mut enqueued: Vec<Option<Message>> = batch.into_iter().map(|(message, _)| Some(message)).collect();
         Ok(slots
             .into_iter()
             .filter_map(|slot| match slot {
-                Ok(i) => enqueued.get(i).cloned(),
+                Ok(i) => enqueued.get_mut(i).and_then(Option::take),
                 Err(duplicate) => Some(duplicate),
             })
             .collect())
+    }
+
+    /// The middleware whose enqueue hooks run, in the app's order (those that declare none are
+    /// skipped: each call would box a no-op future).
+    fn enqueue_middleware(&self) -> impl DoubleEndedIterator<Item = &Arc<dyn Middleware>> {
+        self.inner.middleware.iter().filter(|m| m.enqueue_hooks())
     }
 
     /// Takes the unique key of a message sent with `unique_for` (its own option, else its

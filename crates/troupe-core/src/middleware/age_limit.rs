@@ -28,6 +28,10 @@ impl Middleware for AgeLimit {
         false
     }
 
+    fn enqueue_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::AGE_LIMIT)
     }

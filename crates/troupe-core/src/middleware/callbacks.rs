@@ -32,6 +32,10 @@ impl Middleware for Callbacks {
         false
     }
 
+    fn enqueue_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::CALLBACKS)
     }

@@ -98,6 +98,10 @@ impl Middleware for CurrentMessage {
         false
     }
 
+    fn enqueue_hooks(&self) -> bool {
+        false
+    }
+
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let current = Current {
             message: cx.shared_message(),

@@ -54,6 +54,10 @@ impl Middleware for GroupCallbacks {
         false
     }
 
+    fn enqueue_hooks(&self) -> bool {
+        false
+    }
+
     async fn process(&self, cx: &mut ProcessContext, next: Next<'_>) -> Outcome {
         let outcome = next.run(cx).await;
         let message = cx.message();

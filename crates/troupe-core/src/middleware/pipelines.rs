@@ -16,6 +16,10 @@ impl Middleware for Pipelines {
         false
     }
 
+    fn enqueue_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::PIPELINES)
     }

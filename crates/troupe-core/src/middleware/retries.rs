@@ -123,6 +123,10 @@ impl Middleware for Retries {
         false
     }
 
+    fn enqueue_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::RETRIES)
     }

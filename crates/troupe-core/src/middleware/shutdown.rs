@@ -35,6 +35,10 @@ impl Middleware for ShutdownNotifications {
         false
     }
 
+    fn enqueue_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::SHUTDOWN_NOTIFICATIONS)
     }

@@ -57,13 +57,45 @@ impl StopReason {
 /// }
 /// ```
 #[derive(Clone, Debug)]
-pub struct TaskHandle {
+pub struct TaskHandle(Arc<Shared>);
+
+/// What a handle and its clones share: one allocation per task, and clones that cost a count.
+#[derive(Debug)]
+struct Shared {
     message_id: String,
-    token: CancellationToken,
-    reason: Arc<OnceLock<StopReason>>,
+    /// Made when first needed (an actor that watches, a stop): most tasks never need it.
+    stop: OnceLock<Arc<Stop>>,
     app: Option<App>,
     retention: Duration,
     running: Option<Arc<RunningSignal>>,
+}
+
+/// The stop signal and its reason.
+#[derive(Debug, Default)]
+struct Stop {
+    token: CancellationToken,
+    reason: OnceLock<StopReason>,
+}
+
+impl Shared {
+    fn stop(&self) -> &Stop {
+        self.stop.get_or_init(Arc::default)
+    }
+}
+
+impl Clone for Shared {
+    /// A copy that shares the stop signal: it is made first if it was not yet, so a stop
+    /// through either copy reaches both.
+    fn clone(&self) -> Self {
+        let stop = Arc::clone(self.stop.get_or_init(Arc::default));
+        Self {
+            message_id: self.message_id.clone(),
+            stop: OnceLock::from(stop),
+            app: self.app.clone(),
+            retention: self.retention,
+            running: self.running.clone(),
+        }
+    }
 }
 
 /// Between an attempt's handle and the tracking: a progress report asks for the attempt's
@@ -108,62 +140,62 @@ impl TaskHandle {
     /// A handle for the task of `message_id`, reporting progress through `app`'s task store.
     #[must_use]
     pub fn new(message_id: impl Into<String>, app: Option<App>) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             message_id: message_id.into(),
-            token: CancellationToken::new(),
-            reason: Arc::default(),
+            stop: OnceLock::new(),
             app,
             retention: crate::tasks::DEFAULT_TASK_RETENTION,
             running: None,
-        }
+        }))
     }
 
     /// Progress reports first ask the tracking to write the `running` state through `signal`.
     pub(crate) fn with_running_signal(mut self, signal: Arc<RunningSignal>) -> Self {
-        self.running = Some(signal);
+        Arc::make_mut(&mut self.0).running = Some(signal);
         self
     }
 
     /// Progress is kept for `retention` after it is reported (the tracking's retention).
     #[must_use]
     pub fn with_retention(mut self, retention: Duration) -> Self {
-        self.retention = retention;
+        Arc::make_mut(&mut self.0).retention = retention;
         self
     }
 
     /// The task's message id.
     #[must_use]
     pub fn message_id(&self) -> &str {
-        &self.message_id
+        &self.0.message_id
     }
 
     /// Asks the actor to stop for `reason` (the first reason given is kept).
     pub fn stop(&self, reason: StopReason) {
-        let _ = self.reason.set(reason);
-        self.token.cancel();
+        let stop = self.0.stop();
+        let _ = stop.reason.set(reason);
+        stop.token.cancel();
     }
 
     /// Whether the actor was asked to stop.
     #[must_use]
     pub fn is_stopped(&self) -> bool {
-        self.token.is_cancelled()
+        self.0.stop.get().is_some_and(|stop| stop.token.is_cancelled())
     }
 
     /// Why the actor was asked to stop, once it was.
     #[must_use]
     pub fn stop_reason(&self) -> Option<StopReason> {
-        self.reason.get().copied()
+        self.0.stop.get().and_then(|stop| stop.reason.get().copied())
     }
 
     /// Completes when the actor is asked to stop (cancelled, soft time limit, shutdown).
     pub fn stopped(&self) -> WaitForCancellationFuture<'_> {
-        self.token.cancelled()
+        self.0.stop().token.cancelled()
     }
 
     /// The token that fires when the actor is asked to stop, to hand to code that takes one.
     #[must_use]
     pub fn token(&self) -> CancellationToken {
-        self.token.clone()
+        self.0.stop().token.clone()
     }
 
     /// Stores `progress` (any serialisable value) with the task's state, readable by id
@@ -190,16 +222,17 @@ impl TaskHandle {
     }
 
     async fn store_progress(&self, value: &Value) -> Result<()> {
-        let app = self.app.as_ref().filter(|app| app.tracks_tasks());
+        let shared = &self.0;
+        let app = shared.app.as_ref().filter(|app| app.tracks_tasks());
         let Some(store) = app.and_then(|app| app.task_store().ok()) else {
-            tracing::debug!(message_id = %self.message_id, "no task store: progress not kept");
+            tracing::debug!(message_id = %shared.message_id, "no task store: progress not kept");
             return Ok(());
         };
-        if let Some(running) = &self.running {
+        if let Some(running) = &shared.running {
             running.ask_and_wait().await;
         }
-        if !store.set_progress(&self.message_id, value, self.retention).await? {
-            tracing::debug!(message_id = %self.message_id, "no task record (tracking is off): progress not kept");
+        if !store.set_progress(&shared.message_id, value, shared.retention).await? {
+            tracing::debug!(message_id = %shared.message_id, "no task record (tracking is off): progress not kept");
         }
         Ok(())
     }

@@ -39,6 +39,10 @@ impl Middleware for TimeLimit {
         false
     }
 
+    fn enqueue_hooks(&self) -> bool {
+        false
+    }
+
     fn actor_options(&self) -> &[&'static str] {
         troupe_options::read_by(troupe_options::middleware::TIME_LIMIT)
     }
