@@ -220,6 +220,13 @@ impl Delivery {
     pub async fn requeue(&self) -> Result<()> {
         self.handle.requeue().await
     }
+
+    /// Its ack handle alone, once the message was taken: what a worker keeps until it settles
+    /// the message (16 bytes, where the delivery keeps the room of a message).
+    #[must_use]
+    pub fn into_handle(self) -> Box<dyn AckHandle> {
+        self.handle
+    }
 }
 
 /// A stream of deliveries from one queue.

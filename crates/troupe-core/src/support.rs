@@ -208,7 +208,36 @@ fn shared_failure(backend: &'static str, error: &Arc<Error>) -> Error {
 ///
 /// # Errors
 /// A permanent error at once; a transient one once the time is up or `stop` fires.
-pub async fn retry_transient<T, F, Fut>(
+// An `async fn` would hold every argument twice in its future (the argument and the body's
+// local), which every settled message's future carries.
+#[allow(clippy::manual_async_fn)]
+pub fn retry_transient<T, F, Fut>(
+    what: &str,
+    backoff: (std::time::Duration, std::time::Duration),
+    give_up_after: Option<std::time::Duration>,
+    stop: Option<&CancellationToken>,
+    op: F,
+) -> impl Future<Output = Result<T>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    // The first try inline, the retries boxed: they are rare, and their loop (the error kept,
+    // the pause, a second try's future) inline would grow every caller's future (each settled
+    // message's) by its size.
+    async move {
+        match op().await {
+            Err(e) if e.is_transient() && give_up_after.is_none_or(|limit| !limit.is_zero()) => {
+                Box::pin(retry_after(e, what, backoff, give_up_after, stop, op)).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// [`retry_transient`] after its first try failed with the transient `error`.
+async fn retry_after<T, F, Fut>(
+    mut error: Error,
     what: &str,
     (first, max): (std::time::Duration, std::time::Duration),
     give_up_after: Option<std::time::Duration>,
@@ -222,33 +251,27 @@ where
     let mut backoff = first;
     let mut waited = std::time::Duration::ZERO;
     loop {
-        match op().await {
-            Err(e) if e.is_transient() && give_up_after.is_none_or(|limit| waited < limit) => {
-                tracing::warn!(error = %e, "could not {what}; retrying in {backoff:?}");
-                // Boxed: a retry is rare, and an unboxed pause would grow every caller's future
-                // (each settled message's) by the timer's size.
-                let stopped = Box::pin(async {
-                    let pause = tokio::time::sleep(backoff);
-                    match stop {
-                        Some(stop) => {
-                            tokio::select! {
-                                () = stop.cancelled() => true,
-                                () = pause => false,
-                            }
-                        }
-                        None => {
-                            pause.await;
-                            false
-                        }
-                    }
-                })
-                .await;
-                if stopped {
-                    return Err(e);
+        tracing::warn!(error = %error, "could not {what}; retrying in {backoff:?}");
+        let pause = tokio::time::sleep(backoff);
+        let stopped = match stop {
+            Some(stop) => {
+                tokio::select! {
+                    () = stop.cancelled() => true,
+                    () = pause => false,
                 }
-                waited += backoff;
-                backoff = (backoff * 2).min(max);
             }
+            None => {
+                pause.await;
+                false
+            }
+        };
+        if stopped {
+            return Err(error);
+        }
+        waited += backoff;
+        backoff = (backoff * 2).min(max);
+        match op().await {
+            Err(e) if e.is_transient() && give_up_after.is_none_or(|limit| waited < limit) => error = e,
             other => return other,
         }
     }

@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use troupe_core::middleware::{Next, Outcome, ProcessContext};
-use troupe_core::{ActorError, App, Delivery, ErrorAction, Result};
+use troupe_core::{AckHandle, ActorError, App, Delivery, ErrorAction, Result};
 
 use crate::worker::Minutes;
 
@@ -20,7 +20,8 @@ use crate::worker::Minutes;
 /// message while the broker commits the ack. Plain data until then, with no future of its own:
 /// the worker boxes [`Settlement::run`]'s once and spawns the box.
 pub(crate) struct Settlement {
-    delivery: Delivery,
+    /// The delivery's ack handle (the delivery itself would keep room for the message).
+    handle: Box<dyn AckHandle>,
     hard_stop: CancellationToken,
     minutes: Arc<Minutes>,
     how: How,
@@ -60,7 +61,7 @@ pub(crate) async fn process(
             let reason = format!("undecodable message: {reason}");
             minutes.failed();
             return Settlement {
-                delivery,
+                handle: delivery.into_handle(),
                 hard_stop,
                 minutes,
                 how: How::Undecodable(reason),
@@ -116,7 +117,7 @@ pub(crate) async fn process(
     .await;
     let writes = cx.take_before_settle();
     Settlement {
-        delivery,
+        handle: delivery.into_handle(),
         hard_stop,
         minutes,
         how: How::Processed {
@@ -132,24 +133,28 @@ pub(crate) async fn process(
 impl Settlement {
     /// Settles the message: the writes left for before the settlement, then the ack, nack or
     /// requeue, then the after-hooks.
-    pub(crate) async fn run(mut self) {
+    #[allow(clippy::manual_async_fn)] // see below: an `async fn` would hold `self` twice
+    pub(crate) fn run(mut self) -> impl Future<Output = ()> + Send {
         // Fields used in place, not moved out: a settling future is a task per message, and
-        // moving them would give the future a second copy of the settlement.
-        match &mut self.how {
-            How::Undecodable(reason) => {
-                settle(&self.hard_stop, Settle::Nack, || self.delivery.nack(None, reason)).await;
-            }
-            How::Processed {
-                app,
-                cx,
-                outcome,
-                writes,
-                span,
-            } => {
-                let (writes, span) = (std::mem::take(writes), std::mem::replace(span, tracing::Span::none()));
-                settle_processed(app, cx, outcome, writes, &self.delivery, &self.hard_stop, &self.minutes)
-                    .instrument(span)
-                    .await;
+        // moving them would give the future a second copy of the settlement. (Not an `async fn`:
+        // its future would hold `self` twice, as the argument and as the body's local.)
+        async move {
+            match &mut self.how {
+                How::Undecodable(reason) => {
+                    settle(&self.hard_stop, Settle::Nack, || self.handle.nack(None, reason)).await;
+                }
+                How::Processed {
+                    app,
+                    cx,
+                    outcome,
+                    writes,
+                    span,
+                } => {
+                    let (writes, span) = (std::mem::take(writes), std::mem::replace(span, tracing::Span::none()));
+                    settle_processed(app, cx, outcome, writes, &*self.handle, &self.hard_stop, &self.minutes)
+                        .instrument(span)
+                        .await;
+                }
             }
         }
     }
@@ -161,7 +166,7 @@ async fn settle_processed(
     cx: &mut ProcessContext,
     outcome: &Outcome,
     writes: Vec<BoxFuture<'static, Result<()>>>,
-    delivery: &Delivery,
+    handle: &dyn AckHandle,
     hard_stop: &CancellationToken,
     minutes: &Minutes,
 ) {
@@ -200,7 +205,7 @@ async fn settle_processed(
         Settle::Ack
     };
     // One call site for the three (each would add its own retrying future to this one's size).
-    settle(hard_stop, how, || how.apply(delivery, cx)).await;
+    settle(hard_stop, how, || how.apply(handle, cx)).await;
     match how {
         Settle::Requeue => {}
         Settle::Nack => {
@@ -232,16 +237,16 @@ enum Settle {
 }
 
 impl Settle {
-    /// Acks, nacks (with the context's failure reason) or requeues `delivery`.
-    async fn apply(self, delivery: &Delivery, cx: &ProcessContext) -> Result<()> {
+    /// Acks, nacks (with the context's failure reason) or requeues the message of `handle`.
+    async fn apply(self, handle: &dyn AckHandle, cx: &ProcessContext) -> Result<()> {
         match self {
-            Self::Ack => delivery.ack().await,
+            Self::Ack => handle.ack().await,
             Self::Nack => {
-                delivery
+                handle
                     .nack(Some(cx.message()), cx.failure_reason().unwrap_or_default())
                     .await
             }
-            Self::Requeue => delivery.requeue().await,
+            Self::Requeue => handle.requeue().await,
         }
     }
 
