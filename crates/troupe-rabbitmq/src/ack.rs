@@ -22,6 +22,8 @@ fn now_secs() -> u64 {
 pub(crate) struct RabbitmqAck {
     pub(crate) broker: Arc<Inner>,
     pub(crate) consumer: Arc<ConsumerShared>,
+    /// Its delivery tag on the consumer's channel.
+    pub(crate) tag: u64,
     pub(crate) acker: lapin::Acker,
     pub(crate) settled: AtomicBool,
 }
@@ -41,14 +43,19 @@ impl RabbitmqAck {
     /// Bounded by the operation time-out: the frame is only written, never answered, so a
     /// settle that does not finish met a connection dying under it (seen after a dropped link:
     /// an ack that never returned held up a worker's delayed messages until it was restarted).
-    async fn settle(&self, what: &str, op: impl std::future::Future<Output = lapin::Result<bool>>) -> Result<()> {
+    async fn settle(&self, what: &str, op: impl std::future::Future<Output = Result<bool>>) -> Result<()> {
         let poisoned = self.acker.poisoned() || !self.consumer.channel.status().connected();
         let limit = self.broker.timeout();
         let outcome = if poisoned {
             Ok(Ok(false))
+        } else if self.settled.load(Ordering::SeqCst) {
+            // Settled before: a second frame for its tag would be a channel error.
+            Ok(Ok(false))
         } else {
             tokio::time::timeout(limit, op).await
         };
+        // Its frame is written (or will not be): coalesced acks may reach past it.
+        self.consumer.forget(self.tag);
         if !self.settled.swap(true, Ordering::SeqCst) {
             self.consumer.settled();
         }
@@ -69,13 +76,20 @@ impl RabbitmqAck {
                 ErrorKind::Other,
                 format!("cannot {what} the message: it was already acked, nacked or requeued"),
             )),
-            Err(e) => Err(Error::backend_with_source(
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One of the acker's operations, its error said as a settle error.
+    async fn with_acker(what: &str, op: impl std::future::Future<Output = lapin::Result<bool>>) -> Result<bool> {
+        op.await.map_err(|e| {
+            Error::backend_with_source(
                 BACKEND,
                 ErrorKind::Other,
                 format!("cannot {what} the message: {e}; RabbitMQ redelivers it"),
                 e,
-            )),
-        }
+            )
+        })
     }
 
     fn gone(&self, what: &str) -> Error {
@@ -109,7 +123,9 @@ impl RabbitmqAck {
 #[async_trait]
 impl AckHandle for RabbitmqAck {
     async fn ack(&self) -> Result<()> {
-        self.settle("ack", self.acker.ack(BasicAckOptions::default())).await
+        // Coalesced with the channel's other acks (one frame for many).
+        self.settle("ack", async { self.consumer.ack(self.tag).await.map(|()| true) })
+            .await
     }
 
     async fn nack(&self, message: Option<&Message>, reason: &str) -> Result<()> {
@@ -119,7 +135,10 @@ impl AckHandle for RabbitmqAck {
         }
         if let Some(message) = message {
             match self.dead_letter(message, reason).await {
-                Ok(()) => return self.settle("nack", self.acker.ack(BasicAckOptions::default())).await,
+                Ok(()) => {
+                    let ack = Self::with_acker("nack", self.acker.ack(BasicAckOptions::default()));
+                    return self.settle("nack", ack).await;
+                }
                 Err(e) => tracing::warn!(
                     error = %e,
                     "cannot publish the dead letter with its reason; RabbitMQ dead-letters the message as delivered"
@@ -127,18 +146,15 @@ impl AckHandle for RabbitmqAck {
             }
         }
         // RabbitMQ dead-letters it to Q.XQ itself (the queue's x-dead-letter-routing-key).
-        self.settle(
-            "nack",
-            self.acker.nack(BasicNackOptions {
-                multiple: false,
-                requeue: false,
-            }),
-        )
-        .await
+        let nack = self.acker.nack(BasicNackOptions {
+            multiple: false,
+            requeue: false,
+        });
+        self.settle("nack", Self::with_acker("nack", nack)).await
     }
 
     async fn requeue(&self) -> Result<()> {
-        self.settle("requeue", self.acker.reject(BasicRejectOptions { requeue: true }))
-            .await
+        let reject = self.acker.reject(BasicRejectOptions { requeue: true });
+        self.settle("requeue", Self::with_acker("requeue", reject)).await
     }
 }

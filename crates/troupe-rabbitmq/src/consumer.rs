@@ -1,6 +1,7 @@
 //! Consumers: one channel each on the consumers' connection, fetching deliveries, and what a
 //! consumer shares with the ack handles of its deliveries (the count of deliveries it holds).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,9 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use lapin::Channel;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use troupe_core::queue::{q_name, validate_queue_name};
+use troupe_core::support::Batcher;
 use troupe_core::{Consumer, ConsumerOptions, Delivery, Error, ErrorKind, Result, decode_delivery};
 
 use crate::ack::RabbitmqAck;
@@ -20,6 +22,9 @@ use crate::topology::short;
 
 /// AMQP's largest prefetch count (a 16-bit short).
 const MAX_PREFETCH: usize = 65_535;
+
+/// The most acks one coalesced write takes.
+const ACK_BATCH: usize = 1_024;
 
 #[derive(Debug, Default)]
 struct Counts {
@@ -33,6 +38,11 @@ pub(crate) struct ConsumerShared {
     pub(crate) queue: String,
     pub(crate) channel: Channel,
     counts: Mutex<Counts>,
+    /// The channel's delivery tags handed out and not yet settled (no ack, nack or reject of
+    /// theirs written yet): what a coalesced ack must not reach.
+    outstanding: Arc<Mutex<BTreeSet<u64>>>,
+    /// Acks of this channel, coalesced.
+    acks: Batcher<u64>,
 }
 
 impl ConsumerShared {
@@ -47,9 +57,26 @@ impl ConsumerShared {
             .unwrap_or(0)
     }
 
-    fn delivered(&self) {
+    fn delivered(&self, tag: u64) {
         if let Ok(mut c) = self.counts.lock() {
             c.unsettled += 1;
+        }
+        if let Ok(mut outstanding) = self.outstanding.lock() {
+            outstanding.insert(tag);
+        }
+    }
+
+    /// Acks the delivery `tag` of this channel, coalesced with the acks other tasks ask for
+    /// meanwhile (see [`ack_coalesced`]); completes once its frame is written.
+    pub(crate) async fn ack(&self, tag: u64) -> Result<()> {
+        self.acks.submit(tag).await
+    }
+
+    /// The delivery `tag` was nacked or rejected (its frame written): coalesced acks may now
+    /// reach past it.
+    pub(crate) fn forget(&self, tag: u64) {
+        if let Ok(mut outstanding) = self.outstanding.lock() {
+            outstanding.remove(&tag);
         }
     }
 
@@ -65,6 +92,64 @@ impl ConsumerShared {
             c.unsettled = 0;
         }
     }
+}
+
+/// Writes the acks of `tags` (one channel's) in as few frames as is safe. RabbitMQ's
+/// `basic.ack` with `multiple` acks every unacked delivery of the channel up to its tag, in one
+/// frame that costs the server about half the work per message of one ack each. So the tags
+/// below the channel's lowest delivery still in hand (not in this batch, not settled) go in one
+/// multiple ack; the others one by one. A delivery being nacked or rejected stays outstanding
+/// until its frame is written, so a multiple ack never reaches it.
+async fn ack_coalesced(channel: Channel, outstanding: Arc<Mutex<BTreeSet<u64>>>, mut tags: Vec<u64>) -> Result<()> {
+    tags.sort_unstable();
+    tags.dedup();
+    let run = {
+        let held = outstanding.lock().map_err(|_| poisoned_lock())?;
+        // Walk the outstanding tags from the lowest while they are this batch's.
+        let mut mine = tags.iter().peekable();
+        let mut boundary = None;
+        for &tag in held.iter() {
+            if mine.peek() == Some(&&tag) {
+                mine.next();
+            } else {
+                boundary = Some(tag);
+                break;
+            }
+        }
+        boundary.map_or(tags.len(), |b| tags.partition_point(|&t| t < b))
+    };
+    let (together, alone) = tags.split_at(run);
+    let mut frames = Vec::with_capacity(1 + alone.len());
+    if let Some(&last) = together.last() {
+        let multiple = together.len() > 1;
+        frames.push(channel.basic_ack(last, BasicAckOptions { multiple }));
+    }
+    for &tag in alone {
+        frames.push(channel.basic_ack(tag, BasicAckOptions { multiple: false }));
+    }
+    let written = futures::future::join_all(frames).await;
+    if let Ok(mut held) = outstanding.lock() {
+        for tag in &tags {
+            held.remove(tag);
+        }
+    }
+    match written.into_iter().find_map(std::result::Result::err) {
+        None => Ok(()),
+        Some(e) => Err(Error::backend_with_source(
+            BACKEND,
+            ErrorKind::Other,
+            format!("cannot ack the message: {e}; RabbitMQ redelivers it"),
+            e,
+        )),
+    }
+}
+
+fn poisoned_lock() -> Error {
+    Error::backend(
+        BACKEND,
+        ErrorKind::Other,
+        "cannot ack the message: a thread panicked while holding the consumer's delivery tags; RabbitMQ redelivers it",
+    )
 }
 
 /// A consumer: its own channel on the consumers' connection, with `basic_qos(prefetch)` and
@@ -131,10 +216,19 @@ impl RabbitmqConsumer {
             .await;
             match started {
                 Ok(stream) => {
+                    let outstanding = Arc::new(Mutex::new(BTreeSet::new()));
+                    let acks = {
+                        let (channel, outstanding) = (ch.clone(), Arc::clone(&outstanding));
+                        Batcher::spawn(BACKEND, ACK_BATCH, move |tags: Vec<u64>| {
+                            ack_coalesced(channel.clone(), Arc::clone(&outstanding), tags)
+                        })
+                    };
                     let shared = Arc::new(ConsumerShared {
                         queue: queue.to_owned(),
                         channel: ch,
                         counts: Mutex::new(Counts::default()),
+                        outstanding,
+                        acks,
                     });
                     if let Ok(mut consumers) = inner.consumers.lock() {
                         consumers.retain(|c| c.strong_count() > 0);
@@ -182,10 +276,11 @@ impl RabbitmqConsumer {
             &d.data,
             self.broker.options.max_message_size,
         );
-        self.shared.delivered();
+        self.shared.delivered(d.delivery_tag);
         let handle = RabbitmqAck {
             broker: Arc::clone(&self.broker),
             consumer: Arc::clone(&self.shared),
+            tag: d.delivery_tag,
             acker: d.acker,
             settled: AtomicBool::new(false),
         };

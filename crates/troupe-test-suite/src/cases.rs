@@ -315,6 +315,74 @@ pub async fn requeue_returns_without_retry(tb: &TestBroker) {
     consumer.close().await.expect("close");
 }
 
+/// Settles out of order, all at once: acks, a nack and a requeue among deliveries still held.
+/// Each touches its own message only: a broker that coalesces acks (RabbitMQ's `multiple`)
+/// must not reach the held ones, the nacked one or the requeued one. Once the consumer
+/// closes, the held and the requeued come back, the nacked is a dead letter, and nothing else
+/// is left.
+pub async fn out_of_order_settles_touch_only_their_own_messages(tb: &TestBroker) {
+    let q = unique_queue("settles");
+    tb.broker.declare_queue(&q).await.expect("declare");
+    let batch = (0..40).map(|i| (message(&q, "a", vec![json!(i)]), None)).collect();
+    let sent = tb.broker.enqueue_many(batch).await.expect("enqueue");
+    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(64)).await.expect("consume");
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let more = fetch_some(&mut consumer, sent.len() - got.len(), WAIT).await;
+        assert!(!more.is_empty(), "fetched {} of {}", got.len(), sent.len());
+        got.extend(more);
+    }
+    let id = |d: &troupe_core::Delivery| d.message().expect("decodes").message_id.clone();
+    let by_position = |i: usize| got.iter().find(|d| id(d) == sent[i].message_id).expect("delivered");
+    let (held, nacked, requeued) = ([5, 23], 12, 30);
+    let settles = sent
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(i, _)| !held.contains(i))
+        .map(|(i, _)| {
+            let delivery = by_position(i);
+            async move {
+                if i == nacked {
+                    let m = delivery.message().expect("decodes").clone();
+                    delivery.nack(Some(&m), "out of order").await
+                } else if i == requeued {
+                    delivery.requeue().await
+                } else {
+                    delivery.ack().await
+                }
+            }
+        });
+    for settled in futures::future::join_all(settles).await {
+        settled.expect("settle");
+    }
+    let dead = wait_dead(tb, &q, 1).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, sent[nacked].message_id);
+    drop(got);
+    consumer.close().await.expect("close");
+    let mut again = tb.broker.consume(&q, ConsumerOptions::new(64)).await.expect("consume");
+    let mut back = Vec::new();
+    let deadline = Instant::now() + tb.redelivery_timeout + WAIT;
+    while back.len() < 3 && Instant::now() < deadline {
+        back.extend(fetch_some(&mut again, 3, Duration::from_millis(200)).await);
+    }
+    // A moment more: anything else coming back would be a message the settles lost.
+    back.extend(fetch_some(&mut again, 40, Duration::from_millis(500)).await);
+    let mut ids: Vec<String> = back.iter().map(id).collect();
+    ids.sort();
+    let mut expected: Vec<String> = [held[0], held[1], requeued]
+        .iter()
+        .map(|&i| sent[i].message_id.clone())
+        .collect();
+    expected.sort();
+    assert_eq!(ids, expected, "exactly the held and the requeued came back");
+    for delivery in &back {
+        delivery.ack().await.expect("ack");
+    }
+    again.close().await.expect("close");
+}
+
 /// A consumer that dies without acking: its messages come back within the redelivery bound,
 /// with their retry count untouched.
 pub async fn unacked_messages_are_redelivered(tb: &TestBroker) {

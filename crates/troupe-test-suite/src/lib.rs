@@ -143,6 +143,7 @@ macro_rules! broker_conformance {
             dead_letters_requeue_and_purge,
             requeue_returns_without_retry,
             unacked_messages_are_redelivered,
+            out_of_order_settles_touch_only_their_own_messages,
             a_late_ack_does_not_touch_the_redelivered_message,
             stats_and_purge,
             oversized_message_rejected_on_enqueue,
