@@ -15,10 +15,16 @@ body) on the default exchange:
 Prints one JSON object: publish_per_sec (batched confirms), publish_per_sec_confirm_each,
 consume_per_sec (the better of the two consumes) and both consume rates. The client is Python:
 for consuming especially, pika's own cost is part of the figure.
+
+--ack-every K acks every Kth message with `multiple` instead of each one; --server-pid PID (the
+local RabbitMQ's beam.smp) adds the server's CPU time per consumed message, read from /proc:
+
+    python bench/raw_amqp.py --messages 50000 --server-pid "$(pgrep -f beam.smp | head -1)" --ack-every 50
 """
 import argparse
 import collections
 import json
+import os
 import time
 import uuid
 
@@ -115,15 +121,18 @@ def publish_batched(params, queue, n, window):
     return state["finished"] - state["started"]
 
 
-def consume(params, queue, n, prefetch):
+def consume(params, queue, n, prefetch, ack_every=1):
     connection = pika.BlockingConnection(params)
     channel = connection.channel()
     channel.basic_qos(prefetch_count=prefetch)
     got = [0]
 
     def on_message(ch, method, _properties, _body):
-        ch.basic_ack(method.delivery_tag)
         got[0] += 1
+        if ack_every == 1:
+            ch.basic_ack(method.delivery_tag)
+        elif got[0] % ack_every == 0 or got[0] == n:
+            ch.basic_ack(method.delivery_tag, multiple=True)
         if got[0] == n:
             ch.stop_consuming()
 
@@ -141,7 +150,16 @@ def main():
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--window", type=int, default=1000, help="unconfirmed publishes in flight (batched)")
     parser.add_argument("--prefetch", type=int, default=1000)
+    parser.add_argument("--ack-every", type=int, default=1, help="ack every Kth message with multiple (1: each)")
+    parser.add_argument("--server-pid", type=int, help="the local RabbitMQ's pid: report its CPU per consumed message")
     args = parser.parse_args()
+
+    def server_ticks():
+        if args.server_pid is None:
+            return 0
+        with open(f"/proc/{args.server_pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
     params = pika.URLParameters(args.url)
     queue = f"raw_amqp_bench_{uuid.uuid4().hex[:8]}"
     admin = pika.BlockingConnection(params)
@@ -150,9 +168,13 @@ def main():
     try:
         n = args.messages
         each_secs = publish_confirm_each(params, queue, n)
-        consume1_secs = consume(params, queue, n, args.prefetch)
+        ticks = server_ticks()
+        consume1_secs = consume(params, queue, n, args.prefetch, args.ack_every)
+        consume_ticks = server_ticks() - ticks
         batched_secs = publish_batched(params, queue, n, args.window)
-        consume2_secs = consume(params, queue, n, args.prefetch)
+        ticks = server_ticks()
+        consume2_secs = consume(params, queue, n, args.prefetch, args.ack_every)
+        consume_ticks += server_ticks() - ticks
         left = admin_channel.queue_declare(queue, passive=True).method.message_count
     finally:
         admin_channel.queue_delete(queue)
@@ -169,7 +191,17 @@ def main():
                 "consume_per_sec": max(consume_rates),
                 "consume_per_sec_runs": consume_rates,
                 "prefetch": args.prefetch,
+                "ack_every": args.ack_every,
                 "left_in_queue": left,
+                **(
+                    {}
+                    if args.server_pid is None
+                    else {
+                        "server_cpu_us_per_consumed": round(
+                            consume_ticks * 1e6 / os.sysconf("SC_CLK_TCK") / (2 * n), 1
+                        )
+                    }
+                ),
             }
         )
     )
