@@ -133,6 +133,15 @@ impl AckHandle for RabbitmqAck {
             // Publishing the dead letter now would duplicate a message RabbitMQ redelivers.
             return Err(self.gone("nack"));
         }
+        if self.settled.load(Ordering::SeqCst) {
+            // Acked before (acks go through the channel's coalescer, not the acker): a dead
+            // letter now would be a copy of a message that already finished.
+            return Err(Error::backend(
+                BACKEND,
+                ErrorKind::Other,
+                "cannot nack the message: it was already acked, nacked or requeued",
+            ));
+        }
         if let Some(message) = message {
             match self.dead_letter(message, reason).await {
                 Ok(()) => {

@@ -202,3 +202,54 @@ impl Broker for Cleanup {
         self.broker.close().await
     }
 }
+
+/// Acks go through the channel's coalescer, not lapin's per-delivery acker: a delivery acked
+/// once is not nacked (no dead letter), requeued or acked again after it, and it does not come
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_acked_once_is_settled_once() {
+    let tb = Harness::setup(&RabbitmqHarness {
+        queue_type: QueueType::Classic,
+    })
+    .await;
+    let q = troupe_test_suite::unique_queue("once");
+    tb.broker.declare_queue(&q).await.unwrap();
+    tb.broker
+        .enqueue(Message::new(q.as_str(), "a", Vec::new(), serde_json::Map::new()), None)
+        .await
+        .unwrap();
+    let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(8)).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        got = consumer.fetch(1, Duration::from_millis(100)).await.unwrap();
+        if !got.is_empty() {
+            break;
+        }
+    }
+    let delivery = got.pop().expect("the message was delivered");
+    let message = delivery.message().unwrap().clone();
+    delivery.ack().await.unwrap();
+    assert!(delivery.nack(Some(&message), "again").await.is_err());
+    assert!(delivery.requeue().await.is_err());
+    assert!(delivery.ack().await.is_err());
+    // The channel is still fine: a second message is delivered and acked on it.
+    tb.broker
+        .enqueue(Message::new(q.as_str(), "a", Vec::new(), serde_json::Map::new()), None)
+        .await
+        .unwrap();
+    let mut second = Vec::new();
+    for _ in 0..50 {
+        second = consumer.fetch(1, Duration::from_millis(100)).await.unwrap();
+        if !second.is_empty() {
+            break;
+        }
+    }
+    second.pop().expect("a second message").ack().await.unwrap();
+    consumer.close().await.unwrap();
+    assert!(
+        tb.broker.dead_letters(&q, 10).await.unwrap().is_empty(),
+        "no dead letter"
+    );
+    let stats = tb.broker.stats(&q).await.unwrap();
+    assert_eq!(stats.pending(), 0, "nothing came back: {stats:?}");
+}
