@@ -54,11 +54,10 @@ impl RabbitmqAck {
         } else {
             tokio::time::timeout(limit, op).await
         };
-        // Its frame is written (or will not be): coalesced acks may reach past it.
+        // Its frame is written (or will not be): no longer held, and coalesced acks may reach
+        // past it.
         self.consumer.forget(self.tag);
-        if !self.settled.swap(true, Ordering::SeqCst) {
-            self.consumer.settled();
-        }
+        self.settled.store(true, Ordering::SeqCst);
         let Ok(result) = outcome else {
             return Err(Error::backend(
                 BACKEND,
@@ -71,11 +70,7 @@ impl RabbitmqAck {
         match result {
             Ok(true) => Ok(()),
             Ok(false) if poisoned || self.acker.poisoned() => Err(self.gone(what)),
-            Ok(false) => Err(Error::backend(
-                BACKEND,
-                ErrorKind::Other,
-                format!("cannot {what} the message: it was already acked, nacked or requeued"),
-            )),
+            Ok(false) => Err(Self::already(what)),
             Err(e) => Err(e),
         }
     }
@@ -90,6 +85,14 @@ impl RabbitmqAck {
                 e,
             )
         })
+    }
+
+    fn already(what: &str) -> Error {
+        Error::backend(
+            BACKEND,
+            ErrorKind::Other,
+            format!("cannot {what} the message: it was already acked, nacked or requeued"),
+        )
     }
 
     fn gone(&self, what: &str) -> Error {
@@ -136,11 +139,7 @@ impl AckHandle for RabbitmqAck {
         if self.settled.load(Ordering::SeqCst) {
             // Acked before (acks go through the channel's coalescer, not the acker): a dead
             // letter now would be a copy of a message that already finished.
-            return Err(Error::backend(
-                BACKEND,
-                ErrorKind::Other,
-                "cannot nack the message: it was already acked, nacked or requeued",
-            ));
+            return Err(Self::already("nack"));
         }
         if let Some(message) = message {
             match self.dead_letter(message, reason).await {

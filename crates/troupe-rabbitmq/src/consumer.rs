@@ -26,9 +26,13 @@ const MAX_PREFETCH: usize = 65_535;
 /// The most acks one coalesced write takes.
 const ACK_BATCH: usize = 1_024;
 
+/// The channel's deliveries in hand, shared by the consumer, its ack handles and the ack
+/// coalescer.
 #[derive(Debug, Default)]
-struct Counts {
-    unsettled: u64,
+struct Held {
+    /// Delivery tags handed out and not yet settled (no ack, nack or reject of theirs written
+    /// yet): what the consumer holds, and what a coalesced ack must not reach.
+    tags: BTreeSet<u64>,
     closed: bool,
 }
 
@@ -37,10 +41,7 @@ struct Counts {
 pub(crate) struct ConsumerShared {
     pub(crate) queue: String,
     pub(crate) channel: Channel,
-    counts: Mutex<Counts>,
-    /// The channel's delivery tags handed out and not yet settled (no ack, nack or reject of
-    /// theirs written yet): what a coalesced ack must not reach.
-    outstanding: Arc<Mutex<BTreeSet<u64>>>,
+    held: Arc<Mutex<Held>>,
     /// Acks of this channel, coalesced.
     acks: Batcher<u64>,
 }
@@ -51,18 +52,15 @@ impl ConsumerShared {
         if !self.channel.status().connected() {
             return 0;
         }
-        self.counts
+        self.held
             .lock()
-            .map(|c| if c.closed { 0 } else { c.unsettled })
+            .map(|h| if h.closed { 0 } else { h.tags.len() as u64 })
             .unwrap_or(0)
     }
 
     fn delivered(&self, tag: u64) {
-        if let Ok(mut c) = self.counts.lock() {
-            c.unsettled += 1;
-        }
-        if let Ok(mut outstanding) = self.outstanding.lock() {
-            outstanding.insert(tag);
+        if let Ok(mut held) = self.held.lock() {
+            held.tags.insert(tag);
         }
     }
 
@@ -72,24 +70,17 @@ impl ConsumerShared {
         self.acks.submit(tag).await
     }
 
-    /// The delivery `tag` was nacked or rejected (its frame written): coalesced acks may now
-    /// reach past it.
+    /// The delivery `tag` is settled (its frame written, or it never will be): it is no longer
+    /// held, and coalesced acks may reach past it.
     pub(crate) fn forget(&self, tag: u64) {
-        if let Ok(mut outstanding) = self.outstanding.lock() {
-            outstanding.remove(&tag);
-        }
-    }
-
-    pub(crate) fn settled(&self) {
-        if let Ok(mut c) = self.counts.lock() {
-            c.unsettled = c.unsettled.saturating_sub(1);
+        if let Ok(mut held) = self.held.lock() {
+            held.tags.remove(&tag);
         }
     }
 
     fn closed(&self) {
-        if let Ok(mut c) = self.counts.lock() {
-            c.closed = true;
-            c.unsettled = 0;
+        if let Ok(mut held) = self.held.lock() {
+            held.closed = true;
         }
     }
 }
@@ -98,17 +89,17 @@ impl ConsumerShared {
 /// `basic.ack` with `multiple` acks every unacked delivery of the channel up to its tag, in one
 /// frame that costs the server about half the work per message of one ack each. So the tags
 /// below the channel's lowest delivery still in hand (not in this batch, not settled) go in one
-/// multiple ack; the others one by one. A delivery being nacked or rejected stays outstanding
+/// multiple ack; the others one by one. A delivery being nacked or rejected stays held
 /// until its frame is written, so a multiple ack never reaches it.
-async fn ack_coalesced(channel: Channel, outstanding: Arc<Mutex<BTreeSet<u64>>>, mut tags: Vec<u64>) -> Result<()> {
+async fn ack_coalesced(channel: Channel, held: Arc<Mutex<Held>>, mut tags: Vec<u64>) -> Result<()> {
     tags.sort_unstable();
     tags.dedup();
     let run = {
-        let held = outstanding.lock().map_err(|_| poisoned_lock())?;
-        // Walk the outstanding tags from the lowest while they are this batch's.
+        let held = held.lock().map_err(|_| poisoned_lock())?;
+        // Walk the held tags from the lowest while they are this batch's.
         let mut mine = tags.iter().peekable();
         let mut boundary = None;
-        for &tag in held.iter() {
+        for &tag in &held.tags {
             if mine.peek() == Some(&&tag) {
                 mine.next();
             } else {
@@ -128,9 +119,9 @@ async fn ack_coalesced(channel: Channel, outstanding: Arc<Mutex<BTreeSet<u64>>>,
         frames.push(channel.basic_ack(tag, BasicAckOptions { multiple: false }));
     }
     let written = futures::future::join_all(frames).await;
-    if let Ok(mut held) = outstanding.lock() {
+    if let Ok(mut held) = held.lock() {
         for tag in &tags {
-            held.remove(tag);
+            held.tags.remove(tag);
         }
     }
     match written.into_iter().find_map(std::result::Result::err) {
@@ -216,18 +207,17 @@ impl RabbitmqConsumer {
             .await;
             match started {
                 Ok(stream) => {
-                    let outstanding = Arc::new(Mutex::new(BTreeSet::new()));
+                    let held = Arc::new(Mutex::new(Held::default()));
                     let acks = {
-                        let (channel, outstanding) = (ch.clone(), Arc::clone(&outstanding));
+                        let (channel, held) = (ch.clone(), Arc::clone(&held));
                         Batcher::spawn(BACKEND, ACK_BATCH, move |tags: Vec<u64>| {
-                            ack_coalesced(channel.clone(), Arc::clone(&outstanding), tags)
+                            ack_coalesced(channel.clone(), Arc::clone(&held), tags)
                         })
                     };
                     let shared = Arc::new(ConsumerShared {
                         queue: queue.to_owned(),
                         channel: ch,
-                        counts: Mutex::new(Counts::default()),
-                        outstanding,
+                        held,
                         acks,
                     });
                     if let Ok(mut consumers) = inner.consumers.lock() {

@@ -203,6 +203,16 @@ impl Broker for Cleanup {
     }
 }
 
+/// One delivery of `consumer`, waiting up to 5 s for it.
+async fn fetch_one(consumer: &mut Box<dyn Consumer>) -> Option<troupe_core::Delivery> {
+    for _ in 0..50 {
+        if let Some(delivery) = consumer.fetch(1, Duration::from_millis(100)).await.unwrap().pop() {
+            return Some(delivery);
+        }
+    }
+    None
+}
+
 /// Acks go through the channel's coalescer, not lapin's per-delivery acker: a delivery acked
 /// once is not nacked (no dead letter), requeued or acked again after it, and it does not come
 /// back.
@@ -219,14 +229,7 @@ async fn a_delivery_acked_once_is_settled_once() {
         .await
         .unwrap();
     let mut consumer = tb.broker.consume(&q, ConsumerOptions::new(8)).await.unwrap();
-    let mut got = Vec::new();
-    for _ in 0..50 {
-        got = consumer.fetch(1, Duration::from_millis(100)).await.unwrap();
-        if !got.is_empty() {
-            break;
-        }
-    }
-    let delivery = got.pop().expect("the message was delivered");
+    let delivery = fetch_one(&mut consumer).await.expect("the message was delivered");
     let message = delivery.message().unwrap().clone();
     delivery.ack().await.unwrap();
     assert!(delivery.nack(Some(&message), "again").await.is_err());
@@ -237,14 +240,12 @@ async fn a_delivery_acked_once_is_settled_once() {
         .enqueue(Message::new(q.as_str(), "a", Vec::new(), serde_json::Map::new()), None)
         .await
         .unwrap();
-    let mut second = Vec::new();
-    for _ in 0..50 {
-        second = consumer.fetch(1, Duration::from_millis(100)).await.unwrap();
-        if !second.is_empty() {
-            break;
-        }
-    }
-    second.pop().expect("a second message").ack().await.unwrap();
+    fetch_one(&mut consumer)
+        .await
+        .expect("a second message")
+        .ack()
+        .await
+        .unwrap();
     consumer.close().await.unwrap();
     assert!(
         tb.broker.dead_letters(&q, 10).await.unwrap().is_empty(),
